@@ -1,0 +1,32 @@
+"""shortcut-audit: did the image classifier learn the object or a shortcut?
+
+Public API (see DESIGN.md)::
+
+    import audit
+    ex = audit.Explainer(model, layers="auto", methods=("gradcam", "gradcam++"))
+    res = ex(x)
+    df = audit.load("results/tank-sky")
+    audit.heatmap(row); audit.overlay(row)
+
+Importing ``audit`` is cheap: TensorFlow, Ray and pandas load on first use.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+__all__ = ["Explainer", "AuditError", "load", "heatmap", "overlay", "__version__"]
+
+from audit.errors import AuditError
+
+
+def __getattr__(name):
+    if name == "Explainer":
+        from audit.cam import Explainer
+
+        return Explainer
+    if name in ("load", "heatmap", "overlay"):
+        from audit import query
+
+        return getattr(query, name)
+    raise AttributeError(f"module 'audit' has no attribute {name!r}")

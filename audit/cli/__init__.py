@@ -1,0 +1,62 @@
+"""The ``audit`` command line: a thin shell over the library.
+
+Each command group lives in its own module, which exposes
+``register(subparsers)``; the parser it adds sets ``func(args) -> int``.
+A user mistake (:class:`audit.errors.AuditError`) is printed as one line,
+``audit: error: ...``, with exit status 2, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+from audit.errors import AuditError
+
+COMMANDS = ("run", "submit", "scan", "report", "layers", "explain", "demo")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="audit",
+        description="Find image classifiers that learned a shortcut: distributed Grad-CAM audits on Ray.",
+        epilog="Start with `audit demo`; `audit COMMAND --help` shows an example for each command.",
+    )
+    from audit import __version__
+
+    parser.add_argument("--version", action="version", version=f"shortcut-audit {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"audit.cli.{name}")
+        except ModuleNotFoundError as e:  # command still being written
+            if e.name == f"audit.cli.{name}":
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def quiet_tensorflow() -> None:
+    """Silence TensorFlow's C++ start-up chatter for CLI users (before TF is imported)."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+
+
+def main(argv=None) -> int:
+    quiet_tensorflow()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except AuditError as e:
+        print(f"audit: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("audit: interrupted", file=sys.stderr)
+        return 130

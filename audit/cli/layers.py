@@ -1,0 +1,51 @@
+"""``audit layers MODEL``: candidate target layers and the automatic choice."""
+
+from __future__ import annotations
+
+import argparse
+
+EXAMPLE = """example:
+  audit layers models/tank_sky.keras
+  audit layers --application ResNet50 --input-size 224 224
+"""
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "layers",
+        help="list candidate target layers and mark the automatic choice",
+        epilog=EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("model", nargs="?", help=".keras or .h5 model file")
+    p.add_argument("--application", help="a keras.applications name instead of a file (random weights)")
+    p.add_argument("--weights", help="local weights file for --application")
+    p.add_argument("--input-size", nargs=2, type=int, metavar=("H", "W"))
+    p.add_argument("--all", action="store_true", help="list every spatial layer, not only the last 40")
+    p.add_argument("--trust-code", action="store_true", help="allow Lambda layers (turns Keras safe_mode off)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from audit import graph
+    from audit.errors import AuditError
+    from audit.models import load_model
+
+    if not args.model and not args.application:
+        raise AuditError("give a model file or --application NAME")
+    model = load_model(args.model, application=args.application, weights=args.weights,
+                       input_size=args.input_size, trust_code=args.trust_code)
+    t = graph.trace(model)
+    chosen, why = graph.auto_layer(t)
+    cands = graph.candidates(t)
+    shown = cands if args.all else cands[-40:]
+    width = max(len(c.path) for c in shown)
+    kinds = max(len(c.kind) for c in shown)
+    if len(shown) < len(cands):
+        print(f"... {len(cands) - len(shown)} earlier layers (--all shows them)")
+    for c in shown:
+        mark = "*" if c is chosen else " "
+        through = "" if not graph._through_every_path(t, c) else "  all paths"
+        print(f"{mark} {c.path:<{width}}  {c.kind:<{kinds}}  {str(c.shape[1:]):<16}{through}")
+    print(f"\nautomatic choice: {chosen.path} ({why})")
+    return 0

@@ -1,0 +1,143 @@
+"""Loading models and preprocessing images, as the job spec names them."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+
+from audit.errors import AuditError
+
+PREPROCESS_MODES = ("none", "scale_0_1", "scale_-1_1", "caffe", "torch")
+
+_CAFFE_MEAN_BGR = np.array([103.939, 116.779, 123.68], np.float32)
+_TORCH_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+_TORCH_STD = np.array([0.229, 0.224, 0.225], np.float32)
+
+
+def preprocess(images: np.ndarray, mode: str = "none") -> np.ndarray:
+    """Map uint8-range RGB images (N, H, W, 3) to the model's input range.
+
+    ``mode`` is one of :data:`PREPROCESS_MODES` or the name of a
+    ``keras.applications`` module (``resnet50``, ``mobilenet_v2``...), whose
+    ``preprocess_input`` is used.
+    """
+    x = np.asarray(images, dtype=np.float32)
+    if mode in (None, "none"):
+        return x
+    if mode == "scale_0_1":
+        return x / 255.0
+    if mode == "scale_-1_1":
+        return x / 127.5 - 1.0
+    if mode == "caffe":
+        return x[..., ::-1] - _CAFFE_MEAN_BGR
+    if mode == "torch":
+        return (x / 255.0 - _TORCH_MEAN) / _TORCH_STD
+    return _applications_preprocess(mode)(x)
+
+
+def _applications_preprocess(mode: str):
+    import keras
+
+    module = getattr(keras.applications, str(mode), None)
+    fn = getattr(module, "preprocess_input", None)
+    if fn is None:
+        raise AuditError(
+            f"unknown preprocess {mode!r}; expected one of {', '.join(PREPROCESS_MODES)} "
+            "or a keras.applications module name such as 'resnet50' or 'mobilenet_v2'"
+        )
+    return lambda x: np.asarray(fn(x.copy()), np.float32)
+
+
+def check_preprocess(mode: str) -> None:
+    """Fail early (one line) on an unknown preprocessing mode."""
+    if mode not in PREPROCESS_MODES and mode is not None:
+        _applications_preprocess(mode)
+
+
+def load_model(path=None, *, application=None, weights=None, input_size=None,
+               num_classes=None, trust_code=False):
+    """Load a Keras model from a file or build a ``keras.applications`` model.
+
+    * ``path``: a ``.keras`` file or a legacy ``.h5`` file.  Keras ``safe_mode``
+      stays on unless ``trust_code`` is true, so a model with a ``Lambda`` layer
+      (arbitrary code) is refused with a message saying how to allow it.
+    * ``application``: a ``keras.applications`` name (``ResNet50``), built with
+      ``weights`` (a local weights file) or random weights when ``weights`` is
+      None.  Nothing is ever downloaded.
+    """
+    import keras
+
+    if application:
+        return _build_application(application, weights, input_size, num_classes)
+    if not path:
+        raise AuditError("model: give either 'path' (a .keras or .h5 file) or 'application'")
+    p = Path(path)
+    if not p.exists():
+        raise AuditError(f"model file not found: {p}")
+    if p.is_dir():
+        raise AuditError(
+            f"{p} is a directory (a TensorFlow SavedModel?). Keras 3 can load a SavedModel "
+            "only as an opaque inference layer, which hides the convolutional layers "
+            "Grad-CAM needs; save the model as .keras (model.save('m.keras')) instead"
+        )
+    if p.suffix not in (".keras", ".h5", ".hdf5"):
+        raise AuditError(f"model file {p} must end in .keras, .h5 or .hdf5")
+    try:
+        return keras.models.load_model(p, compile=False, safe_mode=not trust_code)
+    except Exception as e:  # Keras raises bare ValueError/OSError for everything
+        msg = " ".join(str(e).split())
+        if "safe_mode" in msg or "Lambda" in msg:
+            raise AuditError(
+                f"{p} contains a Lambda layer (arbitrary Python code), which Keras refuses "
+                "to load in safe mode; if you trust this file, set model.trust_code: true "
+                "in the job spec (or --trust-code)"
+            ) from None
+        raise AuditError(f"cannot load model {p}: {msg[:300]}") from None
+
+
+def _build_application(name, weights, input_size, num_classes):
+    import keras
+
+    fn = getattr(keras.applications, str(name), None)
+    if fn is None or not callable(fn):
+        known = [n for n in dir(keras.applications) if n[:1].isupper()]
+        raise AuditError(f"unknown keras.applications model {name!r}; known: {', '.join(known)}")
+    if weights and not Path(weights).is_file():
+        raise AuditError(f"weights file not found: {weights}")
+    kwargs = {"weights": None}
+    if input_size:
+        kwargs["input_shape"] = (int(input_size[0]), int(input_size[1]), 3)
+    if num_classes:
+        kwargs["classes"] = int(num_classes)
+    model = fn(**kwargs)
+    if weights:
+        try:
+            model.load_weights(weights)
+        except Exception as e:
+            raise AuditError(f"cannot load weights {weights} into {name}: {e}") from None
+    return model
+
+
+def input_size_of(model) -> tuple[int, int]:
+    """(H, W) of the model input; an error when the model accepts any size."""
+    shape = model.inputs[0].shape
+    if len(shape) != 4:
+        raise AuditError(f"model input has shape {tuple(shape)}; an image model takes (N, H, W, C)")
+    h, w = shape[1], shape[2]
+    if h is None or w is None:
+        raise AuditError("the model accepts any image size; set model.input_size: [H, W]")
+    return int(h), int(w)
+
+
+def fingerprint(path) -> str | None:
+    """sha256 of a model file (None when the model is not a file)."""
+    if not path or not os.path.isfile(path):
+        return None
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -1,0 +1,42 @@
+"""Arrow schemas built from the JSON files in ``schemas/`` (the source of truth)."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+from audit import resources
+
+SCHEMA_VERSION = "1"
+
+_TYPES = {
+    "string": pa.string(),
+    "int32": pa.int32(),
+    "int64": pa.int64(),
+    "float32": pa.float32(),
+    "float64": pa.float64(),
+    "bool": pa.bool_(),
+    "list<float32>": pa.list_(pa.float32()),
+}
+
+
+def arrow_schema(name: str, extra: dict | None = None) -> pa.Schema:
+    """The Arrow schema of ``schemas/<name>.schema.json`` plus ``extra`` columns."""
+    spec = resources.schema(name)
+    fields = [pa.field(c["name"], _TYPES[c["type"]]) for c in spec["columns"]]
+    for col, typ in (extra or {}).items():
+        fields.append(pa.field(col, _TYPES[typ]))
+    return pa.schema(fields)
+
+
+def records_schema(regions=()) -> pa.Schema:
+    """Schema of the records table, with one ``energy_<region>`` column per region."""
+    return arrow_schema("records", {f"energy_{r}": "float32" for r in regions})
+
+
+def stat_columns(regions=()) -> list[str]:
+    """Names of the per-map statistic columns, in schema order."""
+    names = [
+        "energy_object", "pointing_hit", "energy_border", "entropy", "peak_x", "peak_y",
+        "centroid_x", "centroid_y", "concentration", "object_x", "object_y",
+    ]
+    return names + [f"energy_{r}" for r in regions]
