@@ -1,0 +1,188 @@
+"""Spurious-attention statistics of a batch of heatmaps (pure NumPy).
+
+:func:`map_stats` turns raw CAM maps into the per-map statistics of the
+records table (DESIGN.md "Statistics").  Conventions, all in one place:
+
+* Every map is first resized (bilinear, OpenCV half-pixel centres, the same
+  as :func:`audit.viz.resize_map`) to the model input size (H, W); then
+  ``energy = ReLU(map)`` and ``p = energy / energy.sum()`` (a distribution
+  over the H*W pixels).
+* **Pixel centres.**  Pixel (row i, column j) sits at
+  ``x = (j + 0.5) / W``, ``y = (i + 0.5) / H`` (fractions of width and
+  height, 0 = left/top, 1 = right/bottom).  Peaks, centroids and object
+  centres use these coordinates; a box ``(x0, y0, x1, y1)`` (fractions)
+  contains the pixels whose centre satisfies ``x0 <= x < x1`` and
+  ``y0 <= y < y1`` (``x1 = 1`` / ``y1 = 1`` include the last column/row).
+* ``energy_border``: share of energy in the pixels *outside* the box
+  (0.1, 0.1, 0.9, 0.9), i.e. the outer 10% band on every side.
+* ``energy_<region>``: share of energy inside the named region box.
+* ``entropy``: Shannon entropy of ``p`` divided by ``log(H*W)`` (0 = all
+  energy on one pixel, 1 = uniform).
+* ``concentration``: share of energy in the ``ceil(0.1 * H * W)``
+  highest-energy pixels (0.1 = uniform, 1 = all inside the top 10%).
+* ``peak_x``/``peak_y``: centre of the highest-energy pixel (the first one in
+  row-major order on ties).  ``centroid_x``/``centroid_y``: energy-weighted
+  mean of pixel centres.
+* With an object mask: ``energy_object`` = share of energy on the mask
+  (relevance mass accuracy), ``pointing_hit`` = 1.0 when the peak pixel is on
+  the mask else 0.0, ``object_x``/``object_y`` = mean of the mask's pixel
+  centres.  Without a mask, or with an empty mask (the object is absent from
+  the image), these four are NaN.
+* ``pointing_hit`` is returned as float32 1.0 / 0.0 / NaN (the records table
+  stores it as a nullable bool: NaN -> null, see :func:`to_arrow_columns`).
+* A map that is all zero after ReLU or that has any non-finite value gets
+  ``status = "flat"`` and NaN (null) in every statistic.
+"""
+
+from __future__ import annotations
+
+import math
+
+import cv2
+import numpy as np
+
+from audit.schema import stat_columns
+
+BORDER = 0.1  # width of the border band, fraction of each side
+TOP_FRACTION = 0.1  # concentration: share of energy in this top fraction of pixels
+_CV_MAX_CHANNELS = 128  # cv2.resize takes at most 128 channels per call (OpenCV 5; 512 in 4.x)
+
+
+def resize_maps(maps: np.ndarray, size) -> np.ndarray:
+    """Bilinear resize of (N, h, w) maps to (N, H, W), whole batch per OpenCV call."""
+    maps = np.asarray(maps, np.float32)
+    n, h, w = maps.shape
+    H, W = int(size[0]), int(size[1])
+    if (h, w) == (H, W):
+        return maps.copy()
+    out = np.empty((n, H, W), np.float32)
+    for s in range(0, n, _CV_MAX_CHANNELS):
+        chunk = np.ascontiguousarray(maps[s:s + _CV_MAX_CHANNELS].transpose(1, 2, 0))
+        r = cv2.resize(chunk, (W, H), interpolation=cv2.INTER_LINEAR)
+        out[s:s + chunk.shape[2]] = r.reshape(H, W, -1).transpose(2, 0, 1)
+    return out
+
+
+def box_mask(box, size) -> np.ndarray:
+    """(H, W) bool mask of a fractional box ``(x0, y0, x1, y1)`` by pixel centres."""
+    H, W = int(size[0]), int(size[1])
+    x0, y0, x1, y1 = (float(v) for v in box)
+    xs = (np.arange(W) + 0.5) / W
+    ys = (np.arange(H) + 0.5) / H
+    inx = (xs >= x0) & ((xs < x1) | (x1 >= 1.0))
+    iny = (ys >= y0) & ((ys < y1) | (y1 >= 1.0))
+    return iny[:, None] & inx[None, :]
+
+
+def border_mask(size, width: float = BORDER) -> np.ndarray:
+    """(H, W) bool mask of the outer band (``width`` of each side)."""
+    return ~box_mask((width, width, 1.0 - width, 1.0 - width), size)
+
+
+def _as_masks(masks, n, size):
+    m = np.asarray(masks)
+    if m.ndim == 2:
+        m = np.broadcast_to(m, (n, *m.shape))
+    if m.shape[0] != n:
+        raise ValueError(f"masks has {m.shape[0]} entries for {n} maps")
+    m = m != 0
+    H, W = int(size[0]), int(size[1])
+    if m.shape[1:] != (H, W):  # nearest-neighbour to the input size
+        m = resize_maps(m.astype(np.float32), size) >= 0.5
+    return m
+
+
+def map_stats(maps, size, masks=None, has_mask=None, regions=None) -> dict[str, np.ndarray]:
+    """Statistics of a batch of raw maps; see the module docstring for definitions.
+
+    Args:
+        maps: (N, h, w) raw maps, any scale; NaN/inf allowed (-> ``flat``).
+        size: (H, W) model input size; maps are resized to it.
+        masks: None or (N, H, W) bool object masks (non-zero = object).
+        has_mask: (N,) bool, which rows have a real mask; None means all rows
+            do when ``masks`` is given.
+        regions: ``{name: (x0, y0, x1, y1)}`` boxes as fractions of the image.
+
+    Returns:
+        ``{column: (N,) float32}`` for every name in
+        :func:`audit.schema.stat_columns` (NaN = null) plus ``"status"``,
+        an (N,) object array of ``"ok"`` / ``"flat"``.
+    """
+    regions = dict(regions or {})
+    raw = np.asarray(maps, np.float32)
+    if raw.ndim != 3:
+        raise ValueError(f"maps must be (N, h, w), got shape {raw.shape}")
+    n = raw.shape[0]
+    H, W = int(size[0]), int(size[1])
+    cols = stat_columns(list(regions))
+    out = {c: np.full(n, np.nan, np.float32) for c in cols}
+    out["status"] = np.full(n, "flat", dtype=object)
+    if n == 0:
+        return out
+
+    finite = np.isfinite(raw).reshape(n, -1).all(axis=1)
+    e = resize_maps(np.where(np.isfinite(raw), raw, 0.0), (H, W))
+    np.maximum(e, 0.0, out=e)
+    e = e.reshape(n, H * W).astype(np.float64)
+    total = e.sum(axis=1)
+    ok = finite & (total > 0) & np.isfinite(total)
+    out["status"][ok] = "ok"
+    if not ok.any():
+        return out
+    p = e[ok] / total[ok, None]  # (k, H*W) distribution per map
+    npx = H * W
+
+    xs = (np.arange(W) + 0.5) / W
+    ys = (np.arange(H) + 0.5) / H
+    gx = np.tile(xs, H)  # x of each pixel, row-major
+    gy = np.repeat(ys, W)
+
+    def put(name, values):
+        out[name][ok] = np.asarray(values, np.float32)
+
+    peak = p.argmax(axis=1)
+    put("peak_x", gx[peak])
+    put("peak_y", gy[peak])
+    put("centroid_x", p @ gx)
+    put("centroid_y", p @ gy)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        plogp = np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0)
+    put("entropy", np.abs(plogp.sum(axis=1)) / math.log(npx) if npx > 1 else np.zeros(len(p)))
+    k = max(1, math.ceil(TOP_FRACTION * npx))
+    top = np.partition(p, npx - k, axis=1)[:, npx - k:]
+    put("concentration", np.minimum(top.sum(axis=1), 1.0))
+    put("energy_border", p @ border_mask((H, W)).reshape(-1).astype(np.float64))
+    for name, box in regions.items():
+        put(f"energy_{name}", p @ box_mask(box, (H, W)).reshape(-1).astype(np.float64))
+
+    if masks is not None:
+        m = _as_masks(masks, n, (H, W)).reshape(n, npx)
+        hm = np.ones(n, bool) if has_mask is None else np.asarray(has_mask, bool).reshape(n)
+        area = m.sum(axis=1)
+        valid = hm & (area > 0)  # a mask with no object pixel: the object is absent
+        rows = valid & ok
+        if rows.any():
+            sel = valid[ok]  # rows of p that have a usable mask
+            mo = m[rows].astype(np.float64)
+            out["energy_object"][rows] = (p[sel] * mo).sum(axis=1)
+            out["pointing_hit"][rows] = m[rows, peak[sel]].astype(np.float32)
+            out["object_x"][rows] = (mo @ gx) / area[rows]
+            out["object_y"][rows] = (mo @ gy) / area[rows]
+    return out
+
+
+def to_arrow_columns(stats: dict[str, np.ndarray]) -> dict:
+    """Stats as pyarrow arrays for the records table (NaN -> null, pointing_hit -> bool)."""
+    import pyarrow as pa
+
+    cols = {}
+    for name, v in stats.items():
+        if name == "status":
+            continue
+        v = np.asarray(v, np.float32)
+        null = np.isnan(v)
+        if name == "pointing_hit":
+            cols[name] = pa.array(v > 0.5, pa.bool_(), mask=null)
+        else:
+            cols[name] = pa.array(v, pa.float32(), mask=null)
+    return cols
