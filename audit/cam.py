@@ -210,7 +210,7 @@ class Explainer:
         # several sigmoid units: independent (multi-label) probabilities
         self._multi_label = self._head_kind.endswith("sigmoid") and t.output.shape[-1] > 1
         self._cam_w = {p: _cam_kernel(t0, p) for p in self.layers} if "cam" in self.methods else {}
-        self._gm = keras.Model(t.inputs, [t.captured[p] for p in self.layers] + [last])
+        self._gm = keras.Model(t.inputs[0], [t.captured[p] for p in self.layers] + [last])
         self.input_shape = tuple(t.inputs[0].shape[1:])
         self.layer_shapes = {p: tuple(t.captured[p].shape[1:3]) for p in self.layers}
         self.target = self._check_target(target)
