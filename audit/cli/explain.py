@@ -1,0 +1,99 @@
+"""``audit explain MODEL IMAGE... --out DIR``: the seeds' single-image figures."""
+
+from __future__ import annotations
+
+import argparse
+
+EXAMPLE = """example:
+  audit explain models/tank_sky.keras data/tank_sky/tank/0001.png --preprocess scale_0_1 --out explain/
+  audit explain --application ResNet50 --weights resnet50.weights.h5 dog.jpg --out explain/ \\
+      --layers conv5_block3_3_conv conv5_block3_add conv5_block3_out --methods gradcam gradcam++ guided
+
+Writes DIR/index.html with overlays per target layer x method, guided backpropagation,
+guided Grad-CAM and deconvnet, feature-map grids, the first layer's filters and filter
+patterns found by gradient ascent.  Default layers: the automatic one, the last convolution
+before it and the last merge layer (`audit layers MODEL` lists the candidates).
+"""
+
+
+def _names(values):
+    """Accept both `--layers a b` and `--layers a,b`."""
+    if not values:
+        return None
+    out = []
+    for v in values:
+        out += [s for s in v.split(",") if s]
+    return out or None
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "explain",
+        help="single-image figures: CAM overlays per layer and method, guided backprop, feature maps, filters",
+        epilog=EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("paths", nargs="+", metavar="MODEL IMAGE",
+                   help="the model file (.keras/.h5) then one or more images (only images with --application)")
+    p.add_argument("--out", required=True, help="output folder (created)")
+    p.add_argument("--layers", nargs="+", help="target layers (default: automatic + last conv + last merge)")
+    p.add_argument("--methods", nargs="+",
+                   help="some of gradcam, gradcam++, cam, gradcam++exact, gradient, guided, deconvnet, "
+                        "guided-gradcam (default: all but gradient and gradcam++exact; cam only where "
+                        "the head is GAP -> Dense)")
+    p.add_argument("--feature-layers", nargs="+",
+                   help="layers for feature-map grids and filter patterns (default: first conv, middle, automatic)")
+    p.add_argument("--filters", type=int, default=8, help="filter patterns per feature layer (0: none; default 8)")
+    p.add_argument("--steps", type=int, default=40, help="gradient-ascent steps per pattern (default 40)")
+    p.add_argument("--channels", type=int, default=32, help="channels per feature-map grid (default 32)")
+    p.add_argument("--target", default="predicted", help="class to explain: predicted (default), index or name")
+    p.add_argument("--classes", nargs="+", help="class names in output order (or one comma-separated list)")
+    p.add_argument("--preprocess", default=None,
+                   help="none | scale_0_1 | scale_-1_1 | caffe | torch | a keras.applications module "
+                        "(default: none; the application's own with --application)")
+    p.add_argument("--input-size", nargs=2, type=int, metavar=("H", "W"))
+    p.add_argument("--application", help="a keras.applications name instead of a model file")
+    p.add_argument("--weights", help="local weights file for --application (default: random weights)")
+    p.add_argument("--trust-code", action="store_true", help="allow Lambda layers (turns Keras safe_mode off)")
+    p.set_defaults(func=run)
+
+
+def _application_preprocess(name: str) -> str:
+    """The keras.applications module whose preprocess_input goes with application ``name``."""
+    import keras
+
+    fn = getattr(keras.applications, str(name), None)
+    module = getattr(fn, "__module__", "").rsplit(".", 1)[-1]
+    return module if hasattr(getattr(keras.applications, module, None), "preprocess_input") else "none"
+
+
+def run(args) -> int:
+    from pathlib import Path
+
+    from audit.errors import AuditError
+    from audit.explain import METHODS, explain
+    from audit.models import check_preprocess, load_model
+
+    paths = list(args.paths)
+    model_path = None if args.application else paths.pop(0)
+    if not paths:
+        raise AuditError("give at least one IMAGE after the model")
+    for p in paths:  # fail before the (slow) model load
+        if not Path(p).is_file():
+            raise AuditError(f"image not found: {p}")
+    bad = [m for m in _names(args.methods) or () if m not in METHODS]
+    if bad:
+        raise AuditError(f"unknown method {bad[0]!r}; expected some of {', '.join(METHODS)}")
+    preprocess = args.preprocess
+    if preprocess is None:
+        preprocess = _application_preprocess(args.application) if args.application else "none"
+    check_preprocess(preprocess)
+    model = load_model(model_path, application=args.application, weights=args.weights,
+                       input_size=args.input_size, trust_code=args.trust_code)
+    index = explain(
+        model, paths, args.out, layers=_names(args.layers), methods=_names(args.methods),
+        preprocess_mode=preprocess, feature_layers=_names(args.feature_layers), filters=args.filters,
+        steps=args.steps, channels=args.channels, target=args.target, classes=_names(args.classes),
+    )
+    print(f"wrote {index}")
+    return 0

@@ -1,0 +1,691 @@
+"""Single-model visualisations (``audit explain``): the pictures of the seed notes.
+
+For one or a few images this writes PNG figures and an ``index.html``:
+
+* CAM overlays in a grid of target layers x methods (Grad-CAM, Grad-CAM++,
+  CAM where the head is GAP -> Dense, guided Grad-CAM), JET colormap;
+* input gradients: plain gradient, guided backpropagation (Springenberg et al.
+  2015) and deconvnet (Zeiler & Fergus 2014), which differ only in what the
+  backward pass does at a ReLU;
+* feature-map grids of chosen layers, each channel normalised on its own
+  (mean 128, 64 grey levels per standard deviation, as in the seeds);
+* the first convolution's filter weights;
+* filter patterns: the input that maximises a filter's mean activation,
+  found by normalised gradient ascent from a noisy grey image (40 steps of
+  one grey level, as in the seeds).
+
+Guided backpropagation and deconvnet run on a *rebuilt* graph of the model in
+which every ReLU (an ``Activation('relu')``, a ``ReLU`` layer or a fused
+``activation='relu'`` of a Conv/Dense layer, also inside nested base models)
+is replaced by a ReLU with a custom gradient.  Layers with a fused ReLU are
+copied (same weights, linear activation); no attribute of the user's model is
+changed.
+
+The maths on arrays are pure functions (:func:`guided_relu_grad`,
+:func:`deprocess`, :func:`feature_grid`, :func:`filter_grid`), TensorFlow at
+the edges.
+"""
+
+from __future__ import annotations
+
+import html
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from audit import viz
+from audit.errors import AuditError
+
+CAM_METHODS = ("gradcam", "gradcam++", "cam", "gradcam++exact")
+GRAD_METHODS = ("gradient", "guided", "deconvnet", "guided-gradcam")
+METHODS = CAM_METHODS + GRAD_METHODS
+DEFAULT_METHODS = ("gradcam", "gradcam++", "cam", "guided", "guided-gradcam", "deconvnet")
+
+_RELU_NAMES = ("relu", "relu6")
+_MERGE_KINDS = ("Add", "Concatenate", "Multiply", "Average", "Maximum", "Minimum", "Subtract")
+
+
+def _tf():
+    import tensorflow as tf
+
+    return tf
+
+
+# ----------------------------------------------------------------------------
+# Images in
+# ----------------------------------------------------------------------------
+
+
+def read_image(path, size=None, channels: int = 3) -> np.ndarray:
+    """Read an image file as uint8 RGB (or grey when ``channels`` is 1), resized to ``size`` (H, W)."""
+    import cv2
+
+    p = Path(path)
+    if not p.is_file():
+        raise AuditError(f"image not found: {p}")
+    data = np.fromfile(str(p), dtype=np.uint8)
+    img = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    if img is None:
+        raise AuditError(f"cannot decode image {p} (not an image file OpenCV can read)")
+    img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+    if size is not None:
+        h, w = int(size[0]), int(size[1])
+        interp = cv2.INTER_AREA if img.shape[0] > h else cv2.INTER_LINEAR
+        img = cv2.resize(img, (w, h), interpolation=interp)
+    if channels == 1:
+        img = cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)[..., None]
+    return img
+
+
+# ----------------------------------------------------------------------------
+# Layers
+# ----------------------------------------------------------------------------
+
+
+def _is_conv(call) -> bool:
+    kernel = getattr(call.layer, "kernel", None)
+    return "Conv" in call.kind and kernel is not None and len(kernel.shape) == 4
+
+
+def default_layers(t) -> list[str]:
+    """The seeds' comparison of target layers, found in any model.
+
+    The automatic layer (deepest layer every path passes through), the last
+    convolution at or before it (ResNet50 ``conv5_block3_3_conv``, InceptionV3
+    ``conv2d_93``) and the last merge layer (``conv5_block3_add``, ``mixed10``,
+    DenseNet ``conv5_block32_concat``), in network order.
+    """
+    from audit import graph
+
+    auto = graph.auto_layer(t)[0]
+    cands = graph.candidates(t)
+    upto = cands[: cands.index(auto) + 1] if auto in cands else cands
+    picked = {auto.path}
+    convs = [c for c in upto if _is_conv(c)]
+    if convs:
+        picked.add(convs[-1].path)
+    merges = [c for c in upto if c.kind in _MERGE_KINDS]
+    if merges:
+        picked.add(merges[-1].path)
+    return [c.path for c in cands if c.path in picked]
+
+
+def default_feature_layers(t) -> list[str]:
+    """First convolution, a layer half-way down, and the automatic layer (shallow to deep)."""
+    from audit import graph
+
+    cands = graph.candidates(t)
+    auto = graph.auto_layer(t)[0]
+    convs = [c for c in cands if _is_conv(c)]
+    picked = []
+    if convs:
+        picked.append(convs[0].path)
+    upto = cands[: cands.index(auto) + 1] if auto in cands else cands
+    if len(upto) > 2:
+        picked.append(upto[len(upto) // 2].path)
+    picked.append(auto.path)
+    return list(dict.fromkeys(picked))
+
+
+def first_conv(t):
+    """The first convolution call (its kernel is what the seeds show as 'filters')."""
+    for c in t.calls:
+        if _is_conv(c):
+            return c
+    return None
+
+
+# ----------------------------------------------------------------------------
+# Guided backpropagation and deconvnet
+# ----------------------------------------------------------------------------
+
+
+def _relu_params(layer):
+    """(negative_slope, max_value, threshold) when ``layer`` applies a ReLU, else None."""
+    import keras
+
+    kind = type(layer).__name__
+    if isinstance(layer, keras.layers.ReLU) or kind == "ReLU":
+        cfg = layer.get_config()
+        mv = cfg.get("max_value")
+        return float(cfg.get("negative_slope") or 0.0), (None if mv is None else float(mv)), float(
+            cfg.get("threshold") or 0.0
+        )
+    act = getattr(layer, "activation", None)
+    name = getattr(act, "__name__", "")
+    if name == "relu":
+        return 0.0, None, 0.0
+    if name == "relu6":
+        return 0.0, 6.0, 0.0
+    return None
+
+
+def guided_relu_grad(x, g, mode: str, negative_slope=0.0, max_value=None, threshold=0.0):
+    """Backward rule at a ReLU for upstream gradient ``g`` (NumPy or TF arrays).
+
+    * ``gradient``: the ordinary chain rule, g * f'(x);
+    * ``guided`` (Springenberg et al. 2015, eq. for R^l): g * f'(x) * [g > 0]:
+      only positive signal through units that were active;
+    * ``deconvnet`` (Zeiler & Fergus 2014): relu(g), ignoring the forward pass.
+    """
+    tf = _tf()
+    if mode == "deconvnet":
+        return tf.nn.relu(g)
+    x = tf.convert_to_tensor(x)
+    g = tf.convert_to_tensor(g, dtype=x.dtype)
+    active = x > threshold
+    if max_value is not None:
+        active = tf.logical_and(active, x < max_value)
+    d = tf.cast(active, x.dtype)
+    if negative_slope:
+        d = d + negative_slope * tf.cast(x < threshold, x.dtype)
+    out = g * d
+    if mode == "guided":
+        out = out * tf.cast(g > 0, x.dtype)
+    return out
+
+
+def _guided_relu_layer(mode, negative_slope, max_value, threshold, name):
+    import keras
+
+    tf = _tf()
+
+    class GuidedReLU(keras.layers.Layer):
+        """A ReLU whose backward pass follows ``mode`` (see guided_relu_grad)."""
+
+        def call(self, x):
+            @tf.custom_gradient
+            def op(z):
+                y = keras.activations.relu(z, negative_slope=negative_slope, max_value=max_value,
+                                           threshold=threshold)
+
+                def grad(g):
+                    return guided_relu_grad(z, g, mode, negative_slope, max_value, threshold)
+
+                return y, grad
+
+            return op(x)
+
+        def compute_output_shape(self, input_shape):
+            return input_shape
+
+    return GuidedReLU(name=name)
+
+
+def _safe(path: str) -> str:
+    return re.sub(r"[^0-9A-Za-z_.-]", "_", path)
+
+
+def _linear_copy(layer, input_shape, name):
+    """A copy of ``layer`` with a linear activation and the same weights."""
+    cfg = layer.get_config()
+    cfg["activation"] = "linear"
+    cfg["name"] = name
+    new = type(layer).from_config(cfg)
+    new.build(input_shape)
+    new.set_weights(layer.get_weights())
+    return new
+
+
+@dataclass
+class GuidedModel:
+    """The rebuilt model: input -> class logits, with ReLUs replaced."""
+
+    model: object
+    mode: str
+    replaced: list = field(default_factory=list)  # paths whose ReLU got the custom gradient
+    head: str = "linear"
+
+    def logits(self, x):
+        tf = _tf()
+        h = tf.cast(self.model(x, training=False), tf.float32)
+        if self.head.endswith("sigmoid") and h.shape[-1] == 1:
+            h = tf.concat([-0.5 * h, 0.5 * h], axis=-1)  # softmax of this == (1-p, p)
+        return h
+
+
+def guided_model(model, mode: str = "guided") -> GuidedModel:
+    """Rebuild ``model`` (input -> logits) with every ReLU's backward rule set by ``mode``.
+
+    ``mode``: ``guided`` | ``deconvnet`` | ``gradient`` (the ordinary rule, for
+    comparison).  The softmax/sigmoid of the head is dropped (gradients are
+    taken from the class logit, as for Grad-CAM).  Nested Functional and
+    Sequential base models are walked into.  Other layers are shared with
+    ``model``; layers with a fused ReLU are copied; ``model`` itself is not
+    modified.
+    """
+    import keras
+
+    from audit import cam, graph
+
+    if mode not in ("guided", "deconvnet", "gradient"):
+        raise AuditError(f"unknown backward mode {mode!r}; expected guided, deconvnet or gradient")
+    t0 = graph.trace(model)
+    head_kind, _, _ = cam._head(t0)
+    head_path = t0.head().path
+    shape = graph._model_input_shape(model)
+    x = keras.Input(shape=shape[1:], batch_size=shape[0])
+    replaced: list[str] = []
+
+    def leaf(layer, path, args, kwargs):
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("training", "mask")}
+        if path == head_path and head_kind in ("softmax", "sigmoid"):
+            return args[0]  # the logit is the input of the separate softmax/sigmoid
+        if path == head_path and head_kind.startswith("dense_"):
+            return _linear_copy(layer, args[0].shape, f"{_safe(path)}_logits")(args[0])
+        params = _relu_params(layer)
+        if params is None:
+            return layer(*args, **kwargs)
+        replaced.append(path)
+        relu = _guided_relu_layer(mode, *params, name=f"{_safe(path)}_{mode}_relu")
+        if type(layer).__name__ in ("ReLU", "Activation"):
+            return relu(args[0])
+        return relu(_linear_copy(layer, args[0].shape, f"{_safe(path)}_linear")(*args, **kwargs))
+
+    def visit(layer, prefix, args, kwargs):
+        path = f"{prefix}{layer.name}"
+        if graph._is_sequential(layer):
+            h = args[0] if args else kwargs.get("inputs")
+            for sub in layer.layers:
+                if not isinstance(sub, keras.layers.InputLayer):
+                    h = visit(sub, path + "/", (h,), {})
+            return h
+        if graph._is_functional(layer):
+            inputs = args if len(args) > 1 else args[0]
+            return layer._run_through_graph(
+                inputs, operation_fn=lambda op: (lambda *a, **k: visit(op, path + "/", a, k))
+            )
+        return leaf(layer, path, args, kwargs)
+
+    if graph._is_sequential(model):
+        h = x
+        for sub in model.layers:
+            if not isinstance(sub, keras.layers.InputLayer):
+                h = visit(sub, "", (h,), {})
+        out = h
+    else:
+        out = model._run_through_graph(x, operation_fn=lambda op: (lambda *a, **k: visit(op, "", a, k)))
+    rebuilt = keras.Model(x, out, name=f"{_safe(model.name)}_{mode}")
+    return GuidedModel(rebuilt, mode, replaced, head_kind)
+
+
+def input_gradients(gm: GuidedModel, x, target) -> np.ndarray:
+    """d logit[target] / d input through ``gm`` for a batch: (N, H, W, C) float32."""
+    tf = _tf()
+    x = tf.convert_to_tensor(np.asarray(x, np.float32))
+    target = tf.convert_to_tensor(np.asarray(target, np.int32))
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        logits = gm.logits(x)
+        s = tf.reduce_sum(tf.gather(logits, target, axis=1, batch_dims=1))
+    return tape.gradient(s, x).numpy().astype(np.float32)
+
+
+# ----------------------------------------------------------------------------
+# Preprocessing as an affine map (to do gradient steps in grey levels)
+# ----------------------------------------------------------------------------
+
+
+def affine_of(preprocess_fn, channels: int):
+    """(M, b) with preprocess(u) == u @ M.T + b per pixel, or None when it is not affine.
+
+    All the usual preprocessings (scale, caffe's BGR mean subtraction, torch's
+    mean/std) are affine; knowing M lets gradients be shown in image (RGB)
+    space and lets gradient ascent take steps of one grey level.
+    """
+    c = int(channels)
+    probe = np.zeros((c + 1, 1, 1, c), np.float32)
+    for j in range(c):
+        probe[j + 1, 0, 0, j] = 255.0
+    try:
+        out = np.asarray(preprocess_fn(probe.copy()), np.float64)[:, 0, 0, :]
+    except Exception:  # a preprocessing we cannot probe: show raw input space
+        return None
+    b = out[0]
+    M = ((out[1:] - b) / 255.0).T  # M[:, j] = response to channel j
+    rng = np.random.default_rng(0)
+    test = rng.uniform(0, 255, (1, 3, 3, c)).astype(np.float32)
+    got = np.asarray(preprocess_fn(test.copy()), np.float64)
+    want = test.astype(np.float64) @ M.T + b
+    scale = max(float(np.abs(want).max()), 1e-6)
+    if got.shape != want.shape or not np.allclose(got, want, atol=1e-4 * scale):
+        return None
+    if abs(np.linalg.det(M)) < 1e-12:
+        return None
+    return M.astype(np.float32), b.astype(np.float32)
+
+
+def deprocess(x) -> np.ndarray:
+    """The seeds' ``deprocess_image``: centre, std 0.1, shift to 0.5, clip, uint8."""
+    x = np.asarray(x, np.float64)
+    x = x - x.mean()
+    x = x / (x.std() + 1e-5) * 0.1 + 0.5
+    out = np.uint8(np.clip(x, 0, 1) * 255)
+    if out.ndim == 3 and out.shape[-1] == 1:
+        out = np.repeat(out, 3, axis=-1)
+    return out
+
+
+def gradient_image(g, percentile: float = 99.0) -> np.ndarray:
+    """An input gradient as a picture: grey 0.5 at zero, +-0.5 at the ``percentile`` of |g - mean|.
+
+    A robust stretch: the seeds' ``deprocess`` (std 0.1) leaves sparse guided
+    gradients almost uniformly grey.
+    """
+    g = np.asarray(g, np.float64)
+    g = g - g.mean()
+    top = np.percentile(np.abs(g), percentile) if g.size else 0.0
+    if not np.isfinite(top) or top <= 0:
+        top = np.abs(g).max() or 1.0
+    out = np.uint8(np.clip(0.5 + 0.5 * g / top, 0, 1) * 255)
+    if out.ndim == 3 and out.shape[-1] == 1:
+        out = np.repeat(out, 3, axis=-1)
+    return out
+
+
+# ----------------------------------------------------------------------------
+# Feature maps and filters
+# ----------------------------------------------------------------------------
+
+
+def normalize_channel(a) -> np.ndarray:
+    """One channel as the seeds show it: (a - mean) / std * 64 + 128, clipped; a constant channel is 0."""
+    a = np.asarray(a, np.float64)
+    sd = a.std()
+    if not np.isfinite(sd) or sd == 0:
+        return np.zeros(a.shape, np.uint8)
+    return np.uint8(np.clip((a - a.mean()) / sd * 64 + 128, 0, 255))
+
+
+def feature_grid(act, max_channels: int = 32, cols: int = 8, cell: int = 48) -> np.ndarray:
+    """(h, w, K) activations -> a grid of the first channels, each normalised, viridis."""
+    import cv2
+
+    act = np.asarray(act)
+    k = min(int(max_channels), act.shape[-1])
+    tiles = []
+    for i in range(k):
+        u8 = normalize_channel(act[..., i])
+        rgb = cv2.cvtColor(cv2.applyColorMap(u8, cv2.COLORMAP_VIRIDIS), cv2.COLOR_BGR2RGB)
+        tile = viz.fit(rgb, max(cell, min(act.shape[0], 96)), cv2.INTER_NEAREST)
+        tiles.append(viz.caption(tile, str(i), height=13))
+    return viz.grid(tiles, cols=cols, pad=2)
+
+
+def filter_grid(kernel, max_filters: int = 64, cols: int = 16, cell: int = 32) -> np.ndarray:
+    """First-layer kernel (kh, kw, cin, cout) -> one tile per filter, min-max normalised per filter.
+
+    RGB when the layer reads 3 channels, else the mean over input channels in grey.
+    """
+    import cv2
+
+    k = np.asarray(kernel, np.float64)
+    tiles = []
+    for i in range(min(int(max_filters), k.shape[-1])):
+        f = k[..., i]
+        f = f if f.shape[-1] == 3 else f.mean(axis=-1, keepdims=True)
+        lo, hi = f.min(), f.max()
+        f = (f - lo) / (hi - lo) if hi > lo else np.zeros_like(f)
+        u8 = np.uint8(np.clip(f, 0, 1) * 255)
+        if u8.shape[-1] == 1:
+            u8 = np.repeat(u8, 3, axis=-1)
+        tiles.append(viz.fit(u8, cell, cv2.INTER_NEAREST))
+    return viz.grid(tiles, cols=cols, pad=2)
+
+
+def filter_patterns(model, layer: str, filters, *, affine=None, steps: int = 40, step: float = 1.0,
+                    seed: int = 0) -> np.ndarray:
+    """Gradient ascent on the input for each filter of ``layer`` (seeds: Chollet 5.4.2).
+
+    Starts from a noisy grey image (128 + U(0, 20) grey levels), maximises
+    the mean activation of the filter with steps of the RMS-normalised
+    gradient, ``step`` grey levels each.  When ``affine`` (M, b) is given the
+    ascent runs on the image before preprocessing.  Returns (F, H, W, C)
+    images in grey-level units (not yet deprocessed).
+    """
+    import keras
+
+    from audit import graph
+
+    tf = _tf()
+    t = graph.trace(model, capture=[layer])
+    fm = keras.Model(t.inputs[0], t.captured[layer])
+    shape = tuple(t.inputs[0].shape[1:])
+    filters = [int(f) for f in filters]
+    n_ch = int(t.captured[layer].shape[-1])
+    onehot = tf.constant(np.eye(n_ch, dtype=np.float32)[filters])  # (F, K)
+    rng = np.random.default_rng(seed)
+    u = tf.Variable(rng.random((len(filters), *shape)).astype(np.float32) * 20 + 128)
+    if affine is not None:
+        M = tf.constant(affine[0].T)
+        b = tf.constant(affine[1])
+
+    @tf.function
+    def ascend():
+        with tf.GradientTape() as tape:
+            x = tf.tensordot(u, M, axes=1) + b if affine is not None else u
+            a = tf.cast(fm(x, training=False), tf.float32)
+            loss = tf.reduce_sum(tf.reduce_mean(a, axis=(1, 2)) * onehot)
+        g = tape.gradient(loss, u)
+        rms = tf.sqrt(tf.reduce_mean(tf.square(g), axis=(1, 2, 3), keepdims=True))
+        u.assign_add(step * g / (rms + 1e-5))
+
+    for _ in range(int(steps)):
+        ascend()
+    return u.numpy()
+
+
+# ----------------------------------------------------------------------------
+# The whole page
+# ----------------------------------------------------------------------------
+
+
+def _tile_size(h: int, w: int) -> int:
+    return int(min(max(max(h, w), 160), 256))
+
+
+def _text_tile(text, size) -> np.ndarray:
+    """A column title: one line of text, as wide as a cell."""
+    return viz.caption(np.full((0, size, 3), 255, np.uint8), text, height=20)
+
+
+def _na_tile(size, why="n/a") -> np.ndarray:
+    tile = np.full((size, size, 3), 235, np.uint8)
+    return viz.caption(tile[: size - 18], why, height=18)
+
+
+@dataclass
+class Figure:
+    kind: str
+    title: str
+    file: str
+    note: str = ""
+
+
+def explain(model, image_paths, out_dir, *, layers=None, methods=None, preprocess_mode="none",
+            feature_layers=None, filters: int = 8, steps: int = 40, channels: int = 32,
+            target="predicted", classes=None, patterns: bool = True, seed: int = 0) -> Path:
+    """Write the figures for ``image_paths`` into ``out_dir``; return the path of index.html."""
+    from audit import cam, graph
+    from audit.cam import Explainer
+    from audit.models import input_size_of, preprocess
+
+    explicit_cam = methods is not None and "cam" in methods  # asked for: fail if the head has no GAP
+    methods = list(dict.fromkeys(methods or DEFAULT_METHODS))
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        raise AuditError(f"unknown method {bad[0]!r}; expected some of {', '.join(METHODS)}")
+    image_paths = [Path(p) for p in image_paths]
+    if not image_paths:
+        raise AuditError("give at least one image")
+    t = graph.trace(model)
+    layers = graph.resolve_layers(t, layers) if layers else default_layers(t)
+    feature_layers = graph.resolve_layers(t, feature_layers) if feature_layers else default_feature_layers(t)
+    h, w = input_size_of(model)
+    ch = int(model.inputs[0].shape[-1])
+    if ch not in (1, 3):
+        raise AuditError(f"model input has {ch} channels; audit explain reads RGB or grey images")
+    images = np.stack([read_image(p, (h, w), ch) for p in image_paths])
+    x = preprocess(images, preprocess_mode)
+    affine = affine_of(lambda a: preprocess(a, preprocess_mode), ch)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    size = _tile_size(h, w)
+    rgb = images if ch == 3 else np.repeat(images, 3, axis=-1)
+    shown = [viz.fit(im, size) for im in rgb]
+
+    # --- CAM maps ---------------------------------------------------------
+    cam_methods = [m for m in methods if m in CAM_METHODS and m != "cam"]
+    want_cam = "cam" in methods
+    need_gc = "guided-gradcam" in methods and "gradcam" not in cam_methods
+    base_methods = tuple(cam_methods + (["gradcam"] if need_gc else [])) or ("gradcam",)
+    ex = Explainer(model, layers=layers, methods=base_methods, target=target, batch_size=len(images),
+                   classes=classes)
+    res = ex(x)
+    maps = dict(res.maps)
+    cam_note = {}
+    if want_cam:
+        ok_layers = []
+        for p in layers:
+            try:
+                cam._cam_kernel(t, p)
+                ok_layers.append(p)
+            except AuditError as e:
+                if explicit_cam:
+                    raise
+                cam_note[p] = str(e)
+        if ok_layers:
+            res_cam = Explainer(model, layers=ok_layers, methods=("cam",), target=target,
+                                batch_size=len(images), classes=classes)(x)
+            maps.update(res_cam.maps)
+
+    # --- input gradients ----------------------------------------------------
+    grads = {}
+    replaced = []
+    for mode_name, mode in (("gradient", "gradient"), ("guided", "guided"), ("deconvnet", "deconvnet")):
+        if mode_name in methods or (mode == "guided" and "guided-gradcam" in methods):
+            gm = guided_model(model, mode)
+            replaced = gm.replaced
+            g = input_gradients(gm, x, res.target)
+            if affine is not None:
+                g = g @ affine[0]  # dL/du = dL/dx . M: back to image (RGB) space
+            grads[mode_name] = g
+
+    def name_of(c):
+        return classes[int(c)] if classes is not None and 0 <= int(c) < len(classes) else str(int(c))
+
+    figures: list[Figure] = []
+    pages = []
+    col_methods = [m for m in methods if m in CAM_METHODS or m == "guided-gradcam"]
+    for i, p in enumerate(image_paths):
+        stem = f"{i:02d}_{_safe(p.stem)}"
+        pred_txt = f"pred {name_of(res.pred[i])} ({res.score[i]:.2f})"
+        # CAM grid: rows = layers, cols = methods
+        header = [_text_tile(pred_txt, size)] + [_text_tile(m, size) for m in col_methods]
+        tiles = []
+        for layer in layers:
+            hh, ww = ex.layer_shapes[layer]
+            tiles.append(viz.caption(shown[i][: size - 18], f"{layer.split('/')[-1]} {hh}x{ww}"))
+            for m in col_methods:
+                if m == "guided-gradcam":
+                    gc = viz.resize_map(viz.normalize(maps[(layer, "gradcam")][i]), (h, w))
+                    tile = viz.fit(gradient_image(grads["guided"][i] * gc[..., None]), size)
+                    tiles.append(viz.caption(tile[: size - 18], "guided x gradcam"))
+                elif (layer, m) in maps:
+                    m01 = viz.normalize(maps[(layer, m)][i])
+                    note = "flat map" if not m01.any() else f"max {maps[(layer, m)][i].max():.3g}"
+                    tiles.append(viz.caption(viz.overlay_image(shown[i], m01)[: size - 18], note))
+                else:
+                    tiles.append(_na_tile(size, "n/a: head not GAP->Dense"))
+        fig = np.concatenate([viz.grid(header, cols=len(header)), viz.grid(tiles, cols=len(header))[4:]])
+        name = f"{stem}_cams.png"
+        (out / name).write_bytes(viz.png_bytes(fig))
+        figs = [Figure("cams", f"{p.name}: target layers x methods", name,
+                       "JET overlays; each map normalised by its own maximum.")]
+        # gradients
+        gtiles = [viz.caption(shown[i], pred_txt)]
+        for mode_name in ("gradient", "guided", "deconvnet"):
+            if mode_name in grads and mode_name in methods:
+                gtiles.append(viz.caption(viz.fit(gradient_image(grads[mode_name][i]), size),
+                                          {"gradient": "gradient", "guided": "guided backprop",
+                                           "deconvnet": "deconvnet"}[mode_name]))
+        if len(gtiles) > 1:
+            name = f"{stem}_gradients.png"
+            (out / name).write_bytes(viz.png_bytes(viz.grid(gtiles, cols=len(gtiles))))
+            figs.append(Figure("gradients", f"{p.name}: input gradients", name,
+                               f"d logit / d input; ReLUs with a custom gradient: {len(replaced)}."))
+        # feature maps
+        acts = _activations(model, x[i:i + 1], feature_layers)
+        for layer in feature_layers:
+            a = acts[layer][0]
+            name = f"{stem}_features_{_safe(layer)}.png"
+            fg = feature_grid(a, max_channels=channels)
+            (out / name).write_bytes(viz.png_bytes(fg))
+            figs.append(Figure("features", f"{layer} {a.shape[0]}x{a.shape[1]}x{a.shape[2]}", name,
+                               f"channels 0-{min(channels, a.shape[-1]) - 1} of {a.shape[-1]}, "
+                               "each normalised on its own (viridis)"))
+        pages.append({"image": p.name, "pred": name_of(res.pred[i]), "score": float(res.score[i]),
+                      "target": name_of(res.target[i]),
+                      "top": _top(res.probs[i], name_of), "figures": figs})
+
+    # first layer's filters
+    fc = first_conv(t)
+    if fc is not None:
+        kernel = np.asarray(fc.layer.kernel)
+        name = f"filters_{_safe(fc.path)}.png"
+        (out / name).write_bytes(viz.png_bytes(filter_grid(kernel)))
+        figures.append(Figure("filters", f"first layer filters: {fc.path} {tuple(kernel.shape)}", name,
+                              "each filter min-max normalised on its own"))
+    # filter patterns by gradient ascent
+    if patterns and filters > 0:
+        for layer in feature_layers:
+            k = int(t.by_path()[layer].shape[-1])
+            idx = list(range(min(int(filters), k)))
+            u = filter_patterns(model, layer, idx, affine=affine, steps=steps, seed=seed)
+            tiles = [viz.caption(viz.fit(deprocess(im), min(size, 128)), f"filter {f}") for f, im in zip(idx, u)]
+            name = f"patterns_{_safe(layer)}.png"
+            (out / name).write_bytes(viz.png_bytes(viz.grid(tiles, cols=8)))
+            figures.append(Figure("patterns", f"filter patterns: {layer}", name,
+                                  f"gradient ascent, {steps} normalised steps from a noisy grey image"))
+    cam_notes = sorted(set(cam_note.values()))
+    page = _render_index(pages, figures, {
+        "model": getattr(model, "name", "model"), "layers": layers, "feature_layers": feature_layers,
+        "methods": methods, "preprocess": preprocess_mode, "input": f"{h}x{w}x{ch}",
+        "notes": cam_notes + ([] if affine is not None else
+                              ["preprocessing is not affine: gradients shown in model-input space"]),
+    })
+    index = out / "index.html"
+    index.write_text(page, encoding="utf-8")
+    return index
+
+
+def _top(probs, name_of, k=5):
+    order = np.argsort(-probs)[:k]
+    return [(name_of(c), float(probs[c])) for c in order]
+
+
+def _activations(model, x, layers):
+    import keras
+
+    from audit import graph
+
+    t = graph.trace(model, capture=layers)
+    fm = keras.Model(t.inputs[0], [t.captured[p] for p in layers])
+    outs = fm(np.asarray(x, np.float32), training=False)
+    outs = outs if isinstance(outs, (list, tuple)) else [outs]
+    return {p: np.asarray(o) for p, o in zip(layers, outs)}
+
+
+def _render_index(pages, figures, info) -> str:
+    import jinja2
+
+    from audit import resources
+
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(resources.path("audit.templates", ""))),
+        autoescape=jinja2.select_autoescape(["html", "j2"]),
+    )
+    return env.get_template("explain.html.j2").render(pages=pages, figures=figures, info=info,
+                                                      escape=html.escape)
