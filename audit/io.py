@@ -1,0 +1,136 @@
+"""The output directory: exactly-once shard commits, the manifest, job.json.
+
+A shard is committed in two steps, both atomic renames on the same filesystem:
+
+1. its rows, cast to the declared Arrow schema, are written to
+   ``records/.part-NNNNN.<random>.tmp`` and renamed to ``records/part-NNNNN.parquet``;
+2. then ``_manifest/part-NNNNN.json`` (shard id, inputs, row count) is written
+   the same way.
+
+A shard counts as done only when its manifest entry exists.  A retried or
+resumed shard overwrites its Parquet file by rename (readers never see half a
+file; temp names start with ``.`` so ``pyarrow.dataset`` ignores them) and is
+deterministic, so writing it twice gives the same rows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from pathlib import Path
+
+from audit.errors import AuditError
+
+RECORDS = "records"
+MANIFEST = "_manifest"
+JOB_JSON = "job.json"
+
+
+def part_name(shard: int) -> str:
+    return f"part-{int(shard):05d}"
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path, data: bytes) -> None:
+    path = Path(path)
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path, obj) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n").encode())
+
+
+def prepare_output(out, resume: bool) -> Path:
+    """Create OUT (and records/, _manifest/); refuse a non-empty OUT unless resuming."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise AuditError(f"output {out} exists and is not a directory")
+    if out.exists() and any(out.iterdir()):
+        if not resume:
+            raise AuditError(
+                f"output directory {out} is not empty; use --resume to continue the job there "
+                "(or choose another output, e.g. --set output=...)"
+            )
+        if not (out / JOB_JSON).is_file():
+            raise AuditError(f"cannot resume: {out} has no {JOB_JSON}; it is not the output of an audit job")
+    elif resume and not out.exists():
+        pass  # resuming a job that never started: just start it
+    (out / RECORDS).mkdir(parents=True, exist_ok=True)
+    (out / MANIFEST).mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def read_job(out) -> dict | None:
+    p = Path(out) / JOB_JSON
+    if not p.is_file():
+        return None
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError:
+        return None
+
+
+def committed_shards(out) -> dict[int, dict]:
+    """{shard id: manifest entry} of the committed shards (valid entry and Parquet file present)."""
+    out = Path(out)
+    done = {}
+    mdir = out / MANIFEST
+    if not mdir.is_dir():
+        return done
+    for p in mdir.glob("part-*.json"):
+        try:
+            entry = json.loads(p.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if (out / RECORDS / entry.get("file", "")).is_file():
+            done[int(entry["shard"])] = entry
+    return done
+
+
+def write_shard(out, shard: int, table, *, job_id: str, schema_version: str, inputs: dict,
+                counts: dict) -> dict:
+    """Commit one shard: Parquet (temp file, rename), then its manifest entry. Returns the entry."""
+    import pyarrow.parquet as pq
+
+    out = Path(out)
+    name = part_name(shard)
+    final = out / RECORDS / f"{name}.parquet"
+    tmp = out / RECORDS / f".{name}.{uuid.uuid4().hex[:8]}.tmp"
+    meta = dict(table.schema.metadata or {})
+    meta.update({
+        b"shortcut_audit.schema_version": str(schema_version).encode(),
+        b"shortcut_audit.job_id": str(job_id).encode(),
+        b"shortcut_audit.shard": str(shard).encode(),
+    })
+    table = table.replace_schema_metadata(meta)
+    try:
+        pq.write_table(table, tmp, compression="zstd", row_group_size=max(1, table.num_rows))
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    _fsync_dir(final.parent)
+    entry = {"shard": int(shard), "file": final.name, "rows": table.num_rows, "inputs": inputs,
+             "job_id": job_id, "bytes": final.stat().st_size, **counts}
+    atomic_write_json(out / MANIFEST / f"{name}.json", entry)
+    return entry

@@ -1,0 +1,422 @@
+"""Running an audit job on Ray: plan shards, drive actors, commit exactly once.
+
+:func:`run_job` is the library entry point (``audit run`` and ``audit demo``
+call it).  The driver stays small: it holds shard descriptors (a few numbers
+each, never per-image objects), the refs in flight and counters, so its memory
+does not grow with the dataset.  Actors (:class:`audit.worker.AuditWorker`)
+read, decode, explain and write their shards themselves, straight into the
+output directory (which must be on a filesystem every node can reach).
+
+Faults: an actor that dies (killed, OOM, its node lost) fails the calls in
+flight on it; the driver puts those shards back in the queue (counting one
+attempt each, up to ``resources.max_retries``) and starts a replacement actor.
+A shard whose code raises is retried the same way.  Shards that exhaust their
+retries are reported as failed; the job ends ``incomplete`` and
+``--resume`` picks them up.  A user mistake found by an actor (an unknown
+layer, a model the dataset does not fit) stops the job with that one line.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import os
+import platform
+import sys
+import time
+import uuid
+from pathlib import Path
+
+from audit.errors import AuditError
+
+QUEUE_DEPTH = 2  # shards in flight per actor: the next one is queued while one runs
+STALL_TIMEOUT_S = 300.0  # no live actor and none starting for this long: give up
+
+
+def versions() -> dict:
+    from importlib import metadata
+
+    out = {"python": platform.python_version()}
+    for dist in ("shortcut-audit", "tensorflow", "keras", "ray", "pyarrow", "numpy", "pandas",
+                 "opencv-python-headless"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = None
+    return out
+
+
+def _first_difference(a, b, path=""):
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b)):
+            d = _first_difference(a.get(k), b.get(k), f"{path}.{k}" if path else k)
+            if d:
+                return d
+        return None
+    return (path, a, b) if a != b else None
+
+
+def _check_resumable(spec: dict, previous: dict, sha: str | None) -> None:
+    old = previous.get("spec") or {}
+    for section in ("dataset", "explain", "model"):
+        d = _first_difference(old.get(section), spec.get(section), section)
+        if d:
+            raise AuditError(
+                f"cannot resume: {d[0]} is {d[2]!r} now but {d[1]!r} in the job in {spec['output']}; "
+                "resume needs the same dataset, model and explain settings"
+            )
+    old_sha = (previous.get("model") or {}).get("sha256")
+    if old_sha and sha and old_sha != sha:
+        raise AuditError(f"cannot resume: the model file {spec['model']['path']} changed since the job started")
+
+
+def plan_resources(spec: dict, cluster: dict, nodes: list[dict], n_shards: int) -> dict:
+    """Actors, CPUs and GPUs per actor from the spec and the cluster (a pure function).
+
+    ``actors: auto`` is one actor per GPU when the cluster has GPUs, else one
+    per pair of CPUs (at least one); never more actors than shards.
+    """
+    res = spec["resources"]
+    gpus = float(cluster.get("GPU", 0))
+    cpus = float(cluster.get("CPU", 0))
+    gpa = res["gpus_per_actor"]
+    gpa = (1.0 if gpus >= 1 else 0.0) if gpa == "auto" else float(gpa)
+    if gpa > 0 and gpus < gpa:
+        raise AuditError(f"resources.gpus_per_actor is {gpa:g} but the cluster has {gpus:g} GPUs")
+    actors = res["actors"]
+    if actors == "auto":
+        actors = int(gpus // gpa) if gpa > 0 else max(1, int(cpus // 2))
+    actors = max(1, min(int(actors), max(1, n_shards)))
+    cpa = res["cpus_per_actor"]
+    if cpa == "auto":
+        cpa = 1.0 if gpa > 0 else max(1.0, float(int(cpus // actors)) if cpus else 1.0)
+    cpa = float(cpa)
+    biggest = max((float(n.get("Resources", {}).get("CPU", 0)) for n in nodes if n.get("Alive")), default=cpus)
+    if cpa > biggest:
+        raise AuditError(f"resources.cpus_per_actor is {cpa:g} but the largest node has {biggest:g} CPUs")
+    return {"actors": actors, "cpus_per_actor": cpa, "gpus_per_actor": gpa}
+
+
+class _Progress:
+    def __init__(self, total, initial, errors, enabled, name):
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, unit="img", desc=name, dynamic_ncols=True,
+                            smoothing=0.1, file=sys.stderr)
+            self.bar.set_postfix(errors=errors)
+
+    def update(self, n, errors):
+        if self.bar is not None:
+            self.bar.update(n)
+            self.bar.set_postfix(errors=errors, refresh=False)
+
+    def write(self, msg):
+        if self.bar is not None:
+            self.bar.write(msg, file=sys.stderr)
+        else:
+            print(msg, file=sys.stderr)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _cause(e):
+    return getattr(e, "cause", None) or e
+
+
+def _ray_init(address):
+    """Connect to ``address`` or start an embedded local Ray. Returns True if we started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    kwargs = {"log_to_driver": False, "configure_logging": True, "logging_level": "warning"}
+    if address:
+        try:
+            ray.init(address=address, **kwargs)
+        except ConnectionError as e:
+            raise AuditError(f"cannot connect to the Ray cluster at {address}: {str(e).splitlines()[0]}") from None
+    else:
+        ray.init(include_dashboard=False, **kwargs)
+    return True
+
+
+def run_job(spec, *, address=None, resume=False, overrides=(), progress=True, on_event=None,
+            base_dir=None) -> dict:
+    """Run an audit job; returns a summary dict (also stored in ``OUT/job.json``).
+
+    ``spec``: a YAML path or a dict (see DESIGN.md).  ``address``: None for an
+    embedded local Ray (or the one already initialised in this process),
+    ``auto`` or ``ray://host:10001`` for a cluster.  ``resume`` continues a job
+    in a non-empty output, skipping committed shards.  ``overrides``:
+    ``key.path=value`` strings.  ``on_event(kind, payload)``, if given, is
+    called on the driver thread for ``actor_ready`` and ``shard_done``
+    (monitoring hooks; tests use them to inject faults).
+    """
+    from audit import datasets, io
+    from audit.models import fingerprint
+    from audit.spec import load_spec
+
+    t_start = time.time()
+    spec = load_spec(spec, overrides, base_dir)
+    out = Path(spec["output"])
+    previous = io.read_job(out) if resume else None
+    io.prepare_output(out, resume)
+    sha = fingerprint(spec["model"].get("path"))
+    if previous:
+        _check_resumable(spec, previous, sha)
+    job_id = previous["job_id"] if previous else uuid.uuid4().hex[:12]
+
+    t0 = time.perf_counter()
+    plan = datasets.plan(spec["dataset"])
+    plan_s = time.perf_counter() - t0
+    if plan.total == 0:
+        raise AuditError(f"dataset {spec['dataset']['path']} has no images")
+    committed = io.committed_shards(out)
+    known = {s.id for s in plan.shards}
+    committed = {k: v for k, v in committed.items() if k in known}
+    todo = [s for s in plan.shards if s.id not in committed]
+    done_images = sum(int(e["inputs"]["stop"]) - int(e["inputs"]["start"]) for e in committed.values())
+
+    record = {
+        "job_id": job_id,
+        "name": spec["name"],
+        "status": "running",
+        "spec": spec,
+        "model": {"path": spec["model"].get("path"), "application": spec["model"].get("application"),
+                  "sha256": sha},
+        "classes": plan.classes,
+        "dataset": {"images": plan.total, "shards": len(plan.shards)},
+        "versions": versions(),
+        "timings": {"started": t_start, "plan_s": round(plan_s, 3)},
+        "runs": (previous or {}).get("runs", []),
+    }
+    if previous:
+        for k in ("layers", "layer_shapes", "input_size"):
+            if k in previous:
+                record[k] = previous[k]
+        record["timings"]["first_started"] = (previous.get("timings") or {}).get(
+            "first_started", (previous.get("timings") or {}).get("started"))
+    io.atomic_write_json(out / io.JOB_JSON, record)
+
+    state = {"images": 0, "errors": 0, "flat": 0, "rows": 0, "correct": 0, "labelled": 0,
+             "retries": 0, "actors_started": 0, "actor_deaths": 0, "failed": {}}
+    status = "ok"
+    bar = None
+    started_ray = False
+    actors: dict = {}
+    run_t0 = time.perf_counter()
+    setup_s = None
+    try:
+        if todo:
+            import ray
+
+            started_ray = _ray_init(address)
+            res = plan_resources(spec, ray.cluster_resources(), ray.nodes(), len(todo))
+            record["resources"] = res
+            bar = _Progress(plan.total, done_images, sum(e.get("errors", 0) for e in committed.values()),
+                            progress, spec["name"])
+            setup_s = _drive(spec, job_id, plan.classes, todo, res, state, actors, bar, on_event, record)
+        status = "incomplete" if state["failed"] else "ok"
+    except KeyboardInterrupt:
+        status = "interrupted"
+        raise
+    except BaseException:
+        status = "failed"
+        raise
+    finally:
+        _kill_all(actors)
+        if bar is not None:
+            bar.close()
+        run_s = time.perf_counter() - run_t0
+        all_done = io.committed_shards(out)
+        record["status"] = status
+        record["timings"].update({"run_s": round(run_s, 3), "total_s": round(time.time() - t_start, 3),
+                                  "first_actor_ready_s": setup_s, "finished": time.time()})
+        record["runs"] = record["runs"] + [{"started": t_start, "status": status, "shards": len(todo),
+                                            "images": state["images"], "seconds": round(run_s, 3)}]
+        record["shards"] = {"total": len(plan.shards), "committed": len(all_done),
+                            "failed": sorted(state["failed"])}
+        record["failed_shards"] = {str(k): v for k, v in state["failed"].items()}
+        summary = _summary(spec, job_id, plan, all_done, committed, state, run_s, status, out)
+        record["summary"] = summary
+        try:
+            io.atomic_write_json(out / io.JOB_JSON, record)
+        finally:
+            if started_ray:
+                import ray
+
+                ray.shutdown()
+    return summary
+
+
+def _summary(spec, job_id, plan, all_done, skipped, state, run_s, status, out) -> dict:
+    tot = collections.Counter()
+    for e in all_done.values():
+        for k in ("errors", "flat", "correct", "labelled", "rows"):
+            tot[k] += int(e.get(k, 0))
+    images_done = sum(int(e["inputs"]["stop"]) - int(e["inputs"]["start"]) for e in all_done.values())
+    return {
+        "job_id": job_id,
+        "name": spec["name"],
+        "output": str(out),
+        "status": status,
+        "images": plan.total,
+        "images_done": images_done,
+        "images_this_run": state["images"],
+        "errors": tot["errors"],
+        "flat_maps": tot["flat"],
+        "rows": tot["rows"],
+        "accuracy": (tot["correct"] / tot["labelled"]) if tot["labelled"] else None,
+        "shards": len(plan.shards),
+        "shards_skipped": len(skipped),
+        "shards_failed": sorted(state["failed"]),
+        "retries": state["retries"],
+        "actors": state["actors_started"],
+        "actor_deaths": state["actor_deaths"],
+        "seconds": round(run_s, 2),
+        "images_per_s": round(state["images"] / run_s, 2) if run_s > 0 and state["images"] else None,
+        "classes": plan.classes,
+    }
+
+
+def _kill_all(actors):
+    if not actors:
+        return
+    import ray
+
+    for a in list(actors.values()):
+        with contextlib.suppress(Exception):
+            ray.kill(a["handle"], no_restart=True)
+    actors.clear()
+
+
+def _drive(spec, job_id, classes, todo, res, state, actors, bar, on_event, record):
+    """The scheduling loop. Returns seconds until the first actor was ready."""
+    import ray
+    from ray import exceptions as rex
+
+    from audit.worker import AuditWorker
+
+    max_retries = int(spec["resources"]["max_retries"])
+    n_actors = res["actors"]
+    Worker = ray.remote(AuditWorker)
+    env = {"TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "3"),
+           "OPENCV_IO_MAX_IMAGE_PIXELS": str(int(spec["dataset"]["max_pixels"]))}
+    opts = {"num_cpus": res["cpus_per_actor"], "num_gpus": res["gpus_per_actor"], "max_restarts": 0,
+            "max_task_retries": 0, "runtime_env": {"env_vars": env}}
+    if n_actors > 1:
+        opts["scheduling_strategy"] = "SPREAD"
+    pending = collections.deque(todo)
+    attempts = collections.Counter()
+    refs: dict = {}  # ref -> (kind, actor key, shard)
+    budget = {"replacements": n_actors * max(1, max_retries) + 2}
+    t0 = time.perf_counter()
+    first_ready = None
+    last_alive = time.perf_counter()
+
+    def emit(kind, payload):
+        if on_event is not None:
+            on_event(kind, payload)
+
+    def start_actor():
+        key = uuid.uuid4().hex[:8]
+        h = Worker.options(**opts).remote(spec, out_dir=spec["output"], job_id=job_id, classes=classes,
+                                          cpus=res["cpus_per_actor"])
+        actors[key] = {"handle": h, "ready": False, "inflight": {}, "info": None}
+        refs[h.setup.remote()] = ("setup", key, None)
+        state["actors_started"] += 1
+
+    def retire(key, why):
+        a = actors.pop(key, None)
+        if a is None:
+            return
+        state["actor_deaths"] += 1
+        for ref, shard in a["inflight"].items():
+            refs.pop(ref, None)
+            requeue(shard, why)
+        with contextlib.suppress(Exception):
+            ray.kill(a["handle"], no_restart=True)
+        if (pending or any(x["inflight"] for x in actors.values())) and budget["replacements"] > 0:
+            budget["replacements"] -= 1
+            start_actor()
+
+    def requeue(shard, why):
+        attempts[shard.id] += 1
+        if attempts[shard.id] > max_retries:
+            state["failed"][shard.id] = why
+            bar.write(f"shard {shard.id} failed after {attempts[shard.id]} attempts: {why}")
+        else:
+            state["retries"] += 1
+            pending.appendleft(shard)
+
+    for _ in range(n_actors):
+        start_actor()
+
+    while pending or any(a["inflight"] for a in actors.values()):
+        # hand out work to ready actors
+        for key, a in actors.items():
+            while a["ready"] and pending and len(a["inflight"]) < QUEUE_DEPTH:
+                shard = pending.popleft()
+                ref = a["handle"].process_shard.remote(shard)
+                a["inflight"][ref] = shard
+                refs[ref] = ("shard", key, shard)
+        if not refs:
+            if not actors:
+                raise AuditError("every actor died and the retry budget is spent; "
+                                 "continue later with --resume")
+            continue
+        ready, _ = ray.wait(list(refs), num_returns=1, timeout=1.0)
+        if not ready:
+            if any(a["ready"] for a in actors.values()):
+                last_alive = time.perf_counter()
+            elif time.perf_counter() - last_alive > STALL_TIMEOUT_S:
+                raise AuditError(f"no actor could start for {STALL_TIMEOUT_S:.0f} s (needs "
+                                 f"{res['cpus_per_actor']:g} CPU, {res['gpus_per_actor']:g} GPU each); "
+                                 "continue later with --resume")
+            continue
+        for ref in ready:
+            if ref not in refs:
+                continue
+            kind, key, shard = refs.pop(ref)
+            a = actors.get(key)
+            try:
+                result = ray.get(ref)
+            except rex.RayTaskError as e:
+                cause = _cause(e)
+                if isinstance(cause, AuditError):
+                    raise AuditError(str(cause).splitlines()[0]) from None
+                msg = f"{type(cause).__name__}: {str(cause).strip().splitlines()[-1] if str(cause).strip() else ''}"
+                if kind == "setup":
+                    raise AuditError(f"an actor could not load the model: {msg}") from None
+                if a is not None:
+                    a["inflight"].pop(ref, None)
+                requeue(shard, msg)
+                continue
+            except (rex.RayActorError, rex.WorkerCrashedError, rex.ObjectLostError,
+                    rex.OwnerDiedError, rex.NodeDiedError) as e:
+                if a is not None:
+                    a["inflight"].pop(ref, None)
+                if shard is not None:
+                    requeue(shard, f"actor died ({type(e).__name__})")
+                retire(key, f"actor died ({type(e).__name__})")
+                continue
+            if kind == "setup":
+                a["ready"], a["info"] = True, result
+                last_alive = time.perf_counter()
+                if first_ready is None:
+                    first_ready = round(time.perf_counter() - t0, 3)
+                    for k in ("layers", "layer_shapes", "input_size", "classes"):
+                        record[k] = result.get(k)
+                emit("actor_ready", result)
+                continue
+            a["inflight"].pop(ref, None)
+            for k in ("images", "errors", "flat", "rows", "correct", "labelled"):
+                state[k] += int(result.get(k, 0))
+            bar.update(result["images"], state["errors"])
+            emit("shard_done", result)
+    return first_ready

@@ -1,0 +1,355 @@
+"""The audit worker: one model, one Explainer, whole shards in, Parquet out.
+
+:class:`AuditWorker` is a plain class: it runs in-process on one shard (or on
+a list of items) without Ray, which is how the tests drive it.  The job wraps
+it as a Ray actor (``ray.remote(AuditWorker)``), so every actor loads the
+model once and builds one gradient model with a fixed batch shape.
+
+Per shard: items are read and decoded by a thread pool (OpenCV releases the
+GIL) while TensorFlow computes the previous batch; each batch is
+preprocessed, explained (one forward + one backward pass for every layer and
+method), its maps turned into statistics (:func:`audit.stats.map_stats`), and
+the rows (one per image x layer x method) cast to the records schema.  An
+image that cannot be read is ONE row with ``status=error``, ``error=<reason>``
+and null ``layer``/``method``/``cam``/statistics: every input appears in the
+output.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from audit.errors import AuditError
+
+
+def _configure_tensorflow(cpus: float | None, gpu: bool, mixed_precision: bool) -> dict:
+    """TF threads = this worker's CPU share; GPU memory growth on. Call before any TF op runs."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import tensorflow as tf
+
+    info = {"gpus": 0, "threads": None, "mixed_precision": False}
+    gpus = tf.config.list_physical_devices("GPU")
+    for g in gpus:
+        try:
+            tf.config.experimental.set_memory_growth(g, True)
+        except (RuntimeError, ValueError):  # already initialised (in-process use)
+            pass
+    info["gpus"] = len(gpus)
+    if cpus:
+        n = max(1, int(round(cpus)))
+        try:
+            tf.config.threading.set_intra_op_parallelism_threads(n)
+            tf.config.threading.set_inter_op_parallelism_threads(min(2, n))
+            info["threads"] = n
+        except RuntimeError:  # TF already running in this process (tests): keep its setting
+            pass
+    if mixed_precision and gpus:
+        import keras
+
+        keras.mixed_precision.set_global_policy("mixed_float16")
+        info["mixed_precision"] = True
+    return info
+
+
+def _strip_dtypes(cfg):
+    """A model config with every layer's dtype policy removed (inputs keep theirs)."""
+    if isinstance(cfg, dict):
+        out = {}
+        is_input = cfg.get("class_name") == "InputLayer"
+        for k, v in cfg.items():
+            if k == "config" and isinstance(v, dict) and not is_input:
+                v = {kk: _strip_dtypes(vv) for kk, vv in v.items() if kk != "dtype"}
+            else:
+                v = _strip_dtypes(v)
+            out[k] = v
+        return out
+    if isinstance(cfg, list):
+        return [_strip_dtypes(v) for v in cfg]
+    return cfg
+
+
+def to_mixed_precision(model):
+    """Rebuild a Functional/Sequential model under the global mixed_float16 policy."""
+    import keras
+
+    try:
+        cfg = _strip_dtypes(model.get_config())
+        new = model.__class__.from_config(cfg)
+        new.set_weights(model.get_weights())
+        return new
+    except Exception:  # subclassed or exotic models: stay in float32
+        keras.mixed_precision.set_global_policy("float32")
+        return model
+
+
+class AuditWorker:
+    """Process shards of a job.  Cheap to construct; the model loads on first use.
+
+    >>> w = AuditWorker(spec, classes=["cat", "dog"])
+    >>> table = w.process_items(items)           # in-process, no Ray
+    >>> w.process_shard(shard_descriptor)        # reads, explains, commits to spec["output"]
+    """
+
+    def __init__(self, spec: dict, *, out_dir=None, job_id: str = "", classes=None, cpus=None):
+        self.spec = spec
+        self.out_dir = out_dir or spec.get("output")
+        self.job_id = job_id
+        self.classes = list(classes) if classes else None
+        self.cpus = cpus
+        self._ready = False
+        self.info: dict = {}
+
+    # -- setup ------------------------------------------------------------------
+    def setup(self) -> dict:
+        """Load the model and build the Explainer (once).  Returns facts for the driver."""
+        if self._ready:
+            return self.info
+        t0 = time.perf_counter()
+        m, ex, res = self.spec["model"], self.spec["explain"], self.spec["resources"]
+        tfinfo = _configure_tensorflow(self.cpus, gpu=True, mixed_precision=res.get("mixed_precision", False))
+        import cv2
+
+        cv2.setNumThreads(1)
+        from audit.cam import Explainer
+        from audit.models import check_preprocess, input_size_of, load_model
+
+        check_preprocess(m["preprocess"])
+        model = load_model(m.get("path"), application=m.get("application"), weights=m.get("weights"),
+                           input_size=m.get("input_size"), num_classes=m.get("num_classes"),
+                           trust_code=m.get("trust_code", False))
+        if tfinfo["mixed_precision"]:
+            model = to_mixed_precision(model)
+        n_out = int(model.outputs[0].shape[-1])
+        if self.classes is None:
+            self.classes = [str(i) for i in range(n_out)]
+        elif len(self.classes) != n_out and not (n_out == 1 and len(self.classes) == 2):
+            raise AuditError(
+                f"the dataset has {len(self.classes)} classes ({', '.join(self.classes[:6])}"
+                f"{'...' if len(self.classes) > 6 else ''}) but the model has {n_out} outputs; "
+                "set dataset.classes to the model's classes in output order"
+            )
+        self.explainer = Explainer(model, layers=ex["layers"], methods=tuple(ex["methods"]),
+                                   target=ex["target"], batch_size=res["batch_size"], classes=self.classes)
+        if m.get("input_size"):
+            size = tuple(int(v) for v in m["input_size"])
+        else:
+            size = input_size_of(model)
+        if tuple(self.explainer.input_shape[:2]) != size:
+            raise AuditError(f"model input is {self.explainer.input_shape[:2]}, model.input_size says {list(size)}")
+        self.size = size
+        self.channels = int(self.explainer.input_shape[2])
+        if self.channels not in (1, 3):
+            raise AuditError(f"the model takes {self.channels} channels; images are audited as RGB (3) or gray (1)")
+        from audit.schema import SCHEMA_VERSION, records_schema
+
+        self.regions = dict(ex.get("regions") or {})
+        self.schema = records_schema(list(self.regions))
+        self.schema_version = SCHEMA_VERSION
+        self.pool = ThreadPoolExecutor(max_workers=res.get("decode_threads", 4), thread_name_prefix="decode")
+        self._ready = True
+        self.info = {
+            "pid": os.getpid(),
+            "node": _node_id(),
+            "layers": list(self.explainer.layers),
+            "layer_shapes": {k: list(v) for k, v in self.explainer.layer_shapes.items()},
+            "input_size": list(size),
+            "num_outputs": n_out,
+            "classes": self.classes,
+            "setup_s": round(time.perf_counter() - t0, 3),
+            **tfinfo,
+        }
+        return self.info
+
+    def ping(self) -> int:
+        return os.getpid()
+
+    # -- one shard ----------------------------------------------------------------
+    def process_shard(self, shard, commit: bool = True) -> dict:
+        """Read, explain and (with ``commit``) write one shard; returns its counts."""
+        from audit import datasets, io
+
+        self.setup()
+        if isinstance(shard, dict):
+            shard = datasets.Shard(**shard)
+        t0 = time.perf_counter()
+        items = list(datasets.read_shard(self.spec["dataset"], shard, self.classes))
+        table, counts = self.process_items(items, shard_id=shard.id)
+        summary = {"shard": shard.id, "images": len(items), "rows": table.num_rows, **counts,
+                   "seconds": round(time.perf_counter() - t0, 3), "pid": os.getpid()}
+        if commit:
+            inputs = {**shard.to_dict(), "first": items[0].image_id if items else None,
+                      "last": items[-1].image_id if items else None}
+            io.write_shard(self.out_dir, shard.id, table, job_id=self.job_id,
+                           schema_version=self.schema_version, inputs=inputs, counts=counts)
+            return summary
+        summary["table"] = table
+        return summary
+
+    def process_items(self, items, shard_id: int = 0):
+        """Rows for a list of :class:`audit.datasets.Item` as an Arrow table cast to the schema."""
+        import pyarrow as pa
+
+        from audit import datasets
+
+        self.setup()
+        max_px = int(self.spec["dataset"].get("max_pixels", 100_000_000))
+        bs = int(self.spec["resources"]["batch_size"])
+
+        def load(item):
+            try:
+                return datasets.load_item(item, self.size, max_px)
+            except Exception as e:  # DecodeError, or anything OpenCV throws at bad data
+                from audit.decode import DecodeError
+
+                return e if isinstance(e, DecodeError) else DecodeError(f"{type(e).__name__}: {e}")
+
+        parts, keys = [], []
+        counts = {"errors": 0, "flat": 0, "correct": 0, "labelled": 0}
+        results = self.pool.map(load, items)  # decoding runs ahead of the model
+        batch = []
+        for idx, (item, res) in enumerate(zip(items, results)):
+            if isinstance(res, Exception):
+                parts.append(self._error_rows([(idx, item, str(res), None)], shard_id))
+                keys.append(np.array([idx * 1000], np.int64))
+                counts["errors"] += 1
+                continue
+            batch.append((idx, item, res))
+            if len(batch) == bs:
+                self._run_batch(batch, shard_id, parts, keys, counts)
+                batch = []
+        if batch:
+            self._run_batch(batch, shard_id, parts, keys, counts)
+        if not parts:
+            return self.schema.empty_table(), counts
+        table = pa.concat_tables(parts)
+        order = np.argsort(np.concatenate(keys), kind="stable")
+        return table.take(pa.array(order)), counts
+
+    # -- rows ---------------------------------------------------------------------
+    def _name(self, i):
+        if i is None:
+            return None
+        return self.classes[i] if 0 <= i < len(self.classes) else str(i)
+
+    def _error_rows(self, bad, shard_id):
+        import pyarrow as pa
+
+        n = len(bad)
+        cols = {name: pa.nulls(n, self.schema.field(name).type) for name in self.schema.names}
+        cols["image_id"] = pa.array([b[1].image_id for b in bad], pa.string())
+        cols["path"] = pa.array([b[1].path for b in bad], pa.string())
+        cols["shard"] = pa.array([shard_id] * n, pa.int32())
+        cols["label"] = pa.array([b[1].label for b in bad], pa.int32())
+        cols["label_name"] = pa.array([self._name(b[1].label) for b in bad], pa.string())
+        cols["status"] = pa.array(["error"] * n, pa.string())
+        cols["error"] = pa.array([b[2] for b in bad], pa.string())
+        cols["has_mask"] = pa.array([b[1].has_mask for b in bad], pa.bool_())
+        sizes = [b[3] for b in bad]
+        cols["width"] = pa.array([s[0] if s else None for s in sizes], pa.int32())
+        cols["height"] = pa.array([s[1] if s else None for s in sizes], pa.int32())
+        return pa.table(cols, schema=self.schema)
+
+    def _run_batch(self, batch, shard_id, parts, keys, counts):
+        import pyarrow as pa
+
+        from audit.models import preprocess
+        from audit.stats import map_stats, to_arrow_columns
+
+        ex = self.explainer
+        labels = [b[1].label for b in batch]
+        if ex.target == "label":
+            n_cls = len(self.classes)
+            bad = [b for b, lab in zip(batch, labels) if lab is None or not 0 <= lab < n_cls]
+            if bad:
+                parts.append(self._error_rows(
+                    [(i, it, "target=label but the image has no valid label", r[2]) for i, it, r in bad], shard_id))
+                keys.append(np.array([i * 1000 for i, _, _ in bad], np.int64))
+                counts["errors"] += len(bad)
+                batch = [b for b in batch if b not in bad]
+                labels = [b[1].label for b in batch]
+                if not batch:
+                    return
+        imgs = np.stack([b[2][0] for b in batch])
+        x = preprocess(imgs, self.spec["model"]["preprocess"])
+        if self.channels == 1:
+            x = x.mean(axis=-1, keepdims=True)
+        lab = np.array([-1 if v is None else v for v in labels], np.int32)
+        res = ex(x, labels=np.maximum(lab, 0) if ex.target == "label" else None)
+        n = len(batch)
+        has_mask = np.array([b[2][1] is not None for b in batch])
+        masks = None
+        if has_mask.any():
+            masks = np.zeros((n, *self.size), bool)
+            for k, b in enumerate(batch):
+                if b[2][1] is not None:
+                    masks[k] = b[2][1]
+        label_arr = pa.array([None if v is None else int(v) for v in labels], pa.int32())
+        pred = res.pred.astype(np.int32)
+        correct = [None if v is None else bool(v == p) for v, p in zip(labels, pred)]
+        counts["labelled"] += sum(c is not None for c in correct)
+        counts["correct"] += sum(bool(c) for c in correct)
+        common = {
+            "image_id": pa.array([b[1].image_id for b in batch], pa.string()),
+            "path": pa.array([b[1].path for b in batch], pa.string()),
+            "shard": pa.array(np.full(n, shard_id, np.int32)),
+            "label": label_arr,
+            "label_name": pa.array([self._name(v) for v in labels], pa.string()),
+            "pred": pa.array(pred),
+            "pred_name": pa.array([self._name(int(p)) for p in pred], pa.string()),
+            "score": pa.array(res.score.astype(np.float32)),
+            "correct": pa.array(correct, pa.bool_()),
+            "target": pa.array(res.target.astype(np.int32)),
+            "width": pa.array([b[2][2][0] for b in batch], pa.int32()),
+            "height": pa.array([b[2][2][1] for b in batch], pa.int32()),
+            "has_mask": pa.array(has_mask),
+            "error": pa.nulls(n, pa.string()),
+        }
+        n_blocks = 0
+        for layer in ex.layers:
+            for method in ex.methods:
+                maps = res.maps[(layer, method)]
+                h, w = maps.shape[1:]
+                st = map_stats(maps, self.size, masks=masks, has_mask=has_mask, regions=self.regions)
+                status = np.where(res.flat[(layer, method)], "flat", st["status"].astype(str))
+                flat = status == "flat"
+                counts["flat"] += int(flat.sum())
+                stat_cols = to_arrow_columns(st)
+                if flat.any():  # the engine's verdict wins: null statistics for flat maps
+                    for name, arr in stat_cols.items():
+                        stat_cols[name] = pa.array(
+                            [None if f else v for f, v in zip(flat, arr.to_pylist())], arr.type)
+                offsets = pa.array(np.arange(n + 1, dtype=np.int32) * (h * w))
+                cam = pa.ListArray.from_arrays(offsets, pa.array(maps.reshape(-1).astype(np.float32)))
+                cols = {
+                    **common,
+                    "layer": pa.array([layer] * n, pa.string()),
+                    "method": pa.array([method] * n, pa.string()),
+                    "cam": cam,
+                    "cam_h": pa.array(np.full(n, h, np.int32)),
+                    "cam_w": pa.array(np.full(n, w, np.int32)),
+                    "status": pa.array(status.tolist(), pa.string()),
+                    **stat_cols,
+                }
+                parts.append(pa.table({name: cols[name] for name in self.schema.names}, schema=self.schema))
+                keys.append(np.array([b[0] * 1000 + n_blocks for b in batch], np.int64))
+                n_blocks += 1
+
+    def close(self) -> None:
+        pool = getattr(self, "pool", None)
+        if pool is not None:
+            pool.shutdown(wait=False)
+
+
+def _node_id() -> str | None:
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return ray.get_runtime_context().get_node_id()
+    except Exception:
+        return None
+    return None
