@@ -16,6 +16,8 @@ import sys
 from audit.errors import AuditError
 
 COMMANDS = ("run", "submit", "scan", "report", "layers", "explain", "demo")
+# Commands that load a model: TensorFlow is imported up front, quietly.
+NEEDS_TF = ("run", "layers", "explain", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,6 +55,10 @@ def main(argv=None) -> int:
         parser.print_help()
         return 2
     try:
+        if args.command in NEEDS_TF:
+            from audit.quiet import import_tensorflow
+
+            import_tensorflow()
         return int(args.func(args) or 0)
     except AuditError as e:
         print(f"audit: error: {e}", file=sys.stderr)
