@@ -25,8 +25,8 @@ def import_tensorflow():
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, 2)
         os.close(devnull)
-        import tensorflow as tf
         import keras  # noqa: F401  (imports the backend while stderr is quiet)
+        import tensorflow as tf
     finally:
         os.dup2(saved, 2)
         os.close(saved)
