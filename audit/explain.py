@@ -113,18 +113,22 @@ def default_layers(t) -> list[str]:
 
 
 def default_feature_layers(t) -> list[str]:
-    """First convolution, a layer half-way down, and the automatic layer (shallow to deep)."""
+    """First convolution, a layer half-way down, and the automatic layer (shallow to deep).
+
+    The middle one is taken among the layers every path passes through (in a
+    ResNet the block outputs), so it is never a side branch.
+    """
     from audit import graph
 
     cands = graph.candidates(t)
     auto = graph.auto_layer(t)[0]
     convs = [c for c in cands if _is_conv(c)]
-    picked = []
-    if convs:
-        picked.append(convs[0].path)
-    upto = cands[: cands.index(auto) + 1] if auto in cands else cands
-    if len(upto) > 2:
-        picked.append(upto[len(upto) // 2].path)
+    picked = [convs[0].path] if convs else []
+    upto = cands[: cands.index(auto)] if auto in cands else cands
+    upto = [c for c in upto if c.path not in picked]
+    trunk = [c for c in upto if graph._through_every_path(t, c)] or upto
+    if trunk:
+        picked.append(trunk[len(trunk) // 2].path)
     picked.append(auto.path)
     return list(dict.fromkeys(picked))
 
@@ -470,7 +474,7 @@ def filter_patterns(model, layer: str, filters, *, affine=None, steps: int = 40,
             loss = tf.reduce_sum(tf.reduce_mean(a, axis=(1, 2)) * onehot)
         g = tape.gradient(loss, u)
         rms = tf.sqrt(tf.reduce_mean(tf.square(g), axis=(1, 2, 3), keepdims=True))
-        u.assign_add(step * g / (rms + 1e-5))
+        u.assign_add(step * tf.math.divide_no_nan(g, rms))
 
     for _ in range(int(steps)):
         ascend()
