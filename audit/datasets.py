@@ -318,12 +318,10 @@ def _read_manifest(ds, shard: Shard, classes):
     with open(path, "rb") as f:
         f.seek(shard.offset)
         blob = f.read(shard.end - shard.offset)
-    n = 0
-    for _, _, raw in _csv_records(io.BytesIO(blob), 0):
+    for n, (_, _, raw) in enumerate(_csv_records(io.BytesIO(blob), 0)):
         if n >= shard.size:
             break
         yield _manifest_item(_parse_row(raw, cols), base, classes, mask_col)
-        n += 1
 
 
 # ----------------------------------------------------------------------------

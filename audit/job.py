@@ -141,6 +141,10 @@ def _ray_init(address):
         except ConnectionError as e:
             raise AuditError(f"cannot connect to the Ray cluster at {address}: {str(e).splitlines()[0]}") from None
     else:
+        import logging
+
+        # a private local instance: Ray's notice about its default token mode is noise here
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
         ray.init(include_dashboard=False, **kwargs)
     return True
 

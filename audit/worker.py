@@ -17,6 +17,7 @@ output.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -28,16 +29,15 @@ from audit.errors import AuditError
 
 def _configure_tensorflow(cpus: float | None, gpu: bool, mixed_precision: bool) -> dict:
     """TF threads = this worker's CPU share; GPU memory growth on. Call before any TF op runs."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    import tensorflow as tf
+    from audit.quiet import import_tensorflow
+
+    tf = import_tensorflow()
 
     info = {"gpus": 0, "threads": None, "mixed_precision": False}
     gpus = tf.config.list_physical_devices("GPU")
     for g in gpus:
-        try:
+        with contextlib.suppress(RuntimeError, ValueError):  # already initialised (in-process use)
             tf.config.experimental.set_memory_growth(g, True)
-        except (RuntimeError, ValueError):  # already initialised (in-process use)
-            pass
     info["gpus"] = len(gpus)
     if cpus:
         n = max(1, int(round(cpus)))

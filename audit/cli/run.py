@@ -1,0 +1,88 @@
+"""``audit run SPEC.yaml``: run an audit job on Ray, then scan its output."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+EXAMPLE = """examples:
+  audit run jobs/example_folder.yaml                      # embedded local Ray
+  audit run job.yaml --set dataset.shard_size=256 --set resources.actors=4
+  audit run job.yaml --address auto                       # join the cluster this node belongs to
+  audit run job.yaml --address ray://head:10001 --resume  # continue an interrupted job
+
+The output directory must be empty unless --resume is given; --resume skips
+the shards already committed there. See docs/jobs.md for the spec format.
+"""
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "run",
+        help="run an audit job (Grad-CAM over a sharded dataset on Ray), then scan it",
+        description="Run an audit job: explain every image of the dataset with Ray actors, "
+                    "write OUT/records/part-*.parquet exactly once per shard, then scan for shortcuts.",
+        epilog=EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("spec", help="job spec (YAML)")
+    p.add_argument("--address", help="Ray cluster: 'auto' or ray://HOST:10001 (default: an embedded local Ray)")
+    p.add_argument("--resume", action="store_true", help="continue the job in a non-empty output, skipping committed shards")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                   help="override a spec value (YAML), e.g. --set resources.batch_size=32; repeatable")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-scan", action="store_true", help="do not run the scan at the end")
+    p.set_defaults(func=run)
+
+
+def format_summary(s: dict) -> str:
+    lines = [f"job {s['name']} ({s['job_id']}): {s['status']}"]
+    skipped = s["images_done"] - s["images_this_run"]
+    lines.append(
+        f"  images    {s['images_done']:,} of {s['images']:,} audited"
+        + (f" ({s['images_this_run']:,} this run, {skipped:,} from committed shards)" if s["shards_skipped"] else "")
+    )
+    lines.append(f"  errors    {s['errors']:,} unreadable (status=error rows)    flat maps {s['flat_maps']:,}")
+    if s.get("accuracy") is not None:
+        lines.append(f"  accuracy  {100 * s['accuracy']:.1f}% on labelled images")
+    lines.append(
+        f"  shards    {s['shards']:,} ({s['shards_skipped']:,} skipped, {s['retries']} retried, "
+        f"{len(s['shards_failed'])} failed)    actors {s['actors']} ({s['actor_deaths']} died)"
+    )
+    if s.get("images_per_s"):
+        lines.append(f"  speed     {s['images_per_s']:.1f} images/s over {s['seconds']:.1f} s")
+    lines.append(f"  output    {s['output']}  ({s['rows']:,} rows)")
+    lines.append(f"  query     python -c \"import audit; print(audit.load('{s['output']}').head())\"")
+    if s["shards_failed"]:
+        shown = ", ".join(map(str, s["shards_failed"][:10]))
+        lines.append(f"  FAILED    shards {shown}{'...' if len(s['shards_failed']) > 10 else ''}: "
+                     "see failed_shards in job.json; rerun with --resume")
+    return "\n".join(lines)
+
+
+def run(args) -> int:
+    from audit.job import run_job
+
+    try:
+        summary = run_job(args.spec, address=args.address, resume=args.resume, overrides=args.overrides,
+                          progress=not args.no_progress)
+    except KeyboardInterrupt:
+        print("audit: interrupted; committed shards are kept, continue with: "
+              f"audit run {args.spec} --resume", file=sys.stderr)
+        return 130
+    print(format_summary(summary))
+    code = 0 if summary["status"] == "ok" else 1
+    if args.no_scan:
+        return code
+    try:
+        from audit.scan import scan
+    except ImportError:
+        return code
+    try:
+        scan(summary["output"])
+    except Exception as e:  # the records stay valid; `audit scan OUT` can redo it
+        msg = " ".join(str(e).split()) or type(e).__name__
+        print(f"audit: scan failed ({type(e).__name__}: {msg[:300]}); the job output is complete, "
+              f"retry with: audit scan {summary['output']}", file=sys.stderr)
+        return 1
+    return code

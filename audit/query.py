@@ -1,0 +1,151 @@
+"""Querying a job's output: records as pandas, heatmaps, overlays.
+
+The records are plain Parquet (``OUT/records/part-*.parquet``): DuckDB
+(``SELECT * FROM 'OUT/records/*.parquet'``) and Polars
+(``pl.scan_parquet('OUT/records/*.parquet')``) read them as is.
+
+>>> import audit
+>>> df = audit.load("results/tank-sky", columns=["image_id", "label", "energy_object"],
+...                 filters=[("method", "=", "gradcam"), ("status", "=", "ok")])
+>>> row = audit.load("results/tank-sky").iloc[0]
+>>> audit.heatmap(row, size=224).shape      # (224, 224) float32 in [0, 1]
+>>> audit.overlay(row)                       # uint8 RGB, JET heatmap over the original image
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from audit.errors import AuditError
+
+__all__ = ["load", "heatmap", "overlay", "records_dataset"]
+
+
+def _records_dir(out) -> Path:
+    p = Path(out)
+    if (p / "records").is_dir():
+        return p / "records"
+    if p.is_dir() and any(p.glob("*.parquet")):
+        return p
+    raise AuditError(f"{out} is not a job output (no records/ folder); run `audit run SPEC.yaml` first")
+
+
+def records_dataset(out):
+    """The records as a ``pyarrow.dataset.Dataset`` (lazy; filters and columns pushed down)."""
+    import pyarrow.dataset as pads
+
+    return pads.dataset(str(_records_dir(out)), format="parquet")
+
+
+def _expression(filters):
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    if filters is None or isinstance(filters, pc.Expression):
+        return filters
+    try:
+        return pq.filters_to_expression(filters)
+    except (TypeError, ValueError) as e:
+        raise AuditError(
+            f"filters must be a pyarrow expression or a list of (column, op, value) tuples: {e}"
+        ) from None
+
+
+def load(out, columns=None, filters=None):
+    """The records of a job output as a pandas DataFrame.
+
+    ``columns``: the columns to read (default all).  ``filters``: a
+    ``pyarrow.compute`` expression (``pc.field("label") == 1``) or
+    DNF tuples as in ``pandas.read_parquet`` (``[("status", "=", "ok")]``);
+    both are pushed down to the Parquet scan (row groups are skipped).
+    """
+    ds = records_dataset(out)
+    if columns is not None:
+        columns = list(columns)
+        missing = [c for c in columns if c not in ds.schema.names]
+        if missing:
+            raise AuditError(f"no column {missing[0]!r} in the records; columns: {', '.join(ds.schema.names)}")
+    try:
+        table = ds.to_table(columns=columns, filter=_expression(filters))
+    except Exception as e:  # ArrowInvalid / ArrowTypeError: a bad column or type in a filter
+        if type(e).__module__.startswith("pyarrow"):
+            raise AuditError(f"bad filter {filters!r}: {str(e).splitlines()[0]}") from None
+        raise
+    return table.to_pandas()
+
+
+def _get(row, key, default=None):
+    try:
+        v = row[key]
+    except (KeyError, IndexError, TypeError):
+        return default
+    return default if v is None else v
+
+
+def _size(size):
+    if size is None:
+        return None
+    if isinstance(size, (int, np.integer)):
+        return int(size), int(size)
+    h, w = size
+    return int(h), int(w)
+
+
+def raw_map(row) -> np.ndarray:
+    """The raw map of a record (``cam`` reshaped to ``cam_h x cam_w``)."""
+    status = _get(row, "status")
+    cam = _get(row, "cam")
+    if status == "error" or cam is None:
+        raise AuditError(f"record {_get(row, 'image_id')!r} has no map (status={status}: {_get(row, 'error')})")
+    h, w = int(_get(row, "cam_h")), int(_get(row, "cam_w"))
+    return np.asarray(cam, np.float32).reshape(h, w)
+
+
+def heatmap(row, size=None) -> np.ndarray:
+    """Normalised heatmap (ReLU, divided by its maximum) of a record, resized to ``size`` (int or (H, W))."""
+    from audit import viz
+
+    m = viz.normalize(raw_map(row))
+    s = _size(size)
+    return viz.resize_map(m, s) if s else m
+
+
+def original_image(row) -> np.ndarray:
+    """The original image of a record (uint8 RGB), from its file or its Parquet/TFRecord record."""
+    from audit import datasets, decode
+
+    path = str(_get(row, "path", ""))
+    if not path:
+        raise AuditError("the record has no path")
+    if os.path.isfile(path):
+        with open(path, "rb") as f:
+            data = f.read()
+    else:
+        file, sep, idx = path.rpartition("#")
+        if not (sep and idx.isdigit() and os.path.isfile(file)):
+            raise AuditError(f"image not found: {path}")
+        idx = int(idx)
+        if file.lower().endswith((".parquet", ".pq")):
+            t = datasets._parquet_rows(file, idx, idx + 1, columns=["image"])
+            data = t.column("image")[0].as_py()
+        else:
+            ds = {"format": "tfrecord", "path": file}
+            items = list(datasets._items_by_id(ds, [f"{Path(file).name}#{idx}"]))
+            if not items:
+                raise AuditError(f"record {idx} not found in {file}")
+            data = items[0].data
+    try:
+        return decode.decode_image(data)
+    except decode.DecodeError as e:
+        raise AuditError(f"cannot decode {path}: {e}") from None
+
+
+def overlay(row, alpha: float = 0.4) -> np.ndarray:
+    """JET overlay of a record's heatmap on its original image, at the original size (uint8 RGB)."""
+    from audit import viz
+
+    img = original_image(row)
+    return viz.overlay_image(img, heatmap(row), alpha=alpha)
