@@ -1,0 +1,599 @@
+"""The HTML report of a scan: ``audit report OUT`` writes ``OUT/report.html``.
+
+One self-contained page (every picture inline as a ``data:`` URI) that a
+reviewer reads in a minute: the job header, the class table sorted by
+suspicion, then per class (suspects first) the mean heatmap over the mean
+image and the mean map of each cluster, a gallery of overlays for each
+suspect cluster, the most doubtful examples and the error rows.
+
+It samples.  Only light columns (ids, labels, scores, statistics) of the
+primary (layer, method) are read for every image; raw maps (``cam``) are
+read only for the few hundred sampled images, file by file.  So an output
+of a million rows still gives a report of a few MB in seconds.  Every
+column the page uses is optional except ``image_id``: missing summaries
+or statistics leave their section out, with a note.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from audit import viz
+from audit.errors import AuditError
+
+SUSPECT = "shortcut_suspected"
+_LIGHT = ("image_id", "path", "label", "label_name", "pred", "pred_name", "score", "correct", "status",
+          "error", "energy_object", "energy_border", "has_mask", "pointing_hit", "concentration")
+THUMB = 128  # gallery thumbnails, pixels
+# optional columns of the class table: (column, title, format)
+_TABLE_COLUMNS = (
+    ("n", "images", "int"),
+    ("accuracy", "accuracy", "pct"),
+    ("flip_rate_cue", "flip: cue", "pct"),
+    ("flip_rate_object", "flip: object", "pct"),
+    ("energy_object", "on object", "pct"),
+    ("energy_border", "border", "pct"),
+)
+MEAN_SIZE = 160  # mean image / mean heatmaps, pixels
+
+
+# ----------------------------------------------------------------------------
+# Reading (sampled)
+# ----------------------------------------------------------------------------
+
+
+def _read_json(p: Path) -> dict:
+    try:
+        return json.loads(p.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _read_parquet(p: Path):
+    """A small summary table as pandas, or None when it is absent or unreadable."""
+    import pyarrow.parquet as pq
+
+    if not p.is_file():
+        return None
+    try:
+        return pq.read_table(p).to_pandas()
+    except Exception:  # a half-written or foreign file: report without it
+        return None
+
+
+def _field(name):
+    import pyarrow.compute as pc
+
+    return pc.field(name)
+
+
+def _primary(ds, job: dict, clusters, layer=None, method=None) -> tuple[str | None, str | None]:
+    """The (layer, method) the report shows: given > the scan's > the job's first > the data's first."""
+    import pyarrow.compute as pc
+
+    names = ds.schema.names
+    if "layer" not in names or "method" not in names:
+        return None, None
+    if layer is None and clusters is not None and "layer" in clusters and len(clusters):
+        layer = clusters["layer"].dropna().iloc[0] if clusters["layer"].notna().any() else None
+    if method is None and clusters is not None and "method" in clusters and len(clusters):
+        method = clusters["method"].dropna().iloc[0] if clusters["method"].notna().any() else None
+    spec_methods = ((job.get("spec") or {}).get("explain") or {}).get("methods") or []
+    if method is None and spec_methods:
+        method = spec_methods[0]
+    if layer is None and job.get("layers"):
+        layer = job["layers"][0]
+    # check against the data (first fragment with rows is enough to find a default)
+    pairs = set()
+    for frag in ds.get_fragments():
+        t = frag.to_table(columns=["layer", "method"], filter=pc.field("layer").is_valid())
+        if t.num_rows:
+            pairs = set(zip(t.column("layer").to_pylist(), t.column("method").to_pylist()))
+            break
+    if not pairs:
+        return layer, method
+    layers = sorted({p[0] for p in pairs})
+    methods = sorted({p[1] for p in pairs})
+    if layer not in layers:
+        layer = layers[0]
+    if method not in methods:
+        method = "gradcam" if "gradcam" in methods else methods[0]
+    return layer, method
+
+
+def _read_light(ds, layer, method):
+    """Light columns of the primary (layer, method) rows, with the fragment each came from."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    names = ds.schema.names
+    cols = [c for c in _LIGHT if c in names] + [c for c in names if c.startswith("energy_") and c not in _LIGHT]
+    flt = None
+    if layer is not None:
+        flt = (pc.field("layer") == layer) & (pc.field("method") == method)
+    tables = []
+    for i, frag in enumerate(ds.get_fragments()):
+        t = frag.to_table(columns=cols, filter=flt, schema=ds.schema)
+        if t.num_rows:
+            tables.append(t.append_column("_frag", pa.array(np.full(t.num_rows, i, np.int32))))
+    if not tables:
+        return None
+    return pa.concat_tables(tables, promote_options="default").to_pandas()
+
+
+def _read_errors(ds, limit=200):
+    import pyarrow.compute as pc
+
+    names = ds.schema.names
+    if "status" not in names:
+        return 0, []
+    cols = [c for c in ("image_id", "path", "label_name", "error") if c in names]
+    t = ds.to_table(columns=cols, filter=pc.field("status") == "error")
+    df = t.to_pandas()
+    if "image_id" in df:
+        df = df.drop_duplicates("image_id")
+    return len(df), df.head(limit).to_dict("records")
+
+
+def _fetch_maps(ds, light, idx, layer, method) -> dict:
+    """Raw maps of the rows ``idx`` of ``light``: image_id -> (h, w) float32, file by file."""
+    import pyarrow.compute as pc
+
+    if "cam" not in ds.schema.names or not len(idx):
+        return {}
+    frags = list(ds.get_fragments())
+    sub = light.loc[idx, ["image_id", "_frag"]]
+    out = {}
+    for fi, ids in sub.groupby("_frag")["image_id"]:
+        flt = pc.field("image_id").isin(list(ids))
+        if layer is not None:
+            flt = flt & (pc.field("layer") == layer) & (pc.field("method") == method)
+        cols = [c for c in ("image_id", "cam", "cam_h", "cam_w") if c in ds.schema.names]
+        t = frags[int(fi)].to_table(columns=cols, filter=flt, schema=ds.schema)
+        for row in t.to_pylist():
+            cam, h, w = row.get("cam"), row.get("cam_h"), row.get("cam_w")
+            if cam is None:
+                continue
+            a = np.asarray(cam, np.float32)
+            if not h or not w or h * w != a.size:
+                side = int(round(math.sqrt(a.size)))
+                if side * side != a.size:
+                    continue
+                h = w = side
+            out[row["image_id"]] = a.reshape(int(h), int(w))
+    return out
+
+
+# ----------------------------------------------------------------------------
+# Pictures
+# ----------------------------------------------------------------------------
+
+
+class _Images:
+    """Original images by record path, cached, with a fallback search next to the dataset."""
+
+    def __init__(self, bases):
+        self.bases = [Path(b) for b in bases if b]
+        self.cache = {}
+
+    def get(self, row):
+        path = row.get("path")
+        if not path or not isinstance(path, str):
+            return None
+        if path in self.cache:
+            return self.cache[path]
+        img = None
+        from audit import query
+
+        candidates = [path] + [str(b / path) for b in self.bases if not Path(path).is_absolute()]
+        for cand in candidates:
+            try:
+                img = query.original_image({"path": cand})
+                break
+            except Exception:  # not found / not decodable: try the next place, then show the map alone
+                img = None
+        if img is not None:
+            img = viz.fit(img, max(THUMB, MEAN_SIZE))
+        if len(self.cache) < 2000:
+            self.cache[path] = img
+        return img
+
+
+def _square(img, size):
+    import cv2
+
+    return cv2.resize(np.asarray(img), (size, size), interpolation=cv2.INTER_AREA)
+
+
+def _overlay_uri(img, map01, size=THUMB):
+    if img is None:
+        pic = viz.colorize(viz.resize_map(map01, (size, size)))
+    else:
+        pic = viz.overlay_image(viz.fit(img, size), map01)
+    return viz.data_uri(pic, "jpeg", 82)
+
+
+def _mean_map(maps, size=32):
+    """Mean of normalised maps on a common grid (maps may have different shapes)."""
+    if not maps:
+        return None
+    acc = np.zeros((size, size), np.float64)
+    for m in maps:
+        acc += viz.resize_map(viz.normalize(m), (size, size))
+    return (acc / len(maps)).astype(np.float32)
+
+
+def _cluster_mean_maps(clusters):
+    """cluster id -> mean map from clusters.parquet (any list column that looks like a map)."""
+    if clusters is None or not len(clusters):
+        return {}
+    col = next((c for c in ("mean_map", "map", "mean_cam", "cam") if c in clusters), None)
+    if col is None:
+        return {}
+    hcol = next((c for c in ("map_h", "mean_map_h", "cam_h", "h") if c in clusters), None)
+    wcol = next((c for c in ("map_w", "mean_map_w", "cam_w", "w") if c in clusters), None)
+    out = {}
+    for _, r in clusters.iterrows():
+        v = r[col]
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            continue
+        a = np.asarray(v, np.float32)
+        if a.ndim == 1:
+            h = int(r[hcol]) if hcol and _ok(r[hcol]) else int(round(math.sqrt(a.size)))
+            w = int(r[wcol]) if wcol and _ok(r[wcol]) else a.size // max(h, 1)
+            if h * w != a.size:
+                continue
+            a = a.reshape(h, w)
+        out[(r.get("class_id"), r.get("cluster"))] = a
+    return out
+
+
+def _ok(v) -> bool:
+    if v is None:
+        return False
+    try:
+        return not (isinstance(v, float) and math.isnan(v))
+    except TypeError:
+        return True
+
+
+def _num(v):
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(f) else f
+
+
+# ----------------------------------------------------------------------------
+# The report
+# ----------------------------------------------------------------------------
+
+
+@dataclass
+class _Ctx:
+    ds: object
+    light: object
+    layer: str | None
+    method: str | None
+    images: _Images
+    rng: np.random.Generator
+
+
+def _items(ctx: _Ctx, rows, maps, note=None):
+    """Gallery items (overlay + caption) for the rows of ``light`` given by index."""
+    out = []
+    for i in rows:
+        r = ctx.light.loc[i].to_dict()
+        m = maps.get(r["image_id"])
+        if m is None:
+            continue
+        img = ctx.images.get(r)
+        pred = r.get("pred_name") if _ok(r.get("pred_name")) else r.get("pred")
+        label = r.get("label_name") if _ok(r.get("label_name")) else r.get("label")
+        score = _num(r.get("score"))
+        eo = _num(r.get("energy_object"))
+        sub = []
+        if _ok(label):
+            sub.append(f"label {label}")
+        if eo is not None:
+            sub.append(f"on object {eo:.0%}")
+        eb = _num(r.get("energy_border"))
+        if eb is not None:
+            sub.append(f"border {eb:.0%}")
+        if note:
+            sub.append(note(r))
+        out.append({
+            "uri": _overlay_uri(img, viz.normalize(m)),
+            "caption": f"{pred}" + (f" {score:.2f}" if score is not None else ""),
+            "sub": " · ".join(s for s in sub if s),
+            "wrong": r.get("correct") is False or r.get("correct") is np.False_,
+            "title": str(r.get("path") or r.get("image_id")),
+            "no_image": img is None,
+        })
+    return out
+
+
+def _class_column(light):
+    """Which column names the class of a record: label when most rows have one, else pred."""
+    if "label" in light and light["label"].notna().mean() >= 0.5:
+        return "label", "label_name"
+    return "pred", "pred_name"
+
+
+def _class_table(classes, light, names_by_id):
+    """Rows of the class table, suspects first, then by suspicion."""
+    rows = []
+    if classes is not None and len(classes):
+        for _, r in classes.iterrows():
+            d = {k: (None if not _ok(v) else v) for k, v in r.to_dict().items()}
+            rows.append(d)
+    elif light is not None:
+        col, _ = _class_column(light)
+        for cid, g in light.groupby(col, dropna=True):
+            d = {"class_id": int(cid), "class_name": names_by_id.get(int(cid), str(cid)), "n": len(g),
+                 "verdict": "not scanned", "suspicion": None, "evidence": ""}
+            if "correct" in g and g["correct"].notna().any():
+                d["accuracy"] = float(g["correct"].dropna().astype(float).mean())
+            for c in ("energy_object", "energy_border"):
+                if c in g and g[c].notna().any():
+                    d[c] = float(g[c].mean())
+            rows.append(d)
+    for d in rows:
+        d.setdefault("class_name", names_by_id.get(d.get("class_id"), str(d.get("class_id"))))
+        d["suspect"] = d.get("verdict") == SUSPECT
+        d["bar"] = max(0.0, min(1.0, _num(d.get("suspicion")) or 0.0))
+    rows.sort(key=lambda d: (not d["suspect"], -(_num(d.get("suspicion")) or -1.0), str(d.get("class_name"))))
+    return rows
+
+
+def _sample(ctx, idx, k):
+    idx = list(idx)
+    if len(idx) <= k:
+        return idx
+    return sorted(ctx.rng.choice(idx, size=k, replace=False).tolist())
+
+
+def _class_sections(ctx, table, clusters, cluster_maps, max_classes, max_examples):
+    light = ctx.light
+    col, _ = _class_column(light)
+    ok = light["status"].eq("ok") if "status" in light else np.ones(len(light), bool)
+    sections = []
+    for d in table[:max_classes]:
+        cid = d.get("class_id")
+        in_class = light[col] == cid
+        members = light.index[in_class & ok] if cid is not None else light.index[:0]
+        sample = _sample(ctx, members, max(4 * max_examples, 48))
+        maps = _fetch_maps(ctx.ds, light, sample, ctx.layer, ctx.method)
+        sample = [i for i in sample if light.at[i, "image_id"] in maps]
+        # mean image of a sample of the class
+        imgs = [ctx.images.get(light.loc[i].to_dict()) for i in sample[:32]]
+        imgs = [_square(im, MEAN_SIZE).astype(np.float64) for im in imgs if im is not None]
+        mean_img = np.uint8(np.mean(imgs, axis=0)) if imgs else None
+        cl = clusters[clusters["class_id"] == cid] if clusters is not None and "class_id" in clusters else None
+        cmaps = {k[1]: v for k, v in cluster_maps.items() if k[0] == cid}
+        # class mean map: size-weighted mean of the cluster means when the scan has them (all images)
+        if cmaps and cl is not None and "size" in cl:
+            sizes = {r["cluster"]: float(r["size"] or 0) for _, r in cl.iterrows()}
+            tot = sum(sizes.get(k, 0) for k in cmaps)
+            mean = sum(viz.resize_map(viz.normalize(m), (32, 32)) * sizes.get(k, 0) for k, m in cmaps.items())
+            mean_map = (mean / tot) if tot else _mean_map(list(cmaps.values()))
+            mean_src = "all images (from the scan's clusters)"
+        else:
+            mean_map = _mean_map([maps[light.at[i, "image_id"]] for i in sample])
+            mean_src = f"a sample of {len(sample)} images"
+        sec = dict(d)
+        sec["anchor"] = f"class-{cid}"
+        sec["n_members"] = int(in_class.sum())
+        sec["mean_src"] = mean_src
+        sec["mean_image"] = viz.data_uri(mean_img, "jpeg", 85) if mean_img is not None else None
+        sec["mean_overlay"] = _overlay_uri(mean_img, viz.normalize(mean_map), MEAN_SIZE) if mean_map is not None else None
+        sec["clusters"] = []
+        sec["galleries"] = []
+        if cl is not None and len(cl):
+            total = float(cl["size"].sum()) if "size" in cl else 0.0
+            cl = cl.assign(_s=cl["verdict"].eq(SUSPECT) if "verdict" in cl else False)
+            sort_cols = ["_s"] + (["size"] if "size" in cl else [])
+            for _, r in cl.sort_values(sort_cols, ascending=False).iterrows():
+                m = cmaps.get(r.get("cluster"))
+                size = _num(r.get("size"))
+                sec["clusters"].append({
+                    "cluster": r.get("cluster"), "size": int(size) if size is not None else None,
+                    "share": (size / total) if size is not None and total else None,
+                    "verdict": r.get("verdict") if _ok(r.get("verdict")) else "",
+                    "evidence": r.get("evidence") if _ok(r.get("evidence")) else "",
+                    "suspicion": _num(r.get("suspicion")),
+                    "suspect": r.get("verdict") == SUSPECT,
+                    "uri": _overlay_uri(mean_img, viz.normalize(m), THUMB) if m is not None else None,
+                })
+            # galleries of suspect clusters: sampled members nearest to the cluster's mean map
+            suspects = [c for c in sec["clusters"] if c["suspect"] and c["cluster"] in cmaps]
+            if suspects and sample:
+                assign = _assign(maps, light, sample, cmaps)
+                for c in suspects:
+                    rows = [i for i, (k, s) in assign.items() if k == c["cluster"]]
+                    rows.sort(key=lambda i: -assign[i][1])
+                    sec["galleries"].append({
+                        "title": f"cluster {c['cluster']}" + (f" ({c['size']} images)" if c["size"] else ""),
+                        "note": "sampled members nearest to the cluster's mean map",
+                        "items": _items(ctx, rows[:max_examples], maps),
+                    })
+        if d["suspect"] and not sec["galleries"] and sample:
+            sec["galleries"].append({"title": "examples", "note": "a random sample of the class",
+                                     "items": _items(ctx, sample[:max_examples], maps)})
+        sections.append(sec)
+    return sections
+
+
+def _assign(maps, light, rows, cmaps, size=16):
+    """row -> (cluster, cosine similarity) of its normalised map to the nearest cluster mean."""
+    keys = list(cmaps)
+    C = np.stack([viz.resize_map(viz.normalize(cmaps[k]), (size, size)).ravel() for k in keys])
+    C /= np.linalg.norm(C, axis=1, keepdims=True) + 1e-9
+    out = {}
+    for i in rows:
+        v = viz.resize_map(viz.normalize(maps[light.at[i, "image_id"]]), (size, size)).ravel()
+        v = v / (np.linalg.norm(v) + 1e-9)
+        s = C @ v
+        j = int(np.argmax(s))
+        out[i] = (keys[j], float(s[j]))
+    return out
+
+
+def _doubtful(ctx, max_examples):
+    light = ctx.light
+    ok = light["status"].eq("ok") if "status" in light else np.ones(len(light), bool)
+    out = []
+    if "correct" in light and light["correct"].notna().any():
+        wrong = light[ok & light["correct"].eq(False)]
+        n_wrong = len(wrong)
+        if "score" in wrong:
+            wrong = wrong.sort_values("score", ascending=False, kind="stable")
+        rows = list(wrong.index[:max_examples])
+        maps = _fetch_maps(ctx.ds, light, rows, ctx.layer, ctx.method)
+        out.append({"title": "Confidently wrong", "count": n_wrong,
+                    "note": f"{n_wrong} wrong predictions; the most confident first",
+                    "items": _items(ctx, rows, maps)})
+    if "energy_object" in light and light["energy_object"].notna().any():
+        cand = light[ok & light["energy_object"].notna()].sort_values("energy_object", kind="stable")
+        rows = list(cand.index[:max_examples])
+        maps = _fetch_maps(ctx.ds, light, rows, ctx.layer, ctx.method)
+        out.append({"title": "Least attention on the object", "count": len(cand),
+                    "note": "share of the heatmap's energy inside the object mask or box, lowest first",
+                    "items": _items(ctx, rows, maps)})
+    elif "energy_border" in light and light["energy_border"].notna().any():
+        cand = light[ok & light["energy_border"].notna()].sort_values("energy_border", ascending=False,
+                                                                       kind="stable")
+        rows = list(cand.index[:max_examples])
+        maps = _fetch_maps(ctx.ds, light, rows, ctx.layer, ctx.method)
+        out.append({"title": "Most attention on the border", "count": len(cand),
+                    "note": "no object masks: the maps with the most energy in the outer 10% band",
+                    "items": _items(ctx, rows, maps)})
+    return out
+
+
+def _fmt_time(t):
+    try:
+        return _dt.datetime.fromtimestamp(float(t)).strftime("%Y-%m-%d %H:%M")
+    except (TypeError, ValueError, OSError):
+        return None
+
+
+def write_report(out_dir, *, max_examples: int = 12, max_classes: int = 24, seed: int = 0,
+                 layer: str | None = None, method: str | None = None) -> Path:
+    """Write ``OUT/report.html`` for the job output ``out_dir`` and return its path.
+
+    ``max_examples``: overlays per gallery; ``max_classes``: classes with
+    pictures (suspects first; the table lists every class); ``seed``: the
+    sampling seed; ``layer``/``method``: which maps to show (default: the
+    scan's, else the job's first).
+    """
+    from audit import query
+
+    out = Path(out_dir)
+    if not out.is_dir():
+        raise AuditError(f"job output not found: {out}")
+    ds = query.records_dataset(out)
+    if "image_id" not in ds.schema.names:
+        raise AuditError(f"{out}/records has no image_id column: not an audit job output")
+    job = _read_json(out / "job.json")
+    classes = _read_parquet(out / "summary" / "classes.parquet")
+    clusters = _read_parquet(out / "summary" / "clusters.parquet")
+    notes = []
+    layer, method = _primary(ds, job, clusters, layer, method)
+    light = _read_light(ds, layer, method)
+    n_errors, error_rows = _read_errors(ds)
+    spec = job.get("spec") or {}
+    names = job.get("classes") or (spec.get("dataset") or {}).get("classes") or []
+    names_by_id = dict(enumerate(names))
+    if light is not None and "label" in light and "label_name" in light:
+        for cid, nm in light[["label", "label_name"]].dropna().drop_duplicates("label").itertuples(index=False):
+            names_by_id.setdefault(int(cid), nm)
+    if classes is None:
+        notes.append("No scan summary (summary/classes.parquet): run `audit scan OUT` for verdicts and clusters.")
+    if light is None:
+        light_n = 0
+        table, sections, doubtful = _class_table(classes, None, names_by_id), [], []
+    else:
+        light = light.reset_index(drop=True)
+        light_n = len(light)
+        bases = [(spec.get("dataset") or {}).get("path"), out.parent, Path.cwd()]
+        ctx = _Ctx(ds, light, layer, method, _Images(bases), np.random.default_rng(seed))
+        table = _class_table(classes, light, names_by_id)
+        cluster_maps = _cluster_mean_maps(clusters)
+        sections = _class_sections(ctx, table, clusters, cluster_maps, max_classes, max_examples)
+        doubtful = _doubtful(ctx, max_examples)
+        galleries = [g for s in sections for g in s["galleries"]] + doubtful
+        if any(it["no_image"] for g in galleries for it in g["items"]):
+            notes.append("Some original images could not be read (moved, or not on this machine): "
+                         "their heatmaps are shown alone.")
+    summary = job.get("summary") or {}
+    flat = int(light["status"].eq("flat").sum()) if light is not None and "status" in light else None
+    acc = None
+    if light is not None and "correct" in light and light["correct"].notna().any():
+        acc = float(light["correct"].dropna().astype(float).mean())
+    header = {
+        "name": job.get("name") or spec.get("name") or out.name,
+        "model": (job.get("model") or {}).get("path") or (job.get("model") or {}).get("application")
+        or (spec.get("model") or {}).get("path") or "?",
+        "sha256": ((job.get("model") or {}).get("sha256") or "")[:12],
+        "dataset": (spec.get("dataset") or {}).get("path") or "?",
+        "format": (spec.get("dataset") or {}).get("format"),
+        "images": summary.get("images") or (light_n + n_errors),
+        "rows": ds.count_rows(),
+        "errors": n_errors,
+        "flat": flat,
+        "accuracy": acc if acc is not None else summary.get("accuracy"),
+        "layer": layer, "method": method,
+        "layers": job.get("layers") or ([layer] if layer else []),
+        "methods": (spec.get("explain") or {}).get("methods") or ([method] if method else []),
+        "status": job.get("status"),
+        "started": _fmt_time((job.get("timings") or {}).get("started")),
+        "seconds": (job.get("timings") or {}).get("run_s"),
+        "generated": _dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
+        "n_classes": len(table),
+        "n_suspect": sum(d["suspect"] for d in table),
+        "versions": job.get("versions") or {},
+    }
+    if len(table) > max_classes:
+        notes.append(f"Pictures for the first {max_classes} of {len(table)} classes (suspects first); "
+                     "`audit report OUT --max-classes N` shows more.")
+    columns = [(k, title, kind) for k, title, kind in _TABLE_COLUMNS if any(_ok(d.get(k)) for d in table)]
+    html = _render({"job": header, "classes": table, "columns": columns, "sections": sections, "doubtful": doubtful,
+                    "errors": {"count": n_errors, "rows": error_rows}, "notes": notes,
+                    "max_examples": max_examples})
+    path = out / "report.html"
+    tmp = path.with_suffix(".html.tmp")
+    tmp.write_text(html, encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+def _render(ctx) -> str:
+    import jinja2
+
+    from audit import resources
+
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(resources.path("audit.templates", ""))),
+        autoescape=jinja2.select_autoescape(["html", "j2"]),
+        undefined=jinja2.ChainableUndefined,
+    )
+
+    def pct(v, digits=0):
+        v = _num(v)
+        return "–" if v is None else f"{v * 100:.{digits}f}%"
+
+    def num(v, digits=2):
+        v = _num(v)
+        return "–" if v is None else f"{v:.{digits}f}"
+
+    env.filters["pct"] = pct
+    env.filters["num"] = num
+    return env.get_template("report.html.j2").render(**ctx)
