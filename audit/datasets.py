@@ -287,7 +287,8 @@ def _plan_manifest(ds):
                 sid, first_row, first_off = sid + 1, n, end
         if n > first_row:
             shards.append(Shard(sid, path, first_row, n, first_off, end))
-    classes = _check_classes(sorted(names), ds.get("classes"), "label") if names else ds.get("classes")
+    # explicit classes win; an unknown label name is then an error row of that image
+    classes = ds.get("classes") or (sorted(names) if names else None)
     return shards, n, classes
 
 
@@ -357,7 +358,7 @@ def _plan_parquet(ds):
         total += n
         if limit and total >= limit:
             break
-    classes = _check_classes(sorted(names), ds.get("classes"), "label") if names else ds.get("classes")
+    classes = ds.get("classes") or (sorted(names) if names else None)
     return shards, total, classes
 
 

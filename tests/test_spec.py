@@ -1,0 +1,183 @@
+"""Job specs: schema, validation messages, overrides, defaults, paths; resource planning (no Ray, no TF)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from audit import resources
+from audit.errors import AuditError
+from audit.job import _check_resumable, plan_resources
+from audit.spec import apply_overrides, fill_defaults, load_spec
+
+
+@pytest.fixture
+def ws(tmp_path):
+    (tmp_path / "m.keras").write_bytes(b"not really a model")
+    (tmp_path / "data" / "a").mkdir(parents=True)
+    (tmp_path / "data" / "b").mkdir()
+    doc = {"name": "t", "model": {"path": "m.keras"},
+           "dataset": {"format": "folder", "path": "data"}, "output": "out"}
+    return tmp_path, doc
+
+
+def write(tmp_path, doc, name="job.yaml"):
+    p = tmp_path / name
+    p.write_text(yaml.safe_dump(doc))
+    return p
+
+
+def err(spec, overrides=()):
+    with pytest.raises(AuditError) as e:
+        load_spec(spec, overrides)
+    msg = str(e.value)
+    assert "\n" not in msg
+    return msg
+
+
+def test_schema_ships_in_the_package():
+    s = resources.schema("job")
+    assert s["additionalProperties"] is False
+    assert set(s["properties"]) == {"name", "model", "dataset", "explain", "resources", "output"}
+    # the file is the one in schemas/ (source of truth)
+    src = Path(__file__).parents[1] / "schemas" / "job.schema.json"
+    assert json.loads(src.read_text()) == s
+
+
+def test_defaults_and_relative_paths(ws, monkeypatch):
+    tmp, doc = ws
+    monkeypatch.chdir("/")
+    spec = load_spec(write(tmp, doc))
+    assert spec["model"]["path"] == str(tmp / "m.keras")
+    assert spec["dataset"]["path"] == str(tmp / "data")
+    assert spec["output"] == str(tmp / "out")
+    assert spec["dataset"]["shard_size"] == 512
+    assert spec["explain"] == {"methods": ["gradcam", "gradcam++"], "layers": "auto",
+                               "target": "predicted", "regions": {}}
+    assert spec["resources"]["batch_size"] == 64 and spec["resources"]["actors"] == "auto"
+    assert spec["model"]["trust_code"] is False and spec["model"]["preprocess"] == "none"
+    json.dumps(spec)  # goes to job.json as is
+    # idempotent on an already resolved spec (job.json["spec"])
+    assert load_spec(spec) == spec
+
+
+def test_name_defaults_to_file_stem(ws):
+    tmp, doc = ws
+    doc.pop("name")
+    assert load_spec(write(tmp, doc, "my-audit.yaml"))["name"] == "my-audit"
+
+
+def test_overrides_are_yaml(ws):
+    tmp, doc = ws
+    spec = load_spec(write(tmp, doc), ["dataset.shard_size=64", "explain.layers=[conv1, conv2]",
+                                       "explain.regions.sky=[0, 0, 1, 0.4]", "resources.actors=3",
+                                       "explain.target=1", "name=other"])
+    assert spec["dataset"]["shard_size"] == 64
+    assert spec["explain"]["layers"] == ["conv1", "conv2"]
+    assert spec["explain"]["regions"] == {"sky": [0, 0, 1, 0.4]}
+    assert spec["resources"]["actors"] == 3 and spec["explain"]["target"] == 1
+    assert spec["name"] == "other"
+    assert apply_overrides({"a": {"b": 1}}, ["a.c=x"]) == {"a": {"b": 1, "c": "x"}}
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (["dataset.shardsize=3"], ["unknown key 'dataset.shardsize'", "did you mean 'shard_size'"]),
+    (["colour=red"], ["unknown key 'colour'", "expected one of: dataset, explain, model"]),
+    (["explain.method=[gradcam]"], ["unknown key 'explain.method'", "methods"]),
+    (["dataset.shard_size=abc"], ["dataset.shard_size", "an integer >= 1", "'abc'"]),
+    (["dataset.shard_size=0"], ["dataset.shard_size", "an integer >= 1"]),
+    (["dataset.format=csv"], ["dataset.format", "'folder', 'manifest', 'parquet', 'tfrecord'", "'csv'"]),
+    (["explain.methods=[gradcam, gradcamxx]"], ["explain.methods[1]", "'gradcam++'", "'gradcamxx'"]),
+    (["explain.layers=5"], ["explain.layers", "'auto' or a list of strings"]),
+    (["explain.regions.sky=[0, 0, 1]"], ["explain.regions.sky", "a list of 4 numbers"]),
+    (["explain.regions.Sky=[0, 0, 1, 1]"], ["explain.regions", "'Sky'"]),
+    (["explain.regions.sky=[0.5, 0, 0.2, 1]"], ["explain.regions.sky", "x0 < x1"]),
+    (["resources.actors=none"], ["resources.actors", "'auto' or an integer >= 1"]),
+    (["model.trust_code=maybe"], ["model.trust_code", "true or false"]),
+    (["dataset.path=nowhere"], ["dataset.path", "not found"]),
+    (["model.path=missing.keras"], ["model.path", "model file not found", "missing.keras"]),
+    (["model.application=ResNet50"], ["exactly one of 'path'", "'application'"]),
+    (["dataset"], ["--set expects key.path=value"]),
+])
+def test_errors_name_the_key_and_what_was_expected(ws, overrides, words):
+    tmp, doc = ws
+    msg = err(write(tmp, doc), overrides)
+    for w in words:
+        assert w in msg, (w, msg)
+
+
+def test_missing_sections_and_bad_yaml(ws):
+    tmp, doc = ws
+    doc.pop("output")
+    assert "missing required key 'output'" in err(write(tmp, doc))
+    p = tmp / "bad.yaml"
+    p.write_text("model: [unclosed\n")
+    assert "not valid YAML" in err(p)
+    assert "job spec not found" in err(tmp / "nope.yaml")
+    p.write_text("- a list\n")
+    assert "YAML mapping" in err(p)
+
+
+def test_fill_defaults_keeps_given_values():
+    doc = {"dataset": {"format": "parquet", "path": "x", "shard_size": 7}}
+    out = fill_defaults(doc)
+    assert out["dataset"]["shard_size"] == 7 and out["dataset"]["limit"] is None
+    assert out["resources"]["max_retries"] == 3
+    assert doc == {"dataset": {"format": "parquet", "path": "x", "shard_size": 7}}  # not mutated
+
+
+def _res(**kw):
+    r = {"actors": "auto", "gpus_per_actor": "auto", "cpus_per_actor": "auto"}
+    r.update(kw)
+    return {"resources": r}
+
+
+@pytest.mark.parametrize("res, cluster, shards, expected", [
+    (_res(), {"CPU": 8}, 100, {"actors": 4, "cpus_per_actor": 2.0, "gpus_per_actor": 0.0}),
+    (_res(), {"CPU": 2}, 100, {"actors": 1, "cpus_per_actor": 2.0, "gpus_per_actor": 0.0}),
+    (_res(), {"CPU": 1}, 100, {"actors": 1, "cpus_per_actor": 1.0, "gpus_per_actor": 0.0}),
+    (_res(), {"CPU": 16, "GPU": 4}, 100, {"actors": 4, "cpus_per_actor": 1.0, "gpus_per_actor": 1.0}),
+    (_res(actors=2), {"CPU": 2}, 100, {"actors": 2, "cpus_per_actor": 1.0, "gpus_per_actor": 0.0}),
+    (_res(actors=8), {"CPU": 8}, 3, {"actors": 3, "cpus_per_actor": 2.0, "gpus_per_actor": 0.0}),
+    (_res(gpus_per_actor=0.5), {"CPU": 8, "GPU": 2}, 100, {"actors": 4, "cpus_per_actor": 1.0, "gpus_per_actor": 0.5}),
+])
+def test_plan_resources(res, cluster, shards, expected):
+    nodes = [{"Alive": True, "Resources": {"CPU": cluster["CPU"]}}]
+    assert plan_resources(res, cluster, nodes, shards) == expected
+
+
+def test_plan_resources_refuses_impossible():
+    nodes = [{"Alive": True, "Resources": {"CPU": 1}}, {"Alive": True, "Resources": {"CPU": 1}}]
+    with pytest.raises(AuditError, match="largest node has 1 CPUs"):
+        plan_resources(_res(cpus_per_actor=2), {"CPU": 2}, nodes, 10)
+    with pytest.raises(AuditError, match="cluster has 0 GPUs"):
+        plan_resources(_res(gpus_per_actor=1), {"CPU": 2}, nodes, 10)
+
+
+def test_resume_needs_the_same_spec(ws):
+    tmp, doc = ws
+    spec = load_spec(write(tmp, doc))
+    _check_resumable(spec, {"spec": spec, "model": {"sha256": "a"}}, "a")
+    other = load_spec(write(tmp, doc), ["dataset.shard_size=7"])
+    with pytest.raises(AuditError, match=r"dataset.shard_size is 7 now but 512"):
+        _check_resumable(other, {"spec": spec}, None)
+    with pytest.raises(AuditError, match="model file .* changed"):
+        _check_resumable(spec, {"spec": spec, "model": {"sha256": "a"}}, "b")
+    # resources may change between runs
+    more = load_spec(write(tmp, doc), ["resources.actors=4"])
+    _check_resumable(more, {"spec": spec}, None)
+
+
+def test_cli_reports_spec_errors_in_one_line(ws, capsys):
+    from audit.cli import main
+
+    tmp, doc = ws
+    doc["dataset"]["colour"] = "red"
+    code = main(["run", str(write(tmp, doc))])
+    err_out = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err_out.startswith("audit: error: spec error: unknown key 'dataset.colour'")
+    assert len(err_out.splitlines()) == 1
