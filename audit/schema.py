@@ -16,6 +16,7 @@ _TYPES = {
     "float64": pa.float64(),
     "bool": pa.bool_(),
     "list<float32>": pa.list_(pa.float32()),
+    "list<string>": pa.list_(pa.string()),
 }
 
 
