@@ -28,17 +28,19 @@ from audit import viz
 from audit.errors import AuditError
 
 SUSPECT = "shortcut_suspected"
-_LIGHT = ("image_id", "path", "label", "label_name", "pred", "pred_name", "score", "correct", "status",
+_LIGHT = ("image_id", "path", "label", "label_name", "pred", "pred_name", "target", "score", "correct", "status",
           "error", "energy_object", "energy_border", "has_mask", "pointing_hit", "concentration")
 THUMB = 128  # gallery thumbnails, pixels
 # optional columns of the class table: (column, title, format)
 _TABLE_COLUMNS = (
     ("n", "images", "int"),
     ("accuracy", "accuracy", "pct"),
+    ("recall", "recall", "pct"),
     ("flip_rate_cue", "flip: cue", "pct"),
     ("flip_rate_object", "flip: object", "pct"),
     ("energy_object", "on object", "pct"),
     ("energy_border", "border", "pct"),
+    ("cue", "cue", "text"),
 )
 MEAN_SIZE = 160  # mean image / mean heatmaps, pixels
 
@@ -211,12 +213,15 @@ def _square(img, size):
     return cv2.resize(np.asarray(img), (size, size), interpolation=cv2.INTER_AREA)
 
 
-def _overlay_uri(img, map01, size=THUMB):
+def _overlay_pic(img, map01, size=THUMB):
+    """JET overlay on the image, or the heatmap alone when the image is unavailable."""
     if img is None:
-        pic = viz.colorize(viz.resize_map(map01, (size, size)))
-    else:
-        pic = viz.overlay_image(viz.fit(img, size), map01)
-    return viz.data_uri(pic, "jpeg", 82)
+        return viz.colorize(viz.resize_map(map01, (size, size)))
+    return viz.overlay_image(viz.fit(img, size), map01)
+
+
+def _overlay_uri(img, map01, size=THUMB):
+    return viz.data_uri(_overlay_pic(img, map01, size), "jpeg", 82)
 
 
 def _mean_map(maps, size=32):
@@ -229,29 +234,46 @@ def _mean_map(maps, size=32):
     return (acc / len(maps)).astype(np.float32)
 
 
-def _cluster_mean_maps(clusters):
-    """cluster id -> mean map from clusters.parquet (any list column that looks like a map)."""
-    if clusters is None or not len(clusters):
+def _table_maps(df, keys):
+    """{key tuple: mean map} from a summary table's ``mean_map`` (+ ``map_h``/``map_w``) columns."""
+    if df is None or not len(df):
         return {}
-    col = next((c for c in ("mean_map", "map", "mean_cam", "cam") if c in clusters), None)
+    col = next((c for c in ("mean_map", "map", "mean_cam") if c in df), None)
     if col is None:
         return {}
-    hcol = next((c for c in ("map_h", "mean_map_h", "cam_h", "h") if c in clusters), None)
-    wcol = next((c for c in ("map_w", "mean_map_w", "cam_w", "w") if c in clusters), None)
     out = {}
-    for _, r in clusters.iterrows():
+    for _, r in df.iterrows():
         v = r[col]
         if v is None or (isinstance(v, float) and math.isnan(v)):
             continue
         a = np.asarray(v, np.float32)
         if a.ndim == 1:
-            h = int(r[hcol]) if hcol and _ok(r[hcol]) else int(round(math.sqrt(a.size)))
-            w = int(r[wcol]) if wcol and _ok(r[wcol]) else a.size // max(h, 1)
-            if h * w != a.size:
+            h = int(r["map_h"]) if "map_h" in r and _ok(r["map_h"]) else int(round(math.sqrt(a.size)))
+            w = int(r["map_w"]) if "map_w" in r and _ok(r["map_w"]) else a.size // max(h, 1)
+            if h * w != a.size or not a.size:
                 continue
             a = a.reshape(h, w)
-        out[(r.get("class_id"), r.get("cluster"))] = a
+        out[tuple(r.get(k) for k in keys)] = a
     return out
+
+
+def _cue_box(img, box):
+    """Draw the scan's cue box ([x0, y0, x1, y1] fractions) on a picture, white with a dark edge."""
+    import cv2
+
+    if img is None or box is None:
+        return img
+    try:
+        x0, y0, x1, y1 = (float(v) for v in box)
+    except (TypeError, ValueError):
+        return img
+    h, w = img.shape[:2]
+    p0 = (int(round(x0 * (w - 1))), int(round(y0 * (h - 1))))
+    p1 = (int(round(x1 * (w - 1))), int(round(y1 * (h - 1))))
+    img = img.copy()
+    cv2.rectangle(img, p0, p1, (30, 30, 30), 3)
+    cv2.rectangle(img, p0, p1, (255, 255, 255), 1)
+    return img
 
 
 def _ok(v) -> bool:
@@ -321,7 +343,10 @@ def _items(ctx: _Ctx, rows, maps, note=None):
 
 
 def _class_column(light):
-    """Which column names the class of a record: label when most rows have one, else pred."""
+    """The column that groups records into classes, as the scan does: ``target``
+    (the explained class), else label when most rows have one, else pred."""
+    if "target" in light and light["target"].notna().mean() >= 0.5:
+        return "target", None
     if "label" in light and light["label"].notna().mean() >= 0.5:
         return "label", "label_name"
     return "pred", "pred_name"
@@ -360,70 +385,101 @@ def _sample(ctx, idx, k):
     return sorted(ctx.rng.choice(idx, size=k, replace=False).tolist())
 
 
-def _class_sections(ctx, table, clusters, cluster_maps, max_classes, max_examples):
+def _size_of(r):
+    """Cluster size: ``n`` (scan contract) or ``size``."""
+    for k in ("n", "size"):
+        v = _num(r.get(k))
+        if v is not None:
+            return v
+    return None
+
+
+def _class_sections(ctx, table, clusters, class_maps, cluster_maps, max_classes, max_examples):
     light = ctx.light
     col, _ = _class_column(light)
     ok = light["status"].eq("ok") if "status" in light else np.ones(len(light), bool)
+    has_examples = clusters is not None and "example_ids" in clusters
     sections = []
     for d in table[:max_classes]:
         cid = d.get("class_id")
-        in_class = light[col] == cid
-        members = light.index[in_class & ok] if cid is not None else light.index[:0]
+        in_class = (light[col] == cid) if cid is not None else np.zeros(len(light), bool)
+        members = light.index[in_class & ok]
         sample = _sample(ctx, members, max(4 * max_examples, 48))
-        maps = _fetch_maps(ctx.ds, light, sample, ctx.layer, ctx.method)
+        cl = None
+        if clusters is not None and "class_id" in clusters:
+            cl = clusters[clusters["class_id"] == cid]
+        # the suspect clusters' own examples (scan's example_ids), else sampled members
+        wanted = list(sample)
+        if has_examples and cl is not None:
+            ids = {i for v in cl["example_ids"] if v is not None for i in list(v)}
+            wanted += [i for i in light.index[in_class & light["image_id"].isin(ids)] if i not in set(sample)]
+        maps = _fetch_maps(ctx.ds, light, wanted, ctx.layer, ctx.method)
         sample = [i for i in sample if light.at[i, "image_id"] in maps]
         # mean image of a sample of the class
         imgs = [ctx.images.get(light.loc[i].to_dict()) for i in sample[:32]]
         imgs = [_square(im, MEAN_SIZE).astype(np.float64) for im in imgs if im is not None]
         mean_img = np.uint8(np.mean(imgs, axis=0)) if imgs else None
-        cl = clusters[clusters["class_id"] == cid] if clusters is not None and "class_id" in clusters else None
         cmaps = {k[1]: v for k, v in cluster_maps.items() if k[0] == cid}
-        # class mean map: size-weighted mean of the cluster means when the scan has them (all images)
-        if cmaps and cl is not None and "size" in cl:
-            sizes = {r["cluster"]: float(r["size"] or 0) for _, r in cl.iterrows()}
+        if (cid,) in class_maps:
+            mean_map, mean_src = class_maps[(cid,)], "the scan's mean over the class"
+        elif cmaps and cl is not None and len(cl):
+            sizes = {r["cluster"]: _size_of(r) or 0.0 for _, r in cl.iterrows()}
             tot = sum(sizes.get(k, 0) for k in cmaps)
             mean = sum(viz.resize_map(viz.normalize(m), (32, 32)) * sizes.get(k, 0) for k, m in cmaps.items())
             mean_map = (mean / tot) if tot else _mean_map(list(cmaps.values()))
-            mean_src = "all images (from the scan's clusters)"
+            mean_src = "size-weighted mean of the scan's clusters"
         else:
             mean_map = _mean_map([maps[light.at[i, "image_id"]] for i in sample])
-            mean_src = f"a sample of {len(sample)} images"
+            mean_src = f"mean of a sample of {len(sample)} maps"
         sec = dict(d)
         sec["anchor"] = f"class-{cid}"
-        sec["n_members"] = int(in_class.sum())
+        sec["n_members"] = int(np.sum(in_class))
         sec["mean_src"] = mean_src
         sec["mean_image"] = viz.data_uri(mean_img, "jpeg", 85) if mean_img is not None else None
-        sec["mean_overlay"] = _overlay_uri(mean_img, viz.normalize(mean_map), MEAN_SIZE) if mean_map is not None else None
+        sec["mean_overlay"] = None
+        if mean_map is not None:
+            pic = _overlay_pic(mean_img, viz.normalize(mean_map), MEAN_SIZE)
+            sec["mean_overlay"] = viz.data_uri(_cue_box(pic, d.get("cue_box")), "jpeg", 85)
         sec["clusters"] = []
         sec["galleries"] = []
         if cl is not None and len(cl):
-            total = float(cl["size"].sum()) if "size" in cl else 0.0
-            cl = cl.assign(_s=cl["verdict"].eq(SUSPECT) if "verdict" in cl else False)
-            sort_cols = ["_s"] + (["size"] if "size" in cl else [])
-            for _, r in cl.sort_values(sort_cols, ascending=False).iterrows():
+            total = sum(_size_of(r) or 0.0 for _, r in cl.iterrows())
+            rows = sorted((r for _, r in cl.iterrows()),
+                          key=lambda r: (r.get("verdict") != SUSPECT, -(_size_of(r) or 0.0)))
+            for r in rows:
                 m = cmaps.get(r.get("cluster"))
-                size = _num(r.get("size"))
+                size = _size_of(r)
+                share = _num(r.get("share")) if "share" in r else None
+                if share is None and size is not None and total:
+                    share = size / total
+                pic = _overlay_pic(mean_img, viz.normalize(m), THUMB) if m is not None else None
                 sec["clusters"].append({
                     "cluster": r.get("cluster"), "size": int(size) if size is not None else None,
-                    "share": (size / total) if size is not None and total else None,
+                    "share": share,
                     "verdict": r.get("verdict") if _ok(r.get("verdict")) else "",
                     "evidence": r.get("evidence") if _ok(r.get("evidence")) else "",
                     "suspicion": _num(r.get("suspicion")),
                     "suspect": r.get("verdict") == SUSPECT,
-                    "uri": _overlay_uri(mean_img, viz.normalize(m), THUMB) if m is not None else None,
+                    "uri": viz.data_uri(_cue_box(pic, r.get("cue_box")), "jpeg", 85) if pic is not None else None,
+                    "examples": list(r.get("example_ids")) if has_examples and r.get("example_ids") is not None
+                    else None,
                 })
-            # galleries of suspect clusters: sampled members nearest to the cluster's mean map
-            suspects = [c for c in sec["clusters"] if c["suspect"] and c["cluster"] in cmaps]
-            if suspects and sample:
-                assign = _assign(maps, light, sample, cmaps)
-                for c in suspects:
-                    rows = [i for i, (k, s) in assign.items() if k == c["cluster"]]
-                    rows.sort(key=lambda i: -assign[i][1])
-                    sec["galleries"].append({
-                        "title": f"cluster {c['cluster']}" + (f" ({c['size']} images)" if c["size"] else ""),
-                        "note": "sampled members nearest to the cluster's mean map",
-                        "items": _items(ctx, rows[:max_examples], maps),
-                    })
+            for c in [c for c in sec["clusters"] if c["suspect"]]:
+                if c["examples"]:
+                    by_id = {light.at[i, "image_id"]: i for i in wanted}
+                    rows = [by_id[e] for e in c["examples"] if e in by_id]
+                    note = "the scan's examples of this cluster"
+                elif c["cluster"] in cmaps and sample:
+                    assign = _assign(maps, light, sample, cmaps)
+                    rows = sorted((i for i, (k, _) in assign.items() if k == c["cluster"]),
+                                  key=lambda i: -assign[i][1])
+                    note = "sampled members nearest to the cluster's mean map"
+                else:
+                    continue
+                sec["galleries"].append({
+                    "title": f"cluster {c['cluster']}" + (f" ({c['size']} images)" if c["size"] else ""),
+                    "note": note, "items": _items(ctx, rows[:max_examples], maps),
+                })
         if d["suspect"] and not sec["galleries"] and sample:
             sec["galleries"].append({"title": "examples", "note": "a random sample of the class",
                                      "items": _items(ctx, sample[:max_examples], maps)})
@@ -526,8 +582,9 @@ def write_report(out_dir, *, max_examples: int = 12, max_classes: int = 24, seed
         bases = [(spec.get("dataset") or {}).get("path"), out.parent, Path.cwd()]
         ctx = _Ctx(ds, light, layer, method, _Images(bases), np.random.default_rng(seed))
         table = _class_table(classes, light, names_by_id)
-        cluster_maps = _cluster_mean_maps(clusters)
-        sections = _class_sections(ctx, table, clusters, cluster_maps, max_classes, max_examples)
+        class_maps = _table_maps(classes, ("class_id",))
+        cluster_maps = _table_maps(clusters, ("class_id", "cluster"))
+        sections = _class_sections(ctx, table, clusters, class_maps, cluster_maps, max_classes, max_examples)
         doubtful = _doubtful(ctx, max_examples)
         galleries = [g for s in sections for g in s["galleries"]] + doubtful
         if any(it["no_image"] for g in galleries for it in g["items"]):

@@ -72,6 +72,7 @@ def make_out(root: Path, n_per_class=12, n_errors=2, summary=True, images=True, 
                     "energy_object": None if kind == "flat" else (0.1 if kind == "sky" else 0.8) + 0.05 * rng.random(),
                     "energy_border": None if kind == "flat" else (0.6 if kind == "sky" else 0.1),
                     "energy_sky": None if kind == "flat" else (0.7 if kind == "sky" else 0.1),
+                    "_kind": kind,  # not a column: what the scan would find
                 })
             k += 1
     for e in range(n_errors):
@@ -94,27 +95,52 @@ def make_out(root: Path, n_per_class=12, n_errors=2, summary=True, images=True, 
     }
     (out / "job.json").write_text(json.dumps(job))
     if summary:
-        (out / "summary").mkdir()
-        pq.write_table(pa.table({
-            "class_id": pa.array([0, 1], pa.int32()), "class_name": CLASSES, "n": [n_per_class] * 2,
-            "accuracy": [0.8, 0.8], "suspicion": [0.05, 0.83],
-            "verdict": ["ok", "shortcut_suspected"],
-            "evidence": ["attention on the object (78% of energy)",
-                         "67% of the attention sits in 'sky' (0.0-0.4 of the height), not on the tank"],
-            "flip_rate_cue": [0.02, 0.61], "flip_rate_object": [0.4, 0.05],
-            "energy_object": [0.8, 0.35], "energy_border": [0.1, 0.45],
-        }), out / "summary" / "classes.parquet")
-        sky, obj = _map("sky", rng), _map("object", rng)
-        pq.write_table(pa.table({
-            "class_id": pa.array([0, 1, 1], pa.int32()), "cluster": pa.array([0, 0, 1], pa.int32()),
-            "size": [n_per_class, n_per_class * 2 // 3, n_per_class - n_per_class * 2 // 3],
-            "mean_map": [obj.ravel().tolist(), sky.ravel().tolist(), obj.ravel().tolist()],
-            "map_h": [H] * 3, "map_w": [W] * 3,
-            "verdict": ["ok", "shortcut_suspected", "ok"], "suspicion": [0.05, 0.9, 0.1],
-            "evidence": ["on the object", "attention on the sky band", "on the object"],
-            "layer": ["conv_out"] * 3, "method": ["gradcam"] * 3,
-        }), out / "summary" / "clusters.parquet")
+        _write_summary(out, rows, n_per_class, rng, legacy=summary == "legacy")
     return out
+
+
+def _write_summary(out, rows, n_per_class, rng, legacy=False):
+    """summary/classes.parquet and clusters.parquet as `audit scan` writes them (a subset of the
+    columns of schemas/classes.schema.json and clusters.schema.json; the report must cope).
+    ``legacy``: no class mean map, no example_ids, ``size`` instead of ``n``."""
+    (out / "summary").mkdir()
+    sky, obj = _map("sky", rng), _map("object", rng)
+    flist = pa.list_(pa.float32())
+    classes = {
+        "class_id": pa.array([1, 0], pa.int32()), "class_name": ["tank", "no_tank"],
+        "n": pa.array([n_per_class] * 2, pa.int64()), "accuracy": pa.array([0.8, 0.8], pa.float32()),
+        "recall": pa.array([0.75, 0.85], pa.float32()),
+        "suspicion": pa.array([0.83, 0.05], pa.float32()), "verdict": ["shortcut_suspected", "ok"],
+        "evidence": ["67% of the attention sits in 'sky' (0.0-0.4 of the height), not on the tank",
+                     "attention on the object (78% of energy)"],
+        "cue": ["region:sky", "object"],
+        "cue_box": pa.array([[0.0, 0.0, 1.0, 0.4], None], flist),
+        "flip_rate_cue": pa.array([0.61, 0.02], pa.float32()),
+        "flip_rate_object": pa.array([0.05, 0.4], pa.float32()),
+        "energy_object": pa.array([0.35, 0.8], pa.float32()), "energy_border": pa.array([0.45, 0.1], pa.float32()),
+        "layer": ["conv_out"] * 2, "method": ["gradcam"] * 2,
+    }
+    if not legacy:
+        mixed = (2 * sky + obj) / 3
+        classes |= {"mean_map": pa.array([mixed.ravel().tolist(), obj.ravel().tolist()], flist),
+                    "map_h": pa.array([H, H], pa.int32()), "map_w": pa.array([W, W], pa.int32())}
+    pq.write_table(pa.table(classes), out / "summary" / "classes.parquet")
+    sky_ids = sorted({r["image_id"] for r in rows if r.get("target") == 1 and r.get("_kind") == "sky"})
+    n_sky = n_per_class * 2 // 3
+    clusters = {
+        "class_id": pa.array([0, 1, 1], pa.int32()), "cluster": pa.array([0, 0, 1], pa.int32()),
+        ("size" if legacy else "n"): pa.array([n_per_class, n_sky, n_per_class - n_sky], pa.int64()),
+        "mean_map": pa.array([obj.ravel().tolist(), sky.ravel().tolist(), obj.ravel().tolist()], flist),
+        "map_h": pa.array([H] * 3, pa.int32()), "map_w": pa.array([W] * 3, pa.int32()),
+        "verdict": ["ok", "shortcut_suspected", "ok"], "suspicion": pa.array([0.05, 0.9, 0.1], pa.float32()),
+        "evidence": ["on the object", "attention on the sky band", "on the object"],
+        "cue_box": pa.array([None, [0.0, 0.0, 1.0, 0.4], None], flist),
+        "layer": ["conv_out"] * 3, "method": ["gradcam"] * 3,
+    }
+    if not legacy:
+        clusters["share"] = pa.array([1.0, n_sky / n_per_class, 1 - n_sky / n_per_class], pa.float32())
+        clusters["example_ids"] = pa.array([[], sky_ids[:12], []], pa.list_(pa.string()))
+    pq.write_table(pa.table(clusters), out / "summary" / "clusters.parquet")
 
 
 def _data_uris(html):
@@ -160,7 +186,7 @@ def test_report_content_suspects_first(report):
     assert html.index('id="class-1"') < html.index('id="class-0"')
     sec = html[html.index('id="class-1"'):html.index('id="class-0"')]
     assert "mean heatmap" in sec and "cluster 0" in sec and "attention on the sky band" in sec
-    assert "sampled members nearest" in sec
+    assert "the scan&#39;s mean over the class" in sec
     assert len(_data_uris(sec)) >= 2 + 2 + 3
     # doubtful examples and errors
     assert "Confidently wrong" in html and "Least attention on the object" in html
@@ -168,12 +194,26 @@ def test_report_content_suspects_first(report):
     assert ">2</div><div class=\"k\">unreadable images" in html
 
 
-def test_gallery_shows_the_suspect_clusters_members(report):
-    """The overlays under the suspect cluster are the sky-attention images (tank/0000..0007)."""
-    _, _, html = report
+def _gallery_titles(html):
     sec = html[html.index('id="class-1"'):html.index('id="class-0"')]
     gal = sec[sec.index('class="gallery"'):]
-    titles = re.findall(r'<img src="data:[^"]+" alt="([^"]+)"', gal)
+    return sec, re.findall(r'<img src="data:[^"]+" alt="([^"]+)"', gal)
+
+
+def test_gallery_shows_the_suspect_clusters_examples(report):
+    """The overlays under the suspect cluster are the scan's example_ids (sky images tank/0000..0007)."""
+    _, _, html = report
+    sec, titles = _gallery_titles(html)
+    assert "the scan&#39;s examples of this cluster" in sec
+    assert 1 <= len(titles) <= 6
+    for t in titles:
+        assert re.search(r"tank/000[0-7][.]png$", t), t
+
+
+def test_gallery_without_example_ids_uses_nearest_members(tmp_path):
+    out = make_out(tmp_path, summary="legacy")
+    sec, titles = _gallery_titles(write_report(out, max_examples=6).read_text())
+    assert "sampled members nearest to the cluster" in sec and "size-weighted mean" in sec
     assert 1 <= len(titles) <= 6
     for t in titles:
         assert re.search(r"tank/000[0-7][.]png$", t), t
