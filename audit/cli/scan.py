@@ -1,0 +1,45 @@
+"""``audit scan OUT``: per-class shortcut verdicts from a job's records."""
+
+from __future__ import annotations
+
+import argparse
+
+EXAMPLE = """examples:
+  audit scan results/tank-sky
+  audit scan results/tank-sky --no-intervene          # heatmap statistics only, no extra forward passes
+  audit scan results/tank-sky --layer conv4 --method gradcam --ignore-masks
+
+Writes OUT/summary/classes.parquet (one row per class) and
+OUT/summary/clusters.parquet (one row per heatmap cluster of a class) and
+prints the classes, suspects first. docs/scan.md explains every number.
+"""
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "scan",
+        help="(re)compute the class/cluster summary of a job output and print the suspects",
+        description="Aggregate a job's heatmap statistics per class, cluster each class's heatmaps "
+                    "(SpRAy), flag classes whose attention sits off the object or on a fixed cue, and "
+                    "confirm suspects by occlusion.",
+        epilog=EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("out", help="job output directory (the spec's `output`)")
+    p.add_argument("--layer", help="target layer to judge by (default: the job's automatic layer)")
+    p.add_argument("--method", help="CAM method to judge by (default: gradcam++, else gradcam)")
+    p.add_argument("--no-intervene", action="store_true",
+                   help="skip the confirmation by occlusion (no model loading, no extra forward passes)")
+    p.add_argument("--ignore-masks", action="store_true", help="judge from the heatmaps alone, as if there were no masks")
+    p.add_argument("--fill", choices=("mean", "blur"), default="mean", help="occlusion fill (default: image mean)")
+    p.add_argument("--quiet", action="store_true", help="write the tables, print nothing")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from audit.scan import DEFAULT, Config, scan
+
+    cfg = Config(**{**DEFAULT.__dict__, "fill": args.fill})
+    classes, _ = scan(args.out, intervene=not args.no_intervene, quiet=args.quiet, layer=args.layer,
+                      method=args.method, use_masks=not args.ignore_masks, cfg=cfg)
+    return 0

@@ -1,0 +1,111 @@
+"""``audit demo``: the tank/sky story, end to end, on a local Ray.
+
+1. Get the tank/sky data and its two models from the user cache (built once
+   by :mod:`audit.tanksky`: a shortcut model trained where every tank photo
+   has a cloudy sky, and a control model trained on de-biased photos).
+2. Run the job specs ``jobs/tank_sky.yaml`` and ``jobs/tank_sky_control.yaml``
+   (shipped in the package) with the paths filled in, on one embedded Ray.
+3. Scan both outputs (with confirmation by intervention), write the reports
+   when :mod:`audit.report` is installed, and print the verdicts.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+from audit.errors import AuditError
+
+MODELS = (
+    ("shortcut", "tank_sky.yaml", "shortcut_model",
+     "trained on photos where every tank has a cloudy sky and every empty landscape a blue one"),
+    ("control", "tank_sky_control.yaml", "control_model",
+     "the same network trained on photos whose sky does not depend on the tank"),
+)
+
+
+def _clear(out: Path) -> None:
+    """Remove a previous demo output (and only that) so the job can start afresh."""
+    if not out.exists():
+        return
+    job = out / "job.json"
+    try:
+        name = json.loads(job.read_text()).get("name", "") if job.is_file() else ""
+    except ValueError:
+        name = ""
+    if not str(name).startswith("tank-sky") and any(out.iterdir()):
+        raise AuditError(f"{out} exists and is not a previous demo output; choose another --out")
+    shutil.rmtree(out)
+
+
+def run_demo(out="tank-sky-demo", *, masks: bool = True, intervene: bool = True, report: bool = True,
+             cache=None, progress: bool = True, log=print) -> dict:
+    """Run the demo into ``out`` (``out/shortcut`` and ``out/control``); returns the results.
+
+    ``masks=False`` audits without the tank masks (the scan then judges from
+    the heatmaps alone).  ``cache``: where the data and models are kept
+    (default: :func:`audit.tanksky.cache_dir`).
+    """
+    from audit import tanksky
+    from audit.job import _ray_init, run_job
+    from audit.resources import path
+    from audit.scan import scan
+
+    t0 = time.time()
+    out = Path(out)
+    built = tanksky.ensure(root=cache, log=log)
+    results = {"out": str(out), "models": {}}
+    import ray
+
+    started = _ray_init(None)
+    try:
+        for key, spec_name, model_key, story in MODELS:
+            dest = out / key
+            _clear(dest)
+            overrides = [f"model.path={built[model_key]}", f"dataset.path={built['test']}",
+                         f"dataset.masks={built['test_masks'] if masks else 'null'}", f"output={dest}"]
+            summary = run_job(str(path("audit.jobs", spec_name)), overrides=overrides, progress=progress)
+            classes, clusters = scan(dest, intervene=intervene, quiet=True)
+            page = None
+            if report:
+                try:
+                    from audit.report import write_report
+                except ImportError:
+                    write_report = None
+                if write_report is not None:
+                    page = str(write_report(dest))
+            results["models"][key] = {"story": story, "summary": summary, "classes": classes,
+                                      "clusters": clusters, "report": page, "out": str(dest)}
+    finally:
+        if started:
+            ray.shutdown()
+    results["seconds"] = round(time.time() - t0, 1)
+    log(format_verdict(results))
+    return results
+
+
+def flagged(classes) -> bool:
+    return bool((classes["verdict"] == "shortcut_suspected").any())
+
+
+def format_verdict(results: dict) -> str:
+    """The demo's closing words: per model, flagged or not, and the evidence."""
+    import textwrap
+
+    lines = ["", "tank/sky demo: did the tank detector learn the tank, or the weather?"]
+    for key, r in results["models"].items():
+        c = r["classes"]
+        acc = r["summary"].get("accuracy")
+        head = "SHORTCUT SUSPECTED" if flagged(c) else "no shortcut found"
+        lines.append(f"\n{key} model ({r['story']})")
+        lines.append(f"  accuracy on photos where sky and tank are independent: "
+                     f"{'-' if acc is None else f'{100 * acc:.0f}%'}; verdict: {head}")
+        for row in c.itertuples():
+            cue = f", cue {row.cue}" if row.verdict == "shortcut_suspected" and row.cue else ""
+            lines.append(f"  {row.class_name}: {row.verdict}{cue}")
+            lines += textwrap.wrap(row.evidence, 100, initial_indent="    ", subsequent_indent="    ")
+        lines.append(f"  output: {r['out']}" + (f"   report: {r['report']}" if r.get("report") else ""))
+    lines.append(f"\ndone in {results['seconds']:.0f} s; rescan with `audit scan {results['out']}/shortcut`")
+    return "\n".join(lines)
