@@ -43,6 +43,7 @@ _TABLE_COLUMNS = (
     ("cue", "cue", "text"),
 )
 MEAN_SIZE = 160  # mean image / mean heatmaps, pixels
+MAX_GALLERIES = 4  # suspect-cluster galleries per class (the largest suspect clusters)
 
 
 # ----------------------------------------------------------------------------
@@ -464,7 +465,9 @@ def _class_sections(ctx, table, clusters, class_maps, cluster_maps, max_classes,
                     "examples": list(r.get("example_ids")) if has_examples and r.get("example_ids") is not None
                     else None,
                 })
-            for c in [c for c in sec["clusters"] if c["suspect"]]:
+            suspects = [c for c in sec["clusters"] if c["suspect"]]
+            sec["more_galleries"] = max(0, len(suspects) - MAX_GALLERIES)
+            for c in suspects[:MAX_GALLERIES]:
                 if c["examples"]:
                     by_id = {light.at[i, "image_id"]: i for i in wanted}
                     rows = [by_id[e] for e in c["examples"] if e in by_id]
