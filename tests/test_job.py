@@ -1,0 +1,227 @@
+"""Jobs on a local Ray: 2 actors on a few hundred images, an actor killed mid-job,
+interrupt + resume, bad inputs, bad specs, the CLI, queries.  One Ray per module."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import sys
+import types
+
+import helpers_jobs as h
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from audit import datasets, io
+from audit.errors import AuditError
+from audit.job import run_job
+from audit.spec import load_spec
+
+N_PER_CLASS = 100
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    ray = h.ray_init_local(num_cpus=2)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("job")
+    h.make_model(tmp / "model.keras")
+    root, mroot = h.make_folder(tmp / "data", N_PER_CLASS)
+    bad = h.bad_files(tmp / "data" / "cat")
+    odd = h.odd_files(tmp / "data" / "dog")
+    spec = h.write_spec(
+        tmp / "job.yaml",
+        dataset={"format": "folder", "path": "data", "masks": "data_masks", "shard_size": 16},
+        explain={"methods": ["gradcam", "gradcam++"], "layers": "auto", "regions": {"top": [0, 0, 1, 0.5]}},
+        resources={"actors": 2, "cpus_per_actor": 1, "batch_size": 16, "decode_threads": 2},
+    )
+    n_images = 2 * N_PER_CLASS + len(bad) + len(odd)
+    return {"dir": tmp, "spec": spec, "bad": bad, "odd": odd, "n": n_images}
+
+
+def _check_output(out, n_images, bad):
+    """Every input appears; good images have one row per layer x method; no duplicates."""
+    import audit
+
+    df = audit.load(out)
+    assert df["image_id"].nunique() == n_images
+    err = df[df.status == "error"]
+    assert sorted(err.image_id) == sorted(f"cat/{k}" for k in bad)
+    for k, words in bad.items():
+        row = err[err.image_id == f"cat/{k}"].iloc[0]
+        assert words in row.error and pd.isna(row.layer) and row.cam is None
+    good = df[df.status != "error"]
+    assert len(good) == 2 * (n_images - len(bad))
+    assert not good.duplicated(["image_id", "layer", "method"]).any()
+    assert set(good.method) == {"gradcam", "gradcam++"} and set(good.layer) == {"conv2"}
+    assert (good.cam.map(len) == good.cam_h * good.cam_w).all()
+    return df
+
+
+def test_two_actors_kill_one_mid_job(ray_local, ws):
+    out = ws["dir"] / "out_kill"
+    pids, killed, done_by = {}, [], []
+
+    def on_event(kind, payload):
+        if kind == "actor_ready":
+            pids[payload["pid"]] = payload
+        elif kind == "shard_done":
+            done_by.append(payload["pid"])
+            if not killed:  # its next shard is already queued on it: that one must be retried
+                killed.append(payload["pid"])
+                os.kill(payload["pid"], signal.SIGKILL)
+
+    s = run_job(ws["spec"], overrides=[f"output={out}"], progress=False, on_event=on_event)
+    assert s["status"] == "ok" and s["images"] == ws["n"] == s["images_done"]
+    assert s["actor_deaths"] == 1 and s["retries"] >= 1 and s["actors"] == 3
+    assert s["errors"] == len(ws["bad"])
+    plan = datasets.plan(load_spec(ws["spec"])["dataset"])
+    assert s["shards"] == len(plan.shards) == len(io.committed_shards(out))
+    assert len(set(done_by)) >= 2  # two actors did work (the killed one and another)
+    df = _check_output(out, ws["n"], ws["bad"])
+    assert s["rows"] == len(df)
+
+    # grayscale, RGBA and 16-bit images are audited normally
+    odd = df[df.image_id.isin([f"dog/{k}" for k in ws["odd"]])]
+    assert len(odd) == 6 and (odd.status != "error").all() and (odd.width == 16).all()
+
+    # job.json: resolved spec, model sha256, versions, timings
+    job = json.loads((out / "job.json").read_text())
+    assert job["status"] == "ok" and job["job_id"] == s["job_id"]
+    assert job["model"]["sha256"] == hashlib.sha256((ws["dir"] / "model.keras").read_bytes()).hexdigest()
+    assert job["spec"]["dataset"]["path"] == str(ws["dir"] / "data")
+    assert job["versions"]["ray"] and job["versions"]["pyarrow"]
+    assert job["timings"]["run_s"] > 0 and job["layers"] == ["conv2"] and job["classes"] == ["cat", "dog"]
+
+    # file metadata and manifest entries
+    part = out / "records" / "part-00000.parquet"
+    meta = pq.read_schema(part).metadata
+    assert meta[b"shortcut_audit.job_id"].decode() == s["job_id"]
+    assert meta[b"shortcut_audit.schema_version"] == b"1"
+    entry = json.loads((out / "_manifest" / "part-00000.json").read_text())
+    assert entry["rows"] == pq.read_metadata(part).num_rows and entry["inputs"]["start"] == 0
+    assert not list((out / "records").glob(".*"))  # no temp files left
+
+    # values equal an in-process run of the same shard (the plain worker class, no Ray)
+    from audit.worker import AuditWorker
+
+    spec = load_spec(ws["spec"], [f"output={out}"])
+    w = AuditWorker(spec, classes=plan.classes)
+    shard = plan.shards[3]
+    ref = w.process_shard(shard, commit=False)["table"].to_pandas()
+    got = pq.read_table(out / "records" / f"part-{shard.id:05d}.parquet").to_pandas()
+    assert list(got.image_id) == list(ref.image_id) and list(got.method) == list(ref.method)
+    assert got.pred.tolist() == ref.pred.tolist() and got.label.tolist() == ref.label.tolist()
+    np.testing.assert_allclose(np.stack(got.cam.dropna()), np.stack(ref.cam.dropna()), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(got.energy_object, ref.energy_object, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(got.energy_top, ref.energy_top, rtol=1e-4, atol=1e-6)
+    assert got.has_mask.all() and got.energy_object.notna().all()
+
+
+def test_interrupt_then_resume(ray_local, ws):
+    out = ws["dir"] / "out_resume"
+    seen = []
+
+    def stop_after_three(kind, payload):
+        if kind == "shard_done":
+            seen.append(payload["shard"])
+            if len(seen) == 3:
+                raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_job(ws["spec"], overrides=[f"output={out}"], progress=False, on_event=stop_after_three)
+    assert json.loads((out / "job.json").read_text())["status"] == "interrupted"
+    first = io.committed_shards(out)
+    assert set(seen) <= set(first) and len(first) >= 3
+    stamps = {k: (out / "records" / e["file"]).stat().st_mtime_ns for k, e in first.items()}
+
+    # a second run without --resume is refused, in one line
+    with pytest.raises(AuditError, match="not empty; use --resume"):
+        run_job(ws["spec"], overrides=[f"output={out}"], progress=False)
+    # resuming with a different sharding is refused
+    with pytest.raises(AuditError, match="cannot resume: dataset.shard_size"):
+        run_job(ws["spec"], overrides=[f"output={out}", "dataset.shard_size=7"], resume=True, progress=False)
+
+    redone = []
+    s = run_job(ws["spec"], overrides=[f"output={out}"], resume=True, progress=False,
+                on_event=lambda k, p: redone.append(p["shard"]) if k == "shard_done" else None)
+    assert s["status"] == "ok" and s["shards_skipped"] == len(first)
+    assert not set(redone) & set(first)  # committed shards were skipped...
+    for k, e in first.items():  # ...and not rewritten
+        assert (out / "records" / e["file"]).stat().st_mtime_ns == stamps[k]
+    assert s["images_done"] == ws["n"] and s["images_this_run"] == ws["n"] - s["images_done"] + s["images_this_run"]
+    _check_output(out, ws["n"], ws["bad"])
+    job = json.loads((out / "job.json").read_text())
+    assert [r["status"] for r in job["runs"]] == ["interrupted", "ok"]
+
+
+def test_unknown_layer_stops_the_job_with_one_line(ray_local, ws):
+    out = ws["dir"] / "out_badlayer"
+    with pytest.raises(AuditError) as e:
+        run_job(ws["spec"], overrides=[f"output={out}", "explain.layers=[nope]", "resources.actors=1"],
+                progress=False)
+    msg = str(e.value)
+    assert "nope" in msg and "conv2" in msg and "\n" not in msg
+
+
+def test_missing_model_is_refused_before_ray(ws, tmp_path):
+    with pytest.raises(AuditError, match="model file not found"):
+        run_job(ws["spec"], overrides=[f"output={tmp_path / 'o'}", "model.path=gone.keras"], progress=False)
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_run_summary_scan_and_queries(ray_local, ws, capsys, monkeypatch):
+    from audit.cli import main
+
+    calls = []
+    fake = types.ModuleType("audit.scan")
+
+    def fake_scan(out_dir, **kw):
+        calls.append(str(out_dir))
+        raise RuntimeError("boom")
+
+    fake.scan = fake_scan
+    monkeypatch.setitem(sys.modules, "audit.scan", fake)
+    out = ws["dir"] / "out_cli"
+    code = main(["run", ws["spec"], "--no-progress", "--set", f"output={out}", "--set", "dataset.limit=20",
+                 "--set", "resources.actors=1"])
+    cap = capsys.readouterr()
+    assert "job t (" in cap.out and "20 of 20 audited" in cap.out and "errors    1 unreadable" in cap.out  # cat/huge.png sorts first
+    assert calls == [str(out)]  # the scan ran on the output...
+    assert code == 1 and "audit: scan failed (RuntimeError: boom)" in cap.err  # ...and its failure is one line
+    assert len([ln for ln in cap.err.splitlines() if "scan failed" in ln]) == 1
+
+    import pyarrow.compute as pc
+
+    import audit
+
+    df = audit.load(out, columns=["image_id", "method", "status"], filters=[("method", "=", "gradcam")])
+    assert list(df.columns) == ["image_id", "method", "status"] and set(df.method) == {"gradcam"}
+    assert len(df) == 19  # 20 images, the unreadable one (no method) is filtered out
+    df2 = audit.load(out, filters=pc.field("status") == "error")
+    assert df2.image_id.tolist() == ["cat/huge.png"]
+    with pytest.raises(AuditError, match="no column 'nope'"):
+        audit.load(out, columns=["nope"])
+
+    row = audit.load(out, filters=[("image_id", "=", "cat/img_003.png"), ("method", "=", "gradcam")]).iloc[0]
+    hm = audit.heatmap(row)
+    raw = np.asarray(row.cam, np.float32).reshape(16, 16)
+    np.testing.assert_allclose(hm, np.maximum(raw, 0) / raw.max(), rtol=1e-6)
+    assert audit.heatmap(row, size=(32, 48)).shape == (32, 48)
+    ov = audit.overlay(row)
+    from audit import viz
+
+    img = h.image(3, 0)[0]
+    np.testing.assert_array_equal(ov, viz.overlay_image(img, hm))
+    err_row = df2.iloc[0]
+    with pytest.raises(AuditError, match="has no map"):
+        audit.heatmap(err_row)
