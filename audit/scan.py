@@ -264,7 +264,7 @@ def assess(f: dict, cfg: Config = DEFAULT, flips: dict | None = None) -> dict:
            "cue": "", "cue_kind": "", "cue_box": None, "masked": False, "flips": flips}
     if f["n"] < cfg.min_images:
         why = f"{f['n']} usable heatmaps" + (f" ({f['n_flat']} flat)" if f.get("n_flat") else "")
-        res["evidence"] = f"only {why}, {cfg.min_images} needed for a verdict"
+        res["evidence"] = f"Only {why}; {cfg.min_images} are needed for a verdict."
         return res
     m = f["means"]
     # where the attention is: the strongest candidate place
@@ -272,7 +272,9 @@ def assess(f: dict, cfg: Config = DEFAULT, flips: dict | None = None) -> dict:
              for kind, name, share, area, box in f["places"]]
     fixed = fixed_place_score(f["peak_spread"], (m["peak_x"], m["peak_y"]))
     cands.append((fixed, "fixed", "fixed place", math.nan, math.nan, f.get("hot_box")))
-    cands.sort(key=lambda c: -c[0])
+    # ties: a named region first (the user's hypothesis), then a fixed place, then the border
+    rank = {"region": 0, "fixed": 1, "border": 2}
+    cands.sort(key=lambda c: (-c[0], rank[c[1]]))
     best = cands[0]
     s_diffuse = diffuse_score(m["entropy"], m["concentration"])
     masked = f["n_masked"] >= cfg.mask_min_n and f["n_masked"] >= cfg.mask_min_frac * f["n"]
@@ -362,11 +364,16 @@ def evidence(f: dict, res: dict, best) -> str:
 # ----------------------------------------------------------------------------
 
 
-def eigengap_k(eigvals, max_k: int, min_gap: float = DEFAULT.min_eigengap) -> int:
-    """Number of clusters from the smallest Laplacian eigenvalues: the largest gap.
+def eigengap_k(eigvals, max_k: int, min_gap: float = DEFAULT.min_eigengap, zero: float = 1e-3) -> int:
+    """Number of clusters from the smallest Laplacian eigenvalues.
 
-    ``k = argmax_{1 <= k <= max_k} (lambda_k - lambda_{k-1})`` (0-based
-    ascending eigenvalues), and 1 when that gap is below ``min_gap``.
+    The eigengap heuristic: ``k = argmax_{1 <= k <= max_k} (lambda_k -
+    lambda_{k-1})`` (0-based ascending eigenvalues), or 1 when that largest
+    gap is below ``min_gap``; but never fewer than the number of (near-)zero
+    eigenvalues (``< zero``), i.e. the (almost) disconnected parts of the
+    affinity graph.  That matters when a minority strategy forms a tight
+    group of its own while the rest of the class varies continuously (its
+    spectrum rises slowly, so no single large gap stands out).
     """
     lam = np.sort(np.asarray(eigvals, np.float64))
     max_k = int(min(max_k, len(lam) - 1))
@@ -374,7 +381,10 @@ def eigengap_k(eigvals, max_k: int, min_gap: float = DEFAULT.min_eigengap) -> in
         return 1
     gaps = np.diff(lam[:max_k + 1])  # gaps[k-1] = lambda_k - lambda_{k-1}
     k = int(np.argmax(gaps)) + 1
-    return k if gaps[k - 1] >= min_gap else 1
+    if gaps[k - 1] < min_gap:
+        k = 1
+    parts = int((lam[:max_k] < zero).sum())
+    return max(k, parts)
 
 
 def affinity(X: np.ndarray, n_neighbors: int | None = None):
@@ -425,10 +435,14 @@ def cluster_maps(X: np.ndarray, cfg: Config = DEFAULT, seed: int = 0):
     k = eigengap_k(lam, min(cfg.max_k, n // cfg.min_cluster), cfg.min_eigengap)
     if k == 1:
         return np.zeros(n, int), 1, lam
+    import warnings
+
     from sklearn.cluster import SpectralClustering
 
-    labels = SpectralClustering(n_clusters=k, affinity="precomputed", assign_labels="cluster_qr",
-                                random_state=seed).fit_predict(A)
+    with warnings.catch_warnings():  # disconnected parts are expected: they are the clusters
+        warnings.filterwarnings("ignore", message="Graph is not fully connected")
+        labels = SpectralClustering(n_clusters=k, affinity="precomputed", assign_labels="cluster_qr",
+                                    random_state=seed).fit_predict(A)
     order = np.argsort(-np.bincount(labels, minlength=k), kind="stable")
     remap = np.empty(k, int)
     remap[order] = np.arange(k)
@@ -602,6 +616,30 @@ def _cue_mask(f: dict, res: dict, size) -> np.ndarray | None:
     return None
 
 
+class _SafeIntervener:
+    """An intervention that cannot run (model or data moved) warns once and is skipped."""
+
+    def __init__(self, inner, quiet):
+        self.inner, self.quiet, self.failed = inner, quiet, None
+
+    @property
+    def size(self):
+        return self.inner.size
+
+    def __call__(self, *a, **k):
+        if self.failed:
+            return None
+        try:
+            return self.inner(*a, **k)
+        except AuditError as e:
+            self.failed = str(e)
+            if not self.quiet:
+                import sys
+
+                print(f"audit: scan: intervention skipped ({e})", file=sys.stderr)
+            return None
+
+
 def _intervene(intervener, group_rows, f, res, cfg, use_masks):
     """Flip rates for a sample of a suspect group (None when not possible)."""
     if intervener is None:
@@ -610,7 +648,11 @@ def _intervene(intervener, group_rows, f, res, cfg, use_masks):
     ids = sorted(_sample_ids(ok["image_id"].tolist(), cfg.sample))
     if not ids:
         return None
-    cue = _cue_mask(f, res, intervener.size)
+    try:
+        size = intervener.size
+    except AuditError:
+        return intervener(ids, None)  # reports the reason once
+    cue = _cue_mask(f, res, size)
     if cue is None:
         return None
     return intervener(ids, cue, use_masks=use_masks)
@@ -667,10 +709,10 @@ def scan(out_dir, *, intervene: bool = True, quiet: bool = False, layer: str | N
     grids = _load_grids(ds, flt, wanted, cfg.grid) if any(wanted.values()) else {}
 
     intervener = None
-    if intervene and job.get("spec"):
+    if intervene and (spec.get("model") or {}) and spec.get("dataset"):
         from audit.intervene import Intervener
 
-        intervener = Intervener(out, fill=cfg.fill)
+        intervener = _SafeIntervener(Intervener(out, fill=cfg.fill), quiet)
 
     class_rows, cluster_rows = [], []
     for t, g in groups.items():

@@ -1,0 +1,326 @@
+"""The scan's decision logic as case tables, and scan() on synthetic records (no model)."""
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from audit.errors import AuditError
+from audit.scan import (
+    DEFAULT,
+    assess,
+    choose_view,
+    cluster_maps,
+    confirmation,
+    eigengap_k,
+    fixed_place_score,
+    grids_from_cams,
+    group_features,
+    map_features,
+    off_object_score,
+    place_score,
+    scan,
+    spurious_gap,
+)
+from audit.schema import records_schema
+from audit.stats import map_stats
+
+SIZE = (32, 32)
+SKY = (0.0, 0.0, 1.0, 0.4)
+
+
+def blob(x, y, s=0.12, h=8, w=8):
+    xs = (np.arange(w) + 0.5) / w
+    ys = (np.arange(h) + 0.5) / h
+    return np.exp(-((xs[None, :] - x) ** 2 + (ys[:, None] - y) ** 2) / (2 * s * s)).astype(np.float32)
+
+
+def box(x, y, r=0.12):
+    m = np.zeros(SIZE, bool)
+    H, W = SIZE
+    m[max(0, int((y - r) * H)):int((y + r) * H), max(0, int((x - r) * W)):int((x + r) * W)] = True
+    return m
+
+
+def make_rows(kind, n, seed=0, target=1, masks=True, correct=None):
+    """Synthetic records of one class.
+
+    kind: "healthy" (attention on a moving object), "corner" (fixed place at the
+    bottom-right corner), "sky" (attention in the sky band, object on the ground),
+    "diffuse" (flat-ish noise).
+    """
+    rng = np.random.default_rng(seed)
+    cams, ms = [], []
+    for _ in range(n):
+        ox, oy = rng.uniform(0.25, 0.75), rng.uniform(0.55, 0.8)
+        if kind == "healthy":
+            cam = blob(ox, oy)
+        elif kind == "corner":
+            cam = blob(0.9, 0.9, s=0.06)
+        elif kind == "sky":
+            cam = blob(rng.uniform(0.1, 0.9), 0.12, s=0.1)
+        elif kind == "diffuse":
+            cam = 1.0 + 0.05 * rng.random((8, 8)).astype(np.float32)
+        else:
+            raise ValueError(kind)
+        cams.append(cam)
+        ms.append(box(ox, oy))
+    cams = np.stack(cams)
+    ms = np.stack(ms)
+    st = map_stats(cams, SIZE, masks=ms if masks else None, regions={"sky": SKY})
+    rows = pd.DataFrame({c: st[c] for c in st if c != "status"})
+    rows["status"] = st["status"]
+    rows["pointing_hit"] = rows["pointing_hit"].astype(float)
+    rows["target"] = target
+    rows["pred"] = target
+    rows["label"] = target
+    rows["correct"] = True if correct is None else correct
+    rows["image_id"] = [f"{kind}{seed}/{i:04d}.png" for i in range(n)]
+    rows["cam"] = [c.ravel().tolist() for c in cams]
+    rows["cam_h"], rows["cam_w"] = 8, 8
+    rows["has_mask"] = masks
+    return rows
+
+
+def features(rows, regions=None):
+    G = grids_from_cams(rows["cam"].tolist(), 8, 8, 16)
+    return group_features(rows, G, regions if regions is not None else {"sky": SKY}, DEFAULT, SIZE)
+
+
+# ----------------------------------------------------------------------------
+# Case table: the verdict of one group from its heatmaps alone
+# ----------------------------------------------------------------------------
+
+CASES = [
+    # (name, kind, n, masks, regions, verdict, cue)
+    ("fixed-place cue, no masks", "corner", 40, False, {}, "shortcut_suspected", "fixed place"),
+    ("fixed-place cue, with masks", "corner", 40, True, {}, "shortcut_suspected", "fixed place"),
+    ("background cue in a named region", "sky", 40, False, {"sky": SKY}, "shortcut_suspected", "region:sky"),
+    ("background cue, with masks", "sky", 40, True, {"sky": SKY}, "shortcut_suspected", "region:sky"),
+    ("healthy class, with masks", "healthy", 40, True, {"sky": SKY}, "ok", "object"),
+    ("healthy class, no masks", "healthy", 40, False, {"sky": SKY}, "ok", ""),
+    ("diffuse attention alone, no masks", "diffuse", 40, False, {"sky": SKY}, "ok", "background"),
+    ("too few images", "corner", 12, False, {}, "insufficient_data", ""),
+]
+
+
+@pytest.mark.parametrize("name,kind,n,masks,regions,verdict,cue", CASES, ids=[c[0] for c in CASES])
+def test_verdict_case_table(name, kind, n, masks, regions, verdict, cue):
+    rows = make_rows(kind, n, masks=masks)
+    res = assess(features(rows, regions))
+    assert res["verdict"] == verdict, res["evidence"]
+    assert res["cue"] == cue
+    assert res["evidence"] and res["evidence"].endswith(".")
+    if verdict == "insufficient_data":
+        assert math.isnan(res["suspicion"])
+        assert "20 are needed" in res["evidence"]
+    else:
+        assert 0.0 <= res["suspicion"] <= 1.0
+
+
+def test_evidence_names_the_numbers():
+    res = assess(features(make_rows("sky", 40, masks=False)))
+    assert "region 'sky'" in res["evidence"] and "% of the attention" in res["evidence"]
+    res = assess(features(make_rows("healthy", 40, masks=True)))
+    assert "peak hits it in 100%" in res["evidence"]
+
+
+def test_flat_maps_do_not_count():
+    rows = make_rows("corner", 25, masks=False)
+    rows.loc[rows.index[:10], "status"] = "flat"
+    f = features(rows)
+    assert f["n"] == 15 and f["n_flat"] == 10
+    assert assess(f)["verdict"] == "insufficient_data"
+
+
+# ----------------------------------------------------------------------------
+# Score functions and confirmation, hand values
+# ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("share,area,expected", [
+    (0.4, 0.4, 0.0),  # as much as its area: nothing special
+    (0.1, 0.4, 0.0),
+    (0.4 + 0.6 * 0.25, 0.4, 0.0),  # d = 0.25: start of the ramp
+    (0.4 + 0.6 * 0.425, 0.4, 0.5),  # d = 0.425: middle
+    (0.9, 0.4, 1.0),
+    (float("nan"), 0.4, 0.0),
+])
+def test_place_score(share, area, expected):
+    assert place_score(share, area) == pytest.approx(expected, abs=1e-9)
+
+
+def test_fixed_and_off_object_scores():
+    assert fixed_place_score(0.01, (0.9, 0.9)) == pytest.approx(1.0)
+    assert fixed_place_score(0.01, (0.5, 0.5)) == 0.0  # a fixed place at the centre is the usual object
+    assert fixed_place_score(0.2, (0.9, 0.9)) == 0.0
+    assert fixed_place_score(0.035, (0.9, 0.9)) == pytest.approx(0.5)
+    assert off_object_score(0.0, 0.0) == pytest.approx(1.0)
+    assert off_object_score(0.5, 1.0) == 0.0
+    assert off_object_score(0.25, 0.4) == pytest.approx(0.6 * 0.5 + 0.4 * 0.5)
+
+
+@pytest.mark.parametrize("flips,expected", [
+    (None, None),
+    ({"flip_rate_cue": float("nan"), "flip_rate_object": float("nan")}, None),
+    ({"flip_rate_cue": 0.9, "flip_rate_object": float("nan")}, 1.0),  # cue matters
+    ({"flip_rate_cue": 0.05, "flip_rate_object": float("nan")}, 0.0),  # cue does not matter
+    ({"flip_rate_cue": 0.25, "flip_rate_object": float("nan")}, 0.5),
+    ({"flip_rate_cue": 0.0, "flip_rate_object": 0.0}, 1.0),  # removing the object does not matter
+    ({"flip_rate_cue": 0.0, "flip_rate_object": 0.95}, 0.0),  # the object matters, the cue not
+])
+def test_confirmation_table(flips, expected):
+    c = confirmation(flips)
+    assert c == (None if expected is None else pytest.approx(expected))
+
+
+def test_intervention_confirms_or_clears_a_suspect():
+    f = features(make_rows("sky", 40, masks=False))
+    before = assess(f)
+    assert before["verdict"] == "shortcut_suspected" and before["suspicion"] == pytest.approx(1.0)
+    confirmed = assess(f, flips={"flip_rate_cue": 0.9, "flip_rate_object": float("nan"), "n_cue": 32})
+    assert confirmed["verdict"] == "shortcut_suspected"
+    assert "occluding the cue changes 90% of 32" in confirmed["evidence"]
+    cleared = assess(f, flips={"flip_rate_cue": 0.02, "flip_rate_object": float("nan"), "n_cue": 32})
+    assert cleared["verdict"] == "ok"
+    assert cleared["suspicion"] == pytest.approx(0.3)
+    assert "does not confirm" in cleared["evidence"]
+
+
+# ----------------------------------------------------------------------------
+# Clustering
+# ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("eig,max_k,expected", [
+    ([0.0, 0.01, 0.02, 0.5, 0.55], 4, 3),  # three near-zero eigenvalues, then a jump
+    ([0.0, 0.6, 0.62, 0.65], 3, 1),
+    ([0.0, 0.02, 0.04, 0.06, 0.08], 4, 1),  # no gap above min_eigengap
+    ([0.0, 0.0, 0.9], 1, 1),  # max_k 1
+    ([0.0, 0.0, 0.01, 0.03, 0.06], 4, 2),  # two disconnected parts, no large gap
+    ([0.0, 0.0, 0.0, 0.0, 0.5], 2, 2),  # capped at max_k
+])
+def test_eigengap_table(eig, max_k, expected):
+    assert eigengap_k(eig, max_k) == expected
+
+
+def test_minority_cue_cluster_is_found():
+    rows = pd.concat([make_rows("healthy", 60, seed=1), make_rows("corner", 15, seed=2)], ignore_index=True)
+    G = grids_from_cams(rows["cam"].tolist(), 8, 8, 16)
+    labels, k, _ = cluster_maps(map_features(G))
+    assert k >= 2
+    corner = labels[60:]
+    assert len(set(corner)) == 1  # the watermark maps form one cluster ...
+    assert not set(labels[:60]) & set(corner)  # ... of their own
+
+
+def test_one_blob_is_one_cluster():
+    rows = make_rows("corner", 40, seed=3)
+    labels, k, _ = cluster_maps(map_features(grids_from_cams(rows["cam"].tolist(), 8, 8, 16)))
+    assert k == 1 and (labels == 0).all()
+
+
+def test_spurious_gap_hand_values():
+    score = np.arange(8, dtype=float)  # quarters of 2: rows 0-1 lowest, 6-7 highest
+    correct = np.array([1, 1, 1, 0, 1, 0, 0, 0], float)
+    assert spurious_gap(score, correct, min_quarter=2) == pytest.approx(0.0 - 1.0)
+    assert math.isnan(spurious_gap(score, correct))  # quarters of 2 < 3
+    s = np.r_[np.arange(12.0), np.nan]
+    c = np.r_[np.ones(6), np.zeros(6), 1.0]
+    assert spurious_gap(s, c) == pytest.approx(-1.0)
+
+
+def test_choose_view():
+    pairs = {("conv4", "gradcam"), ("conv4", "gradcam++"), ("conv3", "gradcam")}
+    assert choose_view(pairs, ["conv4"]) == ("conv4", "gradcam++")
+    assert choose_view(pairs, ["conv3"]) == ("conv3", "gradcam")
+    assert choose_view(pairs, None, method="gradcam") == ("conv4", "gradcam")
+    with pytest.raises(AuditError, match="layers: conv3, conv4"):
+        choose_view(pairs, None, layer="nope")
+    with pytest.raises(AuditError):
+        choose_view(set())
+
+
+# ----------------------------------------------------------------------------
+# scan() on synthetic records: tables, schema, minority cluster surfacing
+# ----------------------------------------------------------------------------
+
+
+def write_job(out, frames, regions=None):
+    regions = {"sky": SKY} if regions is None else regions
+    df = pd.concat(frames, ignore_index=True)
+    df["layer"], df["method"], df["shard"] = "conv4", "gradcam++", 0
+    df["label_name"] = df["label"].map({0: "cat", 1: "dog"})
+    df["pred_name"] = df["pred"].map({0: "cat", 1: "dog"})
+    df["score"] = 0.9
+    df["path"] = df["image_id"]
+    schema = records_schema(list(regions))
+    for f in schema:
+        if f.name not in df:
+            df[f.name] = None
+    df["pointing_hit"] = df["pointing_hit"].map(lambda v: None if pd.isna(v) else bool(v > 0.5))
+    table = pa.Table.from_pandas(df[[f.name for f in schema]], schema=schema, preserve_index=False)
+    (out / "records").mkdir(parents=True)
+    pq.write_table(table, out / "records" / "part-00000.parquet")
+    job = {"name": "synthetic", "classes": ["cat", "dog"], "layers": ["conv4"], "input_size": list(SIZE),
+           "spec": {"explain": {"regions": {k: list(v) for k, v in regions.items()}}}}
+    (out / "job.json").write_text(json.dumps(job))
+
+
+def test_scan_tables_and_minority_cluster(tmp_path, capsys):
+    # dog: mostly healthy, 20% watermark maps; cat: healthy
+    dog = pd.concat([make_rows("healthy", 60, seed=1), make_rows("corner", 15, seed=2)], ignore_index=True)
+    dog["correct"] = [True] * 60 + [False] * 15
+    dog["image_id"] = [f"dog/{i}.png" for i in range(len(dog))]
+    cat = make_rows("healthy", 40, seed=4, target=0)
+    write_job(tmp_path, [dog, cat])
+    classes, clusters = scan(tmp_path, intervene=True)  # job.json has no model: intervention skipped
+    printed = capsys.readouterr().out
+    assert "shortcut_suspected" in printed and printed.index("dog") < printed.index("cat")
+    assert list(classes["class_name"]) == ["dog", "cat"]  # suspects first
+    d = classes.iloc[0]
+    assert d["verdict"] == "shortcut_suspected" and d["n_suspect_clusters"] == 1
+    assert d["attention_suspicion"] < 0.5  # the class as a whole looks healthy ...
+    assert d["evidence"].startswith("A cluster of 15 heatmaps (20% of the class)")  # ... the cluster surfaces
+    assert d["cue"] == "fixed place"
+    # quarters of 75 // 4 = 18: the most off-object 18 are the 15 (wrong) watermark maps + 3 healthy
+    assert d["spurious_gap"] == pytest.approx(3 / 18 - 1.0)
+    assert classes.iloc[1]["verdict"] == "ok"
+    assert d["accuracy"] == pytest.approx(60 / 75)
+    dc = clusters[clusters["class_name"] == "dog"]
+    sus = dc[dc["verdict"] == "shortcut_suspected"]
+    assert len(sus) == 1 and sus.iloc[0]["n"] == 15 and sus.iloc[0]["share"] == pytest.approx(0.2)
+    assert all(i.startswith("dog/") for i in sus.iloc[0]["example_ids"])
+    mm = np.asarray(sus.iloc[0]["mean_map"]).reshape(16, 16)
+    assert np.unravel_index(mm.argmax(), mm.shape)[0] > 11 and np.unravel_index(mm.argmax(), mm.shape)[1] > 11
+    # written with the declared schema
+    t = pq.read_table(tmp_path / "summary" / "classes.parquet")
+    assert t.schema.field("verdict").type == pa.string() and "energy_sky" in t.schema.names
+    assert pq.read_table(tmp_path / "summary" / "clusters.parquet").schema.field("example_ids").type == \
+        pa.list_(pa.string())
+
+
+def test_scan_ignore_masks_and_insufficient(tmp_path):
+    sky = make_rows("sky", 30, seed=5, masks=True)
+    few = make_rows("healthy", 5, seed=6, target=0)
+    write_job(tmp_path, [sky, few])
+    classes, _ = scan(tmp_path, intervene=False, quiet=True, use_masks=False)
+    by = classes.set_index("class_name")
+    assert by.loc["dog", "verdict"] == "shortcut_suspected" and by.loc["dog", "cue"] == "region:sky"
+    assert pd.isna(by.loc["dog", "energy_object"])  # masks ignored
+    assert by.loc["cat", "verdict"] == "insufficient_data" and pd.isna(by.loc["cat", "suspicion"])
+
+
+def test_scan_errors_are_one_line(tmp_path):
+    with pytest.raises(AuditError, match="does not exist"):
+        scan(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(AuditError, match="no records"):
+        scan(tmp_path / "empty")
+    write_job(tmp_path / "j", [make_rows("healthy", 25)])
+    with pytest.raises(AuditError, match="method 'cam'"):
+        scan(tmp_path / "j", method="cam", quiet=True)
