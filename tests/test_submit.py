@@ -1,0 +1,163 @@
+"""``audit submit`` against a real head started with ``ray start --head`` in token mode.
+
+The head runs in its own session (``setsid``) with its own temp dir and free
+ports, and is stopped by its process ids at the end (SIGTERM to the
+``ray start --block`` process, then SIGKILL to anything left in its process
+group).  Skipped, with the reason, only when the head cannot start here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import helpers_jobs as h
+import pytest
+
+from audit.cli import main
+from audit.cli.submit import auth_headers, entrypoint
+
+VENV_BIN = Path(sys.executable).parent
+
+
+def _free_ports(n):
+    socks, ports = [], []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+        ports.append(s.getsockname()[1])
+    for s in socks:
+        s.close()
+    return ports
+
+
+def _group_pids(pgid):
+    out = []
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                if os.getpgid(int(p.name)) == pgid:
+                    out.append(int(p.name))
+            except (ProcessLookupError, PermissionError):
+                pass
+    return out
+
+
+@pytest.fixture(scope="module")
+def head():
+    token = secrets.token_hex(16)
+    gcs, dash, client, agent, agent_grpc, metrics, rtenv = _free_ports(7)
+    tmp = tempfile.mkdtemp(prefix="rsub", dir="/tmp")  # short: Ray's socket paths have a length limit
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token,
+           "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}", "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    cmd = [str(VENV_BIN / "ray"), "start", "--head", "--block", f"--port={gcs}", "--num-cpus=2",
+           f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1", f"--ray-client-server-port={client}",
+           f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
+           f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={rtenv}", f"--temp-dir={tmp}",
+           "--disable-usage-stats"]
+    with open(Path(tmp) / "head.log", "w") as log:  # the child keeps its own copy of the descriptor
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    address = f"http://127.0.0.1:{dash}"
+    try:
+        _wait_for_dashboard(address, token, proc, deadline=90)
+    except RuntimeError as e:
+        _stop(proc)
+        pytest.skip(f"cannot start a token-mode Ray head here: {e}")
+    yield {"address": address, "token": token, "tmp": tmp}
+    _stop(proc)
+
+
+def _wait_for_dashboard(address, token, proc, deadline):
+    import urllib.request
+
+    t0 = time.time()
+    while time.time() - t0 < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"ray start exited with {proc.returncode}")
+        try:
+            req = urllib.request.Request(f"{address}/api/jobs/", headers={"Authorization": f"Bearer {token}"})
+            with urllib.request.urlopen(req, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except Exception:
+            pass
+        time.sleep(1.0)
+    raise RuntimeError(f"the dashboard did not answer within {deadline} s")
+
+
+def _stop(proc):
+    """Stop the head by its process ids: the ray start process, then its process group."""
+    pgid = proc.pid  # start_new_session: the group id is the leader's pid
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+    t0 = time.time()
+    while time.time() - t0 < 10:
+        left = _group_pids(pgid)
+        if not left:
+            return
+        time.sleep(0.5)
+    for pid in _group_pids(pgid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_entrypoint_and_headers(tmp_path, monkeypatch):
+    cmd = entrypoint("/data/my job.yaml", "python", True, ["dataset.limit=5"])
+    assert cmd == "python -m audit run '/data/my job.yaml' --address auto --resume --set dataset.limit=5"
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
+    assert auth_headers() == {}
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "abc")
+    assert auth_headers() == {"Authorization": "Bearer abc"}
+    f = tmp_path / "tok"
+    f.write_text("xyz\n")
+    assert auth_headers(str(f)) == {"Authorization": "Bearer xyz"}
+
+
+def test_submit_with_token_and_wait(head, tmp_path, monkeypatch, capsys):
+    h.make_model(tmp_path / "model.keras")
+    h.make_folder(tmp_path / "data", 6, masks=False)
+    spec = h.write_spec(tmp_path / "job.yaml", resources={"actors": 1, "batch_size": 8})
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+
+    # no token: refused, one line
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    assert main(["submit", spec, "--address", head["address"]]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "requires token authentication" in err and len(err.splitlines()) == 1
+    # wrong token
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "not-the-token")
+    assert main(["submit", spec, "--address", head["address"]]) == 2
+    assert "refused the authentication token" in capsys.readouterr().err
+    # a spec error is caught locally before anything is sent
+    assert main(["submit", spec, "--address", head["address"], "--set", "dataset.shardsize=3"]) == 2
+    assert "unknown key 'dataset.shardsize'" in capsys.readouterr().err
+
+    monkeypatch.delenv("RAY_AUTH_TOKEN")
+    tok = tmp_path / "token"
+    tok.write_text(head["token"])
+    code = main(["submit", spec, "--address", head["address"], "--token-file", str(tok), "--wait",
+                 "--submission-id", "audit-test-1"])
+    cap = capsys.readouterr()
+    assert code == 0, cap.out[-2000:] + cap.err[-2000:]
+    assert cap.out.splitlines()[0] == "audit-test-1"
+    assert "job t (" in cap.out and "12 of 12 audited" in cap.out  # the job's own summary, from its logs
+    assert "SUCCEEDED" in cap.err
+    assert len(list((tmp_path / "out" / "records").glob("part-*.parquet"))) == 2
