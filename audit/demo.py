@@ -41,12 +41,13 @@ def _clear(out: Path) -> None:
 
 
 def run_demo(out="tank-sky-demo", *, masks: bool = True, intervene: bool = True, report: bool = True,
-             cache=None, progress: bool = True, log=print) -> dict:
+             cache=None, params=None, progress: bool = True, log=print) -> dict:
     """Run the demo into ``out`` (``out/shortcut`` and ``out/control``); returns the results.
 
     ``masks=False`` audits without the tank masks (the scan then judges from
     the heatmaps alone).  ``cache``: where the data and models are kept
-    (default: :func:`audit.tanksky.cache_dir`).
+    (default: :func:`audit.tanksky.cache_dir`); ``params``: a
+    :class:`audit.tanksky.Params` (dataset size, training), default the demo's.
     """
     from audit import tanksky
     from audit.job import _ray_init, run_job
@@ -55,7 +56,7 @@ def run_demo(out="tank-sky-demo", *, masks: bool = True, intervene: bool = True,
 
     t0 = time.time()
     out = Path(out)
-    built = tanksky.ensure(root=cache, log=log)
+    built = tanksky.ensure(params or tanksky.Params(), root=cache, log=log)
     results = {"out": str(out), "models": {}}
     import ray
 

@@ -324,3 +324,15 @@ def test_scan_errors_are_one_line(tmp_path):
     write_job(tmp_path / "j", [make_rows("healthy", 25)])
     with pytest.raises(AuditError, match="method 'cam'"):
         scan(tmp_path / "j", method="cam", quiet=True)
+
+
+def test_cli_scan(tmp_path, capsys):
+    from audit.cli import main
+
+    write_job(tmp_path / "j", [make_rows("sky", 25, masks=False)])
+    assert main(["scan", str(tmp_path / "j"), "--no-intervene"]) == 0
+    out = capsys.readouterr().out
+    assert "shortcut_suspected" in out and "region:sky" in out
+    assert main(["scan", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("audit: error:") and len(err.strip().splitlines()) == 1

@@ -1,0 +1,95 @@
+"""End to end: the tank/sky demo's shortcut model is flagged (sky as the cue), the control is not.
+
+Builds a small tank/sky set and trains both models in a temporary cache,
+runs both jobs on one local Ray (through run_job and the packaged specs),
+scans with intervention, with masks and without.
+"""
+
+import os
+
+import numpy as np
+import pytest
+
+from audit import tanksky
+
+PARAMS = tanksky.Params(n_train=320, n_test=120, epochs=40, seed=7)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    from audit.demo import run_demo
+
+    root = tmp_path_factory.mktemp("demo")
+    lines = []
+    r = run_demo(root / "out", cache=root / "cache", params=PARAMS, report=False, progress=False,
+                 log=lines.append)
+    r["log"] = "\n".join(lines)
+    return r
+
+
+def test_dataset_is_biased_in_training_and_not_in_test():
+    imgs, labels, masks, skies = tanksky.make_split(40, 1, biased=True)
+    assert imgs.shape == (40, 64, 64, 3) and imgs.dtype == np.uint8
+    assert (skies[labels == 1] == "cloudy").all() and (skies[labels == 0] == "sunny").all()
+    assert masks[labels == 1].any(axis=(1, 2)).all() and not masks[labels == 0].any()
+    _, labels, _, skies = tanksky.make_split(200, 2, biased=False)
+    both = [(lab, s) for lab in (0, 1) for s in ("cloudy", "sunny")]
+    assert all(((labels == lab) & (skies == s)).sum() > 30 for lab, s in both)
+    a, *_ = tanksky.make_split(4, 3, biased=False)
+    b, *_ = tanksky.make_split(4, 3, biased=False)
+    np.testing.assert_array_equal(a, b)  # deterministic per seed
+
+
+def test_demo_flags_the_shortcut_with_the_sky_as_cue(demo):
+    from audit.demo import flagged
+
+    sc = demo["models"]["shortcut"]
+    assert sc["summary"]["accuracy"] < 0.7  # the sky no longer tells on the test split
+    c = sc["classes"].set_index("class_name")
+    assert flagged(sc["classes"])
+    assert c.loc["no_tank", "verdict"] == "shortcut_suspected"
+    assert c.loc["no_tank", "cue"] == "region:sky"
+    assert c.loc["no_tank", "flip_rate_cue"] > 0.5  # occluding the sky changes the answer
+    assert c.loc["tank", "verdict"] == "shortcut_suspected"  # attention off the tank ...
+    assert c.loc["tank", "energy_object"] < 0.15
+    assert c.loc["tank", "flip_rate_object"] < 0.2  # ... and removing the tank does not matter
+    assert "region 'sky'" in c.loc["no_tank", "evidence"]
+    assert "SHORTCUT SUSPECTED" in demo["log"] and "no shortcut found" in demo["log"]
+
+
+def test_demo_control_is_not_flagged(demo):
+    from audit.demo import flagged
+
+    ct = demo["models"]["control"]
+    assert ct["summary"]["accuracy"] > 0.9
+    assert not flagged(ct["classes"]), ct["classes"][["class_name", "verdict", "evidence"]].to_string()
+    c = ct["classes"].set_index("class_name")
+    assert c.loc["tank", "pointing_hit"] > 0.8
+    assert (ct["clusters"]["verdict"] != "shortcut_suspected").all()
+
+
+def test_demo_without_masks(demo):
+    from audit.demo import flagged
+    from audit.scan import scan
+
+    sc, _ = scan(demo["models"]["shortcut"]["out"], use_masks=False, quiet=True)
+    ct, ctc = scan(demo["models"]["control"]["out"], use_masks=False, quiet=True)
+    assert flagged(sc) and not flagged(ct)
+    s = sc.set_index("class_name")
+    assert s.loc["no_tank", "cue"] == "region:sky" and s.loc["no_tank", "flip_rate_cue"] > 0.5
+    assert s["energy_object"].isna().all() and s["flip_rate_object"].isna().all()
+    assert (ctc["verdict"] != "shortcut_suspected").all()
+
+
+def test_demo_writes_the_contract_tables(demo):
+    import pyarrow.parquet as pq
+
+    from audit.schema import arrow_schema
+
+    out = demo["models"]["shortcut"]["out"]
+    for name in ("classes", "clusters"):
+        t = pq.read_table(f"{out}/summary/{name}.parquet")
+        want = arrow_schema(name, {"energy_sky": "float32"})
+        assert t.schema.names == want.names
+        assert set(t.column("verdict").to_pylist()) <= {"shortcut_suspected", "ok", "insufficient_data"}
