@@ -362,9 +362,15 @@ def _drive(spec, job_id, classes, todo, res, state, actors, bar, on_event, recor
         start_actor()
 
     while pending or any(a["inflight"] for a in actors.values()):
-        # hand out work to ready actors
+        # hand out work to ready actors: one shard each first, then a queued second one
+        # when there is enough work left for the actors still idle or starting
+        idle = sum(1 for a in actors.values() if not a["inflight"])
         for key, a in actors.items():
             while a["ready"] and pending and len(a["inflight"]) < QUEUE_DEPTH:
+                if a["inflight"] and len(pending) <= idle:
+                    break
+                if not a["inflight"]:
+                    idle -= 1
                 shard = pending.popleft()
                 ref = a["handle"].process_shard.remote(shard)
                 a["inflight"][ref] = shard

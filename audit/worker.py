@@ -150,6 +150,10 @@ class AuditWorker:
         self.schema = records_schema(list(self.regions))
         self.schema_version = SCHEMA_VERSION
         self.pool = ThreadPoolExecutor(max_workers=res.get("decode_threads", 4), thread_name_prefix="decode")
+        self.post = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rows")
+        # trace the compiled step now (fixed batch shape), not on the first shard
+        self.explainer(np.zeros((1, *self.explainer.input_shape), np.float32),
+                       labels=np.zeros(1, np.int32) if self.explainer.target == "label" else None)
         self._ready = True
         self.info = {
             "pid": os.getpid(),
@@ -210,7 +214,13 @@ class AuditWorker:
         parts, keys = [], []
         counts = {"errors": 0, "flat": 0, "correct": 0, "labelled": 0}
         results = self.pool.map(load, items)  # decoding runs ahead of the model
-        batch = []
+        batch, pending = [], []
+
+        def run(batch):
+            job = self._explain(batch, shard_id, parts, keys, counts)
+            if job is not None:  # statistics and rows overlap with the next batch's model pass
+                pending.append(self.post.submit(self._rows, *job, shard_id))
+
         for idx, (item, res) in enumerate(zip(items, results)):
             if isinstance(res, Exception):
                 parts.append(self._error_rows([(idx, item, str(res), None)], shard_id))
@@ -219,10 +229,16 @@ class AuditWorker:
                 continue
             batch.append((idx, item, res))
             if len(batch) == bs:
-                self._run_batch(batch, shard_id, parts, keys, counts)
+                run(batch)
                 batch = []
         if batch:
-            self._run_batch(batch, shard_id, parts, keys, counts)
+            run(batch)
+        for fut in pending:
+            p, k, c = fut.result()
+            parts += p
+            keys += k
+            for name, v in c.items():
+                counts[name] += v
         if not parts:
             return self.schema.empty_table(), counts
         table = pa.concat_tables(parts)
@@ -253,11 +269,9 @@ class AuditWorker:
         cols["height"] = pa.array([s[1] if s else None for s in sizes], pa.int32())
         return pa.table(cols, schema=self.schema)
 
-    def _run_batch(self, batch, shard_id, parts, keys, counts):
-        import pyarrow as pa
-
+    def _explain(self, batch, shard_id, parts, keys, counts):
+        """The model pass of one batch (main thread). Returns (batch, explanation) or None."""
         from audit.models import preprocess
-        from audit.stats import map_stats, to_arrow_columns
 
         ex = self.explainer
         labels = [b[1].label for b in batch]
@@ -269,16 +283,28 @@ class AuditWorker:
                     [(i, it, "target=label but the image has no valid label", r[2]) for i, it, r in bad], shard_id))
                 keys.append(np.array([i * 1000 for i, _, _ in bad], np.int64))
                 counts["errors"] += len(bad)
-                batch = [b for b in batch if b not in bad]
+                gone = {b[0] for b in bad}
+                batch = [b for b in batch if b[0] not in gone]
                 labels = [b[1].label for b in batch]
                 if not batch:
-                    return
+                    return None
         imgs = np.stack([b[2][0] for b in batch])
         x = preprocess(imgs, self.spec["model"]["preprocess"])
         if self.channels == 1:
             x = x.mean(axis=-1, keepdims=True)
         lab = np.array([-1 if v is None else v for v in labels], np.int32)
-        res = ex(x, labels=np.maximum(lab, 0) if ex.target == "label" else None)
+        return batch, ex(x, labels=np.maximum(lab, 0) if ex.target == "label" else None)
+
+    def _rows(self, batch, res, shard_id):
+        """Statistics and Arrow rows of an explained batch (post-processing thread)."""
+        import pyarrow as pa
+
+        from audit.stats import map_stats, to_arrow_columns
+
+        ex = self.explainer
+        parts, keys = [], []
+        counts = {"flat": 0, "correct": 0, "labelled": 0}
+        labels = [b[1].label for b in batch]
         n = len(batch)
         has_mask = np.array([b[2][1] is not None for b in batch])
         masks = None
@@ -337,11 +363,13 @@ class AuditWorker:
                 parts.append(pa.table({name: cols[name] for name in self.schema.names}, schema=self.schema))
                 keys.append(np.array([b[0] * 1000 + n_blocks for b in batch], np.int64))
                 n_blocks += 1
+        return parts, keys, counts
 
     def close(self) -> None:
-        pool = getattr(self, "pool", None)
-        if pool is not None:
-            pool.shutdown(wait=False)
+        for name in ("pool", "post"):
+            pool = getattr(self, name, None)
+            if pool is not None:
+                pool.shutdown(wait=False)
 
 
 def _node_id() -> str | None:

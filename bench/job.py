@@ -1,0 +1,234 @@
+"""Benchmark of audit jobs (run by hand; prints a table with ratios).
+
+    .venv/bin/python bench/job.py                 # about 3-5 minutes on 2 CPUs
+    .venv/bin/python bench/job.py --images 512 --rows 200000   # quicker
+
+1. End-to-end images/s of a job (1 actor, embedded Ray) vs the Explainer alone
+   on the same model and the same images already decoded in memory (target
+   >= 0.8x: decoding and writing hidden behind compute).  Reported in steady
+   state (from the first actor ready to the last shard committed) and with the
+   actor start-up (TensorFlow import, model load, tracing) included.
+2. 1 vs 2 actors on a 2-node local cluster (ray.cluster_utils.Cluster, 1 CPU
+   per node; target >= 1.6x).  On a machine with fewer free cores than actors
+   this measures the machine, not the scheduler: the table prints the cores.
+3. Parquet bytes per image (all layers x methods of one image, cam included).
+4. Driver peak memory (max RSS of a fresh process) while planning a manifest of
+   1,000,000 rows (target < 500 MB), and the Python heap peak (tracemalloc).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "tests"))
+
+
+def make_model(path, size):
+    import keras
+
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((size, size, 3))
+    x = keras.layers.Conv2D(32, 3, padding="same", activation="relu")(inp)
+    x = keras.layers.Conv2D(48, 3, padding="same", activation="relu")(x)
+    x = keras.layers.MaxPooling2D()(x)
+    x = keras.layers.Conv2D(64, 3, padding="same", activation="relu", name="last_conv")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    out = keras.layers.Dense(2, activation="softmax")(x)
+    keras.Model(inp, out).save(path)
+
+
+def make_images(root, n, size):
+    import cv2
+
+    rng = np.random.default_rng(0)
+    imgs = []
+    for i in range(n):
+        cls = i % 2
+        img = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
+        d = Path(root) / ("a", "b")[cls]
+        d.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(d / f"{i:06d}.jpg"), img, [cv2.IMWRITE_JPEG_QUALITY, 90])
+        imgs.append(img)
+    return imgs
+
+
+def spec_for(tmp, out, shard, batch, **res):
+    return {
+        "name": "bench",
+        "model": {"path": str(tmp / "model.keras"), "preprocess": "scale_0_1"},
+        "dataset": {"format": "folder", "path": str(tmp / "data"), "shard_size": shard},
+        "explain": {"methods": ["gradcam", "gradcam++"], "layers": "auto"},
+        "resources": {"batch_size": batch, **res},
+        "output": str(out),
+    }
+
+
+def timed_job(spec, n_actors=1):
+    """(steady images/s, end-to-end images/s, summary).
+
+    Steady state: images committed after the last actor became ready, over the
+    time from then to the last commit (start-up and tracing excluded).
+    """
+    from audit.job import run_job
+
+    marks = {"ready": [], "done": []}
+
+    def ev(kind, payload):
+        if kind == "actor_ready":
+            marks["ready"].append(time.perf_counter())
+        elif kind == "shard_done":
+            marks["done"].append((time.perf_counter(), payload["images"]))
+
+    t0 = time.perf_counter()
+    s = run_job(spec, progress=False, on_event=ev)
+    total = time.perf_counter() - t0
+    start = sorted(marks["ready"])[min(n_actors, len(marks["ready"])) - 1]
+    after = [(t, n) for t, n in marks["done"] if t > start]
+    steady = sum(n for _, n in after) / (after[-1][0] - start) if after else float("nan")
+    return steady, s["images_done"] / total, s
+
+
+def engine_alone(model_path, images, batch):
+    import keras
+
+    from audit.cam import Explainer
+    from audit.models import preprocess
+
+    model = keras.models.load_model(model_path, compile=False)
+    ex = Explainer(model, layers="auto", methods=("gradcam", "gradcam++"), batch_size=batch)
+    x = preprocess(np.stack(images), "scale_0_1")
+    ex(x[:batch])  # trace once
+    t0 = time.perf_counter()
+    ex(x)
+    dt = time.perf_counter() - t0
+    return len(images) / dt
+
+
+PLAN_CODE = r"""
+import sys, time, tracemalloc
+
+def hwm():  # peak RSS of this process image (VmHWM; ru_maxrss would include the parent's before exec)
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+
+import audit.job  # the driver's imports (Ray is imported when the job starts Ray, after planning)
+from audit import datasets
+base = hwm()
+tracemalloc.start()
+t0 = time.perf_counter()
+p = datasets.plan({"format": "manifest", "path": sys.argv[1], "classes": None, "masks": None,
+                   "shard_size": 512, "limit": None, "max_pixels": 10**8})
+dt = time.perf_counter() - t0
+heap = tracemalloc.get_traced_memory()[1]
+print(p.total, len(p.shards), base, hwm(), heap / 2**20, dt)
+"""
+
+
+def plan_memory(tmp, rows):
+    csv = tmp / "big.csv"
+    with open(csv, "w") as f:
+        f.write("path,label\n")
+        for i in range(rows):
+            f.write(f"images/{i // 1000:04d}/img_{i:07d}.jpg,{'cat' if i % 3 else 'dog'}\n")
+    out = subprocess.run([sys.executable, "-c", PLAN_CODE, str(csv)], capture_output=True, text=True, check=True)
+    total, shards, base, peak, heap, dt = out.stdout.split()
+    return int(total), int(shards), float(base), float(peak), float(heap), float(dt), csv.stat().st_size
+
+
+def two_node(tmp, images, batch, shard):
+    import ray
+    from ray.cluster_utils import Cluster
+
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    c.add_node(num_cpus=1)
+    c.add_node(num_cpus=1)
+    ray.init(address=c.address, log_to_driver=False)
+    c.wait_for_nodes()
+    try:
+        rates = {}
+        for n in (1, 2):
+            out = tmp / f"out_cluster{n}"
+            shutil.rmtree(out, ignore_errors=True)
+            rates[n] = timed_job(spec_for(tmp, out, shard, batch, actors=n, cpus_per_actor=1), n)[0]
+        return rates
+    finally:
+        ray.shutdown()
+        c.shutdown()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", type=int, default=1536)
+    ap.add_argument("--size", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--shard", type=int, default=64)
+    ap.add_argument("--rows", type=int, default=1_000_000, help="manifest rows for the planning-memory figure")
+    ap.add_argument("--skip-cluster", action="store_true")
+    args = ap.parse_args()
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    tmp = Path(tempfile.mkdtemp(prefix="auditbench"))
+    try:
+        make_model(tmp / "model.keras", args.size)
+        images = make_images(tmp / "data", args.images, args.size)
+        # the job reads the JPEGs back; the engine gets the same decoded pixels
+        from audit.decode import decode_image
+
+        decoded = [decode_image((tmp / "data" / ("a", "b")[i % 2] / f"{i:06d}.jpg").read_bytes())
+                   for i in range(args.images)]
+        del images
+        eng = engine_alone(tmp / "model.keras", decoded, args.batch)
+
+        import ray
+
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+        try:
+            steady, e2e, s = timed_job(spec_for(tmp, tmp / "out1", args.shard, args.batch, actors=1))
+        finally:
+            ray.shutdown()
+        pq_bytes = sum(p.stat().st_size for p in (tmp / "out1" / "records").glob("*.parquet"))
+        cluster = None if args.skip_cluster else two_node(tmp, args.images, args.batch, args.shard)
+        total, shards, base, peak, heap, dt, csv_bytes = plan_memory(tmp, args.rows)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    cores = os.cpu_count()
+    load = os.getloadavg()[0]
+    print(f"\nshortcut-audit job benchmark: {args.images} JPEG images {args.size}x{args.size}, "
+          f"Grad-CAM + Grad-CAM++ on 1 layer, batch {args.batch}, shards of {args.shard}; "
+          f"{cores} CPUs, load average {load:.1f}\n")
+    rows = [
+        ("engine alone (decoded images in memory)", f"{eng:8.1f} img/s", ""),
+        ("audit job, 1 actor, steady state", f"{steady:8.1f} img/s", f"{steady / eng:5.2f}x engine (target >= 0.8x)"),
+        ("audit job, 1 actor, incl. actor start-up", f"{e2e:8.1f} img/s", f"{e2e / eng:5.2f}x engine"),
+    ]
+    if cluster:
+        rows += [
+            ("2-node cluster (1 CPU/node), 1 actor", f"{cluster[1]:8.1f} img/s", ""),
+            ("2-node cluster (1 CPU/node), 2 actors", f"{cluster[2]:8.1f} img/s",
+             f"{cluster[2] / cluster[1]:5.2f}x 1 actor (target >= 1.6x)"),
+        ]
+    rows += [
+        ("Parquet bytes per image", f"{pq_bytes / s['images_done']:8.0f} B",
+         f"{s['rows'] // s['images_done']} rows/image (zstd), cam {args.size // 2}x{args.size // 2} float32 per row"),
+        (f"plan {total:,}-row manifest ({csv_bytes / 2**20:.0f} MB CSV)", f"{peak:8.0f} MB",
+         f"peak RSS (interpreter+imports {base:.0f} MB), heap peak {heap:.1f} MB, {shards} shards, "
+         f"{dt:.1f} s (target < 500 MB)"),
+    ]
+    w = max(len(r[0]) for r in rows)
+    for name, val, note in rows:
+        print(f"  {name:<{w}}  {val}  {note}")
+
+
+if __name__ == "__main__":
+    main()
