@@ -217,7 +217,9 @@ def load_spec(spec, overrides=(), base_dir=None) -> dict:
     """Read, override, validate, default and resolve a job spec.
 
     ``spec`` is a path to a YAML file or a dict (then relative paths resolve
-    against ``base_dir``, default the current directory).  Returns a plain
+    against ``base_dir``, default the current directory).  Relative paths in
+    the file resolve against the file's directory; a path given in
+    ``overrides`` (``--set output=results/x``) against the current directory.  Returns a plain
     dict (JSON-serialisable) with absolute paths and every default filled in.
     """
     if isinstance(spec, dict):
@@ -232,15 +234,19 @@ def load_spec(spec, overrides=(), base_dir=None) -> dict:
     validate(doc)
     doc = fill_defaults(doc)
     doc.setdefault("name", default_name)
-    for keys in _PATH_KEYS:
+    # paths written in the spec are relative to its directory; paths given
+    # with --set on the command line are relative to the current directory
+    from_cli = {str(o).partition("=")[0].strip() for o in overrides or ()}
+    cwd = Path(os.getcwd())
+    keys_list = list(_PATH_KEYS)
+    if doc["dataset"]["format"] == "folder":
+        keys_list.append(("dataset", "masks"))
+    for keys in keys_list:
         node = doc
         for k in keys[:-1]:
             node = node[k]
         if node.get(keys[-1]):
-            node[keys[-1]] = _resolve(node[keys[-1]], base)
-    ds = doc["dataset"]
-    if ds["format"] == "folder" and ds.get("masks"):
-        ds["masks"] = _resolve(ds["masks"], base)
+            node[keys[-1]] = _resolve(node[keys[-1]], cwd if ".".join(keys) in from_cli else base)
     check(doc)
     return doc
 

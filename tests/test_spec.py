@@ -64,6 +64,17 @@ def test_defaults_and_relative_paths(ws, monkeypatch):
     assert load_spec(spec) == spec
 
 
+def test_paths_from_the_command_line_are_relative_to_the_cwd(ws, monkeypatch, tmp_path_factory):
+    tmp, doc = ws
+    elsewhere = tmp_path_factory.mktemp("cwd")
+    (elsewhere / "other.keras").write_bytes(b"x")
+    monkeypatch.chdir(elsewhere)
+    spec = load_spec(write(tmp, doc), ["model.path=other.keras", "output=res/o"])
+    assert spec["model"]["path"] == str(elsewhere / "other.keras")
+    assert spec["output"] == str(elsewhere / "res" / "o")
+    assert spec["dataset"]["path"] == str(tmp / "data")  # from the file: relative to the file
+
+
 def test_name_defaults_to_file_stem(ws):
     tmp, doc = ws
     doc.pop("name")
