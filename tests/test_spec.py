@@ -192,3 +192,13 @@ def test_cli_reports_spec_errors_in_one_line(ws, capsys):
     assert code == 2
     assert err_out.startswith("audit: error: spec error: unknown key 'dataset.colour'")
     assert len(err_out.splitlines()) == 1
+
+
+@pytest.mark.parametrize("name", ["example_folder.yaml", "example_manifest.yaml", "example_parquet.yaml",
+                                  "tank_sky.yaml"])
+def test_shipped_specs_are_valid(name):
+    from audit.spec import read_yaml, validate
+
+    path = resources.path("audit.jobs", name)
+    validate(read_yaml(path))  # schema only: their data lives elsewhere
+    assert fill_defaults(read_yaml(path))["resources"]["max_retries"] >= 0
