@@ -561,26 +561,42 @@ class _Group:
 
 
 def _load_grids(dataset, flt, wanted: dict, grid: int) -> dict:
-    """{(target, image_id): grid} for the wanted ids, streaming the cam column batch by batch."""
+    """{(target, image_id): grid} for the wanted ids, streaming the cam column batch by batch.
+
+    Rows are filtered in Arrow first (``is_in`` on the ids), so only the
+    sampled maps are ever converted; memory stays bounded by one batch plus
+    the (small) grids.
+    """
+    import pyarrow as pa
     import pyarrow.compute as pc
 
     out = {}
+    all_ids = pa.array(sorted({i for ids in wanted.values() for i in ids}), pa.string())
     cols = ["target", "image_id", "cam", "cam_h", "cam_w"]
     for batch in dataset.to_batches(columns=cols, filter=flt & (pc.field("status") == "ok")):
         if batch.num_rows == 0:
             continue
-        d = batch.to_pydict()
-        keep = [i for i, (t, iid) in enumerate(zip(d["target"], d["image_id"]))
-                if t is not None and iid in wanted.get(int(t), ())]
+        batch = batch.filter(pc.is_in(batch.column("image_id"), value_set=all_ids))
+        if batch.num_rows == 0:
+            continue
+        tg = batch.column("target").to_numpy(zero_copy_only=False)
+        iid = batch.column("image_id").to_pylist()
+        hs = batch.column("cam_h").to_numpy(zero_copy_only=False)
+        ws = batch.column("cam_w").to_numpy(zero_copy_only=False)
+        cams = batch.column("cam")
+        keep = [i for i in range(batch.num_rows)
+                if np.isfinite(tg[i]) and iid[i] in wanted.get(int(tg[i]), ()) and cams[i].is_valid]
         by_shape: dict = {}
         for i in keep:
-            if d["cam"][i] is None:
-                continue
-            by_shape.setdefault((int(d["cam_h"][i]), int(d["cam_w"][i])), []).append(i)
+            by_shape.setdefault((int(hs[i]), int(ws[i])), []).append(i)
         for (h, w), idx in by_shape.items():
-            g = grids_from_cams([d["cam"][i] for i in idx], h, w, grid)
+            sub = cams.take(pa.array(idx))
+            flat = sub.flatten().to_numpy(zero_copy_only=False)
+            if len(flat) != len(idx) * h * w:
+                continue  # a malformed map (length does not match cam_h x cam_w): skipped
+            g = grids_from_cams(flat.reshape(len(idx), h * w), h, w, grid)
             for j, i in enumerate(idx):
-                out[(int(d["target"][i]), d["image_id"][i])] = g[j]
+                out[(int(tg[i]), iid[i])] = g[j]
     return out
 
 
