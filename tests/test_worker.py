@@ -1,0 +1,120 @@
+"""The worker as a plain class (no Ray): every reading format, target=label, classes, mixed precision."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import helpers_jobs as h
+import numpy as np
+import pytest
+
+from audit import datasets
+from audit.errors import AuditError
+from audit.spec import load_spec
+from audit.worker import AuditWorker
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("wmodel")
+    return h.make_model(tmp / "model.keras")
+
+
+def _spec(tmp_path, model, dataset, **explain):
+    return load_spec({
+        "model": {"path": model, "preprocess": "scale_0_1"},
+        "dataset": dataset,
+        "explain": {"methods": ["gradcam", "cam"], **explain},
+        "resources": {"batch_size": 4, "decode_threads": 2},
+        "output": str(tmp_path / "out"),
+    })
+
+
+def _run(spec):
+    p = datasets.plan(spec["dataset"])
+    w = AuditWorker(spec, classes=p.classes)
+    tables = [w.process_shard(s, commit=False)["table"] for s in p.shards]
+    import pyarrow as pa
+
+    return p, pa.concat_tables(tables).to_pandas(), w
+
+
+@pytest.mark.parametrize("fmt", ["manifest", "parquet", "tfrecord"])
+def test_every_format_through_the_worker(tmp_path, model, fmt):
+    if fmt == "manifest":
+        ds = {"format": "manifest", "path": h.make_manifest(tmp_path, n=6, boxes=True), "shard_size": 4}
+        ids = [f"images/im{i:03d}.png" for i in range(6)]
+        seeds = [2000 + i for i in range(6)]
+    elif fmt == "parquet":
+        ds = {"format": "parquet", "path": h.make_parquet(tmp_path / "pq", n=6, files=2), "shard_size": 4}
+        ids = [f"rec-{i:04d}" for i in range(6)]
+        seeds = [3000 + i for i in range(6)]
+    else:
+        ds = {"format": "tfrecord", "path": h.make_tfrecord(tmp_path / "d.tfrecord", n=6), "shard_size": 4}
+        ids = [f"d.tfrecord#{i}" for i in range(6)]
+        seeds = [4000 + i for i in range(6)]
+    spec = _spec(tmp_path, model, ds, regions={"left": [0, 0, 0.5, 1]})
+    p, df, w = _run(spec)
+    assert df.image_id.tolist() == [i for i in ids for _ in range(2)]
+    assert df.method.tolist() == ["gradcam", "cam"] * 6
+    assert (df.status == "ok").all() and df.has_mask.all() and df.energy_object.notna().all()
+    assert df.label.tolist() == [i % 2 for i in range(6) for _ in range(2)]
+    # the maps are the Explainer's on the same pixels
+    from audit.models import preprocess
+
+    x = preprocess(np.stack([h.image(s, i % 2)[0] for i, s in enumerate(seeds)]), "scale_0_1")
+    res = w.explainer(x)
+    got = np.stack(df[df.method == "gradcam"].cam.map(np.asarray)).reshape(6, 16, 16)
+    np.testing.assert_allclose(got, res.maps[("conv2", "gradcam")], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(df[df.method == "cam"].score, res.score, rtol=1e-6)
+    # energy_left by hand: share of the ReLU'd map (resized to 16x16 = same size) in the left half
+    m = np.maximum(res.maps[("conv2", "gradcam")], 0)
+    np.testing.assert_allclose(df[df.method == "gradcam"].energy_left, m[:, :, :8].sum((1, 2)) / m.sum((1, 2)),
+                               rtol=1e-4)
+
+
+def test_target_label_without_label_is_an_error_row(tmp_path, model):
+    path = h.make_manifest(tmp_path, n=3, names=False)
+    text = Path(path).read_text().splitlines()
+    text[2] = text[2].rsplit(",", 1)[0] + ","  # second image: empty label
+    Path(path).write_text("\n".join(text) + "\n")
+    spec = _spec(tmp_path, model, {"format": "manifest", "path": path}, target="label")
+    _, df, _ = _run(spec)
+    assert df.groupby("image_id").size().to_dict() == {"images/im000.png": 2, "images/im001.png": 1,
+                                                       "images/im002.png": 2}
+    bad = df[df.image_id == "images/im001.png"].iloc[0]
+    assert bad.status == "error" and "no valid label" in bad.error
+    ok = df[df.status == "ok"]
+    assert (ok.target == ok.label).all()
+
+
+def test_classes_must_fit_the_model(tmp_path, model):
+    root, _ = h.make_folder(tmp_path / "data", 1, classes=("a", "b", "c"), masks=False)
+    spec = _spec(tmp_path, model, {"format": "folder", "path": root})
+    with pytest.raises(AuditError, match="3 classes .* but the model has 2 outputs"):
+        _run(spec)
+
+
+def test_unknown_layer_lists_the_valid_ones(tmp_path, model):
+    root, _ = h.make_folder(tmp_path / "data", 1, masks=False)
+    spec = _spec(tmp_path, model, {"format": "folder", "path": root}, layers=["conv9"])
+    with pytest.raises(AuditError) as e:
+        AuditWorker(spec, classes=["cat", "dog"]).setup()
+    assert "conv9" in str(e.value) and "conv2" in str(e.value)
+
+
+def test_mixed_precision_rebuild(model):
+    import keras
+
+    from audit.worker import to_mixed_precision
+
+    m32 = keras.models.load_model(model, compile=False)
+    x = np.random.default_rng(0).random((2, 16, 16, 3)).astype(np.float32)
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        m16 = to_mixed_precision(m32)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert m16.get_layer("conv2").compute_dtype == "float16"
+    assert m16.get_layer("conv2").variable_dtype == "float32"
+    np.testing.assert_allclose(np.asarray(m16(x), np.float32), np.asarray(m32(x)), atol=5e-3)
