@@ -137,20 +137,27 @@ def test_submit_with_token_and_wait(head, tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
 
-    # no token: refused, one line
-    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
-    assert main(["submit", spec, "--address", head["address"]]) == 2
-    err = capsys.readouterr().err.strip()
-    assert "requires token authentication" in err and len(err.splitlines()) == 1
-    # wrong token
-    monkeypatch.setenv("RAY_AUTH_TOKEN", "not-the-token")
-    assert main(["submit", spec, "--address", head["address"]]) == 2
-    assert "refused the authentication token" in capsys.readouterr().err
+    # no token / a wrong token: refused, in one line.  Fresh processes with a clean
+    # environment and HOME: this process's Ray may have cached token mode and a local token.
+    def cli(*extra, token=None):
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+        env["HOME"] = str(tmp_path)
+        if token:
+            env["RAY_AUTH_TOKEN"] = token
+        return subprocess.run([sys.executable, "-m", "audit", "submit", spec, "--address", head["address"], *extra],
+                              env=env, capture_output=True, text=True, timeout=120)
+
+    r = cli()
+    assert r.returncode == 2 and "requires token authentication" in r.stderr, r.stderr[-1000:]
+    assert len(r.stderr.strip().splitlines()) == 1
+    r = cli(token="not-the-token")
+    assert r.returncode == 2 and "refused the authentication token" in r.stderr, r.stderr[-1000:]
+
     # a spec error is caught locally before anything is sent
     assert main(["submit", spec, "--address", head["address"], "--set", "dataset.shardsize=3"]) == 2
     assert "unknown key 'dataset.shardsize'" in capsys.readouterr().err
 
-    monkeypatch.delenv("RAY_AUTH_TOKEN")
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
     tok = tmp_path / "token"
     tok.write_text(head["token"])
     code = main(["submit", spec, "--address", head["address"], "--token-file", str(tok), "--wait",
