@@ -172,7 +172,8 @@ def main():
     ap.add_argument("--images", type=int, default=1536)
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--shard", type=int, default=64)
+    ap.add_argument("--shard", type=int, default=64, help="shard size in the 2-node cluster part (many shards)")
+    ap.add_argument("--job-shard", type=int, default=256, help="shard size in the job-vs-engine part")
     ap.add_argument("--rows", type=int, default=1_000_000, help="manifest rows for the planning-memory figure")
     ap.add_argument("--skip-cluster", action="store_true")
     args = ap.parse_args()
@@ -193,7 +194,7 @@ def main():
 
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
         try:
-            steady, e2e, s = timed_job(spec_for(tmp, tmp / "out1", args.shard, args.batch, actors=1))
+            steady, e2e, s = timed_job(spec_for(tmp, tmp / "out1", args.job_shard, args.batch, actors=1))
         finally:
             ray.shutdown()
         pq_bytes = sum(p.stat().st_size for p in (tmp / "out1" / "records").glob("*.parquet"))
@@ -205,7 +206,8 @@ def main():
     cores = os.cpu_count()
     load = os.getloadavg()[0]
     print(f"\nshortcut-audit job benchmark: {args.images} JPEG images {args.size}x{args.size}, "
-          f"Grad-CAM + Grad-CAM++ on 1 layer, batch {args.batch}, shards of {args.shard}; "
+          f"Grad-CAM + Grad-CAM++ on 1 layer, batch {args.batch}, shards of {args.job_shard} "
+          f"(cluster part: {args.shard}); "
           f"{cores} CPUs, load average {load:.1f}\n")
     rows = [
         ("engine alone (decoded images in memory)", f"{eng:8.1f} img/s", ""),

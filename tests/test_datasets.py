@@ -6,10 +6,10 @@ import csv
 from pathlib import Path
 
 import cv2
+import helpers_jobs as h
 import numpy as np
 import pytest
 
-import helpers_jobs as h
 from audit import datasets, decode
 from audit.errors import AuditError
 
