@@ -31,13 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"shortcut-audit {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
-        try:
-            module = importlib.import_module(f"audit.cli.{name}")
-        except ModuleNotFoundError as e:  # command still being written
-            if e.name == f"audit.cli.{name}":
-                continue
-            raise
-        module.register(sub)
+        importlib.import_module(f"audit.cli.{name}").register(sub)
     return parser
 
 
