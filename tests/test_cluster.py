@@ -42,8 +42,10 @@ def test_node_lost_mid_job(cluster, tmp_path):
     def track(kind, payload):
         if kind == "actor_ready":
             pids[payload["pid"]] = payload["node"]
-        elif kind == "shard_done" and not removed and len(set(pids.values())) == 2:
-            # the actor that just finished has its next shard queued: lose its whole node
+        elif kind == "shard_done" and not removed:
+            # the actor that just finished has its next shard queued: lose its whole node.
+            # (Not waiting for the second actor: under load the first may finish every
+            # shard before the second is up.)  The other node carries on.
             node = by_node[pids[payload["pid"]]]
             removed.append(node.node_id)
             c.remove_node(node)
