@@ -59,21 +59,24 @@ def _tf():
 
 
 def read_image(path, size=None, channels: int = 3) -> np.ndarray:
-    """Read an image file as uint8 RGB (or grey when ``channels`` is 1), resized to ``size`` (H, W)."""
+    """Read an image file as uint8 RGB (or grey when ``channels`` is 1), resized to ``size`` (H, W).
+
+    Decoding is the job's (:mod:`audit.decode`): grayscale, RGBA and 16-bit
+    images work, and a header claiming too many pixels is refused before decoding.
+    """
     import cv2
+
+    from audit.decode import DecodeError, decode_image, resize_image
 
     p = Path(path)
     if not p.is_file():
         raise AuditError(f"image not found: {p}")
-    data = np.fromfile(str(p), dtype=np.uint8)
-    img = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
-    if img is None:
-        raise AuditError(f"cannot decode image {p} (not an image file OpenCV can read)")
-    img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+    try:
+        img = decode_image(p.read_bytes())
+    except DecodeError as e:
+        raise AuditError(f"cannot decode image {p}: {e}") from None
     if size is not None:
-        h, w = int(size[0]), int(size[1])
-        interp = cv2.INTER_AREA if img.shape[0] > h else cv2.INTER_LINEAR
-        img = cv2.resize(img, (w, h), interpolation=interp)
+        img = resize_image(img, size)
     if channels == 1:
         img = cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)[..., None]
     return img
