@@ -112,6 +112,9 @@ def default_layers(t) -> list[str]:
     merges = [c for c in upto if c.kind in _MERGE_KINDS]
     if merges:
         picked.add(merges[-1].path)
+    earlier = [c for c in convs if c.path not in picked]
+    if len(picked) < 2 and earlier:  # a plain CNN: compare with the convolution before
+        picked.add(earlier[-1].path)
     return [c.path for c in cands if c.path in picked]
 
 

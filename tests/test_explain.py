@@ -245,6 +245,12 @@ def test_default_layers_follow_the_seeds(explained):
     assert E.default_layers(t) == ["skip", "add", "out"]
     # first conv, a trunk layer half-way down (not the side branch), the automatic layer
     assert E.default_feature_layers(t) == ["c1", "add", "out"]
+    # a plain CNN (no merge, the automatic layer is the last conv): compare with the conv before
+    plain = keras.Sequential([keras.Input((16, 16, 3)), keras.layers.Conv2D(2, 3, name="k1"),
+                              keras.layers.Conv2D(2, 3, name="k2"), keras.layers.MaxPooling2D(),
+                              keras.layers.Conv2D(2, 3, name="k3"), keras.layers.Flatten(),
+                              keras.layers.Dense(2)])
+    assert E.default_layers(graph.trace(plain)) == ["k2", "k3"]
 
 
 def test_explain_figures_exist_and_are_not_blank(explained):
