@@ -341,7 +341,11 @@ def _plan_parquet(ds):
     shards, total, sid = [], 0, 0
     names: set[str] = set()
     for file in files:
-        pf = pq.ParquetFile(file)
+        try:
+            pf = pq.ParquetFile(file)
+        except (OSError, ValueError) as e:  # pyarrow.ArrowInvalid is a ValueError
+            raise AuditError(f"dataset: {file} is not a readable Parquet file: {' '.join(str(e).split())[:200]}") \
+                from None
         schema = pf.schema_arrow
         if "image" not in schema.names:
             raise AuditError(f"dataset: {file} has no 'image' column (encoded image bytes); columns: "
@@ -607,9 +611,18 @@ def load_images(spec: dict, image_ids, size):
     intervention step.  An id that is not in the dataset, or an image that no
     longer decodes, is an :class:`AuditError`.
     """
+    ds = spec.get("dataset", spec)
+    if not os.path.exists(ds["path"]):
+        raise AuditError(f"dataset not found: {ds['path']} (moved since the job ran?)")
+    try:
+        return _load_images(ds, image_ids, size)
+    except OSError as e:
+        raise AuditError(f"cannot read the dataset {ds['path']}: {e.strerror or e}") from None
+
+
+def _load_images(ds, image_ids, size):
     from audit.decode import DecodeError
 
-    ds = spec.get("dataset", spec)
     ids = [str(i) for i in image_ids]
     want = {i: k for k, i in enumerate(ids)}
     H, W = int(size[0]), int(size[1])

@@ -56,6 +56,11 @@ def run_demo(out="tank-sky-demo", *, masks: bool = True, intervene: bool = True,
 
     t0 = time.time()
     out = Path(out)
+    for p in (out, *out.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise AuditError(f"--out: {p} exists and is not a directory")
+            break
     built = tanksky.ensure(params or tanksky.Params(), root=cache, log=log)
     results = {"out": str(out), "models": {}}
     import ray

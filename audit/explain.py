@@ -514,6 +514,17 @@ class Figure:
     note: str = ""
 
 
+def _check_classes_and_target(model, classes, target) -> None:
+    """One-line errors for class names or a target class that do not fit the model's outputs."""
+    n_out = int(model.outputs[0].shape[-1])
+    n = 2 if n_out == 1 else n_out  # one sigmoid unit: classes 0 and 1
+    if classes is not None and len(classes) != n:
+        raise AuditError(f"{len(classes)} class names given but the model has {n} classes")
+    numeric = isinstance(target, (int, np.integer)) or (isinstance(target, str) and target.lstrip("-").isdigit())
+    if numeric and not 0 <= int(target) < n:
+        raise AuditError(f"target class {int(target)} is out of range; the model has {n} classes (0..{n - 1})")
+
+
 def explain(model, image_paths, out_dir, *, layers=None, methods=None, preprocess_mode="none",
             feature_layers=None, filters: int = 8, steps: int = 40, channels: int = 32,
             target="predicted", classes=None, patterns: bool = True, seed: int = 0) -> Path:
@@ -537,11 +548,17 @@ def explain(model, image_paths, out_dir, *, layers=None, methods=None, preproces
     ch = int(model.inputs[0].shape[-1])
     if ch not in (1, 3):
         raise AuditError(f"model input has {ch} channels; audit explain reads RGB or grey images")
+    _check_classes_and_target(model, classes, target)
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise AuditError(f"output {out} exists and is not a directory")
     images = np.stack([read_image(p, (h, w), ch) for p in image_paths])
     x = preprocess(images, preprocess_mode)
     affine = affine_of(lambda a: preprocess(a, preprocess_mode), ch)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise AuditError(f"cannot create the output folder {out}: {e.strerror or e}") from None
     size = _tile_size(h, w)
     rgb = images if ch == 3 else np.repeat(images, 3, axis=-1)
     shown = [viz.fit(im, size) for im in rgb]

@@ -83,6 +83,7 @@ def _primary(ds, job: dict, clusters, layer=None, method=None) -> tuple[str | No
     names = ds.schema.names
     if "layer" not in names or "method" not in names:
         return None, None
+    asked_layer, asked_method = layer, method
     if layer is None and clusters is not None and "layer" in clusters and len(clusters):
         layer = clusters["layer"].dropna().iloc[0] if clusters["layer"].notna().any() else None
     if method is None and clusters is not None and "method" in clusters and len(clusters):
@@ -103,6 +104,10 @@ def _primary(ds, job: dict, clusters, layer=None, method=None) -> tuple[str | No
         return layer, method
     layers = sorted({p[0] for p in pairs})
     methods = sorted({p[1] for p in pairs})
+    if asked_layer is not None and asked_layer not in layers:  # a user's choice is never replaced silently
+        raise AuditError(f"layer {asked_layer!r} is not in the records; layers: {', '.join(layers)}")
+    if asked_method is not None and asked_method not in methods:
+        raise AuditError(f"method {asked_method!r} is not in the records; methods: {', '.join(methods)}")
     if layer not in layers:
         layer = layers[0]
     if method not in methods:

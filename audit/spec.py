@@ -258,6 +258,12 @@ def check(doc: dict) -> None:
         raise AuditError("spec error: model: give exactly one of 'path' (a .keras or .h5 file) or 'application'")
     if m.get("path") and not os.path.exists(m["path"]):
         raise AuditError(f"spec error: model.path: model file not found: {m['path']}")
+    if m.get("path") and (os.path.isdir(m["path"]) or Path(m["path"]).suffix not in (".keras", ".h5", ".hdf5")):
+        # the same rule as audit.models.load_model, found before any Ray actor starts
+        raise AuditError(f"spec error: model.path: expected a .keras or .h5 file, got {m['path']}"
+                         + (" (a directory, e.g. a SavedModel, which Keras 3 cannot open layer by layer: "
+                            "save the model with model.save('m.keras'))"
+                            if os.path.isdir(m["path"]) else ""))
     if m.get("weights") and not os.path.isfile(m["weights"]):
         raise AuditError(f"spec error: model.weights: file not found: {m['weights']}")
     from audit.models import PREPROCESS_MODES
@@ -285,3 +291,10 @@ def check(doc: dict) -> None:
     out = Path(doc["output"])
     if out.exists() and not out.is_dir():
         raise AuditError(f"spec error: output: {out} exists and is not a directory")
+    for parent in out.parents:  # the first existing ancestor must be a folder we can create in
+        if parent.exists():
+            if not parent.is_dir():
+                raise AuditError(f"spec error: output: {parent} is not a directory, cannot create {out}")
+            if not out.exists() and not os.access(parent, os.W_OK | os.X_OK):
+                raise AuditError(f"spec error: output: cannot create {out}: {parent} is not writable")
+            break

@@ -129,11 +129,16 @@ def test_plusplus_never_nan_on_huge_logits():
     model = _flatten_head_model("logits")
     d2 = model.get_layer("d2")
     k, b = d2.get_weights()
-    d2.set_weights([k * 300.0, b + 500.0])
+    d2.set_weights([np.abs(k) * 300.0, b + 500.0])  # h >= 0 after ReLU: every logit >= 500
     xs = np.random.default_rng(3).random((4, H, W, 3)).astype(np.float32) * 50
     res = Explainer(model, layers="c2", methods=("gradcam", "gradcam++"), batch_size=4)(xs)
+    logits, c, ref_gc, ref_pp = _reference(model, xs)
+    assert logits.min() > 500  # exp(S) overflows float32 (above 88.7) for every image
     for key, m in res.maps.items():
         assert np.isfinite(m).all(), key
+    assert not res.flat[("c2", "gradcam++")].any()
+    np.testing.assert_allclose(res.maps[("c2", "gradcam")], ref_gc, rtol=1e-3, atol=1e-6 * ref_gc.max())
+    np.testing.assert_allclose(res.maps[("c2", "gradcam++")], ref_pp, rtol=1e-3, atol=1e-6 * ref_pp.max())
 
 
 def _gap_model(seed=0):
@@ -174,7 +179,7 @@ def test_degenerate_maps_are_flagged_not_nan(x):
     bad[0] *= 3e38  # activations overflow to inf: non-finite gradients for image 0 only
     res = Explainer(_flatten_head_model("fused"), layers="c2", batch_size=6)(bad)
     flat = res.flat[("c2", "gradcam")]
-    assert flat[0] and not flat[1:].all()
+    assert flat[0] and not flat[1:].any()
     assert np.isfinite(res.maps[("c2", "gradcam")]).all()
 
 
@@ -190,6 +195,15 @@ def test_sigmoid_binary_head():
     p1 = model.predict(xs, verbose=0)[:, 0]
     np.testing.assert_allclose(res.probs[:, 1], p1, rtol=1e-4)
     np.testing.assert_array_equal(res.pred, (p1 > 0.5).astype(int))
+    # Grad-CAM by hand (float64): the explained logit is +z/2 for class 1 and -z/2 for class 0
+    # (softmax of (-z/2, z/2) is (1-p, p)); dS/dA = +-W/2 reshaped to the conv output.
+    A = keras.Model(model.input, model.get_layer("conv").output)(xs).numpy().astype(np.float64)
+    k = model.layers[-1].kernel.numpy().astype(np.float64)[:, 0].reshape(A.shape[1:])
+    sign = np.where(res.pred == 1, 0.5, -0.5)
+    w = sign[:, None] * k.mean(axis=(0, 1))[None, :]
+    ref = np.maximum(np.einsum("nhwk,nk->nhw", A, w), 0)
+    assert ref.std() > 0
+    np.testing.assert_allclose(res.maps[("conv", "gradcam")], ref, rtol=2e-4, atol=1e-6)
 
 
 def test_bad_batch_shape_and_method():

@@ -180,6 +180,16 @@ def test_parquet_dir_keys_masks_row_groups(tmp_path):
         assert lab == k % 2 and np.array_equal(img, ref) and np.array_equal(m, mask > 0)
 
 
+def test_parquet_unreadable_file_is_one_line(tmp_path):
+    root = Path(h.make_parquet(tmp_path / "pq", n=4, files=1))
+    (root / "zz.parquet").write_bytes(b"not parquet at all")
+    with pytest.raises(AuditError, match=r"zz.parquet is not a readable Parquet file"):
+        datasets.plan(ds("parquet", root))
+    (root / "zz.parquet").write_bytes(b"")
+    with pytest.raises(AuditError, match=r"zz.parquet is not a readable Parquet file"):
+        datasets.plan(ds("parquet", root / "zz.parquet"))
+
+
 def test_parquet_without_keys_uses_file_and_row(tmp_path):
     root = h.make_parquet(tmp_path / "pq", n=6, files=1, keys=False, masks=False)
     p, items = loaded(ds("parquet", root))
@@ -248,3 +258,6 @@ def test_load_images_every_format(tmp_path):
 
     with pytest.raises(AuditError, match="'nope' is not in the dataset"):
         datasets.load_images({"dataset": ds("parquet", pq)}, ["nope"], (16, 16))
+    # a dataset moved since the job ran: one line (the scan then skips its intervention)
+    with pytest.raises(AuditError, match="dataset not found: .*moved since the job ran"):
+        datasets.load_images({"dataset": ds("folder", tmp_path / "gone")}, ["cat/img_000.png"], (16, 16))

@@ -93,3 +93,12 @@ def test_demo_writes_the_contract_tables(demo):
         want = arrow_schema(name, {"energy_sky": "float32"})
         assert t.schema.names == want.names
         assert set(t.column("verdict").to_pylist()) <= {"shortcut_suspected", "ok", "insufficient_data"}
+
+
+def test_demo_out_under_a_file_is_one_line(tmp_path, capsys):
+    from audit.cli import main
+
+    (tmp_path / "afile").write_text("x")
+    assert main(["demo", "--out", str(tmp_path / "afile" / "demo"), "--no-progress"]) == 2
+    e = capsys.readouterr().err.strip()
+    assert e == f"audit: error: --out: {tmp_path / 'afile'} exists and is not a directory"

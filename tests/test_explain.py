@@ -297,9 +297,15 @@ def test_cli_bad_input_is_one_line_error(explained, tmp_path, capsys):
         ([str(model_path), img, "--methods", "gradcam", "bogus"], "unknown method 'bogus'"),
         ([str(model_path), img, "--methods", "cam", "--layers", "add"], "needs a GlobalAveragePooling2D"),
         ([str(tmp_path / "nomodel.keras"), img], "model file not found"),
+        ([str(model_path), img, "--target", "3"], "target class 3 is out of range; the model has 3 classes"),
+        ([str(model_path), img, "--classes", "a", "b"], "2 class names given but the model has 3 classes"),
+        ([str(model_path), img, "--filters", "-1"], "--filters must be at least 0"),
+        ([str(model_path), img, "--input-size", "0", "24"], "--input-size must be two integers >= 1"),
+        ([str(model_path), img, "--out", str(bad)], "exists and is not a directory"),
+        (["--application", "MobileNetV2", "--input-size", "8", "8", img], "cannot build MobileNetV2: Input size"),
     ]
     for args, msg in cases:
-        rc = main(["explain", *args, "--out", str(tmp_path / "o")])
+        rc = main(["explain", "--out", str(tmp_path / "o"), *args])
         err = capsys.readouterr().err.strip().splitlines()
         assert rc == 2, args
         assert len(err) == 1 and err[0].startswith("audit: error: ") and msg in err[0], (args, err)

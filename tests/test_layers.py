@@ -128,3 +128,9 @@ def test_cli_layers_marks_the_choice(tmp_path, capsys):
     assert "automatic choice: out_relu" in out
     assert main(["layers", str(tmp_path / "missing.keras")]) == 2
     assert "not found" in capsys.readouterr().err
+    for args, words in ((["--application", "MobileNetV2", "--input-size", "8", "8"], "cannot build MobileNetV2"),
+                        ([str(path), "--input-size", "0", "16"], "--input-size must be two integers >= 1"),
+                        ([], "give a model file or --application")):
+        assert main(["layers", *args]) == 2, args
+        e = capsys.readouterr().err.strip()
+        assert e.startswith("audit: error: ") and words in e and len(e.splitlines()) == 1, (args, e)

@@ -250,6 +250,12 @@ def test_cli_report(report, capsys):
     out = report[0]
     assert main(["report", str(out), "--max-examples", "3"]) == 0
     assert str(out / "report.html") in capsys.readouterr().out
+    # a layer or method the records do not have is an error, not a silent fallback
+    for args, words in ((["--layer", "nope"], "layer 'nope' is not in the records; layers: conv_out"),
+                        (["--method", "cam"], "method 'cam' is not in the records; methods: gradcam, gradcam++")):
+        assert main(["report", str(out), *args]) == 2, args
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("audit: error: ") and words in err[0], (args, err)
 
 
 # ----------------------------------------------------------------------------

@@ -202,3 +202,58 @@ def test_shipped_specs_are_valid(name):
     path = resources.path("audit.jobs", name)
     validate(read_yaml(path))  # schema only: their data lives elsewhere
     assert fill_defaults(read_yaml(path))["resources"]["max_retries"] >= 0
+
+
+def test_output_under_a_file_is_a_spec_error(ws):
+    tmp, doc = ws
+    (tmp / "afile").write_text("x")
+    msg = err(write(tmp, doc), [f"output={tmp / 'afile' / 'sub'}"])
+    assert f"output: {tmp / 'afile'} is not a directory" in msg
+
+
+@pytest.mark.parametrize("address, words", [
+    ("127.0.0.1:1", "cannot connect to the Ray cluster at 127.0.0.1:1"),
+    ("ray://127.0.0.1:1", "cannot connect to the Ray cluster at ray://127.0.0.1:1"),
+    ("head-without-port", "expected 'auto', HOST:PORT or ray://HOST:10001"),
+])
+def test_unreachable_address_is_one_line_not_a_hang(ws, capsys, address, words):
+    """Ray retries an unreachable GCS for minutes; the CLI checks the address first."""
+    from audit.cli import main
+
+    tmp, doc = ws
+    assert main(["run", str(write(tmp, doc)), "--address", address]) == 2
+    e = capsys.readouterr().err.strip()
+    assert e.startswith("audit: error: ") and words in e and len(e.splitlines()) == 1
+
+
+def test_python_dash_m_audit():
+    import subprocess
+    import sys
+
+    from audit import __version__
+
+    r = subprocess.run([sys.executable, "-m", "audit", "--version"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == f"shortcut-audit {__version__}"
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["bogus"], "argument COMMAND: invalid choice: 'bogus'"),
+    (["run"], "run: the following arguments are required: spec"),
+    (["scan", "x", "--fill", "zeros"], "scan: argument --fill: invalid choice: 'zeros'"),
+])
+def test_usage_mistakes_are_one_line(argv, words, capsys):
+    from audit.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err_out = capsys.readouterr().err.strip()
+    assert err_out.startswith("audit: error: ") and words in err_out and len(err_out.splitlines()) == 1
+
+
+def test_model_path_must_be_a_keras_file(ws):
+    tmp, doc = ws
+    msg = err(write(tmp, doc), [f"model.path={tmp / 'data'}"])
+    assert "model.path: expected a .keras or .h5 file" in msg and "SavedModel" in msg
+    (tmp / "notes.txt").write_text("x")
+    assert "expected a .keras or .h5 file, got" in err(write(tmp, doc), [f"model.path={tmp / 'notes.txt'}"])

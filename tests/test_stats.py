@@ -21,6 +21,14 @@ def test_columns_and_status():
     assert set(r) == set(stat_columns(["sky"])) | {"status"}
     assert all(r[c].dtype == np.float32 and r[c].shape == (2,) for c in stat_columns(["sky"]))
     assert list(r["status"]) == ["ok", "ok"]
+    # a uniform 4x4 map: every value is known
+    np.testing.assert_allclose(r["entropy"], 1.0, atol=1e-6)
+    np.testing.assert_allclose(r["centroid_x"], 0.5, atol=1e-6)
+    np.testing.assert_allclose(r["centroid_y"], 0.5, atol=1e-6)
+    np.testing.assert_allclose(r["energy_sky"], 0.5, atol=1e-6)  # rows 0-1 of 4
+    np.testing.assert_allclose(r["concentration"], 2 / 16, atol=1e-6)  # ceil(10% of 16) pixels
+    np.testing.assert_allclose(r["peak_x"], 0.125)  # first pixel on ties
+    assert np.isnan(r["energy_object"]).all()  # no masks
 
 
 def test_single_pixel_map_hand_values():

@@ -129,6 +129,26 @@ def test_entrypoint_and_headers(tmp_path, monkeypatch):
     assert auth_headers(str(f)) == {"Authorization": "Bearer xyz"}
 
 
+def test_local_mistakes_fail_before_contacting_the_cluster(tmp_path, capsys):
+    spec = h.write_spec(tmp_path / "job.yaml")
+    (tmp_path / "bad.yaml").write_text("pip: [unclosed\n")
+    (tmp_path / "list.yaml").write_text("- a\n")
+    dead = "http://127.0.0.1:1"  # nothing listens there: these must fail before trying it
+    cases = [
+        (["--runtime-env", str(tmp_path / "bad.yaml")], "bad.yaml is not valid YAML (line 2"),
+        (["--runtime-env", str(tmp_path / "list.yaml")], "must hold a mapping"),
+        (["--runtime-env", str(tmp_path / "nope.yaml")], "--runtime-env: not found"),
+        (["--token-file", str(tmp_path / "nope")], "--token-file: not found"),
+        (["--working-dir", str(tmp_path / "job.yaml")], "--working-dir: not a directory"),
+    ]
+    for extra, words in cases:
+        assert main(["submit", spec, "--address", dead, *extra]) == 2, extra
+        e = capsys.readouterr().err.strip()
+        assert e.startswith("audit: error: ") and words in e and len(e.splitlines()) == 1, (extra, e)
+    assert main(["submit", spec, "--address", dead]) == 2
+    assert "cannot reach the Ray Jobs API at http://127.0.0.1:1" in capsys.readouterr().err
+
+
 def test_submit_with_token_and_wait(head, tmp_path, monkeypatch, capsys):
     h.make_model(tmp_path / "model.keras")
     h.make_folder(tmp_path / "data", 6, masks=False)

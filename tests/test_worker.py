@@ -71,6 +71,10 @@ def test_every_format_through_the_worker(tmp_path, model, fmt):
     m = np.maximum(res.maps[("conv2", "gradcam")], 0)
     np.testing.assert_allclose(df[df.method == "gradcam"].energy_left, m[:, :, :8].sum((1, 2)) / m.sum((1, 2)),
                                rtol=1e-4)
+    # energy_object by hand: share on the bright square (mask, or the manifest's box of the same square)
+    obj = np.stack([h.image(s, i % 2)[1] > 0 for i, s in enumerate(seeds)])
+    np.testing.assert_allclose(df[df.method == "gradcam"].energy_object,
+                               (m * obj).sum((1, 2)) / m.sum((1, 2)), rtol=1e-4, atol=1e-6)
 
 
 def test_target_label_without_label_is_an_error_row(tmp_path, model):

@@ -20,8 +20,17 @@ COMMANDS = ("run", "submit", "scan", "report", "layers", "explain", "demo")
 NEEDS_TF = ("run", "layers", "explain", "demo")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line like every other user mistake."""
+
+    def error(self, message):
+        sub = self.prog.split(" ", 1)[1] if " " in self.prog else ""
+        where = f"{sub}: " if sub else ""
+        self.exit(2, f"audit: error: {where}{message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="audit",
         description="Find image classifiers that learned a shortcut: distributed Grad-CAM audits on Ray.",
         epilog="Start with `audit demo`; `audit COMMAND --help` shows an example for each command.",

@@ -51,7 +51,8 @@ def register(sub) -> None:
     p.add_argument("--preprocess", default=None,
                    help="none | scale_0_1 | scale_-1_1 | caffe | torch | a keras.applications module "
                         "(default: none; the application's own with --application)")
-    p.add_argument("--input-size", nargs=2, type=int, metavar=("H", "W"))
+    p.add_argument("--input-size", nargs=2, type=int, metavar=("H", "W"),
+                   help="input size for --application (default: the application's own)")
     p.add_argument("--application", help="a keras.applications name instead of a model file")
     p.add_argument("--weights", help="local weights file for --application (default: random weights)")
     p.add_argument("--trust-code", action="store_true", help="allow Lambda layers (turns Keras safe_mode off)")
@@ -70,9 +71,10 @@ def _application_preprocess(name: str) -> str:
 def run(args) -> int:
     from pathlib import Path
 
+    from audit.cli.layers import check_input_size, load_cli_model
     from audit.errors import AuditError
     from audit.explain import METHODS, explain
-    from audit.models import check_preprocess, load_model
+    from audit.models import check_preprocess
 
     paths = list(args.paths)
     model_path = None if args.application else paths.pop(0)
@@ -84,12 +86,17 @@ def run(args) -> int:
     bad = [m for m in _names(args.methods) or () if m not in METHODS]
     if bad:
         raise AuditError(f"unknown method {bad[0]!r}; expected some of {', '.join(METHODS)}")
+    if args.filters < 0 or args.steps < 1 or args.channels < 1:
+        raise AuditError("--filters must be at least 0, --steps and --channels at least 1")
+    check_input_size(args.input_size)
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise AuditError(f"--out {args.out} exists and is not a directory")
     preprocess = args.preprocess
     if preprocess is None:
         preprocess = _application_preprocess(args.application) if args.application else "none"
     check_preprocess(preprocess)
-    model = load_model(model_path, application=args.application, weights=args.weights,
-                       input_size=args.input_size, trust_code=args.trust_code)
+    model = load_cli_model(model_path, application=args.application, weights=args.weights,
+                           input_size=args.input_size, trust_code=args.trust_code)
     index = explain(
         model, paths, args.out, layers=_names(args.layers), methods=_names(args.methods),
         preprocess_mode=preprocess, feature_layers=_names(args.feature_layers), filters=args.filters,

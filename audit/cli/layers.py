@@ -20,21 +20,46 @@ def register(sub) -> None:
     p.add_argument("model", nargs="?", help=".keras or .h5 model file")
     p.add_argument("--application", help="a keras.applications name instead of a file (random weights)")
     p.add_argument("--weights", help="local weights file for --application")
-    p.add_argument("--input-size", nargs=2, type=int, metavar=("H", "W"))
+    p.add_argument("--input-size", nargs=2, type=int, metavar=("H", "W"),
+                   help="input size for --application (default: the application's own)")
     p.add_argument("--all", action="store_true", help="list every spatial layer, not only the last 40")
     p.add_argument("--trust-code", action="store_true", help="allow Lambda layers (turns Keras safe_mode off)")
     p.set_defaults(func=run)
 
 
-def run(args) -> int:
-    from audit import graph
+def check_input_size(size) -> None:
+    from audit.errors import AuditError
+
+    if size is not None and min(size) < 1:
+        raise AuditError(f"--input-size must be two integers >= 1 (H W), got {size[0]} {size[1]}")
+
+
+def load_cli_model(path, **kw):
+    """load_model, with Keras' ValueError for an impossible application build as one line.
+
+    (keras.applications raise a bare ValueError, e.g. "Input size must be at least 32x32".)
+    """
     from audit.errors import AuditError
     from audit.models import load_model
 
+    try:
+        return load_model(path, **kw)
+    except ValueError as e:
+        if not kw.get("application"):
+            raise
+        msg = " ".join(str(e).split())
+        raise AuditError(f"cannot build {kw['application']}: {msg[:300]}") from None
+
+
+def run(args) -> int:
+    from audit import graph
+    from audit.errors import AuditError
+
     if not args.model and not args.application:
         raise AuditError("give a model file or --application NAME")
-    model = load_model(args.model, application=args.application, weights=args.weights,
-                       input_size=args.input_size, trust_code=args.trust_code)
+    check_input_size(args.input_size)
+    model = load_cli_model(args.model, application=args.application, weights=args.weights,
+                           input_size=args.input_size, trust_code=args.trust_code)
     t = graph.trace(model)
     chosen, why = graph.auto_layer(t)
     cands = graph.candidates(t)

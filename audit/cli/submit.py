@@ -80,7 +80,12 @@ def _runtime_env(args) -> dict:
         p = Path(args.runtime_env)
         if not p.is_file():
             raise AuditError(f"--runtime-env: not found: {p}")
-        env = yaml.safe_load(p.read_text()) or {}
+        try:
+            env = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            where = getattr(e, "problem_mark", None)
+            at = f" (line {where.line + 1}, column {where.column + 1})" if where else ""
+            raise AuditError(f"--runtime-env: {p} is not valid YAML{at}") from None
         if not isinstance(env, dict):
             raise AuditError(f"--runtime-env: {p} must hold a mapping (working_dir, pip, env_vars, ...)")
     if args.working_dir:
@@ -104,6 +109,7 @@ def submit(args) -> tuple[object, str]:
             raise AuditError(f"the spec {spec} must be inside --working-dir {wd}") from None
     else:
         spec_arg = str(spec)
+    runtime_env = _runtime_env(args) or None  # local mistakes first, before contacting the cluster
     from ray.job_submission import JobSubmissionClient
 
     headers = auth_headers(args.token_file)
@@ -112,7 +118,7 @@ def submit(args) -> tuple[object, str]:
     except Exception as e:
         raise AuditError(f"cannot reach the Ray Jobs API at {args.address}: {_one_line(e)}") from None
     kwargs = {"entrypoint": entrypoint(spec_arg, args.python, args.resume, args.overrides),
-              "runtime_env": _runtime_env(args) or None,
+              "runtime_env": runtime_env,
               "metadata": {"tool": "shortcut-audit", "spec": spec.name}}
     if args.submission_id:
         kwargs["submission_id"] = args.submission_id
