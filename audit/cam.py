@@ -213,6 +213,9 @@ class Explainer:
         self._gm = keras.Model(t.inputs[0], [t.captured[p] for p in self.layers] + [last])
         self.input_shape = tuple(t.inputs[0].shape[1:])
         self.layer_shapes = {p: tuple(t.captured[p].shape[1:3]) for p in self.layers}
+        # classes the logits have (a single sigmoid unit is explained as two classes)
+        n_out = int(t.output.shape[-1])
+        self.num_classes = 2 if n_out == 1 and self._head_kind.endswith("sigmoid") else n_out
         self.target = self._check_target(target)
         self._fn = None
         self._exact_fn = None
@@ -228,7 +231,11 @@ class Explainer:
                     + (f"; classes: {', '.join(self.classes)}" if self.classes else "")
                 )
             return self.classes.index(target)
-        return int(target)
+        index = int(target)
+        if not 0 <= index < self.num_classes:
+            raise AuditError(f"target class {index} is out of range: the model has {self.num_classes} classes "
+                             f"(0..{self.num_classes - 1})")
+        return index
 
     # -- the compiled step ------------------------------------------------------
     def _logits(self, h):

@@ -132,7 +132,7 @@ def default_feature_layers(t) -> list[str]:
     picked = [convs[0].path] if convs else []
     upto = cands[: cands.index(auto)] if auto in cands else cands
     upto = [c for c in upto if c.path not in picked]
-    trunk = [c for c in upto if graph._through_every_path(t, c)] or upto
+    trunk = [c for c in upto if graph.through_every_path(t, c)] or upto
     if trunk:
         picked.append(trunk[len(trunk) // 2].path)
     picked.append(auto.path)

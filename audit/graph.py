@@ -177,7 +177,7 @@ def trace(model, capture=(), capture_inputs=(), input_shape=None) -> Trace:
     return t
 
 
-def _through_every_path(t: Trace, call: Call) -> bool:
+def through_every_path(t: Trace, call: Call) -> bool:
     """True when removing ``call`` disconnects the model input from its output."""
     producer = {}
     for i, c in enumerate(t.calls):
@@ -204,7 +204,7 @@ def candidates(t: Trace) -> list[Call]:
 def auto_layer(t: Trace) -> tuple[Call, str]:
     """The automatic target layer and the reason it was chosen."""
     for c in reversed(candidates(t)):
-        if _through_every_path(t, c):
+        if through_every_path(t, c):
             return c, "deepest spatial layer that every input-to-output path passes through"
     raise AuditError(
         "the model has no layer with a spatial (4-D) output that every path passes "

@@ -112,7 +112,10 @@ def _build_application(name, weights, input_size, num_classes):
         kwargs["input_shape"] = (int(input_size[0]), int(input_size[1]), 3)
     if num_classes:
         kwargs["classes"] = int(num_classes)
-    model = fn(**kwargs)
+    try:
+        model = fn(**kwargs)
+    except ValueError as e:  # e.g. an input size below the architecture's minimum
+        raise AuditError(f"cannot build {name}: {' '.join(str(e).split())[:300]}") from None
     if weights:
         try:
             model.load_weights(weights)

@@ -93,6 +93,8 @@ def test_fixed_target_and_label_target(x):
     assert named.target == 2
     with pytest.raises(AuditError, match="not a class name"):
         Explainer(model, target="giraffe", classes=["a", "b", "zebra"])
+    with pytest.raises(AuditError, match=r"out of range: the model has 3 classes"):
+        Explainer(model, layers="c2", target=3)
 
 
 def test_padding_last_batch_gives_same_maps(x):

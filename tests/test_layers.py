@@ -47,9 +47,9 @@ def test_branches_skip_layers_inside_a_branch():
     assert graph.auto_layer(t)[0].path == "out_relu"
     calls = t.by_path()
     # b1 and b2 lie on one branch each; 'a' and 'merge' are on every path
-    assert not graph._through_every_path(t, calls["b1"])
-    assert graph._through_every_path(t, calls["a"])
-    assert graph._through_every_path(t, calls["merge"])
+    assert not graph.through_every_path(t, calls["b1"])
+    assert graph.through_every_path(t, calls["a"])
+    assert graph.through_every_path(t, calls["merge"])
 
 
 def test_sequential_model_and_pooling_is_skipped():

@@ -54,6 +54,8 @@ def test_clear_errors_for_bad_files(tmp_path):
         load_model(tmp_path / "saved")
     with pytest.raises(AuditError, match="unknown keras.applications"):
         load_model(application="ResNet9000")
+    with pytest.raises(AuditError, match="cannot build MobileNetV2"):
+        load_model(application="MobileNetV2", input_size=(8, 8))
 
 
 def test_application_with_local_weights_file(tmp_path):

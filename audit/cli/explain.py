@@ -71,10 +71,10 @@ def _application_preprocess(name: str) -> str:
 def run(args) -> int:
     from pathlib import Path
 
-    from audit.cli.layers import check_input_size, load_cli_model
+    from audit.cli.layers import check_input_size
     from audit.errors import AuditError
     from audit.explain import METHODS, explain
-    from audit.models import check_preprocess
+    from audit.models import check_preprocess, load_model
 
     paths = list(args.paths)
     model_path = None if args.application else paths.pop(0)
@@ -95,7 +95,7 @@ def run(args) -> int:
     if preprocess is None:
         preprocess = _application_preprocess(args.application) if args.application else "none"
     check_preprocess(preprocess)
-    model = load_cli_model(model_path, application=args.application, weights=args.weights,
+    model = load_model(model_path, application=args.application, weights=args.weights,
                            input_size=args.input_size, trust_code=args.trust_code)
     index = explain(
         model, paths, args.out, layers=_names(args.layers), methods=_names(args.methods),

@@ -34,23 +34,6 @@ def check_input_size(size) -> None:
         raise AuditError(f"--input-size must be two integers >= 1 (H W), got {size[0]} {size[1]}")
 
 
-def load_cli_model(path, **kw):
-    """load_model, with Keras' ValueError for an impossible application build as one line.
-
-    (keras.applications raise a bare ValueError, e.g. "Input size must be at least 32x32".)
-    """
-    from audit.errors import AuditError
-    from audit.models import load_model
-
-    try:
-        return load_model(path, **kw)
-    except ValueError as e:
-        if not kw.get("application"):
-            raise
-        msg = " ".join(str(e).split())
-        raise AuditError(f"cannot build {kw['application']}: {msg[:300]}") from None
-
-
 def run(args) -> int:
     from audit import graph
     from audit.errors import AuditError
@@ -58,7 +41,9 @@ def run(args) -> int:
     if not args.model and not args.application:
         raise AuditError("give a model file or --application NAME")
     check_input_size(args.input_size)
-    model = load_cli_model(args.model, application=args.application, weights=args.weights,
+    from audit.models import load_model
+
+    model = load_model(args.model, application=args.application, weights=args.weights,
                            input_size=args.input_size, trust_code=args.trust_code)
     t = graph.trace(model)
     chosen, why = graph.auto_layer(t)
@@ -70,7 +55,7 @@ def run(args) -> int:
         print(f"... {len(cands) - len(shown)} earlier layers (--all shows them)")
     for c in shown:
         mark = "*" if c is chosen else " "
-        through = "" if not graph._through_every_path(t, c) else "  all paths"
+        through = "" if not graph.through_every_path(t, c) else "  all paths"
         print(f"{mark} {c.path:<{width}}  {c.kind:<{kinds}}  {str(c.shape[1:]):<16}{through}")
     print(f"\nautomatic choice: {chosen.path} ({why})")
     return 0
