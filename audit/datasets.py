@@ -109,15 +109,23 @@ def _label_index(raw, classes) -> tuple[int | None, str | None]:
     if isinstance(raw, bytes):
         raw = raw.decode("utf-8", "replace")
     if isinstance(raw, (int, np.integer)):
-        return int(raw), None
+        return _in_range(int(raw), classes)
     s = str(raw).strip()
     if s == "":
         return None, None
     if classes and s in classes:
         return classes.index(s), None
     if s.lstrip("-").isdigit():
-        return int(s), None
+        return _in_range(int(s), classes)
     return None, f"label {s!r} is not a class" + (f" (classes: {', '.join(classes)})" if classes else "")
+
+
+def _in_range(index: int, classes) -> tuple[int | None, str | None]:
+    if classes and not 0 <= index < len(classes):
+        return None, f"label {index} is outside the {len(classes)} classes (0..{len(classes) - 1})"
+    if index < 0:
+        return None, f"label {index} is negative"
+    return index, None
 
 
 def _files(path: str, exts) -> list[str]:

@@ -138,6 +138,7 @@ def test_manifest_index_labels_mask_column_quotes_and_errors(tmp_path):
         w = csv.writer(f)
         w.writerow(["images/im000.png", "horse", ""])  # unknown class name -> error row
         w.writerow(["images/missing.png", "1", ""])  # missing file -> error row
+        w.writerow(["images/im001.png", "7", ""])  # index outside the classes -> error row
     # a quoted path with a comma and a newline
     odd = tmp_path / "images" / "a,b\nc.png"
     h.write_png(odd, h.image(9, 0)[0])
@@ -145,15 +146,16 @@ def test_manifest_index_labels_mask_column_quotes_and_errors(tmp_path):
         csv.writer(f).writerow(["images/a,b\nc.png", "0", ""])
     d = ds("manifest", str(path), shard_size=2, classes=["cat", "dog"])
     p = datasets.plan(d)
-    assert p.total == 7 and [s.size for s in p.shards] == [2, 2, 2, 1]
+    assert p.total == 8 and [s.size for s in p.shards] == [2, 2, 2, 2]
     items = [it for s in p.shards for it in datasets.read_shard(d, s, p.classes)]
     assert [it.label for it in items[:4]] == [0, 1, 0, 1]
     assert all(it.has_mask for it in items[:4])
     assert items[4].error == "label 'horse' is not a class (classes: cat, dog)"
     with pytest.raises(decode.DecodeError, match="file not found"):
         datasets.load_item(items[5], (16, 16), 10**8)
-    assert items[6].image_id == "images/a,b\nc.png"
-    img, _, _ = datasets.load_item(items[6], (16, 16), 10**8)
+    assert items[6].error == "label 7 is outside the 2 classes (0..1)"
+    assert items[7].image_id == "images/a,b\nc.png"
+    img, _, _ = datasets.load_item(items[7], (16, 16), 10**8)
     assert np.array_equal(img, h.image(9, 0)[0])
 
 
