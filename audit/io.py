@@ -10,11 +10,13 @@ A shard is committed in two steps, both atomic renames on the same filesystem:
 A shard counts as done only when its manifest entry exists.  A retried or
 resumed shard overwrites its Parquet file by rename (readers never see half a
 file; temp names start with ``.`` so ``pyarrow.dataset`` ignores them) and is
-deterministic, so writing it twice gives the same rows.
+deterministic, so writing it twice gives the same rows.  A commit also removes
+the temp files of its shard left by an earlier attempt killed mid-write.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import uuid
@@ -105,6 +107,18 @@ def committed_shards(out) -> dict[int, dict]:
     return done
 
 
+def _dictionary_columns(schema) -> list[str]:
+    """Dictionary-encode the string columns only (ids, names, layer, method, status).
+
+    Dictionary encoding of the float columns (the cam lists above all) costs
+    more CPU than the whole rest of the write and makes the file larger: the
+    values hardly repeat, so Arrow builds a dictionary and then falls back.
+    """
+    import pyarrow as pa
+
+    return [f.name for f in schema if pa.types.is_string(f.type) or pa.types.is_large_string(f.type)]
+
+
 def write_shard(out, shard: int, table, *, job_id: str, schema_version: str, inputs: dict,
                 counts: dict) -> dict:
     """Commit one shard: Parquet (temp file, rename), then its manifest entry. Returns the entry."""
@@ -122,7 +136,8 @@ def write_shard(out, shard: int, table, *, job_id: str, schema_version: str, inp
     })
     table = table.replace_schema_metadata(meta)
     try:
-        pq.write_table(table, tmp, compression="zstd", row_group_size=max(1, table.num_rows))
+        pq.write_table(table, tmp, compression="zstd", row_group_size=max(1, table.num_rows),
+                       use_dictionary=_dictionary_columns(table.schema))
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, final)
@@ -133,4 +148,13 @@ def write_shard(out, shard: int, table, *, job_id: str, schema_version: str, inp
     entry = {"shard": int(shard), "file": final.name, "rows": table.num_rows, "inputs": inputs,
              "job_id": job_id, "bytes": final.stat().st_size, **counts}
     atomic_write_json(out / MANIFEST / f"{name}.json", entry)
+    _remove_stale_temps(out, name)
     return entry
+
+
+def _remove_stale_temps(out: Path, name: str) -> None:
+    """Temp files of this shard left by an earlier attempt whose process was killed mid-write."""
+    for d, pattern in ((RECORDS, f".{name}.*.tmp"), (MANIFEST, f".{name}.json.*.tmp")):
+        for p in (out / d).glob(pattern):
+            with contextlib.suppress(OSError):
+                p.unlink()

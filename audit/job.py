@@ -288,14 +288,27 @@ def _summary(spec, job_id, plan, all_done, skipped, state, run_s, status, out) -
     }
 
 
+KILL_WAIT_S = 10.0  # how long the driver waits for killed actors to be gone
+
+
 def _kill_all(actors):
+    """Kill every actor and wait (bounded) until their calls in flight have failed.
+
+    ``ray.kill`` is asynchronous: without the wait, an actor could still commit
+    a shard after :func:`run_job` returned (an interrupted job must not change
+    its output behind a ``--resume`` that has already planned).
+    """
     if not actors:
         return
     import ray
 
+    inflight = [ref for a in actors.values() for ref in a["inflight"]]
     for a in list(actors.values()):
         with contextlib.suppress(Exception):
             ray.kill(a["handle"], no_restart=True)
+    if inflight:
+        with contextlib.suppress(Exception):
+            ray.wait(inflight, num_returns=len(inflight), timeout=KILL_WAIT_S)
     actors.clear()
 
 
@@ -311,8 +324,10 @@ def _drive(spec, job_id, classes, todo, res, state, actors, bar, on_event, recor
     Worker = ray.remote(AuditWorker)
     env = {"TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "3"),
            "OPENCV_IO_MAX_IMAGE_PIXELS": str(int(spec["dataset"]["max_pixels"]))}
+    # max_concurrency: the queued shard starts reading/decoding while the running one computes,
+    # and the running one writes while the queued one computes (see audit.worker)
     opts = {"num_cpus": res["cpus_per_actor"], "num_gpus": res["gpus_per_actor"], "max_restarts": 0,
-            "max_task_retries": 0, "runtime_env": {"env_vars": env}}
+            "max_task_retries": 0, "max_concurrency": QUEUE_DEPTH, "runtime_env": {"env_vars": env}}
     if n_actors > 1:
         opts["scheduling_strategy"] = "SPREAD"
     pending = collections.deque(todo)

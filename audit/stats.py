@@ -36,6 +36,7 @@ records table (DESIGN.md "Statistics").  Conventions, all in one place:
 
 from __future__ import annotations
 
+import functools
 import math
 
 import cv2
@@ -92,6 +93,20 @@ def _as_masks(masks, n, size):
     return m
 
 
+@functools.lru_cache(maxsize=16)
+def _linear_basis(size, regions):
+    """(x of each pixel, y of each pixel, (H*W, 3 + R) matrix: x, y, border band, region boxes)."""
+    H, W = size
+    gx = np.tile((np.arange(W) + 0.5) / W, H)  # row-major pixel centres
+    gy = np.repeat((np.arange(H) + 0.5) / H, W)
+    cols = [gx, gy, border_mask((H, W)).reshape(-1)]
+    cols += [box_mask(box, (H, W)).reshape(-1) for _, box in regions]
+    lin = np.stack(cols, axis=1).astype(np.float64)
+    for a in (gx, gy, lin):
+        a.setflags(write=False)
+    return gx, gy, lin
+
+
 def map_stats(maps, size, masks=None, has_mask=None, regions=None) -> dict[str, np.ndarray]:
     """Statistics of a batch of raw maps; see the module docstring for definitions.
 
@@ -120,40 +135,44 @@ def map_stats(maps, size, masks=None, has_mask=None, regions=None) -> dict[str, 
     if n == 0:
         return out
 
-    finite = np.isfinite(raw).reshape(n, -1).all(axis=1)
-    e = resize_maps(np.where(np.isfinite(raw), raw, 0.0), (H, W))
+    finite_px = np.isfinite(raw)
+    finite = finite_px.reshape(n, -1).all(axis=1)
+    e = resize_maps(raw if finite.all() else np.where(finite_px, raw, 0.0), (H, W))
     np.maximum(e, 0.0, out=e)
-    e = e.reshape(n, H * W).astype(np.float64)
-    total = e.sum(axis=1)
+    npx = H * W
+    e = e.reshape(n, npx)  # float32 energy
+    total = e.sum(axis=1, dtype=np.float64)
     ok = finite & (total > 0) & np.isfinite(total)
     out["status"][ok] = "ok"
     if not ok.any():
         return out
-    p = e[ok] / total[ok, None]  # (k, H*W) distribution per map
-    npx = H * W
-
-    xs = (np.arange(W) + 0.5) / W
-    ys = (np.arange(H) + 0.5) / H
-    gx = np.tile(xs, H)  # x of each pixel, row-major
-    gy = np.repeat(ys, W)
+    all_ok = bool(ok.all())
+    e_ok = e if all_ok else e[ok]
+    tot = total[ok]
+    p = e_ok.astype(np.float64)
+    p /= tot[:, None]  # (k, H*W) distribution per map
 
     def put(name, values):
         out[name][ok] = np.asarray(values, np.float32)
 
-    peak = p.argmax(axis=1)
+    # every linear statistic in one product: x, y of pixel centres, the border band, the regions
+    gx, gy, lin = _linear_basis((H, W), tuple((k, tuple(float(v) for v in b)) for k, b in regions.items()))
+    proj = p @ lin
+    peak = e_ok.argmax(axis=1)  # p is e scaled per row: same order, same first-on-ties
     put("peak_x", gx[peak])
     put("peak_y", gy[peak])
-    put("centroid_x", p @ gx)
-    put("centroid_y", p @ gy)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        plogp = np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0)
-    put("entropy", np.abs(plogp.sum(axis=1)) / math.log(npx) if npx > 1 else np.zeros(len(p)))
+    put("centroid_x", proj[:, 0])
+    put("centroid_y", proj[:, 1])
+    put("energy_border", proj[:, 2])
+    for j, name in enumerate(regions):
+        put(f"energy_{name}", proj[:, 3 + j])
+    logp = np.zeros_like(p)
+    np.log(p, out=logp, where=p > 0)
+    logp *= p
+    put("entropy", np.abs(logp.sum(axis=1)) / math.log(npx) if npx > 1 else np.zeros(len(p)))
     k = max(1, math.ceil(TOP_FRACTION * npx))
-    top = np.partition(p, npx - k, axis=1)[:, npx - k:]
-    put("concentration", np.minimum(top.sum(axis=1), 1.0))
-    put("energy_border", p @ border_mask((H, W)).reshape(-1).astype(np.float64))
-    for name, box in regions.items():
-        put(f"energy_{name}", p @ box_mask(box, (H, W)).reshape(-1).astype(np.float64))
+    top = np.partition(e_ok, npx - k, axis=1)[:, npx - k:]  # the top-k energies (float32 partition)
+    put("concentration", np.minimum(top.sum(axis=1, dtype=np.float64) / tot, 1.0))
 
     if masks is not None:
         m = _as_masks(masks, n, (H, W)).reshape(n, npx)

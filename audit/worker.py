@@ -6,19 +6,30 @@ it as a Ray actor (``ray.remote(AuditWorker)``), so every actor loads the
 model once and builds one gradient model with a fixed batch shape.
 
 Per shard: items are read and decoded by a thread pool (OpenCV releases the
-GIL) while TensorFlow computes the previous batch; each batch is
-preprocessed, explained (one forward + one backward pass for every layer and
-method), its maps turned into statistics (:func:`audit.stats.map_stats`), and
-the rows (one per image x layer x method) cast to the records schema.  An
-image that cannot be read is ONE row with ``status=error``, ``error=<reason>``
-and null ``layer``/``method``/``cam``/statistics: every input appears in the
-output.
+GIL) a bounded window ahead of TensorFlow; each batch is preprocessed,
+explained (one forward + one backward pass for every layer and method), and
+its maps turned into statistics (:func:`audit.stats.map_stats`) and rows (one
+per image x layer x method, cast to the records schema) on a post-processing
+thread while the model runs the next batch.  An image that cannot be read is
+ONE row with ``status=error``, ``error=<reason>`` and null
+``layer``/``method``/``cam``/statistics: every input appears in the output.
+
+Shards pipeline inside one worker: the job runs each actor with two calls in
+flight (``max_concurrency=2``), and only the model passes take turns (a lock
+held from a shard's first batch to its last).  So the next shard is read and
+its first batches decoded while this one computes, and this shard's last rows,
+sort and Parquet commit run while the next one computes.  Each shard still
+commits on its own (temp file, rename, manifest entry) before its call
+returns.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import itertools
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -102,12 +113,20 @@ class AuditWorker:
         self.cpus = cpus
         self._ready = False
         self.info: dict = {}
+        self._setup_lock = threading.Lock()
+        self._turn = threading.Lock()  # the model passes of one shard at a time
 
     # -- setup ------------------------------------------------------------------
     def setup(self) -> dict:
         """Load the model and build the Explainer (once).  Returns facts for the driver."""
         if self._ready:
             return self.info
+        with self._setup_lock:
+            if not self._ready:
+                self._setup()
+        return self.info
+
+    def _setup(self) -> None:
         t0 = time.perf_counter()
         m, ex, res = self.spec["model"], self.spec["explain"], self.spec["resources"]
         tfinfo = _configure_tensorflow(self.cpus, gpu=True, mixed_precision=res.get("mixed_precision", False))
@@ -154,7 +173,6 @@ class AuditWorker:
         # trace the compiled step now (fixed batch shape), not on the first shard
         self.explainer(np.zeros((1, *self.explainer.input_shape), np.float32),
                        labels=np.zeros(1, np.int32) if self.explainer.target == "label" else None)
-        self._ready = True
         self.info = {
             "pid": os.getpid(),
             "node": _node_id(),
@@ -164,9 +182,10 @@ class AuditWorker:
             "num_outputs": n_out,
             "classes": self.classes,
             "setup_s": round(time.perf_counter() - t0, 3),
+            "process_cpu_s": time.process_time(),  # CPU seconds of this process so far (monitoring)
             **tfinfo,
         }
-        return self.info
+        self._ready = True
 
     def ping(self) -> int:
         return os.getpid()
@@ -183,7 +202,8 @@ class AuditWorker:
         items = list(datasets.read_shard(self.spec["dataset"], shard, self.classes))
         table, counts = self.process_items(items, shard_id=shard.id)
         summary = {"shard": shard.id, "images": len(items), "rows": table.num_rows, **counts,
-                   "seconds": round(time.perf_counter() - t0, 3), "pid": os.getpid()}
+                   "seconds": round(time.perf_counter() - t0, 3), "pid": os.getpid(),
+                   "process_cpu_s": time.process_time()}
         if commit:
             inputs = {**shard.to_dict(), "first": items[0].image_id if items else None,
                       "last": items[-1].image_id if items else None}
@@ -213,7 +233,10 @@ class AuditWorker:
 
         parts, keys = [], []
         counts = {"errors": 0, "flat": 0, "correct": 0, "labelled": 0}
-        results = self.pool.map(load, items)  # decoding runs ahead of the model
+        # decoding starts now and runs a bounded window ahead of the model (also while
+        # this shard waits for its turn behind the previous one)
+        window = 2 * bs + int(self.spec["resources"].get("decode_threads", 4))
+        results = self._ahead(load, items, window)
         batch, pending = [], []
 
         def run(batch):
@@ -221,18 +244,19 @@ class AuditWorker:
             if job is not None:  # statistics and rows overlap with the next batch's model pass
                 pending.append(self.post.submit(self._rows, *job, shard_id))
 
-        for idx, (item, res) in enumerate(zip(items, results)):
-            if isinstance(res, Exception):
-                parts.append(self._error_rows([(idx, item, str(res), None)], shard_id))
-                keys.append(np.array([idx * 1000], np.int64))
-                counts["errors"] += 1
-                continue
-            batch.append((idx, item, res))
-            if len(batch) == bs:
+        with self._turn:  # model passes: one shard at a time; its rows/commit overlap the next one's
+            for idx, (item, res) in enumerate(zip(items, results)):
+                if isinstance(res, Exception):
+                    parts.append(self._error_rows([(idx, item, str(res), None)], shard_id))
+                    keys.append(np.array([idx * 1000], np.int64))
+                    counts["errors"] += 1
+                    continue
+                batch.append((idx, item, res))
+                if len(batch) == bs:
+                    run(batch)
+                    batch = []
+            if batch:
                 run(batch)
-                batch = []
-        if batch:
-            run(batch)
         for fut in pending:
             p, k, c = fut.result()
             parts += p
@@ -244,6 +268,28 @@ class AuditWorker:
         table = pa.concat_tables(parts)
         order = np.argsort(np.concatenate(keys), kind="stable")
         return table.take(pa.array(order)), counts
+
+    def _ahead(self, fn, items, window):
+        """``map(fn, items)`` on the decode pool, at most ``window`` results ahead.
+
+        The first window is submitted before this returns; the iterator keeps
+        ``window`` items in flight as results are taken, in order.
+        """
+        it = iter(items)
+        queue = collections.deque(self.pool.submit(fn, x) for x in itertools.islice(it, max(1, window)))
+
+        def results():
+            try:
+                while queue:
+                    fut = queue.popleft()
+                    for x in itertools.islice(it, 1):
+                        queue.append(self.pool.submit(fn, x))
+                    yield fut.result()
+            finally:
+                for fut in queue:
+                    fut.cancel()
+
+        return results()
 
     # -- rows ---------------------------------------------------------------------
     def _name(self, i):
