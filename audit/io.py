@@ -60,12 +60,21 @@ def atomic_write_json(path, obj) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n").encode())
 
 
-def prepare_output(out, resume: bool) -> Path:
-    """Create OUT (and records/, _manifest/); refuse a non-empty OUT unless resuming."""
+def _has_content(out: Path) -> bool:
+    """True when OUT holds anything but empty records/ and _manifest/ folders."""
+    for entry in out.iterdir():
+        if entry.name in (RECORDS, MANIFEST) and entry.is_dir() and not any(entry.iterdir()):
+            continue
+        return True
+    return False
+
+
+def check_output(out, resume: bool) -> Path:
+    """Refuse an OUT that is a file, or non-empty without ``resume`` (creates nothing)."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise AuditError(f"output {out} exists and is not a directory")
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and _has_content(out):
         if not resume:
             raise AuditError(
                 f"output directory {out} is not empty; use --resume to continue the job there "
@@ -73,10 +82,17 @@ def prepare_output(out, resume: bool) -> Path:
             )
         if not (out / JOB_JSON).is_file():
             raise AuditError(f"cannot resume: {out} has no {JOB_JSON}; it is not the output of an audit job")
-    elif resume and not out.exists():
-        pass  # resuming a job that never started: just start it
-    (out / RECORDS).mkdir(parents=True, exist_ok=True)
-    (out / MANIFEST).mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def prepare_output(out, resume: bool) -> Path:
+    """Check OUT (:func:`check_output`), then create it with records/ and _manifest/."""
+    out = check_output(out, resume)
+    try:
+        (out / RECORDS).mkdir(parents=True, exist_ok=True)
+        (out / MANIFEST).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise AuditError(f"cannot create output directory {out}: {e.strerror or e}") from None
     return out
 
 

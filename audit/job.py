@@ -169,7 +169,7 @@ def run_job(spec, *, address=None, resume=False, overrides=(), progress=True, on
     spec = load_spec(spec, overrides, base_dir)
     out = Path(spec["output"])
     previous = io.read_job(out) if resume else None
-    io.prepare_output(out, resume)
+    io.check_output(out, resume)  # nothing is created before the dataset is planned
     sha = fingerprint(spec["model"].get("path"))
     if previous:
         _check_resumable(spec, previous, sha)
@@ -180,6 +180,7 @@ def run_job(spec, *, address=None, resume=False, overrides=(), progress=True, on
     plan_s = time.perf_counter() - t0
     if plan.total == 0:
         raise AuditError(f"dataset {spec['dataset']['path']} has no images")
+    io.prepare_output(out, resume)
     committed = io.committed_shards(out)
     known = {s.id for s in plan.shards}
     committed = {k: v for k, v in committed.items() if k in known}

@@ -181,6 +181,30 @@ def test_missing_model_is_refused_before_ray(ws, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_failed_planning_leaves_no_output_behind(tmp_path):
+    """A dataset error must not leave an OUT that a rerun refuses as 'not empty'."""
+    h.make_model(tmp_path / "model.keras")
+    (tmp_path / "data" / "cat").mkdir(parents=True)  # a class folder with no images
+    spec = h.write_spec(tmp_path / "job.yaml", dataset={"classes": None})
+    for _ in range(2):  # the same mistake twice: the same message, not "not empty"
+        with pytest.raises(AuditError, match="no images"):
+            run_job(spec, progress=False)
+    assert not (tmp_path / "out").exists()
+    # an OUT holding only the empty folders of an interrupted start counts as empty
+    (tmp_path / "out" / "records").mkdir(parents=True)
+    (tmp_path / "out" / "_manifest").mkdir()
+    assert io.check_output(tmp_path / "out", resume=False) == tmp_path / "out"
+    (tmp_path / "out" / "notes.txt").write_text("x")
+    with pytest.raises(AuditError, match="not empty"):
+        io.check_output(tmp_path / "out", resume=False)
+
+
+def test_uncreatable_output_is_one_line(tmp_path):
+    (tmp_path / "ro").write_text("a file where a folder is needed")
+    with pytest.raises(AuditError, match="cannot create output directory"):
+        io.prepare_output(tmp_path / "ro" / "sub" / "out", resume=False)
+
+
 def test_cli_run_summary_scan_and_queries(ray_local, ws, capsys, monkeypatch):
     from audit.cli import main
 
