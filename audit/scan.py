@@ -263,7 +263,7 @@ def assess(f: dict, cfg: Config = DEFAULT, flips: dict | None = None) -> dict:
     res = {"suspicion": math.nan, "attention_suspicion": math.nan, "verdict": "insufficient_data",
            "cue": "", "cue_kind": "", "cue_box": None, "masked": False, "flips": flips}
     if f["n"] < cfg.min_images:
-        why = f"{f['n']} usable heatmaps" + (f" ({f['n_flat']} flat)" if f.get("n_flat") else "")
+        why = f"{f['n']} usable heatmap{'' if f['n'] == 1 else 's'}" + (f" ({f['n_flat']} flat)" if f.get("n_flat") else "")
         res["evidence"] = f"Only {why}; {cfg.min_images} are needed for a verdict."
         return res
     m = f["means"]
