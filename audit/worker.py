@@ -386,14 +386,11 @@ class AuditWorker:
                 maps = res.maps[(layer, method)]
                 h, w = maps.shape[1:]
                 st = map_stats(maps, self.size, masks=masks, has_mask=has_mask, regions=self.regions)
-                status = np.where(res.flat[(layer, method)], "flat", st["status"].astype(str))
-                flat = status == "flat"
-                counts["flat"] += int(flat.sum())
+                # the engine zeroes the maps it flags as degenerate, so map_stats already
+                # reports them flat with null statistics
+                status = st["status"].astype(str)
+                counts["flat"] += int((status == "flat").sum())
                 stat_cols = to_arrow_columns(st)
-                if flat.any():  # the engine's verdict wins: null statistics for flat maps
-                    for name, arr in stat_cols.items():
-                        stat_cols[name] = pa.array(
-                            [None if f else v for f, v in zip(flat, arr.to_pylist())], arr.type)
                 offsets = pa.array(np.arange(n + 1, dtype=np.int32) * (h * w))
                 cam = pa.ListArray.from_arrays(offsets, pa.array(maps.reshape(-1).astype(np.float32)))
                 cols = {

@@ -122,3 +122,26 @@ def test_mixed_precision_rebuild(model):
     assert m16.get_layer("conv2").compute_dtype == "float16"
     assert m16.get_layer("conv2").variable_dtype == "float32"
     np.testing.assert_allclose(np.asarray(m16(x), np.float32), np.asarray(m32(x)), atol=5e-3)
+
+
+def test_degenerate_maps_become_flat_rows_with_null_statistics(tmp_path):
+    """A model whose feature maps are all zero: every row is status=flat, statistics null."""
+    import keras
+
+    path = h.make_model(tmp_path / "dead.keras")
+    m = keras.models.load_model(path)
+    for layer in m.layers:
+        if isinstance(layer, keras.layers.Conv2D):
+            layer.set_weights([np.zeros_like(w) for w in layer.get_weights()])
+    m.save(path)
+    ds = {"format": "manifest", "path": h.make_manifest(tmp_path, n=4, boxes=True), "shard_size": 4}
+    spec = _spec(tmp_path, str(path), ds, regions={"left": [0, 0, 0.5, 1]})
+    plan = datasets.plan(spec["dataset"])
+    w = AuditWorker(spec, classes=plan.classes)
+    out = w.process_shard(plan.shards[0], commit=False)
+    df = out["table"].to_pandas()
+    assert len(df) == 8 and (df.status == "flat").all() and out["flat"] == 8
+    stats = ["energy_object", "pointing_hit", "energy_border", "energy_left", "entropy", "peak_x",
+             "centroid_x", "concentration"]
+    assert df[stats].isna().all().all()
+    assert df.error.isna().all() and df.pred.notna().all()
