@@ -40,6 +40,7 @@ import numpy as np
 
 from audit.errors import AuditError
 from audit.stats import box_mask, resize_maps
+from audit.viz import normalize
 
 VERDICTS = ("shortcut_suspected", "ok", "insufficient_data")
 METHOD_PREFERENCE = ("gradcam++", "gradcam", "cam", "gradcam++exact")
@@ -178,7 +179,7 @@ def group_features(rows, grids=None, regions=None, cfg: Config = DEFAULT, size=(
     f["places"] = places
     if grids is not None and len(grids):
         mm = np.asarray(grids, np.float64).mean(axis=0)
-        f["mean_map"] = (mm / mm.max() if mm.max() > 0 else mm).astype(np.float32)
+        f["mean_map"] = normalize(mm)
         hot = hot_cells(mm)
         f["hot_box"] = _cells_box(hot)
         g = mm.shape[0]
