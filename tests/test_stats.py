@@ -162,3 +162,20 @@ def test_to_arrow_columns_nulls():
     assert cols["pointing_hit"].to_pylist() == [True, None]
     assert cols["entropy"].to_pylist()[1] is None
     assert "status" not in cols
+
+
+def test_concentration_sparse_and_dense_rows_against_sorting():
+    """Rows with fewer positive pixels than the top 10% and rows with more, in one batch."""
+    rng = np.random.default_rng(3)
+    maps = rng.normal(size=(6, 20, 20)).astype(np.float32)  # about half positive: > 40 pixels
+    maps[1] = -1.0
+    maps[1, 3, 4:9] = rng.random(5) + 0.1  # 5 positive pixels (< 40)
+    maps[2] = np.where(maps[2] > 1.8, maps[2], 0.0)  # a few positive pixels, the rest exactly 0
+    maps[3] = np.round(np.abs(maps[3]), 1)  # plateaus: many equal values
+    maps[4, :10] = -0.0  # negative zeros next to positives
+    r = map_stats(maps, (20, 20))
+    for i in range(6):
+        e = np.maximum(maps[i].astype(np.float64), 0).ravel()
+        expected = np.sort(e)[-40:].sum() / e.sum()
+        assert r["concentration"][i] == pytest.approx(expected, rel=1e-6), i
+    assert r["concentration"][1] == pytest.approx(1.0)
