@@ -100,6 +100,7 @@ def plan_resources(spec: dict, cluster: dict, nodes: list[dict], n_shards: int) 
 class _Progress:
     def __init__(self, total, initial, errors, enabled, name):
         self.bar = None
+        self.committed = initial
         if enabled:
             from tqdm import tqdm
 
@@ -108,9 +109,22 @@ class _Progress:
             self.bar.set_postfix(errors=errors)
 
     def update(self, n, errors):
+        """``n`` more images committed."""
+        self.committed += n
+        self.show(0, errors)
+
+    def show(self, live, errors=None):
+        """Show committed images plus ``live`` images done in shards not yet committed.
+
+        The count never goes back (a shard retried after a failure is not taken
+        off again); it always ends at the committed count.
+        """
         if self.bar is not None:
-            self.bar.update(n)
-            self.bar.set_postfix(errors=errors, refresh=False)
+            n = min(self.committed + live, self.bar.total)
+            if n > self.bar.n:
+                self.bar.update(n - self.bar.n)
+            if errors is not None:
+                self.bar.set_postfix(errors=errors, refresh=False)
 
     def write(self, msg):
         if self.bar is not None:
@@ -289,6 +303,7 @@ def _summary(spec, job_id, plan, all_done, skipped, state, run_s, status, out) -
     }
 
 
+PROGRESS_POLL_S = 1.0  # the progress bar counts images inside shards at least this often
 KILL_WAIT_S = 10.0  # how long the driver waits for killed actors to be gone
 
 
@@ -313,16 +328,53 @@ def _kill_all(actors):
     actors.clear()
 
 
+def remote_worker():
+    """:class:`audit.worker.AuditWorker` as a Ray actor class.
+
+    ``progress`` runs in a concurrency group of its own, so a poll is answered
+    at once instead of queueing behind the shards in flight.
+    """
+    import ray
+
+    from audit.worker import AuditWorker
+
+    class Worker(AuditWorker):
+        @ray.method(concurrency_group="progress")
+        def progress(self):
+            return super().progress()
+
+    Worker.__name__ = Worker.__qualname__ = "AuditWorker"  # the name `ray list actors` shows
+    return ray.remote(concurrency_groups={"progress": 1})(Worker)
+
+
+def _poll_progress(actors, polls, live):
+    """Collect the answers to earlier progress polls; poll every busy actor not asked yet."""
+    import ray
+
+    if polls:
+        done, _ = ray.wait(list(polls), num_returns=len(polls), timeout=0)
+        for ref in done:
+            key = polls.pop(ref)
+            try:
+                live[key] = ray.get(ref)
+            except Exception:  # the actor died: its shards are requeued elsewhere
+                live.pop(key, None)
+    asked = set(polls.values())
+    for key, a in actors.items():
+        if a["ready"] and a["inflight"] and key not in asked:
+            polls[a["handle"].progress.remote()] = key
+    for key in [k for k in live if k not in actors]:
+        del live[key]
+
+
 def _drive(spec, job_id, classes, todo, res, state, actors, bar, on_event, record):
     """The scheduling loop. Returns seconds until the first actor was ready."""
     import ray
     from ray import exceptions as rex
 
-    from audit.worker import AuditWorker
-
     max_retries = int(spec["resources"]["max_retries"])
     n_actors = res["actors"]
-    Worker = ray.remote(AuditWorker)
+    Worker = remote_worker()
     env = {"TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "3"),
            "OPENCV_IO_MAX_IMAGE_PIXELS": str(int(spec["dataset"]["max_pixels"]))}
     # max_concurrency: the queued shard starts reading/decoding while the running one computes,
@@ -338,6 +390,8 @@ def _drive(spec, job_id, classes, todo, res, state, actors, bar, on_event, recor
     t0 = time.perf_counter()
     first_ready = None
     last_alive = time.perf_counter()
+    polls: dict = {}  # progress ref -> actor key
+    live: dict = {}  # actor key -> {shard id: images done, not yet committed}
 
     def emit(kind, payload):
         if on_event is not None:
@@ -396,7 +450,10 @@ def _drive(spec, job_id, classes, todo, res, state, actors, bar, on_event, recor
                 raise AuditError("every actor died and the retry budget is spent; "
                                  "continue later with --resume")
             continue
-        ready, _ = ray.wait(list(refs), num_returns=1, timeout=1.0)
+        ready, _ = ray.wait(list(refs), num_returns=1, timeout=PROGRESS_POLL_S)
+        _poll_progress(actors, polls, live)
+        bar.show(sum(n for key, d in live.items() if key in actors
+                     for sid, n in d.items() if sid in {sh.id for sh in actors[key]["inflight"].values()}))
         if not ready:
             if any(a["ready"] for a in actors.values()):
                 last_alive = time.perf_counter()

@@ -124,6 +124,7 @@ class AuditWorker:
         self.info: dict = {}
         self._setup_lock = threading.Lock()
         self._turn = threading.Lock()  # the model passes of one shard at a time
+        self._live: dict[int, int] = {}  # shard id -> images done so far, for shards in progress
 
     # -- setup ------------------------------------------------------------------
     def setup(self) -> dict:
@@ -204,15 +205,28 @@ class AuditWorker:
     def ping(self) -> int:
         return os.getpid()
 
+    def progress(self) -> dict[int, int]:
+        """Images done so far in each shard in progress (explained or failed, not yet committed)."""
+        return dict(self._live)
+
     # -- one shard ----------------------------------------------------------------
     def process_shard(self, shard, commit: bool = True) -> dict:
         """Read, explain and (with ``commit``) write one shard; returns its counts."""
-        from audit import datasets, io
+        from audit import datasets
 
         self.setup()
         if isinstance(shard, dict):
             shard = datasets.Shard(**shard)
         t0 = time.perf_counter()
+        self._live[shard.id] = 0
+        try:
+            return self._process_shard(shard, commit, t0)
+        finally:
+            self._live.pop(shard.id, None)
+
+    def _process_shard(self, shard, commit, t0) -> dict:
+        from audit import datasets, io
+
         items = list(datasets.read_shard(self.spec["dataset"], shard, self.classes))
         table, counts = self.process_items(items, shard_id=shard.id)
         summary = {"shard": shard.id, "images": len(items), "rows": table.num_rows, **counts,
@@ -268,9 +282,11 @@ class AuditWorker:
                         parts.append(table)
                         keys.append(key)
                         counts["errors"] += n_bad
+                        self._count(shard_id, n_bad)
                         continue
                     batch, x, labels = payload
                     res = self.explainer(x, labels=labels)
+                    self._count(shard_id, len(batch))
                     # statistics and rows overlap with the next batch's model pass
                     pending.append(self.post.submit(self._rows, batch, res, shard_id))
         finally:
@@ -290,6 +306,10 @@ class AuditWorker:
         table = pa.concat_tables(parts)
         order = np.argsort(np.concatenate(keys), kind="stable")
         return table.take(pa.array(order)), counts
+
+    def _count(self, shard_id, n):
+        if shard_id in self._live:  # a shard of process_shard (not a bare process_items call)
+            self._live[shard_id] += n
 
     def _produce(self, items, load, bs, window, shard_id, ready, stop):
         """Producer thread of :meth:`process_items`: ("errors", ...) and ("batch", ...) messages, then None."""

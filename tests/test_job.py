@@ -8,7 +8,9 @@ import json
 import os
 import signal
 import sys
+import time
 import types
+from pathlib import Path
 
 import helpers_jobs as h
 import numpy as np
@@ -251,3 +253,68 @@ def test_cli_run_summary_scan_and_queries(ray_local, ws, capsys, monkeypatch):
     err_row = df2.iloc[0]
     with pytest.raises(AuditError, match="has no map"):
         audit.heatmap(err_row)
+
+
+def test_progress_poll_is_answered_while_shards_are_held(ray_local, ws, tmp_path):
+    """Both shard slots of an actor stuck (inputs that are FIFOs nobody writes yet): it
+    still answers ``progress`` with the images done so far, from its own concurrency group."""
+    import ray
+
+    from audit import datasets, job
+
+    man = Path(h.make_manifest(tmp_path, n=10))
+    fifos = {}
+    for name in ("im002.png", "im006.png"):  # one in each shard
+        path = tmp_path / "images" / name
+        fifos[path] = path.read_bytes()
+        path.unlink()
+        os.mkfifo(path)  # reading it blocks until the test writes the image
+    spec = load_spec({"model": {"path": str(ws["dir"] / "model.keras"), "preprocess": "scale_0_1"},
+                      "dataset": {"format": "manifest", "path": str(man), "shard_size": 5},
+                      "explain": {"methods": ["gradcam"]},
+                      "resources": {"batch_size": 2, "decode_threads": 2},
+                      "output": str(tmp_path / "out")})
+    plan = datasets.plan(spec["dataset"])
+    actor = job.remote_worker().options(max_concurrency=job.QUEUE_DEPTH, num_cpus=0).remote(
+        spec, classes=plan.classes)
+    try:
+        ray.get(actor.setup.remote())
+
+        def poll_until(want):
+            seen = None
+            for _ in range(120):
+                seen = ray.get(actor.progress.remote(), timeout=10)
+                if seen == want:
+                    break
+                time.sleep(0.25)
+            return seen
+
+        refs = [actor.process_shard.remote(plan.shards[0], commit=False)]
+        assert poll_until({0: 2}) == {0: 2}  # images 0-1 explained, image 2 blocks
+        refs.append(actor.process_shard.remote(plan.shards[1], commit=False))
+        assert poll_until({0: 2, 1: 0}) == {0: 2, 1: 0}  # both slots busy: shard 1 waits its turn
+        assert not ray.wait(refs, timeout=0.5)[0]  # both shards still held
+        for path, png in fifos.items():
+            with open(path, "wb") as f:
+                f.write(png)
+        results = ray.get(refs, timeout=60)
+        assert [r["images"] for r in results] == [5, 5] and all(r["errors"] == 0 for r in results)
+        assert ray.get(actor.progress.remote()) == {}
+    finally:
+        ray.kill(actor)
+
+
+def test_progress_bar_counts_up_to_the_committed_images(capsys):
+    from audit.job import _Progress
+
+    bar = _Progress(total=100, initial=20, errors=1, enabled=True, name="t")
+    bar.show(15)  # 20 committed before this run + 15 inside shards
+    assert bar.bar.n == 35
+    bar.show(5)  # a shard retried elsewhere: the count does not go back
+    assert bar.bar.n == 35
+    bar.update(30, errors=2)  # that shard (30 images) commits
+    assert bar.bar.n == 50 and bar.committed == 50
+    bar.show(80)  # never past the total
+    assert bar.bar.n == 100
+    bar.close()
+    assert "100/100" in capsys.readouterr().err

@@ -145,3 +145,49 @@ def test_degenerate_maps_become_flat_rows_with_null_statistics(tmp_path):
              "centroid_x", "concentration"]
     assert df[stats].isna().all().all()
     assert df.error.isna().all() and df.pred.notna().all()
+
+
+def test_progress_counts_images_inside_a_shard_and_producer_errors_surface(tmp_path, model):
+    import threading
+
+    root, _ = h.make_folder(tmp_path / "data", 6, masks=False)
+    (Path(root) / "cat" / "zero.png").write_bytes(b"")  # first in the shard: an error row
+    spec = _spec(tmp_path, model, {"format": "folder", "path": root, "shard_size": 100})
+    p = datasets.plan(spec["dataset"])
+    w = AuditWorker(spec, classes=p.classes)
+    real = w.setup() and w.explainer
+    gate, calls = threading.Event(), []
+
+    class Held:  # the explainer, held before its second batch until the test looks
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def __call__(self, x, labels=None):
+            calls.append(len(x))
+            if len(calls) == 2:
+                gate.wait(30)
+            return real(x, labels=labels)
+
+    w.explainer = Held()
+    out = []
+    t = threading.Thread(target=lambda: out.append(w.process_shard(p.shards[0], commit=False)))
+    t.start()
+    for _ in range(600):
+        if len(calls) == 2:
+            break
+        threading.Event().wait(0.05)
+    assert w.progress() == {0: 1 + 4}  # the error row and the first batch of 4
+    gate.set()
+    t.join(30)
+    assert out[0]["images"] == 7 and out[0]["errors"] == 1 and calls == [4, 2]  # shard 0: cat/ (6 + 1)
+    assert w.progress() == {}  # nothing in progress once the shard is done
+
+    # an exception in the producer thread (here: decoding) reaches the caller
+    def broken(*a, **k):
+        raise MemoryError("decode pool exhausted")
+
+    w.explainer = real
+    w.pool.submit = broken
+    with pytest.raises(MemoryError, match="decode pool exhausted"):
+        w.process_shard(p.shards[0], commit=False)
+    assert w.progress() == {}
