@@ -141,6 +141,47 @@ def _cause(e):
     return getattr(e, "cause", None) or e
 
 
+def _connect(ray, address, kwargs):
+    """``ray.init(address=...)`` with one-line errors.
+
+    While connecting, Ray's C++ client logs every retry on stderr: that goes to
+    a file, is shown again after a successful connection and read for the
+    reason after a failed one.  Ray sends its token to an explicit address
+    only when ``RAY_AUTH_MODE=token`` is set (by design: a token is not sent to
+    any address just because one is configured), so the error says which of
+    the two is missing.
+    """
+    import tempfile
+
+    from audit.quiet import stderr_to
+
+    failure = None
+    with tempfile.TemporaryFile() as log:
+        with stderr_to(log):
+            try:
+                ray.init(address=address, **kwargs)
+            except (ConnectionError, RuntimeError, ray.exceptions.RayError) as e:
+                failure = e
+        log.seek(0)
+        said = log.read().decode(errors="replace")
+    if failure is None:
+        if said.strip():
+            sys.stderr.write(said)
+        return
+    if any(w in said or w in str(failure) for w in ("InvalidAuthToken", "Unauthenticated", "no token")):
+        mode = os.environ.get("RAY_AUTH_MODE", "")
+        has_token = bool(os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"))
+        if mode.lower() != "token":
+            fix = ("set RAY_AUTH_MODE=token (Ray sends the token to an explicit address only then)" if has_token
+                   else "set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) to the cluster's token")
+        else:
+            fix = "RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH must hold the cluster's token"
+        raise AuditError(f"the Ray cluster at {address} uses token authentication and refused this "
+                         f"connection: {fix}") from None
+    first = (str(failure).strip().splitlines() or [type(failure).__name__])[0]
+    raise AuditError(f"cannot connect to the Ray cluster at {address}: {first}") from None
+
+
 def _ray_init(address):
     """Connect to ``address`` or start an embedded local Ray. Returns True if we started it."""
     import ray
@@ -150,10 +191,7 @@ def _ray_init(address):
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     kwargs = {"log_to_driver": False, "configure_logging": True, "logging_level": "warning"}
     if address:
-        try:
-            ray.init(address=address, **kwargs)
-        except ConnectionError as e:
-            raise AuditError(f"cannot connect to the Ray cluster at {address}: {str(e).splitlines()[0]}") from None
+        _connect(ray, address, kwargs)
     else:
         import logging
 
@@ -194,11 +232,20 @@ def run_job(spec, *, address=None, resume=False, overrides=(), progress=True, on
     plan_s = time.perf_counter() - t0
     if plan.total == 0:
         raise AuditError(f"dataset {spec['dataset']['path']} has no images")
-    io.prepare_output(out, resume)
-    committed = io.committed_shards(out)
+    committed = io.committed_shards(out) if out.is_dir() else {}
     known = {s.id for s in plan.shards}
     committed = {k: v for k, v in committed.items() if k in known}
     todo = [s for s in plan.shards if s.id not in committed]
+    # join the cluster before writing anything: one we cannot join leaves no output behind
+    started_ray = _ray_init(address) if todo else False
+    try:
+        io.prepare_output(out, resume)
+    except BaseException:
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+        raise
     done_images = sum(int(e["inputs"]["stop"]) - int(e["inputs"]["start"]) for e in committed.values())
 
     record = {
@@ -226,7 +273,6 @@ def run_job(spec, *, address=None, resume=False, overrides=(), progress=True, on
              "retries": 0, "actors_started": 0, "actor_deaths": 0, "failed": {}}
     status = "ok"
     bar = None
-    started_ray = False
     actors: dict = {}
     run_t0 = time.perf_counter()
     setup_s = None
@@ -234,7 +280,6 @@ def run_job(spec, *, address=None, resume=False, overrides=(), progress=True, on
         if todo:
             import ray
 
-            started_ray = _ray_init(address)
             res = plan_resources(spec, ray.cluster_resources(), ray.nodes(), len(todo))
             record["resources"] = res
             bar = _Progress(plan.total, done_images, sum(e.get("errors", 0) for e in committed.values()),

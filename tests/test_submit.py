@@ -73,7 +73,7 @@ def head():
     except RuntimeError as e:
         _stop(proc)
         pytest.skip(f"cannot start a token-mode Ray head here: {e}")
-    yield {"address": address, "token": token, "tmp": tmp}
+    yield {"address": address, "token": token, "tmp": tmp, "gcs": f"127.0.0.1:{gcs}"}
     _stop(proc)
 
 
@@ -188,3 +188,45 @@ def test_submit_with_token_and_wait(head, tmp_path, monkeypatch, capsys):
     assert "job t (" in cap.out and "12 of 12 audited" in cap.out  # the job's own summary, from its logs
     assert "SUCCEEDED" in cap.err
     assert len(list((tmp_path / "out" / "records").glob("part-*.parquet"))) == 2
+
+
+def test_run_joins_the_cluster_with_address(head, tmp_path):
+    """``audit run --address HOST:PORT`` from outside the head: its actors run on the cluster."""
+    h.make_model(tmp_path / "model.keras")
+    h.make_folder(tmp_path / "data", 5, masks=False)
+    spec = h.write_spec(tmp_path / "job.yaml", resources={"actors": 1, "batch_size": 8})
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env["HOME"] = str(tmp_path)  # no ~/.ray/auth_token of this machine's
+
+    def run(*extra, **kw):
+        return subprocess.run([sys.executable, "-m", "audit", "run", spec, "--no-progress", *extra],
+                              env={**env, **kw}, capture_output=True, text=True, timeout=240, cwd=tmp_path)
+
+    # no token, a token without token mode (Ray then sends none), a wrong token: one line
+    # each that says what to set (Ray's C++ retries are not shown), and no output written
+    cases = [({}, "set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN"),
+             ({"RAY_AUTH_TOKEN": head["token"]}, "set RAY_AUTH_MODE=token (Ray sends the token"),
+             ({"RAY_AUTH_TOKEN": "wrong", "RAY_AUTH_MODE": "token"}, "must hold the cluster's token")]
+    procs = [(subprocess.Popen([sys.executable, "-m", "audit", "run", spec, "--no-progress", "--address", head["gcs"]],
+                               env={**env, **extra_env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               cwd=tmp_path), words)
+             for extra_env, words in cases]  # at once: Ray retries each for about 20 s before it gives up
+    for p, words in procs:
+        _, err = p.communicate(timeout=240)
+        assert p.returncode == 2 and "uses token authentication" in err and words in err, err[-2000:]
+        assert len(err.strip().splitlines()) == 1, err[-2000:]
+    assert not (tmp_path / "out").exists()
+
+    r = run("--address", head["gcs"], RAY_AUTH_TOKEN=head["token"], RAY_AUTH_MODE="token")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "10 of 10 audited" in r.stdout
+    job = __import__("json").loads((tmp_path / "out" / "job.json").read_text())
+    assert job["status"] == "ok" and job["resources"]["actors"] == 1
+    # the actors ran in the head's session (its temp dir has their logs), not in a local Ray
+    logs = list(Path(head["tmp"]).glob("session_*/logs/worker-*.out"))
+    assert any("AuditWorker" in p.read_text(errors="replace") for p in logs)
+
+    # nothing listens there: one line, no traceback
+    r = run("--address", "127.0.0.1:1", "--set", f"output={tmp_path / 'out2'}", RAY_AUTH_TOKEN=head["token"])
+    assert r.returncode == 2 and r.stderr.strip().startswith("audit: ") and "127.0.0.1:1" in r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr[-2000:]
