@@ -588,8 +588,7 @@ def load_item(item: Item, size, max_pixels: int):
     if item.error:
         raise decode.DecodeError(item.error)
     data, mask_bytes = fetch(item)
-    img = decode.decode_image(data, max_pixels=max_pixels)
-    h, w = img.shape[:2]
+    img, (w, h) = decode.decode_image_sized(data, max_pixels=max_pixels, reduce_to=size)
     mask = None
     if mask_bytes is not None:
         parts = mask_bytes if isinstance(mask_bytes, list) else [mask_bytes]

