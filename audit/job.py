@@ -100,6 +100,7 @@ def plan_resources(spec: dict, cluster: dict, nodes: list[dict], n_shards: int) 
 class _Progress:
     def __init__(self, total, initial, errors, enabled, name):
         self.bar = None
+        self.enabled = enabled
         self.committed = initial
         if enabled:
             from tqdm import tqdm
@@ -210,8 +211,9 @@ def run_job(spec, *, address=None, resume=False, overrides=(), progress=True, on
     ``auto`` or ``ray://host:10001`` for a cluster.  ``resume`` continues a job
     in a non-empty output, skipping committed shards.  ``overrides``:
     ``key.path=value`` strings.  ``on_event(kind, payload)``, if given, is
-    called on the driver thread for ``actor_ready`` and ``shard_done``
-    (monitoring hooks; tests use them to inject faults).
+    called on the driver thread for ``actor_ready``, ``shard_done`` and (with
+    ``progress``, about once a second) ``progress`` (monitoring hooks; tests
+    use them to inject faults).
     """
     from audit import datasets, io
     from audit.models import fingerprint
@@ -436,6 +438,7 @@ def _drive(spec, job_id, classes, todo, res, state, actors, bar, on_event, recor
     first_ready = None
     last_alive = time.perf_counter()
     polls: dict = {}  # progress ref -> actor key
+    last_poll = 0.0
     live: dict = {}  # actor key -> {shard id: images done, not yet committed}
 
     def emit(kind, payload):
@@ -496,9 +499,13 @@ def _drive(spec, job_id, classes, todo, res, state, actors, bar, on_event, recor
                                  "continue later with --resume")
             continue
         ready, _ = ray.wait(list(refs), num_returns=1, timeout=PROGRESS_POLL_S)
-        _poll_progress(actors, polls, live)
-        bar.show(sum(n for key, d in live.items() if key in actors
-                     for sid, n in d.items() if sid in {sh.id for sh in actors[key]["inflight"].values()}))
+        if bar.enabled and time.perf_counter() - last_poll >= PROGRESS_POLL_S:  # a bar to feed
+            last_poll = time.perf_counter()
+            _poll_progress(actors, polls, live)
+            inside = sum(n for key, d in live.items() if key in actors
+                         for sid, n in d.items() if sid in {sh.id for sh in actors[key]["inflight"].values()})
+            bar.show(inside)
+            emit("progress", {"committed": bar.committed, "inside_shards": inside})
         if not ready:
             if any(a["ready"] for a in actors.values()):
                 last_alive = time.perf_counter()

@@ -21,8 +21,11 @@
    per node; target >= 1.6x), steady state as above.  Each actor's threads are
    pinned to its node's core (sched_setaffinity), as on real 1-CPU nodes:
    unpinned, the single actor's decode and row threads would run on the other
-   node's idle core.  On a machine with fewer free cores than actors this
-   measures the machine, not the scheduler: the table prints the cores.
+   node's idle core.  Runs alternate 1, 2, 1, 2, ..., 1 actors on the same
+   cluster; each 2-actor rate is divided by the mean of the 1-actor runs
+   around it and the median ratio is reported.  On a machine with fewer free
+   cores than actors this measures the machine, not the scheduler: the table
+   prints the cores and the load.
 3. Parquet bytes per image (all layers x methods of one image, cam included).
 4. Driver peak memory (max RSS of a fresh process) while planning a manifest of
    1,000,000 rows (target < 500 MB), and the Python heap peak (tracemalloc).
@@ -188,7 +191,12 @@ def plan_memory(tmp, rows):
     return int(total), int(shards), float(base), float(peak), float(heap), float(dt), csv.stat().st_size
 
 
-def two_node(tmp, images, batch, shard):
+def two_node(tmp, batch, shard, rounds):
+    """Steady images/s with 1 and 2 actors, interleaved 1, 2, 1, 2, ... on one 2-node cluster.
+
+    Returns ({1: [rates], 2: [rates]}, [ratios]): each 2-actor rate over the
+    mean of the 1-actor rates just before and after it (load drifts hit both).
+    """
     import ray
     from ray.cluster_utils import Cluster
 
@@ -197,16 +205,19 @@ def two_node(tmp, images, batch, shard):
     c.add_node(num_cpus=1)
     ray.init(address=c.address, log_to_driver=False)
     c.wait_for_nodes()
+    rates = {1: [], 2: []}
     try:
-        rates = {}
-        for n in (1, 2):
-            out = tmp / f"out_cluster{n}"
+        for k, n in enumerate([1, 2] * rounds + [1]):
+            out = tmp / f"out_cluster{k}"
+            rate = timed_job(spec_for(tmp, out, shard, batch, actors=n, cpus_per_actor=1), n, pin=True)[0]
+            rates[n].append(rate)
             shutil.rmtree(out, ignore_errors=True)
-            rates[n] = timed_job(spec_for(tmp, out, shard, batch, actors=n, cpus_per_actor=1), n, pin=True)[0]
-        return rates
+            print(f"cluster run {k + 1}: {n} actor{'s' if n > 1 else ''} {rate:.1f} img/s", flush=True)
     finally:
         ray.shutdown()
         c.shutdown()
+    ratios = [r2 / ((rates[1][i] + rates[1][i + 1]) / 2) for i, r2 in enumerate(rates[2])]
+    return rates, ratios
 
 
 def main():
@@ -218,6 +229,7 @@ def main():
     ap.add_argument("--job-shard", type=int, default=256, help="shard size in the job-vs-engine part")
     ap.add_argument("--rows", type=int, default=1_000_000, help="manifest rows for the planning-memory figure")
     ap.add_argument("--repeat", type=int, default=5, help="engine/job/engine rounds (median ratio)")
+    ap.add_argument("--cluster-rounds", type=int, default=3, help="2-actor runs, each between two 1-actor runs")
     ap.add_argument("--skip-cluster", action="store_true")
     args = ap.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -265,7 +277,7 @@ def main():
         eng, steady, e2e, s, _, ready = sorted(kept, key=lambda r: r[1] / r[0])[len(kept) // 2]
         ready_ratios = sorted(r[5] / r[0] for r in kept)
         pq_bytes = sum(p.stat().st_size for p in (out.parent / "out0" / "records").glob("*.parquet"))
-        cluster = None if args.skip_cluster else two_node(tmp, args.images, args.batch, args.shard)
+        cluster = None if args.skip_cluster else two_node(tmp, args.batch, args.shard, args.cluster_rounds)
         total, shards, base, peak, heap, dt, csv_bytes = plan_memory(tmp, args.rows)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -289,10 +301,14 @@ def main():
         ("audit job, 1 actor, incl. actor start-up", f"{e2e:8.1f} img/s", f"{e2e / eng:5.2f}x engine"),
     ]
     if cluster:
+        crates, cratios = cluster
+        med = sorted(cratios)[len(cratios) // 2]
         rows += [
-            ("2-node cluster (1 CPU/node), 1 actor", f"{cluster[1]:8.1f} img/s", ""),
-            ("2-node cluster (1 CPU/node), 2 actors", f"{cluster[2]:8.1f} img/s",
-             f"{cluster[2] / cluster[1]:5.2f}x 1 actor (target >= 1.6x)"),
+            ("2-node cluster (1 CPU/node), 1 actor", f"{np.median(crates[1]):8.1f} img/s",
+             "median; runs: " + " ".join(f"{v:.0f}" for v in crates[1])),
+            ("2-node cluster (1 CPU/node), 2 actors", f"{np.median(crates[2]):8.1f} img/s",
+             f"{med:5.2f}x 1 actor (target >= 1.6x); median of {len(cratios)} interleaved rounds: "
+             + " ".join(f"{v:.2f}" for v in sorted(cratios))),
         ]
     rows += [
         ("Parquet bytes per image", f"{pq_bytes / s['images_done']:8.0f} B",

@@ -129,7 +129,7 @@ def test_two_actors_kill_one_mid_job(ray_local, ws):
     assert got.has_mask.all() and got.energy_object.notna().all()
 
 
-def test_interrupt_then_resume(ray_local, ws):
+def test_interrupt_then_resume(ray_local, ws, capsys):
     out = ws["dir"] / "out_resume"
     seen = []
 
@@ -153,10 +153,22 @@ def test_interrupt_then_resume(ray_local, ws):
     with pytest.raises(AuditError, match="cannot resume: dataset.shard_size"):
         run_job(ws["spec"], overrides=[f"output={out}", "dataset.shard_size=7"], resume=True, progress=False)
 
-    redone = []
-    s = run_job(ws["spec"], overrides=[f"output={out}"], resume=True, progress=False,
-                on_event=lambda k, p: redone.append(p["shard"]) if k == "shard_done" else None)
+    redone, polled = [], []
+
+    def watch(kind, payload):
+        if kind == "shard_done":
+            redone.append(payload["shard"])
+        elif kind == "progress":
+            polled.append(payload["committed"] + payload["inside_shards"])
+
+    capsys.readouterr()
+    s = run_job(ws["spec"], overrides=[f"output={out}"], resume=True, progress=True, on_event=watch)
     assert s["status"] == "ok" and s["shards_skipped"] == len(first)
+    # the bar started at the images already committed and ended at all of them
+    bar = capsys.readouterr().err.replace("\r", "\n")
+    done_before = sum(int(e["inputs"]["stop"]) - int(e["inputs"]["start"]) for e in first.values())
+    assert f"{done_before}/{ws['n']}" in bar and f"{ws['n']}/{ws['n']}" in bar
+    assert polled and all(done_before <= v <= ws["n"] for v in polled)  # the driver polled the actors
     assert not set(redone) & set(first)  # committed shards were skipped...
     for k, e in first.items():  # ...and not rewritten
         assert (out / "records" / e["file"]).stat().st_mtime_ns == stamps[k]
