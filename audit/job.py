@@ -350,6 +350,7 @@ def _summary(spec, job_id, plan, all_done, skipped, state, run_s, status, out) -
     }
 
 
+SWITCH_INTERVAL_S = 0.001  # GIL hand-over in actors (Python's default: 5 ms)
 PROGRESS_POLL_S = 1.0  # the progress bar counts images inside shards at least this often
 KILL_WAIT_S = 10.0  # how long the driver waits for killed actors to be gone
 
@@ -386,6 +387,14 @@ def remote_worker():
     from audit.worker import AuditWorker
 
     class Worker(AuditWorker):
+        def __init__(self, *args, **kwargs):
+            # The actor's process is ours: Python hands the GIL over every 5 ms by
+            # default, so the model thread, back from a batch, would wait that long
+            # behind the decode and row threads while the CPUs (or the GPU) sit idle.
+            if sys.getswitchinterval() > SWITCH_INTERVAL_S:
+                sys.setswitchinterval(SWITCH_INTERVAL_S)
+            super().__init__(*args, **kwargs)
+
         @ray.method(concurrency_group="progress")
         def progress(self):
             return super().progress()

@@ -291,6 +291,8 @@ def test_progress_poll_is_answered_while_shards_are_held(ray_local, ws, tmp_path
         spec, classes=plan.classes)
     try:
         ray.get(actor.setup.remote())
+        # the actor's process hands the GIL over every 1 ms (Python's default is 5 ms)
+        assert ray.get(actor.__ray_call__.remote(lambda self: sys.getswitchinterval())) == job.SWITCH_INTERVAL_S
 
         def poll_until(want):
             seen = None
