@@ -73,7 +73,8 @@ def head():
     except RuntimeError as e:
         _stop(proc)
         pytest.skip(f"cannot start a token-mode Ray head here: {e}")
-    yield {"address": address, "token": token, "tmp": tmp, "gcs": f"127.0.0.1:{gcs}"}
+    yield {"address": address, "token": token, "tmp": tmp, "gcs": f"127.0.0.1:{gcs}",
+           "client": f"ray://127.0.0.1:{client}"}
     _stop(proc)
 
 
@@ -225,6 +226,13 @@ def test_run_joins_the_cluster_with_address(head, tmp_path):
     # the actors ran in the head's session (its temp dir has their logs), not in a local Ray
     logs = list(Path(head["tmp"]).glob("session_*/logs/worker-*.out"))
     assert any("AuditWorker" in p.read_text(errors="replace") for p in logs)
+
+    # through Ray Client (ray://), into a second output
+    r = run("--address", head["client"], "--set", f"output={tmp_path / 'out_client'}",
+            RAY_AUTH_TOKEN=head["token"], RAY_AUTH_MODE="token")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "10 of 10 audited" in r.stdout
+    assert len(list((tmp_path / "out_client" / "records").glob("part-*.parquet"))) == 2
 
     # nothing listens there: one line, no traceback
     r = run("--address", "127.0.0.1:1", "--set", f"output={tmp_path / 'out2'}", RAY_AUTH_TOKEN=head["token"])
