@@ -100,7 +100,6 @@ def plan_resources(spec: dict, cluster: dict, nodes: list[dict], n_shards: int) 
 class _Progress:
     def __init__(self, total, initial, errors, enabled, name):
         self.bar = None
-        self.enabled = enabled
         self.committed = initial
         if enabled:
             from tqdm import tqdm
@@ -108,6 +107,10 @@ class _Progress:
             self.bar = tqdm(total=total, initial=initial, unit="img", desc=name, dynamic_ncols=True,
                             smoothing=0.1, file=sys.stderr)
             self.bar.set_postfix(errors=errors)
+
+    @property
+    def enabled(self) -> bool:
+        return self.bar is not None
 
     def update(self, n, errors):
         """``n`` more images committed."""
@@ -511,8 +514,10 @@ def _drive(spec, job_id, classes, todo, res, state, actors, bar, on_event, recor
         if bar.enabled and time.perf_counter() - last_poll >= PROGRESS_POLL_S:  # a bar to feed
             last_poll = time.perf_counter()
             _poll_progress(actors, polls, live)
-            inside = sum(n for key, d in live.items() if key in actors
-                         for sid, n in d.items() if sid in {sh.id for sh in actors[key]["inflight"].values()})
+            inside = 0
+            for key, done in live.items():  # images inside the shards each actor still holds
+                held = {sh.id for sh in actors[key]["inflight"].values()} if key in actors else ()
+                inside += sum(n for sid, n in done.items() if sid in held)
             bar.show(inside)
             emit("progress", {"committed": bar.committed, "inside_shards": inside})
         if not ready:

@@ -72,6 +72,20 @@ def _clip01(v) -> float:
     return 0.0 if not math.isfinite(v) else min(1.0, max(0.0, v))
 
 
+def _or_none(v):
+    """``v`` if it is a finite number, else None (a null in the summary tables)."""
+    return v if _finite(v) else None
+
+
+def _flip_fields(flips: dict) -> dict:
+    """The intervention columns of a class or cluster row."""
+    return {
+        "flip_rate_cue": _or_none(flips.get("flip_rate_cue")),
+        "flip_rate_object": _or_none(flips.get("flip_rate_object")),
+        "n_intervened": int(max(flips.get("n_cue", 0) or 0, flips.get("n_object", 0) or 0)) if flips else 0,
+    }
+
+
 def _finite(v) -> bool:
     return v is not None and isinstance(v, (int, float, np.floating, np.integer)) and math.isfinite(float(v))
 
@@ -780,16 +794,14 @@ def scan(out_dir, *, intervene: bool = True, quiet: bool = False, layer: str | N
         class_rows.append({
             "class_id": t, "class_name": g.name, "n": f["n_total"], "n_ok": f["n"], "n_flat": f["n_flat"],
             "n_masked": f["n_masked"],
-            "accuracy": f["accuracy"] if _finite(f["accuracy"]) else None,
+            "accuracy": _or_none(f["accuracy"]),
             "n_label": len(lab), "recall": float(labc.astype(float).mean()) if len(labc) else None,
-            "spurious_gap": gap if _finite(gap) else None,
-            "suspicion": final["suspicion"] if _finite(final["suspicion"]) else None,
-            "attention_suspicion": own["attention_suspicion"] if _finite(own["attention_suspicion"]) else None,
+            "spurious_gap": _or_none(gap),
+            "suspicion": _or_none(final["suspicion"]),
+            "attention_suspicion": _or_none(own["attention_suspicion"]),
             "verdict": final["verdict"], "evidence": final["evidence"], "cue": final["cue"],
             "cue_box": final["cue_box"],
-            "flip_rate_cue": flips.get("flip_rate_cue") if _finite(flips.get("flip_rate_cue")) else None,
-            "flip_rate_object": flips.get("flip_rate_object") if _finite(flips.get("flip_rate_object")) else None,
-            "n_intervened": int(max(flips.get("n_cue", 0) or 0, flips.get("n_object", 0) or 0)) if flips else 0,
+            **_flip_fields(flips),
             "n_clusters": k, "n_suspect_clusters": int(n_susp), "peak_spread": f["peak_spread"],
             "layer": layer, "method": method,
             "mean_map": None if f["mean_map"] is None else f["mean_map"].ravel().tolist(),
@@ -798,17 +810,14 @@ def scan(out_dir, *, intervene: bool = True, quiet: bool = False, layer: str | N
             **_stat_means(f),
         })
         for c, members, cf, cres in clusters:
-            cfl = cres.get("flips") or {}
             cluster_rows.append({
                 "class_id": t, "class_name": g.name, "cluster": c, "n": cf["n"],
                 "share": cf["n"] / max(1, len(ids)),
-                "accuracy": cf["accuracy"] if _finite(cf["accuracy"]) else None,
-                "suspicion": cres["suspicion"] if _finite(cres["suspicion"]) else None,
+                "accuracy": _or_none(cf["accuracy"]),
+                "suspicion": _or_none(cres["suspicion"]),
                 "verdict": cres["verdict"], "evidence": cres["evidence"], "cue": cres["cue"],
                 "cue_box": cres["cue_box"],
-                "flip_rate_cue": cfl.get("flip_rate_cue") if _finite(cfl.get("flip_rate_cue")) else None,
-                "flip_rate_object": cfl.get("flip_rate_object") if _finite(cfl.get("flip_rate_object")) else None,
-                "n_intervened": int(max(cfl.get("n_cue", 0) or 0, cfl.get("n_object", 0) or 0)) if cfl else 0,
+                **_flip_fields(cres.get("flips") or {}),
                 "peak_spread": cf["peak_spread"], "layer": layer, "method": method,
                 "mean_map": None if cf["mean_map"] is None else cf["mean_map"].ravel().tolist(),
                 "map_h": cfg.grid, "map_w": cfg.grid,

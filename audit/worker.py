@@ -210,16 +210,16 @@ class AuditWorker:
         self.setup()
         if isinstance(shard, dict):
             shard = datasets.Shard(**shard)
-        t0 = time.perf_counter()
         self._live[shard.id] = 0
         try:
-            return self._process_shard(shard, commit, t0)
+            return self._process_shard(shard, commit)
         finally:
             self._live.pop(shard.id, None)
 
-    def _process_shard(self, shard, commit, t0) -> dict:
+    def _process_shard(self, shard, commit) -> dict:
         from audit import datasets, io
 
+        t0 = time.perf_counter()
         items = list(datasets.read_shard(self.spec["dataset"], shard, self.classes))
         table, counts = self.process_items(items, shard_id=shard.id)
         summary = {"shard": shard.id, "images": len(items), "rows": table.num_rows, **counts,

@@ -26,7 +26,9 @@ def register(sub) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("spec", help="job spec (YAML)")
-    p.add_argument("--address", help="Ray cluster: 'auto' or ray://HOST:10001 (default: an embedded local Ray)")
+    p.add_argument("--address", help="Ray cluster: 'auto', HOST:PORT (its GCS) or ray://HOST:10001 "
+                                     "(default: an embedded local Ray); on a token-mode cluster also set "
+                                     "RAY_AUTH_MODE=token and RAY_AUTH_TOKEN")
     p.add_argument("--resume", action="store_true", help="continue the job in a non-empty output, skipping committed shards")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
                    help="override a spec value (YAML), e.g. --set resources.batch_size=32; repeatable")
