@@ -145,7 +145,18 @@ def _cause(e):
     return getattr(e, "cause", None) or e
 
 
-def _connect(ray, address, kwargs):
+#: Ray Client (``ray://``) sessions whose server-side process fails to start are
+#: retried this many times in all: the proxy starts one process per client and
+#: that start can fail transiently on a loaded head (seen on 2-core CI).
+CLIENT_CONNECT_ATTEMPTS = 3
+
+
+def _client_init_failed(address, e):
+    """Ray Client's proxy could not start this client's session: worth another try."""
+    return str(address).startswith("ray://") and "Initialization failure from server" in str(e)
+
+
+def _connect(ray, address, kwargs, attempts=CLIENT_CONNECT_ATTEMPTS):
     """``ray.init(address=...)`` with one-line errors.
 
     While connecting, Ray's C++ client logs every retry on stderr: that goes to
@@ -153,25 +164,32 @@ def _connect(ray, address, kwargs):
     reason after a failed one.  Ray sends its token to an explicit address
     only when ``RAY_AUTH_MODE=token`` is set (by design: a token is not sent to
     any address just because one is configured), so the error says which of
-    the two is missing.
+    the two is missing.  A ``ray://`` session that the head failed to start is
+    tried again, up to ``attempts`` times.
     """
     import tempfile
 
     from audit.quiet import stderr_to
 
-    failure = None
-    with tempfile.TemporaryFile() as log:
-        with stderr_to(log):
-            try:
-                ray.init(address=address, **kwargs)
-            except (ConnectionError, RuntimeError, ray.exceptions.RayError) as e:
-                failure = e
-        log.seek(0)
-        said = log.read().decode(errors="replace")
-    if failure is None:
-        if said.strip():
-            sys.stderr.write(said)
-        return
+    for attempt in range(1, attempts + 1):
+        failure = None
+        with tempfile.TemporaryFile() as log:
+            with stderr_to(log):
+                try:
+                    ray.init(address=address, **kwargs)
+                except (ConnectionError, RuntimeError, ray.exceptions.RayError) as e:
+                    failure = e
+            log.seek(0)
+            said = log.read().decode(errors="replace")
+        if failure is None:
+            if said.strip():
+                sys.stderr.write(said)
+            return
+        if not (_client_init_failed(address, failure) and attempt < attempts):
+            break
+        with contextlib.suppress(Exception):
+            ray.shutdown()
+        time.sleep(0.5 * attempt)
     if any(w in said or w in str(failure) for w in ("InvalidAuthToken", "Unauthenticated", "no token")):
         mode = os.environ.get("RAY_AUTH_MODE", "")
         has_token = bool(os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"))
@@ -182,6 +200,11 @@ def _connect(ray, address, kwargs):
             fix = "RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH must hold the cluster's token"
         raise AuditError(f"the Ray cluster at {address} uses token authentication and refused this "
                          f"connection: {fix}") from None
+    if _client_init_failed(address, failure):
+        reason = [ln.strip() for ln in str(failure).splitlines()[1:] if ln.strip()]
+        raise AuditError(f"cannot connect to the Ray cluster at {address}: its Ray Client server failed to start "
+                         f"a session {attempts} times ({reason[-1] if reason else 'no reason given'}; see "
+                         "ray_client_server*.err in the head's session logs)") from None
     first = (str(failure).strip().splitlines() or [type(failure).__name__])[0]
     raise AuditError(f"cannot connect to the Ray cluster at {address}: {first}") from None
 
@@ -359,17 +382,25 @@ KILL_WAIT_S = 10.0  # how long the driver waits for killed actors to be gone
 
 
 def _kill_all(actors):
-    """Kill every actor and wait (bounded) until their calls in flight have failed.
+    """Fence every busy actor, then kill them all.
 
-    ``ray.kill`` is asynchronous: without the wait, an actor could still commit
-    a shard after :func:`run_job` returned (an interrupted job must not change
-    its output behind a ``--resume`` that has already planned).
+    ``ray.kill`` fails the calls in flight at once, but the actor's process may
+    live on a moment and could still commit a shard after :func:`run_job`
+    returned (an interrupted job must not change its output behind a
+    ``--resume`` that has already planned).  A fenced actor commits nothing
+    more, and its ``fence`` call returns only once no commit is in progress.
+    It runs in the actors' control group, so it is answered while both shard
+    slots are busy.  Waits are bounded by ``KILL_WAIT_S``.
     """
     if not actors:
         return
     import ray
 
     inflight = [ref for a in actors.values() for ref in a["inflight"]]
+    fences = [a["handle"].fence.remote() for a in actors.values() if a["ready"] and a["inflight"]]
+    if fences:
+        with contextlib.suppress(Exception):
+            ray.wait(fences, num_returns=len(fences), timeout=KILL_WAIT_S)
     for a in list(actors.values()):
         with contextlib.suppress(Exception):
             ray.kill(a["handle"], no_restart=True)
@@ -382,8 +413,8 @@ def _kill_all(actors):
 def remote_worker():
     """:class:`audit.worker.AuditWorker` as a Ray actor class.
 
-    ``progress`` runs in a concurrency group of its own, so a poll is answered
-    at once instead of queueing behind the shards in flight.
+    ``progress`` and ``fence`` run in a concurrency group of their own, so they
+    are answered at once instead of queueing behind the shards in flight.
     """
     import ray
 
@@ -398,12 +429,16 @@ def remote_worker():
                 sys.setswitchinterval(SWITCH_INTERVAL_S)
             super().__init__(*args, **kwargs)
 
-        @ray.method(concurrency_group="progress")
+        @ray.method(concurrency_group="control")
         def progress(self):
             return super().progress()
 
+        @ray.method(concurrency_group="control")
+        def fence(self):
+            return super().fence()
+
     Worker.__name__ = Worker.__qualname__ = "AuditWorker"  # the name `ray list actors` shows
-    return ray.remote(concurrency_groups={"progress": 1})(Worker)
+    return ray.remote(concurrency_groups={"control": 1})(Worker)
 
 
 def _poll_progress(actors, polls, live):

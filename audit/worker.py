@@ -123,6 +123,8 @@ class AuditWorker:
         self._setup_lock = threading.Lock()
         self._turn = threading.Lock()  # the model passes of one shard at a time
         self._live: dict[int, int] = {}  # shard id -> images done so far, for shards in progress
+        self._commit_lock = threading.Lock()  # held for a whole commit; see fence()
+        self._fenced = False
 
     # -- setup ------------------------------------------------------------------
     def setup(self) -> dict:
@@ -202,6 +204,17 @@ class AuditWorker:
         """Images done so far in each shard in progress (explained or failed, not yet committed)."""
         return dict(self._live)
 
+    def fence(self) -> int:
+        """Commit nothing from now on.  Returns (its pid) once no commit is in progress.
+
+        The driver fences an actor before killing it: ``ray.kill`` fails the calls
+        in flight at once, but the process may live on a moment and could still
+        commit a shard behind a ``--resume`` that has already planned.
+        """
+        with self._commit_lock:
+            self._fenced = True
+        return os.getpid()
+
     # -- one shard ----------------------------------------------------------------
     def process_shard(self, shard, commit: bool = True) -> dict:
         """Read, explain and (with ``commit``) write one shard; returns its counts."""
@@ -228,8 +241,11 @@ class AuditWorker:
         if commit:
             inputs = {**shard.to_dict(), "first": items[0].image_id if items else None,
                       "last": items[-1].image_id if items else None}
-            io.write_shard(self.out_dir, shard.id, table, job_id=self.job_id,
-                           schema_version=self.schema_version, inputs=inputs, counts=counts)
+            with self._commit_lock:
+                if self._fenced:
+                    raise RuntimeError(f"shard {shard.id} not committed: this worker was fenced")
+                io.write_shard(self.out_dir, shard.id, table, job_id=self.job_id,
+                               schema_version=self.schema_version, inputs=inputs, counts=counts)
             return summary
         summary["table"] = table
         return summary

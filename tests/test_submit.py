@@ -108,6 +108,14 @@ def _actor_count(head, class_name):
     return sum(1 for a in actors if a.get("class_name") == class_name)
 
 
+def _client_server_logs(head):
+    """The tail of the head's Ray Client server logs, to explain a failed ``ray://`` run."""
+    out = []
+    for f in sorted(Path(head["tmp"]).glob("session_latest/logs/ray_client_server*")):
+        out.append(f"\n--- {f.name}\n" + f.read_text(errors="replace")[-1500:])
+    return "".join(out)
+
+
 def _stop(proc):
     """Stop the head by its process ids: the ray start process, then its process group."""
     pgid = proc.pid  # start_new_session: the group id is the leader's pid
@@ -243,7 +251,7 @@ def test_run_joins_the_cluster_with_address(head, tmp_path):
     # through Ray Client (ray://), into a second output
     r = run("--address", head["client"], "--set", f"output={tmp_path / 'out_client'}",
             RAY_AUTH_TOKEN=head["token"], RAY_AUTH_MODE="token")
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:] + _client_server_logs(head)
     assert "10 of 10 audited" in r.stdout
     assert len(list((tmp_path / "out_client" / "records").glob("part-*.parquet"))) == 2
     assert _actor_count(head, "AuditWorker") == before + 2
@@ -252,3 +260,45 @@ def test_run_joins_the_cluster_with_address(head, tmp_path):
     r = run("--address", "127.0.0.1:1", "--set", f"output={tmp_path / 'out2'}", RAY_AUTH_TOKEN=head["token"])
     assert r.returncode == 2 and r.stderr.strip().startswith("audit: ") and "127.0.0.1:1" in r.stderr
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr[-2000:]
+
+
+class _FlakyClientRay:
+    """Stands in for ``ray``: its first ``fail`` connections fail the way Ray Client's
+    proxy reports a session process that died at start (an empty reason)."""
+
+    class exceptions:  # noqa: N801 - mirrors ray.exceptions
+        RayError = type("RayError", (Exception,), {})
+
+    def __init__(self, fail):
+        self.fail, self.inits, self.shutdowns = fail, [], 0
+
+    def init(self, address, **kwargs):
+        self.inits.append(address)
+        if len(self.inits) <= self.fail:
+            raise ConnectionAbortedError("Initialization failure from server:\n")
+
+    def shutdown(self):
+        self.shutdowns += 1
+
+
+def test_ray_client_session_start_failures_are_retried(monkeypatch):
+    from audit import job
+    from audit.errors import AuditError
+
+    monkeypatch.setattr(job.time, "sleep", lambda s: None)
+    fake = _FlakyClientRay(fail=2)
+    job._connect(fake, "ray://head:10001", {}, attempts=3)
+    assert fake.inits == ["ray://head:10001"] * 3 and fake.shutdowns == 2
+
+    fake = _FlakyClientRay(fail=3)
+    with pytest.raises(AuditError) as e:
+        job._connect(fake, "ray://head:10001", {}, attempts=3)
+    assert len(fake.inits) == 3
+    msg = str(e.value)
+    assert "failed to start a session 3 times" in msg and "no reason given" in msg and "\n" not in msg
+
+    # a GCS address is not Ray Client: the same failure is not retried
+    fake = _FlakyClientRay(fail=1)
+    with pytest.raises(AuditError, match="cannot connect to the Ray cluster at head:6379"):
+        job._connect(fake, "head:6379", {}, attempts=3)
+    assert len(fake.inits) == 1

@@ -191,3 +191,48 @@ def test_progress_counts_images_inside_a_shard_and_producer_errors_surface(tmp_p
     with pytest.raises(MemoryError, match="decode pool exhausted"):
         w.process_shard(p.shards[0], commit=False)
     assert w.progress() == {}
+
+
+def test_a_fenced_worker_commits_nothing_and_fence_waits_for_a_commit_in_progress(tmp_path, model, monkeypatch):
+    import threading
+    import time
+
+    from audit import io
+
+    manifest = h.make_manifest(tmp_path, n=6, boxes=True)
+    spec = _spec(tmp_path, model, {"format": "manifest", "path": manifest, "shard_size": 3})
+    io.prepare_output(spec["output"], resume=False)
+    p = datasets.plan(spec["dataset"])
+    w = AuditWorker(spec, classes=p.classes)
+    out = Path(spec["output"])
+
+    # a commit in progress when fence() is called: fence returns only after it landed
+    entered, release, order = threading.Event(), threading.Event(), []
+    real = io.write_shard
+
+    def slow_write(*a, **k):
+        entered.set()
+        release.wait(10)
+        entry = real(*a, **k)
+        order.append("committed")
+        return entry
+
+    monkeypatch.setattr(io, "write_shard", slow_write)
+    t = threading.Thread(target=w.process_shard, args=(p.shards[0],))
+    t.start()
+    assert entered.wait(60)
+    f = threading.Thread(target=lambda: order.append(("fenced", w.fence())))
+    f.start()
+    time.sleep(0.2)
+    assert order == []  # fence() is waiting behind the commit
+    release.set()
+    t.join(30)
+    f.join(30)
+    assert order[0] == "committed" and order[1][0] == "fenced"
+    assert list(io.committed_shards(out)) == [0]
+
+    # after the fence: the shard is computed but not committed, and the caller is told
+    with pytest.raises(RuntimeError, match="shard 1 not committed: this worker was fenced"):
+        w.process_shard(p.shards[1])
+    assert list(io.committed_shards(out)) == [0]
+    assert not (out / "records" / io.part_name(1)).with_suffix(".parquet").exists()
