@@ -156,6 +156,44 @@ def _client_init_failed(address, e):
     return str(address).startswith("ray://") and "Initialization failure from server" in str(e)
 
 
+TOKEN_CHECK_S = 5.0  # the longest the quick token check may take before ray.init is left to it
+
+
+def _token_refusal(ray, address):
+    """One GCS handshake with ``address``: the cluster's token refusal, or None.
+
+    ``ray.init`` retries a refused token for about 20 s before it gives up; a
+    single handshake says so in milliseconds.  Anything else (another error, a
+    slow answer, a ``ray://`` or ``auto`` address, a Ray without the client
+    class) is left to ``ray.init`` and its retries.
+    """
+    import threading
+
+    if not address or "://" in str(address) or address in ("auto", "local"):
+        return None
+    try:
+        from ray._raylet import GcsClient
+    except ImportError:
+        return None
+    auth_error = getattr(ray.exceptions, "AuthenticationError", None)
+    if auth_error is None:
+        return None
+    found = []
+
+    def handshake():
+        try:
+            GcsClient(address=address)
+        except auth_error as e:
+            found.append(e)
+        except Exception:  # noqa: BLE001 - ray.init reports it, after its retries
+            pass
+
+    t = threading.Thread(target=handshake, daemon=True, name="audit-token-check")
+    t.start()
+    t.join(TOKEN_CHECK_S)
+    return found[0] if found else None
+
+
 def _connect(ray, address, kwargs, attempts=CLIENT_CONNECT_ATTEMPTS):
     """``ray.init(address=...)`` with one-line errors.
 
@@ -164,8 +202,10 @@ def _connect(ray, address, kwargs, attempts=CLIENT_CONNECT_ATTEMPTS):
     reason after a failed one.  Ray sends its token to an explicit address
     only when ``RAY_AUTH_MODE=token`` is set (by design: a token is not sent to
     any address just because one is configured), so the error says which of
-    the two is missing.  A ``ray://`` session that the head failed to start is
-    tried again, up to ``attempts`` times.
+    the two is missing; a refusal is found by one handshake first
+    (:func:`_token_refusal`) instead of after Ray's 20 s of retries.  A
+    ``ray://`` session that the head failed to start is tried again, up to
+    ``attempts`` times.
     """
     import tempfile
 
@@ -176,6 +216,9 @@ def _connect(ray, address, kwargs, attempts=CLIENT_CONNECT_ATTEMPTS):
         with tempfile.TemporaryFile() as log:
             with stderr_to(log):
                 try:
+                    refused = _token_refusal(ray, address)
+                    if refused is not None:
+                        raise refused
                     ray.init(address=address, **kwargs)
                 except (ConnectionError, RuntimeError, ray.exceptions.RayError) as e:
                     failure = e

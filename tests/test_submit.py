@@ -232,7 +232,7 @@ def test_run_joins_the_cluster_with_address(head, tmp_path):
              ({"RAY_AUTH_TOKEN": "wrong", "RAY_AUTH_MODE": "token"}, "must hold the cluster's token")]
     procs = [(subprocess.Popen([*cmd, "--address", head["gcs"]], env={**env, **extra_env}, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, cwd=tmp_path), words)
-             for extra_env, words in cases]  # at once: Ray retries each for about 20 s before it gives up
+             for extra_env, words in cases]  # at once: each is a CLI start-up (TensorFlow import)
     for p, words in procs:
         _, err = p.communicate(timeout=240)
         assert p.returncode == 2 and "uses token authentication" in err and words in err, err[-2000:]
