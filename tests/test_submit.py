@@ -262,6 +262,25 @@ def test_run_joins_the_cluster_with_address(head, tmp_path):
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr[-2000:]
 
 
+
+def test_token_refusal_is_found_by_one_handshake(head, tmp_path):
+    """The quick check names a refusal, and lets a good token (or a ray:// address) through."""
+    code = ("import sys, ray\nfrom audit.job import _token_refusal\n"
+            "for a in sys.argv[1:]:\n    e = _token_refusal(ray, a)\n"
+            "    print(type(e).__name__ if e is not None else 'None')\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env["HOME"] = str(tmp_path)
+
+    def check(**kw):
+        r = subprocess.run([sys.executable, "-c", code, head["gcs"], head["client"]], env={**env, **kw},
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr[-2000:]
+        return r.stdout.split()
+
+    assert check() == ["AuthenticationError", "None"]
+    assert check(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN="wrong") == ["AuthenticationError", "None"]
+    assert check(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=head["token"]) == ["None", "None"]
+
 class _FlakyClientRay:
     """Stands in for ``ray``: its first ``fail`` connections fail the way Ray Client's
     proxy reports a session process that died at start (an empty reason)."""
