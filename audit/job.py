@@ -341,7 +341,7 @@ def run_job(spec, *, address=None, resume=False, overrides=(), progress=True, on
     io.atomic_write_json(out / io.JOB_JSON, record)
 
     state = {"images": 0, "errors": 0, "flat": 0, "rows": 0, "correct": 0, "labelled": 0,
-             "retries": 0, "actors_started": 0, "actor_deaths": 0, "failed": {}}
+             "retries": 0, "actors_started": 0, "actor_deaths": 0, "failed": {}, "actor_facts": []}
     status = "ok"
     bar = None
     actors: dict = {}
@@ -373,7 +373,8 @@ def run_job(spec, *, address=None, resume=False, overrides=(), progress=True, on
         record["timings"].update({"run_s": round(run_s, 3), "total_s": round(time.time() - t_start, 3),
                                   "first_actor_ready_s": setup_s, "finished": time.time()})
         record["runs"] = record["runs"] + [{"started": t_start, "status": status, "shards": len(todo),
-                                            "images": state["images"], "seconds": round(run_s, 3)}]
+                                            "images": state["images"], "seconds": round(run_s, 3),
+                                            "actors": state["actor_facts"]}]
         record["shards"] = {"total": len(plan.shards), "committed": len(all_done),
                             "failed": sorted(state["failed"])}
         record["failed_shards"] = {str(k): v for k, v in state["failed"].items()}
@@ -387,6 +388,29 @@ def run_job(spec, *, address=None, resume=False, overrides=(), progress=True, on
 
                 ray.shutdown()
     return summary
+
+
+#: What each actor reports on start-up, kept per run in job.json (``runs[-1].actors``).
+ACTOR_FACTS = ("pid", "node", "gpus", "visible_devices", "memory_growth", "threads", "mixed_precision", "setup_s")
+
+
+def describe_devices(facts: list[dict]) -> str | None:
+    """One line on where the actors of a run computed, e.g. ``2 actors on GPU (memory growth on)``."""
+    if not facts:
+        return None
+    n = len(facts)
+    who = f"{n} actor{'s' if n != 1 else ''}"
+    on_gpu = [f for f in facts if (f.get("gpus") or 0) > 0]
+    if on_gpu:
+        growth = all(all(f.get("memory_growth") or [False]) for f in on_gpu)
+        extras = [f"{min(f['gpus'] for f in on_gpu)} GPU each" if len(on_gpu) == n else f"{len(on_gpu)} with a GPU",
+                  "memory growth on" if growth else "memory growth OFF"]
+        if any(f.get("mixed_precision") for f in on_gpu):
+            extras.append("mixed precision")
+        return f"{who} on GPU ({', '.join(extras)})"
+    threads = sorted({f.get("threads") for f in facts if f.get("threads")})
+    t = f", {'/'.join(map(str, threads))} TensorFlow thread{'s' if threads != [1] else ''} each" if threads else ""
+    return f"{who} on CPU (no GPU visible{t})"
 
 
 def _summary(spec, job_id, plan, all_done, skipped, state, run_s, status, out) -> dict:
@@ -412,6 +436,7 @@ def _summary(spec, job_id, plan, all_done, skipped, state, run_s, status, out) -
         "shards_failed": sorted(state["failed"]),
         "retries": state["retries"],
         "actors": state["actors_started"],
+        "devices": describe_devices(state["actor_facts"]),
         "actor_deaths": state["actor_deaths"],
         "seconds": round(run_s, 2),
         "images_per_s": round(state["images"] / run_s, 2) if run_s > 0 and state["images"] else None,
@@ -639,6 +664,7 @@ def _drive(spec, job_id, classes, todo, res, state, actors, bar, on_event, recor
                     first_ready = round(time.perf_counter() - t0, 3)
                     for k in ("layers", "layer_shapes", "input_size", "classes"):
                         record[k] = result.get(k)
+                state["actor_facts"].append({k: result.get(k) for k in ACTOR_FACTS})
                 emit("actor_ready", result)
                 continue
             a["inflight"].pop(ref, None)

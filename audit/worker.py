@@ -51,11 +51,13 @@ def _configure_tensorflow(cpus: float | None, gpu: bool, mixed_precision: bool) 
 
     tf = import_tensorflow()
 
-    info = {"gpus": 0, "threads": None, "mixed_precision": False}
+    info = {"gpus": 0, "threads": None, "mixed_precision": False, "memory_growth": [],
+            "visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}  # Ray sets it per actor
     gpus = tf.config.list_physical_devices("GPU")
     for g in gpus:
         with contextlib.suppress(RuntimeError, ValueError):  # already initialised (in-process use)
             tf.config.experimental.set_memory_growth(g, True)
+        info["memory_growth"].append(bool(tf.config.experimental.get_memory_growth(g)))
     info["gpus"] = len(gpus)
     if cpus:
         n = max(1, int(round(cpus)))

@@ -103,6 +103,12 @@ def test_two_actors_kill_one_mid_job(ray_local, ws):
     assert job["spec"]["dataset"]["path"] == str(ws["dir"] / "data")
     assert job["versions"]["ray"] and job["versions"]["pyarrow"]
     assert job["timings"]["run_s"] > 0 and job["layers"] == ["conv2"] and job["classes"] == ["cat", "dog"]
+    # where each actor that became ready computed (the replacement may not have been needed in
+    # time): each 1 CPU = 1 TensorFlow thread, no GPU here
+    facts = job["runs"][-1]["actors"]
+    assert sorted(f["pid"] for f in facts) == sorted(pids) and len(facts) >= 2
+    assert all(f["gpus"] == 0 and f["threads"] == 1 and f["memory_growth"] == [] for f in facts)
+    assert s["devices"] == f"{len(facts)} actors on CPU (no GPU visible, 1 TensorFlow thread each)"
 
     # file metadata and manifest entries
     part = out / "records" / "part-00000.parquet"
@@ -236,6 +242,7 @@ def test_cli_run_summary_scan_and_queries(ray_local, ws, capsys, monkeypatch):
                  "--set", "resources.actors=1"])
     cap = capsys.readouterr()
     assert "job t (" in cap.out and "20 of 20 audited" in cap.out and "errors    1 unreadable" in cap.out  # cat/huge.png sorts first
+    assert "devices   1 actor on CPU (no GPU visible" in cap.out
     assert calls == [str(out)]  # the scan ran on the output...
     assert code == 1 and "audit: scan failed (RuntimeError: boom)" in cap.err  # ...and its failure is one line
     assert len([ln for ln in cap.err.splitlines() if "scan failed" in ln]) == 1
@@ -332,3 +339,18 @@ def test_progress_bar_counts_up_to_the_committed_images(capsys):
     assert bar.bar.n == 100
     bar.close()
     assert "100/100" in capsys.readouterr().err
+
+
+def test_devices_line_says_where_the_actors_computed():
+    from audit.job import describe_devices
+
+    gpu = {"gpus": 1, "memory_growth": [True], "mixed_precision": False, "threads": 4}
+    assert describe_devices([]) is None
+    assert describe_devices([gpu, gpu]) == "2 actors on GPU (1 GPU each, memory growth on)"
+    assert describe_devices([{**gpu, "mixed_precision": True}]) == (
+        "1 actor on GPU (1 GPU each, memory growth on, mixed precision)")
+    # memory growth that did not take is shown loudly; an actor without a GPU is counted
+    assert describe_devices([{**gpu, "memory_growth": [False]}, {"gpus": 0, "threads": 2}]) == (
+        "2 actors on GPU (1 with a GPU, memory growth OFF)")
+    assert describe_devices([{"gpus": 0, "threads": 2}, {"gpus": 0, "threads": 4}]) == (
+        "2 actors on CPU (no GPU visible, 2/4 TensorFlow threads each)")

@@ -51,6 +51,8 @@ def format_summary(s: dict) -> str:
         f"  shards    {s['shards']:,} ({s['shards_skipped']:,} skipped, {s['retries']} retried, "
         f"{len(s['shards_failed'])} failed)    actors {s['actors']} ({s['actor_deaths']} died)"
     )
+    if s.get("devices"):
+        lines.append(f"  devices   {s['devices']}")
     if s.get("images_per_s"):
         lines.append(f"  speed     {s['images_per_s']:.1f} images/s over {s['seconds']:.1f} s")
     lines.append(f"  output    {s['output']}  ({s['rows']:,} rows)")
