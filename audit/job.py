@@ -497,6 +497,11 @@ def remote_worker():
                 sys.setswitchinterval(SWITCH_INTERVAL_S)
             super().__init__(*args, **kwargs)
 
+        def setup(self):
+            if not self._ready:
+                self.check_paths()  # this node sees the job's files (a shared filesystem)
+            return super().setup()
+
         @ray.method(concurrency_group="control")
         def progress(self):
             return super().progress()

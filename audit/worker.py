@@ -138,6 +138,27 @@ class AuditWorker:
                 self._setup()
         return self.info
 
+    def check_paths(self) -> None:
+        """The job's model, dataset and output exist where this process runs.
+
+        On a multi-node cluster they must be on a filesystem every node sees at
+        the same path; without this check, an actor on a node that lacks the
+        dataset would turn every image into an error row, and one that lacks
+        the output would fail every shard.
+        """
+        import socket
+
+        m = self.spec["model"]
+        paths = [("model.path", m.get("path")), ("model.weights", m.get("weights")),
+                 ("dataset.path", self.spec["dataset"].get("path")),
+                 ("output", self.out_dir and os.path.join(self.out_dir, "records"))]
+        missing = [f"{key} {p}" for key, p in paths if p and not os.path.exists(p)]
+        if missing:
+            node = _node_id()
+            raise AuditError(f"on {socket.gethostname()}{f' (Ray node {node[:12]})' if node else ''}: not found: "
+                             f"{'; '.join(missing)}. On a multi-node cluster the model, the dataset and the output "
+                             "must be on a filesystem every node sees at the same path")
+
     def _setup(self) -> None:
         t0 = time.perf_counter()
         m, ex, res = self.spec["model"], self.spec["explain"], self.spec["resources"]

@@ -294,6 +294,7 @@ def test_progress_poll_is_answered_while_shards_are_held(ray_local, ws, tmp_path
                       "resources": {"batch_size": 2, "decode_threads": 2},
                       "output": str(tmp_path / "out")})
     plan = datasets.plan(spec["dataset"])
+    io.prepare_output(spec["output"], resume=False)  # as the driver does before starting actors
     actor = job.remote_worker().options(max_concurrency=job.QUEUE_DEPTH, num_cpus=0).remote(
         spec, classes=plan.classes)
     try:

@@ -236,3 +236,24 @@ def test_a_fenced_worker_commits_nothing_and_fence_waits_for_a_commit_in_progres
         w.process_shard(p.shards[1])
     assert list(io.committed_shards(out)) == [0]
     assert not (out / "records" / io.part_name(1)).with_suffix(".parquet").exists()
+
+
+def test_paths_missing_on_the_actors_node_are_one_clear_error(tmp_path, model):
+    import socket
+
+    from audit import io
+
+    manifest = h.make_manifest(tmp_path, n=2)
+    spec = _spec(tmp_path, model, {"format": "manifest", "path": manifest, "shard_size": 2})
+    io.prepare_output(spec["output"], resume=False)
+    AuditWorker(spec).check_paths()  # all there: no error
+
+    # as on a node without the shared filesystem: output and dataset missing, the model there
+    gone = tmp_path / "elsewhere"
+    spec2 = {**spec, "dataset": {**spec["dataset"], "path": str(gone / "m.csv")}}
+    with pytest.raises(AuditError) as e:
+        AuditWorker(spec2, out_dir=str(gone / "out")).check_paths()
+    msg = str(e.value)
+    assert msg.startswith(f"on {socket.gethostname()}: not found: ")
+    assert f"dataset.path {gone / 'm.csv'}; output {gone / 'out' / 'records'}." in msg and "model.path" not in msg
+    assert "filesystem every node sees at the same path" in msg and "\n" not in msg
