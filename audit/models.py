@@ -131,8 +131,40 @@ def input_size_of(model) -> tuple[int, int]:
         raise AuditError(f"model input has shape {tuple(shape)}; an image model takes (N, H, W, C)")
     h, w = shape[1], shape[2]
     if h is None or w is None:
-        raise AuditError("the model accepts any image size; set model.input_size: [H, W]")
+        raise AuditError("the model accepts any image size; set model.input_size: [H, W] "
+                         "(audit explain / audit layers: --input-size H W)")
     return int(h), int(w)
+
+
+def with_input_size(model, size):
+    """``model`` with its input fixed to ``size`` (H, W) when it accepts any size.
+
+    A model saved with ``Input((None, None, 3))`` takes images of any size, but
+    the compiled explain step needs one.  The model is rebuilt from its config
+    with the input layer's shape set (same layers, same names, same weights),
+    so the layer names of a spec still apply.  A model with fixed sizes is
+    returned as it is (the caller compares the sizes).
+    """
+    shape = tuple(model.inputs[0].shape)
+    if len(shape) != 4 or (shape[1] is not None and shape[2] is not None):
+        return model
+    h, w = int(size[0]), int(size[1])
+    try:
+        cfg = model.get_config()
+        inputs = [ly for ly in cfg.get("layers", []) if ly.get("class_name") == "InputLayer"]
+        if len(inputs) != 1 or len(inputs[0]["config"].get("batch_shape") or ()) != 4:
+            raise ValueError(f"{len(inputs)} input layers")
+        bs = list(inputs[0]["config"]["batch_shape"])
+        inputs[0]["config"]["batch_shape"] = [bs[0], h, w, bs[3]]
+        if cfg.get("build_input_shape"):  # Sequential
+            cfg["build_input_shape"] = [bs[0], h, w, bs[3]]
+        new = model.__class__.from_config(cfg)
+        new.set_weights(model.get_weights())
+    except Exception as e:  # subclassed or multi-input models
+        raise AuditError(f"the model accepts any image size and its input could not be fixed to {h}x{w} "
+                         f"({type(e).__name__}: {' '.join(str(e).split())[:200]}); save it with "
+                         f"keras.Input(({h}, {w}, channels)) instead") from None
+    return new
 
 
 def fingerprint(path) -> str | None:

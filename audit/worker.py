@@ -167,12 +167,14 @@ class AuditWorker:
 
         cv2.setNumThreads(1)
         from audit.cam import Explainer
-        from audit.models import check_preprocess, input_size_of, load_model
+        from audit.models import check_preprocess, input_size_of, load_model, with_input_size
 
         check_preprocess(m["preprocess"])
         model = load_model(m.get("path"), application=m.get("application"), weights=m.get("weights"),
                            input_size=m.get("input_size"), num_classes=m.get("num_classes"),
                            trust_code=m.get("trust_code", False))
+        if m.get("input_size"):  # a model that takes any size is fixed to the spec's
+            model = with_input_size(model, m["input_size"])
         if tfinfo["mixed_precision"]:
             model = to_mixed_precision(model)
         n_out = int(model.outputs[0].shape[-1])

@@ -83,3 +83,28 @@ def test_preprocess_modes():
     np.testing.assert_allclose(preprocess(img, "mobilenet_v2")[0, 0, 0], [-1, 0, 1], atol=1e-6)
     with pytest.raises(AuditError, match="unknown preprocess"):
         preprocess(img, "sharpen")
+
+
+def test_a_model_that_takes_any_size_is_fixed_to_the_input_size(tmp_path):
+    from audit.models import with_input_size
+
+    keras.utils.set_random_seed(1)
+    inp = keras.Input((None, None, 3))
+    h = keras.layers.Conv2D(4, 3, padding="same", activation="relu", name="c1")(inp)
+    h = keras.layers.GlobalAveragePooling2D(name="gap")(h)
+    functional = keras.Model(inp, keras.layers.Dense(2, activation="softmax", name="head")(h))
+    sequential = keras.Sequential([keras.Input((None, None, 1)), keras.layers.Conv2D(3, 3, name="c1"),
+                                   keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(2, name="head")])
+    for m, ch in ((functional, 3), (sequential, 1)):
+        m.save(tmp_path / "any.keras")
+        loaded = load_model(tmp_path / "any.keras")
+        with pytest.raises(AuditError, match="accepts any image size; set model.input_size"):
+            input_size_of(loaded)
+        fixed = with_input_size(loaded, (12, 10))
+        assert input_size_of(fixed) == (12, 10) and tuple(fixed.inputs[0].shape) == (None, 12, 10, ch)
+        assert [ly.name for ly in fixed.layers] == [ly.name for ly in loaded.layers]  # spec layer names apply
+        x = np.random.default_rng(0).random((3, 12, 10, ch)).astype("float32")
+        np.testing.assert_array_equal(fixed.predict(x, verbose=0), loaded.predict(x, verbose=0))
+    # a model with a fixed size is left as it is
+    small = _small()
+    assert with_input_size(small, (5, 5)) is small

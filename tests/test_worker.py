@@ -257,3 +257,31 @@ def test_paths_missing_on_the_actors_node_are_one_clear_error(tmp_path, model):
     assert msg.startswith(f"on {socket.gethostname()}: not found: ")
     assert f"dataset.path {gone / 'm.csv'}; output {gone / 'out' / 'records'}." in msg and "model.path" not in msg
     assert "filesystem every node sees at the same path" in msg and "\n" not in msg
+
+
+def test_a_model_that_takes_any_size_is_audited_at_model_input_size(tmp_path):
+    import keras
+
+    keras.utils.set_random_seed(3)
+
+    def net(shape):
+        inp = keras.Input(shape)
+        x = keras.layers.Conv2D(6, 3, padding="same", activation="relu", name="conv")(inp)
+        x = keras.layers.GlobalAveragePooling2D()(x)
+        return keras.Model(inp, keras.layers.Dense(2, activation="softmax")(x))
+
+    anysize = net((None, None, 3))
+    anysize.save(tmp_path / "any.keras")
+    fixed = net((h.SIZE, h.SIZE, 3))
+    fixed.set_weights(anysize.get_weights())
+    fixed.save(tmp_path / "fixed.keras")
+
+    ds = {"format": "manifest", "path": h.make_manifest(tmp_path, n=4), "shard_size": 4}
+    spec = _spec(tmp_path, str(tmp_path / "any.keras"), ds, layers=["conv"])
+    with pytest.raises(AuditError, match="accepts any image size; set model.input_size"):
+        _run(spec)
+    spec["model"]["input_size"] = [h.SIZE, h.SIZE]
+    _, got, _ = _run(spec)
+    _, ref, _ = _run(_spec(tmp_path, str(tmp_path / "fixed.keras"), ds, layers=["conv"]))
+    assert (got.status == "ok").all() and got.image_id.tolist() == ref.image_id.tolist()
+    np.testing.assert_allclose(np.stack(got.cam), np.stack(ref.cam), rtol=1e-5, atol=1e-7)

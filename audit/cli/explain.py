@@ -52,7 +52,8 @@ def register(sub) -> None:
                    help="none | scale_0_1 | scale_-1_1 | caffe | torch | a keras.applications module "
                         "(default: none; the application's own with --application)")
     p.add_argument("--input-size", nargs=2, type=int, metavar=("H", "W"),
-                   help="input size for --application (default: the application's own)")
+                   help="input size: for --application (default: the application's own), or for a "
+                        "model that accepts any image size (required there)")
     p.add_argument("--application", help="a keras.applications name instead of a model file")
     p.add_argument("--weights", help="local weights file for --application (default: random weights)")
     p.add_argument("--trust-code", action="store_true", help="allow Lambda layers (turns Keras safe_mode off)")
@@ -74,7 +75,7 @@ def run(args) -> int:
     from audit.cli.layers import check_input_size
     from audit.errors import AuditError
     from audit.explain import METHODS, explain
-    from audit.models import check_preprocess, load_model
+    from audit.models import check_preprocess, load_model, with_input_size
 
     paths = list(args.paths)
     model_path = None if args.application else paths.pop(0)
@@ -96,7 +97,9 @@ def run(args) -> int:
         preprocess = _application_preprocess(args.application) if args.application else "none"
     check_preprocess(preprocess)
     model = load_model(model_path, application=args.application, weights=args.weights,
-                           input_size=args.input_size, trust_code=args.trust_code)
+                       input_size=args.input_size, trust_code=args.trust_code)
+    if args.input_size:
+        model = with_input_size(model, args.input_size)
     index = explain(
         model, paths, args.out, layers=_names(args.layers), methods=_names(args.methods),
         preprocess_mode=preprocess, feature_layers=_names(args.feature_layers), filters=args.filters,

@@ -21,7 +21,8 @@ def register(sub) -> None:
     p.add_argument("--application", help="a keras.applications name instead of a file (random weights)")
     p.add_argument("--weights", help="local weights file for --application")
     p.add_argument("--input-size", nargs=2, type=int, metavar=("H", "W"),
-                   help="input size for --application (default: the application's own)")
+                   help="input size: for --application (default: the application's own), or to show "
+                        "the shapes of a model that accepts any image size")
     p.add_argument("--all", action="store_true", help="list every spatial layer, not only the last 40")
     p.add_argument("--trust-code", action="store_true", help="allow Lambda layers (turns Keras safe_mode off)")
     p.set_defaults(func=run)
@@ -41,10 +42,12 @@ def run(args) -> int:
     if not args.model and not args.application:
         raise AuditError("give a model file or --application NAME")
     check_input_size(args.input_size)
-    from audit.models import load_model
+    from audit.models import load_model, with_input_size
 
     model = load_model(args.model, application=args.application, weights=args.weights,
-                           input_size=args.input_size, trust_code=args.trust_code)
+                       input_size=args.input_size, trust_code=args.trust_code)
+    if args.input_size:
+        model = with_input_size(model, args.input_size)
     t = graph.trace(model)
     chosen, why = graph.auto_layer(t)
     cands = graph.candidates(t)
