@@ -514,15 +514,12 @@ class Figure:
     note: str = ""
 
 
-def _check_classes_and_target(model, classes, target) -> None:
-    """One-line errors for class names or a target class that do not fit the model's outputs."""
+def _check_classes(model, classes) -> None:
+    """One-line error for class names that do not fit the model's outputs (the target is the Explainer's)."""
     n_out = int(model.outputs[0].shape[-1])
     n = 2 if n_out == 1 else n_out  # one sigmoid unit: classes 0 and 1
     if classes is not None and len(classes) != n:
         raise AuditError(f"{len(classes)} class names given but the model has {n} classes")
-    numeric = isinstance(target, (int, np.integer)) or (isinstance(target, str) and target.lstrip("-").isdigit())
-    if numeric and not 0 <= int(target) < n:
-        raise AuditError(f"target class {int(target)} is out of range; the model has {n} classes (0..{n - 1})")
 
 
 def explain(model, image_paths, out_dir, *, layers=None, methods=None, preprocess_mode="none",
@@ -548,10 +545,17 @@ def explain(model, image_paths, out_dir, *, layers=None, methods=None, preproces
     ch = int(model.inputs[0].shape[-1])
     if ch not in (1, 3):
         raise AuditError(f"model input has {ch} channels; audit explain reads RGB or grey images")
-    _check_classes_and_target(model, classes, target)
+    _check_classes(model, classes)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise AuditError(f"output {out} exists and is not a directory")
+    # built before the images are read: it checks the target against the model's classes
+    cam_methods = [m for m in methods if m in CAM_METHODS and m != "cam"]
+    want_cam = "cam" in methods
+    need_gc = "guided-gradcam" in methods and "gradcam" not in cam_methods
+    base_methods = tuple(cam_methods + (["gradcam"] if need_gc else [])) or ("gradcam",)
+    ex = Explainer(model, layers=layers, methods=base_methods, target=target, batch_size=len(image_paths),
+                   classes=classes)
     images = np.stack([read_image(p, (h, w), ch) for p in image_paths])
     x = preprocess(images, preprocess_mode)
     affine = affine_of(lambda a: preprocess(a, preprocess_mode), ch)
@@ -564,12 +568,6 @@ def explain(model, image_paths, out_dir, *, layers=None, methods=None, preproces
     shown = [viz.fit(im, size) for im in rgb]
 
     # --- CAM maps ---------------------------------------------------------
-    cam_methods = [m for m in methods if m in CAM_METHODS and m != "cam"]
-    want_cam = "cam" in methods
-    need_gc = "guided-gradcam" in methods and "gradcam" not in cam_methods
-    base_methods = tuple(cam_methods + (["gradcam"] if need_gc else [])) or ("gradcam",)
-    ex = Explainer(model, layers=layers, methods=base_methods, target=target, batch_size=len(images),
-                   classes=classes)
     res = ex(x)
     maps = dict(res.maps)
     cam_note = {}

@@ -624,7 +624,7 @@ def _drive(spec, job_id, classes, todo, res, state, actors, bar, on_event, recor
             _poll_progress(actors, polls, live)
             inside = 0
             for key, done in live.items():  # images inside the shards each actor still holds
-                held = {sh.id for sh in actors[key]["inflight"].values()} if key in actors else ()
+                held = {sh.id for sh in actors[key]["inflight"].values()}  # (live holds live actors only)
                 inside += sum(n for sid, n in done.items() if sid in held)
             bar.show(inside)
             emit("progress", {"committed": bar.committed, "inside_shards": inside})

@@ -57,6 +57,9 @@ def check_preprocess(mode: str) -> None:
         _applications_preprocess(mode)
 
 
+MODEL_SUFFIXES = (".keras", ".h5", ".hdf5")  # the model files load_model opens
+
+
 def load_model(path=None, *, application=None, weights=None, input_size=None,
                num_classes=None, trust_code=False):
     """Load a Keras model from a file or build a ``keras.applications`` model.
@@ -67,6 +70,8 @@ def load_model(path=None, *, application=None, weights=None, input_size=None,
     * ``application``: a ``keras.applications`` name (``ResNet50``), built with
       ``weights`` (a local weights file) or random weights when ``weights`` is
       None.  Nothing is ever downloaded.
+    * ``input_size`` (H, W): the application's input size; a model file that
+      accepts any image size gets its input fixed to it (:func:`with_input_size`).
     """
     import keras
 
@@ -83,10 +88,10 @@ def load_model(path=None, *, application=None, weights=None, input_size=None,
             "only as an opaque inference layer, which hides the convolutional layers "
             "Grad-CAM needs; save the model as .keras (model.save('m.keras')) instead"
         )
-    if p.suffix not in (".keras", ".h5", ".hdf5"):
+    if p.suffix not in MODEL_SUFFIXES:
         raise AuditError(f"model file {p} must end in .keras, .h5 or .hdf5")
     try:
-        return keras.models.load_model(p, compile=False, safe_mode=not trust_code)
+        model = keras.models.load_model(p, compile=False, safe_mode=not trust_code)
     except Exception as e:  # Keras raises bare ValueError/OSError for everything
         msg = " ".join(str(e).split())
         if "safe_mode" in msg or "Lambda" in msg:
@@ -96,6 +101,7 @@ def load_model(path=None, *, application=None, weights=None, input_size=None,
                 "in the job spec (or --trust-code)"
             ) from None
         raise AuditError(f"cannot load model {p}: {msg[:300]}") from None
+    return with_input_size(model, input_size) if input_size else model
 
 
 def _build_application(name, weights, input_size, num_classes):

@@ -258,7 +258,9 @@ def check(doc: dict) -> None:
         raise AuditError("spec error: model: give exactly one of 'path' (a .keras or .h5 file) or 'application'")
     if m.get("path") and not os.path.exists(m["path"]):
         raise AuditError(f"spec error: model.path: model file not found: {m['path']}")
-    if m.get("path") and (os.path.isdir(m["path"]) or Path(m["path"]).suffix not in (".keras", ".h5", ".hdf5")):
+    from audit.models import MODEL_SUFFIXES, PREPROCESS_MODES
+
+    if m.get("path") and (os.path.isdir(m["path"]) or Path(m["path"]).suffix not in MODEL_SUFFIXES):
         # the same rule as audit.models.load_model, found before any Ray actor starts
         raise AuditError(f"spec error: model.path: expected a .keras or .h5 file, got {m['path']}"
                          + (" (a directory, e.g. a SavedModel, which Keras 3 cannot open layer by layer: "
@@ -266,7 +268,6 @@ def check(doc: dict) -> None:
                             if os.path.isdir(m["path"]) else ""))
     if m.get("weights") and not os.path.isfile(m["weights"]):
         raise AuditError(f"spec error: model.weights: file not found: {m['weights']}")
-    from audit.models import PREPROCESS_MODES
 
     if m["preprocess"] not in PREPROCESS_MODES:
         from audit.models import check_preprocess

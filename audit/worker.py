@@ -167,14 +167,12 @@ class AuditWorker:
 
         cv2.setNumThreads(1)
         from audit.cam import Explainer
-        from audit.models import check_preprocess, input_size_of, load_model, with_input_size
+        from audit.models import check_preprocess, input_size_of, load_model
 
         check_preprocess(m["preprocess"])
         model = load_model(m.get("path"), application=m.get("application"), weights=m.get("weights"),
                            input_size=m.get("input_size"), num_classes=m.get("num_classes"),
                            trust_code=m.get("trust_code", False))
-        if m.get("input_size"):  # a model that takes any size is fixed to the spec's
-            model = with_input_size(model, m["input_size"])
         if tfinfo["mixed_precision"]:
             model = to_mixed_precision(model)
         n_out = int(model.outputs[0].shape[-1])
@@ -386,17 +384,17 @@ class AuditWorker:
         ``window`` items in flight as results are taken, in order.
         """
         it = iter(items)
-        queue = collections.deque(self.pool.submit(fn, x) for x in itertools.islice(it, max(1, window)))
+        inflight = collections.deque(self.pool.submit(fn, x) for x in itertools.islice(it, max(1, window)))
 
         def results():
             try:
-                while queue:
-                    fut = queue.popleft()
+                while inflight:
+                    fut = inflight.popleft()
                     for x in itertools.islice(it, 1):
-                        queue.append(self.pool.submit(fn, x))
+                        inflight.append(self.pool.submit(fn, x))
                     yield fut.result()
             finally:
-                for fut in queue:
+                for fut in inflight:
                     fut.cancel()
 
         return results()

@@ -297,7 +297,7 @@ def test_cli_bad_input_is_one_line_error(explained, tmp_path, capsys):
         ([str(model_path), img, "--methods", "gradcam", "bogus"], "unknown method 'bogus'"),
         ([str(model_path), img, "--methods", "cam", "--layers", "add"], "needs a GlobalAveragePooling2D"),
         ([str(tmp_path / "nomodel.keras"), img], "model file not found"),
-        ([str(model_path), img, "--target", "3"], "target class 3 is out of range; the model has 3 classes"),
+        ([str(model_path), img, "--target", "3"], "target class 3 is out of range: the model has 3 classes (0..2)"),
         ([str(model_path), img, "--classes", "a", "b"], "2 class names given but the model has 3 classes"),
         ([str(model_path), img, "--filters", "-1"], "--filters must be at least 0"),
         ([str(model_path), img, "--input-size", "0", "24"], "--input-size must be two integers >= 1"),

@@ -105,6 +105,8 @@ def test_a_model_that_takes_any_size_is_fixed_to_the_input_size(tmp_path):
         assert [ly.name for ly in fixed.layers] == [ly.name for ly in loaded.layers]  # spec layer names apply
         x = np.random.default_rng(0).random((3, 12, 10, ch)).astype("float32")
         np.testing.assert_array_equal(fixed.predict(x, verbose=0), loaded.predict(x, verbose=0))
+        # load_model does the same when given the size
+        assert tuple(load_model(tmp_path / "any.keras", input_size=(12, 10)).inputs[0].shape) == (None, 12, 10, ch)
     # a model with a fixed size is left as it is
     small = _small()
     assert with_input_size(small, (5, 5)) is small

@@ -75,7 +75,7 @@ def run(args) -> int:
     from audit.cli.layers import check_input_size
     from audit.errors import AuditError
     from audit.explain import METHODS, explain
-    from audit.models import check_preprocess, load_model, with_input_size
+    from audit.models import check_preprocess, load_model
 
     paths = list(args.paths)
     model_path = None if args.application else paths.pop(0)
@@ -98,8 +98,6 @@ def run(args) -> int:
     check_preprocess(preprocess)
     model = load_model(model_path, application=args.application, weights=args.weights,
                        input_size=args.input_size, trust_code=args.trust_code)
-    if args.input_size:
-        model = with_input_size(model, args.input_size)
     index = explain(
         model, paths, args.out, layers=_names(args.layers), methods=_names(args.methods),
         preprocess_mode=preprocess, feature_layers=_names(args.feature_layers), filters=args.filters,

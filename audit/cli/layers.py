@@ -42,12 +42,10 @@ def run(args) -> int:
     if not args.model and not args.application:
         raise AuditError("give a model file or --application NAME")
     check_input_size(args.input_size)
-    from audit.models import load_model, with_input_size
+    from audit.models import load_model
 
     model = load_model(args.model, application=args.application, weights=args.weights,
                        input_size=args.input_size, trust_code=args.trust_code)
-    if args.input_size:
-        model = with_input_size(model, args.input_size)
     t = graph.trace(model)
     chosen, why = graph.auto_layer(t)
     cands = graph.candidates(t)
