@@ -22,11 +22,11 @@ from audit.errors import AuditError
 
 def __getattr__(name):
     if name == "Explainer":
-        from audit.cam import Explainer
+        from audit.engine.explainer import Explainer
 
         return Explainer
     if name in ("load", "heatmap", "overlay"):
-        from audit import query
+        from audit.data import query
 
         return getattr(query, name)
     raise AttributeError(f"module 'audit' has no attribute {name!r}")

@@ -6,7 +6,7 @@
 2. Run the job specs ``jobs/tank_sky.yaml`` and ``jobs/tank_sky_control.yaml``
    (shipped in the package) with the paths filled in, on one embedded Ray.
 3. Scan both outputs (with confirmation by intervention), write the reports
-   when :mod:`audit.report` is installed, and print the verdicts.
+   when :mod:`audit.review.report` is installed, and print the verdicts.
 """
 
 from __future__ import annotations
@@ -50,9 +50,9 @@ def run_demo(out="tank-sky-demo", *, masks: bool = True, intervene: bool = True,
     :class:`audit.tanksky.Params` (dataset size, training), default the demo's.
     """
     from audit import tanksky
-    from audit.job import _ray_init, run_job
-    from audit.resources import path
-    from audit.scan import scan
+    from audit.data.resources import path
+    from audit.runner.job import _ray_init, run_job
+    from audit.scan.pipeline import scan
 
     t0 = time.time()
     out = Path(out)
@@ -77,7 +77,7 @@ def run_demo(out="tank-sky-demo", *, masks: bool = True, intervene: bool = True,
             page = None
             if report:
                 try:
-                    from audit.report import write_report
+                    from audit.review.report import write_report
                 except ImportError:
                     write_report = None
                 if write_report is not None:

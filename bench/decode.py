@@ -3,7 +3,7 @@
     .venv/bin/python bench/decode.py
 
 For photo-sized JPEGs going to common model inputs: the full decode followed by
-an area resize (what a naive loader does) vs :func:`audit.decode.decode_image_sized`
+an area resize (what a naive loader does) vs :func:`audit.data.decode.decode_image_sized`
 with ``reduce_to`` (libjpeg DCT scaling to 1/2, 1/4 or 1/8, then the same
 resize), interleaved in one run, and how far apart the pixels end up.
 """
@@ -15,7 +15,7 @@ import time
 import cv2
 import numpy as np
 
-from audit import decode
+from audit.data import decode
 
 
 def photo(h, w, seed=0):

@@ -29,7 +29,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from audit.cam import Explainer  # noqa: E402
+from audit.engine.explainer import Explainer  # noqa: E402
 
 
 def small_cnn():

@@ -64,12 +64,12 @@ def make_model(path: Path, kind: str, size: int) -> None:
 ENGINE_CODE = r"""
 import json, sys, time
 import numpy as np
-from audit.worker import _configure_tensorflow, to_mixed_precision
+from audit.runner.worker import _configure_tensorflow, to_mixed_precision
 model_path, precision, batch, n, probe_path, out_path = sys.argv[1:7]
 batch, n = int(batch), int(n)
 info = _configure_tensorflow(None, gpu=True, mixed_precision=precision == "fp16")
 import keras
-from audit.cam import Explainer
+from audit.engine.explainer import Explainer
 model = keras.models.load_model(model_path, compile=False)
 if info["mixed_precision"]:
     model = to_mixed_precision(model)

@@ -107,7 +107,7 @@ def timed_job(spec, n_actors=1, pin=False):
     CPU), as on real 1-CPU nodes; otherwise one actor's helper threads would
     use the other simulated node's core.
     """
-    from audit.job import run_job
+    from audit.runner.job import run_job
 
     marks = {"ready": [], "done": [], "cpu": {}, "cores": {}}
 
@@ -141,12 +141,12 @@ class EngineAlone:
     """The Explainer alone, in a Ray actor configured like the job's actors (TF threads = cpus)."""
 
     def __init__(self, model_path, batch, cpus):
-        from audit.worker import _configure_tensorflow
+        from audit.runner.worker import _configure_tensorflow
 
         _configure_tensorflow(cpus, gpu=True, mixed_precision=False)
         import keras
 
-        from audit.cam import Explainer
+        from audit.engine.explainer import Explainer
 
         model = keras.models.load_model(model_path, compile=False)
         self.ex = Explainer(model, layers="auto", methods=("gradcam", "gradcam++"), batch_size=batch)
@@ -167,8 +167,8 @@ def hwm():  # peak RSS of this process image (VmHWM; ru_maxrss would include the
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
 
-import audit.job  # the driver's imports (Ray is imported when the job starts Ray, after planning)
-from audit import datasets
+import audit.runner.job  # the driver's imports (Ray is imported when the job starts Ray, after planning)
+from audit.data import datasets
 base = hwm()
 tracemalloc.start()
 t0 = time.perf_counter()
@@ -238,12 +238,12 @@ def main():
         make_model(tmp / "model.keras", args.size)
         images = make_images(tmp / "data", args.images, args.size)
         # the job reads the JPEGs back; the engine gets the same decoded pixels
-        from audit.decode import decode_image
+        from audit.data.decode import decode_image
 
         decoded = [decode_image((tmp / "data" / ("a", "b")[i % 2] / f"{i:06d}.jpg").read_bytes())
                    for i in range(args.images)]
         del images
-        from audit.models import preprocess
+        from audit.engine.models import preprocess
 
         x = preprocess(np.stack(decoded), "scale_0_1")
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from audit import AuditError
-from audit.cam import Explainer
+from audit.engine.explainer import Explainer
 
 H = W = 8
 

@@ -11,8 +11,8 @@ import json
 import helpers_jobs as h
 import pytest
 
-from audit import io
-from audit.job import run_job
+from audit.data import io
+from audit.runner.job import run_job
 
 
 @pytest.fixture(scope="module")

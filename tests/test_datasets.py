@@ -10,7 +10,7 @@ import helpers_jobs as h
 import numpy as np
 import pytest
 
-from audit import datasets, decode
+from audit.data import datasets, decode
 from audit.errors import AuditError
 
 

@@ -71,7 +71,7 @@ def test_demo_control_is_not_flagged(demo):
 
 def test_demo_without_masks(demo):
     from audit.demo import flagged
-    from audit.scan import scan
+    from audit.scan.pipeline import scan
 
     sc, _ = scan(demo["models"]["shortcut"]["out"], use_masks=False, quiet=True)
     ct, ctc = scan(demo["models"]["control"]["out"], use_masks=False, quiet=True)
@@ -85,7 +85,7 @@ def test_demo_without_masks(demo):
 def test_demo_writes_the_contract_tables(demo):
     import pyarrow.parquet as pq
 
-    from audit.schema import arrow_schema
+    from audit.data.schema import arrow_schema
 
     out = demo["models"]["shortcut"]["out"]
     for name in ("classes", "clusters"):

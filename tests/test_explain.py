@@ -9,9 +9,9 @@ import keras
 import numpy as np
 import pytest
 
-from audit import explain as E
 from audit.cli import main
 from audit.errors import AuditError
+from audit.review import explain as E
 
 # ----------------------------------------------------------------------------
 # Guided backpropagation / deconvnet vs a hand-written float64 reference
@@ -152,7 +152,7 @@ def test_nested_base_model_and_relu6():
 
 
 def test_affine_of_preprocessings():
-    from audit.models import preprocess
+    from audit.engine.models import preprocess
 
     u = np.random.default_rng(0).uniform(0, 255, (2, 4, 4, 3)).astype(np.float32)
     for mode in ("none", "scale_0_1", "scale_-1_1", "caffe", "torch"):
@@ -237,7 +237,7 @@ def explained(tmp_path_factory):
 
 
 def test_default_layers_follow_the_seeds(explained):
-    from audit import graph
+    from audit.engine import graph
 
     model = explained[0]
     t = graph.trace(model)

@@ -10,9 +10,9 @@ import polars as pl
 import pytest
 
 import audit
-from audit import datasets, io
-from audit.spec import load_spec
-from audit.worker import AuditWorker
+from audit.data import datasets, io
+from audit.runner.spec import load_spec
+from audit.runner.worker import AuditWorker
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from audit.errors import AuditError
-from audit.intervene import MIN_SAMPLE, Intervener, flip_rates, occlude
+from audit.scan.intervene import MIN_SAMPLE, Intervener, flip_rates, occlude
 
 H = W = 16
 
@@ -115,7 +115,7 @@ def test_predictions_compared_with_the_unmodified_images():
 def test_intervener_reads_job_model_and_dataset(tmp_path):
     import keras
 
-    from audit.spec import load_spec
+    from audit.runner.spec import load_spec
 
     # a real Keras model that is the sky shortcut: crop the top half, average, compare blue with red
     inp = keras.Input((H, W, 3))

@@ -18,10 +18,10 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from audit import datasets, io
+from audit.data import datasets, io
 from audit.errors import AuditError
-from audit.job import run_job
-from audit.spec import load_spec
+from audit.runner.job import run_job
+from audit.runner.spec import load_spec
 
 N_PER_CLASS = 100
 
@@ -120,7 +120,7 @@ def test_two_actors_kill_one_mid_job(ray_local, ws):
     assert not list((out / "records").glob(".*"))  # no temp files left
 
     # values equal an in-process run of the same shard (the plain worker class, no Ray)
-    from audit.worker import AuditWorker
+    from audit.runner.worker import AuditWorker
 
     spec = load_spec(ws["spec"], [f"output={out}"])
     w = AuditWorker(spec, classes=plan.classes)
@@ -229,14 +229,14 @@ def test_cli_run_summary_scan_and_queries(ray_local, ws, capsys, monkeypatch):
     from audit.cli import main
 
     calls = []
-    fake = types.ModuleType("audit.scan")
+    fake = types.ModuleType("audit.scan.pipeline")
 
     def fake_scan(out_dir, **kw):
         calls.append(str(out_dir))
         raise RuntimeError("boom")
 
     fake.scan = fake_scan
-    monkeypatch.setitem(sys.modules, "audit.scan", fake)
+    monkeypatch.setitem(sys.modules, "audit.scan.pipeline", fake)
     out = ws["dir"] / "out_cli"
     code = main(["run", ws["spec"], "--no-progress", "--set", f"output={out}", "--set", "dataset.limit=20",
                  "--set", "resources.actors=1"])
@@ -265,7 +265,7 @@ def test_cli_run_summary_scan_and_queries(ray_local, ws, capsys, monkeypatch):
     np.testing.assert_allclose(hm, np.maximum(raw, 0) / raw.max(), rtol=1e-6)
     assert audit.heatmap(row, size=(32, 48)).shape == (32, 48)
     ov = audit.overlay(row)
-    from audit import viz
+    from audit.review import viz
 
     img = h.image(3, 0)[0]
     np.testing.assert_array_equal(ov, viz.overlay_image(img, hm))
@@ -279,7 +279,8 @@ def test_progress_poll_is_answered_while_shards_are_held(ray_local, ws, tmp_path
     still answers ``progress`` with the images done so far, from its own concurrency group."""
     import ray
 
-    from audit import datasets, job
+    from audit.data import datasets
+    from audit.runner import job
 
     man = Path(h.make_manifest(tmp_path, n=10))
     fifos = {}
@@ -327,7 +328,7 @@ def test_progress_poll_is_answered_while_shards_are_held(ray_local, ws, tmp_path
 
 
 def test_progress_bar_counts_up_to_the_committed_images(capsys):
-    from audit.job import _Progress
+    from audit.runner.job import _Progress
 
     bar = _Progress(total=100, initial=20, errors=1, enabled=True, name="t")
     bar.show(15)  # 20 committed before this run + 15 inside shards
@@ -343,7 +344,7 @@ def test_progress_bar_counts_up_to_the_committed_images(capsys):
 
 
 def test_devices_line_says_where_the_actors_computed():
-    from audit.job import describe_devices
+    from audit.runner.job import describe_devices
 
     gpu = {"gpus": 1, "memory_growth": [True], "mixed_precision": False, "threads": 4}
     assert describe_devices([]) is None

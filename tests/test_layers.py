@@ -7,8 +7,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import keras
 import pytest
 
-from audit import AuditError, graph
+from audit import AuditError
 from audit.cli import main
+from audit.engine import graph
 
 A = keras.applications
 
@@ -86,7 +87,7 @@ def test_explainer_on_nested_model_matches_flat_model():
     """Grad-CAM of a layer inside a nested base equals that of the same layer in a flat copy."""
     import numpy as np
 
-    from audit.cam import Explainer
+    from audit.engine.explainer import Explainer
 
     keras.utils.set_random_seed(0)
     base = _tiny_base()

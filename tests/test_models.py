@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from audit import AuditError
-from audit.models import input_size_of, load_model, preprocess
+from audit.engine.models import input_size_of, load_model, preprocess
 
 
 def _small():
@@ -86,7 +86,7 @@ def test_preprocess_modes():
 
 
 def test_a_model_that_takes_any_size_is_fixed_to_the_input_size(tmp_path):
-    from audit.models import with_input_size
+    from audit.engine.models import with_input_size
 
     keras.utils.set_random_seed(1)
     inp = keras.Input((None, None, 3))

@@ -16,9 +16,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from audit.cli import main
+from audit.data.schema import records_schema
 from audit.errors import AuditError
-from audit.report import write_report
-from audit.schema import records_schema
+from audit.review.report import write_report
 
 CLASSES = ["no_tank", "tank"]
 H = W = 8  # map size

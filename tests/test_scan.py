@@ -9,8 +9,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from audit.data.schema import records_schema
+from audit.engine.stats import map_stats
 from audit.errors import AuditError
-from audit.scan import (
+from audit.scan.pipeline import (
     DEFAULT,
     assess,
     choose_view,
@@ -26,8 +28,6 @@ from audit.scan import (
     scan,
     spurious_gap,
 )
-from audit.schema import records_schema
-from audit.stats import map_stats
 
 SIZE = (32, 32)
 SKY = (0.0, 0.0, 1.0, 0.4)

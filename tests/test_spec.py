@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from audit import resources
+from audit.data import resources
 from audit.errors import AuditError
-from audit.job import _check_resumable, plan_resources
-from audit.spec import apply_overrides, fill_defaults, load_spec
+from audit.runner.job import _check_resumable, plan_resources
+from audit.runner.spec import apply_overrides, fill_defaults, load_spec
 
 
 @pytest.fixture
@@ -197,7 +197,7 @@ def test_cli_reports_spec_errors_in_one_line(ws, capsys):
 @pytest.mark.parametrize("name", ["example_folder.yaml", "example_manifest.yaml", "example_parquet.yaml",
                                   "tank_sky.yaml"])
 def test_shipped_specs_are_valid(name):
-    from audit.spec import read_yaml, validate
+    from audit.runner.spec import read_yaml, validate
 
     path = resources.path("audit.jobs", name)
     validate(read_yaml(path))  # schema only: their data lives elsewhere

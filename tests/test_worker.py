@@ -8,10 +8,10 @@ import helpers_jobs as h
 import numpy as np
 import pytest
 
-from audit import datasets
+from audit.data import datasets
 from audit.errors import AuditError
-from audit.spec import load_spec
-from audit.worker import AuditWorker
+from audit.runner.spec import load_spec
+from audit.runner.worker import AuditWorker
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +60,7 @@ def test_every_format_through_the_worker(tmp_path, model, fmt):
     assert (df.status == "ok").all() and df.has_mask.all() and df.energy_object.notna().all()
     assert df.label.tolist() == [i % 2 for i in range(6) for _ in range(2)]
     # the maps are the Explainer's on the same pixels
-    from audit.models import preprocess
+    from audit.engine.models import preprocess
 
     x = preprocess(np.stack([h.image(s, i % 2)[0] for i, s in enumerate(seeds)]), "scale_0_1")
     res = w.explainer(x)
@@ -110,7 +110,7 @@ def test_unknown_layer_lists_the_valid_ones(tmp_path, model):
 def test_mixed_precision_rebuild(model):
     import keras
 
-    from audit.worker import to_mixed_precision
+    from audit.runner.worker import to_mixed_precision
 
     m32 = keras.models.load_model(model, compile=False)
     x = np.random.default_rng(0).random((2, 16, 16, 3)).astype(np.float32)
@@ -197,7 +197,7 @@ def test_a_fenced_worker_commits_nothing_and_fence_waits_for_a_commit_in_progres
     import threading
     import time
 
-    from audit import io
+    from audit.data import io
 
     manifest = h.make_manifest(tmp_path, n=6, boxes=True)
     spec = _spec(tmp_path, model, {"format": "manifest", "path": manifest, "shard_size": 3})
@@ -241,7 +241,7 @@ def test_a_fenced_worker_commits_nothing_and_fence_waits_for_a_commit_in_progres
 def test_paths_missing_on_the_actors_node_are_one_clear_error(tmp_path, model):
     import socket
 
-    from audit import io
+    from audit.data import io
 
     manifest = h.make_manifest(tmp_path, n=2)
     spec = _spec(tmp_path, model, {"format": "manifest", "path": manifest, "shard_size": 2})

@@ -73,9 +73,9 @@ def run(args) -> int:
     from pathlib import Path
 
     from audit.cli.layers import check_input_size
+    from audit.engine.models import check_preprocess, load_model
     from audit.errors import AuditError
-    from audit.explain import METHODS, explain
-    from audit.models import check_preprocess, load_model
+    from audit.review.explain import METHODS, explain
 
     paths = list(args.paths)
     model_path = None if args.application else paths.pop(0)

@@ -36,13 +36,13 @@ def check_input_size(size) -> None:
 
 
 def run(args) -> int:
-    from audit import graph
+    from audit.engine import graph
     from audit.errors import AuditError
 
     if not args.model and not args.application:
         raise AuditError("give a model file or --application NAME")
     check_input_size(args.input_size)
-    from audit.models import load_model
+    from audit.engine.models import load_model
 
     model = load_model(args.model, application=args.application, weights=args.weights,
                        input_size=args.input_size, trust_code=args.trust_code)

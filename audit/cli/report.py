@@ -35,7 +35,7 @@ def run(args) -> int:
     import time
 
     from audit.errors import AuditError
-    from audit.report import write_report
+    from audit.review.report import write_report
 
     if args.max_examples < 1 or args.max_classes < 0:
         raise AuditError("--max-examples must be at least 1 and --max-classes at least 0")

@@ -88,7 +88,7 @@ def check_reachable(address, timeout: float = 5.0) -> None:
 
 
 def run(args) -> int:
-    from audit.job import run_job
+    from audit.runner.job import run_job
 
     check_reachable(args.address)
     try:
@@ -103,7 +103,7 @@ def run(args) -> int:
     if args.no_scan:
         return code
     try:
-        from audit.scan import scan
+        from audit.scan.pipeline import scan
     except ImportError:
         return code
     try:

@@ -37,7 +37,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from audit.scan import DEFAULT, Config, scan
+    from audit.scan.pipeline import DEFAULT, Config, scan
 
     cfg = Config(**{**DEFAULT.__dict__, "fill": args.fill})
     classes, _ = scan(args.out, intervene=not args.no_intervene, quiet=args.quiet, layer=args.layer,

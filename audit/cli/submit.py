@@ -95,7 +95,7 @@ def _runtime_env(args) -> dict:
 
 def submit(args) -> tuple[object, str]:
     from audit.errors import AuditError
-    from audit.spec import apply_overrides, read_yaml, validate
+    from audit.runner.spec import apply_overrides, read_yaml, validate
 
     validate(apply_overrides(read_yaml(args.spec), args.overrides))  # fail fast, locally
     spec = Path(args.spec).resolve()

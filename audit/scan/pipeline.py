@@ -12,7 +12,7 @@ and Grad-CAM++), and for every class:
    shows up as a cluster of its own;
 3. scores how suspicious the attention of the class and of each cluster is
    (:func:`assess`), and confirms suspects by intervention
-   (:mod:`audit.intervene`);
+   (:mod:`audit.scan.intervene`);
 4. writes ``OUT/summary/classes.parquet`` and ``OUT/summary/clusters.parquet``
    and prints a compact table, suspects first.
 
@@ -38,9 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
+from audit.engine.stats import box_mask, normalize, resize_maps
 from audit.errors import AuditError
-from audit.stats import box_mask, resize_maps
-from audit.viz import normalize
 
 VERDICTS = ("shortcut_suspected", "ok", "insufficient_data")
 METHOD_PREFERENCE = ("gradcam++", "gradcam", "cam", "gradcam++exact")
@@ -102,7 +101,7 @@ def _pct(v) -> str:
 def grids_from_cams(cams, h: int, w: int, grid: int) -> np.ndarray:
     """Raw maps (list of row-major (h*w,) arrays) -> (n, grid, grid) energy distributions.
 
-    Resized (bilinear) then ReLU'd, like :func:`audit.stats.map_stats`, and
+    Resized (bilinear) then ReLU'd, like :func:`audit.engine.stats.map_stats`, and
     normalised to sum 1.  A map without energy becomes all zeros.
     """
     n = len(cams)
@@ -273,7 +272,7 @@ def assess(f: dict, cfg: Config = DEFAULT, flips: dict | None = None) -> dict:
     """Suspicion (0..1), verdict, cue and a one-sentence evidence for one group.
 
     ``f`` from :func:`group_features`; ``flips`` from
-    :func:`audit.intervene.flip_rates` (or None when not run).
+    :func:`audit.scan.intervene.flip_rates` (or None when not run).
     """
     res = {"suspicion": math.nan, "attention_suspicion": math.nan, "verdict": "insufficient_data",
            "cue": "", "cue_kind": "", "cue_box": None, "masked": False, "flips": flips}
@@ -638,7 +637,7 @@ def _cue_mask(f: dict, res: dict, size) -> np.ndarray | None:
     if kind == "region" and res["cue_box"]:
         return box_mask(res["cue_box"], (H, W))
     if kind == "border":
-        from audit.stats import border_mask
+        from audit.engine.stats import border_mask
 
         return border_mask((H, W))
     if f.get("mean_map") is not None:
@@ -702,7 +701,7 @@ def scan(out_dir, *, intervene: bool = True, quiet: bool = False, layer: str | N
     """
     import pyarrow.compute as pc
 
-    from audit.query import records_dataset
+    from audit.data.query import records_dataset
 
     out = Path(out_dir)
     if not out.exists():
@@ -741,7 +740,7 @@ def scan(out_dir, *, intervene: bool = True, quiet: bool = False, layer: str | N
 
     intervener = None
     if intervene and (spec.get("model") or {}) and spec.get("dataset"):
-        from audit.intervene import Intervener
+        from audit.scan.intervene import Intervener
 
         intervener = _SafeIntervener(Intervener(out, fill=cfg.fill), quiet)
 
@@ -840,7 +839,7 @@ def scan(out_dir, *, intervene: bool = True, quiet: bool = False, layer: str | N
 def _to_frame(rows, name, regions):
     import pandas as pd
 
-    from audit.schema import arrow_schema
+    from audit.data.schema import arrow_schema
 
     schema = arrow_schema(name, {f"energy_{r}": "float32" for r in regions})
     if not rows:
@@ -853,8 +852,8 @@ def _write(out: Path, classes_df, clusters_df, regions) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from audit.io import atomic_write_bytes
-    from audit.schema import SCHEMA_VERSION, arrow_schema
+    from audit.data.io import atomic_write_bytes
+    from audit.data.schema import SCHEMA_VERSION, arrow_schema
 
     d = out / "summary"
     d.mkdir(parents=True, exist_ok=True)

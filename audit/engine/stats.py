@@ -4,7 +4,7 @@
 records table (DESIGN.md "Statistics").  Conventions, all in one place:
 
 * Every map is first resized (bilinear, OpenCV half-pixel centres, the same
-  as :func:`audit.viz.resize_map`) to the model input size (H, W); then
+  as :func:`audit.review.viz.resize_map`) to the model input size (H, W); then
   ``energy = ReLU(map)`` and ``p = energy / energy.sum()`` (a distribution
   over the H*W pixels).
 * **Pixel centres.**  Pixel (row i, column j) sits at
@@ -42,7 +42,7 @@ import math
 import cv2
 import numpy as np
 
-from audit.schema import stat_columns
+from audit.data.schema import stat_columns
 
 BORDER = 0.1  # width of the border band, fraction of each side
 TOP_FRACTION = 0.1  # concentration: share of energy in this top fraction of pixels
@@ -139,7 +139,7 @@ def map_stats(maps, size, masks=None, has_mask=None, regions=None) -> dict[str, 
 
     Returns:
         ``{column: (N,) float32}`` for every name in
-        :func:`audit.schema.stat_columns` (NaN = null) plus ``"status"``,
+        :func:`audit.data.schema.stat_columns` (NaN = null) plus ``"status"``,
         an (N,) object array of ``"ok"`` / ``"flat"``.
     """
     regions = dict(regions or {})
@@ -222,3 +222,17 @@ def to_arrow_columns(stats: dict[str, np.ndarray]) -> dict:
         else:
             cols[name] = pa.array(v, pa.float32(), mask=null)
     return cols
+
+
+def normalize(cam: np.ndarray) -> np.ndarray:
+    """ReLU then scale to [0, 1] by the maximum; an all-zero or non-finite map gives zeros."""
+    m = np.nan_to_num(np.asarray(cam, np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+    m = np.maximum(m, 0.0)
+    top = float(m.max()) if m.size else 0.0
+    return m / top if top > 0 else np.zeros_like(m)
+
+
+def resize_map(cam: np.ndarray, size) -> np.ndarray:
+    """Bilinear resize of a (h, w) map to ``size`` = (H, W)."""
+    h, w = int(size[0]), int(size[1])
+    return cv2.resize(np.asarray(cam, np.float32), (w, h), interpolation=cv2.INTER_LINEAR)

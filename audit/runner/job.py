@@ -3,7 +3,7 @@
 :func:`run_job` is the library entry point (``audit run`` and ``audit demo``
 call it).  The driver stays small: it holds shard descriptors (a few numbers
 each, never per-image objects), the refs in flight and counters, so its memory
-does not grow with the dataset.  Actors (:class:`audit.worker.AuditWorker`)
+does not grow with the dataset.  Actors (:class:`audit.runner.worker.AuditWorker`)
 read, decode, explain and write their shards themselves, straight into the
 output directory (which must be on a filesystem every node can reach).
 
@@ -284,9 +284,9 @@ def run_job(spec, *, address=None, resume=False, overrides=(), progress=True, on
     ``progress``, about once a second) ``progress`` (monitoring hooks; tests
     use them to inject faults).
     """
-    from audit import datasets, io
-    from audit.models import fingerprint
-    from audit.spec import load_spec
+    from audit.data import datasets, io
+    from audit.engine.models import fingerprint
+    from audit.runner.spec import load_spec
 
     t_start = time.time()
     spec = load_spec(spec, overrides, base_dir)
@@ -479,14 +479,14 @@ def _kill_all(actors):
 
 
 def remote_worker():
-    """:class:`audit.worker.AuditWorker` as a Ray actor class.
+    """:class:`audit.runner.worker.AuditWorker` as a Ray actor class.
 
     ``progress`` and ``fence`` run in a concurrency group of their own, so they
     are answered at once instead of queueing behind the shards in flight.
     """
     import ray
 
-    from audit.worker import AuditWorker
+    from audit.runner.worker import AuditWorker
 
     class Worker(AuditWorker):
         def __init__(self, *args, **kwargs):
@@ -545,7 +545,7 @@ def _drive(spec, job_id, classes, todo, res, state, actors, bar, on_event, recor
     env = {"TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "3"),
            "OPENCV_IO_MAX_IMAGE_PIXELS": str(int(spec["dataset"]["max_pixels"]))}
     # max_concurrency: the queued shard starts reading/decoding while the running one computes,
-    # and the running one writes while the queued one computes (see audit.worker)
+    # and the running one writes while the queued one computes (see audit.runner.worker)
     opts = {"num_cpus": res["cpus_per_actor"], "num_gpus": res["gpus_per_actor"], "max_restarts": 0,
             "max_task_retries": 0, "max_concurrency": QUEUE_DEPTH, "runtime_env": {"env_vars": env}}
     if n_actors > 1:

@@ -8,19 +8,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-
-def normalize(cam: np.ndarray) -> np.ndarray:
-    """ReLU then scale to [0, 1] by the maximum; an all-zero or non-finite map gives zeros."""
-    m = np.nan_to_num(np.asarray(cam, np.float32), nan=0.0, posinf=0.0, neginf=0.0)
-    m = np.maximum(m, 0.0)
-    top = float(m.max()) if m.size else 0.0
-    return m / top if top > 0 else np.zeros_like(m)
-
-
-def resize_map(cam: np.ndarray, size) -> np.ndarray:
-    """Bilinear resize of a (h, w) map to ``size`` = (H, W)."""
-    h, w = int(size[0]), int(size[1])
-    return cv2.resize(np.asarray(cam, np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
+from audit.engine.stats import normalize, resize_map  # noqa: F401  (re-exported)
 
 
 def colorize(map01: np.ndarray) -> np.ndarray:

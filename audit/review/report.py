@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from audit import viz
 from audit.errors import AuditError
+from audit.review import viz
 
 SUSPECT = "shortcut_suspected"
 _LIGHT = ("image_id", "path", "label", "label_name", "pred", "pred_name", "target", "score", "correct", "status",
@@ -197,7 +197,7 @@ class _Images:
         if path in self.cache:
             return self.cache[path]
         img = None
-        from audit import query
+        from audit.data import query
 
         candidates = [path] + [str(b / path) for b in self.bases if not Path(path).is_absolute()]
         for cand in candidates:
@@ -558,7 +558,7 @@ def write_report(out_dir, *, max_examples: int = 12, max_classes: int = 24, seed
     sampling seed; ``layer``/``method``: which maps to show (default: the
     scan's, else the job's first).
     """
-    from audit import query
+    from audit.data import query
 
     out = Path(out_dir)
     if not out.is_dir():
@@ -643,7 +643,7 @@ def write_report(out_dir, *, max_examples: int = 12, max_classes: int = 24, seed
 def _render(ctx) -> str:
     import jinja2
 
-    from audit import resources
+    from audit.data import resources
 
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(resources.path("audit.templates", ""))),

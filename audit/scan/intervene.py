@@ -16,7 +16,7 @@ object goes and not when the background changes.
 The core, :func:`flip_rates`, is a pure function of a ``predict_fn``, images
 and masks.  :class:`Intervener` wires it to a finished job: it reads
 ``OUT/job.json``, loads the model once, and reads the sample images back with
-:func:`audit.datasets.load_images`.
+:func:`audit.data.datasets.load_images`.
 """
 
 from __future__ import annotations
@@ -127,7 +127,7 @@ class Intervener:
             if size:
                 self._size = (int(size[0]), int(size[1]))
             else:
-                from audit.models import input_size_of
+                from audit.engine.models import input_size_of
 
                 self._size = input_size_of(self.model)
         return self._size
@@ -135,7 +135,7 @@ class Intervener:
     @property
     def model(self):
         if self._model is None:
-            from audit.models import load_model
+            from audit.engine.models import load_model
 
             m = self.spec.get("model") or {}
             self._model = load_model(m.get("path"), application=m.get("application"),
@@ -145,7 +145,7 @@ class Intervener:
         return self._model
 
     def predict(self, images: np.ndarray) -> np.ndarray:
-        from audit.models import preprocess
+        from audit.engine.models import preprocess
 
         mode = (self.spec.get("model") or {}).get("preprocess", "none")
         out = []
@@ -156,7 +156,7 @@ class Intervener:
 
     def load(self, image_ids):
         """(images, object masks or None) of the sample at the model input size."""
-        from audit.datasets import load_images
+        from audit.data.datasets import load_images
 
         images, masks, has_mask = load_images(self.spec, list(image_ids), self.size)
         if masks is not None:
@@ -173,7 +173,7 @@ class Intervener:
 
 
 def _resize_bool(m: np.ndarray, size) -> np.ndarray:
-    from audit.stats import resize_maps
+    from audit.engine.stats import resize_maps
 
     m3 = m[None] if m.ndim == 2 else m
     r = resize_maps(m3.astype(np.float32), size) >= 0.5

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from audit import resources
+from audit.data import resources
 
 SCHEMA_VERSION = "1"
 

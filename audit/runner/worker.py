@@ -13,7 +13,7 @@ Per shard, three stages run at once so the model is never kept waiting:
 * the calling thread only runs the model on queued batches (one forward + one
   backward pass for every layer and method);
 * a post-processing thread turns each explained batch's maps into statistics
-  (:func:`audit.stats.map_stats`) and rows (one per image x layer x method,
+  (:func:`audit.engine.stats.map_stats`) and rows (one per image x layer x method,
   cast to the records schema) while the model runs the next batch.  An image that cannot be read is
 ONE row with ``status=error``, ``error=<reason>`` and null
 ``layer``/``method``/``cam``/statistics: every input appears in the output.
@@ -166,8 +166,8 @@ class AuditWorker:
         import cv2
 
         cv2.setNumThreads(1)
-        from audit.cam import Explainer
-        from audit.models import check_preprocess, input_size_of, load_model
+        from audit.engine.explainer import Explainer
+        from audit.engine.models import check_preprocess, input_size_of, load_model
 
         check_preprocess(m["preprocess"])
         model = load_model(m.get("path"), application=m.get("application"), weights=m.get("weights"),
@@ -196,7 +196,7 @@ class AuditWorker:
         self.channels = int(self.explainer.input_shape[2])
         if self.channels not in (1, 3):
             raise AuditError(f"the model takes {self.channels} channels; images are audited as RGB (3) or gray (1)")
-        from audit.schema import SCHEMA_VERSION, records_schema
+        from audit.data.schema import SCHEMA_VERSION, records_schema
 
         self.regions = dict(ex.get("regions") or {})
         self.schema = records_schema(list(self.regions))
@@ -241,7 +241,7 @@ class AuditWorker:
     # -- one shard ----------------------------------------------------------------
     def process_shard(self, shard, commit: bool = True) -> dict:
         """Read, explain and (with ``commit``) write one shard; returns its counts."""
-        from audit import datasets
+        from audit.data import datasets
 
         self.setup()
         if isinstance(shard, dict):
@@ -253,7 +253,7 @@ class AuditWorker:
             self._live.pop(shard.id, None)
 
     def _process_shard(self, shard, commit) -> dict:
-        from audit import datasets, io
+        from audit.data import datasets, io
 
         t0 = time.perf_counter()
         items = list(datasets.read_shard(self.spec["dataset"], shard, self.classes))
@@ -274,10 +274,10 @@ class AuditWorker:
         return summary
 
     def process_items(self, items, shard_id: int = 0):
-        """Rows for a list of :class:`audit.datasets.Item` as an Arrow table cast to the schema."""
+        """Rows for a list of :class:`audit.data.datasets.Item` as an Arrow table cast to the schema."""
         import pyarrow as pa
 
-        from audit import datasets
+        from audit.data import datasets
 
         self.setup()
         max_px = int(self.spec["dataset"].get("max_pixels", 100_000_000))
@@ -287,7 +287,7 @@ class AuditWorker:
             try:
                 return datasets.load_item(item, self.size, max_px)
             except Exception as e:  # DecodeError, or anything OpenCV throws at bad data
-                from audit.decode import DecodeError
+                from audit.data.decode import DecodeError
 
                 return e if isinstance(e, DecodeError) else DecodeError(f"{type(e).__name__}: {e}")
 
@@ -425,7 +425,7 @@ class AuditWorker:
 
     def _prepare(self, batch, shard_id) -> list:
         """Messages for the model thread: error rows for bad labels, then the batch's input array."""
-        from audit.models import preprocess
+        from audit.engine.models import preprocess
 
         ex = self.explainer
         msgs = []
@@ -453,7 +453,7 @@ class AuditWorker:
         """Statistics and Arrow rows of an explained batch (post-processing thread)."""
         import pyarrow as pa
 
-        from audit.stats import map_stats, to_arrow_columns
+        from audit.engine.stats import map_stats, to_arrow_columns
 
         ex = self.explainer
         parts, keys = [], []

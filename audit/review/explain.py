@@ -35,8 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
-from audit import viz
 from audit.errors import AuditError
+from audit.review import viz
 
 CAM_METHODS = ("gradcam", "gradcam++", "cam", "gradcam++exact")
 GRAD_METHODS = ("gradient", "guided", "deconvnet", "guided-gradcam")
@@ -61,12 +61,12 @@ def _tf():
 def read_image(path, size=None, channels: int = 3) -> np.ndarray:
     """Read an image file as uint8 RGB (or grey when ``channels`` is 1), resized to ``size`` (H, W).
 
-    Decoding is the job's (:mod:`audit.decode`): grayscale, RGBA and 16-bit
+    Decoding is the job's (:mod:`audit.data.decode`): grayscale, RGBA and 16-bit
     images work, and a header claiming too many pixels is refused before decoding.
     """
     import cv2
 
-    from audit.decode import DecodeError, decode_image, resize_image
+    from audit.data.decode import DecodeError, decode_image, resize_image
 
     p = Path(path)
     if not p.is_file():
@@ -100,7 +100,7 @@ def default_layers(t) -> list[str]:
     ``conv2d_93``) and the last merge layer (``conv5_block3_add``, ``mixed10``,
     DenseNet ``conv5_block32_concat``), in network order.
     """
-    from audit import graph
+    from audit.engine import graph
 
     auto = graph.auto_layer(t)[0]
     cands = graph.candidates(t)
@@ -124,7 +124,7 @@ def default_feature_layers(t) -> list[str]:
     The middle one is taken among the layers every path passes through (in a
     ResNet the block outputs), so it is never a side branch.
     """
-    from audit import graph
+    from audit.engine import graph
 
     cands = graph.candidates(t)
     auto = graph.auto_layer(t)[0]
@@ -268,7 +268,8 @@ def guided_model(model, mode: str = "guided") -> GuidedModel:
     """
     import keras
 
-    from audit import cam, graph
+    from audit.engine import explainer as cam
+    from audit.engine import graph
 
     if mode not in ("guided", "deconvnet", "gradient"):
         raise AuditError(f"unknown backward mode {mode!r}; expected guided, deconvnet or gradient")
@@ -457,7 +458,7 @@ def filter_patterns(model, layer: str, filters, *, affine=None, steps: int = 40,
     """
     import keras
 
-    from audit import graph
+    from audit.engine import graph
 
     tf = _tf()
     t = graph.trace(model, capture=[layer])
@@ -526,9 +527,10 @@ def explain(model, image_paths, out_dir, *, layers=None, methods=None, preproces
             feature_layers=None, filters: int = 8, steps: int = 40, channels: int = 32,
             target="predicted", classes=None, patterns: bool = True, seed: int = 0) -> Path:
     """Write the figures for ``image_paths`` into ``out_dir``; return the path of index.html."""
-    from audit import cam, graph
-    from audit.cam import Explainer
-    from audit.models import input_size_of, preprocess
+    from audit.engine import explainer as cam
+    from audit.engine import graph
+    from audit.engine.explainer import Explainer
+    from audit.engine.models import input_size_of, preprocess
 
     explicit_cam = methods is not None and "cam" in methods  # asked for: fail if the head has no GAP
     methods = list(dict.fromkeys(methods or DEFAULT_METHODS))
@@ -694,7 +696,7 @@ def _top(probs, name_of, k=5):
 def _activations(model, x, layers):
     import keras
 
-    from audit import graph
+    from audit.engine import graph
 
     t = graph.trace(model, capture=layers)
     fm = keras.Model(t.inputs[0], [t.captured[p] for p in layers])
@@ -706,7 +708,7 @@ def _activations(model, x, layers):
 def _render_index(pages, figures, info) -> str:
     import jinja2
 
-    from audit import resources
+    from audit.data import resources
 
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(resources.path("audit.templates", ""))),

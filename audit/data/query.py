@@ -106,7 +106,7 @@ def raw_map(row) -> np.ndarray:
 
 def heatmap(row, size=None) -> np.ndarray:
     """Normalised heatmap (ReLU, divided by its maximum) of a record, resized to ``size`` (int or (H, W))."""
-    from audit import viz
+    from audit.review import viz
 
     m = viz.normalize(raw_map(row))
     s = _size(size)
@@ -115,7 +115,7 @@ def heatmap(row, size=None) -> np.ndarray:
 
 def original_image(row) -> np.ndarray:
     """The original image of a record (uint8 RGB), from its file or its Parquet/TFRecord record."""
-    from audit import datasets, decode
+    from audit.data import datasets, decode
 
     path = str(_get(row, "path", ""))
     if not path:
@@ -145,7 +145,7 @@ def original_image(row) -> np.ndarray:
 
 def overlay(row, alpha: float = 0.4) -> np.ndarray:
     """JET overlay of a record's heatmap on its original image, at the original size (uint8 RGB)."""
-    from audit import viz
+    from audit.review import viz
 
     img = original_image(row)
     return viz.overlay_image(img, heatmap(row), alpha=alpha)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from audit import graph
+from audit.engine import graph
 from audit.errors import AuditError
 
 METHODS = ("gradcam", "gradcam++", "cam", "gradcam++exact")

@@ -25,7 +25,7 @@ _PATH_KEYS = (("model", "path"), ("model", "weights"), ("dataset", "path"), ("ou
 
 
 def job_schema() -> dict:
-    from audit import resources
+    from audit.data import resources
 
     return resources.schema("job")
 
@@ -258,10 +258,10 @@ def check(doc: dict) -> None:
         raise AuditError("spec error: model: give exactly one of 'path' (a .keras or .h5 file) or 'application'")
     if m.get("path") and not os.path.exists(m["path"]):
         raise AuditError(f"spec error: model.path: model file not found: {m['path']}")
-    from audit.models import MODEL_SUFFIXES, PREPROCESS_MODES
+    from audit.engine.models import MODEL_SUFFIXES, PREPROCESS_MODES
 
     if m.get("path") and (os.path.isdir(m["path"]) or Path(m["path"]).suffix not in MODEL_SUFFIXES):
-        # the same rule as audit.models.load_model, found before any Ray actor starts
+        # the same rule as audit.engine.models.load_model, found before any Ray actor starts
         raise AuditError(f"spec error: model.path: expected a .keras or .h5 file, got {m['path']}"
                          + (" (a directory, e.g. a SavedModel, which Keras 3 cannot open layer by layer: "
                             "save the model with model.save('m.keras'))"
@@ -270,7 +270,7 @@ def check(doc: dict) -> None:
         raise AuditError(f"spec error: model.weights: file not found: {m['weights']}")
 
     if m["preprocess"] not in PREPROCESS_MODES:
-        from audit.models import check_preprocess
+        from audit.engine.models import check_preprocess
 
         try:
             check_preprocess(m["preprocess"])

@@ -555,7 +555,7 @@ def read_shard(ds: dict, shard: Shard, classes=None):
 
 def fetch(item: Item) -> tuple[bytes, bytes | list | None]:
     """(image bytes, mask bytes or list of mask bytes or None); raises DecodeError for a missing file."""
-    from audit.decode import DecodeError
+    from audit.data.decode import DecodeError
 
     data = item.data
     if data is None and item.file is not None:
@@ -581,9 +581,9 @@ def fetch(item: Item) -> tuple[bytes, bytes | list | None]:
 def load_item(item: Item, size, max_pixels: int):
     """Decode one item: (image (H, W, 3) uint8 at ``size``, mask (H, W) bool or None, (w, h)).
 
-    Raises :class:`audit.decode.DecodeError` with the reason.
+    Raises :class:`audit.data.decode.DecodeError` with the reason.
     """
-    from audit import decode
+    from audit.data import decode
 
     if item.error:
         raise decode.DecodeError(item.error)
@@ -628,7 +628,7 @@ def load_images(spec: dict, image_ids, size):
 
 
 def _load_images(ds, image_ids, size):
-    from audit.decode import DecodeError
+    from audit.data.decode import DecodeError
 
     ids = [str(i) for i in image_ids]
     want = {i: k for k, i in enumerate(ids)}

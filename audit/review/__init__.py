@@ -1,0 +1,1 @@
+"""Review: the HTML report, `audit explain` figures, colour maps."""

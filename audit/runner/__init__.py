@@ -1,0 +1,1 @@
+"""The job runner: spec, worker actor, driver."""
