@@ -51,7 +51,8 @@ def run_demo(out="tank-sky-demo", *, masks: bool = True, intervene: bool = True,
     """
     from audit import tanksky
     from audit.data.resources import path
-    from audit.runner.job import _ray_init, run_job
+    from audit.runner.cluster import ray_init
+    from audit.runner.job import run_job
     from audit.scan.pipeline import scan
 
     t0 = time.time()
@@ -65,7 +66,7 @@ def run_demo(out="tank-sky-demo", *, masks: bool = True, intervene: bool = True,
     results = {"out": str(out), "models": {}}
     import ray
 
-    started = _ray_init(None)
+    started = ray_init(None, log=log)
     try:
         for key, spec_name, model_key, story in MODELS:
             dest = out / key

@@ -265,7 +265,7 @@ def test_run_joins_the_cluster_with_address(head, tmp_path):
 
 def test_token_refusal_is_found_by_one_handshake(head, tmp_path):
     """The quick check names a refusal, and lets a good token (or a ray:// address) through."""
-    code = ("import sys, ray\nfrom audit.runner.job import _token_refusal\n"
+    code = ("import sys, ray\nfrom audit.runner.cluster import _token_refusal\n"
             "for a in sys.argv[1:]:\n    e = _token_refusal(ray, a)\n"
             "    print(type(e).__name__ if e is not None else 'None')\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
@@ -302,7 +302,7 @@ class _FlakyClientRay:
 
 def test_ray_client_session_start_failures_are_retried(monkeypatch):
     from audit.errors import AuditError
-    from audit.runner import job
+    from audit.runner import cluster as job
 
     monkeypatch.setattr(job.time, "sleep", lambda s: None)
     fake = _FlakyClientRay(fail=2)

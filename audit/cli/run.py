@@ -64,33 +64,8 @@ def format_summary(s: dict) -> str:
     return "\n".join(lines)
 
 
-def check_reachable(address, timeout: float = 5.0) -> None:
-    """Fail in one line when ``host:port`` (or ``ray://host:port``) does not answer.
-
-    Ray itself keeps retrying an unreachable GCS address for minutes before it
-    gives up; 'auto' and 'local' are left to Ray.
-    """
-    import socket
-
-    from audit.errors import AuditError
-
-    if not address or address in ("auto", "local"):
-        return
-    hostport = address.split("://", 1)[1] if "://" in address else address
-    host, sep, port = hostport.rstrip("/").rpartition(":")
-    if not sep or not port.isdigit() or not host:
-        raise AuditError(f"--address {address!r}: expected 'auto', HOST:PORT or ray://HOST:10001")
-    try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
-    except OSError as e:
-        why = e.strerror or str(e) or type(e).__name__
-        raise AuditError(f"cannot connect to the Ray cluster at {address}: {why}") from None
-
-
 def run(args) -> int:
     from audit.runner.job import run_job
-
-    check_reachable(args.address)
     try:
         summary = run_job(args.spec, address=args.address, resume=args.resume, overrides=args.overrides,
                           progress=not args.no_progress)
