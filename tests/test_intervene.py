@@ -62,24 +62,24 @@ def test_shortcut_model_flips_on_cue_not_on_object():
     imgs, masks = scenes(20, "blue")
     r = flip_rates(sky_model, imgs, SKY, masks)
     # occluding the sky with the image mean (red-ish) removes the blue: every prediction flips
-    assert r["flip_rate_cue"] == 1.0 and r["n_cue"] == 20
-    assert r["flip_rate_object"] == 0.0 and r["n_object"] == 20
+    assert r.flip_rate_cue == 1.0 and r.n_cue == 20
+    assert r.flip_rate_object == 0.0 and r.n_object == 20
 
 
 def test_healthy_model_flips_on_object_not_on_cue():
     imgs, masks = scenes(20, "grey")
     r = flip_rates(tank_model, imgs, SKY, masks)
-    assert r["flip_rate_cue"] == 0.0
-    assert r["flip_rate_object"] == 1.0
+    assert r.flip_rate_cue == 0.0
+    assert r.flip_rate_object == 1.0
 
 
 def test_cue_mask_spares_the_object():
     imgs, masks = scenes(10, "blue")
     everything = np.ones((H, W), bool)  # a cue covering the whole image ...
     r = flip_rates(tank_model, imgs, everything, masks)
-    assert r["flip_rate_cue"] == 0.0  # ... still leaves the tank visible
+    assert r.flip_rate_cue == 0.0  # ... still leaves the tank visible
     r = flip_rates(tank_model, imgs, everything)  # without masks nothing is spared
-    assert r["flip_rate_cue"] == 1.0 and math.isnan(r["flip_rate_object"])
+    assert r.flip_rate_cue == 1.0 and math.isnan(r.flip_rate_object)
 
 
 def test_partial_flips_and_small_samples():
@@ -89,12 +89,12 @@ def test_partial_flips_and_small_samples():
     masks = np.concatenate([bm, gm])
     r = flip_rates(sky_model, imgs, SKY, masks)
     # grey skies (prediction 1) stay 1 when greyed out; the 6 blue ones flip
-    assert r["flip_rate_cue"] == pytest.approx(6 / 12)
+    assert r.flip_rate_cue == pytest.approx(6 / 12)
     r = flip_rates(sky_model, imgs[:MIN_SAMPLE - 1], SKY, masks[:MIN_SAMPLE - 1])
-    assert math.isnan(r["flip_rate_cue"]) and math.isnan(r["flip_rate_object"])
+    assert math.isnan(r.flip_rate_cue) and math.isnan(r.flip_rate_object)
     no_tank, nm = scenes(8, "blue", tank=False)
     r = flip_rates(sky_model, no_tank, SKY, nm)  # empty object masks: no object test
-    assert r["n_object"] == 0 and math.isnan(r["flip_rate_object"]) and r["flip_rate_cue"] == 1.0
+    assert r.n_object == 0 and math.isnan(r.flip_rate_object) and r.flip_rate_cue == 1.0
 
 
 def test_predictions_compared_with_the_unmodified_images():
@@ -142,8 +142,8 @@ def test_intervener_reads_job_model_and_dataset(tmp_path):
     ids = [f"no_tank/{i}.png" for i in range(8)]
     np.testing.assert_array_equal(iv.predict(imgs), sky_model(imgs))
     r = iv(ids, SKY)
-    assert r["flip_rate_cue"] == 1.0 and r["flip_rate_object"] == 0.0 and r["n_object"] == 8
+    assert r.flip_rate_cue == 1.0 and r.flip_rate_object == 0.0 and r.n_object == 8
     r = iv(ids, SKY, use_masks=False)
-    assert r["n_object"] == 0 and math.isnan(r["flip_rate_object"])
+    assert r.n_object == 0 and math.isnan(r.flip_rate_object)
     with pytest.raises(AuditError, match="job.json"):
         Intervener(tmp_path)

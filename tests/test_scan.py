@@ -12,22 +12,13 @@ import pytest
 from audit.data.schema import records_schema
 from audit.engine.stats import map_stats
 from audit.errors import AuditError
-from audit.scan.pipeline import (
-    DEFAULT,
-    assess,
-    choose_view,
-    cluster_maps,
-    confirmation,
-    eigengap_k,
-    fixed_place_score,
-    grids_from_cams,
-    group_features,
-    map_features,
-    off_object_score,
-    place_score,
-    scan,
-    spurious_gap,
-)
+from audit.scan import DEFAULT, scan
+from audit.scan.cluster import cluster_maps, eigengap_k, map_features
+from audit.scan.features import group_features, spurious_gap
+from audit.scan.grids import grids_from_cams
+from audit.scan.intervene import FlipResult
+from audit.scan.read import choose_view
+from audit.scan.verdict import assess, confirmation, fixed_place_score, off_object_score, place_score
 
 SIZE = (32, 32)
 SKY = (0.0, 0.0, 1.0, 0.4)
@@ -112,29 +103,29 @@ CASES = [
 def test_verdict_case_table(name, kind, n, masks, regions, verdict, cue):
     rows = make_rows(kind, n, masks=masks)
     res = assess(features(rows, regions))
-    assert res["verdict"] == verdict, res["evidence"]
-    assert res["cue"] == cue
-    assert res["evidence"] and res["evidence"].endswith(".")
+    assert res.verdict == verdict, res.evidence
+    assert res.cue == cue
+    assert res.evidence and res.evidence.endswith(".")
     if verdict == "insufficient_data":
-        assert math.isnan(res["suspicion"])
-        assert "20 are needed" in res["evidence"]
+        assert math.isnan(res.suspicion)
+        assert "20 are needed" in res.evidence
     else:
-        assert 0.0 <= res["suspicion"] <= 1.0
+        assert 0.0 <= res.suspicion <= 1.0
 
 
 def test_evidence_names_the_numbers():
     res = assess(features(make_rows("sky", 40, masks=False)))
-    assert "region 'sky'" in res["evidence"] and "% of the attention" in res["evidence"]
+    assert "region 'sky'" in res.evidence and "% of the attention" in res.evidence
     res = assess(features(make_rows("healthy", 40, masks=True)))
-    assert "peak hits it in 100%" in res["evidence"]
+    assert "peak hits it in 100%" in res.evidence
 
 
 def test_flat_maps_do_not_count():
     rows = make_rows("corner", 25, masks=False)
     rows.loc[rows.index[:10], "status"] = "flat"
     f = features(rows)
-    assert f["n"] == 15 and f["n_flat"] == 10
-    assert assess(f)["verdict"] == "insufficient_data"
+    assert f.n == 15 and f.n_flat == 10
+    assert assess(f).verdict == "insufficient_data"
 
 
 # ----------------------------------------------------------------------------
@@ -166,12 +157,12 @@ def test_fixed_and_off_object_scores():
 
 @pytest.mark.parametrize("flips,expected", [
     (None, None),
-    ({"flip_rate_cue": float("nan"), "flip_rate_object": float("nan")}, None),
-    ({"flip_rate_cue": 0.9, "flip_rate_object": float("nan")}, 1.0),  # cue matters
-    ({"flip_rate_cue": 0.05, "flip_rate_object": float("nan")}, 0.0),  # cue does not matter
-    ({"flip_rate_cue": 0.25, "flip_rate_object": float("nan")}, 0.5),
-    ({"flip_rate_cue": 0.0, "flip_rate_object": 0.0}, 1.0),  # removing the object does not matter
-    ({"flip_rate_cue": 0.0, "flip_rate_object": 0.95}, 0.0),  # the object matters, the cue not
+    (FlipResult(), None),
+    (FlipResult(0.9), 1.0),  # cue matters
+    (FlipResult(0.05), 0.0),  # cue does not matter
+    (FlipResult(0.25), 0.5),
+    (FlipResult(0.0, 0.0), 1.0),  # removing the object does not matter
+    (FlipResult(0.0, 0.95), 0.0),  # the object matters, the cue not
 ])
 def test_confirmation_table(flips, expected):
     c = confirmation(flips)
@@ -181,14 +172,14 @@ def test_confirmation_table(flips, expected):
 def test_intervention_confirms_or_clears_a_suspect():
     f = features(make_rows("sky", 40, masks=False))
     before = assess(f)
-    assert before["verdict"] == "shortcut_suspected" and before["suspicion"] == pytest.approx(1.0)
-    confirmed = assess(f, flips={"flip_rate_cue": 0.9, "flip_rate_object": float("nan"), "n_cue": 32})
-    assert confirmed["verdict"] == "shortcut_suspected"
-    assert "occluding the cue changes 90% of 32" in confirmed["evidence"]
-    cleared = assess(f, flips={"flip_rate_cue": 0.02, "flip_rate_object": float("nan"), "n_cue": 32})
-    assert cleared["verdict"] == "ok"
-    assert cleared["suspicion"] == pytest.approx(0.3)
-    assert "does not confirm" in cleared["evidence"]
+    assert before.verdict == "shortcut_suspected" and before.suspicion == pytest.approx(1.0)
+    confirmed = assess(f, flips=FlipResult(0.9, n_cue=32))
+    assert confirmed.verdict == "shortcut_suspected"
+    assert "occluding the cue changes 90% of 32" in confirmed.evidence
+    cleared = assess(f, flips=FlipResult(0.02, n_cue=32))
+    assert cleared.verdict == "ok"
+    assert cleared.suspicion == pytest.approx(0.3)
+    assert "does not confirm" in cleared.evidence
 
 
 # ----------------------------------------------------------------------------

@@ -37,9 +37,9 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from audit.scan.pipeline import DEFAULT, Config, scan
+    from audit.scan import DEFAULT, scan
 
-    cfg = Config(**{**DEFAULT.__dict__, "fill": args.fill})
+    cfg = DEFAULT.replace(fill=args.fill)
     classes, _ = scan(args.out, intervene=not args.no_intervene, quiet=args.quiet, layer=args.layer,
                       method=args.method, use_masks=not args.ignore_masks, cfg=cfg)
     return 0

@@ -1,5 +1,10 @@
-"""The scan: statistics per class, clustering, interventions, verdicts."""
+"""The scan: statistics per class, clustering, interventions, verdicts.
 
-from audit.scan.pipeline import DEFAULT, Config, scan
+The pipeline is :func:`audit.scan.pipeline.scan`; its steps live in
+read, grids, features, cluster, intervene, verdict and table.
+"""
+
+from audit.scan.config import DEFAULT, Config
+from audit.scan.pipeline import scan
 
 __all__ = ["DEFAULT", "Config", "scan"]

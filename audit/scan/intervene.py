@@ -22,15 +22,33 @@ and masks.  :class:`Intervener` wires it to a finished job: it reads
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 from audit.errors import AuditError
 
 FILLS = ("mean", "blur")
 MIN_SAMPLE = 5  # fewer occludable images than this: the rate is reported as unknown (NaN)
+
+
+@dataclass(frozen=True)
+class FlipResult:
+    """How often the prediction changed when the cue, or the object, was occluded.
+
+    A rate is NaN when fewer than :data:`MIN_SAMPLE` images could be tested;
+    ``n_cue``/``n_object`` are the sample sizes.
+    """
+
+    flip_rate_cue: float = math.nan
+    flip_rate_object: float = math.nan
+    n_cue: int = 0
+    n_object: int = 0
+
+    @property
+    def n(self) -> int:
+        return max(self.n_cue, self.n_object)
 
 
 def occlude(images: np.ndarray, masks: np.ndarray, fill: str = "mean") -> np.ndarray:
@@ -40,6 +58,8 @@ def occlude(images: np.ndarray, masks: np.ndarray, fill: str = "mean") -> np.nda
     cues such as a blue sky); ``fill="blur"``: a heavy Gaussian blur of the
     image (removes shapes and texture, keeps colours).
     """
+    import cv2
+
     if fill not in FILLS:
         raise AuditError(f"unknown occlusion fill {fill!r}; expected one of {', '.join(FILLS)}")
     imgs = np.asarray(images)
@@ -58,7 +78,7 @@ def occlude(images: np.ndarray, masks: np.ndarray, fill: str = "mean") -> np.nda
 
 
 def flip_rates(predict_fn, images, cue_masks, object_masks=None, *, fill: str = "mean",
-               base_pred=None) -> dict:
+               base_pred=None) -> FlipResult:
     """How often the prediction changes when the cue, or the object, is occluded.
 
     Args:
@@ -73,9 +93,7 @@ def flip_rates(predict_fn, images, cue_masks, object_masks=None, *, fill: str = 
         base_pred: predictions on the unmodified images (computed when None).
 
     Returns:
-        ``{"flip_rate_cue", "flip_rate_object"}`` (NaN when fewer than
-        :data:`MIN_SAMPLE` images could be tested) and the sample sizes
-        ``{"n_cue", "n_object"}``.
+        A :class:`FlipResult`.
     """
     images = np.asarray(images)
     n = len(images)
@@ -97,7 +115,7 @@ def flip_rates(predict_fn, images, cue_masks, object_masks=None, *, fill: str = 
 
     r_cue, n_cue = rate(cue)
     r_obj, n_obj = rate(obj) if obj is not None else (math.nan, 0)
-    return {"flip_rate_cue": r_cue, "flip_rate_object": r_obj, "n_cue": n_cue, "n_object": n_obj}
+    return FlipResult(r_cue, r_obj, n_cue, n_obj)
 
 
 class Intervener:
@@ -163,7 +181,7 @@ class Intervener:
             masks = masks & np.asarray(has_mask, bool)[:, None, None]
         return images, masks
 
-    def __call__(self, image_ids, cue_masks, *, use_masks: bool = True) -> dict:
+    def __call__(self, image_ids, cue_masks, *, use_masks: bool = True) -> FlipResult:
         """Flip rates on the images ``image_ids``; ``cue_masks`` (H, W) or (N, H, W) at input size."""
         images, masks = self.load(image_ids)
         cue = np.asarray(cue_masks, bool)
@@ -178,3 +196,49 @@ def _resize_bool(m: np.ndarray, size) -> np.ndarray:
     m3 = m[None] if m.ndim == 2 else m
     r = resize_maps(m3.astype(np.float32), size) >= 0.5
     return r[0] if m.ndim == 2 else r
+
+
+def cue_mask(cue_kind: str, cue_box, mean_map, size) -> np.ndarray | None:
+    """The place to occlude for a group's cue, (H, W) bool at the model input size.
+
+    A region's box, the border band, else the hot area of the group's mean map;
+    None when there is nothing to occlude.
+    """
+    from audit.engine.stats import border_mask, box_mask
+    from audit.scan.grids import hot_cells
+
+    H, W = size
+    if cue_kind == "region" and cue_box:
+        return box_mask(cue_box, (H, W))
+    if cue_kind == "border":
+        return border_mask((H, W))
+    if mean_map is not None:
+        from audit.engine.stats import resize_maps
+
+        hot = hot_cells(mean_map).astype(np.float32)
+        return resize_maps(hot[None], (H, W))[0] >= 0.5
+    return None
+
+
+class SafeIntervener:
+    """An intervention that cannot run (model or data moved) warns once and is skipped."""
+
+    def __init__(self, inner, quiet: bool):
+        self.inner, self.quiet, self.failed = inner, quiet, None
+
+    @property
+    def size(self):
+        return self.inner.size
+
+    def __call__(self, *a, **k):
+        if self.failed:
+            return None
+        try:
+            return self.inner(*a, **k)
+        except AuditError as e:
+            self.failed = str(e)
+            if not self.quiet:
+                import sys
+
+                print(f"audit: scan: intervention skipped ({e})", file=sys.stderr)
+            return None

@@ -1,0 +1,35 @@
+"""The scan's thresholds and fixed names (docs/scan.md explains each value)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+VERDICTS = ("shortcut_suspected", "ok", "insufficient_data")
+METHOD_PREFERENCE = ("gradcam++", "gradcam", "cam", "gradcam++exact")
+BORDER_AREA = 1.0 - 0.8 * 0.8  # the outer 10% band on every side
+
+
+@dataclass(frozen=True)
+class Config:
+    """Thresholds of the scan (docs/scan.md explains each)."""
+
+    min_images: int = 20  # fewer explained maps in a class: insufficient_data
+    min_cluster: int = 8  # a cluster smaller than this gets insufficient_data
+    max_maps: int = 1000  # heatmaps per class kept for clustering (deterministic sample)
+    max_k: int = 6  # most clusters per class
+    min_eigengap: float = 0.1  # smaller largest eigengap: one cluster
+    grid: int = 16  # mean maps are stored at grid x grid; clustering uses grid/2
+    threshold: float = 0.5  # suspicion at or above: shortcut_suspected
+    mask_min_n: int = 8  # masked maps needed to judge by masks
+    mask_min_frac: float = 0.25  # ... and share of the group
+    sample: int = 32  # images per intervention
+    fill: str = "mean"  # occlusion fill for interventions
+
+    def replace(self, **changes) -> Config:
+        """A copy with some fields changed."""
+        from dataclasses import replace
+
+        return replace(self, **changes)
+
+
+DEFAULT = Config()

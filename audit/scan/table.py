@@ -1,0 +1,176 @@
+"""The scan's output: class and cluster rows, the Parquet tables, and the printed table."""
+
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from audit.scan.features import GroupFeatures
+from audit.scan.values import finite, or_none, pct
+from audit.scan.verdict import Verdict
+
+VERDICT_ORDER = {"shortcut_suspected": 0, "ok": 1, "insufficient_data": 2}
+
+
+@dataclass
+class ClusterResult:
+    """One heatmap cluster of a class and its verdict."""
+
+    cluster: int
+    members: list  # image ids
+    features: GroupFeatures
+    verdict: Verdict
+
+
+@dataclass
+class ClassResult:
+    """One class: its features, its own verdict, the final one (a suspect cluster wins) and its clusters."""
+
+    class_id: int
+    name: str
+    rows: object  # DataFrame: the class's records
+    labelled: object  # DataFrame: the records labelled with the class
+    features: GroupFeatures
+    own: Verdict  # from the class's own statistics
+    final: Verdict  # what the class row reports
+    n_maps: int  # maps on the grid (clustered)
+    gap: float = math.nan
+    clusters: list = field(default_factory=list)  # [ClusterResult]
+
+
+def _flip_fields(v: Verdict) -> dict:
+    fl = v.flips
+    if fl is None:
+        return {"flip_rate_cue": None, "flip_rate_object": None, "n_intervened": 0}
+    return {"flip_rate_cue": or_none(fl.flip_rate_cue), "flip_rate_object": or_none(fl.flip_rate_object),
+            "n_intervened": int(fl.n)}
+
+
+def _stat_means(f: GroupFeatures) -> dict:
+    return {k: (np.float32(v) if finite(v) else None) for k, v in f.means.items()}
+
+
+def _mean_map_fields(f: GroupFeatures, grid: int, always: bool = False) -> dict:
+    has = f.mean_map is not None
+    return {"mean_map": f.mean_map.ravel().tolist() if has else None,
+            "map_h": grid if has or always else None, "map_w": grid if has or always else None}
+
+
+def class_row(r: ClassResult, layer: str, method: str, grid: int) -> dict:
+    """One row of ``summary/classes.parquet``."""
+    f, final, lab = r.features, r.final, r.labelled
+    labc = lab.loc[lab["status"] != "error", "correct"].dropna() if len(lab) else lab
+    return {
+        "class_id": r.class_id, "class_name": r.name, "n": f.n_total, "n_ok": f.n, "n_flat": f.n_flat,
+        "n_masked": f.n_masked, "accuracy": or_none(f.accuracy),
+        "n_label": len(lab), "recall": float(labc.astype(float).mean()) if len(labc) else None,
+        "spurious_gap": or_none(r.gap), "suspicion": or_none(final.suspicion),
+        "attention_suspicion": or_none(r.own.attention_suspicion),
+        "verdict": final.verdict, "evidence": final.evidence, "cue": final.cue, "cue_box": final.cue_box,
+        **_flip_fields(final),
+        "n_clusters": len(r.clusters), "n_suspect_clusters": sum(c.verdict.suspected for c in r.clusters),
+        "peak_spread": f.peak_spread, "layer": layer, "method": method,
+        **_mean_map_fields(f, grid), **_stat_means(f),
+    }
+
+
+def cluster_row(r: ClassResult, c: ClusterResult, layer: str, method: str, grid: int) -> dict:
+    """One row of ``summary/clusters.parquet``."""
+    cf, cv = c.features, c.verdict
+    return {
+        "class_id": r.class_id, "class_name": r.name, "cluster": c.cluster, "n": cf.n,
+        "share": cf.n / max(1, r.n_maps), "accuracy": or_none(cf.accuracy),
+        "suspicion": or_none(cv.suspicion), "verdict": cv.verdict, "evidence": cv.evidence, "cue": cv.cue,
+        "cue_box": cv.cue_box, **_flip_fields(cv),
+        "peak_spread": cf.peak_spread, "layer": layer, "method": method,
+        **_mean_map_fields(cf, grid, always=True),
+        "example_ids": sorted(c.members, key=lambda s: zlib.crc32(str(s).encode()))[:12],
+        **_stat_means(cf),
+    }
+
+
+def to_frame(rows: list, name: str, regions):
+    """Rows -> a DataFrame with the columns of ``schemas/<name>.schema.json`` in order."""
+    import pandas as pd
+
+    from audit.data.schema import arrow_schema
+
+    schema = arrow_schema(name, {f"energy_{r}": "float32" for r in regions})
+    if not rows:
+        return schema.empty_table().to_pandas()
+    df = pd.DataFrame(rows)
+    return df[[f.name for f in schema]]
+
+
+def summary_tables(results: list, layer: str, method: str, grid: int, regions) -> tuple:
+    """(classes_df, clusters_df), classes suspects first."""
+    class_rows = [class_row(r, layer, method, grid) for r in results]
+    cluster_rows = [cluster_row(r, c, layer, method, grid) for r in results for c in r.clusters]
+    classes_df = to_frame(class_rows, "classes", regions)
+    clusters_df = to_frame(cluster_rows, "clusters", regions)
+    classes_df = classes_df.sort_values(
+        ["verdict", "suspicion"],
+        key=lambda s: s.map(VERDICT_ORDER) if s.name == "verdict" else -s.fillna(-1),
+        kind="stable").reset_index(drop=True)
+    return classes_df, clusters_df
+
+
+def write_tables(out: Path, frames: dict, regions) -> None:
+    """Write ``{name: DataFrame}`` to ``OUT/summary/<name>.parquet`` with the declared schemas."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from audit.data.io import atomic_write_bytes
+    from audit.data.schema import SCHEMA_VERSION, arrow_schema
+
+    d = Path(out) / "summary"
+    d.mkdir(parents=True, exist_ok=True)
+    for name, frame in frames.items():
+        schema = arrow_schema(name, {f"energy_{r}": "float32" for r in regions})
+        schema = schema.with_metadata({"schema_version": SCHEMA_VERSION, "table": name})
+        table = pa.Table.from_pandas(frame, schema=schema, preserve_index=False)
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink)
+        atomic_write_bytes(d / f"{name}.parquet", sink.getvalue().to_pybytes())
+
+
+def _fmt(v, spec=".2f"):
+    return "-" if v is None or (isinstance(v, float) and not math.isfinite(v)) else format(v, spec)
+
+
+def _cluster_lines(clusters_df, class_id) -> list[str]:
+    cl = clusters_df[clusters_df["class_id"] == class_id] if len(clusters_df) else clusters_df
+    if len(cl) <= 1:
+        return []
+    return [f"    {'!' if c.verdict == 'shortcut_suspected' else ' '} cluster {c.cluster}: {c.n} maps "
+            f"({pct(c.share)}), {c.verdict}" + (f", cue {c.cue}" if c.cue else "") for c in cl.itertuples()]
+
+
+def format_table(classes_df, clusters_df, *, layer="", method="", out="", errors=0, width=None) -> str:
+    """The compact suspects-first table printed by ``audit scan``."""
+    import shutil
+    import textwrap
+
+    width = width or min(120, shutil.get_terminal_size((100, 20)).columns)
+    lines = [f"scan of {out}: layer {layer}, {method}; {len(classes_df)} classes"
+             + (f", {errors} unreadable images" if errors else "")]
+    hdr = f"{'verdict':<19} {'class':<16} {'n':>6} {'acc':>5} {'susp':>5}  {'cue':<14} {'flip cue/obj':>12}"
+    lines += [hdr, "-" * len(hdr)]
+    shown = classes_df if len(classes_df) <= 40 else classes_df[classes_df["verdict"] == "shortcut_suspected"]
+    for r in shown.itertuples():
+        flips = f"{_fmt(r.flip_rate_cue)}/{_fmt(r.flip_rate_object)}"
+        lines.append(f"{r.verdict:<19} {str(r.class_name)[:16]:<16} {r.n:>6} {_fmt(r.accuracy):>5} "
+                     f"{_fmt(r.suspicion):>5}  {str(r.cue or '-')[:14]:<14} {flips:>12}")
+        if r.verdict == "shortcut_suspected" or len(classes_df) <= 10:
+            lines += textwrap.wrap(r.evidence, width, initial_indent="    ", subsequent_indent="    ")
+        lines += _cluster_lines(clusters_df, r.class_id)
+    if len(shown) < len(classes_df):
+        lines.append(f"... and {len(classes_df) - len(shown)} classes not suspected (see summary/classes.parquet)")
+    n_s = int((classes_df["verdict"] == "shortcut_suspected").sum())
+    lines.append(f"{n_s} of {len(classes_df)} classes suspected of a shortcut; "
+                 f"tables in {Path(out) / 'summary'}/classes.parquet and clusters.parquet")
+    return "\n".join(lines)
