@@ -17,11 +17,11 @@ A = keras.applications
 @pytest.mark.parametrize(
     ("build", "size", "expected"),
     [
-        (A.VGG16, 32, "block5_conv3"),
-        (A.ResNet50, 32, "conv5_block3_out"),
-        (A.InceptionV3, 75, "mixed10"),
-        (A.DenseNet121, 32, "relu"),
-        (A.MobileNetV2, 32, "out_relu"),
+        (A.VGG16, 64, "block5_conv3"),
+        (A.ResNet50, 64, "conv5_block3_out"),
+        (A.InceptionV3, 107, "mixed10"),
+        (A.DenseNet121, 64, "relu"),
+        (A.MobileNetV2, 64, "out_relu"),
     ],
     ids=["vgg16", "resnet50", "inceptionv3", "densenet121", "mobilenetv2"],
 )
@@ -135,3 +135,89 @@ def test_cli_layers_marks_the_choice(tmp_path, capsys):
         assert main(["layers", *args]) == 2, args
         e = capsys.readouterr().err.strip()
         assert e.startswith("audit: error: ") and words in e and len(e.splitlines()) == 1, (args, e)
+
+
+# ---------------------------------------------------------------------------
+# Spatial target layers only (h x w > 1)
+# ---------------------------------------------------------------------------
+
+
+def _ends_in_1x1():
+    """A net whose last conv is 1x1 (MobileNet's conv_preds in miniature)."""
+    return keras.Sequential([
+        keras.Input((8, 8, 3)),
+        keras.layers.Conv2D(4, 3, padding="same", activation="relu", name="c1"),
+        keras.layers.Conv2D(4, 3, strides=2, padding="same", activation="relu", name="c2"),
+        keras.layers.Conv2D(3, 4, name="preds"),  # 4x4 -> 1x1
+        keras.layers.Flatten(),
+        keras.layers.Softmax(),
+    ])
+
+
+def test_one_by_one_layer_is_skipped_and_refused_by_name():
+    t = graph.trace(_ends_in_1x1())
+    assert graph.auto_layer(t)[0].path == "c2"
+    assert [c.path for c in graph.candidates(t)] == ["c1", "c2"]
+    with pytest.raises(AuditError) as e:
+        graph.resolve_layers(t, ["preds"])
+    msg = str(e.value)
+    assert len(msg.splitlines()) == 1
+    assert "'preds'" in msg and "1x1" in msg and "automatic choice is 'c2'" in msg
+
+
+def test_mobilenet_with_top_gets_its_last_spatial_layer_not_conv_preds():
+    keras.backend.clear_session()
+    model = A.MobileNet(weights=None, input_shape=(64, 64, 3), classes=3)
+    t = graph.trace(model)
+    assert t.by_path()["conv_preds"].shape[1:3] == (1, 1)
+    assert graph.auto_layer(t)[0].path == "conv_pw_13_relu"
+    with pytest.raises(AuditError, match=r"'conv_preds' cannot be a target layer: .*1x1.*'conv_pw_13_relu'"):
+        graph.resolve_layers(t, ["conv_preds"])
+
+
+def test_small_input_falls_back_to_the_deepest_map_bigger_than_1x1():
+    """ResNet50 at 32 px: conv5 is 1x1, so the choice is the last block of conv4 (2x2)."""
+    t = graph.trace(A.ResNet50(weights=None, input_shape=(32, 32, 3), classes=3))
+    assert t.by_path()["conv5_block3_out"].shape[1:3] == (1, 1)
+    call = graph.auto_layer(t)[0]
+    assert call.path == "conv4_block6_out" and call.shape[1:3] == (2, 2)
+
+
+def test_no_map_bigger_than_1x1_says_use_a_larger_input():
+    model = keras.Sequential([keras.Input((3, 3, 3)), keras.layers.Conv2D(4, 3, name="only"),
+                              keras.layers.Flatten(), keras.layers.Dense(2)])
+    with pytest.raises(AuditError, match=r"'only', is 1x1: use a larger input size"):
+        graph.auto_layer(graph.trace(model))
+
+
+def test_cli_layers_lists_1x1_layers_as_not_usable(tmp_path, capsys):
+    path = tmp_path / "m.keras"
+    _ends_in_1x1().save(path)
+    assert main(["layers", str(path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    (preds,) = [ln for ln in lines if ln.split()[:1] == ["preds"]]
+    assert "not usable" in preds and "1x1" in preds
+    assert [ln.split()[1] for ln in lines if ln.startswith("*")] == ["c2"]
+
+
+# ---------------------------------------------------------------------------
+# Token grids (vision transformers): the rule as a case table
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("tokens", "earlier", "given", "expected"),
+    [
+        (197, [], None, graph.TokenGrid(1, 14, 14)),  # ViT-B/16 at 224: class token + 14x14
+        (201, [], None, graph.TokenGrid(5, 14, 14)),  # class token + 4 registers
+        (196, [], None, graph.TokenGrid(0, 14, 14)),  # no class token (GAP head)
+        (141, [(56, 56), (14, 10)], None, graph.TokenGrid(1, 14, 10)),  # patch embedding's grid
+        (141, [], None, graph.TokenGrid(20, 11, 11)),  # without it: the largest square
+        (50, [(7, 7)], (5, 10), graph.TokenGrid(0, 5, 10)),  # given in the spec: wins
+        (50, [], (8, 8), None),  # given grid needs more tokens than there are
+        (3, [], None, None),  # too few tokens for a 2x2 grid
+        (None, [], None, None),  # unknown length
+    ],
+)
+def test_find_grid(tokens, earlier, given, expected):
+    assert graph.find_grid(tokens, earlier, given) == expected

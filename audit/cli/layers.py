@@ -7,6 +7,11 @@ import argparse
 EXAMPLE = """example:
   audit layers models/tank_sky.keras
   audit layers --application ResNet50 --input-size 224 224
+  audit layers vit.keras --token-grid 14 14
+
+'*' marks the automatic choice; 'all paths': every input-to-output path passes
+through the layer; 'tokens 1 + 7x7': one class token and a 7x7 grid of patch
+tokens; 'not usable': why the layer cannot be a target layer (1x1 output, no grid).
 """
 
 
@@ -23,7 +28,10 @@ def register(sub) -> None:
     p.add_argument("--input-size", nargs=2, type=int, metavar=("H", "W"),
                    help="input size: for --application (default: the application's own), or to show "
                         "the shapes of a model that accepts any image size")
-    p.add_argument("--all", action="store_true", help="list every spatial layer, not only the last 40")
+    p.add_argument("--token-grid", nargs=2, type=int, metavar=("H", "W"),
+                   help="grid of the patch tokens of a vision transformer (default: found per layer, "
+                        "see docs/layers.md)")
+    p.add_argument("--all", action="store_true", help="list every layer, not only the last 40")
     p.add_argument("--trust-code", action="store_true", help="allow Lambda layers (turns Keras safe_mode off)")
     p.set_defaults(func=run)
 
@@ -42,21 +50,46 @@ def run(args) -> int:
     if not args.model and not args.application:
         raise AuditError("give a model file or --application NAME")
     check_input_size(args.input_size)
+    check_token_grid(args.token_grid)
     from audit.engine.models import load_model
 
     model = load_model(args.model, application=args.application, weights=args.weights,
                        input_size=args.input_size, trust_code=args.trust_code)
-    t = graph.trace(model)
-    chosen, why = graph.auto_layer(t)
-    cands = graph.candidates(t)
-    shown = cands if args.all else cands[-40:]
-    width = max(len(c.path) for c in shown)
-    kinds = max(len(c.kind) for c in shown)
-    if len(shown) < len(cands):
-        print(f"... {len(cands) - len(shown)} earlier layers (--all shows them)")
-    for c in shown:
-        mark = "*" if c is chosen else " "
-        through = "" if not graph.through_every_path(t, c) else "  all paths"
-        print(f"{mark} {c.path:<{width}}  {c.kind:<{kinds}}  {str(c.shape[1:]):<16}{through}")
-    print(f"\nautomatic choice: {chosen.path} ({why})")
+    t = graph.trace(model, token_grid=args.token_grid)
+    rows = graph.listing(t)
+    try:
+        chosen, why = graph.auto_layer(t)
+    except AuditError as e:
+        chosen, why = None, str(e)
+    shown = rows if args.all else rows[-40:]
+    if len(shown) < len(rows):
+        print(f"... {len(rows) - len(shown)} earlier layers (--all shows them)")
+    for line in format_rows(shown, chosen):
+        print(line)
+    print(f"\nautomatic choice: {chosen.path} ({why})" if chosen else f"\nno automatic choice: {why}")
     return 0
+
+
+def check_token_grid(grid) -> None:
+    from audit.errors import AuditError
+
+    if grid is not None and min(grid) < 1:
+        raise AuditError(f"--token-grid must be two integers >= 1 (h w), got {grid[0]} {grid[1]}")
+
+
+def format_rows(rows, chosen) -> list[str]:
+    """One line per layer: mark, path, kind, shape, map size (or token grid) and notes."""
+    if not rows:
+        return []
+    width = max(len(r.call.path) for r in rows)
+    kinds = max(len(r.call.kind) for r in rows)
+    lines = []
+    for r in rows:
+        c = r.call
+        mark = "*" if c is chosen else " "
+        grid = f"tokens {c.grid}" if c.grid is not None else ""
+        notes = [n for n in (grid, "all paths" if r.all_paths else "",
+                             f"not usable: {r.reason}" if r.reason else "") if n]
+        lines.append(f"{mark} {c.path:<{width}}  {c.kind:<{kinds}}  {str(c.shape[1:]):<16}  "
+                     + "  ".join(notes))
+    return [line.rstrip() for line in lines]

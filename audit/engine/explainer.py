@@ -189,7 +189,7 @@ class Explainer:
     """
 
     def __init__(self, model, layers="auto", methods=("gradcam", "gradcam++"),
-                 target="predicted", batch_size=32, classes=None):
+                 target="predicted", batch_size=32, classes=None, token_grid=None):
         import keras
 
         if isinstance(methods, str):
@@ -201,10 +201,11 @@ class Explainer:
         self.methods = tuple(dict.fromkeys(methods))
         self.classes = list(classes) if classes is not None else None
         self.batch_size = int(batch_size)
-        t0 = graph.trace(model)
+        t0 = graph.trace(model, token_grid=token_grid)  # token_grid: (h, w) of ViT patch tokens
         self.layers = graph.resolve_layers(t0, layers)
         self._head_kind, head_in, dense = _head(t0)
-        t = graph.trace(model, capture=self.layers, capture_inputs=[head_in] if head_in else [])
+        t = graph.trace(model, capture=self.layers, capture_inputs=[head_in] if head_in else [],
+                        token_grid=token_grid)
         last = t.captured_in[head_in] if head_in else t.output
         self._dense = dense
         # several sigmoid units: independent (multi-label) probabilities
