@@ -18,6 +18,7 @@ from audit.scan.features import group_features, spurious_gap
 from audit.scan.grids import grids_from_cams
 from audit.scan.intervene import FlipResult
 from audit.scan.read import choose_view
+from audit.scan.robust import PeakPlace
 from audit.scan.verdict import assess, confirmation, fixed_place_score, off_object_score, place_score
 
 SIZE = (32, 32)
@@ -146,10 +147,11 @@ def test_place_score(share, area, expected):
 
 
 def test_fixed_and_off_object_scores():
-    assert fixed_place_score(0.01, (0.9, 0.9)) == pytest.approx(1.0)
-    assert fixed_place_score(0.01, (0.5, 0.5)) == 0.0  # a fixed place at the centre is the usual object
-    assert fixed_place_score(0.2, (0.9, 0.9)) == 0.0
-    assert fixed_place_score(0.035, (0.9, 0.9)) == pytest.approx(0.5)
+    assert fixed_place_score(PeakPlace(0.9, 0.9, 0.96)) == pytest.approx(1.0)
+    # a fixed place at the centre is the usual object
+    assert fixed_place_score(PeakPlace(0.5, 0.5, 1.0)) == 0.0
+    assert fixed_place_score(PeakPlace(0.9, 0.9, 0.4)) == 0.0
+    assert fixed_place_score(PeakPlace(0.9, 0.9, 0.75)) == pytest.approx(0.5)
     assert off_object_score(0.0, 0.0) == pytest.approx(1.0)
     assert off_object_score(0.5, 1.0) == 0.0
     assert off_object_score(0.25, 0.4) == pytest.approx(0.6 * 0.5 + 0.4 * 0.5)
@@ -202,7 +204,8 @@ def test_eigengap_table(eig, max_k, expected):
 def test_minority_cue_cluster_is_found():
     rows = pd.concat([make_rows("healthy", 60, seed=1), make_rows("corner", 15, seed=2)], ignore_index=True)
     G = grids_from_cams(rows["cam"].tolist(), 8, 8, 16)
-    labels, k, _ = cluster_maps(map_features(G))
+    c = cluster_maps(map_features(G))
+    labels, k = c.labels, c.k
     assert k >= 2
     corner = labels[60:]
     assert len(set(corner)) == 1  # the watermark maps form one cluster ...
@@ -211,7 +214,8 @@ def test_minority_cue_cluster_is_found():
 
 def test_one_blob_is_one_cluster():
     rows = make_rows("corner", 40, seed=3)
-    labels, k, _ = cluster_maps(map_features(grids_from_cams(rows["cam"].tolist(), 8, 8, 16)))
+    c = cluster_maps(map_features(grids_from_cams(rows["cam"].tolist(), 8, 8, 16)))
+    labels, k = c.labels, c.k
     assert k == 1 and (labels == 0).all()
 
 

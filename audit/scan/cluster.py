@@ -93,12 +93,18 @@ def min_cluster_size(n: int, min_maps: int, min_share: float) -> int:
     return max(int(min_maps), int(math.ceil(min_share * n)))
 
 
-def map_features(grids: np.ndarray) -> np.ndarray:
-    """Clustering features: Hellinger embedding (sqrt) of maps sum-pooled by 2, (n, (g/2)^2) float32."""
-    g = np.asarray(grids, np.float32)
-    n, s, _ = g.shape
-    p = g.reshape(n, s // 2, 2, s // 2, 2).sum(axis=(2, 4), dtype=np.float32)
-    return np.sqrt(np.maximum(p.reshape(n, -1), 0.0))
+def map_features(grids: np.ndarray, chunk: int = 65536) -> np.ndarray:
+    """Clustering features: Hellinger embedding (sqrt) of maps sum-pooled by 2, (n, (g/2)^2) float32.
+
+    Converted in chunks, so float16 grids never exist as a float32 copy.
+    """
+    n, s, _ = grids.shape
+    out = np.empty((n, (s // 2) ** 2), np.float32)
+    for a in range(0, n, chunk):
+        g = np.asarray(grids[a:a + chunk], np.float32)
+        p = g.reshape(len(g), s // 2, 2, s // 2, 2).sum(axis=(2, 4))
+        out[a:a + chunk] = np.sqrt(np.maximum(p.reshape(len(g), -1), 0.0))
+    return out
 
 
 def _sq_dist(X: np.ndarray, C: np.ndarray, c2: np.ndarray) -> np.ndarray:
@@ -237,6 +243,7 @@ def eigengap_k(eigvals, max_k: int, min_gap: float = 0.1, parts: int = 1) -> int
     out), and never more than ``max_k``.
     """
     lam = np.sort(np.asarray(eigvals, np.float64))
+    parts = max(parts, int((lam[:max_k] < NEAR_ZERO).sum()))
     top = int(min(max_k, len(lam) - 1))
     if top < 2:
         return max(1, min(parts, max_k))
@@ -288,7 +295,6 @@ def cluster_prototypes(P: Prototypes, params: ClusterParams) -> tuple[np.ndarray
         return np.zeros(m, np.int32), 1, np.zeros(0)
     Ak = A[idx][:, idx]
     lam, vecs = laplacian_eigs(Ak, max_k + 1, vectors=True)
-    parts = max(parts, int((lam[:max_k] < NEAR_ZERO).sum()))
     k = min(eigengap_k(lam, max_k, params.min_eigengap, parts), len(idx))
     labels = np.zeros(m, np.int32)
     if k > 1:

@@ -14,10 +14,13 @@ class Config:
     """Thresholds of the scan (docs/scan.md explains each)."""
 
     min_images: int = 20  # fewer explained maps in a class: insufficient_data
-    min_cluster: int = 8  # a cluster smaller than this gets insufficient_data
-    max_maps: int = 1000  # heatmaps per class kept for clustering (deterministic sample)
+    min_cluster: int = 8  # a cluster with fewer maps than this gets insufficient_data ...
+    min_cluster_share: float = 0.01  # ... and one with less than this share of its class
     max_k: int = 6  # most clusters per class
     min_eigengap: float = 0.1  # smaller largest eigengap: one cluster
+    merge_radius: float = 0.1  # clustering: maps closer than this (Hellinger) count as one prototype
+    max_prototypes: int = 2000  # clustering: most prototypes per class (all maps join one)
+    place_radius: float = 0.05  # a peak this close to the modal place is at it (fraction of the side)
     grid: int = 16  # mean maps are stored at grid x grid; clustering uses grid/2
     threshold: float = 0.5  # suspicion at or above: shortcut_suspected
     mask_min_n: int = 8  # masked maps needed to judge by masks

@@ -18,6 +18,7 @@ import numpy as np
 from audit.engine.stats import box_mask, normalize
 from audit.scan.config import BORDER_AREA, DEFAULT, Config
 from audit.scan.grids import cells_box, hot_cells
+from audit.scan.robust import PeakPlace, peak_place, place_radius
 
 STAT_MEANS = ("energy_object", "pointing_hit", "energy_border", "entropy", "peak_x", "peak_y",
               "centroid_x", "centroid_y", "concentration", "object_x", "object_y")
@@ -51,7 +52,7 @@ class GroupFeatures:
     accuracy: float = math.nan
     means: dict = field(default_factory=dict)  # mean of each statistic over the ok rows
     n_masked: int = 0
-    peak_spread: float = math.nan
+    peak_place: PeakPlace = field(default_factory=PeakPlace)  # modal place of the peaks, share at it
     object_spread: float = math.nan
     peak_object_dist: float = math.nan
     places: list = field(default_factory=list)  # [Place]
@@ -73,6 +74,16 @@ def _spread(x: np.ndarray, y: np.ndarray) -> float:
     return float(np.sqrt(x[good].var() + y[good].var())) if good.sum() >= 2 else math.nan
 
 
+def _cam_side(ok) -> float | None:
+    """The smaller side of the group's raw maps in cells (the median over its maps), or None."""
+    if "cam_h" not in ok or "cam_w" not in ok or not len(ok):
+        return None
+    side = np.minimum(ok["cam_h"].to_numpy(dtype=float, na_value=np.nan),
+                      ok["cam_w"].to_numpy(dtype=float, na_value=np.nan))
+    side = side[np.isfinite(side)]
+    return float(np.median(side)) if len(side) else None
+
+
 def _places(means: dict, regions: dict, size) -> list[Place]:
     """Each named region and the border band, with the group's mean share on it."""
     places = [Place("region", r, means[f"energy_{r}"], float(box_mask(box, size).mean()),
@@ -85,7 +96,7 @@ def _add_mean_map(f: GroupFeatures, grids) -> None:
     """Mean map, its hot cells' box, weighted centre and area."""
     if grids is None or not len(grids):
         return
-    mm = np.asarray(grids, np.float64).mean(axis=0)
+    mm = np.asarray(grids).mean(axis=0, dtype=np.float64)
     f.mean_map = normalize(mm)
     hot = hot_cells(mm)
     f.hot_box = cells_box(hot)
@@ -133,7 +144,8 @@ def group_features(rows, grids=None, regions=None, cfg: Config = DEFAULT, size=(
         n_total=int(len(rows)), n=int(len(ok)), n_flat=int((status == "flat").sum()),
         n_error=int((status == "error").sum()), accuracy=_accuracy(rows, status), means=means,
         n_masked=int(np.isfinite(col("energy_object")).sum()),
-        peak_spread=_spread(px, py), object_spread=_spread(ox, oy),
+        peak_place=peak_place(px, py, place_radius(_cam_side(ok), cfg.place_radius)),
+        object_spread=_spread(ox, oy),
         peak_object_dist=float(np.hypot(px[both] - ox[both], py[both] - oy[both]).mean()) if both.any()
         else math.nan,
         places=_places(means, regions, size))

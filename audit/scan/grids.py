@@ -1,11 +1,14 @@
 """Heatmaps on a small grid: raw maps -> (n, g, g) energy distributions, read from the records.
 
 The scan judges a class by its maps resized to ``Config.grid`` x ``Config.grid``
-(energy distributions that sum to 1). :func:`load_grids` streams the ``cam``
-column of the records and converts only the wanted maps.
+(energy distributions that sum to 1). :func:`read_class_maps` streams the
+``cam`` column of the records and converts all of a view's maps, batch by
+batch, into float16 grids grouped by class.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -22,9 +25,17 @@ def grids_from_cams(cams, h: int, w: int, grid: int) -> np.ndarray:
     if n == 0:
         return np.zeros((0, grid, grid), np.float32)
     raw = np.stack([np.asarray(c, np.float32) for c in cams]).reshape(n, int(h), int(w))
+    return grids_from_raw(raw, grid)
+
+
+def grids_from_raw(raw: np.ndarray, grid: int) -> np.ndarray:
+    """(n, h, w) raw maps -> (n, grid, grid) float32 energy distributions (see :func:`grids_from_cams`)."""
+    raw = np.asarray(raw, np.float32)
+    if len(raw) == 0:
+        return np.zeros((0, grid, grid), np.float32)
     raw = np.where(np.isfinite(raw), raw, 0.0)
-    g = np.maximum(resize_maps(raw, (grid, grid)), 0.0).astype(np.float64)
-    tot = g.sum(axis=(1, 2), keepdims=True)
+    g = np.maximum(resize_maps(raw, (grid, grid)), 0.0)
+    tot = g.sum(axis=(1, 2), keepdims=True, dtype=np.float64)
     return np.where(tot > 0, g / np.where(tot > 0, tot, 1.0), 0.0).astype(np.float32)
 
 
@@ -49,41 +60,70 @@ def cells_box(cells: np.ndarray) -> list[float] | None:
     return [xs.min() / g_w, ys.min() / g_h, (xs.max() + 1) / g_w, (ys.max() + 1) / g_h]
 
 
-def load_grids(dataset, flt, wanted: dict, grid: int) -> dict:
-    """{(target, image_id): grid} for the wanted ids, streaming the cam column batch by batch.
+@dataclass
+class ClassMaps:
+    """The maps of one class on the grid: ``image_ids`` (n,) object array, ``grids`` (n, g, g) float16."""
 
-    Rows are filtered in Arrow first (``is_in`` on the ids), so only the
-    sampled maps are ever converted; memory stays bounded by one batch plus
-    the (small) grids.
-    """
+    image_ids: np.ndarray
+    grids: np.ndarray
+
+
+def _batch_grids(batch, grid: int):
+    """(targets, image ids, float16 grids) of the well-formed maps of one record batch, vectorised."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    out = {}
-    all_ids = pa.array(sorted({i for ids in wanted.values() for i in ids}), pa.string())
+    cams = batch.column("cam")
+    hs = batch.column("cam_h").to_numpy(zero_copy_only=False).astype(np.float64)
+    ws = batch.column("cam_w").to_numpy(zero_copy_only=False).astype(np.float64)
+    tg = batch.column("target").to_numpy(zero_copy_only=False).astype(np.float64)
+    lens = pc.fill_null(pc.list_value_length(cams), -1).to_numpy(zero_copy_only=False)
+    # a map whose length does not match cam_h x cam_w (malformed) or without a target is skipped
+    good = np.isfinite(hs) & np.isfinite(ws) & np.isfinite(tg) & (hs > 0) & (ws > 0) & (lens == hs * ws)
+    parts = []
+    for h, w in {(int(a), int(b)) for a, b in zip(hs[good], ws[good])}:
+        idx = np.nonzero(good & (hs == h) & (ws == w))[0]
+        sub = cams.take(pa.array(idx))
+        raw = pc.list_flatten(sub).to_numpy(zero_copy_only=False).reshape(len(idx), h, w)
+        parts.append((idx, grids_from_raw(raw, grid).astype(np.float16)))
+    if not parts:
+        return np.zeros(0, np.int64), np.zeros(0, object), np.zeros((0, grid, grid), np.float16)
+    idx = np.concatenate([p[0] for p in parts])
+    ids = batch.column("image_id").take(pa.array(idx)).to_numpy(zero_copy_only=False)
+    return tg[idx].astype(np.int64), ids, np.concatenate([p[1] for p in parts])
+
+
+def read_class_maps(dataset, flt, grid: int, batch_rows: int = 16384) -> dict:
+    """Every ok map of a view on the grid, by class: ``{target: ClassMaps}``.
+
+    Streams the records in batches of ``batch_rows``: the ``cam`` lists are
+    flattened in Arrow and resized batch by batch, never turned into Python
+    objects.  Memory: the grids (``2 g^2`` bytes a map, 512 at g = 16) plus
+    one batch; when a class's chunks are joined, that class twice.
+
+    Args:
+        dataset: ``pyarrow.dataset.Dataset`` of the records.
+        flt: the view's filter expression (layer and method).
+        grid: the side of the grids.
+
+    Returns:
+        ``{target: ClassMaps}`` for every target with at least one ok map.
+    """
+    import pyarrow.compute as pc
+
+    chunks: dict = {}
     cols = ["target", "image_id", "cam", "cam_h", "cam_w"]
-    for batch in dataset.to_batches(columns=cols, filter=flt & (pc.field("status") == "ok")):
+    for batch in dataset.to_batches(columns=cols, filter=flt & (pc.field("status") == "ok"),
+                                    batch_size=batch_rows):
         if batch.num_rows == 0:
             continue
-        batch = batch.filter(pc.is_in(batch.column("image_id"), value_set=all_ids))
-        if batch.num_rows == 0:
-            continue
-        tg = batch.column("target").to_numpy(zero_copy_only=False)
-        iid = batch.column("image_id").to_pylist()
-        hs = batch.column("cam_h").to_numpy(zero_copy_only=False)
-        ws = batch.column("cam_w").to_numpy(zero_copy_only=False)
-        cams = batch.column("cam")
-        keep = [i for i in range(batch.num_rows)
-                if np.isfinite(tg[i]) and iid[i] in wanted.get(int(tg[i]), ()) and cams[i].is_valid]
-        by_shape: dict = {}
-        for i in keep:
-            by_shape.setdefault((int(hs[i]), int(ws[i])), []).append(i)
-        for (h, w), idx in by_shape.items():
-            sub = cams.take(pa.array(idx))
-            flat = sub.flatten().to_numpy(zero_copy_only=False)
-            if len(flat) != len(idx) * h * w:
-                continue  # a malformed map (length does not match cam_h x cam_w): skipped
-            g = grids_from_cams(flat.reshape(len(idx), h * w), h, w, grid)
-            for j, i in enumerate(idx):
-                out[(int(tg[i]), iid[i])] = g[j]
+        tg, ids, g = _batch_grids(batch, grid)
+        for t in np.unique(tg):
+            sel = tg == t
+            chunks.setdefault(int(t), []).append((ids[sel], g[sel]))
+    out = {}
+    for t in sorted(chunks):
+        parts = chunks.pop(t)
+        out[t] = ClassMaps(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
+        del parts
     return out

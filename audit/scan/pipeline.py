@@ -6,8 +6,8 @@
    layer and one CAM method; by default the job's automatic layer and
    Grad-CAM++);
 2. :func:`group_classes`: the records of each class;
-3. :func:`load_class_grids`: the class's heatmaps on a small grid
-   (:mod:`audit.scan.grids`);
+3. :func:`load_class_grids`: all of the class's heatmaps on a small grid
+   (:mod:`audit.scan.grids`, streamed from the records in batches);
 4. :func:`judge_class`, for every class: its features
    (:mod:`audit.scan.features`), its verdict (:mod:`audit.scan.verdict`),
    confirmed by intervention (:mod:`audit.scan.intervene`); then
@@ -34,10 +34,10 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from audit.errors import AuditError
-from audit.scan.cluster import cluster_maps, map_features
+from audit.scan.cluster import ClusterParams, cluster_maps, map_features, min_cluster_size
 from audit.scan.config import DEFAULT, Config
 from audit.scan.features import GroupFeatures, gap_scores, group_features, spurious_gap
-from audit.scan.grids import load_grids
+from audit.scan.grids import read_class_maps
 from audit.scan.intervene import FlipResult, cue_mask
 from audit.scan.read import ScanView, read_view, sample_ids
 from audit.scan.table import ClassResult, ClusterResult, format_table, summary_tables, write_tables
@@ -54,25 +54,42 @@ class ClassGroup:
     class_id: int
     name: str
     rows: object  # DataFrame
-    ids: list  # ok image ids with a grid, in row order
-    grids: np.ndarray | None = None  # (len(ids), g, g)
+    ids: np.ndarray  # ok image ids with a grid
+    grids: np.ndarray | None = None  # (len(ids), g, g) float16
 
 
 def group_classes(view: ScanView) -> list[ClassGroup]:
     """One group per class: every explained target, and every class the job names."""
     df = view.df
-    targets = sorted({int(t) for t in df["target"].dropna().unique()} | set(view.names))
-    return [ClassGroup(t, view.names.get(t, str(t)), df[df["target"] == t], []) for t in targets]
+    where = df.groupby("target").indices if len(df) else {}
+    targets = sorted({int(t) for t in where} | set(view.names))
+    empty = np.zeros(0, np.int64)
+    return [ClassGroup(t, view.names.get(t, str(t)), df.iloc[where.get(t, empty)], np.zeros(0, object))
+            for t in targets]
 
 
 def load_class_grids(view: ScanView, groups: list[ClassGroup], cfg: Config) -> None:
-    """Fill each group's ``ids``/``grids`` with (a deterministic sample of) its maps."""
-    wanted = {g.class_id: sample_ids(g.rows.loc[g.rows["status"] == "ok", "image_id"], cfg.max_maps)
-              for g in groups}
-    grids = load_grids(view.dataset, view.filter, wanted, cfg.grid) if any(wanted.values()) else {}
+    """Fill each group's ``ids``/``grids`` with all of its ok maps (streamed, no Python object per map)."""
+    maps = read_class_maps(view.dataset, view.filter, cfg.grid)
     for g in groups:
-        g.ids = [i for i in g.rows.loc[g.rows["status"] == "ok", "image_id"] if (g.class_id, i) in grids]
-        g.grids = np.stack([grids[(g.class_id, i)] for i in g.ids]) if g.ids else None
+        cm = maps.pop(g.class_id, None)
+        if cm is not None and len(cm.image_ids):
+            g.ids, g.grids = cm.image_ids, cm.grids
+
+
+def cluster_params(cfg: Config, n: int) -> ClusterParams:
+    """The clustering's parameters for a class of ``n`` maps (the minimum size is absolute and relative)."""
+    return ClusterParams(max_k=cfg.max_k, min_eigengap=cfg.min_eigengap,
+                         min_size=min_cluster_size(n, cfg.min_cluster, cfg.min_cluster_share),
+                         merge_radius=cfg.merge_radius, max_prototypes=cfg.max_prototypes)
+
+
+def crc_order(ids) -> np.ndarray:
+    """A fixed pseudo-random order of image ids (by CRC32), so no part of the records is favoured."""
+    import zlib
+
+    return np.argsort(np.fromiter((zlib.crc32(str(i).encode()) for i in ids), np.int64, len(ids)),
+                      kind="stable")
 
 
 def make_intervener(view: ScanView, cfg: Config, quiet: bool):
@@ -115,15 +132,21 @@ def judge_group(rows, grids, view: ScanView, cfg: Config, intervener, use_masks:
 
 def judge_clusters(g: ClassGroup, own: Verdict, view: ScanView, cfg: Config, intervener,
                    use_masks: bool) -> list[ClusterResult]:
-    """SpRAy clusters of a class's maps, each judged like a class (at least ``min_cluster`` maps)."""
+    """SpRAy clusters of all of a class's maps, each judged like a class.
+
+    A cluster needs ``max(min_cluster, min_cluster_share x maps of the
+    class)`` maps for a verdict, else it is ``insufficient_data``.
+    """
     if g.grids is None or len(g.grids) < cfg.min_images:
         return []
-    labels, k, _ = cluster_maps(map_features(g.grids), cfg)
-    ccfg = replace(cfg, min_images=cfg.min_cluster)
+    params = cluster_params(cfg, len(g.grids))
+    c_all = cluster_maps(map_features(g.grids), params, order=crc_order(g.ids))
+    labels, k = c_all.labels, c_all.k
+    ccfg = replace(cfg, min_images=params.min_size)
     out = []
     for c in range(k):
-        members = [g.ids[j] for j in np.nonzero(labels == c)[0]]
-        sub = g.rows[g.rows["image_id"].isin(set(members))]
+        members = g.ids[labels == c].tolist()
+        sub = g.rows[g.rows["image_id"].isin(members)]
         if k == 1:  # the class itself
             cf, cres = group_features(sub, g.grids, view.regions, ccfg, view.size), own
         else:
@@ -149,8 +172,11 @@ def judge_class(g: ClassGroup, view: ScanView, cfg: Config, intervener, use_mask
     """Features, verdict, spurious gap and clusters of one class."""
     rows = g.rows
     f, own = judge_group(rows, g.grids, view, cfg, intervener, use_masks)
-    pos = {i: k for k, i in enumerate(g.ids)}
-    grid_index = [pos.get(i, -1) for i in rows["image_id"]]
+    import pandas as pd
+
+    pos = pd.Series(np.arange(len(g.ids)), index=pd.Index(g.ids, dtype=object))
+    pos = pos[~pos.index.duplicated()]
+    grid_index = pos.reindex(rows["image_id"].to_numpy()).fillna(-1).to_numpy(dtype=np.int64)
     correct = rows["correct"].to_numpy(dtype=float, na_value=np.nan) if "correct" in rows \
         else np.full(len(rows), np.nan)
     gap = spurious_gap(gap_scores(rows, f, own.masked, own.cue_kind, own.cue, g.grids, grid_index), correct)

@@ -60,6 +60,11 @@ def _mean_map_fields(f: GroupFeatures, grid: int, always: bool = False) -> dict:
             "map_h": grid if has or always else None, "map_w": grid if has or always else None}
 
 
+def _peak_fields(f: GroupFeatures) -> dict:
+    pp = f.peak_place
+    return {"peak_mode_x": or_none(pp.x), "peak_mode_y": or_none(pp.y), "peak_share": or_none(pp.share)}
+
+
 def class_row(r: ClassResult, layer: str, method: str, grid: int) -> dict:
     """One row of ``summary/classes.parquet``."""
     f, final, lab = r.features, r.final, r.labelled
@@ -73,7 +78,7 @@ def class_row(r: ClassResult, layer: str, method: str, grid: int) -> dict:
         "verdict": final.verdict, "evidence": final.evidence, "cue": final.cue, "cue_box": final.cue_box,
         **_flip_fields(final),
         "n_clusters": len(r.clusters), "n_suspect_clusters": sum(c.verdict.suspected for c in r.clusters),
-        "peak_spread": f.peak_spread, "layer": layer, "method": method,
+        **_peak_fields(f), "layer": layer, "method": method,
         **_mean_map_fields(f, grid), **_stat_means(f),
     }
 
@@ -86,7 +91,7 @@ def cluster_row(r: ClassResult, c: ClusterResult, layer: str, method: str, grid:
         "share": cf.n / max(1, r.n_maps), "accuracy": or_none(cf.accuracy),
         "suspicion": or_none(cv.suspicion), "verdict": cv.verdict, "evidence": cv.evidence, "cue": cv.cue,
         "cue_box": cv.cue_box, **_flip_fields(cv),
-        "peak_spread": cf.peak_spread, "layer": layer, "method": method,
+        **_peak_fields(cf), "layer": layer, "method": method,
         **_mean_map_fields(cf, grid, always=True),
         "example_ids": sorted(c.members, key=lambda s: zlib.crc32(str(s).encode()))[:12],
         **_stat_means(cf),

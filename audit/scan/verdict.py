@@ -1,7 +1,7 @@
 """The verdict of one group (a class or a cluster): suspicion, cue and a one-sentence evidence.
 
 :func:`assess` combines the attention scores of a :class:`GroupFeatures`
-(:func:`place_score`, :func:`fixed_place_score`, :func:`diffuse_score`,
+(:func:`place_score`, :func:`audit.scan.robust.fixed_place_score`, :func:`diffuse_score`,
 :func:`off_object_score`) with the intervention's :func:`confirmation`.
 Pure functions; docs/scan.md explains every rule and threshold.
 """
@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from audit.scan.config import BORDER_AREA, DEFAULT, Config
 from audit.scan.features import GroupFeatures, Place
 from audit.scan.intervene import FlipResult
+from audit.scan.robust import fixed_place_score
 from audit.scan.values import clip01, finite, pct
 
 
@@ -48,19 +49,6 @@ def place_score(share: float, area: float) -> float:
         return 0.0
     d = (share - area) / (1.0 - area)
     return clip01((d - 0.25) / 0.35)
-
-
-def fixed_place_score(peak_spread: float, xy) -> float:
-    """Peaks that sit at one place (spread ramp 0.05 -> 0.02 of the image) away from the centre.
-
-    Strict on purpose: clustering groups maps by location, so a cluster of a
-    healthy class (objects in one part of the image) has a small spread too;
-    a pasted cue (watermark, tag, logo) has almost none.
-    """
-    if not finite(peak_spread) or not all(finite(v) for v in xy):
-        return 0.0
-    off = math.hypot(xy[0] - 0.5, xy[1] - 0.5)
-    return clip01((0.05 - peak_spread) / 0.03) * clip01((off - 0.15) / 0.15)
 
 
 def diffuse_score(entropy: float, concentration: float) -> float:
@@ -101,9 +89,8 @@ class _Candidate:
 
 def best_place(f: GroupFeatures) -> _Candidate:
     """The strongest candidate cue place (named regions, the border, a fixed place)."""
-    m = f.means
     cands = [_Candidate(place_score(p.share, p.area), p) for p in f.places]
-    fixed = fixed_place_score(f.peak_spread, (m["peak_x"], m["peak_y"]))
+    fixed = fixed_place_score(f.peak_place)
     cands.append(_Candidate(fixed, Place("fixed", "fixed place", box=f.hot_box)))
     # ties: a named region first (the user's hypothesis), then a fixed place, then the border
     rank = {"region": 0, "fixed": 1, "border": 2}
@@ -159,9 +146,9 @@ def _where(f: GroupFeatures, res: Verdict, best: Place) -> str:
     if kind == "border":
         return f"{pct(best.share)} of the attention lies in the outer 10% border ({pct(BORDER_AREA)} of the image)"
     if kind == "fixed":
-        x, y = f.means["peak_x"], f.means["peak_y"]
-        return (f"the peaks stay at one place (x={x:.2f}, y={y:.2f}, spread {f.peak_spread:.2f}) "
-                "away from the image centre")
+        pp = f.peak_place
+        return (f"{pct(pp.share)} of the peaks stay within {pp.radius:.2f} of one place (x={pp.x:.2f}, "
+                f"y={pp.y:.2f}) away from the image centre")
     if kind == "hotspot":
         hx, hy = f.hot_xy
         at = f", strongest around x={hx:.2f}, y={hy:.2f}" if finite(hx) else ""
@@ -197,8 +184,9 @@ def evidence(f: GroupFeatures, res: Verdict, best: Place) -> str:
     elif where:
         parts.append(where)
     else:
-        parts.append(f"the attention moves with the image (peak spread {f.peak_spread:.2f}) "
-                     "and no region or the border dominates")
+        pp = f.peak_place
+        parts.append(f"the attention moves with the image ({pct(pp.share)} of the peaks within "
+                     f"{pp.radius:.2f} of any one place) and no region or the border dominates")
     flip = _flip_text(res.flips)
     if flip:
         parts.append(flip)
