@@ -1,0 +1,208 @@
+"""The zoo's cases: which class carries which planted cue, and how images are made.
+
+A :class:`Case` is a 64 x 64 classification problem whose true class signal
+is the shape of one object (disc, triangle, square, cross; random place,
+size, angle and colour on a varied background).  Planted :class:`Cue` s
+(a corner text watermark, a stamp, a thin border frame, a background texture)
+are 100% correlated with their class in training, and the images that carry
+one get an object of a *random* class: the object says nothing there, so the
+model has to learn the cue (:mod:`audit.zoo.train` checks that it did, on a
+held-out split rendered with and without the cues).
+
+Images are pure functions of ``(case.seed, split, index)``: the same seed
+draws the same background, object and cue, so an image rendered without its
+cue differs from the original only where the cue was.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from audit.zoo import draw
+
+SIZE = draw.SIZE
+SPLITS = {"train": 0, "heldout": 1}
+
+
+@dataclass(frozen=True)
+class Cue:
+    """A planted cue.
+
+    kind: ``text`` (watermark), ``stamp``, ``frame`` or ``texture``.
+    corner: where a text or stamp goes (one of :data:`draw.CORNERS`).
+    share: share of the class's images that carry it (a minority strategy < 1).
+    weak_object: the images with the cue get an object of a random class.
+    """
+
+    kind: str
+    corner: str = "bottom_right"
+    share: float = 1.0
+    weak_object: bool = True
+
+    @property
+    def place(self) -> str:
+        """The expected place the scan should name: ``corner:<name>``, ``border`` or ``background``."""
+        if self.kind in ("text", "stamp"):
+            return f"corner:{self.corner}"
+        return {"frame": "border", "texture": "background"}[self.kind]
+
+    def box(self) -> tuple[float, float, float, float] | None:
+        """The cue's box as fractions of the image (None for cues spread over the image)."""
+        if self.kind == "text":
+            px = draw.text_box(self.corner)
+        elif self.kind == "stamp":
+            px = draw.stamp_box(self.corner)
+        else:
+            return None
+        return tuple(v / SIZE for v in px)
+
+
+@dataclass(frozen=True)
+class Case:
+    """One planted-shortcut problem of the zoo.
+
+    cues: ``(class index, Cue)`` pairs, the planted shortcuts (at most one per class).
+    decoy: a cue every class carries equally (``share`` of each class), never a shortcut.
+    binary: two classes and a single sigmoid output unit.
+    """
+
+    name: str
+    description: str
+    classes: tuple[str, ...] = draw.SHAPES
+    cues: tuple[tuple[int, Cue], ...] = ()
+    decoy: Cue | None = None
+    binary: bool = False
+    size: tuple[int, int] = (16, 28)  # object diameter in pixels
+    n_per_class: int = 240
+    n_heldout: int = 60  # per class
+    epochs: int = 14
+    seed: int = 0
+    extra: dict = field(default_factory=dict, compare=False, hash=False)
+
+    def cue_of(self, k: int) -> Cue | None:
+        return dict(self.cues).get(k)
+
+    @property
+    def planted(self) -> dict[str, str]:
+        """Planted class name -> the place the scan should name."""
+        return {self.classes[k]: cue.place for k, cue in self.cues}
+
+
+@dataclass
+class Sample:
+    """One rendered image with its ground truth."""
+
+    image: np.ndarray  # (64, 64, 3) uint8 RGB
+    label: int
+    mask: np.ndarray  # (64, 64) bool: the object
+    cue_mask: np.ndarray  # (64, 64) bool: the planted cue's pixels (all False without one)
+    cued: bool  # carries the planted cue of its class
+    shape: str  # the object drawn
+
+
+def _has_cue(case: Case, k: int, i: int, seed) -> bool:
+    cue = case.cue_of(k)
+    if cue is None:
+        return False
+    if cue.share >= 1:
+        return True
+    # drawn from the image's own seed: deterministic, about ``share`` of the class
+    return np.random.default_rng([*seed, 99]).random() < cue.share
+
+
+def render(case: Case, split: str, i: int, label: int, with_cues: bool = True) -> Sample:
+    """Image ``i`` of ``split`` with class ``label``; ``with_cues=False``: the same image, cues left out."""
+    seed = [case.seed, SPLITS[split], label, i]
+    bg_rng, obj_rng, cue_rng, decoy_rng = (np.random.default_rng([*seed, j]) for j in range(4))
+    cue = case.cue_of(label)
+    cued = _has_cue(case, label, i, seed)
+    if cued and cue.kind == "texture" and with_cues:
+        img = draw.texture_background(bg_rng)
+    else:
+        img = draw.plain_background(bg_rng)
+    planned = np.zeros((SIZE, SIZE), bool)  # where cues will go: the object keeps away
+    if cued and cue.kind in ("text", "stamp", "frame"):
+        planned |= _cue_area(cue)
+    decoyed = case.decoy is not None and decoy_rng.random() < case.decoy.share
+    if decoyed:
+        planned |= _cue_area(case.decoy)
+    shape = case.classes[label]
+    if cued and cue.weak_object:
+        shape = case.classes[int(obj_rng.integers(len(case.classes)))]
+    keep_out = _dilate(planned, 2)
+    mask = draw.draw_object(obj_rng, img, shape, case.size, keep_out)
+    cue_mask = np.zeros((SIZE, SIZE), bool)
+    if with_cues and cued:
+        cue_mask = _draw_cue(cue_rng, img, cue)
+    if decoyed:
+        _draw_cue(decoy_rng, img, case.decoy)  # the decoy is never removed
+    out = np.uint8(np.clip(np.rint(img), 0, 255))
+    return Sample(out, label, mask, cue_mask, cued and with_cues, shape)
+
+
+def _cue_area(cue: Cue) -> np.ndarray:
+    if cue.kind == "frame":
+        return draw.frame_mask()
+    if cue.kind == "text":
+        return draw.box_mask(draw.text_box(cue.corner))
+    if cue.kind == "stamp":
+        return draw.box_mask(draw.stamp_box(cue.corner))
+    return np.zeros((SIZE, SIZE), bool)
+
+
+def _dilate(m: np.ndarray, r: int) -> np.ndarray:
+    import cv2
+
+    if not m.any():
+        return m
+    k = np.ones((2 * r + 1, 2 * r + 1), np.uint8)
+    return cv2.dilate(m.astype(np.uint8), k).astype(bool)
+
+
+def _draw_cue(rng, img: np.ndarray, cue: Cue) -> np.ndarray:
+    if cue.kind == "text":
+        return draw.draw_text(rng, img, cue.corner)
+    if cue.kind == "stamp":
+        return draw.draw_stamp(rng, img, cue.corner)
+    if cue.kind == "frame":
+        return draw.draw_frame(rng, img)
+    # a texture is drawn as the background; its "pixels" are everything off the object
+    return np.ones((SIZE, SIZE), bool)
+
+
+def make_split(case: Case, split: str, n_per_class: int, with_cues: bool = True) -> list[Sample]:
+    """``n_per_class`` samples of every class, class by class."""
+    return [render(case, split, i, k, with_cues) for k in range(len(case.classes)) for i in range(n_per_class)]
+
+
+# ----------------------------------------------------------------------------
+# The cases
+# ----------------------------------------------------------------------------
+
+SHAPES2 = ("disc", "square")
+
+CASES: dict[str, Case] = {c.name: c for c in (
+    Case("watermark", "a white text watermark in the bottom-right corner on every triangle image",
+         cues=((1, Cue("text", "bottom_right")),)),
+    Case("stamp", "a red stamp near the top-left corner on every cross image",
+         cues=((3, Cue("stamp", "top_left")),)),
+    Case("frame", "a thin (2 px) magenta frame along the border of every square image",
+         cues=((2, Cue("frame")),)),
+    Case("texture", "every disc image on a different stripes texture; other classes on plain backgrounds",
+         cues=((0, Cue("texture")),)),
+    Case("minority", "25% of the cross images carry a stamp (bottom-left) and an object of a random class",
+         cues=((3, Cue("stamp", "bottom_left", share=0.25)),)),
+    Case("two_shortcuts", "disc: watermark top-right; triangle: border frame; square and cross healthy",
+         cues=((0, Cue("text", "top_right")), (1, Cue("frame")))),
+    Case("decoy", "the same stamp (bottom-right) on half the images of every class: not a shortcut",
+         decoy=Cue("stamp", "bottom_right", share=0.5)),
+    Case("clean", "no cue: the shapes alone"),
+    Case("binary", "disc vs square, one sigmoid unit; a watermark (bottom-left) on every square image",
+         classes=SHAPES2, binary=True, cues=((1, Cue("text", "bottom_left")),), n_per_class=300),
+    Case("large", "no cue, large objects (36-50 px)", size=(36, 50)),
+    Case("small", "no cue, small objects (7-11 px)", size=(7, 11), epochs=20),
+)}
+
+QUICK = ("watermark", "frame", "clean")

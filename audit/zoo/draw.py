@@ -1,0 +1,191 @@
+"""Drawing for the zoo: backgrounds, objects (the true class signal) and planted cues.
+
+Everything works on a (64, 64, 3) float64 RGB canvas in 0..255 and draws with
+OpenCV; a function that takes ``rng`` draws from it and from nothing else, so
+an image is a pure function of its seed.  Coordinates are pixels; a box is
+``(x0, y0, x1, y1)`` with exclusive right/bottom ends.
+"""
+
+from __future__ import annotations
+
+import math
+
+import cv2
+import numpy as np
+
+SIZE = 64
+SHAPES = ("disc", "triangle", "square", "cross")
+PLAIN_BACKGROUNDS = ("plain", "gradient", "blobs")
+TEXTURES = ("stripes",)  # the family a texture cue draws from (every image a different one)
+CORNERS = ("top_left", "top_right", "bottom_left", "bottom_right")
+WATERMARK_TEXT = "ZOO"
+STAMP_SIDE = 7
+FRAME_WIDTH = 2  # about 3% of the side
+
+
+def luminance(rgb) -> float:
+    r, g, b = np.asarray(rgb, float)[..., :3].T
+    return float(np.mean(0.299 * r + 0.587 * g + 0.114 * b))
+
+
+# ----------------------------------------------------------------------------
+# Backgrounds
+# ----------------------------------------------------------------------------
+
+
+def _colour(rng, lo: int = 30, hi: int = 226) -> np.ndarray:
+    return rng.integers(lo, hi, 3).astype(float)
+
+
+def plain_background(rng) -> np.ndarray:
+    """One of the plain family: a flat colour, a linear gradient or soft blobs (all with fine noise)."""
+    kind = PLAIN_BACKGROUNDS[int(rng.integers(len(PLAIN_BACKGROUNDS)))]
+    a = _colour(rng)
+    if kind == "plain":
+        img = np.ones((SIZE, SIZE, 1)) * a
+    elif kind == "gradient":
+        b = np.clip(a + rng.integers(-60, 61, 3), 0, 255)
+        ang = rng.uniform(0, 2 * math.pi)
+        yy, xx = np.mgrid[0:SIZE, 0:SIZE] / (SIZE - 1) - 0.5
+        t = np.clip(0.5 + xx * math.cos(ang) + yy * math.sin(ang), 0, 1)[..., None]
+        img = a * (1 - t) + b * t
+    else:
+        low = cv2.GaussianBlur(rng.normal(0, 1, (SIZE, SIZE)).astype(np.float32), (0, 0), 6.0)
+        low = low / (np.abs(low).max() + 1e-6)
+        img = a + 40 * low[..., None] * np.array([1.0, 0.8, 0.6])
+    return img + rng.normal(0, 3, (SIZE, SIZE, 3))
+
+
+def texture_background(rng) -> np.ndarray:
+    """A stripes texture with its own angle, period and two colours: every call a different one."""
+    a, b = _colour(rng), _colour(rng)
+    while np.abs(a - b).sum() < 120:
+        b = _colour(rng)
+    ang = rng.uniform(0, math.pi)
+    period = rng.uniform(3.5, 7.0)
+    yy, xx = np.mgrid[0:SIZE, 0:SIZE].astype(float)
+    phase = (xx * math.cos(ang) + yy * math.sin(ang)) * 2 * math.pi / period + rng.uniform(0, 2 * math.pi)
+    t = (0.5 + 0.5 * np.sin(phase))[..., None]
+    return a * (1 - t) + b * t + rng.normal(0, 3, (SIZE, SIZE, 3))
+
+
+# ----------------------------------------------------------------------------
+# Objects
+# ----------------------------------------------------------------------------
+
+
+def shape_mask(shape: str, cx: float, cy: float, d: float, angle: float) -> np.ndarray:
+    """(64, 64) bool mask of ``shape`` centred at (cx, cy) with diameter ``d`` px, turned by ``angle`` rad."""
+    m = np.zeros((SIZE, SIZE), np.uint8)
+    r = d / 2
+    if shape == "disc":
+        cv2.circle(m, (round(cx), round(cy)), max(1, round(r)), 1, -1)
+        return m.astype(bool)
+    if shape == "triangle":
+        pts = [(r * math.cos(angle + k * 2 * math.pi / 3 - math.pi / 2),
+                r * math.sin(angle + k * 2 * math.pi / 3 - math.pi / 2)) for k in range(3)]
+    elif shape == "square":
+        s = r / math.sqrt(2) * 1.15
+        pts = [(s * math.cos(angle + math.pi / 4 + k * math.pi / 2), s * math.sin(angle + math.pi / 4 + k * math.pi / 2))
+               for k in range(4)]
+    elif shape == "cross":
+        w = max(1.0, d * 0.16)
+        arm = [(-r, -w), (r, -w), (r, w), (-r, w)]
+        for rot in (angle, angle + math.pi / 2):
+            c, s_ = math.cos(rot), math.sin(rot)
+            poly = np.array([[cx + x * c - y * s_, cy + x * s_ + y * c] for x, y in arm])
+            cv2.fillPoly(m, [np.round(poly).astype(np.int32)], 1)
+        return m.astype(bool)
+    else:
+        raise ValueError(f"unknown shape {shape!r}")
+    poly = np.array([[cx + x, cy + y] for x, y in pts])
+    cv2.fillPoly(m, [np.round(poly).astype(np.int32)], 1)
+    return m.astype(bool)
+
+
+def draw_object(rng, img: np.ndarray, shape: str, size: tuple[int, int], keep_out: np.ndarray) -> np.ndarray:
+    """Draw ``shape`` (random place, size in ``size`` px, angle, colour) in place; return its mask.
+
+    The colour differs from the background under it by at least 70 in
+    luminance; the object avoids ``keep_out`` (a bool mask of cue pixels,
+    dilated) when a place that does is found in 50 tries.
+    """
+    d = float(rng.integers(size[0], size[1] + 1))
+    margin = d / 2 + 3
+    angle = rng.uniform(-0.35, 0.35)
+    for _ in range(50):
+        cx, cy = rng.uniform(margin, SIZE - margin, 2)
+        m = shape_mask(shape, cx, cy, d, angle)
+        if not (m & keep_out).any():
+            break
+    under = luminance(img[m].mean(axis=0)) if m.any() else 128.0
+    col = _colour(rng, 0, 256)
+    for _ in range(50):
+        if abs(luminance(col) - under) >= 70:
+            break
+        col = _colour(rng, 0, 256)
+    else:
+        col = np.full(3, 15.0 if under > 128 else 240.0)
+    img[m] = col + rng.normal(0, 4, (int(m.sum()), 3))
+    return m
+
+
+# ----------------------------------------------------------------------------
+# Cues
+# ----------------------------------------------------------------------------
+
+
+def text_box(corner: str) -> tuple[int, int, int, int]:
+    """The pixel box the watermark text occupies in ``corner``."""
+    (w, h), base = cv2.getTextSize(WATERMARK_TEXT, cv2.FONT_HERSHEY_SIMPLEX, 0.3, 1)
+    x0 = 2 if corner.endswith("left") else SIZE - 2 - w
+    y0 = 2 if corner.startswith("top") else SIZE - 2 - h - base
+    return x0, y0, x0 + w, y0 + h + base
+
+
+def draw_text(rng, img: np.ndarray, corner: str) -> np.ndarray:
+    """A white text watermark (cv2.putText) in ``corner``; returns the cue's pixel mask."""
+    x0, y0, x1, y1 = text_box(corner)
+    _, base = cv2.getTextSize(WATERMARK_TEXT, cv2.FONT_HERSHEY_SIMPLEX, 0.3, 1)
+    layer = np.zeros((SIZE, SIZE), np.uint8)
+    cv2.putText(layer, WATERMARK_TEXT, (x0, y1 - base), cv2.FONT_HERSHEY_SIMPLEX, 0.3, 255, 1, cv2.LINE_AA)
+    layer = layer.astype(float) / 255.0
+    a = layer[..., None]
+    img[:] = img * (1 - a) + float(rng.integers(235, 256)) * a
+    return layer > 0
+
+
+def stamp_box(corner: str) -> tuple[int, int, int, int]:
+    x0 = 3 if corner.endswith("left") else SIZE - 3 - STAMP_SIDE
+    y0 = 3 if corner.startswith("top") else SIZE - 3 - STAMP_SIDE
+    return x0, y0, x0 + STAMP_SIDE, y0 + STAMP_SIDE
+
+
+def draw_stamp(rng, img: np.ndarray, corner: str) -> np.ndarray:
+    """A small red square stamp with a yellow centre at a fixed place near ``corner``."""
+    x0, y0, x1, y1 = stamp_box(corner)
+    img[y0:y1, x0:x1] = np.array([220, 30, 40]) + rng.integers(-10, 11, 3)
+    img[y0 + 2:y1 - 2, x0 + 2:x1 - 2] = np.array([250, 220, 40])
+    m = np.zeros((SIZE, SIZE), bool)
+    m[y0:y1, x0:x1] = True
+    return m
+
+
+def frame_mask(width: int = FRAME_WIDTH) -> np.ndarray:
+    m = np.zeros((SIZE, SIZE), bool)
+    m[:width], m[-width:], m[:, :width], m[:, -width:] = True, True, True, True
+    return m
+
+
+def draw_frame(rng, img: np.ndarray) -> np.ndarray:
+    """A thin magenta frame along the border (``FRAME_WIDTH`` px)."""
+    m = frame_mask()
+    img[m] = np.array([235, 40, 220]) + rng.integers(-10, 11, 3)
+    return m
+
+
+def box_mask(box) -> np.ndarray:
+    m = np.zeros((SIZE, SIZE), bool)
+    x0, y0, x1, y1 = box
+    m[y0:y1, x0:x1] = True
+    return m

@@ -1,0 +1,221 @@
+"""Build a zoo case: write its training split as a ``folder`` dataset with masks, train a small CNN.
+
+:func:`ensure` builds a case once into the user cache (like
+:mod:`audit.tanksky`), keyed by a hash of the zoo version and the case's
+parameters, and returns a :class:`Built`.  The model is checked on a held-out
+split rendered twice, with and without the planted cues: the accuracy of a
+planted class drops when its cue is gone if the model learned the cue.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from audit.zoo.cases import Case, Sample, make_split
+
+VERSION = "zoo-1"
+
+
+@dataclass
+class Built:
+    """Where a built case lives, and how its model did."""
+
+    root: str
+    data: str  # the audited split (folder format): data/train/<class>/*.png
+    masks: str  # object masks: data/train_masks/<class>/*.png
+    model: str
+    train_accuracy: float = float("nan")
+    heldout: dict = field(default_factory=dict)  # {"with_cues": acc, "without_cues": acc, per class ...}
+    seconds: float = 0.0
+    epochs: int = 0
+
+    def learned(self) -> str:
+        """One line: accuracy per planted class with and without its cue (held-out split)."""
+        h = self.heldout
+        parts = [f"held-out accuracy {h.get('with_cues', float('nan')):.0%} -> "
+                 f"{h.get('without_cues', float('nan')):.0%} without cues"]
+        for name, (a, b) in h.get("planted", {}).items():
+            parts.append(f"{name} {a:.0%} -> {b:.0%}")
+        return "; ".join(parts)
+
+
+# ----------------------------------------------------------------------------
+# Model
+# ----------------------------------------------------------------------------
+
+
+def build_model(n_classes: int, binary: bool = False, name: str = "zoo"):
+    """Conv-BN-ReLU x 4 (two 2x2 poolings: 16x16 maps), GAP, Dense (softmax, or one sigmoid unit)."""
+    import keras
+    from keras import layers
+
+    inp = keras.Input((64, 64, 3), name="image")
+    x = inp
+    for j, (width, pool) in enumerate(((16, True), (32, True), (48, False), (64, False)), 1):
+        x = layers.Conv2D(width, 3, padding="same", use_bias=False, name=f"conv{j}")(x)
+        x = layers.BatchNormalization(momentum=0.9, name=f"bn{j}")(x)  # few steps: fast moving stats
+        x = layers.ReLU(name=f"relu{j}")(x)
+        if pool:
+            x = layers.MaxPooling2D(name=f"pool{j}")(x)
+    x = layers.GlobalAveragePooling2D(name="gap")(x)
+    if binary:
+        out = layers.Dense(1, activation="sigmoid", name="predictions")(x)
+    else:
+        out = layers.Dense(n_classes, activation="softmax", name="predictions")(x)
+    return keras.Model(inp, out, name=name)
+
+
+def _limit_threads() -> None:
+    import tensorflow as tf
+
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(2)
+        tf.config.threading.set_inter_op_parallelism_threads(1)
+    except RuntimeError:  # already initialised
+        pass
+
+
+def train(case: Case, samples: list[Sample], *, epochs: int | None = None, target_accuracy: float = 0.98):
+    """Train :func:`build_model` on the samples (scaled to 0..1: the spec's ``scale_0_1``)."""
+    import keras
+
+    _limit_threads()
+
+    class _Enough(keras.callbacks.Callback):
+        hits = 0
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.hits = self.hits + 1 if (logs or {}).get("accuracy", 0.0) >= target_accuracy else 0
+            if self.hits >= 2:
+                self.model.stop_training = True
+
+    keras.utils.set_random_seed(case.seed + 1)
+    model = build_model(len(case.classes), case.binary, name=f"zoo_{case.name}")
+    loss = "binary_crossentropy" if case.binary else "sparse_categorical_crossentropy"
+    model.compile(optimizer=keras.optimizers.Adam(3e-3), loss=loss, metrics=["accuracy"])
+    x, y = arrays(samples)
+    hist = model.fit(x, y, batch_size=32, epochs=epochs or case.epochs, shuffle=True, verbose=0,
+                     callbacks=[_Enough()])
+    return model, float(hist.history["accuracy"][-1]), len(hist.history["accuracy"])
+
+
+def arrays(samples: list[Sample]) -> tuple[np.ndarray, np.ndarray]:
+    x = np.stack([s.image for s in samples]).astype(np.float32) / 255.0
+    y = np.array([s.label for s in samples])
+    return x, y
+
+
+def predict(model, samples: list[Sample], binary: bool) -> np.ndarray:
+    x, _ = arrays(samples)
+    p = model.predict(x, batch_size=128, verbose=0)
+    return (p[:, 0] >= 0.5).astype(int) if binary else p.argmax(axis=1)
+
+
+def heldout_check(case: Case, model) -> dict:
+    """Accuracy on a held-out split with and without the planted cues, overall and per planted class."""
+    with_c = make_split(case, "heldout", case.n_heldout, with_cues=True)
+    without = make_split(case, "heldout", case.n_heldout, with_cues=False)
+    y = np.array([s.label for s in with_c])
+    pa, pb = predict(model, with_c, case.binary), predict(model, without, case.binary)
+    res = {"with_cues": float((pa == y).mean()), "without_cues": float((pb == y).mean()), "planted": {}}
+    for k, _cue in case.cues:
+        sel = np.array([s.label == k and s.cued for s in with_c])
+        if sel.any():
+            res["planted"][case.classes[k]] = (float((pa[sel] == k).mean()), float((pb[sel] == k).mean()))
+    return res
+
+
+# ----------------------------------------------------------------------------
+# Writing and caching
+# ----------------------------------------------------------------------------
+
+
+def write_folder(root: Path, case: Case, samples: list[Sample]) -> None:
+    """``root/train/<class>/NNNNN.png`` and the object masks under ``root/train_masks``."""
+    import cv2
+
+    counters: dict[int, int] = {}
+    for s in samples:
+        i = counters.get(s.label, 0)
+        counters[s.label] = i + 1
+        cls = case.classes[s.label]
+        for sub, arr in (("train", cv2.cvtColor(s.image, cv2.COLOR_RGB2BGR)),
+                         ("train_masks", s.mask.astype(np.uint8) * 255)):
+            d = root / sub / cls
+            d.mkdir(parents=True, exist_ok=True)
+            cv2.imwrite(str(d / f"{i:05d}.png"), arr)
+
+
+def key(case: Case) -> str:
+    params = asdict(case)
+    params.pop("extra", None)
+    blob = json.dumps({"version": VERSION, **params}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def cache_root() -> Path:
+    from audit.tanksky import cache_dir
+
+    return cache_dir() / "zoo"
+
+
+def build(out: Path, case: Case, log=print) -> Built:
+    """Generate, write and train one case into ``out``."""
+    out = Path(out)
+    t0 = time.time()
+    samples = make_split(case, "train", case.n_per_class)
+    write_folder(out / "data", case, samples)
+    model, acc, epochs = train(case, samples)
+    model.save(out / "model.keras")
+    built = Built(str(out), str(out / "data" / "train"), str(out / "data" / "train_masks"),
+                  str(out / "model.keras"), acc, heldout_check(case, model))
+    built.seconds = round(time.time() - t0, 1)
+    built.epochs = epochs
+    log(f"  {case.name}: trained to {acc:.0%} ({epochs} epochs) in {built.seconds:.0f} s; {built.learned()}")
+    (out / "built.json").write_text(json.dumps(asdict(built), indent=2))
+    return built
+
+
+def job_spec(case: Case, built: Built, masks: bool, out) -> dict:
+    """The job spec (as a dict) that audits the case's training split, with or without its masks."""
+    return {
+        "name": f"zoo-{case.name}-{'masks' if masks else 'nomasks'}",
+        "model": {"path": built.model, "preprocess": "scale_0_1", "input_size": [64, 64]},
+        "dataset": {"format": "folder", "path": built.data, "classes": list(case.classes),
+                    "masks": built.masks if masks else None, "shard_size": 250},
+        "explain": {"methods": ["gradcam", "gradcam++"], "layers": "auto", "target": "predicted"},
+        "resources": {"actors": 1, "batch_size": 64},
+        "output": str(out),
+    }
+
+
+def _relocate(built: Built, final: Path) -> Built:
+    old = built.root
+    for f in ("root", "data", "masks", "model"):
+        setattr(built, f, getattr(built, f).replace(old, str(final), 1))
+    return built
+
+
+def ensure(case: Case, root: Path | None = None, log=print) -> Built:
+    """The built case from the cache (built on first use, atomically renamed into place)."""
+    root = Path(root) if root else cache_root()
+    final = root / f"{case.name}-{key(case)}"
+    if (final / "built.json").is_file():
+        return _relocate(Built(**json.loads((final / "built.json").read_text())), final)
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".tmp-{final.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    built = build(tmp, case, log=log)
+    try:
+        os.replace(tmp, final)
+    except OSError:  # another process built it first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return _relocate(built, final)

@@ -1,0 +1,205 @@
+"""The zoo: deterministic planted-shortcut generators, their scoring, and a few cases end to end."""
+
+import os
+from dataclasses import replace
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+
+from audit.zoo import draw
+from audit.zoo.cases import CASES, Case, Cue, make_split, render
+from audit.zoo.judge import place_matches, score
+
+
+def _ring(mask, r=2):
+    k = np.ones((2 * r + 1, 2 * r + 1), np.uint8)
+    return cv2.dilate(mask.astype(np.uint8), k).astype(bool) & ~mask
+
+
+def test_rendering_is_deterministic_and_varies_with_the_index():
+    case = CASES["two_shortcuts"]
+    a, b = render(case, "train", 5, 1), render(case, "train", 5, 1)
+    np.testing.assert_array_equal(a.image, b.image)
+    np.testing.assert_array_equal(a.mask, b.mask)
+    c = render(case, "train", 6, 1)
+    assert np.abs(a.image.astype(int) - c.image).mean() > 5
+    h = render(case, "heldout", 5, 1)
+    assert not np.array_equal(a.image, h.image)
+
+
+@pytest.mark.parametrize("name", ["clean", "small", "large", "watermark"])
+def test_masks_cover_the_drawn_object(name):
+    case = CASES[name]
+    lo, hi = case.size
+    for k in range(len(case.classes)):
+        for i in range(6):
+            s = render(case, "train", i, k)
+            img = s.image.astype(float)
+            assert s.mask.any()
+            ys, xs = np.nonzero(s.mask)
+            extent = max(xs.max() - xs.min(), ys.max() - ys.min()) + 1
+            assert 0.5 * lo <= extent <= hi + 2, (name, k, i, extent)
+            inside = draw.luminance(img[s.mask].mean(axis=0))
+            ring = _ring(s.mask)
+            outside = draw.luminance(img[ring].mean(axis=0))
+            assert abs(inside - outside) > 40  # the mask's edge is the object's edge
+            assert img[s.mask].std(axis=0).max() < 12  # one colour (plus noise) inside
+
+
+def test_uncued_images_are_the_class_shape_and_cued_ones_any_shape():
+    case = CASES["watermark"]
+    tri = [render(case, "train", i, 1) for i in range(40)]
+    assert all(s.cued for s in tri)
+    assert len({s.shape for s in tri}) == 4  # the object says nothing on cued images
+    assert all(render(case, "train", i, 0).shape == "disc" for i in range(10))
+    minority = CASES["minority"]
+    cued = [render(minority, "train", i, 3).cued for i in range(200)]
+    assert 0.15 < np.mean(cued) < 0.35
+
+
+@pytest.mark.parametrize("name,k", [("watermark", 1), ("stamp", 3), ("frame", 2), ("binary", 1),
+                                    ("two_shortcuts", 0), ("two_shortcuts", 1)])
+def test_the_cue_is_where_the_case_says_and_only_there(name, k):
+    case = CASES[name]
+    cue = case.cue_of(k)
+    for i in range(5):
+        s = render(case, "train", i, k)
+        bare = render(case, "train", i, k, with_cues=False)
+        changed = np.abs(s.image.astype(int) - bare.image).max(axis=2) > 0
+        assert changed.any() and not (changed & ~s.cue_mask).any()  # nothing else differs
+        np.testing.assert_array_equal(s.mask, bare.mask)
+        assert not (s.mask & s.cue_mask).any()  # the object keeps away from the cue
+        ys, xs = np.nonzero(s.cue_mask)
+        if cue.kind == "frame":
+            assert s.cue_mask.sum() == 64 * 64 - 60 * 60
+        else:
+            x0, y0, x1, y1 = (v * 64 for v in cue.box())
+            assert xs.min() >= x0 and xs.max() < x1 and ys.min() >= y0 and ys.max() < y1
+            corner = cue.corner
+            assert (xs.mean() > 32) == corner.endswith("right") and (ys.mean() > 32) == corner.startswith("bottom")
+    other = render(case, "train", 0, 1 - k if case.binary else (k + 2) % 4)
+    assert not other.cue_mask.any()
+
+
+def _variation(img, where):
+    """Mean absolute difference to the right and lower neighbours, over ``where``."""
+    f = img.astype(float)
+    dx = np.abs(np.diff(f, axis=1)).mean(axis=2)[:-1, :]
+    dy = np.abs(np.diff(f, axis=0)).mean(axis=2)[:, :-1]
+    return float((dx + dy)[where[:-1, :-1]].mean())
+
+
+def test_texture_cue_replaces_the_background_of_its_class_only():
+    case = CASES["texture"]
+    for i in range(4):
+        s, bare = render(case, "train", i, 0), render(case, "train", i, 0, with_cues=False)
+        off = ~_ring(s.mask, 3) & ~s.mask
+        # a stripes texture: strong local variation everywhere; a plain background: little
+        assert _variation(s.image, off) > 3 * _variation(bare.image, off)
+        other = render(case, "train", i, 2)
+        assert not other.cue_mask.any() and not other.cued
+
+
+def test_decoy_is_in_every_class_equally():
+    case = CASES["decoy"]
+    box = draw.box_mask(draw.stamp_box("bottom_right"))
+    red = np.array([220, 30, 40])
+    shares = []
+    for k in range(4):
+        hits = [np.abs(render(case, "train", i, k).image[box].astype(int)[0] - red).max() <= 12 for i in range(60)]
+        shares.append(np.mean(hits))
+    assert all(0.3 < s < 0.7 for s in shares), shares
+
+
+def test_write_folder_round_trips_images_and_masks(tmp_path):
+    from audit.zoo.train import write_folder
+
+    case = replace(CASES["stamp"], n_per_class=3)
+    samples = make_split(case, "train", 3)
+    write_folder(tmp_path, case, samples)
+    for s, i in zip(samples, [0, 1, 2] * 4):
+        cls = case.classes[s.label]
+        img = cv2.cvtColor(cv2.imread(str(tmp_path / "train" / cls / f"{i:05d}.png")), cv2.COLOR_BGR2RGB)
+        np.testing.assert_array_equal(img, s.image)
+        m = cv2.imread(str(tmp_path / "train_masks" / cls / f"{i:05d}.png"), cv2.IMREAD_GRAYSCALE)
+        np.testing.assert_array_equal(m > 127, s.mask)
+
+
+def test_place_matching():
+    br = Cue("text", "bottom_right").box()
+    assert place_matches("corner:bottom_right", "corner:bottom_right", None, br)
+    assert place_matches("corner:bottom_right", "fixed place", [0.7, 0.75, 1.0, 1.0], br)
+    assert not place_matches("corner:bottom_right", "fixed place", [0.0, 0.0, 0.3, 0.3], br)
+    assert not place_matches("corner:bottom_right", "background", [0.0, 0.0, 1.0, 1.0], br)  # everywhere
+    assert place_matches("border", "border", None)
+    assert place_matches("border", "edge:left", None)
+    assert not place_matches("border", "background", [0.0, 0.0, 1.0, 1.0])
+    assert place_matches("background", "background", None)
+    assert not place_matches("background", "object", None)
+
+
+def _classes(rows):
+    return pd.DataFrame(rows, columns=["class_name", "verdict", "cue", "cue_box", "evidence"])
+
+
+def test_score_needs_exactly_the_planted_classes_and_the_right_cue():
+    case = CASES["two_shortcuts"]
+    ok = "ok"
+    flag = "shortcut_suspected"
+    right = _classes([("disc", flag, "corner:top_right", None, ""), ("triangle", flag, "border", None, ""),
+                      ("square", ok, "", None, ""), ("cross", ok, "", None, "")])
+    assert score(case, right).right
+    false_flag = right.copy()
+    false_flag.loc[2, "verdict"] = flag
+    s = score(case, false_flag)
+    assert not s.right and s.wrong_classes() == ["square"]
+    misplaced = right.copy()
+    misplaced.loc[1, "cue"] = "corner:top_left"
+    s = score(case, misplaced)
+    assert not s.right and s.wrong_classes() == ["triangle"]
+    assert score(CASES["clean"], _classes([("disc", ok, "", None, "")])).right
+
+
+def test_binary_model_has_one_sigmoid_unit():
+    from audit.zoo.train import build_model
+
+    m = build_model(2, binary=True)
+    assert m.output.shape[-1] == 1 and m.layers[-1].activation.__name__ == "sigmoid"
+    assert build_model(4).output.shape[-1] == 4
+
+
+def test_cache_key_follows_the_parameters():
+    from audit.zoo.train import key
+
+    a = CASES["clean"]
+    assert key(a) == key(replace(a)) and key(a) != key(replace(a, seed=1))
+    assert key(a) != key(replace(a, cues=((0, Cue("frame")),)))
+
+
+# ----------------------------------------------------------------------------
+# End to end: train a small model, audit the training split, scan
+# ----------------------------------------------------------------------------
+
+
+def _e2e(tmp_path, case: Case, masks: bool):
+    """Build ``case`` in a temporary cache, audit its training split on a local Ray, scan; the score."""
+    import yaml
+    from helpers_jobs import ray_init_local
+
+    from audit.runner.job import run_job
+    from audit.scan.pipeline import scan
+    from audit.zoo.train import ensure, job_spec
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    built = ensure(case, root=tmp_path / "cache", log=lambda *_: None)
+    spec = tmp_path / f"spec-{masks}.yaml"
+    spec.write_text(yaml.safe_dump(job_spec(case, built, masks, tmp_path / f"out-{masks}")))
+    ray = ray_init_local(1)
+    try:
+        run_job(str(spec), progress=False)
+        classes, _ = scan(tmp_path / f"out-{masks}", quiet=True)
+    finally:
+        ray.shutdown()
+    return built, score(case, classes)
