@@ -25,14 +25,16 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import os
-import struct
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
+from audit.data import tfrecord
+from audit.data.files import DEFAULT_MAX_IMAGE_BYTES, escape_text, raw_bytes, unescape_path
 from audit.errors import AuditError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm",
@@ -75,6 +77,16 @@ class Item:
     box: tuple | None = None  # (x0, y0, x1, y1) pixels of the original image
     error: str | None = None  # known bad before decoding (e.g. unknown label)
     extra: dict = field(default_factory=dict)
+    mask_error: str | None = None  # why the image is audited without its mask (set by load_item)
+    path_bytes: bytes | None = None  # the exact path when it is not valid UTF-8
+
+    def __post_init__(self):
+        # ids and paths are stored as text: a file name that is not UTF-8 is escaped
+        # (\xNN) and its exact bytes kept in path_bytes; ``file`` stays openable
+        if self.path_bytes is None:
+            self.path_bytes = raw_bytes(self.path)
+        self.path = escape_text(self.path)
+        self.image_id = escape_text(self.image_id)
 
     @property
     def has_mask(self) -> bool:
@@ -186,7 +198,7 @@ def _plan_folder(ds):
     found = _class_dirs(root)
     if not found:
         raise AuditError(f"dataset: no class subfolders in {root} (format 'folder' expects one folder per class)")
-    classes = _check_classes(found, ds.get("classes"), "folder")
+    classes = _check_classes([escape_text(c) for c in found], ds.get("classes"), "folder")
     shards, total, sid = [], 0, 0
     for cls in found:
         n = sum(1 for _ in _walk_images(os.path.join(root, cls)))
@@ -202,7 +214,7 @@ def _mask_for(masks_root: str | None, rel: str) -> str | None:
         return None
     for cand in (Path(rel).with_suffix(".png").as_posix(), rel):
         p = os.path.join(masks_root, cand)
-        if os.path.isfile(p):
+        if os.path.lexists(p):  # a special file or a dangling link: its mask_error says so
             return p
     return None
 
@@ -210,7 +222,8 @@ def _mask_for(masks_root: str | None, rel: str) -> str | None:
 def _read_folder(ds, shard: Shard, classes):
     root = ds["path"]
     names = _class_listing(root, shard.source)
-    label = classes.index(shard.source) if classes and shard.source in classes else None
+    cls = escape_text(shard.source)  # a class folder named in bytes that are not UTF-8
+    label = classes.index(cls) if classes and cls in classes else None
     for name in names[shard.start:shard.stop]:
         rel = f"{shard.source}/{name}"
         path = os.path.join(root, shard.source, name)
@@ -222,24 +235,28 @@ def _read_folder(ds, shard: Shard, classes):
 # ----------------------------------------------------------------------------
 
 
-def _csv_records(f, start_offset: int):
-    """Yield (offset, end, raw bytes) of each CSV record (quoted newlines allowed)."""
+def _csv_records(f, start_offset: int, first_line: int = 0):
+    """Yield (offset, end, raw bytes, line) of each CSV record (quoted newlines allowed).
+
+    ``line`` counts from ``first_line`` (the line number of the byte at ``start_offset``).
+    """
     f.seek(start_offset)
-    pos = start_offset
-    buf, quotes, rec_start = [], 0, pos
-    for line in f:
+    pos, line = start_offset, first_line
+    buf, quotes, rec_start, rec_line = [], 0, pos, line
+    for text in f:
         if not buf:
-            rec_start = pos
-        buf.append(line)
-        quotes += line.count(b'"')
-        pos += len(line)
+            rec_start, rec_line = pos, line
+        buf.append(text)
+        quotes += text.count(b'"')
+        pos += len(text)
+        line += 1
         if quotes % 2 == 0:
             raw = b"".join(buf)
             buf, quotes = [], 0
             if raw.strip():
-                yield rec_start, pos, raw
+                yield rec_start, pos, raw, rec_line
     if buf:
-        yield rec_start, pos, b"".join(buf)
+        yield rec_start, pos, b"".join(buf), rec_line
 
 
 def _csv_header(path: str) -> tuple[list[str], int]:
@@ -259,32 +276,49 @@ def _csv_header(path: str) -> tuple[list[str], int]:
 
 
 def _parse_row(raw: bytes, cols: list[str]) -> dict:
-    vals = next(csv.reader([raw.decode("utf-8", "replace")]), [])
+    """One CSV record as {column: text}; bytes that are not UTF-8 survive as surrogate escapes.
+
+    Raises ``csv.Error`` for a record the csv module refuses (e.g. a field over its size limit).
+    """
+    vals = next(csv.reader([raw.decode("utf-8", "surrogateescape")], strict=True), [])
     return dict(zip(cols, vals))
+
+
+def _check_record(path: str, line: int, raw: bytes, cols: list[str]) -> None:
+    """Refuse a record the reader could not parse, naming the manifest and line (planning only)."""
+    if raw.count(b'"') % 2:
+        raise AuditError(f"dataset: manifest {path} line {line}: a quote is never closed (a stray \" in "
+                         "this row?); quote the whole field and double quotes inside it (\"\")")
+    try:
+        _parse_row(raw, cols)
+    except csv.Error as e:
+        raise AuditError(f"dataset: manifest {path} line {line}: not valid CSV: {e}") from None
+
+
+def _label_text(raw: bytes, cols: list[str], li: int) -> str:
+    if b'"' in raw:
+        return _parse_row(raw, cols).get("label", "")
+    parts = raw.rstrip(b"\r\n").split(b",")  # cheap: no CSV parsing for a plain row
+    return parts[li].decode("utf-8", "surrogateescape") if li < len(parts) else ""
 
 
 def _plan_manifest(ds):
     path = ds["path"]
     cols, offset = _csv_header(path)
     size, limit = ds["shard_size"], ds.get("limit")
-    has_label = "label" in cols
-    li = cols.index("label") if has_label else -1
+    li = cols.index("label") if "label" in cols else -1
     names: set[str] = set()
     shards, n, first_off, first_row, sid = [], 0, offset, 0, 0
     end = offset
     with open(path, "rb") as f:
-        for off, end, raw in _csv_records(f, offset):
+        for off, end, raw, line in _csv_records(f, offset, first_line=2):  # the header is line 1
             if limit and n >= limit:
                 end = off
                 break
-            if has_label:
-                # cheap: a digit label needs no CSV parsing of the whole row
-                if b'"' in raw:
-                    lab = _parse_row(raw, cols).get("label", "")
-                else:
-                    parts = raw.rstrip(b"\r\n").split(b",")
-                    lab = parts[li].decode("utf-8", "replace") if li < len(parts) else ""
-                lab = lab.strip()
+            if b'"' in raw:
+                _check_record(path, line, raw, cols)
+            if li >= 0:
+                lab = escape_text(_label_text(raw, cols, li).strip())
                 if lab and not lab.lstrip("-").isdigit() and lab not in names:
                     names.add(lab)
                     if len(names) > 100_000:
@@ -304,7 +338,7 @@ def _manifest_item(row: dict, base: str, classes, mask_col: str) -> Item:
     p = (row.get("path") or "").strip()
     full = p if os.path.isabs(p) else os.path.normpath(os.path.join(base, p))
     key = (row.get("key") or "").strip() or Path(p).as_posix()
-    label, err = _label_index(row.get("label"), classes)
+    label, err = _label_index(escape_text(row.get("label") or ""), classes)
     item = Item(image_id=key, path=full, label=label, file=full, error=err)
     m = (row.get(mask_col) or "").strip()
     if m:
@@ -312,8 +346,8 @@ def _manifest_item(row: dict, base: str, classes, mask_col: str) -> Item:
     if all((row.get(c) or "").strip() for c in BOX_COLUMNS):
         try:
             item.box = tuple(float(row[c]) for c in BOX_COLUMNS)
-        except ValueError:
-            item.error = item.error or f"bad box {[row[c] for c in BOX_COLUMNS]}"
+        except ValueError:  # the image is still audited, without an object region
+            item.mask_error = escape_text(f"bad box {[row[c] for c in BOX_COLUMNS]}")
     if not p:
         item.error = "empty path in the manifest"
     return item
@@ -327,10 +361,15 @@ def _read_manifest(ds, shard: Shard, classes):
     with open(path, "rb") as f:
         f.seek(shard.offset)
         blob = f.read(shard.end - shard.offset)
-    for n, (_, _, raw) in enumerate(_csv_records(io.BytesIO(blob), 0)):
+    for n, (_, _, raw, _) in enumerate(_csv_records(io.BytesIO(blob), 0)):
         if n >= shard.size:
             break
-        yield _manifest_item(_parse_row(raw, cols), base, classes, mask_col)
+        try:
+            row = _parse_row(raw, cols)
+        except csv.Error as e:  # planning refuses such a manifest; this is for one changed since
+            yield Item(image_id=f"{Path(path).name}#{shard.start + n}", path=path, error=f"not valid CSV: {e}")
+            continue
+        yield _manifest_item(row, base, classes, mask_col)
 
 
 # ----------------------------------------------------------------------------
@@ -403,6 +442,8 @@ def _read_parquet(ds, shard: Shard, classes):
         key = cols.get("key", [None] * t.num_rows)[i]
         label, err = _label_index(cols.get("label", [None] * t.num_rows)[i], classes)
         mask = cols.get(mask_col, [None] * t.num_rows)[i]
+        if isinstance(key, bytes):
+            key = key.decode("utf-8", "backslashreplace")
         yield Item(
             image_id=str(key) if key is not None else f"{rel}#{idx}",
             path=f"{shard.source}#{idx}",
@@ -418,23 +459,11 @@ def _read_parquet(ds, shard: Shard, classes):
 # ----------------------------------------------------------------------------
 
 
-def _tfrecord_offsets(file: str):
-    """Yield (offset, length or None if truncated) of each record, reading only headers."""
+def _tfrecord_frames(file: str, start: int = 0):
+    """Yield the :class:`audit.data.tfrecord.Frame` s of a file (headers and their checksums only)."""
     size = os.path.getsize(file)
     with open(file, "rb") as f:
-        pos = 0
-        while pos < size:
-            head = f.read(12)
-            if len(head) < 12:
-                yield pos, None
-                return
-            (n,) = struct.unpack("<Q", head[:8])
-            if pos + 12 + n + 4 > size:
-                yield pos, None
-                return
-            yield pos, n
-            pos += 12 + n + 4
-            f.seek(pos)
+        yield from tfrecord.frames(f, size, start)
 
 
 def _plan_tfrecord(ds):
@@ -445,11 +474,11 @@ def _plan_tfrecord(ds):
     shards, total, sid = [], 0, 0
     for file in files:
         k, first_off = 0, 0
-        for off, _n in _tfrecord_offsets(file):
+        for frame in _tfrecord_frames(file):
             if limit and total + k >= limit:
                 break
             if k % size == 0:
-                first_off = off
+                first_off = frame.offset
             k += 1
             if k % size == 0:
                 shards.append(Shard(sid, file, k - size, k, first_off))
@@ -481,42 +510,46 @@ def _feature(ex, key):
 def _read_tfrecord(ds, shard: Shard, classes):
     parse = _example_parser()
     rel = _rel(shard.source, ds["path"])
-    mask_key = ds.get("masks") or "image/object/mask"
+    max_bytes = int(ds.get("max_image_bytes") or DEFAULT_MAX_IMAGE_BYTES)
+    size = os.path.getsize(shard.source)
     with open(shard.source, "rb") as f:
-        f.seek(shard.offset)
-        for k in range(shard.size):
-            idx = shard.start + k
-            path = f"{shard.source}#{idx}"
-            head = f.read(12)
-            n = struct.unpack("<Q", head[:8])[0] if len(head) == 12 else None
-            data = f.read(n) if n is not None else b""
-            if n is None or len(data) < n:
-                yield Item(image_id=f"{rel}#{idx}", path=path, error="truncated TFRecord record")
-                return
-            f.read(4)
-            try:
-                ex = parse(data)
-            except Exception as e:  # protobuf DecodeError
-                yield Item(image_id=f"{rel}#{idx}", path=path, error=f"not a tf.train.Example: {e}")
+        done = 0
+        for frame in itertools.islice(tfrecord.frames(f, size, shard.offset), shard.size):
+            idx = shard.start + done
+            done += 1
+            data, problem = tfrecord.read_record(f, frame, max_bytes)
+            if problem:
+                yield Item(image_id=f"{rel}#{idx}", path=f"{shard.source}#{idx}", error=problem)
                 continue
-            key = None
-            for kf in TF_KEY_FEATURES:
-                v = _feature(ex, kf)
-                if v and v[0]:
-                    key = v[0].decode("utf-8", "replace") if isinstance(v[0], bytes) else str(v[0])
-                    break
-            enc = _feature(ex, "image/encoded")
-            lab = _feature(ex, "image/class/label")
-            label, err = _label_index(lab[0] if lab else None, classes)
-            masks = _feature(ex, mask_key) or []
-            item = Item(image_id=key or f"{rel}#{idx}", path=path, label=label,
-                        data=enc[0] if enc else b"", error=err)
-            if not enc:
-                item.error = item.error or "no image/encoded feature"
-            if masks:
-                item.mask_data = masks[0] if len(masks) == 1 else None
-                item.extra["masks"] = masks if len(masks) > 1 else None
-            yield item
+            yield _example_item(parse, data, ds, classes, f"{rel}#{idx}", f"{shard.source}#{idx}")
+    for idx in range(shard.start + done, shard.stop):  # the file shrank since planning: rows all the same
+        yield Item(image_id=f"{rel}#{idx}", path=f"{shard.source}#{idx}",
+                   error="TFRecord record missing (the file changed since the job was planned)")
+
+
+def _example_item(parse, data: bytes, ds, classes, default_id: str, path: str) -> Item:
+    """The :class:`Item` of one ``tf.train.Example`` record."""
+    try:
+        ex = parse(data)
+    except Exception as e:  # noqa: BLE001 - protobuf's DecodeError (its module path varies)
+        return Item(image_id=default_id, path=path, error=f"not a tf.train.Example: {e}")
+    key = None
+    for kf in TF_KEY_FEATURES:
+        v = _feature(ex, kf)
+        if v and v[0]:
+            key = v[0].decode("utf-8", "backslashreplace") if isinstance(v[0], bytes) else str(v[0])
+            break
+    enc = _feature(ex, "image/encoded")
+    lab = _feature(ex, "image/class/label")
+    label, err = _label_index(lab[0] if lab else None, classes)
+    masks = _feature(ex, ds.get("masks") or "image/object/mask") or []
+    item = Item(image_id=key or default_id, path=path, label=label, data=enc[0] if enc else b"", error=err)
+    if not enc:
+        item.error = item.error or "no image/encoded feature"
+    if masks:
+        item.mask_data = masks[0] if len(masks) == 1 else None
+        item.extra["masks"] = masks if len(masks) > 1 else None
+    return item
 
 
 # ----------------------------------------------------------------------------
@@ -553,54 +586,81 @@ def read_shard(ds: dict, shard: Shard, classes=None):
     return _READERS[ds["format"]](ds, shard, classes)
 
 
-def fetch(item: Item) -> tuple[bytes, bytes | list | None]:
-    """(image bytes, mask bytes or list of mask bytes or None); raises DecodeError for a missing file."""
-    from audit.data.decode import DecodeError
+def fetch(item: Item, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> bytes:
+    """The encoded image bytes of an item (read from its file if need be).
 
-    data = item.data
-    if data is None and item.file is not None:
-        try:
-            with open(item.file, "rb") as f:
-                data = f.read()
-        except FileNotFoundError:
-            raise DecodeError(f"file not found: {item.file}") from None
-        except OSError as e:
-            raise DecodeError(f"cannot read {item.file}: {e.strerror}") from None
-    mask = item.mask_data
-    if mask is None and item.extra.get("masks"):
-        mask = item.extra["masks"]
-    if mask is None and item.mask_file is not None:
-        try:
-            with open(item.mask_file, "rb") as f:
-                mask = f.read()
-        except OSError as e:
-            raise DecodeError(f"cannot read mask {item.mask_file}: {e.strerror or e}") from None
-    return data, mask
+    Raises:
+        DecodeError: the file is missing, not a regular file, or larger than ``max_bytes``.
+    """
+    from audit.data.files import check_size, read_regular_file
+
+    if item.data is not None:
+        check_size(len(item.data), max_bytes)
+        return item.data
+    if item.file is None:
+        from audit.data.decode import DecodeError
+
+        raise DecodeError("no image data")
+    return read_regular_file(item.file, max_bytes)
 
 
-def load_item(item: Item, size, max_pixels: int):
+def load_item(item: Item, size, max_pixels: int, *, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
+              resize_masks: bool = False):
     """Decode one item: (image (H, W, 3) uint8 at ``size``, mask (H, W) bool or None, (w, h)).
 
-    Raises :class:`audit.data.decode.DecodeError` with the reason.
+    A mask that cannot be used (missing, unreadable, not an image, or not the
+    image's size while ``resize_masks`` is false) does not fail the image: the
+    mask is None and ``item.mask_error`` says why.
+
+    Args:
+        item: the input.
+        size: (H, W) of the model input.
+        max_pixels: images (and masks) whose header claims more pixels are refused.
+        max_bytes: the largest image or mask file read (``dataset.max_image_bytes``).
+        resize_masks: stretch a mask of another size than its image (else refuse the mask).
+
+    Raises:
+        audit.data.decode.DecodeError: the image cannot be audited; ``str(e)`` is the reason.
     """
     from audit.data import decode
 
     if item.error:
         raise decode.DecodeError(item.error)
-    data, mask_bytes = fetch(item)
+    data = fetch(item, max_bytes)
     img, (w, h) = decode.decode_image_sized(data, max_pixels=max_pixels, reduce_to=size)
     mask = None
-    if mask_bytes is not None:
-        parts = mask_bytes if isinstance(mask_bytes, list) else [mask_bytes]
-        m = None
-        for part in parts:
-            mk = decode.decode_mask(part, max_pixels=max_pixels)
-            mk = decode.resize_mask(mk, size)
-            m = mk if m is None else (m | mk)
-        mask = m
-    elif item.box is not None:
-        mask = decode.box_to_mask(item.box, (h, w), size)
+    try:
+        mask = _load_mask(item, (h, w), size, max_pixels, max_bytes, resize_masks)
+    except decode.DecodeError as e:
+        item.mask_error = escape_text(str(e))
     return decode.resize_image(img, size), mask, (w, h)
+
+
+def _load_mask(item: Item, image_hw, size, max_pixels: int, max_bytes: int, resize_masks: bool):
+    """The item's object region as an (H, W) bool mask at ``size``, or None; DecodeError if unusable."""
+    from audit.data import decode
+    from audit.data.files import check_size, read_regular_file
+
+    if item.mask_data is not None or item.extra.get("masks"):
+        parts = [item.mask_data] if item.mask_data is not None else list(item.extra["masks"])
+        for part in parts:
+            check_size(len(part), max_bytes, "mask")
+    elif item.mask_file is not None:
+        parts = [read_regular_file(item.mask_file, max_bytes, "mask")]
+    elif item.box is not None:
+        return decode.box_to_mask(item.box, image_hw, size)
+    else:
+        return None
+    m = None
+    for part in parts:
+        mk = decode.decode_mask(part, max_pixels=max_pixels)
+        if mk.shape[:2] != tuple(image_hw) and not resize_masks:
+            raise decode.DecodeError(
+                f"mask is {mk.shape[1]}x{mk.shape[0]} but the image is {image_hw[1]}x{image_hw[0]}; "
+                "set dataset.resize_masks: true to stretch masks to their image")
+        mk = decode.resize_mask(mk, size)
+        m = mk if m is None else (m | mk)
+    return m
 
 
 def iter_items(ds: dict, classes=None):
@@ -642,7 +702,9 @@ def _load_images(ds, image_ids, size):
         if k is None or item.image_id in found:
             continue
         try:
-            img, m, _ = load_item(item, (H, W), ds.get("max_pixels", 100_000_000))
+            img, m, _ = load_item(item, (H, W), ds.get("max_pixels", 100_000_000),
+                                  max_bytes=ds.get("max_image_bytes") or DEFAULT_MAX_IMAGE_BYTES,
+                                  resize_masks=bool(ds.get("resize_masks")))
         except DecodeError as e:
             raise AuditError(f"cannot load image {item.image_id}: {e}") from None
         images[k] = img
@@ -663,13 +725,14 @@ def _items_by_id(ds, ids):
     root = ds["path"]
     if fmt == "folder":
         found = _class_dirs(root)
-        classes = list(ds.get("classes") or found)
+        classes = list(ds.get("classes") or [escape_text(c) for c in found])
         for i in ids:
             cls = i.split("/", 1)[0]
-            path = os.path.join(root, i)
+            rel = i if os.path.lexists(os.path.join(root, i)) else unescape_path(i)  # a non-UTF-8 name
+            path = os.path.join(root, rel)
             yield Item(image_id=i, path=path, file=path,
                        label=classes.index(cls) if cls in classes else None,
-                       mask_file=_mask_for(ds.get("masks"), i))
+                       mask_file=_mask_for(ds.get("masks"), rel))
         return
     direct = []
     if fmt in ("parquet", "tfrecord"):
@@ -693,7 +756,7 @@ def _items_by_id(ds, ids):
 
 
 def _skip_records(file, idx):
-    for k, (off, n) in enumerate(_tfrecord_offsets(file)):
+    for k, frame in enumerate(_tfrecord_frames(file)):
         if k == idx:
-            yield off, n
+            yield frame.offset, frame.length
             return

@@ -133,12 +133,53 @@ def _tiff_size(b: bytes) -> tuple[int, int]:
 
 
 def _check_complete(fmt: str | None, data: bytes) -> None:
-    """OpenCV happily returns half an image for a truncated JPEG; refuse it."""
-    tail = data[-64:].rstrip(b"\x00\r\n ")
-    if fmt == "jpeg" and not tail.endswith(b"\xff\xd9"):
+    """OpenCV happily returns half an image for a truncated JPEG; refuse it.
+
+    Only the end of the image data counts, not the end of the file: bytes
+    after a JPEG's end-of-image marker or after a PNG's IEND chunk (cameras
+    and editors write such padding) are ignored, as decoders do.
+    """
+    if fmt == "jpeg" and not _jpeg_has_end(data):
         raise DecodeError("truncated JPEG (no end-of-image marker)")
-    if fmt == "png" and b"IEND" not in data[-32:]:
+    if fmt == "png" and not _png_has_end(data):
         raise DecodeError("truncated PNG (no IEND chunk)")
+
+
+def _jpeg_has_end(b: bytes) -> bool:
+    """Is there an end-of-image marker after the first start-of-scan?
+
+    The marker segments before the scan are skipped by their lengths, so an
+    end marker inside them (an EXIF thumbnail) does not count; inside the
+    entropy-coded data an 0xFF byte is always stuffed (FF 00) or a restart
+    marker, so FF D9 there is the real end.
+    """
+    i, n = 2, len(b)
+    while i + 4 <= n:
+        if b[i] != 0xFF:
+            i += 1
+            continue
+        marker = b[i + 1]
+        if marker == 0xFF or marker == 0x01 or 0xD0 <= marker <= 0xD8:
+            i += 1 if marker == 0xFF else 2
+            continue
+        if marker == 0xD9:
+            return False  # an end marker before any scan
+        seg = struct.unpack(">H", b[i + 2:i + 4])[0]
+        if marker == 0xDA:
+            return b.find(b"\xff\xd9", i + 2 + seg) != -1
+        i += 2 + seg
+    return False
+
+
+def _png_has_end(b: bytes) -> bool:
+    """Do the PNG's chunks, followed by their lengths, reach an IEND chunk inside the data?"""
+    i, n = 8, len(b)
+    while i + 8 <= n:
+        length = struct.unpack(">I", b[i:i + 4])[0]
+        if b[i + 4:i + 8] == b"IEND":
+            return True
+        i += 12 + length
+    return False
 
 
 def to_rgb8(img: np.ndarray) -> np.ndarray:

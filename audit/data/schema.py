@@ -10,6 +10,7 @@ SCHEMA_VERSION = "1"
 
 _TYPES = {
     "string": pa.string(),
+    "binary": pa.binary(),
     "int32": pa.int32(),
     "int64": pa.int64(),
     "float32": pa.float32(),

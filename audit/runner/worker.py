@@ -106,6 +106,15 @@ def to_mixed_precision(model):
         return model
 
 
+def runs_mixed(model) -> bool:
+    """Does any layer of ``model`` compute in float16 (a ``mixed_float16`` policy)?"""
+    for layer in getattr(model, "layers", ()):
+        policy = getattr(layer, "dtype_policy", None)
+        if getattr(policy, "compute_dtype", None) == "float16":
+            return True
+    return False
+
+
 class AuditWorker:
     """Process shards of a job.  Cheap to construct; the model loads on first use.
 
@@ -175,6 +184,7 @@ class AuditWorker:
                            trust_code=m.get("trust_code", False))
         if tfinfo["mixed_precision"]:
             model = to_mixed_precision(model)
+            tfinfo["mixed_precision"] = runs_mixed(model)  # what the model runs, not what was asked
         n_out = int(model.outputs[0].shape[-1])
         if self.classes is None:
             self.classes = [str(i) for i in range(n_out)]
@@ -280,16 +290,22 @@ class AuditWorker:
         from audit.data import datasets
 
         self.setup()
-        max_px = int(self.spec["dataset"].get("max_pixels", 100_000_000))
+        from audit.data.decode import DecodeError
+        from audit.data.files import DEFAULT_MAX_IMAGE_BYTES
+
+        ds = self.spec["dataset"]
+        max_px = int(ds.get("max_pixels", 100_000_000))
+        max_bytes = int(ds.get("max_image_bytes") or DEFAULT_MAX_IMAGE_BYTES)
+        resize_masks = bool(ds.get("resize_masks", False))
         bs = int(self.spec["resources"]["batch_size"])
 
         def load(item):
+            # Only a fault in the user's data becomes an error row; anything else is a bug
+            # of ours and fails the shard with its traceback.
             try:
-                return datasets.load_item(item, self.size, max_px)
-            except Exception as e:  # DecodeError, or anything OpenCV throws at bad data
-                from audit.data.decode import DecodeError
-
-                return e if isinstance(e, DecodeError) else DecodeError(f"{type(e).__name__}: {e}")
+                return datasets.load_item(item, self.size, max_px, max_bytes=max_bytes, resize_masks=resize_masks)
+            except DecodeError as e:
+                return e
 
         parts, keys = [], []
         counts = {"errors": 0, "flat": 0, "correct": 0, "labelled": 0}
@@ -408,15 +424,19 @@ class AuditWorker:
     def _error_rows(self, bad, shard_id):
         import pyarrow as pa
 
+        from audit.data.files import escape_text
+
         n = len(bad)
         cols = {name: pa.nulls(n, self.schema.field(name).type) for name in self.schema.names}
         cols["image_id"] = pa.array([b[1].image_id for b in bad], pa.string())
         cols["path"] = pa.array([b[1].path for b in bad], pa.string())
+        cols["path_bytes"] = pa.array([b[1].path_bytes for b in bad], pa.binary())
+        cols["mask_error"] = pa.array([b[1].mask_error for b in bad], pa.string())
         cols["shard"] = pa.array([shard_id] * n, pa.int32())
         cols["label"] = pa.array([b[1].label for b in bad], pa.int32())
         cols["label_name"] = pa.array([self._name(b[1].label) for b in bad], pa.string())
         cols["status"] = pa.array(["error"] * n, pa.string())
-        cols["error"] = pa.array([b[2] for b in bad], pa.string())
+        cols["error"] = pa.array([escape_text(b[2]) for b in bad], pa.string())
         cols["has_mask"] = pa.array([b[1].has_mask for b in bad], pa.bool_())
         sizes = [b[3] for b in bad]
         cols["width"] = pa.array([s[0] if s else None for s in sizes], pa.int32())
@@ -475,6 +495,8 @@ class AuditWorker:
         common = {
             "image_id": pa.array([b[1].image_id for b in batch], pa.string()),
             "path": pa.array([b[1].path for b in batch], pa.string()),
+            "path_bytes": pa.array([b[1].path_bytes for b in batch], pa.binary()),
+            "mask_error": pa.array([b[1].mask_error for b in batch], pa.string()),
             "shard": pa.array(np.full(n, shard_id, np.int32)),
             "label": label_arr,
             "label_name": pa.array([self._name(v) for v in labels], pa.string()),
