@@ -265,7 +265,10 @@ def decode_mask(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray
     """Decode a mask image to (H, W) bool: any non-zero channel = object."""
     if data is None or len(data) == 0:
         raise DecodeError("empty mask file (0 bytes)")
-    head = header_size(data)
+    try:
+        head = header_size(data)
+    except DecodeError as e:
+        raise DecodeError(f"mask: {e}") from None
     if head is not None and head[1] * head[2] > max_pixels:
         raise DecodeError(f"mask header claims {head[1]}x{head[2]} pixels, more than max_pixels")
     cv2 = _cv2()
