@@ -193,3 +193,24 @@ def ray_init_local(num_cpus=2):
     ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
              configure_logging=False, runtime_env={"env_vars": {"TF_CPP_MIN_LOG_LEVEL": "3"}})
     return ray
+
+
+def assert_exactly_once(out, image_ids, layers=("conv2",), methods=("gradcam", "gradcam++"), errors=()):
+    """Every (image, layer, method) exactly once in OUT; ``errors``: ids expected as one error row each."""
+    import audit
+
+    df = audit.load(out, columns=["image_id", "layer", "method", "status"])
+    bad = df[df.status == "error"]
+    good = df[df.status != "error"]
+    assert sorted(bad.image_id) == sorted(errors), sorted(bad.image_id)
+    want = {(i, la, m) for i in set(image_ids) - set(errors) for la in layers for m in methods}
+    got = list(zip(good.image_id, good.layer, good.method))
+    assert len(got) == len(set(got)), "duplicate (image, layer, method) rows"
+    assert set(got) == want, (sorted(set(got) - want)[:5], sorted(want - set(got))[:5])
+    return df
+
+
+def folder_ids(root):
+    """image_ids of a folder dataset (path relative to it), as the job names them."""
+    root = Path(root)
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*.png"))

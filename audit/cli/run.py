@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from audit.errors import AuditError
+
 EXAMPLE = """examples:
   audit run jobs/example_folder.yaml                      # embedded local Ray
   audit run job.yaml --set dataset.shard_size=256 --set resources.actors=4
@@ -16,6 +18,20 @@ the shards already committed there. See docs/jobs.md for the spec format.
 """
 
 
+class _Resume(argparse.Action):
+    """``--resume`` or ``--resume=replan``; ``--resume SPEC.yaml`` still means the spec."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        if value is True or value == "replan":
+            namespace.resume = value
+            return
+        if getattr(namespace, "spec", None) is None:
+            namespace.spec_after_resume = value
+            namespace.resume = True
+            return
+        parser.error(f"--resume takes no value or =replan, not {value!r}")
+
+
 def register(sub) -> None:
     p = sub.add_parser(
         "run",
@@ -25,11 +41,14 @@ def register(sub) -> None:
         epilog=EXAMPLE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("spec", help="job spec (YAML)")
+    p.add_argument("spec", nargs="?", help="job spec (YAML)")
     p.add_argument("--address", help="Ray cluster: 'auto', HOST:PORT (its GCS) or ray://HOST:10001 "
                                      "(default: an embedded local Ray); on a token-mode cluster also set "
                                      "RAY_AUTH_MODE=token and RAY_AUTH_TOKEN")
-    p.add_argument("--resume", action="store_true", help="continue the job in a non-empty output, skipping committed shards")
+    p.add_argument("--resume", nargs="?", const=True, default=False, metavar="replan", action=_Resume,
+                   help="continue the job in a non-empty output, skipping committed shards that still hold "
+                        "what the dataset holds (refused at the first shard that changed); --resume=replan "
+                        "keeps the shards before that one and redoes the rest")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
                    help="override a spec value (YAML), e.g. --set resources.batch_size=32; repeatable")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -66,6 +85,11 @@ def format_summary(s: dict) -> str:
 
 def run(args) -> int:
     from audit.runner.job import run_job
+
+    spec = args.spec or getattr(args, "spec_after_resume", None)
+    if spec is None:
+        raise AuditError("run: the job spec is missing: audit run SPEC.yaml [--resume[=replan]]")
+    args.spec = spec
     try:
         summary = run_job(args.spec, address=args.address, resume=args.resume, overrides=args.overrides,
                           progress=not args.no_progress)

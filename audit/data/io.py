@@ -4,10 +4,11 @@ A shard is committed in two steps, both atomic renames on the same filesystem:
 
 1. its rows, cast to the declared Arrow schema, are written to
    ``records/.part-NNNNN.<random>.tmp`` and renamed to ``records/part-NNNNN.parquet``;
-2. then ``_manifest/part-NNNNN.json`` (shard id, inputs, row count) is written
-   the same way.
+2. then ``_manifest/part-NNNNN.json`` (shard id, inputs, identity, row count,
+   bytes, job id) is written the same way.
 
-A shard counts as done only when its manifest entry exists.  A retried or
+A shard counts as done only when its manifest entry exists and its Parquet
+file has the entry's size and row count (:func:`committed_shards`).  A retried or
 resumed shard overwrites its Parquet file by rename (readers never see half a
 file; temp names start with ``.`` so ``pyarrow.dataset`` ignores them) and is
 deterministic, so writing it twice gives the same rows.  A commit also removes
@@ -106,21 +107,74 @@ def read_job(out) -> dict | None:
         return None
 
 
-def committed_shards(out) -> dict[int, dict]:
-    """{shard id: manifest entry} of the committed shards (valid entry and Parquet file present)."""
-    out = Path(out)
-    done = {}
-    mdir = out / MANIFEST
+def part_problem(out, entry: dict, rows: bool = True) -> str | None:
+    """Why a manifest entry's Parquet file does not hold what the entry says, or None.
+
+    Checks that the file exists, that its size is the entry's ``bytes`` and
+    (with ``rows``) that its footer says ``rows`` rows.  A truncated or
+    replaced part file fails here and its shard is not committed.
+    """
+    path = Path(out) / RECORDS / str(entry.get("file", ""))
+    try:
+        size = path.stat().st_size
+    except OSError:
+        return "is missing"
+    if "bytes" in entry and size != int(entry["bytes"]):
+        return f"is {size:,} bytes but its manifest entry says {int(entry['bytes']):,} (truncated or replaced)"
+    if rows:
+        import pyarrow.parquet as pq
+
+        try:
+            n = pq.read_metadata(path).num_rows
+        except Exception as e:  # noqa: BLE001 - ArrowInvalid, OSError: any unreadable footer
+            return f"is not readable Parquet ({' '.join(str(e).split())[:120]})"
+        if n != int(entry.get("rows", n)):
+            return f"has {n:,} rows but its manifest entry says {int(entry['rows']):,}"
+    return None
+
+
+def manifest_entries(out) -> dict[int, dict]:
+    """{shard id: manifest entry} of every readable entry in ``OUT/_manifest`` (files not checked)."""
+    mdir = Path(out) / MANIFEST
+    found = {}
     if not mdir.is_dir():
-        return done
+        return found
     for p in mdir.glob("part-*.json"):
         try:
             entry = json.loads(p.read_text())
-        except (OSError, json.JSONDecodeError):
+            found[int(entry["shard"])] = entry
+        except (OSError, ValueError, KeyError, TypeError):
             continue
-        if (out / RECORDS / entry.get("file", "")).is_file():
-            done[int(entry["shard"])] = entry
+    return found
+
+
+def committed_shards(out, rows: bool = True, broken: dict | None = None) -> dict[int, dict]:
+    """{shard id: manifest entry} of the committed shards.
+
+    A shard is committed when its manifest entry exists and its Parquet file
+    matches it (:func:`part_problem`; ``rows=False`` checks the size only).
+    Entries whose file does not match go to ``broken`` ({shard id: reason})
+    when a dict is given: they are redone on resume.
+    """
+    done = {}
+    for sid, entry in manifest_entries(out).items():
+        problem = part_problem(out, entry, rows=rows)
+        if problem is None:
+            done[sid] = entry
+        elif broken is not None:
+            broken[sid] = f"{RECORDS}/{entry.get('file')} {problem}"
     return done
+
+
+def uncommit(out, shard_ids) -> None:
+    """Take shards out of the output: manifest entry first, then the Parquet file."""
+    out = Path(out)
+    for sid in shard_ids:
+        name = part_name(sid)
+        for p in (out / MANIFEST / f"{name}.json", out / RECORDS / f"{name}.parquet"):
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+    _fsync_dir(out / MANIFEST)
 
 
 def _dictionary_columns(schema) -> list[str]:
@@ -136,8 +190,13 @@ def _dictionary_columns(schema) -> list[str]:
 
 
 def write_shard(out, shard: int, table, *, job_id: str, schema_version: str, inputs: dict,
-                counts: dict) -> dict:
-    """Commit one shard: Parquet (temp file, rename), then its manifest entry. Returns the entry."""
+                counts: dict, identity: dict | None = None) -> dict:
+    """Commit one shard: Parquet (temp file, rename), then its manifest entry. Returns the entry.
+
+    ``inputs`` is the shard's descriptor, ``identity`` what it holds
+    (:class:`audit.data.identity.ShardIdentity` as a dict): ``--resume``
+    compares both with its new plan.
+    """
     import pyarrow.parquet as pq
 
     out = Path(out)
@@ -162,7 +221,7 @@ def write_shard(out, shard: int, table, *, job_id: str, schema_version: str, inp
             tmp.unlink()
     _fsync_dir(final.parent)
     entry = {"shard": int(shard), "file": final.name, "rows": table.num_rows, "inputs": inputs,
-             "job_id": job_id, "bytes": final.stat().st_size, **counts}
+             "identity": identity, "job_id": job_id, "bytes": final.stat().st_size, **counts}
     atomic_write_json(out / MANIFEST / f"{name}.json", entry)
     _remove_stale_temps(out, name)
     return entry

@@ -33,11 +33,46 @@ def _records_dir(out) -> Path:
     raise AuditError(f"{out} is not a job output (no records/ folder); run `audit run SPEC.yaml` first")
 
 
+def committed_files(out) -> list[str] | None:
+    """The Parquet files of the committed shards of a job output, in shard order.
+
+    None when ``out`` has no ``_manifest/`` (a plain folder of Parquet files:
+    every file is read).  Part files without a manifest entry (a shard being
+    written, or one whose commit was lost) are left out.
+
+    Raises:
+        AuditError: a part file disagrees with its manifest entry (size or row
+            count: truncated or replaced), named in one line.
+    """
+    from audit.data import io
+
+    p = Path(out)
+    if not (p / io.MANIFEST).is_dir():
+        return None
+    entries = io.manifest_entries(p)
+    if not entries:
+        raise AuditError(f"{out} has no committed shards yet (no entries in {io.MANIFEST}/); "
+                         "wait for the job, or run it with --resume")
+    files = []
+    for sid in sorted(entries):
+        problem = io.part_problem(p, entries[sid])
+        if problem:
+            raise AuditError(f"{out}: shard {sid}'s {io.RECORDS}/{entries[sid].get('file')} {problem}; "
+                             "it is not committed: rerun the job with --resume to redo it")
+        files.append(str(p / io.RECORDS / entries[sid]["file"]))
+    return files
+
+
 def records_dataset(out):
-    """The records as a ``pyarrow.dataset.Dataset`` (lazy; filters and columns pushed down)."""
+    """The records as a ``pyarrow.dataset.Dataset`` (lazy; filters and columns pushed down).
+
+    Only committed shards are read (:func:`committed_files`).
+    """
     import pyarrow.dataset as pads
 
-    return pads.dataset(str(_records_dir(out)), format="parquet")
+    folder = _records_dir(out)
+    files = committed_files(out)
+    return pads.dataset(files if files is not None else str(folder), format="parquet")
 
 
 def _expression(filters):
@@ -72,7 +107,10 @@ def load(out, columns=None, filters=None):
         table = ds.to_table(columns=columns, filter=_expression(filters))
     except Exception as e:  # ArrowInvalid / ArrowTypeError: a bad column or type in a filter
         if type(e).__module__.startswith("pyarrow"):
-            raise AuditError(f"bad filter {filters!r}: {str(e).splitlines()[0]}") from None
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            if filters is None:
+                raise AuditError(f"cannot read the records of {out}: {first}") from None
+            raise AuditError(f"bad filter {filters!r}: {first}") from None
         raise
     return table.to_pandas()
 

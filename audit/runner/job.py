@@ -29,6 +29,7 @@ from pathlib import Path
 
 from audit.errors import AuditError
 from audit.runner.cluster import ray_init
+from audit.runner.resume import drop, notes, reconcile, resume_mode
 
 QUEUE_DEPTH = 2  # shards in flight per actor: the next one is queued while one runs
 STALL_TIMEOUT_S = 300.0  # no live actor and none starting for this long: give up
@@ -152,8 +153,10 @@ def run_job(spec, *, address=None, resume=False, overrides=(), progress=True, on
 
     ``spec``: a YAML path or a dict (see DESIGN.md).  ``address``: None for an
     embedded local Ray (or the one already initialised in this process),
-    ``auto`` or ``ray://host:10001`` for a cluster.  ``resume`` continues a job
-    in a non-empty output, skipping committed shards.  ``overrides``:
+    ``auto`` or ``ray://host:10001`` for a cluster.  ``resume`` (True or
+    ``"replan"``) continues a job in a non-empty output, skipping the committed
+    shards that still hold what the new plan says (see
+    :mod:`audit.runner.resume`).  ``overrides``:
     ``key.path=value`` strings.  ``on_event(kind, payload)``, if given, is
     called on the driver thread for ``actor_ready``, ``shard_done`` and (with
     ``progress``, about once a second) ``progress`` (monitoring hooks; tests
@@ -165,9 +168,10 @@ def run_job(spec, *, address=None, resume=False, overrides=(), progress=True, on
 
     t_start = time.time()
     spec = load_spec(spec, overrides, base_dir)
+    mode = resume_mode(resume)
     out = Path(spec["output"])
-    previous = io.read_job(out) if resume else None
-    io.check_output(out, resume)  # nothing is created before the dataset is planned
+    previous = io.read_job(out) if mode else None
+    io.check_output(out, bool(mode))  # nothing is created before the dataset is planned
     sha = fingerprint(spec["model"].get("path"))
     if previous:
         _check_resumable(spec, previous, sha)
@@ -178,21 +182,23 @@ def run_job(spec, *, address=None, resume=False, overrides=(), progress=True, on
     plan_s = time.perf_counter() - t0
     if plan.total == 0:
         raise AuditError(f"dataset {spec['dataset']['path']} has no images")
-    committed = io.committed_shards(out) if out.is_dir() else {}
-    known = {s.id for s in plan.shards}
-    committed = {k: v for k, v in committed.items() if k in known}
+    found = reconcile(out, plan, spec["dataset"], job_id, mode)
+    committed = found.entries
     todo = [s for s in plan.shards if s.id not in committed]
     # join the cluster before writing anything: one we cannot join leaves no output behind
     started_ray = ray_init(address) if todo else False
     try:
-        io.prepare_output(out, resume)
+        io.prepare_output(out, bool(mode))
+        drop(out, found)
     except BaseException:
         if started_ray:
             import ray
 
             ray.shutdown()
         raise
-    done_images = sum(int(e["inputs"]["stop"]) - int(e["inputs"]["start"]) for e in committed.values())
+    for line in notes(found):
+        print(line, file=sys.stderr)
+    done_images = found.images
 
     record = {
         "job_id": job_id,
@@ -228,8 +234,7 @@ def run_job(spec, *, address=None, resume=False, overrides=(), progress=True, on
 
             res = plan_resources(spec, ray.cluster_resources(), ray.nodes(), len(todo))
             record["resources"] = res
-            bar = _Progress(plan.total, done_images, sum(e.get("errors", 0) for e in committed.values()),
-                            progress, spec["name"])
+            bar = _Progress(plan.total, done_images, found.errors, progress, spec["name"])
             setup_s = _drive(spec, job_id, plan.classes, todo, res, state, actors, bar, on_event, record)
         status = "incomplete" if state["failed"] else "ok"
     except KeyboardInterrupt:
@@ -243,7 +248,8 @@ def run_job(spec, *, address=None, resume=False, overrides=(), progress=True, on
         if bar is not None:
             bar.close()
         run_s = time.perf_counter() - run_t0
-        all_done = io.committed_shards(out)
+        known = {s.id for s in plan.shards}
+        all_done = {k: v for k, v in io.committed_shards(out, rows=False).items() if k in known}
         record["status"] = status
         record["timings"].update({"run_s": round(run_s, 3), "total_s": round(time.time() - t_start, 3),
                                   "first_actor_ready_s": setup_s, "finished": time.time()})

@@ -128,6 +128,7 @@ class AuditWorker:
         self.out_dir = out_dir or spec.get("output")
         self.job_id = job_id
         self.classes = list(classes) if classes else None
+        self._plan_classes = self.classes  # as the driver planned them: shard identities use these
         self.cpus = cpus
         self._ready = False
         self.info: dict = {}
@@ -264,6 +265,7 @@ class AuditWorker:
 
     def _process_shard(self, shard, commit) -> dict:
         from audit.data import datasets, io
+        from audit.data.identity import shard_identity
 
         t0 = time.perf_counter()
         items = list(datasets.read_shard(self.spec["dataset"], shard, self.classes))
@@ -274,11 +276,13 @@ class AuditWorker:
         if commit:
             inputs = {**shard.to_dict(), "first": items[0].image_id if items else None,
                       "last": items[-1].image_id if items else None}
+            identity = shard_identity(self.spec["dataset"], shard, self._plan_classes).to_dict()
             with self._commit_lock:
                 if self._fenced:
                     raise RuntimeError(f"shard {shard.id} not committed: this worker was fenced")
                 io.write_shard(self.out_dir, shard.id, table, job_id=self.job_id,
-                               schema_version=self.schema_version, inputs=inputs, counts=counts)
+                               schema_version=self.schema_version, inputs=inputs, counts=counts,
+                               identity=identity)
             return summary
         summary["table"] = table
         return summary

@@ -1,0 +1,157 @@
+"""What a shard holds: its identity, recorded at commit and checked on resume.
+
+Shard ids are positions in a plan; the same id can hold other images after
+the dataset changed (one image added to a class folder shifts every later
+range of that class).  So each manifest entry records, beside the shard's
+descriptor, a :class:`ShardIdentity`: the number of inputs, the first and
+last ``image_id`` and a SHA-256 of the input list.  ``--resume`` recomputes
+it for every committed shard from the new plan and compares
+(:func:`compare`).
+
+The input list hashed, per format (cheap: no image is read or decoded):
+
+* folder, manifest: each item's ``image_id``, path, label, whether it has a
+  mask or box (a manifest row's label or box edited changes the hash);
+* parquet: the ``key`` and ``label`` columns of the row range (without a
+  ``key`` column the ids are positions, so the file's size is hashed too);
+* tfrecord: each record's length and its stored CRC of the data (the
+  record's content, read from its framing without parsing it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+from dataclasses import asdict, dataclass
+
+from audit.data import datasets
+
+
+@dataclass(frozen=True)
+class ShardIdentity:
+    """What one shard holds (stored as ``identity`` in its manifest entry)."""
+
+    count: int
+    first: str | None
+    last: str | None
+    digest: str  # sha256 of the input list, hex
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> ShardIdentity | None:
+        if not d:
+            return None
+        return cls(int(d["count"]), d.get("first"), d.get("last"), str(d["digest"]))
+
+
+def shard_identity(ds: dict, shard: datasets.Shard, classes=None) -> ShardIdentity:
+    """The identity of ``shard`` of dataset ``ds`` (``spec["dataset"]``) as it is now."""
+    fmt = ds["format"]
+    if fmt == "parquet":
+        return _parquet_identity(ds, shard)
+    if fmt == "tfrecord":
+        return _tfrecord_identity(ds, shard)
+    h = hashlib.sha256()
+    n, first, last = 0, None, None
+    for item in datasets.read_shard(ds, shard, classes):
+        # repr: ids from odd file names may hold lone surrogates that .encode() refuses
+        h.update(repr((item.image_id, item.path, item.label, item.has_mask, item.error)).encode())
+        first = item.image_id if first is None else first
+        last = item.image_id
+        n += 1
+    return ShardIdentity(n, first, last, h.hexdigest())
+
+
+def _parquet_identity(ds, shard) -> ShardIdentity:
+    import pyarrow.parquet as pq
+
+    schema = pq.read_schema(shard.source)
+    cols = [c for c in ("key", "label") if c in schema.names]
+    h = hashlib.sha256()
+    t = datasets._parquet_rows(shard.source, shard.start, shard.stop, columns=cols or ["image"])
+    n = t.num_rows
+    if "key" in cols:
+        keys = [str(k) for k in t.column("key").to_pylist()]
+    else:
+        rel = datasets._rel(shard.source, ds["path"])
+        keys = [f"{rel}#{shard.start + i}" for i in range(n)]
+        h.update(f"size={os.path.getsize(shard.source)}".encode())
+    labels = t.column("label").to_pylist() if "label" in cols else [None] * n
+    for k, lab in zip(keys, labels):
+        h.update(repr((k, lab)).encode())
+    return ShardIdentity(n, keys[0] if keys else None, keys[-1] if keys else None, h.hexdigest())
+
+
+def _tfrecord_identity(ds, shard) -> ShardIdentity:
+    """Lengths and stored data CRCs of the shard's records (12-byte header, data, 4-byte CRC)."""
+    h = hashlib.sha256()
+    rel = datasets._rel(shard.source, ds["path"])
+    n = 0
+    with open(shard.source, "rb") as f:
+        f.seek(shard.offset)
+        for _ in range(shard.size):
+            head = f.read(12)
+            if len(head) < 12:
+                h.update(b"truncated")
+                break
+            (length,) = struct.unpack("<Q", head[:8])
+            f.seek(length, os.SEEK_CUR)
+            crc = f.read(4)
+            h.update(head[:8] + crc)
+            n += 1
+    first = f"{rel}#{shard.start}" if n else None
+    last = f"{rel}#{shard.start + n - 1}" if n else None
+    return ShardIdentity(n, first, last, h.hexdigest())
+
+
+#: The descriptor fields a committed shard and the new plan must share.
+DESCRIPTOR = ("source", "start", "stop", "offset", "end")
+
+
+def compare(entry: dict, shard: datasets.Shard | None, now, job_id: str) -> str | None:
+    """What changed between a committed manifest entry and the new plan's shard, or None.
+
+    Args:
+        entry: the manifest entry (``inputs`` = the descriptor it was committed
+            with, ``identity`` = its :class:`ShardIdentity` as a dict).
+        shard: the new plan's shard with the same id (None: no such shard now).
+        now: a callable returning that shard's :class:`ShardIdentity` now;
+            called only when the descriptors agree.
+        job_id: the job's id; an entry of another job never matches.
+
+    Returns:
+        A short phrase for the error line (``its first image was 'a', now 'b'``).
+    """
+    if entry.get("job_id") and entry["job_id"] != job_id:
+        return f"it was written by job {entry['job_id']}, not {job_id}"
+    if shard is None:
+        return "the new plan has no such shard (the dataset shrank)"
+    old = entry.get("inputs") or {}
+    new = shard.to_dict()
+    for k in DESCRIPTOR:
+        if k in old and old[k] != new[k]:
+            if k in ("start", "stop"):
+                return (f"it covered inputs {old['start']}-{old['stop']} of {old.get('source')}, "
+                        f"now {new['start']}-{new['stop']}")
+            return f"its {k} was {old[k]!r}, now {new[k]!r}"
+    was = ShardIdentity.from_dict(entry.get("identity"))
+    if was is None:
+        return None  # an entry from before identities were recorded: the descriptor is all there is
+    return identity_change(was, now())
+
+
+def identity_change(was: ShardIdentity, now: ShardIdentity) -> str | None:
+    """The first difference between two identities of one shard, as a phrase, or None."""
+    if was.count != now.count:
+        return f"it held {was.count} inputs, now {now.count}"
+    if was.first != now.first:
+        return f"its first image was {was.first!r}, now {now.first!r}"
+    if was.last != now.last:
+        return f"its last image was {was.last!r}, now {now.last!r}"
+    if was.digest != now.digest:
+        return (f"its input list changed (same first and last image {was.first!r}..{was.last!r}: "
+                "an image inside was renamed, relabelled, added or removed)")
+    return None
