@@ -107,12 +107,14 @@ def test_padding_last_batch_gives_same_maps(x):
 
 
 def test_one_trace_per_batch_shape(x):
+    """Short batches are padded to the next power of two, and each shape is traced once."""
     model = _flatten_head_model("fused")
     ex = Explainer(model, layers="c2", batch_size=4)
-    ex(x)
-    ex(x[:3])
-    ex(x[:1])
-    assert ex._fn.experimental_get_tracing_count() == 1
+    ex(x)  # 4 + 2
+    ex(x[:3])  # padded to 4
+    ex(x[:1])  # 1
+    ex(x[:2])
+    assert ex._fn.experimental_get_tracing_count() == 3  # shapes 4, 2 and 1
 
 
 def test_gradcampp_exact_agrees_with_closed_form(x):
@@ -197,11 +199,11 @@ def test_sigmoid_binary_head():
     p1 = model.predict(xs, verbose=0)[:, 0]
     np.testing.assert_allclose(res.probs[:, 1], p1, rtol=1e-4)
     np.testing.assert_array_equal(res.pred, (p1 > 0.5).astype(int))
-    # Grad-CAM by hand (float64): the explained logit is +z/2 for class 1 and -z/2 for class 0
-    # (softmax of (-z/2, z/2) is (1-p, p)); dS/dA = +-W/2 reshaped to the conv output.
+    # Grad-CAM by hand (float64): the explained score is +z for class 1 and -z for class 0;
+    # dS/dA = +-W reshaped to the conv output.
     A = keras.Model(model.input, model.get_layer("conv").output)(xs).numpy().astype(np.float64)
     k = model.layers[-1].kernel.numpy().astype(np.float64)[:, 0].reshape(A.shape[1:])
-    sign = np.where(res.pred == 1, 0.5, -0.5)
+    sign = np.where(res.pred == 1, 1.0, -1.0)
     w = sign[:, None] * k.mean(axis=(0, 1))[None, :]
     ref = np.maximum(np.einsum("nhwk,nk->nhw", A, w), 0)
     assert ref.std() > 0

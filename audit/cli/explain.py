@@ -27,6 +27,8 @@ def _names(values):
 
 
 def register(sub) -> None:
+    from audit.review.explain import DEFAULT_METHODS, all_methods
+
     p = sub.add_parser(
         "explain",
         help="single-image figures: CAM overlays per layer and method, guided backprop, feature maps, filters",
@@ -38,9 +40,8 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, help="output folder (created)")
     p.add_argument("--layers", nargs="+", help="target layers (default: automatic + last conv + last merge)")
     p.add_argument("--methods", nargs="+",
-                   help="some of gradcam, gradcam++, cam, gradcam++exact, gradient, guided, deconvnet, "
-                        "guided-gradcam (default: all but gradient and gradcam++exact; cam only where "
-                        "the head is GAP -> Dense)")
+                   help=f"some of {', '.join(all_methods())} (default: {' '.join(DEFAULT_METHODS)}; "
+                        "cam only where the head is GAP -> Dense; docs/methods.md describes each)")
     p.add_argument("--feature-layers", nargs="+",
                    help="layers for feature-map grids and filter patterns (default: first conv, middle, automatic)")
     p.add_argument("--filters", type=int, default=8, help="filter patterns per feature layer (0: none; default 8)")
@@ -48,6 +49,7 @@ def register(sub) -> None:
     p.add_argument("--channels", type=int, default=32, help="channels per feature-map grid (default 32)")
     p.add_argument("--target", default="predicted", help="class to explain: predicted (default), index or name")
     p.add_argument("--classes", nargs="+", help="class names in output order (or one comma-separated list)")
+    p.add_argument("--output", help="the classifier output of a model with several outputs (its name)")
     p.add_argument("--preprocess", default=None,
                    help="none | scale_0_1 | scale_-1_1 | caffe | torch | a keras.applications module "
                         "(default: none; the application's own with --application)")
@@ -75,7 +77,7 @@ def run(args) -> int:
     from audit.cli.layers import check_input_size
     from audit.engine.models import check_preprocess, load_model
     from audit.errors import AuditError
-    from audit.review.explain import METHODS, explain
+    from audit.review.explain import all_methods, explain
 
     paths = list(args.paths)
     model_path = None if args.application else paths.pop(0)
@@ -84,9 +86,10 @@ def run(args) -> int:
     for p in paths:  # fail before the (slow) model load
         if not Path(p).is_file():
             raise AuditError(f"image not found: {p}")
-    bad = [m for m in _names(args.methods) or () if m not in METHODS]
+    known = all_methods()
+    bad = [m for m in _names(args.methods) or () if m not in known]
     if bad:
-        raise AuditError(f"unknown method {bad[0]!r}; expected some of {', '.join(METHODS)}")
+        raise AuditError(f"unknown method {bad[0]!r}; expected some of {', '.join(known)}")
     if args.filters < 0 or args.steps < 1 or args.channels < 1:
         raise AuditError("--filters must be at least 0, --steps and --channels at least 1")
     check_input_size(args.input_size)
@@ -102,6 +105,7 @@ def run(args) -> int:
         model, paths, args.out, layers=_names(args.layers), methods=_names(args.methods),
         preprocess_mode=preprocess, feature_layers=_names(args.feature_layers), filters=args.filters,
         steps=args.steps, channels=args.channels, target=args.target, classes=_names(args.classes),
+        output=args.output,
     )
     print(f"wrote {index}")
     return 0

@@ -1,11 +1,17 @@
-"""The CAM engine: Grad-CAM, Grad-CAM++ and CAM for a batch, in one pass.
+"""The CAM engine: every requested method and layer for a batch, in one pass.
 
 One gradient model is built per :class:`Explainer`; one compiled function per
 batch shape runs one forward and one backward pass from the target class
-*logit* (pre-softmax score) and returns the maps of every requested layer and
-method.  The channel-weighting rules are pure functions of the activations
-``A`` (N, h, w, K) and gradients ``g`` (same shape), so they can be tested
-against NumPy without a model.
+*score* (the logit, see :mod:`audit.engine.heads`) and returns the maps of
+every requested layer and one-pass method.  Methods that need more
+(``scorecam``: forward passes of masked inputs; ``gradcam++exact``:
+higher-order derivatives) run after it on the same batch.  The methods
+themselves live in :mod:`audit.engine.methods`, one module each.
+
+Batch shapes: a call is cut into chunks of ``batch_size``; a chunk with fewer
+images is padded only up to the next power of two (1, 2, 4, ...), so 16
+images cost about what 16 images cost, and each of these shapes is traced
+once.
 """
 
 from __future__ import annotations
@@ -15,9 +21,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from audit.engine import graph
+from audit.engine import methods as registry
+from audit.engine.heads import Head, resolve_target
 from audit.errors import AuditError
 
-METHODS = ("gradcam", "gradcam++", "cam", "gradcam++exact")
+METHODS = registry.names()
+FLAT_RTOL = 1e-6  # a map whose values differ by less than this share of its maximum is constant
 
 
 def _tf():
@@ -27,140 +36,121 @@ def _tf():
 
 
 # ----------------------------------------------------------------------------
-# Channel weights (pure functions; work on NumPy arrays and TF tensors alike)
+# Pure helpers
 # ----------------------------------------------------------------------------
 
 
-def gradcam_weights(A, g):
-    """Grad-CAM (Selvaraju et al. 2017, eq. 1): w_k = mean_ij dS/dA^k_ij."""
-    tf = _tf()
-    return tf.reduce_mean(g, axis=(1, 2))
+def flat_maps(maps: np.ndarray) -> np.ndarray:
+    """(N,) True where a map (N, h, w) carries no information.
 
-
-def gradcampp_weights(A, g):
-    """Grad-CAM++ closed form (Chattopadhyay et al. 2018, eq. 19 with Y = exp(S)).
-
-    alpha = g^2 / (2 g^2 + sum_ab(A) g^3), w_k = sum_ij alpha * relu(g).
-    Computed from the gradient of the logit S; the factor exp(S) cancels, so
-    it is never formed (it overflows float32 above S = 88.7).  A zero or
-    non-finite denominator is replaced by 1 (alpha is then 0 where g is 0).
+    A map is flat when it has a non-finite value, no positive value, or is
+    constant (max - min <= FLAT_RTOL * max, e.g. every map of a 1x1 layer):
+    a constant map has no peak and no place, and must not be read as one.
     """
-    tf = _tf()
-    g2 = tf.square(g)
-    g3 = g2 * g
-    sum_a = tf.reduce_sum(A, axis=(1, 2), keepdims=True)
-    denom = 2.0 * g2 + sum_a * g3
-    ok = tf.logical_and(tf.not_equal(denom, 0.0), tf.math.is_finite(denom))
-    alpha = g2 / tf.where(ok, denom, tf.ones_like(denom))
-    return tf.reduce_sum(alpha * tf.nn.relu(g), axis=(1, 2))
+    arr = np.asarray(maps, np.float64)
+    finite = np.isfinite(arr).all(axis=(1, 2))
+    a = np.where(np.isfinite(arr), arr, 0.0)
+    hi, lo = a.max(axis=(1, 2)), a.min(axis=(1, 2))
+    return ~finite | ~(hi > 0) | ((hi - lo) <= FLAT_RTOL * hi)
 
 
-def combine(A, w):
-    """map = relu(sum_k w_k A^k): (N, h, w, K) x (N, K) -> (N, h, w)."""
-    tf = _tf()
-    return tf.nn.relu(tf.einsum("nhwk,nk->nhw", A, tf.cast(w, A.dtype)))
+def buckets(batch_size: int) -> list[int]:
+    """The batch shapes an Explainer compiles: powers of two below ``batch_size``, then it."""
+    out, b = [], 1
+    while b < batch_size:
+        out.append(b)
+        b *= 2
+    return out + [int(batch_size)]
 
 
-class Method:
-    """A CAM method: how channels are weighted.  The engine owns the tape."""
-
-    name = ""
-    needs_head = False
-
-    def weights(self, A, g, head_w):  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def __call__(self, A, g, head_w=None):
-        return combine(A, self.weights(A, g, head_w))
+def bucket_for(k: int, batch_size: int) -> int:
+    """The smallest compiled batch shape that holds ``k`` images."""
+    return next(b for b in buckets(batch_size) if b >= k)
 
 
-class GradCAM(Method):
-    name = "gradcam"
+def cam_dense(t: graph.Trace, path: str):
+    """The Dense layer of a GAP -> Dense head right above ``path`` (for CAM).
 
-    def weights(self, A, g, head_w):
-        return gradcam_weights(A, g)
+    Between the GlobalAveragePooling2D and the Dense only Dropout or linear
+    Activation layers may sit, and after the Dense only the head's activation,
+    so that the Dense kernel holds the class weights.
 
-
-class GradCAMPlusPlus(Method):
-    name = "gradcam++"
-
-    def weights(self, A, g, head_w):
-        return gradcampp_weights(A, g)
-
-
-class CAM(Method):
-    """CAM (Zhou et al. 2016): w_k = W[k, c], the Dense kernel of a GAP head."""
-
-    name = "cam"
-    needs_head = True
-
-    def weights(self, A, g, head_w):
-        return head_w
-
-
-_METHODS = {m.name: m for m in (GradCAM(), GradCAMPlusPlus(), CAM())}
-
-
-# ----------------------------------------------------------------------------
-# The head: where the class logit comes from
-# ----------------------------------------------------------------------------
-
-
-def _activation_name(layer) -> str:
-    act = getattr(layer, "activation", None)
-    return getattr(act, "__name__", str(act)) if act is not None else ""
-
-
-def _head(t: graph.Trace):
-    """(kind, capture_input_path, dense_layer) for the model's last layer.
-
-    kind: "dense_softmax" / "dense_sigmoid" (activation fused in a Dense: the
-    logit is recomputed from the Dense input), "softmax" / "sigmoid" (a
-    separate activation layer: its input is the logit), or "linear".
+    Raises:
+        AuditError: the head above ``path`` is not of that form.
     """
-    head = t.head()
-    act = _activation_name(head.layer)
-    if head.kind == "Softmax" or (head.kind == "Activation" and act == "softmax"):
-        return "softmax", head.path, None
-    if head.kind == "Activation" and act == "sigmoid":
-        return "sigmoid", head.path, None
-    if act in ("softmax", "sigmoid"):
-        if head.kind != "Dense":
-            raise AuditError(
-                f"the last layer {head.path!r} ({head.kind}) has a fused {act}; only a "
-                f"Dense layer may fuse it. Put the {act} in its own Activation layer"
-            )
-        return f"dense_{act}", head.path, head.layer
-    return "linear", None, None
-
-
-def _cam_kernel(t: graph.Trace, path: str):
-    """The Dense kernel (K, C) above ``path`` when the head is GAP -> Dense."""
-    calls = t.by_path()
-    cur = calls[path]
+    cur = t.by_path()[path]
     chain = []
-    while True:
+    while t.output_id not in cur.outputs:
         nxt = [c for c in t.calls if set(c.inputs) & set(cur.outputs)]
         if len(nxt) != 1:
             break
         cur = nxt[0]
         chain.append(cur)
-        if cur.kind == "Dense":
-            break
     kinds = [c.kind for c in chain]
+    dense = [i for i, k in enumerate(kinds) if k == "Dense"]
+    middle = chain[1:dense[0]] if dense else []
+    after = chain[dense[0] + 1:] if dense else []
     ok = (
-        kinds
-        and kinds[0] in ("GlobalAveragePooling2D",)
-        and kinds[-1] == "Dense"
-        and all(k in ("Dropout", "Activation") for k in kinds[1:-1])
-        and (len(kinds) < 3 or all(_activation_name(c.layer) in ("", "linear") for c in chain[1:-1]))
+        len(dense) == 1 and kinds[0] == "GlobalAveragePooling2D" and t.output_id in chain[-1].outputs
+        and all(c.kind == "Dropout" or (c.kind == "Activation" and _linear(c.layer)) for c in middle)
+        and all(c.kind in ("Softmax", "Activation") for c in after)
     )
     if not ok:
         raise AuditError(
             f"method 'cam' needs a GlobalAveragePooling2D -> Dense head right above layer "
             f"{path!r}; found {' -> '.join(kinds) or 'nothing'}. Use gradcam instead"
         )
-    return chain[-1].layer.kernel
+    return chain[dense[0]].layer
+
+
+def _linear(layer) -> bool:
+    act = getattr(layer, "activation", None)
+    return getattr(act, "__name__", "") in ("", "linear")
+
+
+# ----------------------------------------------------------------------------
+# The result
+# ----------------------------------------------------------------------------
+
+
+@dataclass
+class Explanation:
+    """Output of :class:`Explainer` for a batch of N images: M rows.
+
+    M == N, row i for image i, except for a multi-label head with
+    ``target="predicted"``: one row per (image, label above 0.5), and one row
+    for the most probable label of an image with none (``pred`` -1 there).
+    ``image`` says which input image each row is about.
+
+    Attributes:
+        pred: (M,) predicted class (multi-label: the row's label when its
+            probability is above 0.5, else -1).
+        score: (M,) probability of ``pred`` (multi-label: of the row's label).
+        target: (M,) class whose score was explained.
+        probs: (M, C) class probabilities (multi-label: each label's sigmoid).
+        image: (M,) index of the input image of each row.
+        maps: (layer, method) -> (M, h, w) float32 maps (ReLU applied, raw scale).
+        flat: (layer, method) -> (M,) bool, True where the map is degenerate
+            (non-finite, all zero or constant; such maps are set to 0).
+    """
+
+    pred: np.ndarray
+    score: np.ndarray
+    target: np.ndarray
+    probs: np.ndarray
+    image: np.ndarray = None
+    maps: dict = field(default_factory=dict)
+    flat: dict = field(default_factory=dict)
+
+
+@dataclass
+class _Chunk:
+    """One compiled call's results, cut to its real images."""
+
+    pred: np.ndarray
+    target: np.ndarray
+    probs: np.ndarray
+    maps: dict  # (layer, method) -> (k, h, w)
 
 
 # ----------------------------------------------------------------------------
@@ -168,213 +158,228 @@ def _cam_kernel(t: graph.Trace, path: str):
 # ----------------------------------------------------------------------------
 
 
-@dataclass
-class Explanation:
-    """Output of :class:`Explainer` for a batch of N images."""
-
-    pred: np.ndarray  # (N,) predicted class
-    score: np.ndarray  # (N,) probability of the predicted class
-    target: np.ndarray  # (N,) class whose logit was explained
-    probs: np.ndarray  # (N, C) class probabilities
-    maps: dict = field(default_factory=dict)  # (layer, method) -> (N, h, w) float32
-    flat: dict = field(default_factory=dict)  # (layer, method) -> (N,) bool
-
-
 class Explainer:
-    """Batched Grad-CAM / Grad-CAM++ / CAM for a Keras classifier.
+    """Batched CAM maps (Grad-CAM, Grad-CAM++, CAM, HiResCAM, ...) for a Keras classifier.
 
     >>> ex = Explainer(model, layers="auto", methods=("gradcam", "gradcam++"))
     >>> res = ex(x)                      # x: preprocessed float32 (N, H, W, C)
     >>> res.maps[(ex.layers[0], "gradcam")].shape   # (N, h, w)
+
+    Args:
+        model: a Functional or Sequential Keras classifier with a fixed input
+            size (see :func:`audit.engine.models.with_input_size`).
+        layers: ``"auto"`` (the deepest spatial layer every path passes
+            through), a layer path, or a list of them (``base/out_relu`` for a
+            layer inside a nested model).
+        methods: a method name or a list (see :data:`METHODS` and
+            docs/methods.md).
+        target: ``"predicted"`` (the predicted class; multi-label: every label
+            above 0.5), ``"label"`` (the ``labels`` given to each call), or a
+            class name or index (names first: see :func:`audit.engine.heads.resolve_class`).
+        batch_size: images per compiled call (smaller calls use a power of two).
+        classes: class names in output order (for named targets), or None.
+        output: the classifier output of a model with several outputs.
+        token_grid: (h, w) of the patch tokens of a vision transformer's token
+            layers; default found per layer (see :func:`audit.engine.graph.find_grid`).
+
+    Attributes:
+        layers: the resolved target-layer paths.
+        methods: the method names.
+        head: the model's :class:`~audit.engine.heads.Head`.
+        num_classes: classes of the head (2 for one sigmoid or logit unit).
+        target: ``"predicted"``, ``"label"`` or a class index.
+        input_shape: (H, W, C) of the model input.
+        layer_shapes: layer path -> (h, w) of its map.
+
+    Raises:
+        AuditError: an unknown method or layer, a layer that is not spatial,
+            a head the engine cannot read, ``cam`` without a GAP -> Dense head,
+            a target that is not a class, class names that do not fit the model,
+            or several outputs and none chosen.
     """
 
     def __init__(self, model, layers="auto", methods=("gradcam", "gradcam++"),
-                 target="predicted", batch_size=32, classes=None, token_grid=None):
+                 target="predicted", batch_size=32, classes=None, output=None, token_grid=None):
         import keras
 
-        if isinstance(methods, str):
-            methods = (methods,)
-        bad = [m for m in methods if m not in METHODS]
-        if bad or not methods:
-            raise AuditError(f"unknown method {bad[0] if bad else ''!r}; expected some of {', '.join(METHODS)}")
+        self._methods = registry.get(methods)
+        self.methods = tuple(m.name for m in self._methods)
         self.model = model
-        self.methods = tuple(dict.fromkeys(methods))
         self.classes = list(classes) if classes is not None else None
         self.batch_size = int(batch_size)
-        t0 = graph.trace(model, token_grid=token_grid)  # token_grid: (h, w) of ViT patch tokens
+        if self.batch_size < 1:
+            raise AuditError(f"batch_size must be at least 1, got {batch_size}")
+        t0 = graph.trace(model, output=output, token_grid=token_grid)  # token_grid: (h, w) of ViT patch tokens
+        self.head = Head.from_trace(t0, model, output)
+        self.num_classes = self.head.num_classes
+        if self.classes is not None and len(self.classes) != self.num_classes:
+            raise AuditError(f"{len(self.classes)} class names given but the model has {self.num_classes} classes")
         self.layers = graph.resolve_layers(t0, layers)
-        self._head_kind, head_in, dense = _head(t0)
-        t = graph.trace(model, capture=self.layers, capture_inputs=[head_in] if head_in else [],
+        needs_head = any(m.needs.head_weights for m in self._methods)
+        self._cam_dense = {p: cam_dense(t0, p) for p in self.layers} if needs_head else {}
+        capture = [self.head.capture] if self.head.capture else []
+        t = graph.trace(model, capture=self.layers, capture_inputs=capture, output=output,
                         token_grid=token_grid)
-        last = t.captured_in[head_in] if head_in else t.output
-        self._dense = dense
-        # several sigmoid units: independent (multi-label) probabilities
-        self._multi_label = self._head_kind.endswith("sigmoid") and t.output.shape[-1] > 1
-        self._cam_w = {p: _cam_kernel(t0, p) for p in self.layers} if "cam" in self.methods else {}
+        last = t.captured_in[self.head.capture] if self.head.capture else t.output
         self._gm = keras.Model(t.inputs[0], [t.captured[p] for p in self.layers] + [last])
         self.input_shape = tuple(t.inputs[0].shape[1:])
         self.layer_shapes = {p: tuple(t.captured[p].shape[1:3]) for p in self.layers}
-        # classes the logits have (a single sigmoid unit is explained as two classes)
-        n_out = int(t.output.shape[-1])
-        self.num_classes = 2 if n_out == 1 and self._head_kind.endswith("sigmoid") else n_out
-        self.target = self._check_target(target)
+        self.target = resolve_target(target, self.classes, self.num_classes)
+        self._one_pass = tuple(m for m in self._methods if not m.needs.own_pass)
+        self._own_pass = tuple(m for m in self._methods if m.needs.own_pass)
+        # multi-label + predicted: the labels to explain are known only after a forward pass
+        self._expand = self.head.kind == "multilabel" and self.target == "predicted"
         self._fn = None
-        self._exact_fn = None
+        self._functions: dict = {}
 
-    # -- target ---------------------------------------------------------------
-    def _check_target(self, target):
-        if target in ("predicted", "label"):
-            return target
-        if isinstance(target, str) and not target.lstrip("-").isdigit():
-            if not self.classes or target not in self.classes:
-                raise AuditError(
-                    f"target {target!r} is not a class name"
-                    + (f"; classes: {', '.join(self.classes)}" if self.classes else "")
-                )
-            return self.classes.index(target)
-        index = int(target)
-        if not 0 <= index < self.num_classes:
-            raise AuditError(f"target class {index} is out of range: the model has {self.num_classes} classes "
-                             f"(0..{self.num_classes - 1})")
-        return index
-
-    # -- the compiled step ------------------------------------------------------
-    def _logits(self, h):
-        tf = _tf()
-        h = tf.cast(h, tf.float32)
-        if self._dense is not None:
-            h = tf.matmul(h, tf.cast(self._dense.kernel, tf.float32))
-            if self._dense.bias is not None:
-                h = h + tf.cast(self._dense.bias, tf.float32)
-        if self._head_kind.endswith("sigmoid") and h.shape[-1] == 1:
-            h = tf.concat([-0.5 * h, 0.5 * h], axis=-1)  # softmax of this == (1-p, p)
-        return h
-
-    def _forward(self, x, labels):
-        """Forward pass inside a tape: activations, logits, targets, summed score."""
+    # -- what methods use --------------------------------------------------------
+    def forward(self, x):
+        """(activations per layer, class scores) for a batch, float32 TF tensors."""
         tf = _tf()
         outs = self._gm(x, training=False)
-        acts, logits = outs[:-1], self._logits(outs[-1])
-        pred = tf.argmax(logits, axis=-1, output_type=tf.int32)
-        if self.target == "predicted":
-            tgt = pred
-        elif self.target == "label":
-            tgt = labels
-        else:
-            tgt = tf.fill(tf.shape(pred), tf.constant(self.target, tf.int32))
-        s = tf.gather(logits, tgt, axis=1, batch_dims=1)
-        return acts, logits, pred, tgt, s
+        outs = list(outs) if isinstance(outs, (list, tuple)) else [outs]
+        acts = [tf.cast(a, tf.float32) for a in outs[:-1]]
+        return acts, self.head.scores(outs[-1])
 
-    def _step(self, x, labels):
+    def function(self, key: str, fn):
+        """``tf.function(fn)``, built once per Explainer and ``key`` (traced once per shape)."""
+        if key not in self._functions:
+            self._functions[key] = _tf().function(fn)
+        return self._functions[key]
+
+    # -- the compiled step -------------------------------------------------------
+    def _step(self, x, target_in):
         tf = _tf()
         with tf.GradientTape() as tape:
-            acts, logits, pred, tgt, s = self._forward(x, labels)
-            total = tf.reduce_sum(s)
-        grads = tape.gradient(total, acts)
-        maps = {}
+            acts, s = self.forward(x)
+            pred = self.head.tf_predict(s)
+            tgt = pred if self.target == "predicted" and not self._expand else target_in
+            total = tf.reduce_sum(tf.gather(s, tgt, axis=1, batch_dims=1))
+        need_grads = any(m.needs.gradients for m in self._one_pass)
+        grads = tape.gradient(total, acts) if need_grads else [None] * len(acts)
+        maps = []
         for i, path in enumerate(self.layers):
-            A = tf.cast(acts[i], tf.float32)
-            g = tf.cast(grads[i], tf.float32)
-            for m in self.methods:
-                if m == "gradcam++exact":
-                    continue
+            for m in self._one_pass:
                 head_w = None
-                if m == "cam":
-                    head_w = tf.gather(tf.transpose(tf.cast(self._cam_w[path], tf.float32)), tgt)
-                maps[f"{i}|{m}"] = _METHODS[m](A, g, head_w)
-        probs = tf.sigmoid(logits) if self._multi_label else tf.nn.softmax(logits)
-        score = tf.gather(probs, pred, axis=1, batch_dims=1)
-        return pred, score, tgt, probs, maps
-
-    def _exact_step(self, x, labels):
-        """Grad-CAM++ from the exact diagonal 2nd/3rd derivatives of Y = exp(S).
-
-        For comparison on small models only: it costs two Jacobians per layer.
-        Y is taken as exp(S - S0) with S0 = S held constant, which leaves alpha
-        unchanged and cannot overflow.
-        """
-        tf = _tf()
-        out = {}
-        for i in range(len(self.layers)):
-            with tf.GradientTape() as t3:
-                with tf.GradientTape() as t2:
-                    with tf.GradientTape() as t1:
-                        acts, _, _, _, s = self._forward(x, labels)
-                        A = acts[i]
-                        y = tf.exp(s - tf.stop_gradient(s))
-                        total = tf.reduce_sum(y)
-                    g1 = t1.gradient(total, A)
-                    n = tf.shape(A)[0]
-                    g1f = tf.reshape(g1, (n, -1))
-                j2 = t2.batch_jacobian(g1f, A, experimental_use_pfor=False)
-                d2 = tf.linalg.diag_part(tf.reshape(j2, (n, g1f.shape[1], -1)))
-            j3 = t3.batch_jacobian(d2, A, experimental_use_pfor=False)
-            d3 = tf.linalg.diag_part(tf.reshape(j3, (n, g1f.shape[1], -1)))
-            shape = tf.shape(A)
-            d2, d3 = tf.reshape(d2, shape), tf.reshape(d3, shape)
-            sum_a = tf.reduce_sum(A, axis=(1, 2), keepdims=True)
-            denom = 2.0 * d2 + sum_a * d3
-            ok = tf.logical_and(tf.not_equal(denom, 0.0), tf.math.is_finite(denom))
-            alpha = d2 / tf.where(ok, denom, tf.ones_like(denom))
-            w = tf.reduce_sum(alpha * tf.nn.relu(g1), axis=(1, 2))  # g1 = dY/dA at Y = 1
-            out[f"{i}|gradcam++exact"] = combine(A, w)
-        return out
+                if m.needs.head_weights:
+                    kernel = self.head.class_kernel(self._cam_dense[path].kernel)
+                    head_w = tf.gather(tf.transpose(kernel), tgt)
+                maps.append(m(acts[i], grads[i], head_w))
+        return pred, tgt, self.head.tf_probabilities(s), maps
 
     def _compiled(self):
         if self._fn is None:
-            tf = _tf()
-            sig = [
-                tf.TensorSpec((self.batch_size, *self.input_shape), tf.float32),
-                tf.TensorSpec((self.batch_size,), tf.int32),
-            ]
-            self._fn = tf.function(self._step, input_signature=sig)
-            if "gradcam++exact" in self.methods:
-                self._exact_fn = tf.function(self._exact_step, input_signature=sig)
+            self._fn = _tf().function(self._step)  # one trace per bucket shape
         return self._fn
 
-    # -- public ---------------------------------------------------------------
+    def _run_chunk(self, xb: np.ndarray, tb: np.ndarray) -> _Chunk:
+        """One compiled call on ``xb`` padded to its bucket, cut back to its images."""
+        k = len(xb)
+        size = bucket_for(k, self.batch_size)
+        if k < size:
+            xb = np.concatenate([xb, np.zeros((size - k, *xb.shape[1:]), np.float32)])
+            tb = np.concatenate([tb, np.zeros(size - k, np.int32)])
+        pred, tgt, probs, maps = self._compiled()(xb, tb)
+        keys = [(p, m.name) for p in self.layers for m in self._one_pass]
+        out = {key: v.numpy()[:k] for key, v in zip(keys, maps)}
+        for m in self._own_pass:
+            for p, v in zip(self.layers, m.run(self, xb, tgt.numpy())):
+                out[(p, m.name)] = np.asarray(v)[:k]
+        return _Chunk(pred.numpy()[:k], tgt.numpy()[:k], probs.numpy()[:k], out)
+
+    # -- public --------------------------------------------------------------------
     def __call__(self, x, labels=None) -> Explanation:
+        """Explain a batch.
+
+        Args:
+            x: preprocessed float32 images (N, H, W, C) at the model input size;
+                any N (cut into chunks of ``batch_size``).
+            labels: (N,) int class ids, required when ``target="label"``.
+
+        Returns:
+            An :class:`Explanation` (maps at each layer's resolution).
+
+        Raises:
+            AuditError: a batch of the wrong shape, or missing / misshapen labels.
+        """
+        x = self._check_batch(x)
+        targets = self._targets(len(x), labels)
+        image = np.arange(len(x))
+        if self._expand:
+            image, targets = self._multilabel_rows(x)
+            x = x[image]
+        b = self.batch_size
+        chunks = [self._run_chunk(x[s:s + b], targets[s:s + b]) for s in range(0, len(x), b)]
+        return self._assemble(chunks, image)
+
+    def _check_batch(self, x) -> np.ndarray:
         x = np.asarray(x, dtype=np.float32)
         if x.ndim != 4 or tuple(x.shape[1:]) != tuple(self.input_shape):
             raise AuditError(
                 f"expected a batch of shape (N, {', '.join(map(str, self.input_shape))}), got {x.shape}"
             )
-        n = len(x)
+        return x
+
+    def _targets(self, n: int, labels) -> np.ndarray:
+        """(n,) int32 classes to explain where they are known before the forward pass."""
         if self.target == "label":
             if labels is None:
                 raise AuditError("target='label' needs labels=...")
             labels = np.asarray(labels, dtype=np.int32)
             if labels.shape != (n,):
                 raise AuditError(f"labels must have shape ({n},), got {labels.shape}")
+            if n and not ((labels >= 0) & (labels < self.num_classes)).all():
+                raise AuditError(f"labels must be class ids 0..{self.num_classes - 1}")
+            return labels
+        if isinstance(self.target, int):
+            return np.full(n, self.target, np.int32)
+        return np.zeros(n, np.int32)
+
+    def probabilities(self, x) -> np.ndarray:
+        """(N, C) class probabilities of a batch (forward passes only)."""
+        x = self._check_batch(x)
+        fn = self.function("probabilities", lambda xb: self.head.tf_probabilities(self.forward(xb)[1]))
+        out = []
+        for s in range(0, len(x), self.batch_size):
+            xb = x[s:s + self.batch_size]
+            k, size = len(xb), bucket_for(len(xb), self.batch_size)
+            xb = np.concatenate([xb, np.zeros((size - k, *xb.shape[1:]), np.float32)]) if k < size else xb
+            out.append(fn(xb).numpy()[:k])
+        return np.concatenate(out) if out else np.zeros((0, self.num_classes), np.float32)
+
+    def _multilabel_rows(self, x):
+        """(image index, label) of every label above 0.5; the top label for an image with none."""
+        probs = self.probabilities(x)
+        image, label = [], []
+        for i, p in enumerate(probs):
+            above = np.flatnonzero(p > 0.5)
+            chosen = above if len(above) else [int(np.argmax(p))]
+            image += [i] * len(chosen)
+            label += [int(c) for c in chosen]
+        return np.array(image, np.int64), np.array(label, np.int32)
+
+    def _assemble(self, chunks: list[_Chunk], image: np.ndarray) -> Explanation:
+        def cat(name, dtype, shape):
+            parts = [getattr(c, name) for c in chunks]
+            return np.concatenate(parts).astype(dtype) if parts else np.zeros(shape, dtype)
+
+        target = cat("target", np.int64, (0,))
+        probs = cat("probs", np.float32, (0, self.num_classes))
+        pred = cat("pred", np.int64, (0,))
+        rows = np.arange(len(target))
+        if self.head.kind == "multilabel":  # the row's label, when the model says it is there
+            pred = np.where(probs[rows, target] > 0.5, target, -1)
+            score = probs[rows, target]
         else:
-            labels = np.zeros(n, np.int32)
-        fn = self._compiled()
-        b = self.batch_size
-        parts = []
-        for start in range(0, max(n, 1), b):
-            xb, lb = x[start:start + b], labels[start:start + b]
-            k = len(xb)
-            if k < b:  # pad: one compiled shape for every batch
-                xb = np.concatenate([xb, np.zeros((b - k, *xb.shape[1:]), np.float32)])
-                lb = np.concatenate([lb, np.zeros(b - k, np.int32)])
-            pred, score, tgt, probs, maps = fn(xb, lb)
-            if self._exact_fn is not None:
-                maps = {**maps, **self._exact_fn(xb, lb)}
-            parts.append(
-                (pred.numpy()[:k], score.numpy()[:k], tgt.numpy()[:k], probs.numpy()[:k],
-                 {key: v.numpy()[:k] for key, v in maps.items()})
-            )
-        res = Explanation(
-            pred=np.concatenate([p[0] for p in parts]).astype(np.int64),
-            score=np.concatenate([p[1] for p in parts]).astype(np.float32),
-            target=np.concatenate([p[2] for p in parts]).astype(np.int64),
-            probs=np.concatenate([p[3] for p in parts]).astype(np.float32),
-        )
-        for i, path in enumerate(self.layers):
+            score = probs[rows, pred]
+        res = Explanation(pred=pred, score=score.astype(np.float32), target=target, probs=probs,
+                          image=np.asarray(image, np.int64))
+        for path in self.layers:
+            h, w = self.layer_shapes[path]
             for m in self.methods:
-                key = f"{i}|{m}"
-                arr = np.concatenate([p[4][key] for p in parts]).astype(np.float32)
-                flat = ~np.isfinite(arr).all(axis=(1, 2)) | ~(arr > 0).any(axis=(1, 2))
+                parts = [c.maps[(path, m)] for c in chunks]
+                arr = np.concatenate(parts).astype(np.float32) if parts else np.zeros((0, h, w), np.float32)
+                flat = flat_maps(arr)
                 arr[flat] = 0.0  # degenerate: flagged, never NaN passed off as a map
                 res.maps[(path, m)] = arr
                 res.flat[(path, m)] = flat

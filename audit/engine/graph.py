@@ -152,7 +152,39 @@ def _model_input_shape(model) -> tuple:
     return tuple(shape)
 
 
-def trace(model, capture=(), capture_inputs=(), input_shape=None, token_grid=None) -> Trace:
+def output_names(model) -> list[str]:
+    """Names of a model's outputs in the order of ``model.outputs``.
+
+    The output layers' names (Keras ``model.output_names``); for a model
+    built with a dict of outputs, the dict keys are accepted too (see
+    :func:`output_index`).
+    """
+    names = list(getattr(model, "output_names", None) or [])
+    return names or [f"output_{i}" for i in range(len(model.outputs))]
+
+
+def output_index(model, output: str | None) -> int:
+    """Index in ``model.outputs`` of the output named ``output`` (None: the only one).
+
+    Raises:
+        AuditError: the model has several outputs and none (or an unknown one) is named.
+    """
+    names = output_names(model)
+    struct = getattr(model, "_outputs_struct", None)
+    keys = sorted(struct) if isinstance(struct, dict) else []  # flatten order of a dict
+    if output is None:
+        if len(names) == 1:
+            return 0
+        raise AuditError(f"model {model.name!r} has {len(names)} outputs ({', '.join(names)}); "
+                         "choose the classifier output with model.output: NAME (audit explain: --output NAME)")
+    if output in names:
+        return names.index(output)
+    if output in keys and len(keys) == len(names):
+        return keys.index(output)
+    raise AuditError(f"model {model.name!r} has no output {output!r}; outputs: {', '.join(names)}")
+
+
+def trace(model, capture=(), capture_inputs=(), input_shape=None, token_grid=None, output=None) -> Trace:
     """Re-run ``model`` symbolically and record every leaf layer call.
 
     Args:
@@ -165,13 +197,14 @@ def trace(model, capture=(), capture_inputs=(), input_shape=None, token_grid=Non
         input_shape: (N, H, W, C) to trace with; default the model's own.
         token_grid: (h, w) of the patch tokens of every token layer; default
             found per layer (:func:`find_grid`).
+        output: the output to follow in a model with several (see :func:`output_index`).
 
     Returns:
         The :class:`Trace`.
 
     Raises:
         AuditError: a subclassed model, a model without a known input shape,
-            or one with several outputs.
+            or one with several outputs and none (or an unknown one) named.
     """
     capture, capture_inputs = set(capture), set(capture_inputs)
     shape = tuple(input_shape) if input_shape else _model_input_shape(model)
@@ -236,9 +269,8 @@ def trace(model, capture=(), capture_inputs=(), input_shape=None, token_grid=Non
             "traced. Build it with the Functional or Sequential API."
         )
     outs = _flat(out)
-    if len(outs) != 1:
-        raise AuditError(f"model {model.name!r} has {len(outs)} outputs; a classifier has one")
-    t.output, t.output_id = outs[0], id(outs[0])
+    chosen = outs[output_index(model, output)] if len(outs) > 1 or output is not None else outs[0]
+    t.output, t.output_id = chosen, id(chosen)
     return t
 
 

@@ -38,9 +38,7 @@ import numpy as np
 from audit.errors import AuditError
 from audit.review import viz
 
-CAM_METHODS = ("gradcam", "gradcam++", "cam", "gradcam++exact")
 GRAD_METHODS = ("gradient", "guided", "deconvnet", "guided-gradcam")
-METHODS = CAM_METHODS + GRAD_METHODS
 DEFAULT_METHODS = ("gradcam", "gradcam++", "cam", "guided", "guided-gradcam", "deconvnet")
 
 _RELU_NAMES = ("relu", "relu6")
@@ -239,24 +237,33 @@ def _linear_copy(layer, input_shape, name):
     return new
 
 
+def cam_methods() -> tuple[str, ...]:
+    """The CAM methods of the engine's registry."""
+    from audit.engine.methods import names
+
+    return names()
+
+
+def all_methods() -> tuple[str, ...]:
+    """Every method ``audit explain`` draws: the registry's CAM methods, then the input gradients."""
+    return cam_methods() + GRAD_METHODS
+
+
 @dataclass
 class GuidedModel:
-    """The rebuilt model: input -> class logits, with ReLUs replaced."""
+    """The rebuilt model: input -> the head's logits, with ReLUs replaced."""
 
     model: object
     mode: str
     replaced: list = field(default_factory=list)  # paths whose ReLU got the custom gradient
-    head: str = "linear"
+    head: object = None  # audit.engine.heads.Head
 
     def logits(self, x):
-        tf = _tf()
-        h = tf.cast(self.model(x, training=False), tf.float32)
-        if self.head.endswith("sigmoid") and h.shape[-1] == 1:
-            h = tf.concat([-0.5 * h, 0.5 * h], axis=-1)  # softmax of this == (1-p, p)
-        return h
+        """(N, classes) class scores: one sigmoid/logit unit z becomes (-z, +z), as in the Explainer."""
+        return self.head.scores_from_logits(self.model(x, training=False))
 
 
-def guided_model(model, mode: str = "guided") -> GuidedModel:
+def guided_model(model, mode: str = "guided", output=None) -> GuidedModel:
     """Rebuild ``model`` (input -> logits) with every ReLU's backward rule set by ``mode``.
 
     ``mode``: ``guided`` | ``deconvnet`` | ``gradient`` (the ordinary rule, for
@@ -264,27 +271,27 @@ def guided_model(model, mode: str = "guided") -> GuidedModel:
     taken from the class logit, as for Grad-CAM).  Nested Functional and
     Sequential base models are walked into.  Other layers are shared with
     ``model``; layers with a fused ReLU are copied; ``model`` itself is not
-    modified.
+    modified.  ``output`` chooses the output of a multi-output model.
     """
     import keras
 
-    from audit.engine import explainer as cam
     from audit.engine import graph
+    from audit.engine.heads import Head
 
     if mode not in ("guided", "deconvnet", "gradient"):
         raise AuditError(f"unknown backward mode {mode!r}; expected guided, deconvnet or gradient")
-    t0 = graph.trace(model)
-    head_kind, _, _ = cam._head(t0)
-    head_path = t0.head().path
+    t0 = graph.trace(model, output=output)
+    head = Head.from_trace(t0, model, output)
+    head_path = head.layer
     shape = graph._model_input_shape(model)
     x = keras.Input(shape=shape[1:], batch_size=shape[0])
     replaced: list[str] = []
 
     def leaf(layer, path, args, kwargs):
         kwargs = {k: v for k, v in kwargs.items() if k not in ("training", "mask")}
-        if path == head_path and head_kind in ("softmax", "sigmoid"):
+        if path == head_path and head.capture and head.dense is None:
             return args[0]  # the logit is the input of the separate softmax/sigmoid
-        if path == head_path and head_kind.startswith("dense_"):
+        if path == head_path and head.dense is not None:
             return _linear_copy(layer, args[0].shape, f"{_safe(path)}_logits")(args[0])
         params = _relu_params(layer)
         if params is None:
@@ -318,8 +325,9 @@ def guided_model(model, mode: str = "guided") -> GuidedModel:
         out = h
     else:
         out = model._run_through_graph(x, operation_fn=lambda op: (lambda *a, **k: visit(op, "", a, k)))
+        out = head.select(keras.tree.flatten(out)) if len(model.outputs) > 1 else out
     rebuilt = keras.Model(x, out, name=f"{_safe(model.name)}_{mode}")
-    return GuidedModel(rebuilt, mode, replaced, head_kind)
+    return GuidedModel(rebuilt, mode, replaced, head)
 
 
 def input_gradients(gm: GuidedModel, x, target) -> np.ndarray:
@@ -515,49 +523,117 @@ class Figure:
     note: str = ""
 
 
-def _check_classes(model, classes) -> None:
-    """One-line error for class names that do not fit the model's outputs (the target is the Explainer's)."""
-    n_out = int(model.outputs[0].shape[-1])
-    n = 2 if n_out == 1 else n_out  # one sigmoid unit: classes 0 and 1
-    if classes is not None and len(classes) != n:
-        raise AuditError(f"{len(classes)} class names given but the model has {n} classes")
+@dataclass
+class _Setup:
+    """What :func:`explain` resolved before reading any image."""
+
+    layers: list
+    feature_layers: list
+    methods: list
+    size: tuple  # (H, W)
+    channels: int
+    explainer: object  # the Explainer of the CAM methods (not cam)
+    cam_explainer: object = None  # the Explainer of 'cam' on the layers where the head allows it
+    cam_notes: list = field(default_factory=list)
 
 
-def explain(model, image_paths, out_dir, *, layers=None, methods=None, preprocess_mode="none",
-            feature_layers=None, filters: int = 8, steps: int = 40, channels: int = 32,
-            target="predicted", classes=None, patterns: bool = True, seed: int = 0) -> Path:
-    """Write the figures for ``image_paths`` into ``out_dir``; return the path of index.html."""
-    from audit.engine import explainer as cam
+def _setup(model, t, layers, feature_layers, methods, target, classes, output, n_images) -> _Setup:
+    """Resolve layers and methods and build the Explainers (they check the target and classes)."""
     from audit.engine import graph
-    from audit.engine.explainer import Explainer
-    from audit.engine.models import input_size_of, preprocess
+    from audit.engine.explainer import Explainer, cam_dense
+    from audit.engine.models import input_size_of
 
     explicit_cam = methods is not None and "cam" in methods  # asked for: fail if the head has no GAP
     methods = list(dict.fromkeys(methods or DEFAULT_METHODS))
-    bad = [m for m in methods if m not in METHODS]
+    known = all_methods()
+    bad = [m for m in methods if m not in known]
     if bad:
-        raise AuditError(f"unknown method {bad[0]!r}; expected some of {', '.join(METHODS)}")
-    image_paths = [Path(p) for p in image_paths]
-    if not image_paths:
-        raise AuditError("give at least one image")
-    t = graph.trace(model)
+        raise AuditError(f"unknown method {bad[0]!r}; expected some of {', '.join(known)}")
     layers = graph.resolve_layers(t, layers) if layers else default_layers(t)
     feature_layers = graph.resolve_layers(t, feature_layers) if feature_layers else default_feature_layers(t)
     h, w = input_size_of(model)
     ch = int(model.inputs[0].shape[-1])
     if ch not in (1, 3):
         raise AuditError(f"model input has {ch} channels; audit explain reads RGB or grey images")
-    _check_classes(model, classes)
+    cams = [m for m in methods if m in cam_methods() and m != "cam"]
+    if "guided-gradcam" in methods and "gradcam" not in cams:
+        cams.append("gradcam")
+    ex = Explainer(model, layers=layers, methods=tuple(cams) or ("gradcam",), target=target,
+                   batch_size=n_images, classes=classes, output=output)
+    setup = _Setup(layers, feature_layers, methods, (h, w), ch, ex)
+    if "cam" in methods:
+        ok_layers = []
+        for p in layers:
+            try:
+                cam_dense(t, p)
+                ok_layers.append(p)
+            except AuditError as e:
+                if explicit_cam:
+                    raise
+                setup.cam_notes.append(str(e))
+        if ok_layers:
+            setup.cam_explainer = Explainer(model, layers=ok_layers, methods=("cam",), target=target,
+                                            batch_size=n_images, classes=classes, output=output)
+    return setup
+
+
+def _input_gradients(model, x, target, methods, affine, output):
+    """Input gradients per backward mode asked for; and the ReLU paths that were replaced."""
+    grads, replaced = {}, []
+    for mode in ("gradient", "guided", "deconvnet"):
+        if mode in methods or (mode == "guided" and "guided-gradcam" in methods):
+            gm = guided_model(model, mode, output=output)
+            replaced = gm.replaced
+            g = input_gradients(gm, x, target)
+            if affine is not None:
+                g = g @ affine[0]  # dL/du = dL/dx . M: back to image (RGB) space
+            grads[mode] = g
+    return grads, replaced
+
+
+def explain(model, image_paths, out_dir, *, layers=None, methods=None, preprocess_mode="none",
+            feature_layers=None, filters: int = 8, steps: int = 40, channels: int = 32,
+            target="predicted", classes=None, patterns: bool = True, seed: int = 0, output=None) -> Path:
+    """Write the figures for ``image_paths`` into ``out_dir``.
+
+    Args:
+        model: a Keras classifier (see :class:`audit.engine.explainer.Explainer`).
+        image_paths: image files (any format :mod:`audit.data.decode` reads).
+        out_dir: output folder (created).
+        layers: target layers (default: the automatic one, the last convolution
+            before it and the last merge layer).
+        methods: CAM methods of the registry and/or gradient, guided, deconvnet,
+            guided-gradcam (default: :data:`DEFAULT_METHODS`; ``cam`` there only
+            where the head is GAP -> Dense).
+        preprocess_mode: see :func:`audit.engine.models.preprocess`.
+        feature_layers: layers for feature-map grids and filter patterns.
+        filters, steps, channels: filter patterns per layer, gradient-ascent steps,
+            channels per feature grid.
+        target: ``predicted`` (multi-label heads: a page per label above 0.5),
+            or a class name or index (names first).
+        classes: class names in output order.
+        patterns, seed: draw filter patterns; their random start.
+        output: the classifier output of a multi-output model.
+
+    Returns:
+        The path of ``out_dir/index.html``.
+
+    Raises:
+        AuditError: an unknown method or layer, a bad target or class list,
+            an unreadable image, an output folder that cannot be created.
+    """
+    from audit.engine import graph
+    from audit.engine.models import preprocess
+
+    image_paths = [Path(p) for p in image_paths]
+    if not image_paths:
+        raise AuditError("give at least one image")
+    t = graph.trace(model, output=output)
+    st = _setup(model, t, layers, feature_layers, methods, target, classes, output, len(image_paths))
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise AuditError(f"output {out} exists and is not a directory")
-    # built before the images are read: it checks the target against the model's classes
-    cam_methods = [m for m in methods if m in CAM_METHODS and m != "cam"]
-    want_cam = "cam" in methods
-    need_gc = "guided-gradcam" in methods and "gradcam" not in cam_methods
-    base_methods = tuple(cam_methods + (["gradcam"] if need_gc else [])) or ("gradcam",)
-    ex = Explainer(model, layers=layers, methods=base_methods, target=target, batch_size=len(image_paths),
-                   classes=classes)
+    (h, w), ch = st.size, st.channels
     images = np.stack([read_image(p, (h, w), ch) for p in image_paths])
     x = preprocess(images, preprocess_mode)
     affine = affine_of(lambda a: preprocess(a, preprocess_mode), ch)
@@ -565,99 +641,118 @@ def explain(model, image_paths, out_dir, *, layers=None, methods=None, preproces
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise AuditError(f"cannot create the output folder {out}: {e.strerror or e}") from None
+    res = st.explainer(x)
+    maps = dict(res.maps)
+    if st.cam_explainer is not None:
+        maps.update(st.cam_explainer(x).maps)
+    xr = x[res.image]  # one row per explained (image, class)
+    grads, replaced = _input_gradients(model, xr, res.target, st.methods, affine, output)
     size = _tile_size(h, w)
     rgb = images if ch == 3 else np.repeat(images, 3, axis=-1)
     shown = [viz.fit(im, size) for im in rgb]
 
-    # --- CAM maps ---------------------------------------------------------
-    res = ex(x)
-    maps = dict(res.maps)
-    cam_note = {}
-    if want_cam:
-        ok_layers = []
-        for p in layers:
-            try:
-                cam._cam_kernel(t, p)
-                ok_layers.append(p)
-            except AuditError as e:
-                if explicit_cam:
-                    raise
-                cam_note[p] = str(e)
-        if ok_layers:
-            res_cam = Explainer(model, layers=ok_layers, methods=("cam",), target=target,
-                                batch_size=len(images), classes=classes)(x)
-            maps.update(res_cam.maps)
-
-    # --- input gradients ----------------------------------------------------
-    grads = {}
-    replaced = []
-    for mode_name, mode in (("gradient", "gradient"), ("guided", "guided"), ("deconvnet", "deconvnet")):
-        if mode_name in methods or (mode == "guided" and "guided-gradcam" in methods):
-            gm = guided_model(model, mode)
-            replaced = gm.replaced
-            g = input_gradients(gm, x, res.target)
-            if affine is not None:
-                g = g @ affine[0]  # dL/du = dL/dx . M: back to image (RGB) space
-            grads[mode_name] = g
-
     def name_of(c):
-        return classes[int(c)] if classes is not None and 0 <= int(c) < len(classes) else str(int(c))
+        c = int(c)
+        if c < 0:
+            return "none"
+        return classes[c] if classes is not None and 0 <= c < len(classes) else str(c)
 
-    figures: list[Figure] = []
     pages = []
-    col_methods = [m for m in methods if m in CAM_METHODS or m == "guided-gradcam"]
-    for i, p in enumerate(image_paths):
-        stem = f"{i:02d}_{_safe(p.stem)}"
-        pred_txt = f"pred {name_of(res.pred[i])} ({res.score[i]:.2f})"
-        # CAM grid: rows = layers, cols = methods
-        header = [_text_tile(pred_txt, size)] + [_text_tile(m, size) for m in col_methods]
-        tiles = []
-        for layer in layers:
-            hh, ww = ex.layer_shapes[layer]
-            tiles.append(viz.caption(shown[i][: size - 18], f"{layer.split('/')[-1]} {hh}x{ww}"))
-            for m in col_methods:
-                if m == "guided-gradcam":
-                    gc = viz.resize_map(viz.normalize(maps[(layer, "gradcam")][i]), (h, w))
-                    tile = viz.fit(gradient_image(grads["guided"][i] * gc[..., None]), size)
-                    tiles.append(viz.caption(tile[: size - 18], "guided x gradcam"))
-                elif (layer, m) in maps:
-                    m01 = viz.normalize(maps[(layer, m)][i])
-                    note = "flat map" if not m01.any() else f"max {maps[(layer, m)][i].max():.3g}"
-                    tiles.append(viz.caption(viz.overlay_image(shown[i], m01)[: size - 18], note))
-                else:
-                    tiles.append(_na_tile(size, "n/a: head not GAP->Dense"))
-        fig = np.concatenate([viz.grid(header, cols=len(header)), viz.grid(tiles, cols=len(header))[4:]])
-        name = f"{stem}_cams.png"
-        (out / name).write_bytes(viz.png_bytes(fig))
-        figs = [Figure("cams", f"{p.name}: target layers x methods", name,
-                       "JET overlays; each map normalised by its own maximum.")]
-        # gradients
-        gtiles = [viz.caption(shown[i], pred_txt)]
-        for mode_name in ("gradient", "guided", "deconvnet"):
-            if mode_name in grads and mode_name in methods:
-                gtiles.append(viz.caption(viz.fit(gradient_image(grads[mode_name][i]), size),
-                                          {"gradient": "gradient", "guided": "guided backprop",
-                                           "deconvnet": "deconvnet"}[mode_name]))
-        if len(gtiles) > 1:
-            name = f"{stem}_gradients.png"
-            (out / name).write_bytes(viz.png_bytes(viz.grid(gtiles, cols=len(gtiles))))
-            figs.append(Figure("gradients", f"{p.name}: input gradients", name,
-                               f"d logit / d input; ReLUs with a custom gradient: {len(replaced)}."))
-        # feature maps
-        acts = _activations(model, x[i:i + 1], feature_layers)
-        for layer in feature_layers:
-            a = acts[layer][0]
-            name = f"{stem}_features_{_safe(layer)}.png"
-            fg = feature_grid(a, max_channels=channels)
-            (out / name).write_bytes(viz.png_bytes(fg))
-            figs.append(Figure("features", f"{layer} {a.shape[0]}x{a.shape[1]}x{a.shape[2]}", name,
-                               f"channels 0-{min(channels, a.shape[-1]) - 1} of {a.shape[-1]}, "
-                               "each normalised on its own (viridis)"))
-        pages.append({"image": p.name, "pred": name_of(res.pred[i]), "score": float(res.score[i]),
-                      "target": name_of(res.target[i]),
-                      "top": _top(res.probs[i], name_of), "figures": figs})
+    for r, i in enumerate(res.image):
+        row = _Row(r, int(i), image_paths[i], shown[i], name_of)
+        pages.append(_page(model, out, row, res, maps, grads, replaced, x, st, size, channels))
+    figures = _model_figures(model, t, out, st, affine, filters, steps, seed, size, patterns)
+    page = _render_index(pages, figures, {
+        "model": getattr(model, "name", "model"), "layers": st.layers, "feature_layers": st.feature_layers,
+        "methods": st.methods, "preprocess": preprocess_mode, "input": f"{h}x{w}x{ch}",
+        "notes": sorted(set(st.cam_notes)) + ([] if affine is not None else
+                                              ["preprocessing is not affine: gradients shown in model-input space"]),
+    })
+    index = out / "index.html"
+    index.write_text(page, encoding="utf-8")
+    return index
 
-    # first layer's filters
+
+@dataclass
+class _Row:
+    """One explained (image, class) of :func:`explain`."""
+
+    r: int  # row in the Explanation
+    i: int  # image index
+    path: Path
+    shown: np.ndarray  # the image as a tile
+    name_of: object
+
+
+def _cam_figure(out, row, res, maps, grads, st, size, stem) -> Figure:
+    """The grid of target layers x CAM methods for one row."""
+    h, w = st.size
+    col_methods = [m for m in st.methods if m in cam_methods() or m == "guided-gradcam"]
+    r = row.r
+    pred_txt = f"pred {row.name_of(res.pred[r])} ({res.score[r]:.2f})"
+    header = [_text_tile(pred_txt, size)] + [_text_tile(m, size) for m in col_methods]
+    tiles = []
+    for layer in st.layers:
+        hh, ww = st.explainer.layer_shapes[layer]
+        tiles.append(viz.caption(row.shown[: size - 18], f"{layer.split('/')[-1]} {hh}x{ww}"))
+        for m in col_methods:
+            if m == "guided-gradcam":
+                gc = viz.resize_map(viz.normalize(maps[(layer, "gradcam")][r]), (h, w))
+                tile = viz.fit(gradient_image(grads["guided"][r] * gc[..., None]), size)
+                tiles.append(viz.caption(tile[: size - 18], "guided x gradcam"))
+            elif (layer, m) in maps:
+                m01 = viz.normalize(maps[(layer, m)][r])
+                note = "flat map" if not m01.any() else f"max {maps[(layer, m)][r].max():.3g}"
+                tiles.append(viz.caption(viz.overlay_image(row.shown, m01)[: size - 18], note))
+            else:
+                tiles.append(_na_tile(size, "n/a: head not GAP->Dense"))
+    fig = np.concatenate([viz.grid(header, cols=len(header)), viz.grid(tiles, cols=len(header))[4:]])
+    name = f"{stem}_cams.png"
+    (out / name).write_bytes(viz.png_bytes(fig))
+    return Figure("cams", f"{row.path.name}: target layers x methods (target {row.name_of(res.target[r])})", name,
+                  "JET overlays; each map normalised by its own maximum.")
+
+
+def _gradient_figure(out, row, res, grads, replaced, st, size, stem):
+    """Plain / guided / deconvnet input gradients of one row, or None."""
+    r = row.r
+    gtiles = [viz.caption(row.shown, f"pred {row.name_of(res.pred[r])} ({res.score[r]:.2f})")]
+    titles = {"gradient": "gradient", "guided": "guided backprop", "deconvnet": "deconvnet"}
+    for mode, title in titles.items():
+        if mode in grads and mode in st.methods:
+            gtiles.append(viz.caption(viz.fit(gradient_image(grads[mode][r]), size), title))
+    if len(gtiles) == 1:
+        return None
+    name = f"{stem}_gradients.png"
+    (out / name).write_bytes(viz.png_bytes(viz.grid(gtiles, cols=len(gtiles))))
+    return Figure("gradients", f"{row.path.name}: input gradients", name,
+                  f"d logit / d input; ReLUs with a custom gradient: {len(replaced)}.")
+
+
+def _page(model, out, row, res, maps, grads, replaced, x, st, size, channels) -> dict:
+    """The figures of one explained row (image, class) and its entry in index.html."""
+    r = row.r
+    label = "" if len(res.image) == len(set(res.image.tolist())) else f"_{_safe(row.name_of(res.target[r]))}"
+    stem = f"{row.i:02d}_{_safe(row.path.stem)}{label}"
+    figs = [_cam_figure(out, row, res, maps, grads, st, size, stem)]
+    gfig = _gradient_figure(out, row, res, grads, replaced, st, size, stem)
+    if gfig is not None:
+        figs.append(gfig)
+    acts = _activations(model, x[row.i:row.i + 1], st.feature_layers)
+    for layer in st.feature_layers:
+        a = acts[layer][0]
+        name = f"{stem}_features_{_safe(layer)}.png"
+        (out / name).write_bytes(viz.png_bytes(feature_grid(a, max_channels=channels)))
+        figs.append(Figure("features", f"{layer} {a.shape[0]}x{a.shape[1]}x{a.shape[2]}", name,
+                           f"channels 0-{min(channels, a.shape[-1]) - 1} of {a.shape[-1]}, "
+                           "each normalised on its own (viridis)"))
+    return {"image": row.path.name, "pred": row.name_of(res.pred[r]), "score": float(res.score[r]),
+            "target": row.name_of(res.target[r]), "top": _top(res.probs[r], row.name_of), "figures": figs}
+
+
+def _model_figures(model, t, out, st, affine, filters, steps, seed, size, patterns) -> list:
+    """The first layer's filters and the filter patterns of the feature layers."""
+    figures = []
     fc = first_conv(t)
     if fc is not None:
         kernel = np.asarray(fc.layer.kernel)
@@ -665,27 +760,18 @@ def explain(model, image_paths, out_dir, *, layers=None, methods=None, preproces
         (out / name).write_bytes(viz.png_bytes(filter_grid(kernel)))
         figures.append(Figure("filters", f"first layer filters: {fc.path} {tuple(kernel.shape)}", name,
                               "each filter min-max normalised on its own"))
-    # filter patterns by gradient ascent
-    if patterns and filters > 0:
-        for layer in feature_layers:
-            k = int(t.by_path()[layer].shape[-1])
-            idx = list(range(min(int(filters), k)))
-            u = filter_patterns(model, layer, idx, affine=affine, steps=steps, seed=seed)
-            tiles = [viz.caption(viz.fit(deprocess(im), min(size, 128)), f"filter {f}") for f, im in zip(idx, u)]
-            name = f"patterns_{_safe(layer)}.png"
-            (out / name).write_bytes(viz.png_bytes(viz.grid(tiles, cols=8)))
-            figures.append(Figure("patterns", f"filter patterns: {layer}", name,
-                                  f"gradient ascent, {steps} normalised steps from a noisy grey image"))
-    cam_notes = sorted(set(cam_note.values()))
-    page = _render_index(pages, figures, {
-        "model": getattr(model, "name", "model"), "layers": layers, "feature_layers": feature_layers,
-        "methods": methods, "preprocess": preprocess_mode, "input": f"{h}x{w}x{ch}",
-        "notes": cam_notes + ([] if affine is not None else
-                              ["preprocessing is not affine: gradients shown in model-input space"]),
-    })
-    index = out / "index.html"
-    index.write_text(page, encoding="utf-8")
-    return index
+    if not patterns or filters <= 0:
+        return figures
+    for layer in st.feature_layers:
+        k = int(t.by_path()[layer].shape[-1])
+        idx = list(range(min(int(filters), k)))
+        u = filter_patterns(model, layer, idx, affine=affine, steps=steps, seed=seed)
+        tiles = [viz.caption(viz.fit(deprocess(im), min(size, 128)), f"filter {f}") for f, im in zip(idx, u)]
+        name = f"patterns_{_safe(layer)}.png"
+        (out / name).write_bytes(viz.png_bytes(viz.grid(tiles, cols=8)))
+        figures.append(Figure("patterns", f"filter patterns: {layer}", name,
+                              f"gradient ascent, {steps} normalised steps from a noisy grey image"))
+    return figures
 
 
 def _top(probs, name_of, k=5):

@@ -286,6 +286,13 @@ def check(doc: dict) -> None:
         raise AuditError(f"spec error: dataset.path: format 'manifest' needs a CSV file, got {ds['path']}")
     if fmt == "folder" and ds.get("masks") and not os.path.isdir(ds["masks"]):
         raise AuditError(f"spec error: dataset.masks: not a directory: {ds['masks']}")
+    if ds.get("classes"):  # the same rule as the Explainer: class names first, then indices
+        from audit.engine.heads import resolve_target
+
+        try:
+            resolve_target(doc["explain"]["target"], list(ds["classes"]), len(ds["classes"]))
+        except AuditError as e:
+            raise AuditError(f"spec error: explain.target: {e}") from None
     for name, box in doc["explain"]["regions"].items():
         if not (box[0] < box[2] and box[1] < box[3]):
             raise AuditError(f"spec error: explain.regions.{name}: expected x0 < x1 and y0 < y1, got {box}")

@@ -177,6 +177,8 @@ class AuditWorker:
 
         cv2.setNumThreads(1)
         from audit.engine.explainer import Explainer
+        from audit.engine.heads import Head
+        from audit.engine.methods import METHODS
         from audit.engine.models import check_preprocess, input_size_of, load_model
 
         check_preprocess(m["preprocess"])
@@ -186,17 +188,20 @@ class AuditWorker:
         if tfinfo["mixed_precision"]:
             model = to_mixed_precision(model)
             tfinfo["mixed_precision"] = runs_mixed(model)  # what the model runs, not what was asked
-        n_out = int(model.outputs[0].shape[-1])
+        head = Head.of(model, m.get("output"))
+        n_out = head.units
         if self.classes is None:
-            self.classes = [str(i) for i in range(n_out)]
-        elif len(self.classes) != n_out and not (n_out == 1 and len(self.classes) == 2):
+            self.classes = [str(i) for i in range(head.num_classes)]
+        elif len(self.classes) != head.num_classes:
             raise AuditError(
                 f"the dataset has {len(self.classes)} classes ({', '.join(self.classes[:6])}"
-                f"{'...' if len(self.classes) > 6 else ''}) but the model has {n_out} outputs; "
+                f"{'...' if len(self.classes) > 6 else ''}) but the model has {n_out} outputs"
+                f"{' (one unit: 2 classes)' if head.num_classes != n_out else ''}; "
                 "set dataset.classes to the model's classes in output order"
             )
         self.explainer = Explainer(model, layers=ex["layers"], methods=tuple(ex["methods"]),
-                                   target=ex["target"], batch_size=res["batch_size"], classes=self.classes)
+                                   target=ex["target"], batch_size=res["batch_size"], classes=self.classes,
+                                   output=m.get("output"))
         if m.get("input_size"):
             size = tuple(int(v) for v in m["input_size"])
         else:
@@ -214,9 +219,10 @@ class AuditWorker:
         self.schema_version = SCHEMA_VERSION
         self.pool = ThreadPoolExecutor(max_workers=res.get("decode_threads", 4), thread_name_prefix="decode")
         self.post = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rows")
-        # trace the compiled step now (fixed batch shape), not on the first shard
-        self.explainer(np.zeros((1, *self.explainer.input_shape), np.float32),
-                       labels=np.zeros(1, np.int32) if self.explainer.target == "label" else None)
+        # trace the compiled step for a full batch now, not on the first shard
+        n_warm = 1 if any(METHODS[m].needs.own_pass for m in self.explainer.methods) else res["batch_size"]
+        self.explainer(np.zeros((n_warm, *self.explainer.input_shape), np.float32),
+                       labels=np.zeros(n_warm, np.int32) if self.explainer.target == "label" else None)
         self.info = {
             "pid": os.getpid(),
             "node": _node_id(),
@@ -482,6 +488,9 @@ class AuditWorker:
         ex = self.explainer
         parts, keys = [], []
         counts = {"flat": 0, "correct": 0, "labelled": 0}
+        correct, counts["labelled"], counts["correct"] = _correct(batch, res)
+        # one row per explained row: several per image for a multi-label head
+        batch = [batch[i] for i in res.image]
         labels = [b[1].label for b in batch]
         n = len(batch)
         has_mask = np.array([b[2][1] is not None for b in batch])
@@ -493,9 +502,7 @@ class AuditWorker:
                     masks[k] = b[2][1]
         label_arr = pa.array([None if v is None else int(v) for v in labels], pa.int32())
         pred = res.pred.astype(np.int32)
-        correct = [None if v is None else bool(v == p) for v, p in zip(labels, pred)]
-        counts["labelled"] += sum(c is not None for c in correct)
-        counts["correct"] += sum(bool(c) for c in correct)
+        pred_arr = pa.array([None if p < 0 else int(p) for p in pred], pa.int32())  # -1: no label above 0.5
         common = {
             "image_id": pa.array([b[1].image_id for b in batch], pa.string()),
             "path": pa.array([b[1].path for b in batch], pa.string()),
@@ -504,10 +511,10 @@ class AuditWorker:
             "shard": pa.array(np.full(n, shard_id, np.int32)),
             "label": label_arr,
             "label_name": pa.array([self._name(v) for v in labels], pa.string()),
-            "pred": pa.array(pred),
-            "pred_name": pa.array([self._name(int(p)) for p in pred], pa.string()),
+            "pred": pred_arr,
+            "pred_name": pa.array([None if p < 0 else self._name(int(p)) for p in pred], pa.string()),
             "score": pa.array(res.score.astype(np.float32)),
-            "correct": pa.array(correct, pa.bool_()),
+            "correct": pa.array([correct[i] for i in res.image], pa.bool_()),
             "target": pa.array(res.target.astype(np.int32)),
             "width": pa.array([b[2][2][0] for b in batch], pa.int32()),
             "height": pa.array([b[2][2][1] for b in batch], pa.int32()),
@@ -547,6 +554,20 @@ class AuditWorker:
             pool = getattr(self, name, None)
             if pool is not None:
                 pool.shutdown(wait=False)
+
+
+def _correct(batch, res):
+    """(per image: label predicted or None when unlabelled, labelled count, correct count).
+
+    Single-label heads: the label is the predicted class.  Multi-label heads:
+    the label is among the labels above 0.5.
+    """
+    predicted = [set() for _ in batch]
+    for i, p in zip(res.image, res.pred):
+        if p >= 0:
+            predicted[i].add(int(p))
+    correct = [None if b[1].label is None else int(b[1].label) in s for b, s in zip(batch, predicted)]
+    return correct, sum(c is not None for c in correct), sum(bool(c) for c in correct)
 
 
 def _node_id() -> str | None:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from audit.engine.methods import scan_preference
+
 VERDICTS = ("shortcut_suspected", "ok", "insufficient_data")
-METHOD_PREFERENCE = ("gradcam++", "gradcam", "cam", "gradcam++exact")
+METHOD_PREFERENCE = scan_preference()  # from the method registry (each method's scan_rank)
 BORDER_AREA = 1.0 - 0.8 * 0.8  # the outer 10% band on every side
 
 
