@@ -193,8 +193,7 @@ def gap_scores(rows, f: GroupFeatures, masked: bool, cue_kind: str, cue: str, gr
     out = np.full(n, np.nan)
     if grids is not None and grid_index is not None and f.mean_map is not None:
         hot = hot_cells(f.mean_map)
-        share = (np.asarray(grids) * hot).sum(axis=(1, 2))
-        for k, gi in enumerate(grid_index):
-            if gi >= 0:
-                out[k] = share[gi]
+        share = np.asarray(grids)[:, hot].sum(axis=1, dtype=np.float64)
+        gi = np.asarray(grid_index, np.int64)
+        out[gi >= 0] = share[gi[gi >= 0]]
     return out

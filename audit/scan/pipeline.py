@@ -56,6 +56,7 @@ class ClassGroup:
     rows: object  # DataFrame
     ids: np.ndarray  # ok image ids with a grid
     grids: np.ndarray | None = None  # (len(ids), g, g) float16
+    row_grid: np.ndarray | None = None  # (len(rows),): each row's index in grids, -1 without one
 
 
 def group_classes(view: ScanView) -> list[ClassGroup]:
@@ -75,6 +76,16 @@ def load_class_grids(view: ScanView, groups: list[ClassGroup], cfg: Config) -> N
         cm = maps.pop(g.class_id, None)
         if cm is not None and len(cm.image_ids):
             g.ids, g.grids = cm.image_ids, cm.grids
+        g.row_grid = _positions(g.ids, g.rows["image_id"].to_numpy())
+
+
+def _positions(ids: np.ndarray, wanted: np.ndarray) -> np.ndarray:
+    """Index of each of ``wanted`` in ``ids`` (the first, if repeated), -1 where absent."""
+    import pandas as pd
+
+    pos = pd.Series(np.arange(len(ids)), index=pd.Index(ids, dtype=object))
+    pos = pos[~pos.index.duplicated()]
+    return pos.reindex(pd.Index(wanted, dtype=object)).fillna(-1).to_numpy(dtype=np.int64)
 
 
 def cluster_params(cfg: Config, n: int) -> ClusterParams:
@@ -144,9 +155,10 @@ def judge_clusters(g: ClassGroup, own: Verdict, view: ScanView, cfg: Config, int
     labels, k = c_all.labels, c_all.k
     ccfg = replace(cfg, min_images=params.min_size)
     out = []
+    row_label = np.where(g.row_grid >= 0, labels[np.maximum(g.row_grid, 0)], -1)
     for c in range(k):
         members = g.ids[labels == c].tolist()
-        sub = g.rows[g.rows["image_id"].isin(members)]
+        sub = g.rows[row_label == c]
         if k == 1:  # the class itself
             cf, cres = group_features(sub, g.grids, view.regions, ccfg, view.size), own
         else:
@@ -172,11 +184,7 @@ def judge_class(g: ClassGroup, view: ScanView, cfg: Config, intervener, use_mask
     """Features, verdict, spurious gap and clusters of one class."""
     rows = g.rows
     f, own = judge_group(rows, g.grids, view, cfg, intervener, use_masks)
-    import pandas as pd
-
-    pos = pd.Series(np.arange(len(g.ids)), index=pd.Index(g.ids, dtype=object))
-    pos = pos[~pos.index.duplicated()]
-    grid_index = pos.reindex(rows["image_id"].to_numpy()).fillna(-1).to_numpy(dtype=np.int64)
+    grid_index = g.row_grid
     correct = rows["correct"].to_numpy(dtype=float, na_value=np.nan) if "correct" in rows \
         else np.full(len(rows), np.nan)
     gap = spurious_gap(gap_scores(rows, f, own.masked, own.cue_kind, own.cue, g.grids, grid_index), correct)
