@@ -112,8 +112,8 @@ def _table(d: Draw, cls: int, first: int, rng: np.random.Generator):
         "has_mask": pa.array(np.ones(n, bool)),
         **to_arrow_columns(st),
     }
-    schema = records_schema()
-    return pa.table([cols[f.name] for f in schema], schema=schema)
+    schema = records_schema()  # columns this fake does not fill (e.g. path_bytes) are null
+    return pa.table([cols[f.name] if f.name in cols else pa.nulls(n, f.type) for f in schema], schema=schema)
 
 
 def write_out(out, n_per_class: int, *, copies_of: int | None = None, noise: float = 0.05,
