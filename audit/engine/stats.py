@@ -1,7 +1,7 @@
 """Spurious-attention statistics of a batch of heatmaps (pure NumPy).
 
 :func:`map_stats` turns raw CAM maps into the per-map statistics of the
-records table (DESIGN.md "Statistics").  Conventions, all in one place:
+records table (docs/scan.md, "Per-map statistics").  Conventions, all in one place:
 
 * Every map is first resized (bilinear, OpenCV half-pixel centres, the same
   as :func:`audit.review.viz.resize_map`) to the model input size (H, W); then
@@ -148,63 +148,74 @@ def map_stats(maps, size, masks=None, has_mask=None, regions=None) -> dict[str, 
         raise ValueError(f"maps must be (N, h, w), got shape {raw.shape}")
     n = raw.shape[0]
     H, W = int(size[0]), int(size[1])
-    cols = stat_columns(list(regions))
-    out = {c: np.full(n, np.nan, np.float32) for c in cols}
+    out = {c: np.full(n, np.nan, np.float32) for c in stat_columns(list(regions))}
     out["status"] = np.full(n, "flat", dtype=object)
     if n == 0:
         return out
-
-    finite_px = np.isfinite(raw)
-    finite = finite_px.reshape(n, -1).all(axis=1)
-    e = resize_maps(raw if finite.all() else np.where(finite_px, raw, 0.0), (H, W))
-    np.maximum(e, 0.0, out=e)
-    npx = H * W
-    e = e.reshape(n, npx)  # float32 energy
-    total = e.sum(axis=1, dtype=np.float64)
-    ok = finite & (total > 0) & np.isfinite(total)
+    e, total, ok = _energy(raw, (H, W))
     out["status"][ok] = "ok"
     if not ok.any():
         return out
-    all_ok = bool(ok.all())
-    e_ok = e if all_ok else e[ok]
+    e_ok = e if ok.all() else e[ok]
     tot = total[ok]
     p = e_ok.astype(np.float64)
     p /= tot[:, None]  # (k, H*W) distribution per map
-
-    def put(name, values):
+    peak = e_ok.argmax(axis=1)  # p is e scaled per row: same order, same first-on-ties
+    for name, values in _place_stats(p, e_ok, tot, peak, (H, W), regions).items():
         out[name][ok] = np.asarray(values, np.float32)
+    if masks is not None:
+        _object_stats(out, p, peak, ok, _as_masks(masks, n, (H, W)).reshape(n, H * W), has_mask, (H, W))
+    return out
 
+
+def _energy(raw: np.ndarray, size) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(N, H*W) float32 ReLU'd energy at ``size``, its (N,) float64 totals, and which maps are usable."""
+    n = raw.shape[0]
+    finite_px = np.isfinite(raw)
+    finite = finite_px.reshape(n, -1).all(axis=1)
+    e = resize_maps(raw if finite.all() else np.where(finite_px, raw, 0.0), size)
+    np.maximum(e, 0.0, out=e)
+    e = e.reshape(n, -1)
+    total = e.sum(axis=1, dtype=np.float64)
+    return e, total, finite & (total > 0) & np.isfinite(total)
+
+
+def _place_stats(p, e_ok, tot, peak, size, regions) -> dict[str, np.ndarray]:
+    """Peak, centroid, border and region shares, entropy and concentration of usable maps."""
+    H, W = size
+    npx = H * W
     # every linear statistic in one product: x, y of pixel centres, the border band, the regions
     gx, gy, lin = _linear_basis((H, W), tuple((k, tuple(float(v) for v in b)) for k, b in regions.items()))
     proj = p @ lin
-    peak = e_ok.argmax(axis=1)  # p is e scaled per row: same order, same first-on-ties
-    put("peak_x", gx[peak])
-    put("peak_y", gy[peak])
-    put("centroid_x", proj[:, 0])
-    put("centroid_y", proj[:, 1])
-    put("energy_border", proj[:, 2])
+    res = {"peak_x": gx[peak], "peak_y": gy[peak], "centroid_x": proj[:, 0], "centroid_y": proj[:, 1],
+           "energy_border": proj[:, 2]}
     for j, name in enumerate(regions):
-        put(f"energy_{name}", proj[:, 3 + j])
+        res[f"energy_{name}"] = proj[:, 3 + j]
     logp = np.zeros_like(p)
     np.log(p, out=logp, where=p > 0)
     logp *= p
-    put("entropy", np.abs(logp.sum(axis=1)) / math.log(npx) if npx > 1 else np.zeros(len(p)))
-    put("concentration", np.minimum(_top_k_sums(e_ok, tot, max(1, math.ceil(TOP_FRACTION * npx))) / tot, 1.0))
+    res["entropy"] = np.abs(logp.sum(axis=1)) / math.log(npx) if npx > 1 else np.zeros(len(p))
+    top = _top_k_sums(e_ok, tot, max(1, math.ceil(TOP_FRACTION * npx)))
+    res["concentration"] = np.minimum(top / tot, 1.0)
+    return res
 
-    if masks is not None:
-        m = _as_masks(masks, n, (H, W)).reshape(n, npx)
-        hm = np.ones(n, bool) if has_mask is None else np.asarray(has_mask, bool).reshape(n)
-        area = m.sum(axis=1)
-        valid = hm & (area > 0)  # a mask with no object pixel: the object is absent
-        rows = valid & ok
-        if rows.any():
-            sel = valid[ok]  # rows of p that have a usable mask
-            mo = m[rows].astype(np.float64)
-            out["energy_object"][rows] = (p[sel] * mo).sum(axis=1)
-            out["pointing_hit"][rows] = m[rows, peak[sel]].astype(np.float32)
-            out["object_x"][rows] = (mo @ gx) / area[rows]
-            out["object_y"][rows] = (mo @ gy) / area[rows]
-    return out
+
+def _object_stats(out, p, peak, ok, m, has_mask, size) -> None:
+    """Fill the object columns of ``out`` for usable maps whose mask has object pixels."""
+    n = len(ok)
+    gx, gy, _ = _linear_basis(size, ())
+    hm = np.ones(n, bool) if has_mask is None else np.asarray(has_mask, bool).reshape(n)
+    area = m.sum(axis=1)
+    valid = hm & (area > 0)  # a mask with no object pixel: the object is absent
+    rows = valid & ok
+    if not rows.any():
+        return
+    sel = valid[ok]  # rows of p that have a usable mask
+    mo = m[rows].astype(np.float64)
+    out["energy_object"][rows] = (p[sel] * mo).sum(axis=1)
+    out["pointing_hit"][rows] = m[rows, peak[sel]].astype(np.float32)
+    out["object_x"][rows] = (mo @ gx) / area[rows]
+    out["object_y"][rows] = (mo @ gy) / area[rows]
 
 
 def to_arrow_columns(stats: dict[str, np.ndarray]) -> dict:
