@@ -106,6 +106,18 @@ def test_sparse_eigensolver_matches_dense():
     assert np.allclose(lam, ref, atol=1e-6)
 
 
+def test_every_part_of_a_large_graph_has_its_zero_eigenvalue():
+    # five apart groups of 300 (1500 nodes): a Lanczos solver on the whole graph finds only some of the
+    # repeated eigenvalue 0; solved part by part, all five are there, with their indicator vectors
+    rng = np.random.default_rng(0)
+    X = np.concatenate([rng.random((300, 4)) * 0.5 + 10 * i for i in range(5)]).astype(np.float32)
+    lam, vecs = laplacian_eigs(affinity(X), 7, vectors=True)
+    assert np.allclose(lam[:5], 0, atol=1e-8) and lam[5] > 0.01
+    part = np.repeat(np.arange(5), 300)
+    for j in range(5):  # each zero-eigenvector lives on one part
+        assert len(set(part[np.abs(vecs[:, j]) > 1e-9])) == 1
+
+
 def test_one_strategy_is_one_cluster():
     G, _ = strategy_maps(400)
     c = cluster_maps(map_features(G))

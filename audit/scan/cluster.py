@@ -205,12 +205,8 @@ def affinity(C: np.ndarray, n_neighbors: int | None = None):
     return A
 
 
-def laplacian_eigs(A, k: int, vectors: bool = False):
-    """The ``k`` smallest eigenvalues (ascending) of the normalised Laplacian of ``A``, and the vectors.
-
-    Dense ``eigh`` up to 600 nodes, else ``eigsh`` on the normalised
-    adjacency ``D^-1/2 A D^-1/2`` (its largest eigenvalues are ``1 - lambda``).
-    """
+def _part_eigs(A, k: int):
+    """Smallest ``k`` eigenpairs of the normalised Laplacian of a connected graph ``A`` (ascending)."""
     from scipy.sparse import diags
 
     m = A.shape[0]
@@ -218,7 +214,7 @@ def laplacian_eigs(A, k: int, vectors: bool = False):
     deg = np.asarray(A.sum(axis=1)).ravel()
     dinv = diags(1.0 / np.sqrt(np.maximum(deg, 1e-12)))
     N = (dinv @ A @ dinv).tocsr()
-    if m <= 600:
+    if m <= 600 or k >= m - 1:
         from scipy.linalg import eigh
 
         vals, vecs = eigh(N.toarray(), subset_by_index=[m - k, m - 1])
@@ -227,8 +223,35 @@ def laplacian_eigs(A, k: int, vectors: bool = False):
 
         vals, vecs = eigsh(N, k=k, which="LA", tol=1e-8, v0=np.sqrt(deg) / np.linalg.norm(np.sqrt(deg)))
     order = np.argsort(-vals)
-    lam = np.clip(1.0 - vals[order], 0.0, 2.0)
-    return (lam, vecs[:, order]) if vectors else lam
+    return np.clip(1.0 - vals[order], 0.0, 2.0), vecs[:, order]
+
+
+def laplacian_eigs(A, k: int, vectors: bool = False):
+    """The ``k`` smallest eigenvalues (ascending) of the normalised Laplacian of ``A``, and the vectors.
+
+    The graph's connected parts are solved one by one (the spectrum of a
+    graph is the union of its parts'; a Lanczos solver on the whole graph
+    misses some of the repeated eigenvalue 0 of several parts): dense
+    ``eigh`` up to 600 nodes, else ``scipy.sparse.linalg.eigsh`` on the
+    normalised adjacency ``D^-1/2 A D^-1/2`` (its largest eigenvalues are
+    ``1 - lambda``).
+    """
+    from scipy.sparse.csgraph import connected_components
+
+    m = A.shape[0]
+    k = min(k, m)
+    n_parts, comp = connected_components(A, directed=False)
+    lams, vecs = [], []
+    for p in range(n_parts):
+        idx = np.nonzero(comp == p)[0]
+        lam, v = _part_eigs(A[idx][:, idx], k)
+        full = np.zeros((m, len(lam)))
+        full[idx] = v
+        lams.append(lam)
+        vecs.append(full)
+    lam = np.concatenate(lams)
+    order = np.argsort(lam, kind="stable")[:k]
+    return (lam[order], np.concatenate(vecs, axis=1)[:, order]) if vectors else lam[order]
 
 
 def eigengap_k(eigvals, max_k: int, min_gap: float = 0.1, parts: int = 1) -> int:
