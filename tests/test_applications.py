@@ -74,10 +74,11 @@ def test_automatic_layer_is_spatial_and_as_documented(arch):
     assert np.isfinite(maps).all()
     if not (maps > 0).any():
         # A random head can give class 0 a negative map in every cell (NASNetMobile: every
-        # logit is negative).  The map is linear in the head's kernel, so with the kernel
-        # negated it is the negated map: zero both ways means no gradient reached the layer.
-        head = [c.layer for c in graph.trace(model).calls if c.kind == "Dense"][-1]
-        head.kernel.assign(-head.kernel)
+        # logit is negative).  The map is linear in the last kernel (the Dense head, or
+        # MobileNetV3's 1x1 `logits` conv), so with that kernel negated it is the negated
+        # map: zero both ways means no gradient reached the layer.
+        last = [c.layer for c in graph.trace(model).calls if getattr(c.layer, "kernel", None) is not None][-1]
+        last.kernel.assign(-last.kernel)
         maps = _gradcam(model, x, expected)
     assert (maps > 0).any(), f"{arch}: every Grad-CAM map at {expected} is zero"
 
