@@ -106,6 +106,7 @@ class Trace:
     model: object = None
     token_grid: tuple | None = None  # (h, w) given by the user, else found per layer
     reach: dict = field(default_factory=dict)  # path -> patch tokens reach the output (cache)
+    output_choice: object = None  # the ``output=`` the trace followed
 
     def by_path(self) -> dict[str, Call]:
         return {c.path: c for c in self.calls}
@@ -210,7 +211,7 @@ def trace(model, capture=(), capture_inputs=(), input_shape=None, token_grid=Non
     shape = tuple(input_shape) if input_shape else _model_input_shape(model)
     x = keras.Input(shape=shape[1:], batch_size=shape[0])
     t = Trace(inputs=[x], input_ids=[id(x)], model=model,
-              token_grid=tuple(int(v) for v in token_grid) if token_grid else None)
+              token_grid=tuple(int(v) for v in token_grid) if token_grid else None, output_choice=output)
     maps = []  # (h, w) of the 4-D outputs so far: the patch embedding's grid hints a token grid
 
     def leaf(layer, path, args, kwargs):
@@ -343,7 +344,8 @@ def patch_tokens_reach(t: Trace, calls) -> dict[str, bool]:
 
     paths = [c.path for c in calls if c.grid is not None and c.path not in t.reach]
     if paths:
-        t2 = trace(t.model, capture=paths, input_shape=tuple(t.inputs[0].shape), token_grid=t.token_grid)
+        t2 = trace(t.model, capture=paths, input_shape=tuple(t.inputs[0].shape), token_grid=t.token_grid,
+                   output=t.output_choice)
         m = keras.Model(t2.inputs[0], [t2.captured[p] for p in paths] + [t2.output])
         rng = np.random.default_rng(0)
         x = rng.standard_normal((2, *t2.inputs[0].shape[1:])).astype(np.float32)

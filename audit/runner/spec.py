@@ -293,6 +293,9 @@ def check(doc: dict) -> None:
             resolve_target(doc["explain"]["target"], list(ds["classes"]), len(ds["classes"]))
         except AuditError as e:
             raise AuditError(f"spec error: explain.target: {e}") from None
+    grid = doc["explain"].get("token_grid")
+    if grid and grid[0] * grid[1] < 2:
+        raise AuditError(f"spec error: explain.token_grid: {list(grid)} is one cell; a map needs h x w > 1")
     for name, box in doc["explain"]["regions"].items():
         if not (box[0] < box[2] and box[1] < box[3]):
             raise AuditError(f"spec error: explain.regions.{name}: expected x0 < x1 and y0 < y1, got {box}")

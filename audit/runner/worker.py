@@ -201,7 +201,7 @@ class AuditWorker:
             )
         self.explainer = Explainer(model, layers=ex["layers"], methods=tuple(ex["methods"]),
                                    target=ex["target"], batch_size=res["batch_size"], classes=self.classes,
-                                   output=m.get("output"))
+                                   output=m.get("output"), token_grid=ex.get("token_grid"))
         if m.get("input_size"):
             size = tuple(int(v) for v in m["input_size"])
         else:

@@ -1,0 +1,209 @@
+"""Vision transformers: token layers as target layers.
+
+A small ViT built from Keras layers (patch embedding Conv2D with stride 4,
+tokens, a class token, a position embedding, two transformer blocks with
+MultiHeadAttention + LayerNormalization + MLP, a class-token head).  Maps are
+compared with a float64 NumPy Grad-CAM computed from the token activations and
+gradients of an eager run of the same layers split at the target layer.
+"""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from audit import AuditError
+from audit.cli import main
+from audit.engine import graph
+from audit.engine.explainer import Explainer
+
+C, HEADS, PATCH = 16, 2, 4
+
+
+@keras.saving.register_keras_serializable(package="test_vit")
+class ClassToken(keras.layers.Layer):
+    """Prepends one learned token: (N, T, C) -> (N, 1 + T, C)."""
+
+    def build(self, input_shape):
+        self.token = self.add_weight(shape=(1, 1, input_shape[-1]), initializer="random_normal", name="token")
+
+    def call(self, x):
+        n = keras.ops.shape(x)[0]
+        return keras.ops.concatenate([keras.ops.broadcast_to(self.token, (n, 1, x.shape[-1])), x], axis=1)
+
+
+@keras.saving.register_keras_serializable(package="test_vit")
+class PositionEmbedding(keras.layers.Layer):
+    """Adds a learned embedding per position."""
+
+    def build(self, input_shape):
+        self.pos = self.add_weight(shape=(1, *input_shape[1:]), initializer="random_normal", name="pos")
+
+    def call(self, x):
+        return x + self.pos
+
+
+class ViT:
+    """The layers of a tiny ViT, applied symbolically (the model) or eagerly (the reference)."""
+
+    def __init__(self, size=(28, 28), head="class_token", classes=3):
+        L = keras.layers
+        self.size, self.head_kind = size, head
+        self.grid = (size[0] // PATCH, size[1] // PATCH)
+        self.embed = L.Conv2D(C, PATCH, strides=PATCH, name="patch_embed")
+        self.to_tokens = L.Reshape((self.grid[0] * self.grid[1], C), name="to_tokens")
+        self.cls = ClassToken(name="class_token") if head == "class_token" else None
+        self.pos = PositionEmbedding(name="pos_embed")
+        self.blocks = [self._block(i) for i in (1, 2)]
+        self.norm = L.LayerNormalization(name="final_ln")
+        self.pool = L.GlobalAveragePooling1D(name="token_gap") if head == "gap" else None
+        self.dense = L.Dense(classes, activation="softmax", name="head")
+
+    @staticmethod
+    def _block(i):
+        L = keras.layers
+        return dict(
+            ln1=L.LayerNormalization(name=f"block{i}_ln1"),
+            mha=L.MultiHeadAttention(HEADS, C // HEADS, name=f"block{i}_mha"),
+            add1=L.Add(name=f"block{i}_add1"),
+            ln2=L.LayerNormalization(name=f"block{i}_ln2"),
+            mlp1=L.Dense(2 * C, activation="gelu", name=f"block{i}_mlp1"),
+            mlp2=L.Dense(C, name=f"block{i}_mlp2"),
+            out=L.Add(name=f"block{i}_out"),
+        )
+
+    @staticmethod
+    def _run_block(b, x):
+        h = b["ln1"](x)
+        x = b["add1"]([x, b["mha"](h, h)])
+        return b["out"]([x, b["mlp2"](b["mlp1"](b["ln2"](x)))])
+
+    def front(self, x):
+        """Image -> tokens after block 1 (the automatic layer of the class-token model)."""
+        h = self.to_tokens(self.embed(x))
+        h = self.pos(self.cls(h) if self.cls else h)
+        return self._run_block(self.blocks[0], h)
+
+    def back_logits(self, tokens):
+        """Tokens after block 1 -> class logits (the pre-softmax score of the fused head)."""
+        h = self.norm(self._run_block(self.blocks[1], tokens))
+        h = h[:, 0] if self.cls else self.pool(h)
+        return keras.ops.matmul(h, self.dense.kernel) + self.dense.bias
+
+    def model(self):
+        x = keras.Input((*self.size, 3))
+        h = self.norm(self._run_block(self.blocks[1], self.front(x)))
+        h = h[:, 0] if self.cls else self.pool(h)
+        return keras.Model(x, self.dense(h), name="tiny_vit")
+
+
+def _images(n, size, seed=0):
+    return np.random.default_rng(seed).uniform(-1, 1, (n, *size, 3)).astype(np.float32)
+
+
+def reference_gradcam(vit, x, extra):
+    """float64 Grad-CAM at the output of block 1 from tokens and gradients fetched eagerly.
+
+    The patch tokens are tokens[extra:], row-major on the patch grid.
+    """
+    tokens = tf.convert_to_tensor(vit.front(x))
+    with tf.GradientTape() as tape:
+        tape.watch(tokens)
+        logits = vit.back_logits(tokens)
+        target = tf.argmax(logits, axis=-1)
+        score = tf.reduce_sum(tf.gather(logits, target, axis=1, batch_dims=1))
+    g = tape.gradient(score, tokens).numpy().astype(np.float64)
+    a = tokens.numpy().astype(np.float64)
+    h, w = vit.grid
+    A = a[:, extra:].reshape(len(x), h, w, -1)
+    G = g[:, extra:].reshape(len(x), h, w, -1)
+    weights = G.mean(axis=(1, 2))  # Grad-CAM, Selvaraju et al. 2017 eq. 1
+    return np.maximum(np.einsum("nhwk,nk->nhw", A, weights), 0), target.numpy()
+
+
+@pytest.fixture(scope="module")
+def vit():
+    keras.utils.set_random_seed(1)
+    v = ViT()
+    v.built = v.model()
+    return v
+
+
+def test_automatic_layer_is_the_last_block_whose_patch_tokens_reach_the_head(vit):
+    t = graph.trace(vit.built)
+    call, why = graph.auto_layer(t)
+    # block2's own layers after its attention are per-token: their patch tokens never
+    # reach the class token, so the last usable layer is block 1's output (block 2's input)
+    assert call.path == "block1_out"
+    assert call.grid == graph.TokenGrid(1, 7, 7) and "1 + 7x7" in why
+    reach = graph.patch_tokens_reach(t, [t.by_path()[p] for p in ("block1_out", "block2_add1", "final_ln")])
+    assert reach == {"block1_out": True, "block2_add1": False, "final_ln": False}
+
+
+def test_gradcam_on_tokens_matches_a_float64_reference(vit):
+    x = _images(4, vit.size)
+    ref, target = reference_gradcam(vit, x, extra=1)
+    assert (ref > 0).any()
+    ex = Explainer(vit.built, layers="auto", methods=("gradcam",), batch_size=4)
+    res = ex(x)
+    assert ex.layer_shapes == {"block1_out": (7, 7)}
+    np.testing.assert_array_equal(res.target, target)
+    np.testing.assert_allclose(res.maps[("block1_out", "gradcam")], ref, rtol=1e-4, atol=1e-6)
+
+
+def test_given_token_grid_is_the_same_as_the_found_one(vit):
+    x = _images(2, vit.size, seed=3)
+    ref, _ = reference_gradcam(vit, x, extra=1)
+    res = Explainer(vit.built, layers=["block1_out"], methods=("gradcam",), batch_size=2, token_grid=(7, 7))(x)
+    np.testing.assert_allclose(res.maps[("block1_out", "gradcam")], ref, rtol=1e-4, atol=1e-6)
+
+
+def test_non_square_grid_comes_from_the_patch_embedding():
+    """28x20 images: 7x5 = 35 patches + 1 class token = 36 = 6x6 tokens; the grid is still 7x5."""
+    keras.utils.set_random_seed(2)
+    vit = ViT(size=(28, 20))
+    model = vit.model()
+    call = graph.auto_layer(graph.trace(model))[0]
+    assert call.grid == graph.TokenGrid(1, 7, 5)
+    x = _images(3, vit.size)
+    ref, _ = reference_gradcam(vit, x, extra=1)
+    res = Explainer(model, methods=("gradcam",), batch_size=3)(x)
+    np.testing.assert_allclose(res.maps[("block1_out", "gradcam")], ref, rtol=1e-4, atol=1e-6)
+    with pytest.raises(AuditError, match=r"explain.token_grid 8x8 needs 64 patch tokens but it has 36"):
+        Explainer(model, layers=["block1_out"], token_grid=(8, 8))
+
+
+def test_gap_head_picks_the_last_token_layer():
+    keras.utils.set_random_seed(3)
+    vit = ViT(head="gap")
+    t = graph.trace(vit.model())
+    call = graph.auto_layer(t)[0]
+    # averaged over every token, the final LayerNorm's patch tokens reach the output
+    assert call.path == "final_ln" and call.grid == graph.TokenGrid(0, 7, 7)
+
+
+def test_layer_whose_patch_tokens_do_not_reach_the_head_is_refused(vit):
+    t = graph.trace(vit.built)
+    with pytest.raises(AuditError) as e:
+        graph.resolve_layers(t, ["final_ln"])
+    msg = str(e.value)
+    assert len(msg.splitlines()) == 1
+    assert "patch tokens do not reach the output" in msg and "'block1_out'" in msg
+
+
+def test_cli_layers_shows_token_grids(vit, tmp_path, capsys):
+    path = tmp_path / "vit.keras"
+    vit.built.save(path)
+    assert main(["layers", str(path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    row = {ln.split()[0] if not ln.startswith("*") else ln.split()[1]: ln for ln in lines if ln.strip()}
+    assert row["block1_out"].startswith("*") and "tokens 1 + 7x7" in row["block1_out"]
+    assert "not usable: its patch tokens do not reach" in row["final_ln"]
+    assert "automatic choice: block1_out" in lines[-1]
+    assert main(["layers", str(path), "--token-grid", "5", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "tokens 25 + 5x5" in out
