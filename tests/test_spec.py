@@ -56,7 +56,7 @@ def test_defaults_and_relative_paths(ws, monkeypatch):
     assert spec["output"] == str(tmp / "out")
     assert spec["dataset"]["shard_size"] == 512
     assert spec["explain"] == {"methods": ["gradcam", "gradcam++"], "layers": "auto",
-                               "target": "predicted", "regions": {}}
+                               "target": "predicted", "regions": {}, "token_grid": None}
     assert spec["resources"]["batch_size"] == 64 and spec["resources"]["actors"] == "auto"
     assert spec["model"]["trust_code"] is False and spec["model"]["preprocess"] == "none"
     json.dumps(spec)  # goes to job.json as is
@@ -106,6 +106,9 @@ def test_overrides_are_yaml(ws):
     (["explain.regions.sky=[0, 0, 1]"], ["explain.regions.sky", "a list of 4 numbers"]),
     (["explain.regions.Sky=[0, 0, 1, 1]"], ["explain.regions", "'Sky'"]),
     (["explain.regions.sky=[0.5, 0, 0.2, 1]"], ["explain.regions.sky", "x0 < x1"]),
+    (["explain.token_grid=[7]"], ["explain.token_grid"]),
+    (["explain.token_grid=[0, 7]"], ["explain.token_grid[0]", ">= 1"]),
+    (["explain.token_grid=[1, 1]"], ["explain.token_grid", "one cell", "h x w > 1"]),
     (["resources.actors=none"], ["resources.actors", "'auto' or an integer >= 1"]),
     (["model.trust_code=maybe"], ["model.trust_code", "true or false"]),
     (["dataset.path=nowhere"], ["dataset.path", "not found"]),
