@@ -63,16 +63,28 @@ def committed_files(out) -> list[str] | None:
     return files
 
 
+RECORD_KEYS = ("image_id", "status")  # columns every records file has
+
+
 def records_dataset(out):
     """The records as a ``pyarrow.dataset.Dataset`` (lazy; filters and columns pushed down).
 
     Only committed shards are read (:func:`committed_files`).
+
+    Raises:
+        AuditError: ``out`` is not a job output (no records, or Parquet files
+            without the records' columns, such as a Parquet dataset folder).
     """
     import pyarrow.dataset as pads
 
     folder = _records_dir(out)
     files = committed_files(out)
-    return pads.dataset(files if files is not None else str(folder), format="parquet")
+    ds = pads.dataset(files if files is not None else str(folder), format="parquet")
+    missing = [c for c in RECORD_KEYS if c not in ds.schema.names]
+    if missing:
+        raise AuditError(f"{out} is not a job output: the Parquet files in {folder} have no {missing[0]!r} "
+                         "column (a dataset folder?); give the `output` folder of an audit job")
+    return ds
 
 
 def _expression(filters):

@@ -101,7 +101,34 @@ def load_model(path=None, *, application=None, weights=None, input_size=None,
                 "in the job spec (or --trust-code)"
             ) from None
         raise AuditError(f"cannot load model {p}: {msg[:300]}") from None
+    check_single_input(model, str(p))
     return with_input_size(model, input_size) if input_size else model
+
+
+def check_single_input(model, where: str = "the model") -> None:
+    """Refuse a model with several inputs in one line naming them.
+
+    Grad-CAM needs the image as the model's only input; the other inputs of
+    a multi-input model (metadata, a second image) have no value to give.
+
+    Raises:
+        AuditError: the model has more than one input.
+    """
+    inputs = list(getattr(model, "inputs", None) or [])
+    if len(inputs) <= 1:
+        return
+    names = ", ".join(f"{_input_name(t, k)} {list(t.shape[1:])}" for k, t in enumerate(inputs))
+    raise AuditError(
+        f"{where} has {len(inputs)} inputs ({names}); shortcut-audit explains models with one image "
+        "input: save a model of the image branch alone (keras.Model(image_input, output), the other "
+        "inputs fixed inside it) and audit that"
+    )
+
+
+def _input_name(tensor, k: int) -> str:
+    history = getattr(tensor, "_keras_history", None)
+    op = getattr(history, "operation", None)
+    return getattr(op, "name", None) or getattr(tensor, "name", None) or f"input {k}"
 
 
 def _build_application(name, weights, input_size, num_classes):
