@@ -13,7 +13,7 @@ import importlib
 import os
 import sys
 
-from audit.errors import AuditError
+from audit.errors import AuditError, os_error_line
 
 COMMANDS = ("run", "submit", "scan", "report", "layers", "explain", "demo")
 # Commands that load a model: TensorFlow is imported up front, quietly.
@@ -65,6 +65,9 @@ def main(argv=None) -> int:
         return int(args.func(args) or 0)
     except AuditError as e:
         print(f"audit: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a file the user named or a place the output goes (read-only, full, gone)
+        print(f"audit: error: {os_error_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("audit: interrupted", file=sys.stderr)

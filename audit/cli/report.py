@@ -7,8 +7,10 @@ import argparse
 EXAMPLE = """example:
   audit report results/tank-sky
   audit report results/imagenet-audit --max-examples 24 --max-classes 50 --method gradcam++
+  audit report /shared/readonly/audit --out ~/reports/audit
 
-Writes OUT/report.html (pictures inline: one file to mail or attach to a ticket).
+Writes OUT/report.html, or DIR/report.html with --out DIR (pictures inline: one
+file to mail or attach to a ticket).
 It samples: a million records still give a report of a few MB in seconds.
 Run `audit scan OUT` first for verdicts and clusters.
 """
@@ -28,6 +30,8 @@ def register(sub) -> None:
     p.add_argument("--layer", help="layer whose maps are shown (default: the scan's, else the job's first)")
     p.add_argument("--method", help="method whose maps are shown (default: the scan's, else the job's first)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--out", dest="dest", metavar="DIR",
+                   help="write DIR/report.html instead of OUT/report.html (created; e.g. when OUT is read-only)")
     p.set_defaults(func=run)
 
 
@@ -41,7 +45,7 @@ def run(args) -> int:
         raise AuditError("--max-examples must be at least 1 and --max-classes at least 0")
     t0 = time.perf_counter()
     path = write_report(args.out, max_examples=args.max_examples, max_classes=args.max_classes,
-                        seed=args.seed, layer=args.layer, method=args.method)
+                        seed=args.seed, layer=args.layer, method=args.method, dest=args.dest)
     size = path.stat().st_size / 1e6
     print(f"wrote {path} ({size:.1f} MB, {time.perf_counter() - t0:.1f} s)")
     return 0

@@ -50,11 +50,16 @@ def _fsync_dir(path: Path) -> None:
 def atomic_write_bytes(path, data: bytes) -> None:
     path = Path(path)
     tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # a full disk: leave no half-written temp file behind
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def atomic_write_json(path, obj) -> None:
@@ -83,7 +88,19 @@ def check_output(out, resume: bool) -> Path:
             )
         if not (out / JOB_JSON).is_file():
             raise AuditError(f"cannot resume: {out} has no {JOB_JSON}; it is not the output of an audit job")
+    _check_writable(out)
     return out
+
+
+def _check_writable(out: Path) -> None:
+    """Refuse an OUT (or its nearest existing parent) that cannot be written, before any work starts."""
+    where = out
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    for sub in (where, where / RECORDS, where / MANIFEST):
+        if sub.is_dir() and not os.access(sub, os.W_OK):  # also false on a read-only mount, even for root
+            raise AuditError(f"output {out} is not writable ({sub} is read-only); choose another output, "
+                             "e.g. --set output=...")
 
 
 def prepare_output(out, resume: bool) -> Path:

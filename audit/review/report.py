@@ -16,6 +16,7 @@ or statistics leave their section out, with a note.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import math
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from audit.errors import AuditError
+from audit.errors import AuditError, cannot_write
 from audit.review import viz
 
 SUSPECT = "shortcut_suspected"
@@ -550,13 +551,18 @@ def _fmt_time(t):
 
 
 def write_report(out_dir, *, max_examples: int = 12, max_classes: int = 24, seed: int = 0,
-                 layer: str | None = None, method: str | None = None) -> Path:
-    """Write ``OUT/report.html`` for the job output ``out_dir`` and return its path.
+                 layer: str | None = None, method: str | None = None, dest=None) -> Path:
+    """Write ``report.html`` for the job output ``out_dir`` and return its path.
 
     ``max_examples``: overlays per gallery; ``max_classes``: classes with
     pictures (suspects first; the table lists every class); ``seed``: the
     sampling seed; ``layer``/``method``: which maps to show (default: the
-    scan's, else the job's first).
+    scan's, else the job's first); ``dest``: the folder to write it in
+    (created; default ``out_dir``, e.g. another one when OUT is read-only).
+
+    Raises:
+        AuditError: not a job output, an unknown layer or method, or the
+            report cannot be written (read-only or full destination).
     """
     from audit.data import query
 
@@ -633,10 +639,21 @@ def write_report(out_dir, *, max_examples: int = 12, max_classes: int = 24, seed
     html = _render({"job": header, "classes": table, "columns": columns, "sections": sections, "doubtful": doubtful,
                     "errors": {"count": n_errors, "rows": error_rows}, "notes": notes,
                     "max_examples": max_examples})
-    path = out / "report.html"
+    return _write_html(html, Path(dest) if dest is not None else out)
+
+
+def _write_html(html: str, folder: Path) -> Path:
+    """``folder/report.html`` written atomically; a write that fails is one line naming the folder."""
+    path = folder / "report.html"
     tmp = path.with_suffix(".html.tmp")
-    tmp.write_text(html, encoding="utf-8")
-    tmp.replace(path)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(html, encoding="utf-8")
+        tmp.replace(path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise cannot_write(path, e, "write the report elsewhere with --out DIR") from None
     return path
 
 

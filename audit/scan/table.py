@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from audit.errors import cannot_write
 from audit.scan.features import GroupFeatures
 from audit.scan.values import finite, or_none, pct
 from audit.scan.verdict import Verdict
@@ -133,14 +134,18 @@ def write_tables(out: Path, frames: dict, regions) -> None:
     from audit.data.schema import SCHEMA_VERSION, arrow_schema
 
     d = Path(out) / "summary"
-    d.mkdir(parents=True, exist_ok=True)
     for name, frame in frames.items():
         schema = arrow_schema(name, {f"energy_{r}": "float32" for r in regions})
         schema = schema.with_metadata({"schema_version": SCHEMA_VERSION, "table": name})
         table = pa.Table.from_pandas(frame, schema=schema, preserve_index=False)
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink)
-        atomic_write_bytes(d / f"{name}.parquet", sink.getvalue().to_pybytes())
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(d / f"{name}.parquet", sink.getvalue().to_pybytes())
+        except OSError as e:  # a read-only or full OUT: one line, not a traceback
+            raise cannot_write(d / f"{name}.parquet", e, "the scan writes OUT/summary/: scan a writable "
+                               "copy of OUT") from None
 
 
 def _fmt(v, spec=".2f"):
