@@ -275,7 +275,7 @@ def test_cli_run_summary_scan_and_queries(ray_local, ws, capsys, monkeypatch):
 
 
 def test_progress_poll_is_answered_while_shards_are_held(ray_local, ws, tmp_path):
-    """Both shard slots of an actor stuck (inputs that are FIFOs nobody writes yet): it
+    """Both shard slots of an actor stuck (inputs whose reads the test holds): it
     still answers ``progress`` with the images done so far, from its own concurrency group."""
     import ray
 
@@ -283,12 +283,21 @@ def test_progress_poll_is_answered_while_shards_are_held(ray_local, ws, tmp_path
     from audit.runner import job
 
     man = Path(h.make_manifest(tmp_path, n=10))
-    fifos = {}
-    for name in ("im002.png", "im006.png"):  # one in each shard
-        path = tmp_path / "images" / name
-        fifos[path] = path.read_bytes()
-        path.unlink()
-        os.mkfifo(path)  # reading it blocks until the test writes the image
+    holds = [tmp_path / "images" / f"{name}.hold" for name in ("im002.png", "im006.png")]  # one in each shard
+    for hold in holds:
+        hold.touch()  # reading the image blocks while its .hold file exists (FIFOs are refused unread)
+
+    def hold_reads(self):
+        from audit.data import files
+
+        real = files.read_regular_file
+
+        def held(path, *a, **k):
+            while os.path.exists(path + ".hold"):
+                time.sleep(0.02)
+            return real(path, *a, **k)
+
+        files.read_regular_file = held
     spec = load_spec({"model": {"path": str(ws["dir"] / "model.keras"), "preprocess": "scale_0_1"},
                       "dataset": {"format": "manifest", "path": str(man), "shard_size": 5},
                       "explain": {"methods": ["gradcam"]},
@@ -300,6 +309,7 @@ def test_progress_poll_is_answered_while_shards_are_held(ray_local, ws, tmp_path
         spec, classes=plan.classes)
     try:
         ray.get(actor.setup.remote())
+        ray.get(actor.__ray_call__.remote(hold_reads))
         # the actor's process hands the GIL over every 1 ms (Python's default is 5 ms)
         assert ray.get(actor.__ray_call__.remote(lambda self: sys.getswitchinterval())) == job.SWITCH_INTERVAL_S
 
@@ -317,9 +327,8 @@ def test_progress_poll_is_answered_while_shards_are_held(ray_local, ws, tmp_path
         refs.append(actor.process_shard.remote(plan.shards[1], commit=False))
         assert poll_until({0: 2, 1: 0}) == {0: 2, 1: 0}  # both slots busy: shard 1 waits its turn
         assert not ray.wait(refs, timeout=0.5)[0]  # both shards still held
-        for path, png in fifos.items():
-            with open(path, "wb") as f:
-                f.write(png)
+        for hold in holds:
+            hold.unlink()
         results = ray.get(refs, timeout=60)
         assert [r["images"] for r in results] == [5, 5] and all(r["errors"] == 0 for r in results)
         assert ray.get(actor.progress.remote()) == {}
