@@ -27,8 +27,20 @@ class Config:
     threshold: float = 0.5  # suspicion at or above: shortcut_suspected
     mask_min_n: int = 8  # masked maps needed to judge by masks
     mask_min_frac: float = 0.25  # ... and share of the group
-    sample: int = 32  # images per intervention
-    fill: str = "mean"  # occlusion fill for interventions
+    # causal tests (docs/scan.md, "Causal tests", gives the reason for each value)
+    sample: int = 32  # images per class (and per tested cluster) for the causal tests
+    min_sample: int = 16  # smallest per-class sample when the cost budget is short
+    fill: str = "mean"  # fill of the place tests: mean | blur
+    budget: float = 0.25  # extra forward passes per audited image at most ...
+    budget_floor: int = 2048  # ... but always this many (small jobs)
+    cluster_attention_min: float = 0.5  # clusters tested when their attention suspicion reaches this
+    cue_flip_min: float = 0.5  # a cue place flips at least this share of the class ...
+    cue_specific_min: float = 0.3  # ... and this much more than it flips the other classes
+    max_cue_area: float = 0.4  # without masks, larger places also hide objects: not a cue
+    hot_off_centre: float = 0.25  # without masks, the hot area is a cue only this far from the centre
+    absence_density_max: float = 1.0  # absence class: places where objects usually sit are not cues
+    object_flip_max: float = 0.25  # removing the object flips at most this share ...
+    background_flip_min: float = 0.35  # ... while replacing the background flips at least this
 
     def replace(self, **changes) -> Config:
         """A copy with some fields changed."""

@@ -1,28 +1,34 @@
-"""Confirmation by intervention: does the prediction change when the cue is removed?
+"""Causal tests: does the prediction change when the object, the background or a fixed place goes?
 
-A heatmap only says where the gradient was large; the scan's suspicion is a
-hypothesis.  This module tests it on a small sample of a suspect class or
-cluster with extra forward passes only:
+A heatmap only says where the gradient was large; these tests ask the model
+itself, with extra forward passes on a small deterministic sample of each
+class (or cluster):
 
-* occlude the **cue** (the place where the group's attention concentrates,
-  minus the object pixels when a mask is known) with a neutral fill, and
-* with masks, separately occlude the **object**,
+* **object** (with masks): the object is removed by inpainting
+  (:func:`remove_objects`: OpenCV's Telea inpainting over the mask dilated by
+  a few pixels, so that no silhouette or outline is left) -> ``flip_rate``
+  of test ``object``;
+* **background** (with masks): the object is kept and everything else is
+  replaced by the background of an image of another class (its own object
+  inpainted away), or by a neutral colour when there is none
+  (:func:`replace_background`) -> test ``background``;
+* **places** (with and without masks): each place of a fixed bank
+  (:func:`place_bank`: border bands of several widths, each edge, each
+  corner, the job's named regions, the class's hot area) is filled one at a
+  time (:func:`occlude`: the image's mean colour, or a heavy blur), sparing
+  the object's pixels when a mask is known -> test ``region``.
 
-and count how often the predicted class changes (``flip_rate_cue``,
-``flip_rate_object``).  A shortcut shows a high cue flip rate, or a model that
-does not care when its object is removed; a healthy model flips when the
-object goes and not when the background changes.
-
-The core, :func:`flip_rates`, is a pure function of a ``predict_fn``, images
-and masks.  :class:`Intervener` wires it to a finished job: it reads
-``OUT/job.json``, loads the model once, and reads the sample images back with
-:func:`audit.data.datasets.load_images`.
+All variants of a sample are stacked and predicted in chunks, so a class's
+whole bank costs one batched pass over ``sample x tests`` images.  The core,
+:func:`causal_tests`, is a pure function of a ``predict_fn``, images and
+masks; :class:`Intervener` wires it to a finished job (model, preprocessing,
+head and dataset from ``OUT/job.json``).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -30,33 +36,26 @@ import numpy as np
 from audit.errors import AuditError
 
 FILLS = ("mean", "blur")
-MIN_SAMPLE = 5  # fewer occludable images than this: the rate is reported as unknown (NaN)
+OBJECT_FILL = "inpaint"
+MIN_SAMPLE = 5  # fewer testable images than this: the rate is reported as unknown (NaN)
+BORDER_WIDTHS = (0.04, 0.08, 0.12, 0.2)  # border bands, fraction of each side (0.04: a thin frame)
+EDGE_WIDTH = 0.2  # each edge band
+CORNER_SIDE = 1 / 3  # each corner box
+CHUNK = 256  # images per predict call
 
 
-@dataclass(frozen=True)
-class FlipResult:
-    """How often the prediction changed when the cue, or the object, was occluded.
-
-    A rate is NaN when fewer than :data:`MIN_SAMPLE` images could be tested;
-    ``n_cue``/``n_object`` are the sample sizes.
-    """
-
-    flip_rate_cue: float = math.nan
-    flip_rate_object: float = math.nan
-    n_cue: int = 0
-    n_object: int = 0
-
-    @property
-    def n(self) -> int:
-        return max(self.n_cue, self.n_object)
+# ----------------------------------------------------------------------------
+# Image edits
+# ----------------------------------------------------------------------------
 
 
 def occlude(images: np.ndarray, masks: np.ndarray, fill: str = "mean") -> np.ndarray:
-    """Copies of ``images`` (N, H, W, 3) uint8 with ``masks`` (N, H, W) pixels neutralised.
+    """Copies of ``images`` (N, H, W, C) uint8 with ``masks`` (N, H, W) pixels neutralised.
 
     ``fill="mean"``: each image's own mean colour (removes colour and texture
-    cues such as a blue sky); ``fill="blur"``: a heavy Gaussian blur of the
-    image (removes shapes and texture, keeps colours).
+    cues such as a blue sky or a coloured frame); ``fill="blur"``: a heavy
+    Gaussian blur of the image (removes shapes and texture, keeps colours).
+    Neither removes an object's silhouette: use :func:`remove_objects` for that.
     """
     import cv2
 
@@ -73,58 +72,269 @@ def occlude(images: np.ndarray, masks: np.ndarray, fill: str = "mean") -> np.nda
             out[i][m[i]] = np.round(colour).astype(imgs.dtype)
         else:
             sigma = max(imgs.shape[1], imgs.shape[2]) / 8.0
-            out[i][m[i]] = cv2.GaussianBlur(imgs[i], (0, 0), sigma)[m[i]]
+            blurred = cv2.GaussianBlur(imgs[i], (0, 0), sigma).reshape(imgs[i].shape)
+            out[i][m[i]] = blurred[m[i]]
     return out
 
 
-def flip_rates(predict_fn, images, cue_masks, object_masks=None, *, fill: str = "mean",
-               base_pred=None) -> FlipResult:
-    """How often the prediction changes when the cue, or the object, is occluded.
+def dilation_px(size) -> int:
+    """Pixels by which an object mask grows before inpainting: about 3% of the side, at least 2."""
+    return max(2, int(round(0.03 * max(size))))
+
+
+def remove_objects(images: np.ndarray, masks: np.ndarray, dilate: int | None = None) -> np.ndarray:
+    """Copies of ``images`` (N, H, W, C) uint8 with the masked objects inpainted away.
+
+    The mask is dilated by ``dilate`` pixels (default :func:`dilation_px`) so
+    that the object's outline and anti-aliased edge go too, then filled by
+    OpenCV's Telea inpainting from the surrounding background: no constant
+    patch keeps the object's shape.  Images with an empty mask are unchanged.
+    """
+    import cv2
+
+    imgs = np.asarray(images)
+    m = np.asarray(masks, bool)
+    d = dilation_px(imgs.shape[1:3]) if dilate is None else int(dilate)
+    kernel = np.ones((2 * d + 1, 2 * d + 1), np.uint8)
+    radius = max(3, d)
+    out = imgs.copy()
+    for i in range(len(imgs)):
+        if not m[i].any():
+            continue
+        grown = cv2.dilate(m[i].astype(np.uint8), kernel) if d > 0 else m[i].astype(np.uint8)
+        img = np.ascontiguousarray(imgs[i])
+        if img.ndim == 3 and img.shape[-1] in (1, 3):
+            res = cv2.inpaint(img, grown, radius, cv2.INPAINT_TELEA)
+        else:  # any other channel count: channel by channel
+            res = np.stack([cv2.inpaint(np.ascontiguousarray(img[..., c]), grown, radius, cv2.INPAINT_TELEA)
+                            for c in range(img.shape[-1])], axis=-1)
+        out[i] = res.reshape(img.shape)
+    return out
+
+
+def replace_background(images: np.ndarray, masks: np.ndarray, backgrounds=None) -> tuple[np.ndarray, str]:
+    """Copies of ``images`` that keep the masked object and take everything else from ``backgrounds``.
+
+    ``backgrounds``: (K, H, W, C) images without objects (K >= 1), assigned to
+    the images in turn; None or empty: each image's own background mean colour.
+    Returns the images and the fill used (``other-background`` or ``neutral``).
+    """
+    imgs = np.asarray(images)
+    m = np.asarray(masks, bool)
+    out = imgs.copy()
+    if backgrounds is not None and len(backgrounds):
+        bg = np.asarray(backgrounds)
+        for i in range(len(imgs)):
+            out[i][~m[i]] = bg[i % len(bg)][~m[i]]
+        return out, "other-background"
+    for i in range(len(imgs)):
+        rest = imgs[i][~m[i]]
+        if len(rest):
+            out[i][~m[i]] = np.round(rest.mean(axis=0)).astype(imgs.dtype)
+    return out, "neutral"
+
+
+# ----------------------------------------------------------------------------
+# The bank of places
+# ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TestPlace:
+    """A place to occlude: its name (``border:4%``, ``edge:top``, ``corner:top_left``,
+    ``region:<name>``, ``hot area``), box (x0, y0, x1, y1 fractions; None for a band) and pixels."""
+
+    name: str
+    box: tuple | None
+    mask: np.ndarray = field(repr=False, compare=False)
+
+    @property
+    def area(self) -> float:
+        return float(self.mask.mean())
+
+
+def _band(size, w: float) -> np.ndarray:
+    from audit.engine.stats import border_mask
+
+    return border_mask(size, w)
+
+
+def place_bank(size, regions: dict | None = None, hot_box=None) -> list[TestPlace]:
+    """The fixed places tested for every class, at the model input ``size`` (H, W).
+
+    Border bands (:data:`BORDER_WIDTHS`), each edge (:data:`EDGE_WIDTH`),
+    each corner (:data:`CORNER_SIDE`), each named region, and the class's
+    hot area (``hot_box``) when given.
+    """
+    from audit.engine.stats import box_mask
+
+    places = [TestPlace(f"border:{round(100 * w)}%", None, _band(size, w)) for w in BORDER_WIDTHS]
+    e, c = EDGE_WIDTH, CORNER_SIDE
+    boxes = {"edge:top": (0, 0, 1, e), "edge:bottom": (0, 1 - e, 1, 1), "edge:left": (0, 0, e, 1),
+             "edge:right": (1 - e, 0, 1, 1),
+             "corner:top_left": (0, 0, c, c), "corner:top_right": (1 - c, 0, 1, c),
+             "corner:bottom_left": (0, 1 - c, c, 1), "corner:bottom_right": (1 - c, 1 - c, 1, 1)}
+    for r, b in (regions or {}).items():
+        boxes[f"region:{r}"] = tuple(float(v) for v in b)
+    if hot_box is not None:
+        boxes["hot area"] = tuple(float(v) for v in hot_box)
+    for name, b in boxes.items():
+        m = box_mask(b, size)
+        if m.any():
+            places.append(TestPlace(name, tuple(float(v) for v in b), m))
+    return places
+
+
+# ----------------------------------------------------------------------------
+# The tests
+# ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PlaceFlip:
+    """One test's result: ``test`` object | background | region, the ``place``, its ``box``,
+    the ``fill``, the images tested ``n`` and the share whose prediction changed."""
+
+    test: str
+    place: str
+    box: tuple | None
+    fill: str
+    n: int
+    flip_rate: float
+    area: float = math.nan  # share of the image the place covers
+
+
+@dataclass
+class CausalResult:
+    """All causal tests of one group's sample."""
+
+    n: int  # images in the sample
+    tests: list = field(default_factory=list)  # [PlaceFlip]
+    masked: bool = False  # object masks were used (object and background tests, objects spared)
+    absence: bool = False  # masks were used but no image of the sample has an object
+
+    def get(self, test: str, place: str | None = None) -> PlaceFlip | None:
+        return next((t for t in self.tests if t.test == test and (place is None or t.place == place)), None)
+
+    def rate(self, test: str, place: str | None = None) -> float:
+        t = self.get(test, place)
+        return t.flip_rate if t is not None else math.nan
+
+    @property
+    def places(self) -> list:
+        return [t for t in self.tests if t.test == "region"]
+
+
+def flipped(base, new, classes=None) -> np.ndarray:
+    """(N,) bool: the prediction changed.
+
+    Single-label predictions (N,): ``new != base``.  Multi-label (N, C) bool:
+    the label of each image's own class (``classes``) changed.
+    """
+    base, new = np.asarray(base), np.asarray(new)
+    if base.ndim == 1:
+        return new != base
+    idx = np.arange(len(base))
+    c = np.asarray(classes, int)
+    return new[idx, c] != base[idx, c]
+
+
+def _predict_chunks(predict_fn, variants: list, chunk: int) -> list:
+    """Predict a list of image stacks with one call per ``chunk`` images; returns one array per stack."""
+    sizes = [len(v) for v in variants]
+    total = sum(sizes)
+    if total == 0:
+        return [np.zeros(0, int) for _ in variants]
+    preds = []
+    buf, n_buf = [], 0
+    for v in variants:
+        for s in range(0, len(v), chunk):
+            buf.append(v[s:s + chunk])
+            n_buf += len(buf[-1])
+            if n_buf >= chunk:
+                preds.append(np.asarray(predict_fn(np.concatenate(buf))))
+                buf, n_buf = [], 0
+    if buf:
+        preds.append(np.asarray(predict_fn(np.concatenate(buf))))
+    allp = np.concatenate(preds)
+    return np.split(allp, np.cumsum(sizes)[:-1])
+
+
+def causal_tests(predict_fn, images, places, object_masks=None, *, classes=None, backgrounds=None,
+                 fill: str = "mean", base_pred=None, chunk: int = CHUNK) -> CausalResult:
+    """Run the object, background and place tests on one sample.
 
     Args:
-        predict_fn: uint8 images (N, H, W, 3) -> predicted class ids (N,).
-        images: (N, H, W, 3) uint8 RGB at the model input size.
-        cue_masks: (N, H, W) bool, or (H, W) for the same place in every image.
-            Object pixels are removed from the cue mask when ``object_masks`` is given,
-            so the cue test never hides the object.
-        object_masks: None or (N, H, W) bool; an all-False mask means no object
-            known for that image (it is left out of the object test).
-        fill: neutral fill, see :func:`occlude`.
+        predict_fn: uint8 images (N, H, W, C) -> predictions (N,) class ids, or (N, C) bool.
+        images: (N, H, W, C) uint8 at the model input size.
+        places: the :class:`TestPlace` bank.
+        object_masks: None (no masks: place tests only) or (N, H, W) bool; an
+            all-False mask means no object in that image (left out of the
+            object and background tests).  Object pixels are spared by every
+            place test.
+        classes: (N,) class of each image (multi-label predictions only).
+        backgrounds: object-free images for the background test (see
+            :func:`replace_background`).
+        fill: ``mean`` or ``blur`` for the places.
         base_pred: predictions on the unmodified images (computed when None).
+        chunk: images per ``predict_fn`` call.
 
     Returns:
-        A :class:`FlipResult`.
+        A :class:`CausalResult`; a rate is NaN with fewer than :data:`MIN_SAMPLE` testable images.
     """
     images = np.asarray(images)
     n = len(images)
-    cue = np.asarray(cue_masks, bool)
-    if cue.ndim == 2:
-        cue = np.broadcast_to(cue, (n, *cue.shape))
     obj = None if object_masks is None else np.asarray(object_masks, bool)
+    has_obj = obj.reshape(n, -1).any(axis=1) if obj is not None else np.zeros(n, bool)
+    specs, variants = [], []  # (test, place, box, fill, area, selected rows)
+
+    def add(test, place, box, fl, area, sel, imgs):
+        specs.append((test, place, box, fl, area, sel))
+        variants.append(imgs if sel.sum() >= MIN_SAMPLE else images[:0])
+
     if obj is not None:
-        cue = cue & ~obj
-    base = np.asarray(predict_fn(images) if base_pred is None else base_pred).reshape(n)
-
-    def rate(masks):
-        sel = masks.reshape(n, -1).any(axis=1)
+        sel = has_obj
+        add("object", "object", None, OBJECT_FILL, float(obj[sel].mean()) if sel.any() else math.nan, sel,
+            remove_objects(images[sel], obj[sel]))
+        bg_imgs, bg_fill = replace_background(images[sel], obj[sel], backgrounds)
+        add("background", "background", None, bg_fill, float(1 - obj[sel].mean()) if sel.any() else math.nan,
+            sel, bg_imgs)
+    for p in places:
+        m = np.broadcast_to(p.mask, (n, *p.mask.shape))
+        if obj is not None:
+            m = m & ~obj
+        sel = m.reshape(n, -1).any(axis=1)
+        add("region", p.name, p.box, fill, p.area, sel, occlude(images[sel], m[sel], fill))
+    base = np.asarray(predict_fn(images) if base_pred is None else base_pred)
+    preds = _predict_chunks(predict_fn, variants, chunk)
+    out = CausalResult(n=n, masked=obj is not None, absence=obj is not None and not has_obj.any())
+    for (test, place, box, fl, area, sel), pred in zip(specs, preds):
         k = int(sel.sum())
-        if k < MIN_SAMPLE:
-            return math.nan, k
-        pred = np.asarray(predict_fn(occlude(images[sel], masks[sel], fill))).reshape(k)
-        return float(np.mean(pred != base[sel])), k
+        rate = math.nan
+        if k >= MIN_SAMPLE and len(pred) == k:
+            cls = None if classes is None else np.asarray(classes)[sel]
+            rate = float(flipped(base[sel], pred, cls).mean())
+        out.tests.append(PlaceFlip(test, place, box, fl, k if k >= MIN_SAMPLE else 0, rate, area))
+    return out
 
-    r_cue, n_cue = rate(cue)
-    r_obj, n_obj = rate(obj) if obj is not None else (math.nan, 0)
-    return FlipResult(r_cue, r_obj, n_cue, n_obj)
+
+def extra_forwards(n: int, n_places: int, masked: bool) -> int:
+    """Forward passes :func:`causal_tests` costs for a sample of ``n`` (base + every test)."""
+    return n * (1 + n_places + (2 if masked else 0))
+
+
+# ----------------------------------------------------------------------------
+# A finished job's model and data
+# ----------------------------------------------------------------------------
 
 
 class Intervener:
-    """Runs :func:`flip_rates` for a finished job (model and dataset from ``OUT/job.json``).
+    """The model, head and dataset of a finished job (``OUT/job.json``), for :func:`causal_tests`.
 
-    The model is loaded lazily, once, on the first call.
+    The model is loaded lazily, once, on first use.
     """
 
-    def __init__(self, out_dir, *, fill: str = "mean", batch_size: int = 64):
+    def __init__(self, out_dir, *, fill: str = "mean", batch_size: int = CHUNK):
         import json
 
         self.out = Path(out_dir)
@@ -136,7 +346,9 @@ class Intervener:
         self.fill = fill
         self.batch_size = batch_size
         self._model = None
+        self._head = None
         self._size = None
+        self.forwards = 0  # images predicted so far (the cost of the tests)
 
     @property
     def size(self) -> tuple[int, int]:
@@ -162,14 +374,29 @@ class Intervener:
                                      trust_code=bool(m.get("trust_code")))
         return self._model
 
+    @property
+    def head(self):
+        """The model's classifier head (how outputs become class ids), or None before heads exist."""
+        if self._head is None:
+            try:
+                from audit.engine.heads import Head
+            except ImportError:  # engine without head objects: softmax/logits argmax
+                return None
+            self._head = Head.of(self.model, (self.spec.get("model") or {}).get("output"))
+        return self._head
+
     def predict(self, images: np.ndarray) -> np.ndarray:
+        """Predictions for uint8 RGB images at the input size: (N,) ids, or (N, C) bool (multi-label)."""
         from audit.engine.models import preprocess
 
         mode = (self.spec.get("model") or {}).get("preprocess", "none")
+        head = self.head
         out = []
         for s in range(0, len(images), self.batch_size):
             x = preprocess(images[s:s + self.batch_size], mode)
-            out.append(np.asarray(self.model(x, training=False)).argmax(axis=-1))
+            y = self.model(x, training=False)
+            out.append(head.predict(y) if head is not None else np.asarray(y).argmax(axis=-1))
+            self.forwards += len(x)
         return np.concatenate(out) if out else np.zeros(0, int)
 
     def load(self, image_ids):
@@ -181,64 +408,26 @@ class Intervener:
             masks = masks & np.asarray(has_mask, bool)[:, None, None]
         return images, masks
 
-    def __call__(self, image_ids, cue_masks, *, use_masks: bool = True) -> FlipResult:
-        """Flip rates on the images ``image_ids``; ``cue_masks`` (H, W) or (N, H, W) at input size."""
-        images, masks = self.load(image_ids)
-        cue = np.asarray(cue_masks, bool)
-        if cue.shape[-2:] != tuple(self.size):
-            cue = _resize_bool(cue, self.size)
-        return flip_rates(self.predict, images, cue, masks if use_masks else None, fill=self.fill)
-
-
-def _resize_bool(m: np.ndarray, size) -> np.ndarray:
-    from audit.engine.stats import resize_maps
-
-    m3 = m[None] if m.ndim == 2 else m
-    r = resize_maps(m3.astype(np.float32), size) >= 0.5
-    return r[0] if m.ndim == 2 else r
-
-
-def cue_mask(cue_kind: str, cue_box, mean_map, size) -> np.ndarray | None:
-    """The place to occlude for a group's cue, (H, W) bool at the model input size.
-
-    A region's box, the border band, else the hot area of the group's mean map;
-    None when there is nothing to occlude.
-    """
-    from audit.engine.stats import border_mask, box_mask
-    from audit.scan.grids import hot_cells
-
-    H, W = size
-    if cue_kind == "region" and cue_box:
-        return box_mask(cue_box, (H, W))
-    if cue_kind == "border":
-        return border_mask((H, W))
-    if mean_map is not None:
-        from audit.engine.stats import resize_maps
-
-        hot = hot_cells(mean_map).astype(np.float32)
-        return resize_maps(hot[None], (H, W))[0] >= 0.5
-    return None
-
 
 class SafeIntervener:
-    """An intervention that cannot run (model or data moved) warns once and is skipped."""
+    """An intervention that cannot run (model or data moved) warns once; later calls return None."""
 
     def __init__(self, inner, quiet: bool):
         self.inner, self.quiet, self.failed = inner, quiet, None
 
-    @property
-    def size(self):
-        return self.inner.size
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
 
-    def __call__(self, *a, **k):
+    def call(self, fn, *a, **k):
+        """``fn(*a, **k)``, or None once the job's model or data could not be loaded."""
         if self.failed:
             return None
         try:
-            return self.inner(*a, **k)
+            return fn(*a, **k)
         except AuditError as e:
             self.failed = str(e)
             if not self.quiet:
                 import sys
 
-                print(f"audit: scan: intervention skipped ({e})", file=sys.stderr)
+                print(f"audit: scan: causal tests skipped ({e})", file=sys.stderr)
             return None

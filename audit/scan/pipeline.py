@@ -8,15 +8,21 @@
 2. :func:`group_classes`: the records of each class;
 3. :func:`load_class_grids`: all of the class's heatmaps on a small grid
    (:mod:`audit.scan.grids`, streamed from the records in batches);
-4. :func:`judge_class`, for every class: its features
-   (:mod:`audit.scan.features`), its verdict (:mod:`audit.scan.verdict`),
-   confirmed by intervention (:mod:`audit.scan.intervene`); then
-   :func:`judge_clusters`: SpRAy clusters of its maps
-   (:mod:`audit.scan.cluster`), each judged the same way, so that a strategy
-   used by a minority of the class shows up;
-5. :func:`audit.scan.table.summary_tables` and
-   :func:`audit.scan.table.write_tables`: ``OUT/summary/classes.parquet`` and
-   ``OUT/summary/clusters.parquet``, and the printed table, suspects first.
+4. :func:`describe_class`, for every class: its features
+   (:mod:`audit.scan.features`) and attention (:mod:`audit.scan.verdict`),
+   and :func:`describe_clusters`: SpRAy clusters of its maps
+   (:mod:`audit.scan.cluster`), each described the same way, so that a
+   strategy used by a minority of the class shows up;
+5. :func:`audit.scan.causal.run_tests`: the causal tests of every class and
+   of the clusters whose attention is suspect (:mod:`audit.scan.intervene`:
+   remove the object, replace the background, occlude each place of a bank);
+6. :func:`judge`: the verdicts, from attention and causal evidence together
+   (:func:`audit.scan.verdict.assess`); a suspect cluster makes its class
+   suspect (:func:`class_verdict`);
+7. :func:`audit.scan.table.summary_tables` and
+   :func:`audit.scan.table.write_tables`: ``OUT/summary/classes.parquet``,
+   ``clusters.parquet`` and ``interventions.parquet``, and the printed table,
+   suspects first.
 
 Rows are grouped by ``target``, the class whose score was explained: with
 the default ``explain.target: predicted`` a class row describes how the model
@@ -33,14 +39,20 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from audit.errors import AuditError
+from audit.scan.causal import CausalTests, run_tests
 from audit.scan.cluster import ClusterParams, cluster_maps, map_features, min_cluster_size
 from audit.scan.config import DEFAULT, Config
-from audit.scan.features import GroupFeatures, gap_scores, group_features, spurious_gap
+from audit.scan.features import gap_scores, group_features, spurious_gap
 from audit.scan.grids import read_class_maps
-from audit.scan.intervene import FlipResult, cue_mask
-from audit.scan.read import ScanView, read_view, sample_ids
-from audit.scan.table import ClassResult, ClusterResult, format_table, summary_tables, write_tables
+from audit.scan.read import ScanView, read_view
+from audit.scan.table import (
+    ClassResult,
+    ClusterResult,
+    format_table,
+    interventions_table,
+    summary_tables,
+    write_tables,
+)
 from audit.scan.values import pct
 from audit.scan.verdict import Verdict, assess
 
@@ -113,37 +125,23 @@ def make_intervener(view: ScanView, cfg: Config, quiet: bool):
     return SafeIntervener(Intervener(view.out, fill=cfg.fill), quiet)
 
 
-def intervene_group(intervener, rows, f: GroupFeatures, res: Verdict, cfg: Config,
-                    use_masks: bool) -> FlipResult | None:
-    """Flip rates for a deterministic sample of a suspect group (None when not possible)."""
-    if intervener is None:
-        return None
-    ok = rows[rows["status"] == "ok"]
-    ids = sorted(sample_ids(ok["image_id"].tolist(), cfg.sample))
-    if not ids:
-        return None
-    try:
-        size = intervener.size
-    except AuditError:
-        return intervener(ids, None)  # reports the reason once
-    cue = cue_mask(res.cue_kind, res.cue_box, f.mean_map, size)
-    if cue is None:
-        return None
-    return intervener(ids, cue, use_masks=use_masks)
+def describe_class(g: ClassGroup, view: ScanView, cfg: Config) -> ClassResult:
+    """Features, attention verdict, spurious gap and clusters of one class (no causal tests yet)."""
+    rows = g.rows
+    f = group_features(rows, g.grids, view.regions, cfg, view.size)
+    own = assess(f, cfg)
+    grid_index = g.row_grid
+    correct = rows["correct"].to_numpy(dtype=float, na_value=np.nan) if "correct" in rows \
+        else np.full(len(rows), np.nan)
+    gap = spurious_gap(gap_scores(rows, f, own.masked, own.cue_kind, own.cue, g.grids, grid_index), correct)
+    df = view.df
+    labelled = df[df["label"] == g.class_id] if "label" in df else df.iloc[0:0]
+    return ClassResult(class_id=g.class_id, name=g.name, rows=rows, labelled=labelled, features=f, own=own,
+                       final=own, n_maps=len(g.ids), gap=gap, clusters=describe_clusters(g, view, cfg))
 
 
-def judge_group(rows, grids, view: ScanView, cfg: Config, intervener, use_masks: bool):
-    """Features and verdict of one group; a suspect is tested by intervention."""
-    f = group_features(rows, grids, view.regions, cfg, view.size)
-    res = assess(f, cfg)
-    if res.suspected and intervener is not None:
-        res = assess(f, cfg, intervene_group(intervener, rows, f, res, cfg, use_masks))
-    return f, res
-
-
-def judge_clusters(g: ClassGroup, own: Verdict, view: ScanView, cfg: Config, intervener,
-                   use_masks: bool) -> list[ClusterResult]:
-    """SpRAy clusters of all of a class's maps, each judged like a class.
+def describe_clusters(g: ClassGroup, view: ScanView, cfg: Config) -> list[ClusterResult]:
+    """SpRAy clusters of all of a class's maps, each described like a class.
 
     A cluster needs ``max(min_cluster, min_cluster_share x maps of the
     class)`` maps for a verdict, else it is ``insufficient_data``.
@@ -154,24 +152,41 @@ def judge_clusters(g: ClassGroup, own: Verdict, view: ScanView, cfg: Config, int
     c_all = cluster_maps(map_features(g.grids), params, order=crc_order(g.ids))
     labels, k = c_all.labels, c_all.k
     ccfg = replace(cfg, min_images=params.min_size)
+    if k == 1:  # the class itself
+        return [ClusterResult(0, g.ids.tolist(), group_features(g.rows, g.grids, view.regions, ccfg, view.size),
+                              None, rows=g.rows, cfg=ccfg)]
     out = []
     row_label = np.where(g.row_grid >= 0, labels[np.maximum(g.row_grid, 0)], -1)
     for c in range(k):
         members = g.ids[labels == c].tolist()
         sub = g.rows[row_label == c]
-        if k == 1:  # the class itself
-            cf, cres = group_features(sub, g.grids, view.regions, ccfg, view.size), own
-        else:
-            cf, cres = judge_group(sub, g.grids[labels == c], view, ccfg, intervener, use_masks)
-        out.append(ClusterResult(c, members, cf, cres))
+        cf = group_features(sub, g.grids[labels == c], view.regions, ccfg, view.size)
+        out.append(ClusterResult(c, members, cf, assess(cf, ccfg), rows=sub, cfg=ccfg))
     return out
+
+
+def judge(results: list[ClassResult], causal: CausalTests, cfg: Config) -> None:
+    """Final verdicts of every class and cluster from attention and causal evidence."""
+    untested_flags = not causal.results  # when some groups were tested, attention alone never flags
+    for r in results:
+        others = causal.others(r.class_id)
+        r.own = assess(r.features, cfg, causal.get(r.class_id), others, causal.density,
+                       attention_decides=untested_flags)
+        for c in r.clusters:
+            if len(r.clusters) == 1:
+                c.verdict = r.own
+            else:
+                c.verdict = assess(c.features, c.cfg or cfg, causal.get(r.class_id, c.cluster), others,
+                                   causal.density, attention_decides=untested_flags)
+        r.final = class_verdict(r.own, r.clusters, r.n_maps)
 
 
 def class_verdict(own: Verdict, clusters: list[ClusterResult], n_maps: int) -> Verdict:
     """A suspect cluster makes the class suspect (when it is more suspicious than the class itself)."""
     if len(clusters) <= 1:
         return own
-    worst = max((c for c in clusters if c.verdict.suspected), key=lambda c: c.verdict.suspicion, default=None)
+    worst = max((c for c in clusters if c.verdict is not None and c.verdict.suspected),
+                key=lambda c: c.verdict.suspicion, default=None)
     if worst is None or (own.suspected and worst.verdict.suspicion <= own.suspicion):
         return own
     share = len(worst.members) / max(1, n_maps)
@@ -180,30 +195,14 @@ def class_verdict(own: Verdict, clusters: list[ClusterResult], n_maps: int) -> V
                                            f"class): " + ev[0].lower() + ev[1:])
 
 
-def judge_class(g: ClassGroup, view: ScanView, cfg: Config, intervener, use_masks: bool) -> ClassResult:
-    """Features, verdict, spurious gap and clusters of one class."""
-    rows = g.rows
-    f, own = judge_group(rows, g.grids, view, cfg, intervener, use_masks)
-    grid_index = g.row_grid
-    correct = rows["correct"].to_numpy(dtype=float, na_value=np.nan) if "correct" in rows \
-        else np.full(len(rows), np.nan)
-    gap = spurious_gap(gap_scores(rows, f, own.masked, own.cue_kind, own.cue, g.grids, grid_index), correct)
-    clusters = judge_clusters(g, own, view, cfg, intervener, use_masks)
-    df = view.df
-    labelled = df[df["label"] == g.class_id] if "label" in df else df.iloc[0:0]
-    return ClassResult(class_id=g.class_id, name=g.name, rows=rows, labelled=labelled, features=f, own=own,
-                       final=class_verdict(own, clusters, len(g.ids)), n_maps=len(g.ids), gap=gap,
-                       clusters=clusters)
-
-
 def scan(out_dir, *, intervene: bool = True, quiet: bool = False, layer: str | None = None,
          method: str | None = None, use_masks: bool = True, cfg: Config = DEFAULT):
     """Scan a job's records; write and return ``(classes_df, clusters_df)``.
 
     Args:
         out_dir: the job output (``OUT``).
-        intervene: confirm suspects by occlusion (loads the model and the
-            sample images; needs ``OUT/job.json`` naming them).
+        intervene: run the causal tests (loads the model and a sample of
+            each class's images; needs ``OUT/job.json`` naming them).
         quiet: write the tables, print nothing.
         layer, method: the view the verdict uses (default: the automatic
             layer and Grad-CAM++, see :func:`audit.scan.read.choose_view`).
@@ -213,7 +212,8 @@ def scan(out_dir, *, intervene: bool = True, quiet: bool = False, layer: str | N
 
     Returns:
         ``(classes_df, clusters_df)``, pandas DataFrames with the columns of
-        ``schemas/classes.schema.json`` and ``schemas/clusters.schema.json``.
+        ``schemas/classes.schema.json`` and ``schemas/clusters.schema.json``;
+        ``OUT/summary/interventions.parquet`` holds every causal test.
 
     Raises:
         AuditError: no such output, no records, or no such layer/method.
@@ -221,11 +221,15 @@ def scan(out_dir, *, intervene: bool = True, quiet: bool = False, layer: str | N
     view = read_view(out_dir, layer, method, use_masks)
     groups = group_classes(view)
     load_class_grids(view, groups, cfg)
+    results = [describe_class(g, view, cfg) for g in groups]
     intervener = make_intervener(view, cfg, quiet) if intervene else None
-    results = [judge_class(g, view, cfg, intervener, use_masks) for g in groups]
+    causal = run_tests(intervener, results, view, cfg, use_masks) if intervener is not None else CausalTests()
+    judge(results, causal, cfg)
     classes_df, clusters_df = summary_tables(results, view.layer, view.method, cfg.grid, view.regions)
-    write_tables(view.out, {"classes": classes_df, "clusters": clusters_df}, view.regions)
+    tests_df = interventions_table(results, causal)
+    write_tables(view.out, {"classes": classes_df, "clusters": clusters_df, "interventions": tests_df},
+                 view.regions)
     if not quiet:
         print(format_table(classes_df, clusters_df, layer=view.layer, method=view.method, out=view.out,
-                           errors=view.errors))
+                           errors=view.errors, causal=causal))
     return classes_df, clusters_df

@@ -24,7 +24,9 @@ class ClusterResult:
     cluster: int
     members: list  # image ids
     features: GroupFeatures
-    verdict: Verdict
+    verdict: Verdict | None  # None until judged
+    rows: object = None  # DataFrame: the cluster's records
+    cfg: object = None  # the Config it is judged with (its minimum size)
 
 
 @dataclass
@@ -44,11 +46,11 @@ class ClassResult:
 
 
 def _flip_fields(v: Verdict) -> dict:
-    fl = v.flips
-    if fl is None:
-        return {"flip_rate_cue": None, "flip_rate_object": None, "n_intervened": 0}
-    return {"flip_rate_cue": or_none(fl.flip_rate_cue), "flip_rate_object": or_none(fl.flip_rate_object),
-            "n_intervened": int(fl.n)}
+    c = v.causal
+    cue = v.cue_flip.flip_rate if v.cue_flip is not None else math.nan
+    return {"flip_rate_cue": or_none(cue), "flip_rate_object": or_none(v.rate("object")),
+            "flip_rate_background": or_none(v.rate("background")), "cue_region": v.cue_region,
+            "n_intervened": int(c.n) if c is not None else 0}
 
 
 def _stat_means(f: GroupFeatures) -> dict:
@@ -135,8 +137,8 @@ def write_tables(out: Path, frames: dict, regions) -> None:
 
     d = Path(out) / "summary"
     for name, frame in frames.items():
-        schema = arrow_schema(name, {f"energy_{r}": "float32" for r in regions})
-        schema = schema.with_metadata({"schema_version": SCHEMA_VERSION, "table": name})
+        extra = {f"energy_{r}": "float32" for r in regions} if name in ("classes", "clusters") else {}
+        schema = arrow_schema(name, extra).with_metadata({"schema_version": SCHEMA_VERSION, "table": name})
         table = pa.Table.from_pandas(frame, schema=schema, preserve_index=False)
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink)
@@ -146,6 +148,31 @@ def write_tables(out: Path, frames: dict, regions) -> None:
         except OSError as e:  # a read-only or full OUT: one line, not a traceback
             raise cannot_write(d / f"{name}.parquet", e, "the scan writes OUT/summary/: scan a writable "
                                "copy of OUT") from None
+
+
+def interventions_table(results: list, causal):
+    """Every causal test as a row of ``summary/interventions.parquet``."""
+    import pandas as pd
+
+    from audit.data.schema import arrow_schema
+
+    names = {r.class_id: r.name for r in results}
+    rows = []
+    for (class_id, cluster), res in sorted(causal.results.items(), key=lambda kv: (kv[0][0], kv[0][1] or -1)):
+        others = causal.others(class_id)
+        for t in res.tests:
+            rows.append({"class_id": class_id, "class_name": names.get(class_id, str(class_id)),
+                         "cluster": cluster, "test": t.test, "place": t.place,
+                         "box": None if t.box is None else [float(v) for v in t.box], "fill": t.fill,
+                         "n": t.n, "flip_rate": or_none(t.flip_rate),
+                         "flip_rate_others": or_none(others.get(t.place)) if t.test == "region" else None,
+                         "area": or_none(t.area)})
+    schema = arrow_schema("interventions")
+    if not rows:
+        return schema.empty_table().to_pandas()
+    df = pd.DataFrame(rows)
+    df["cluster"] = df["cluster"].astype("Int32")
+    return df[[f.name for f in schema]]
 
 
 def _fmt(v, spec=".2f"):
@@ -160,7 +187,8 @@ def _cluster_lines(clusters_df, class_id) -> list[str]:
             f"({pct(c.share)}), {c.verdict}" + (f", cue {c.cue}" if c.cue else "") for c in cl.itertuples()]
 
 
-def format_table(classes_df, clusters_df, *, layer="", method="", out="", errors=0, width=None) -> str:
+def format_table(classes_df, clusters_df, *, layer="", method="", out="", errors=0, width=None,
+                 causal=None) -> str:
     """The compact suspects-first table printed by ``audit scan``."""
     import shutil
     import textwrap
@@ -168,19 +196,23 @@ def format_table(classes_df, clusters_df, *, layer="", method="", out="", errors
     width = width or min(120, shutil.get_terminal_size((100, 20)).columns)
     lines = [f"scan of {out}: layer {layer}, {method}; {len(classes_df)} classes"
              + (f", {errors} unreadable images" if errors else "")]
-    hdr = f"{'verdict':<19} {'class':<16} {'n':>6} {'acc':>5} {'susp':>5}  {'cue':<14} {'flip cue/obj':>12}"
+    hdr = (f"{'verdict':<19} {'class':<16} {'n':>6} {'acc':>5} {'susp':>5}  {'cue':<20} "
+           f"{'flip cue/obj/bg':>15}")
     lines += [hdr, "-" * len(hdr)]
     shown = classes_df if len(classes_df) <= 40 else classes_df[classes_df["verdict"] == "shortcut_suspected"]
     for r in shown.itertuples():
-        flips = f"{_fmt(r.flip_rate_cue)}/{_fmt(r.flip_rate_object)}"
+        flips = f"{_fmt(r.flip_rate_cue)}/{_fmt(r.flip_rate_object)}/{_fmt(r.flip_rate_background)}"
         lines.append(f"{r.verdict:<19} {str(r.class_name)[:16]:<16} {r.n:>6} {_fmt(r.accuracy):>5} "
-                     f"{_fmt(r.suspicion):>5}  {str(r.cue or '-')[:14]:<14} {flips:>12}")
+                     f"{_fmt(r.suspicion):>5}  {str(r.cue or '-')[:20]:<20} {flips:>15}")
         if r.verdict == "shortcut_suspected" or len(classes_df) <= 10:
             lines += textwrap.wrap(r.evidence, width, initial_indent="    ", subsequent_indent="    ")
         lines += _cluster_lines(clusters_df, r.class_id)
     if len(shown) < len(classes_df):
         lines.append(f"... and {len(classes_df) - len(shown)} classes not suspected (see summary/classes.parquet)")
+    if causal is not None and causal.results:
+        lines.append(f"causal tests: {len(causal.results)} samples, {causal.forwards} extra forward passes"
+                     + (f"; {causal.skipped} samples left out by the cost budget" if causal.skipped else ""))
     n_s = int((classes_df["verdict"] == "shortcut_suspected").sum())
     lines.append(f"{n_s} of {len(classes_df)} classes suspected of a shortcut; "
-                 f"tables in {Path(out) / 'summary'}/classes.parquet and clusters.parquet")
+                 f"tables in {Path(out) / 'summary'}/classes.parquet, clusters.parquet and interventions.parquet")
     return "\n".join(lines)

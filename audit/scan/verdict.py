@@ -1,9 +1,20 @@
 """The verdict of one group (a class or a cluster): suspicion, cue and a one-sentence evidence.
 
-:func:`assess` combines the attention scores of a :class:`GroupFeatures`
-(:func:`place_score`, :func:`audit.scan.robust.fixed_place_score`, :func:`diffuse_score`,
-:func:`off_object_score`) with the intervention's :func:`confirmation`.
-Pure functions; docs/scan.md explains every rule and threshold.
+Two kinds of evidence, judged by pure functions (docs/scan.md explains every
+rule and threshold):
+
+* **attention**, from the heatmaps (:func:`attention`: :func:`place_score`,
+  :func:`audit.scan.robust.fixed_place_score`, :func:`diffuse_score`, :func:`off_object_score`):
+  where the model looks.  A hypothesis, reported in the evidence;
+* **causal**, from the interventions (:func:`causal_cue`,
+  :func:`background_score`): what changes the model's answer.  Only this
+  makes a ``shortcut_suspected`` verdict: a place away from the object whose
+  occlusion flips the class's predictions (and not those of the other
+  classes alike), or an object whose removal changes nothing while replacing
+  the background does.
+
+:func:`assess` combines them.  Without causal tests (``--no-intervene``, or
+no model at hand) the attention decides, and the evidence says so.
 """
 
 from __future__ import annotations
@@ -13,7 +24,7 @@ from dataclasses import dataclass
 
 from audit.scan.config import BORDER_AREA, DEFAULT, Config
 from audit.scan.features import GroupFeatures, Place
-from audit.scan.intervene import FlipResult
+from audit.scan.intervene import MIN_SAMPLE, CausalResult, PlaceFlip
 from audit.scan.robust import fixed_place_score
 from audit.scan.values import clip01, finite, pct
 
@@ -26,12 +37,19 @@ class Verdict:
     suspicion: float = math.nan
     attention_suspicion: float = math.nan
     cue: str = ""
-    cue_kind: str = ""  # region | border | fixed | hotspot | object | ""
+    cue_kind: str = ""  # region | border | fixed | hotspot | object | place | background | ""
     cue_box: list | None = None
+    cue_region: str = ""  # the place the causal tests named (border:4%, corner:top_left, background), or ""
     masked: bool = False
-    flips: FlipResult | None = None
-    confirmation: float | None = None
+    causal: CausalResult | None = None
+    cue_flip: PlaceFlip | None = None  # the place test behind the cue (or the most flipping place)
+    cue_others: float = math.nan  # the same place's flip rate on the other classes
     evidence: str = ""
+    untested: bool = False  # causal tests ran for the scan but not for this group (cost budget)
+
+    def rate(self, test: str) -> float:
+        """Flip rate of a test (``object``, ``background``) or NaN."""
+        return self.causal.rate(test) if self.causal is not None else math.nan
 
     @property
     def suspected(self) -> bool:
@@ -65,22 +83,6 @@ def off_object_score(energy_object: float, pointing: float) -> float:
     return 0.6 * s_point + 0.4 * s_energy
 
 
-def confirmation(flips: FlipResult | None) -> float | None:
-    """0..1 from the intervention: 1 = the shortcut is confirmed, 0 = refuted, None = not run.
-
-    Confirmed by a cue flip rate well above noise (ramp 0.1 -> 0.4) or by an
-    object whose removal barely matters (flip rate ramp 0.3 -> 0.05).
-    """
-    if flips is None:
-        return None
-    parts = []
-    if finite(flips.flip_rate_cue):
-        parts.append(clip01((flips.flip_rate_cue - 0.1) / 0.3))
-    if finite(flips.flip_rate_object):
-        parts.append(clip01((0.3 - flips.flip_rate_object) / 0.25))
-    return max(parts) if parts else None
-
-
 @dataclass(frozen=True)
 class _Candidate:
     score: float
@@ -98,49 +100,196 @@ def best_place(f: GroupFeatures) -> _Candidate:
     return cands[0]
 
 
-def _insufficient(f: GroupFeatures, cfg: Config, flips) -> Verdict:
+
+
+# ----------------------------------------------------------------------------
+# Attention evidence
+# ----------------------------------------------------------------------------
+
+
+@dataclass
+class Attention:
+    """What the heatmaps say: a suspicion 0..1 and where the attention sits."""
+
+    score: float
+    cue: str = ""
+    cue_kind: str = ""
+    cue_box: list | None = None
+    best: Place | None = None
+    masked: bool = False
+
+
+def attention(f: GroupFeatures, cfg: Config = DEFAULT) -> Attention:
+    """The attention suspicion of a group and its attention cue (see docs/scan.md, "Attention")."""
+    m = f.means
+    best = best_place(f)
+    s_diffuse = diffuse_score(m["entropy"], m["concentration"])
+    masked = f.n_masked >= cfg.mask_min_n and f.n_masked >= cfg.mask_min_frac * f.n
+    s = off_object_score(m["energy_object"], m["pointing_hit"]) if masked else max(best.score, s_diffuse)
+    a = Attention(score=s, best=best.place, masked=masked)
+    if best.score >= 0.3:
+        p = best.place
+        a.cue, a.cue_kind, a.cue_box = (f"region:{p.name}" if p.kind == "region" else p.name), p.kind, p.box
+    elif (masked and s >= cfg.threshold) or (not masked and s_diffuse > 0):
+        a.cue, a.cue_kind, a.cue_box = "background", "hotspot", f.hot_box
+    elif masked:
+        a.cue, a.cue_kind = "object", "object"
+    return a
+
+
+# ----------------------------------------------------------------------------
+# Causal evidence
+# ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CueFinding:
+    """The place test that best explains a group's decision: its score 0..1 (0.5 at the thresholds)."""
+
+    score: float
+    flip: PlaceFlip | None = None
+    others: float = math.nan
+
+
+def place_eligible(t: PlaceFlip, causal: CausalResult, cfg: Config, density: dict | None = None) -> bool:
+    """May this place be a cue, i.e. is it away from the object?
+
+    With masks the object's pixels were spared, so any place is away from it,
+    except for a class defined by absence (no object in its images): there a
+    filled patch where the other classes' objects usually sit may look like an
+    object, so such places (object density ratio >= ``absence_density_max``)
+    are not cues.  Without masks only places up to ``max_cue_area`` of the
+    image count (a larger one hides objects too), and the class's hot area
+    only when it lies off the centre (objects usually sit near the centre).
+    """
+    if not finite(t.flip_rate) or t.n < MIN_SAMPLE:
+        return False
+    if causal.masked:
+        crowded = density is not None and density.get(t.place, 0.0) >= cfg.absence_density_max
+        return not (causal.absence and crowded)
+    if finite(t.area) and t.area > cfg.max_cue_area:
+        return False
+    if t.place == "hot area" and t.box is not None:
+        cx, cy = (t.box[0] + t.box[2]) / 2, (t.box[1] + t.box[3]) / 2
+        if math.hypot(cx - 0.5, cy - 0.5) < cfg.hot_off_centre:
+            return False
+    return True
+
+
+def place_flip_score(flip: float, others: float, cfg: Config = DEFAULT) -> float:
+    """0.5 x min(flip / cue_flip_min, (flip - others) / cue_specific_min), clipped to 0..1.
+
+    0.5 exactly when the place flips ``cue_flip_min`` of the class and
+    ``cue_specific_min`` more than it flips the other classes; 1 at twice both.
+    """
+    if not finite(flip):
+        return 0.0
+    spec = flip - (others if finite(others) else 0.0)
+    return clip01(0.5 * min(flip / cfg.cue_flip_min, spec / cfg.cue_specific_min))
+
+
+def causal_cue(causal: CausalResult | None, others: dict | None = None, cfg: Config = DEFAULT,
+               density: dict | None = None) -> CueFinding:
+    """The place whose occlusion flips the class, not the other classes alike.
+
+    Among the eligible places (:func:`place_eligible`) scoring at least 0.5
+    the smallest wins (the most specific explanation: a corner rather than an
+    edge containing it); without one, the highest score (for the evidence).
+    ``others``: {place: median flip rate of the same place on the other classes}.
+    """
+    if causal is None:
+        return CueFinding(0.0)
+    others = others or {}
+    cands = [(place_flip_score(t.flip_rate, others.get(t.place, math.nan), cfg), t) for t in causal.places
+             if place_eligible(t, causal, cfg, density)]
+    if not cands:
+        return CueFinding(0.0)
+    strong = [c for c in cands if c[0] >= 0.5]
+    s, t = min(strong, key=lambda c: (c[1].area, -c[0])) if strong else max(cands, key=lambda c: c[0])
+    return CueFinding(s, t, others.get(t.place, math.nan))
+
+
+def background_score(causal: CausalResult | None, cfg: Config = DEFAULT) -> float:
+    """The object does not decide, the background does: 0.5 x min((1 - object) / (1 - object_flip_max),
+    background / background_flip_min), clipped to 0..1; 0 when either test is missing."""
+    if causal is None:
+        return 0.0
+    fo, fb = causal.rate("object"), causal.rate("background")
+    if not (finite(fo) and finite(fb)):
+        return 0.0
+    return clip01(0.5 * min((1.0 - fo) / (1.0 - cfg.object_flip_max), fb / cfg.background_flip_min))
+
+
+def has_causal(causal: CausalResult | None) -> bool:
+    """True when at least one causal test has a rate."""
+    return causal is not None and any(finite(t.flip_rate) for t in causal.tests)
+
+
+# ----------------------------------------------------------------------------
+# The verdict
+# ----------------------------------------------------------------------------
+
+
+def _insufficient(f: GroupFeatures, cfg: Config, causal) -> Verdict:
     why = f"{f.n} usable heatmap{'' if f.n == 1 else 's'}" + (f" ({f.n_flat} flat)" if f.n_flat else "")
-    return Verdict(flips=flips, evidence=f"Only {why}; {cfg.min_images} are needed for a verdict.")
+    return Verdict(causal=causal, evidence=f"Only {why}; {cfg.min_images} are needed for a verdict.")
 
 
-def assess(f: GroupFeatures, cfg: Config = DEFAULT, flips: FlipResult | None = None) -> Verdict:
+def _cue_name(place: str) -> str:
+    """The ``cue`` for a place test: every border band is ``border``; others keep their name."""
+    return "border" if place.startswith("border:") else place
+
+
+def assess(f: GroupFeatures, cfg: Config = DEFAULT, causal: CausalResult | None = None,
+           others: dict | None = None, density: dict | None = None, attention_decides: bool = True) -> Verdict:
     """Suspicion (0..1), verdict, cue and a one-sentence evidence for one group.
 
     Args:
         f: from :func:`audit.scan.features.group_features`.
         cfg: the thresholds.
-        flips: from :func:`audit.scan.intervene.flip_rates`, or None when not run.
+        causal: the group's :class:`CausalResult`, or None when not run.
+        others: {place: median flip rate of that place on the other classes}.
+        density: {place: object density ratio} (where objects usually sit),
+            for classes defined by absence.
+        attention_decides: without causal tests, may the attention flag?
+            (False for a cluster left untested in a scan whose classes were tested.)
 
     Returns:
-        A :class:`Verdict`.
+        A :class:`Verdict`.  With causal tests, the suspicion is the larger of
+        the place score and the background score; attention alone never
+        flags.  Without them the suspicion is the attention suspicion.
     """
     if f.n < cfg.min_images:
-        return _insufficient(f, cfg, flips)
-    m = f.means
-    best = best_place(f)
-    s_diffuse = diffuse_score(m["entropy"], m["concentration"])
-    masked = f.n_masked >= cfg.mask_min_n and f.n_masked >= cfg.mask_min_frac * f.n
-    res = Verdict(masked=masked, flips=flips)
-    s_attn = off_object_score(m["energy_object"], m["pointing_hit"]) if masked else max(best.score, s_diffuse)
-    if best.score >= 0.3:
-        p = best.place
-        res.cue = f"region:{p.name}" if p.kind == "region" else p.name
-        res.cue_kind, res.cue_box = p.kind, p.box
-    elif (masked and s_attn >= cfg.threshold) or (not masked and s_diffuse > 0):
-        res.cue, res.cue_kind, res.cue_box = "background", "hotspot", f.hot_box
-    elif masked:
-        res.cue, res.cue_kind = "object", "object"
-    res.attention_suspicion = s_attn
-    res.confirmation = confirmation(flips)
-    c = res.confirmation
-    res.suspicion = s_attn if c is None else s_attn * (0.3 + 0.7 * c)
+        return _insufficient(f, cfg, causal)
+    att = attention(f, cfg)
+    res = Verdict(masked=att.masked, causal=causal, attention_suspicion=att.score,
+                  cue=att.cue, cue_kind=att.cue_kind, cue_box=att.cue_box,
+                  untested=not attention_decides and not has_causal(causal))
+    if not has_causal(causal):
+        res.suspicion = att.score if attention_decides else min(att.score, cfg.threshold - 0.01)
+    else:
+        finding = causal_cue(causal, others, cfg, density)
+        s_bg = background_score(causal, cfg)
+        res.cue_flip, res.cue_others = finding.flip, finding.others
+        res.suspicion = max(finding.score, s_bg)
+        if finding.score >= cfg.threshold:
+            t = finding.flip
+            res.cue, res.cue_kind, res.cue_region = _cue_name(t.place), "place", t.place
+            res.cue_box = list(t.box) if t.box is not None else None
+        elif s_bg >= cfg.threshold:
+            res.cue, res.cue_kind, res.cue_region, res.cue_box = "background", "background", "background", None
     res.verdict = "shortcut_suspected" if res.suspicion >= cfg.threshold else "ok"
-    res.evidence = evidence(f, res, best.place)
+    res.evidence = evidence(f, att, res)
     return res
 
 
-def _where(f: GroupFeatures, res: Verdict, best: Place) -> str:
-    kind = res.cue_kind
+# ----------------------------------------------------------------------------
+# The evidence sentence
+# ----------------------------------------------------------------------------
+
+
+def _where(f: GroupFeatures, att: Attention) -> str:
+    kind, best = att.cue_kind, att.best
     if kind == "region":
         return f"{pct(best.share)} of the attention lies in region '{best.name}' ({pct(best.area)} of the image)"
     if kind == "border":
@@ -152,48 +301,77 @@ def _where(f: GroupFeatures, res: Verdict, best: Place) -> str:
     if kind == "hotspot":
         hx, hy = f.hot_xy
         at = f", strongest around x={hx:.2f}, y={hy:.2f}" if finite(hx) else ""
-        return f"the attention is spread over the background (entropy {f.means['entropy']:.2f}{at})"
+        return f"the attention is spread over the image (entropy {f.means['entropy']:.2f}{at})"
     return ""
 
 
-def _flip_text(flips: FlipResult | None) -> str:
-    if flips is None:
-        return ""
-    fl = []
-    if finite(flips.flip_rate_cue):
-        fl.append(f"occluding the cue changes {pct(flips.flip_rate_cue)} of {flips.n_cue} predictions")
-    if finite(flips.flip_rate_object):
-        fl.append(f"occluding the object {pct(flips.flip_rate_object)} of {flips.n_object}")
-    return ", ".join(fl)
-
-
-def evidence(f: GroupFeatures, res: Verdict, best: Place) -> str:
-    """One human sentence: what the attention does and where, and what the intervention showed."""
+def attention_text(f: GroupFeatures, att: Attention) -> str:
+    """What the heatmaps show, in words that agree with each other."""
     m = f.means
+    where = _where(f, att)
+    if att.masked:
+        text = (f"{pct(m['energy_object'])} of the attention is on the object and the peak hits it in "
+                f"{pct(m['pointing_hit'])} of {f.n_masked} masked images")
+        # a place elsewhere only when most of the attention is not on the object
+        if where and att.cue_kind not in ("object", "hotspot") and m["energy_object"] < 0.5:
+            text += f"; {where}"
+        elif att.score >= 0.5 and finite(f.peak_object_dist) and finite(f.object_spread) \
+                and f.object_spread > 0.08 and f.peak_object_dist > 0.25:
+            text += f"; the peaks stay {f.peak_object_dist:.2f} of the image away from the objects as they move"
+        return text
+    if where:
+        return where
+    pp = f.peak_place
+    return (f"the attention moves with the image ({pct(pp.share)} of the peaks within "
+            f"{pp.radius:.2f} of any one place) and no region or the border dominates")
+
+
+def _fill_words(fill: str) -> str:
+    return {"mean": "mean-colour fill", "blur": "blur fill", "inpaint": "inpainted",
+            "other-background": "another class's background", "neutral": "a neutral colour"}.get(fill, fill)
+
+
+def causal_text(res: Verdict) -> str:
+    """What the interventions showed: the object and background tests, and the strongest place."""
+    c = res.causal
     parts = []
-    where = _where(f, res, best)
-    if res.masked:
-        parts.append(f"{pct(m['energy_object'])} of the attention is on the object and the peak hits it in "
-                     f"{pct(m['pointing_hit'])} of {f.n_masked} masked images")
-        if where and res.cue_kind != "object":
-            parts.append(where)
-        if finite(f.object_spread) and finite(f.peak_object_dist) and f.object_spread > 0.08 \
-                and f.peak_object_dist > 0.25 and res.attention_suspicion >= 0.5:
-            parts.append(f"the peaks stay {f.peak_object_dist:.2f} of the image away from the "
-                         "objects as they move")
-    elif where:
-        parts.append(where)
-    else:
-        pp = f.peak_place
-        parts.append(f"the attention moves with the image ({pct(pp.share)} of the peaks within "
-                     f"{pp.radius:.2f} of any one place) and no region or the border dominates")
-    flip = _flip_text(res.flips)
-    if flip:
-        parts.append(flip)
-    text = "; ".join(parts)
-    if res.verdict == "ok" and res.attention_suspicion >= 0.5 and res.confirmation is not None:
-        text += " - the intervention does not confirm a shortcut"
-    elif res.verdict == "ok" and 0 < res.attention_suspicion < 0.5 and res.cue_kind == "hotspot" \
-            and not res.masked:
+    o, b = (c.get("object"), c.get("background")) if c is not None else (None, None)
+    if o is not None and finite(o.flip_rate):
+        s = f"removing the object (inpainted) changes {pct(o.flip_rate)} of {o.n} predictions"
+        if b is not None and finite(b.flip_rate):
+            s += f", replacing the background ({_fill_words(b.fill)}) {pct(b.flip_rate)}"
+        parts.append(s)
+    t = res.cue_flip
+    if t is not None and finite(t.flip_rate):
+        s = (f"occluding {t.place} ({_fill_words(t.fill)}) changes {pct(t.flip_rate)} of {t.n} predictions")
+        if finite(res.cue_others):
+            s += f" ({pct(res.cue_others)} for the other classes)"
+        parts.append(s)
+    return "; ".join(parts)
+
+
+def _conclusion(res: Verdict, att: Attention) -> str:
+    if res.untested:
+        return " - not tested by intervention (cost budget), and attention alone is not a verdict"
+    if not has_causal(res.causal):
+        return " - attention only, no causal test was run" if res.suspected else ""
+    if res.suspected and res.cue_kind == "place":
+        return f" - the decision rests on {res.cue_region}, away from the object"
+    if res.suspected:
+        return " - the decision rests on the background, not on the object"
+    if att.score >= 0.5:
+        return " - the attention is suspicious, but no causal test supports a shortcut"
+    return ""
+
+
+def evidence(f: GroupFeatures, att: Attention, res: Verdict) -> str:
+    """One human sentence: the attention, the causal tests, and what they mean together."""
+    parts = [attention_text(f, att)]
+    ct = causal_text(res)
+    if ct:
+        parts.append(ct)
+    text = "; ".join(parts) + _conclusion(res, att)
+    if not has_causal(res.causal) and res.verdict == "ok" and 0 < att.score < 0.5 \
+            and att.cue_kind == "hotspot" and not att.masked:
         text += " - diffuse attention alone is not a shortcut"
     return text[0].upper() + text[1:] + "."

@@ -1,0 +1,158 @@
+"""Plan and run the causal tests of a scan: every class, and the clusters whose attention is suspect.
+
+:func:`plan_tests` chooses a deterministic sample per class (``Config.sample``
+images) and per suspect cluster within a cost budget of extra forward passes
+(``Config.budget`` per audited image, at least ``Config.budget_floor``);
+:func:`run_tests` loads each sample once and runs
+:func:`audit.scan.intervene.causal_tests` on it.  The result,
+:class:`CausalTests`, also gives each place's flip rate on the *other*
+classes (:meth:`CausalTests.others`), which tells a class-specific cue from
+an occlusion that disturbs every class alike, and where objects usually sit
+(:attr:`CausalTests.density`), for classes defined by absence.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from audit.scan.config import Config
+from audit.scan.intervene import CausalResult, extra_forwards, place_bank, remove_objects
+from audit.scan.read import sample_ids
+
+DONORS = 64  # images in the pool of backgrounds (and of object positions), across classes
+
+
+@dataclass(frozen=True)
+class TestPlan:
+    """One sample to test: a class (``cluster`` None) or one of its clusters."""
+
+    class_id: int
+    cluster: int | None
+    ids: tuple  # image ids, sorted
+    hot_box: tuple | None = None
+
+
+@dataclass
+class CausalTests:
+    """Every causal test of a scan, by (class id, cluster or None)."""
+
+    results: dict = field(default_factory=dict)  # {(class_id, cluster): CausalResult}
+    density: dict = field(default_factory=dict)  # {place: object density ratio}
+    planned: int = 0  # samples planned
+    skipped: int = 0  # samples left out by the budget
+    forwards: int = 0  # extra forward passes the tests cost
+
+    def get(self, class_id: int, cluster: int | None = None) -> CausalResult | None:
+        return self.results.get((class_id, cluster))
+
+    def others(self, class_id: int) -> dict:
+        """{place: median flip rate of the place on the other classes' own samples}."""
+        rates: dict = {}
+        for (c, cl), res in self.results.items():
+            if c == class_id or cl is not None:
+                continue
+            for t in res.places:
+                if math.isfinite(t.flip_rate):
+                    rates.setdefault(t.place, []).append(t.flip_rate)
+        return {p: float(np.median(v)) for p, v in rates.items()}
+
+
+def _ok_ids(rows) -> list:
+    return rows.loc[rows["status"] == "ok", "image_id"].tolist()
+
+
+def plan_tests(results, n_images: int, n_places: int, masked: bool, cfg: Config) -> tuple[list, int]:
+    """Samples for every class (most suspect attention first) and suspect clusters, within the budget.
+
+    Args:
+        results: the :class:`audit.scan.table.ClassResult` s (attention verdicts only).
+        n_images: images audited (the budget scales with it).
+        n_places: places in the bank (the cost of a test scales with it).
+        masked: object and background tests too.
+        cfg: ``sample``, ``min_sample``, ``budget``, ``budget_floor``, ``cluster_attention_min``.
+
+    Returns:
+        (plans, number of samples left out by the budget).
+    """
+    budget = max(cfg.budget_floor, int(cfg.budget * n_images))
+    classes = sorted((r for r in results if r.features.n >= cfg.min_images),
+                     key=lambda r: -(r.own.attention_suspicion if math.isfinite(r.own.attention_suspicion) else 0))
+    need = sum(extra_forwards(min(cfg.sample, r.features.n), n_places, masked) for r in classes)
+    sample = cfg.sample if need <= budget else cfg.min_sample
+    plans, skipped, spent = [], 0, 0
+    wanted = [(r, None, _ok_ids(r.rows), r.features.hot_box) for r in classes]
+    wanted += [(r, c.cluster, list(c.members), c.features.hot_box) for r in classes for c in r.clusters
+               if len(r.clusters) > 1 and c.verdict is not None and c.verdict.verdict != "insufficient_data"
+               and c.verdict.attention_suspicion >= cfg.cluster_attention_min]
+    for r, cluster, ids, hot in wanted:
+        chosen = tuple(sorted(sample_ids(ids, sample)))
+        cost = extra_forwards(len(chosen), n_places, masked)
+        if spent + cost > budget:
+            skipped += 1
+            continue
+        spent += cost
+        plans.append(TestPlan(r.class_id, cluster, chosen, None if hot is None else tuple(hot)))
+    return plans, skipped
+
+
+def _donors(intervener, view, cfg: Config, use_masks: bool):
+    """(object-free background images, their targets, object density per pixel or None)."""
+    df = view.df
+    ok = df[df["status"] == "ok"].drop_duplicates("image_id")
+    ids = sorted(sample_ids(ok["image_id"].tolist(), DONORS))
+    if not ids or not use_masks:
+        return None, None, None
+    target = dict(zip(ok["image_id"], ok["target"]))
+    images, masks = intervener.load(ids)
+    if masks is None or not masks.any():
+        return None, None, None
+    has = masks.reshape(len(masks), -1).any(axis=1)
+    density = masks[has].mean(axis=0) if has.any() else None
+    return remove_objects(images, masks), np.array([target[i] for i in ids]), density
+
+
+def _density_ratios(density, places) -> dict:
+    """{place: mean object density inside the place / mean density over the image}."""
+    if density is None or density.mean() <= 0:
+        return {}
+    mean = float(density.mean())
+    return {p.name: float(density[p.mask].mean() / mean) for p in places if p.mask.any()}
+
+
+def run_tests(intervener, results, view, cfg: Config, use_masks: bool) -> CausalTests:
+    """Plan and run the causal tests of every class (and suspect cluster) of a scan."""
+    from audit.scan.intervene import causal_tests
+
+    out = CausalTests()
+    size = intervener.call(lambda: intervener.size)
+    if size is None:
+        return out
+    masked = bool(use_masks and (view.spec.get("dataset") or {}).get("masks"))
+    n_places = len(place_bank(size, view.regions)) + 1
+    n_images = int(view.df["image_id"].nunique()) if len(view.df) else 0
+    plans, out.skipped = plan_tests(results, n_images, n_places, masked, cfg)
+    out.planned = len(plans) + out.skipped
+    donors = intervener.call(_donors, intervener, view, cfg, use_masks)
+    backgrounds, donor_target, density = donors if donors is not None else (None, None, None)
+    out.density = _density_ratios(density, place_bank(size, view.regions))
+    start = intervener.forwards
+    for plan in plans:
+        loaded = intervener.call(intervener.load, plan.ids)
+        if loaded is None:
+            break
+        images, masks = loaded
+        if masked and masks is None:
+            masks = np.zeros(images.shape[:3], bool)
+        bg = None if backgrounds is None else backgrounds[donor_target != plan.class_id]
+        places = place_bank(size, view.regions, plan.hot_box)
+        res = intervener.call(causal_tests, intervener.predict, images, places,
+                              masks if masked else None, classes=np.full(len(images), plan.class_id),
+                              backgrounds=bg, fill=cfg.fill)
+        if res is None:
+            break
+        out.results[(plan.class_id, plan.cluster)] = res
+    out.forwards = intervener.forwards - start
+    return out
