@@ -37,7 +37,7 @@ class Config:
     cue_flip_min: float = 0.5  # a cue place flips at least this share of the class ...
     cue_specific_min: float = 0.3  # ... and this much more than it flips the other classes
     max_cue_area: float = 0.4  # without masks, larger places also hide objects: not a cue
-    hot_off_centre: float = 0.25  # without masks, the hot area is a cue only this far from the centre
+    min_tested: int = 16  # a flip rate on fewer images is reported, never a verdict
     absence_density_max: float = 1.0  # absence class: places where objects usually sit are not cues
     object_flip_max: float = 0.25  # removing the object flips at most this share ...
     background_flip_min: float = 0.35  # ... while replacing the background flips at least this

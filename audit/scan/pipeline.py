@@ -182,12 +182,12 @@ def judge(results: list[ClassResult], causal: CausalTests, cfg: Config) -> None:
 
 
 def class_verdict(own: Verdict, clusters: list[ClusterResult], n_maps: int) -> Verdict:
-    """A suspect cluster makes the class suspect (when it is more suspicious than the class itself)."""
+    """A suspect cluster makes a class suspect that is not suspected by itself."""
     if len(clusters) <= 1:
         return own
     worst = max((c for c in clusters if c.verdict is not None and c.verdict.suspected),
                 key=lambda c: c.verdict.suspicion, default=None)
-    if worst is None or (own.suspected and worst.verdict.suspicion <= own.suspicion):
+    if worst is None or own.suspected:
         return own
     share = len(worst.members) / max(1, n_maps)
     ev = worst.verdict.evidence

@@ -158,22 +158,19 @@ def place_eligible(t: PlaceFlip, causal: CausalResult, cfg: Config, density: dic
     except for a class defined by absence (no object in its images): there a
     filled patch where the other classes' objects usually sit may look like an
     object, so such places (object density ratio >= ``absence_density_max``)
-    are not cues.  Without masks only places up to ``max_cue_area`` of the
-    image count (a larger one hides objects too), and the class's hot area
-    only when it lies off the centre (objects usually sit near the centre).
+    are not cues.  Without masks only named regions and fixed places up to
+    ``max_cue_area`` of the image count (a larger one hides objects too), and
+    never the group's hot area (where its attention is: as likely the object
+    as a cue).  A rate on fewer than ``min_tested`` images never counts.
     """
-    if not finite(t.flip_rate) or t.n < MIN_SAMPLE:
+    if not finite(t.flip_rate) or t.n < max(MIN_SAMPLE, cfg.min_tested):
         return False
     if causal.masked:
         crowded = density is not None and density.get(t.place, 0.0) >= cfg.absence_density_max
         return not (causal.absence and crowded)
-    if finite(t.area) and t.area > cfg.max_cue_area:
-        return False
-    if t.place == "hot area" and t.box is not None:
-        cx, cy = (t.box[0] + t.box[2]) / 2, (t.box[1] + t.box[3]) / 2
-        if math.hypot(cx - 0.5, cy - 0.5) < cfg.hot_off_centre:
-            return False
-    return True
+    if t.place.startswith("region:"):  # the user's own hypothesis, whatever its size
+        return True
+    return t.place != "hot area" and not (finite(t.area) and t.area > cfg.max_cue_area)
 
 
 def place_flip_score(flip: float, others: float, cfg: Config = DEFAULT) -> float:
@@ -193,8 +190,9 @@ def causal_cue(causal: CausalResult | None, others: dict | None = None, cfg: Con
     """The place whose occlusion flips the class, not the other classes alike.
 
     Among the eligible places (:func:`place_eligible`) scoring at least 0.5
-    the smallest wins (the most specific explanation: a corner rather than an
-    edge containing it); without one, the highest score (for the evidence).
+    a named region wins, else the smallest (the most specific explanation: a
+    corner rather than an edge containing it); without one, the highest
+    score (for the evidence).
     ``others``: {place: median flip rate of the same place on the other classes}.
     """
     if causal is None:
@@ -205,7 +203,10 @@ def causal_cue(causal: CausalResult | None, others: dict | None = None, cfg: Con
     if not cands:
         return CueFinding(0.0)
     strong = [c for c in cands if c[0] >= 0.5]
-    s, t = min(strong, key=lambda c: (c[1].area, -c[0])) if strong else max(cands, key=lambda c: c[0])
+    # a named region first (the user's hypothesis), then the smallest place
+    best = min(strong, key=lambda c: (not c[1].place.startswith("region:"), c[1].area, -c[0])) if strong \
+        else max(cands, key=lambda c: c[0])
+    s, t = best
     return CueFinding(s, t, others.get(t.place, math.nan))
 
 
@@ -326,6 +327,9 @@ def attention_text(f: GroupFeatures, att: Attention) -> str:
             f"{pp.radius:.2f} of any one place) and no region or the border dominates")
 
 
+MENTION_FLIP = 0.2  # a place that flips less than this is not worth a mention in the evidence
+
+
 def _fill_words(fill: str) -> str:
     return {"mean": "mean-colour fill", "blur": "blur fill", "inpaint": "inpainted",
             "other-background": "another class's background", "neutral": "a neutral colour"}.get(fill, fill)
@@ -342,7 +346,7 @@ def causal_text(res: Verdict) -> str:
             s += f", replacing the background ({_fill_words(b.fill)}) {pct(b.flip_rate)}"
         parts.append(s)
     t = res.cue_flip
-    if t is not None and finite(t.flip_rate):
+    if t is not None and finite(t.flip_rate) and (res.cue_kind == "place" or t.flip_rate >= MENTION_FLIP):
         s = (f"occluding {t.place} ({_fill_words(t.fill)}) changes {pct(t.flip_rate)} of {t.n} predictions")
         if finite(res.cue_others):
             s += f" ({pct(res.cue_others)} for the other classes)"
