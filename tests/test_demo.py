@@ -93,6 +93,17 @@ def test_demo_writes_the_contract_tables(demo):
         want = arrow_schema(name, {"energy_sky": "float32"})
         assert t.schema.names == want.names
         assert set(t.column("verdict").to_pylist()) <= {"shortcut_suspected", "ok", "insufficient_data"}
+    from audit.scan import scan
+
+    scan(out, quiet=True)  # with masks again (test_demo_without_masks may have rescanned without)
+    t = pq.read_table(f"{out}/summary/interventions.parquet")
+    assert t.schema.names == arrow_schema("interventions").names
+    df = t.to_pandas()
+    assert set(df["test"]) == {"object", "background", "region"}  # every class tested, with masks
+    sky = df[(df["class_name"] == "no_tank") & (df["place"] == "region:sky") & df["cluster"].isna()].iloc[0]
+    assert sky["flip_rate"] > 0.5 and sky["fill"] == "mean" and sky["n"] >= 16
+    assert (df.loc[df["test"] == "object", "fill"] == "inpaint").all()
+    assert {"border:4%", "corner:top_left", "edge:bottom"} <= set(df["place"])
 
 
 def test_demo_out_under_a_file_is_one_line(tmp_path, capsys):

@@ -8,7 +8,17 @@ import numpy as np
 import pytest
 
 from audit.errors import AuditError
-from audit.scan.intervene import MIN_SAMPLE, Intervener, flip_rates, occlude
+from audit.scan.intervene import (
+    MIN_SAMPLE,
+    Intervener,
+    Spot,
+    causal_tests,
+    extra_forwards,
+    occlude,
+    place_bank,
+    remove_objects,
+    replace_background,
+)
 
 H = W = 16
 
@@ -58,46 +68,64 @@ def test_occlude_mean_and_blur_hand_values():
         occlude(img, m, "zeros")
 
 
-def test_shortcut_model_flips_on_cue_not_on_object():
+SKY_PLACE = Spot("region:sky", (0.0, 0.0, 1.0, 0.5), SKY)
+
+
+def test_shortcut_model_flips_on_the_sky_not_on_the_object():
     imgs, masks = scenes(20, "blue")
-    r = flip_rates(sky_model, imgs, SKY, masks)
+    r = causal_tests(sky_model, imgs, [SKY_PLACE], masks)
     # occluding the sky with the image mean (red-ish) removes the blue: every prediction flips
-    assert r.flip_rate_cue == 1.0 and r.n_cue == 20
-    assert r.flip_rate_object == 0.0 and r.n_object == 20
+    assert r.rate("region", "region:sky") == 1.0 and r.get("region", "region:sky").n == 20
+    assert r.rate("object") == 0.0 and r.get("object").n == 20 and r.get("object").fill == "inpaint"
+    assert r.masked and not r.absence
 
 
-def test_healthy_model_flips_on_object_not_on_cue():
+def test_healthy_model_flips_on_object_not_on_the_sky():
     imgs, masks = scenes(20, "grey")
-    r = flip_rates(tank_model, imgs, SKY, masks)
-    assert r.flip_rate_cue == 0.0
-    assert r.flip_rate_object == 1.0
+    r = causal_tests(tank_model, imgs, [SKY_PLACE], masks)
+    assert r.rate("region", "region:sky") == 0.0
+    assert r.rate("object") == 1.0
+    assert r.rate("background") == 0.0  # the tank kept, the rest replaced: still a tank
 
 
-def test_cue_mask_spares_the_object():
+def test_places_spare_the_object():
     imgs, masks = scenes(10, "blue")
-    everything = np.ones((H, W), bool)  # a cue covering the whole image ...
-    r = flip_rates(tank_model, imgs, everything, masks)
-    assert r.flip_rate_cue == 0.0  # ... still leaves the tank visible
-    r = flip_rates(tank_model, imgs, everything)  # without masks nothing is spared
-    assert r.flip_rate_cue == 1.0 and math.isnan(r.flip_rate_object)
+    everything = Spot("all", None, np.ones((H, W), bool))  # a place covering the whole image ...
+    r = causal_tests(tank_model, imgs, [everything], masks)
+    assert r.rate("region", "all") == 0.0  # ... still leaves the tank visible
+    r = causal_tests(tank_model, imgs, [everything])  # without masks nothing is spared
+    assert r.rate("region", "all") == 1.0 and r.get("object") is None and not r.masked
 
 
-def test_partial_flips_and_small_samples():
+def test_partial_flips_small_samples_and_absence():
     blue, bm = scenes(6, "blue", seed=1)
     grey, gm = scenes(6, "grey", seed=2)
-    imgs = np.concatenate([blue, grey])
-    masks = np.concatenate([bm, gm])
-    r = flip_rates(sky_model, imgs, SKY, masks)
+    r = causal_tests(sky_model, np.concatenate([blue, grey]), [SKY_PLACE], np.concatenate([bm, gm]))
     # grey skies (prediction 1) stay 1 when greyed out; the 6 blue ones flip
-    assert r.flip_rate_cue == pytest.approx(6 / 12)
-    r = flip_rates(sky_model, imgs[:MIN_SAMPLE - 1], SKY, masks[:MIN_SAMPLE - 1])
-    assert math.isnan(r.flip_rate_cue) and math.isnan(r.flip_rate_object)
+    assert r.rate("region", "region:sky") == pytest.approx(6 / 12)
+    r = causal_tests(sky_model, blue[:MIN_SAMPLE - 1], [SKY_PLACE], bm[:MIN_SAMPLE - 1])
+    assert math.isnan(r.rate("region", "region:sky")) and math.isnan(r.rate("object"))
     no_tank, nm = scenes(8, "blue", tank=False)
-    r = flip_rates(sky_model, no_tank, SKY, nm)  # empty object masks: no object test
-    assert r.n_object == 0 and math.isnan(r.flip_rate_object) and r.flip_rate_cue == 1.0
+    r = causal_tests(sky_model, no_tank, [SKY_PLACE], nm)  # empty object masks: no object test
+    assert r.get("object").n == 0 and math.isnan(r.rate("object")) and r.rate("region", "region:sky") == 1.0
+    assert r.absence
 
 
-def test_predictions_compared_with_the_unmodified_images():
+def test_background_replacement_takes_another_image_or_a_neutral_colour():
+    imgs, masks = scenes(4, "blue")
+    donors, _ = scenes(2, "grey", tank=False)
+    out, fill = replace_background(imgs, masks, donors)
+    assert fill == "other-background"
+    np.testing.assert_array_equal(out[1][masks[1]], imgs[1][masks[1]])  # the object is kept
+    np.testing.assert_array_equal(out[1][~masks[1]], donors[1][~masks[1]])  # the rest is the donor's
+    np.testing.assert_array_equal(out[2][~masks[2]], donors[0][~masks[2]])  # donors taken in turn
+    out, fill = replace_background(imgs, masks)
+    assert fill == "neutral"
+    ref = np.round(imgs[0][~masks[0]].astype(np.float64).mean(axis=0))
+    np.testing.assert_array_equal(out[0][~masks[0]], np.broadcast_to(ref, out[0][~masks[0]].shape))
+
+
+def test_all_variants_are_predicted_in_chunks():
     imgs, masks = scenes(8, "blue")
     calls = []
 
@@ -105,11 +133,81 @@ def test_predictions_compared_with_the_unmodified_images():
         calls.append(len(x))
         return sky_model(x)
 
-    flip_rates(counting, imgs, SKY, masks)
-    assert calls == [8, 8, 8]  # base, cue, object: only extra forward passes on the sample
-    calls.clear()
-    flip_rates(counting, imgs, SKY, masks, base_pred=sky_model(imgs))
-    assert calls == [8, 8]
+    bank = place_bank((H, W))
+    r = causal_tests(counting, imgs, bank, masks, chunk=64)
+    tested = sum(t.n for t in r.tests)
+    assert calls[0] == 8  # the base predictions
+    assert sum(calls[1:]) == tested and max(calls[1:]) <= 64 and len(calls) - 1 == math.ceil(tested / 64)
+    assert extra_forwards(8, len(bank), True) >= 8 + tested
+    names = [p.name for p in bank]
+    assert {"border:4%", "border:20%", "edge:top", "corner:bottom_left"} <= set(names)
+
+
+# ----------------------------------------------------------------------------
+# Removing an object: no silhouette left for a shape classifier
+# ----------------------------------------------------------------------------
+
+
+def triangle_scene(n=12, size=48, seed=0):
+    """A noisy dark-green left part with a blue filled triangle (the object), a bright right part.
+
+    The bright part makes the image's mean colour unlike the background around the object, as in
+    real photos: a constant mean fill of the object's mask then leaves a visible silhouette.
+    """
+    rng = np.random.default_rng(seed)
+    imgs = np.zeros((n, size, size, 3), np.uint8)
+    masks = np.zeros((n, size, size), bool)
+    for i in range(n):
+        img = np.clip(np.array([70, 90, 60]) + rng.normal(0, 5, (size, size, 3)), 0, 255).astype(np.uint8)
+        img[:, LEFT:] = 235
+        x, y, s = rng.integers(3, 10), rng.integers(6, 26), rng.integers(12, 16)
+        tri = np.array([[x, y + s], [x + s, y + s], [x + s // 2, y]], np.int32)
+        m = np.zeros((size, size), np.uint8)
+        cv2.fillPoly(m, [tri], 1)
+        img[m.astype(bool)] = (20, 20, 200)
+        imgs[i], masks[i] = img, m.astype(bool)
+    return imgs, masks
+
+
+LEFT = 28  # the shape model looks at the columns left of this
+
+
+def shape_model(images):
+    """By shape alone, in the left part: 1 (triangle) when the pixels unlike the background fill about
+    half their box, 0 (square) when they fill it, 2 when there is no shape.  Colour plays no part."""
+    out = []
+    for img in images[:, :, :LEFT]:
+        bg = np.median(img.reshape(-1, 3), axis=0)
+        fg = np.abs(img.astype(int) - bg).max(axis=2) > 40
+        if fg.sum() < 20:
+            out.append(2)
+            continue
+        ys, xs = np.nonzero(fg)
+        fill = fg.sum() / ((np.ptp(ys) + 1) * (np.ptp(xs) + 1))
+        out.append(1 if 0.3 < fill < 0.7 else 0 if fill > 0.85 else 2)
+    return np.array(out)
+
+
+def test_inpainting_removes_the_shape_a_constant_fill_keeps():
+    imgs, masks = triangle_scene()
+    assert (shape_model(imgs) == 1).all()  # the model sees the triangles
+    kept = occlude(imgs, masks, "mean")  # a constant fill of the object's own mask ...
+    assert (shape_model(kept) == 1).all()  # ... keeps the silhouette: still a triangle
+    removed = remove_objects(imgs, masks)
+    assert (shape_model(removed) == 2).all()  # inpainted: no shape left
+    far = ~np.stack([cv2.dilate(m.astype(np.uint8), np.ones((15, 15), np.uint8)).astype(bool) for m in masks])
+    np.testing.assert_array_equal(removed[far], imgs[far])  # the background away from the object is untouched
+    r = causal_tests(shape_model, imgs, [], masks)
+    assert r.rate("object") == 1.0
+
+
+def test_inpainting_any_channel_count():
+    imgs, masks = triangle_scene(3)
+    gray = imgs[..., :1]
+    out = remove_objects(gray, masks)
+    assert out.shape == gray.shape and np.abs(out[..., 0][masks].astype(int) - 70).mean() < 30
+    four = np.concatenate([imgs, imgs[..., :1]], axis=-1)
+    assert remove_objects(four, masks).shape == four.shape
 
 
 def test_intervener_reads_job_model_and_dataset(tmp_path):
@@ -141,9 +239,11 @@ def test_intervener_reads_job_model_and_dataset(tmp_path):
     iv = Intervener(tmp_path / "out")
     ids = [f"no_tank/{i}.png" for i in range(8)]
     np.testing.assert_array_equal(iv.predict(imgs), sky_model(imgs))
-    r = iv(ids, SKY)
-    assert r.flip_rate_cue == 1.0 and r.flip_rate_object == 0.0 and r.n_object == 8
-    r = iv(ids, SKY, use_masks=False)
-    assert r.n_object == 0 and math.isnan(r.flip_rate_object)
+    images, m = iv.load(ids)
+    np.testing.assert_array_equal(images, imgs)
+    np.testing.assert_array_equal(m, masks)
+    r = causal_tests(iv.predict, images, [SKY_PLACE], m)
+    assert r.rate("region", "region:sky") == 1.0 and r.rate("object") == 0.0 and r.get("object").n == 8
+    assert iv.forwards == 8 + 8 + 8 + 8 + 8  # the check above, base, object, background, sky
     with pytest.raises(AuditError, match="job.json"):
         Intervener(tmp_path)

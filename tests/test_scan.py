@@ -16,10 +16,10 @@ from audit.scan import DEFAULT, scan
 from audit.scan.cluster import cluster_maps, eigengap_k, map_features
 from audit.scan.features import group_features, spurious_gap
 from audit.scan.grids import grids_from_cams
-from audit.scan.intervene import FlipResult
+from audit.scan.intervene import CausalResult, PlaceFlip
 from audit.scan.read import choose_view
-from audit.scan.robust import PeakPlace
-from audit.scan.verdict import assess, confirmation, fixed_place_score, off_object_score, place_score
+from audit.scan.robust import PeakPlace, fixed_place_score
+from audit.scan.verdict import assess, off_object_score, place_flip_score, place_score
 
 SIZE = (32, 32)
 SKY = (0.0, 0.0, 1.0, 0.4)
@@ -157,31 +157,111 @@ def test_fixed_and_off_object_scores():
     assert off_object_score(0.25, 0.4) == pytest.approx(0.6 * 0.5 + 0.4 * 0.5)
 
 
-@pytest.mark.parametrize("flips,expected", [
-    (None, None),
-    (FlipResult(), None),
-    (FlipResult(0.9), 1.0),  # cue matters
-    (FlipResult(0.05), 0.0),  # cue does not matter
-    (FlipResult(0.25), 0.5),
-    (FlipResult(0.0, 0.0), 1.0),  # removing the object does not matter
-    (FlipResult(0.0, 0.95), 0.0),  # the object matters, the cue not
-])
-def test_confirmation_table(flips, expected):
-    c = confirmation(flips)
-    assert c == (None if expected is None else pytest.approx(expected))
+# ----------------------------------------------------------------------------
+# Causal evidence: case tables of the verdict from hand-made test results
+# ----------------------------------------------------------------------------
+
+PLACES = {"corner:bottom_right": (0.111, (2 / 3, 2 / 3, 1.0, 1.0)), "edge:bottom": (0.2, (0.0, 0.8, 1.0, 1.0)),
+          "border:4%": (0.154, None), "border:20%": (0.64, None), "region:sky": (0.4, SKY),
+          "hot area": (0.1, (0.4, 0.4, 0.6, 0.6))}
 
 
-def test_intervention_confirms_or_clears_a_suspect():
+def causal(places=None, obj=None, bg=None, n=32, masked=True, absence=False):
+    """A CausalResult: ``places`` {name: flip rate}, object/background flip rates (None: not run)."""
+    tests = []
+    if masked and obj is not None:
+        tests.append(PlaceFlip("object", "object", None, "inpaint", n, obj, 0.1))
+    if masked and bg is not None:
+        tests.append(PlaceFlip("background", "background", None, "other-background", n, bg, 0.9))
+    for name, rate in (places or {}).items():
+        area, box = PLACES[name]
+        tests.append(PlaceFlip("region", name, box, "mean", n, rate, area))
+    return CausalResult(n=n, tests=tests, masked=masked, absence=absence)
+
+
+QUIET = {p: 0.0 for p in PLACES}
+
+CAUSAL_CASES = [
+    # (name, attention kind, masks, causal result, others, density, verdict, cue, cue_region)
+    ("attention only: the tests flip nothing", "sky", False, causal(QUIET, masked=False), {}, None,
+     "ok", "region:sky", ""),
+    ("attention off the object, object decides", "sky", True, causal(QUIET, obj=0.9, bg=0.05), {}, None,
+     "ok", "region:sky", ""),
+    ("a corner flips the class, not the others", "healthy", True,
+     causal({**QUIET, "corner:bottom_right": 0.95, "edge:bottom": 0.9, "border:20%": 0.9}, obj=0.1, bg=0.2),
+     {"corner:bottom_right": 0.03}, None, "shortcut_suspected", "corner:bottom_right", "corner:bottom_right"),
+    ("the same place without masks", "healthy", False,
+     causal({**QUIET, "corner:bottom_right": 0.95, "edge:bottom": 0.9}, masked=False), {}, None,
+     "shortcut_suspected", "corner:bottom_right", "corner:bottom_right"),
+    ("a thin frame: every band flips, the thinnest is named", "healthy", False,
+     causal({**QUIET, "border:4%": 0.9, "border:20%": 1.0}, masked=False), {}, None,
+     "shortcut_suspected", "border", "border:4%"),
+    ("decoy: the place flips every class alike", "corner", True,
+     causal({**QUIET, "corner:bottom_right": 0.6}, obj=0.9, bg=0.1), {"corner:bottom_right": 0.55}, None,
+     "ok", "fixed place", ""),
+    ("a decoy nobody uses flips nothing", "corner", False, causal(QUIET, masked=False),
+     {"corner:bottom_right": 0.0}, None, "ok", "fixed place", ""),
+    ("background decides: object removal changes nothing", "diffuse", True,
+     causal(QUIET, obj=0.03, bg=0.8), {}, None, "shortcut_suspected", "background", "background"),
+    ("object and background both matter: healthy", "healthy", True, causal(QUIET, obj=0.8, bg=0.4), {}, None,
+     "ok", "object", ""),
+    ("central objects without masks: only the hot area flips", "healthy", False,
+     causal({**QUIET, "hot area": 1.0}, masked=False), {}, None, "ok", "", ""),
+    ("without masks a large band also hides objects", "healthy", False,
+     causal({**QUIET, "border:20%": 0.9}, masked=False), {}, None, "ok", "", ""),
+    ("absence class: a filled patch where objects sit flips it", "diffuse", True,
+     causal({**QUIET, "edge:bottom": 0.9}, absence=True), {}, {"edge:bottom": 1.6}, "ok", "", ""),
+    ("absence class: the sky flips it", "diffuse", True,
+     causal({**QUIET, "region:sky": 0.9}, absence=True), {}, {"region:sky": 0.0},
+     "shortcut_suspected", "region:sky", "region:sky"),
+    ("too few images tested", "healthy", True,
+     causal({**QUIET, "corner:bottom_right": 1.0}, obj=0.9, bg=0.0, n=10), {}, None, "ok", "object", ""),
+]
+
+
+@pytest.mark.parametrize("name,kind,masks,res,others,density,verdict,cue,cue_region", CAUSAL_CASES,
+                         ids=[c[0] for c in CAUSAL_CASES])
+def test_causal_case_table(name, kind, masks, res, others, density, verdict, cue, cue_region):
+    rows = make_rows(kind, 40, masks=masks)
+    if kind == "diffuse" and masks:  # an absence class has no object masks; others keep theirs
+        rows["energy_object"] = 0.05 if not res.absence else np.nan
+        rows["pointing_hit"] = 0.0 if not res.absence else np.nan
+    v = assess(features(rows), causal=res, others=others, density=density)
+    assert v.verdict == verdict, v.evidence
+    if verdict == "shortcut_suspected":
+        assert v.cue == cue and v.cue_region == cue_region
+    assert v.evidence.endswith(".") and v.evidence.count(" - ") <= 1
+
+
+def test_attention_alone_flags_only_without_tests():
     f = features(make_rows("sky", 40, masks=False))
     before = assess(f)
-    assert before.verdict == "shortcut_suspected" and before.suspicion == pytest.approx(1.0)
-    confirmed = assess(f, flips=FlipResult(0.9, n_cue=32))
-    assert confirmed.verdict == "shortcut_suspected"
-    assert "occluding the cue changes 90% of 32" in confirmed.evidence
-    cleared = assess(f, flips=FlipResult(0.02, n_cue=32))
-    assert cleared.verdict == "ok"
-    assert cleared.suspicion == pytest.approx(0.3)
-    assert "does not confirm" in cleared.evidence
+    assert before.verdict == "shortcut_suspected" and "attention only, no causal test" in before.evidence
+    untested = assess(f, attention_decides=False)
+    assert untested.verdict == "ok" and "cost budget" in untested.evidence
+    cleared = assess(f, causal=causal(QUIET, masked=False))
+    assert cleared.verdict == "ok" and cleared.attention_suspicion == pytest.approx(1.0)
+    assert "no causal test supports a shortcut" in cleared.evidence
+
+
+@pytest.mark.parametrize("flip,others,expected", [
+    (0.5, 0.2, 0.5),  # both thresholds exactly
+    (1.0, 0.0, 1.0),
+    (0.25, 0.0, 0.25),  # half the flip threshold
+    (0.9, 0.75, 0.25),  # flips all classes alike
+    (float("nan"), 0.0, 0.0),
+    (0.6, float("nan"), 0.6),  # no other class: others count as 0
+])
+def test_place_flip_score(flip, others, expected):
+    assert place_flip_score(flip, others) == pytest.approx(expected)
+
+
+def test_evidence_does_not_contradict_itself():
+    rows = make_rows("healthy", 40, masks=True)
+    v = assess(features(rows), causal=causal(QUIET, obj=0.95, bg=0.0))
+    assert "on the object" in v.evidence and "spread over" not in v.evidence
+    assert "removing the object (inpainted) changes 95% of 32" in v.evidence
+    assert v.verdict == "ok"
 
 
 # ----------------------------------------------------------------------------

@@ -140,7 +140,7 @@ def replace_background(images: np.ndarray, masks: np.ndarray, backgrounds=None) 
 
 
 @dataclass(frozen=True)
-class TestPlace:
+class Spot:
     """A place to occlude: its name (``border:4%``, ``edge:top``, ``corner:top_left``,
     ``region:<name>``, ``hot area``), box (x0, y0, x1, y1 fractions; None for a band) and pixels."""
 
@@ -159,7 +159,7 @@ def _band(size, w: float) -> np.ndarray:
     return border_mask(size, w)
 
 
-def place_bank(size, regions: dict | None = None, hot_box=None) -> list[TestPlace]:
+def place_bank(size, regions: dict | None = None, hot_box=None) -> list[Spot]:
     """The fixed places tested for every class, at the model input ``size`` (H, W).
 
     Border bands (:data:`BORDER_WIDTHS`), each edge (:data:`EDGE_WIDTH`),
@@ -168,7 +168,7 @@ def place_bank(size, regions: dict | None = None, hot_box=None) -> list[TestPlac
     """
     from audit.engine.stats import box_mask
 
-    places = [TestPlace(f"border:{round(100 * w)}%", None, _band(size, w)) for w in BORDER_WIDTHS]
+    places = [Spot(f"border:{round(100 * w)}%", None, _band(size, w)) for w in BORDER_WIDTHS]
     e, c = EDGE_WIDTH, CORNER_SIDE
     boxes = {"edge:top": (0, 0, 1, e), "edge:bottom": (0, 1 - e, 1, 1), "edge:left": (0, 0, e, 1),
              "edge:right": (1 - e, 0, 1, 1),
@@ -181,7 +181,7 @@ def place_bank(size, regions: dict | None = None, hot_box=None) -> list[TestPlac
     for name, b in boxes.items():
         m = box_mask(b, size)
         if m.any():
-            places.append(TestPlace(name, tuple(float(v) for v in b), m))
+            places.append(Spot(name, tuple(float(v) for v in b), m))
     return places
 
 
@@ -267,7 +267,7 @@ def causal_tests(predict_fn, images, places, object_masks=None, *, classes=None,
     Args:
         predict_fn: uint8 images (N, H, W, C) -> predictions (N,) class ids, or (N, C) bool.
         images: (N, H, W, C) uint8 at the model input size.
-        places: the :class:`TestPlace` bank.
+        places: the :class:`Spot` bank.
         object_masks: None (no masks: place tests only) or (N, H, W) bool; an
             all-False mask means no object in that image (left out of the
             object and background tests).  Object pixels are spared by every
