@@ -210,19 +210,27 @@ def test_inpainting_any_channel_count():
     assert remove_objects(four, masks).shape == four.shape
 
 
-def test_intervener_reads_job_model_and_dataset(tmp_path):
+@pytest.mark.parametrize("head", ["logits", "sigmoid"])
+def test_intervener_reads_job_model_and_dataset(tmp_path, head):
     import keras
 
     from audit.runner.spec import load_spec
 
-    # a real Keras model that is the sky shortcut: crop the top half, average, compare blue with red
+    # a real Keras model that is the sky shortcut: crop the top half, average, compare blue with red;
+    # as two logits, or as one sigmoid unit (class 1 when p > 0.5: an argmax over one column would
+    # always say 0 and no prediction could ever flip)
     inp = keras.Input((H, W, 3))
     x = keras.layers.Cropping2D(((0, 8), (0, 0)))(inp)
     x = keras.layers.GlobalAveragePooling2D()(x)
-    dense = keras.layers.Dense(2)
+    if head == "logits":
+        dense = keras.layers.Dense(2)
+        kernel = np.array([[-1.0, 1.0], [0.0, 0.0], [1.0, -1.0]], np.float32)
+    else:
+        dense = keras.layers.Dense(1, activation="sigmoid")
+        kernel = np.array([[1.0], [0.0], [-1.0]], np.float32)
     out = dense(x)
     model = keras.Model(inp, out)
-    dense.set_weights([np.array([[-1.0, 1.0], [0.0, 0.0], [1.0, -1.0]], np.float32), np.zeros(2, np.float32)])
+    dense.set_weights([kernel, np.zeros(kernel.shape[1], np.float32)])
     model.save(tmp_path / "m.keras")
     imgs, masks = scenes(8, "blue")
     for i, (im, m) in enumerate(zip(imgs, masks)):

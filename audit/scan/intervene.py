@@ -376,12 +376,10 @@ class Intervener:
 
     @property
     def head(self):
-        """The model's classifier head (how outputs become class ids), or None before heads exist."""
+        """The model's classifier head: how its outputs become class ids (binary and multi-label too)."""
         if self._head is None:
-            try:
-                from audit.engine.heads import Head
-            except ImportError:  # engine without head objects: softmax/logits argmax
-                return None
+            from audit.engine.heads import Head
+
             self._head = Head.of(self.model, (self.spec.get("model") or {}).get("output"))
         return self._head
 
@@ -395,7 +393,7 @@ class Intervener:
         for s in range(0, len(images), self.batch_size):
             x = preprocess(images[s:s + self.batch_size], mode)
             y = self.model(x, training=False)
-            out.append(head.predict(y) if head is not None else np.asarray(y).argmax(axis=-1))
+            out.append(head.predict(y))
             self.forwards += len(x)
         return np.concatenate(out) if out else np.zeros(0, int)
 
