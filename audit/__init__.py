@@ -3,6 +3,7 @@
 Public API (see DESIGN.md)::
 
     import audit
+    model = audit.load_model("models/m.keras")
     ex = audit.Explainer(model, layers="auto", methods=("gradcam", "gradcam++"))
     res = ex(x)
     df = audit.load("results/tank-sky")
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["Explainer", "AuditError", "load", "heatmap", "overlay", "__version__"]
+__all__ = ["Explainer", "AuditError", "load", "load_model", "heatmap", "overlay", "__version__"]
 
 from audit.errors import AuditError
 
@@ -25,6 +26,10 @@ def __getattr__(name):
         from audit.engine.explainer import Explainer
 
         return Explainer
+    if name == "load_model":
+        from audit.engine.models import load_model
+
+        return load_model
     if name in ("load", "heatmap", "overlay"):
         from audit.data import query
 

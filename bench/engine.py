@@ -14,6 +14,16 @@ shared and noisy, so only ratios measured side by side mean anything):
 
 Targets (issue 2): >= 0.85x forward throughput with one layer, >= 0.75x with
 three layers, >= 20x the per-image recipe.
+
+Two more measurements (issue 10), on the small CNN:
+
+* **short batches**: an Explainer with ``batch_size=32`` on 16 images vs on
+  32 images.  A short chunk is padded to the next power of two (16), so the
+  ratio should be about 0.5 (it was 1.0 when every chunk was padded to 32).
+* **Score-CAM cost**: ``scorecam`` runs K + 1 forward passes per image and
+  layer (K = the layer's channels, 64 for the small CNN's conv4), in chunks of
+  ``batch_size`` masked inputs.  Printed: its time per image as a multiple of
+  a batched forward pass per image, next to K + 1.
 """
 
 from __future__ import annotations
@@ -109,6 +119,48 @@ def bench(name, model, layers3, batch, rounds, recipe_images, recipe_layer):
     return rows
 
 
+def median_time(f, rounds):
+    f()
+    f()  # warm up: trace and compile
+    times = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        f()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def bench_short_batches(model, layer, rounds):
+    """16 images vs 32 images through one Explainer(batch_size=32), interleaved."""
+    x = np.random.default_rng(0).random((32, *model.input_shape[1:])).astype(np.float32)
+    ex = Explainer(model, layers=layer, methods=("gradcam", "gradcam++"), batch_size=32)
+    ex(x)
+    ex(x[:16])  # compile both shapes
+    t16, t32 = [], []
+    for _ in range(rounds):
+        for n, bucket in ((16, t16), (32, t32)):
+            t0 = time.perf_counter()
+            ex(x[:n])
+            bucket.append(time.perf_counter() - t0)
+    ratio = statistics.median(a / b for a, b in zip(t16, t32))
+    print(f"\nshort batches (batch_size 32, {rounds} rounds): 16 images {statistics.median(t16) * 1e3:.1f} ms, "
+          f"32 images {statistics.median(t32) * 1e3:.1f} ms, ratio 16/32 = {ratio:.2f} (padded to 32: 1.00)")
+    return ratio
+
+
+def bench_scorecam(model, layer, rounds, n=4):
+    """Score-CAM time per image as a multiple of a batched forward pass per image."""
+    x = np.random.default_rng(0).random((32, *model.input_shape[1:])).astype(np.float32)
+    fwd = tf.function(lambda t: model(t, training=False))
+    ex = Explainer(model, layers=layer, methods=("scorecam",), batch_size=32)
+    k = int(ex.forward(x[:1])[0][0].shape[-1])
+    t_fwd = median_time(lambda: fwd(x).numpy(), rounds * 3) / len(x)
+    t_sc = median_time(lambda: ex(x[:n]), rounds) / n
+    print(f"\nscore-cam on {layer} (K = {k} channels, {n} images, {rounds} rounds): "
+          f"{t_sc * 1e3:.1f} ms/image = {t_sc / t_fwd:.0f}x a forward pass per image (K + 1 = {k + 1})")
+    return t_sc / t_fwd
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
@@ -116,7 +168,10 @@ def main():
     args = ap.parse_args()
     rounds = 3 if args.quick else 7
     print(f"TensorFlow {tf.__version__}, Keras {keras.__version__}, {os.cpu_count()} CPUs")
-    bench("small CNN", small_cnn(), ["conv4", "conv3", "conv2"], 32, rounds * 3, 16, "conv4")
+    cnn = small_cnn()
+    bench("small CNN", cnn, ["conv4", "conv3", "conv2"], 32, rounds * 3, 16, "conv4")
+    bench_short_batches(cnn, "conv4", rounds * 3)
+    bench_scorecam(cnn, "conv4", rounds)
     if not args.skip_resnet:
         resnet = keras.applications.ResNet50(weights=None)
         bench("ResNet50", resnet, ["conv5_block3_out", "conv5_block3_2_conv", "conv5_block2_out"], 32,

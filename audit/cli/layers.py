@@ -32,6 +32,7 @@ def register(sub) -> None:
                    help="grid of the patch tokens of a vision transformer (default: found per layer, "
                         "see docs/layers.md)")
     p.add_argument("--all", action="store_true", help="list every layer, not only the last 40")
+    p.add_argument("--output", help="the classifier output of a model with several outputs (its name)")
     p.add_argument("--trust-code", action="store_true", help="allow Lambda layers (turns Keras safe_mode off)")
     p.set_defaults(func=run)
 
@@ -55,7 +56,7 @@ def run(args) -> int:
 
     model = load_model(args.model, application=args.application, weights=args.weights,
                        input_size=args.input_size, trust_code=args.trust_code)
-    t = graph.trace(model, token_grid=args.token_grid)
+    t = graph.trace(model, token_grid=args.token_grid, output=args.output)
     rows = graph.listing(t)
     try:
         chosen, why = graph.auto_layer(t)

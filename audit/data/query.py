@@ -104,10 +104,23 @@ def _expression(filters):
 def load(out, columns=None, filters=None):
     """The records of a job output as a pandas DataFrame.
 
-    ``columns``: the columns to read (default all).  ``filters``: a
-    ``pyarrow.compute`` expression (``pc.field("label") == 1``) or
-    DNF tuples as in ``pandas.read_parquet`` (``[("status", "=", "ok")]``);
-    both are pushed down to the Parquet scan (row groups are skipped).
+    Only committed shards are read; columns and filters are pushed down to the
+    Parquet scan (row groups are skipped).
+
+    Args:
+        out: the job output folder (``OUT``, holding ``records/``), or a folder
+            of Parquet files.
+        columns: the columns to read (default all; docs/jobs.md lists them).
+        filters: a ``pyarrow.compute`` expression (``pc.field("label") == 1``)
+            or DNF tuples as in ``pandas.read_parquet`` (``[("status", "=", "ok")]``).
+
+    Returns:
+        A ``pandas.DataFrame``, one row per (image, layer, method) record.
+
+    Raises:
+        AuditError: ``out`` is not a job output, a column does not exist, a
+            filter is malformed or names a bad column/type, or a committed
+            part file disagrees with its manifest entry.
     """
     ds = records_dataset(out)
     if columns is not None:
@@ -155,7 +168,20 @@ def raw_map(row) -> np.ndarray:
 
 
 def heatmap(row, size=None) -> np.ndarray:
-    """Normalised heatmap (ReLU, divided by its maximum) of a record, resized to ``size`` (int or (H, W))."""
+    """The normalised heatmap of a record.
+
+    Args:
+        row: one record (a row of :func:`load`'s DataFrame, or a dict) with
+            ``cam``, ``cam_h``, ``cam_w`` and ``status``.
+        size: None (the layer's resolution), an int (square) or (H, W).
+
+    Returns:
+        (h, w) or ``size`` float32 array in [0, 1]: the map after ReLU divided
+        by its maximum (all zero for a flat map), bilinearly resized.
+
+    Raises:
+        AuditError: the record has no map (``status=error``).
+    """
     from audit.review import viz
 
     m = viz.normalize(raw_map(row))
@@ -194,7 +220,19 @@ def original_image(row) -> np.ndarray:
 
 
 def overlay(row, alpha: float = 0.4) -> np.ndarray:
-    """JET overlay of a record's heatmap on its original image, at the original size (uint8 RGB)."""
+    """The record's heatmap in the JET colour map over its original image.
+
+    Args:
+        row: one record (see :func:`heatmap`) whose ``path`` still points at
+            the image (a file, or ``file#index`` of a Parquet/TFRecord dataset).
+        alpha: opacity of the heatmap (0: only the image, 1: only the heatmap).
+
+    Returns:
+        (H, W, 3) uint8 RGB at the original image's size.
+
+    Raises:
+        AuditError: the record has no map, or its image cannot be found or read.
+    """
     from audit.review import viz
 
     img = original_image(row)

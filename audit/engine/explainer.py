@@ -78,10 +78,14 @@ def cam_dense(t: graph.Trace, path: str):
     Raises:
         AuditError: the head above ``path`` is not of that form.
     """
+    toward = {t.output_id}  # tensors the chosen output depends on (other outputs' heads are ignored)
+    for c in reversed(t.calls):
+        if toward & set(c.outputs):
+            toward.update(c.inputs)
     cur = t.by_path()[path]
     chain = []
     while t.output_id not in cur.outputs:
-        nxt = [c for c in t.calls if set(c.inputs) & set(cur.outputs)]
+        nxt = [c for c in t.calls if set(c.inputs) & set(cur.outputs) and toward & set(c.outputs)]
         if len(nxt) != 1:
             break
         cur = nxt[0]

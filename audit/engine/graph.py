@@ -177,7 +177,7 @@ def output_index(model, output: str | None) -> int:
         if len(names) == 1:
             return 0
         raise AuditError(f"model {model.name!r} has {len(names)} outputs ({', '.join(names)}); "
-                         "choose the classifier output with model.output: NAME (audit explain: --output NAME)")
+                         "choose the classifier output with model.output: NAME (audit explain / audit layers: --output NAME)")
     if output in names:
         return names.index(output)
     if output in keys and len(keys) == len(names):

@@ -64,14 +64,28 @@ def load_model(path=None, *, application=None, weights=None, input_size=None,
                num_classes=None, trust_code=False):
     """Load a Keras model from a file or build a ``keras.applications`` model.
 
-    * ``path``: a ``.keras`` file or a legacy ``.h5`` file.  Keras ``safe_mode``
-      stays on unless ``trust_code`` is true, so a model with a ``Lambda`` layer
-      (arbitrary code) is refused with a message saying how to allow it.
-    * ``application``: a ``keras.applications`` name (``ResNet50``), built with
-      ``weights`` (a local weights file) or random weights when ``weights`` is
-      None.  Nothing is ever downloaded.
-    * ``input_size`` (H, W): the application's input size; a model file that
-      accepts any image size gets its input fixed to it (:func:`with_input_size`).
+    Nothing is ever downloaded.
+
+    Args:
+        path: a ``.keras`` file or a legacy ``.h5``/``.hdf5`` file.
+        application: a ``keras.applications`` name (``ResNet50``) instead of a file.
+        weights: a local weights file for ``application`` (None: random weights).
+        input_size: (H, W): the application's input size; a model file that
+            accepts any image size gets its input fixed to it (:func:`with_input_size`).
+        num_classes: classes of an ``application`` model (its top layer).
+        trust_code: turn Keras ``safe_mode`` off, allowing ``Lambda`` layers
+            (arbitrary code).  Off by default: such a model is refused with a
+            message saying how to allow it.
+
+    Returns:
+        The Keras model (compile=False).
+
+    Raises:
+        AuditError: neither path nor application, a missing file, a directory
+            (SavedModel), a wrong suffix, a file Keras cannot load, a Lambda
+            layer without ``trust_code``, an unknown application, a missing
+            weights file or weights that do not fit, or an input size the
+            application or model cannot take.
     """
     import keras
 

@@ -455,21 +455,22 @@ def filter_grid(kernel, max_filters: int = 64, cols: int = 16, cell: int = 32) -
 
 
 def filter_patterns(model, layer: str, filters, *, affine=None, steps: int = 40, step: float = 1.0,
-                    seed: int = 0) -> np.ndarray:
+                    seed: int = 0, output=None) -> np.ndarray:
     """Gradient ascent on the input for each filter of ``layer`` (seeds: Chollet 5.4.2).
 
     Starts from a noisy grey image (128 + U(0, 20) grey levels), maximises
     the mean activation of the filter with steps of the RMS-normalised
     gradient, ``step`` grey levels each.  When ``affine`` (M, b) is given the
-    ascent runs on the image before preprocessing.  Returns (F, H, W, C)
-    images in grey-level units (not yet deprocessed).
+    ascent runs on the image before preprocessing.  ``output`` chooses the
+    output of a multi-output model (the layer's own activations are ascended).
+    Returns (F, H, W, C) images in grey-level units (not yet deprocessed).
     """
     import keras
 
     from audit.engine import graph
 
     tf = _tf()
-    t = graph.trace(model, capture=[layer])
+    t = graph.trace(model, capture=[layer], output=output)
     fm = keras.Model(t.inputs[0], t.captured[layer])
     shape = tuple(t.inputs[0].shape[1:])
     filters = [int(f) for f in filters]
@@ -738,7 +739,7 @@ def _page(model, out, row, res, maps, grads, replaced, x, st, size, channels) ->
     gfig = _gradient_figure(out, row, res, grads, replaced, st, size, stem)
     if gfig is not None:
         figs.append(gfig)
-    acts = _activations(model, x[row.i:row.i + 1], st.feature_layers)
+    acts = _activations(model, x[row.i:row.i + 1], st.feature_layers, st.explainer.head.output)
     for layer in st.feature_layers:
         a = acts[layer][0]
         name = f"{stem}_features_{_safe(layer)}.png"
@@ -765,7 +766,8 @@ def _model_figures(model, t, out, st, affine, filters, steps, seed, size, patter
     for layer in st.feature_layers:
         k = int(t.by_path()[layer].shape[-1])
         idx = list(range(min(int(filters), k)))
-        u = filter_patterns(model, layer, idx, affine=affine, steps=steps, seed=seed)
+        u = filter_patterns(model, layer, idx, affine=affine, steps=steps, seed=seed,
+                            output=st.explainer.head.output)
         tiles = [viz.caption(viz.fit(deprocess(im), min(size, 128)), f"filter {f}") for f, im in zip(idx, u)]
         name = f"patterns_{_safe(layer)}.png"
         (out / name).write_bytes(viz.png_bytes(viz.grid(tiles, cols=8)))
@@ -779,12 +781,12 @@ def _top(probs, name_of, k=5):
     return [(name_of(c), float(probs[c])) for c in order]
 
 
-def _activations(model, x, layers):
+def _activations(model, x, layers, output=None):
     import keras
 
     from audit.engine import graph
 
-    t = graph.trace(model, capture=layers)
+    t = graph.trace(model, capture=layers, output=output)
     fm = keras.Model(t.inputs[0], [t.captured[p] for p in layers])
     outs = fm(np.asarray(x, np.float32), training=False)
     outs = outs if isinstance(outs, (list, tuple)) else [outs]

@@ -73,6 +73,7 @@ def markdown_table() -> str:
     rows = ["| method | reference | rule | needs | extra cost |", "|---|---|---|---|---|"]
     for m in METHODS.values():
         needs = ["activations"] + (["gradients"] if m.needs.gradients else []) + (
-            ["head weights"] if m.needs.head_weights else [])
+            ["head weights"] if m.needs.head_weights else []) + (
+            ["extra forward passes"] if m.needs.extra_forward else [])
         rows.append(f"| `{m.name}` | {m.paper} | {m.rule} | {', '.join(needs)} | {m.needs.cost} |")
     return "\n".join(rows) + "\n"

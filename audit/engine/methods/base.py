@@ -32,6 +32,7 @@ class Needs:
     Attributes:
         gradients: dS/dA of the target score at the layer.
         head_weights: the per-class kernel of a GAP -> Dense head (CAM).
+        extra_forward: forward passes of modified inputs (Score-CAM).
         own_pass: computed outside the one compiled forward + backward pass
             (extra forward passes, or higher-order derivatives).
         cost: the extra cost in words, for the docs table.
@@ -39,6 +40,7 @@ class Needs:
 
     gradients: bool = True
     head_weights: bool = False
+    extra_forward: bool = False
     own_pass: bool = False
     cost: str = "none: shares the one forward + backward pass"
 

@@ -19,7 +19,7 @@ class EigenCAM(Method):
     title = "Eigen-CAM"
     paper = "Muhammad & Yeasin 2020"
     rule = "map = relu(+-(A - mean A) v_1), v_1 the first right singular vector; sign: along sum_k A^k"
-    needs = Needs(gradients=False)
+    needs = Needs(gradients=False, cost="an SVD of the (h*w, K) activations per image; no backward pass needed")
     scan_rank = 8
 
     def raw_map(self, A, g=None, head_w=None):

@@ -41,7 +41,7 @@ class ScoreCAM(OwnPassMethod):
     title = "Score-CAM"
     paper = "Wang et al. 2020, Algorithm 1"
     rule = "w = softmax_k(p_c(X * norm(up(A^k)))); map = relu(sum_k w_k A^k)"
-    needs = Needs(gradients=False, own_pass=True,
+    needs = Needs(gradients=False, extra_forward=True, own_pass=True,
                   cost="K + 1 forward passes per image and layer (K channels), in chunks of batch_size")
     scan_rank = 7
 
