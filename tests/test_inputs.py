@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from audit.data import datasets, decode, files, tfrecord
+from audit.data import datasets, decode, files, io, tfrecord
 from audit.errors import AuditError
 from audit.runner.spec import fill_defaults, load_spec
 from audit.runner.worker import AuditWorker, runs_mixed
@@ -222,6 +222,12 @@ def _records(path):
     return out
 
 
+def _items(d):
+    p, its = items_of(d)
+    assert p.total == len(its)
+    return its
+
+
 def _tf_items(path, shard_size=3):
     d = ds("tfrecord", path, shard_size=shard_size)
     p, its = items_of(d)
@@ -270,6 +276,37 @@ def test_a_corrupt_record_keeps_the_rest_of_the_file(tmp_path):
         assert np.array_equal(load(it)[0], h.image(4000 + k, k % 2)[0])
     # the shards (of 3 entries) tile the entries whatever the shard size
     assert [it.image_id for it in _tf_items(tmp_path / "junk.tfrecord", 1)] == [it.image_id for it in its]
+
+
+def test_a_damaged_parquet_row_group_costs_only_its_rows(tmp_path):
+    root = h.make_parquet(tmp_path / "pq", n=12, files=1)  # row groups of 4
+    f = Path(root) / "part-0.parquet"
+    off = pq.ParquetFile(f).metadata.row_group(1).column(0).data_page_offset
+    data = bytearray(f.read_bytes())
+    data[off:off + 16] = b"\xff" * 16  # rows 4-7: a page header that does not parse
+    f.write_bytes(data)
+    its = _items(ds("parquet", root, shard_size=3))  # shards 0-2, 3-5, 6-8, 9-11 straddle the groups
+    assert [it.error is None for it in its] == [True] * 4 + [False] * 4 + [True] * 4
+    assert its[5].image_id == "part-0.parquet#5" and its[5].error.startswith("unreadable Parquet row group 1")
+    assert [it.image_id for it in its[8:]] == [f"rec-{i:04d}" for i in range(8, 12)]
+    assert np.array_equal(load(its[3])[0], h.image(3003, 1)[0])
+
+
+def test_damaged_files_commit_through_the_worker(tmp_path, model):
+    """The worker's whole path on damaged inputs, commit included: every entry one row, no exception."""
+    junk = tmp_path / "junk.tfrecord"
+    junk.write_bytes(np.random.default_rng(4).bytes(3000))
+    spec = load_spec({"model": {"path": model, "preprocess": "scale_0_1"},
+                      "dataset": {"format": "tfrecord", "path": str(junk), "shard_size": 4},
+                      "explain": {"methods": ["gradcam"]}, "resources": {"batch_size": 4},
+                      "output": str(tmp_path / "out")})
+    io.prepare_output(spec["output"], resume=False)
+    p = datasets.plan(spec["dataset"])
+    w = AuditWorker(spec, out_dir=spec["output"], classes=["a", "b"])
+    for s in p.shards:
+        w.process_shard(s)
+    df = pq.read_table(tmp_path / "out" / "records").to_pandas()
+    assert df.status.tolist() == ["error"] and df.error[0].startswith("corrupt TFRecord data: bytes 0 to 3,000")
 
 
 def test_tfrecord_header_search_matches_the_checksum():

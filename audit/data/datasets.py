@@ -432,26 +432,52 @@ def _parquet_rows(file: str, start: int, stop: int, columns=None):
     return t.slice(start - first, stop - start)
 
 
+def _parquet_groups(file: str, start: int, stop: int):
+    """Yield (first row, rows [first, first + n) of one row group inside [start, stop), n, problem).
+
+    Row groups are read one at a time, so a corrupt one (a damaged page) costs
+    only its own rows: its table is None and ``problem`` says why.
+    """
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(file)
+    pos = 0
+    for g in range(pf.metadata.num_row_groups):
+        n = pf.metadata.row_group(g).num_rows
+        a, b = max(start, pos), min(stop, pos + n)
+        if a < b:
+            try:
+                t = pf.read_row_group(g).slice(a - pos, b - a)
+                yield a, t, b - a, None
+            except (OSError, ValueError) as e:  # pyarrow.ArrowInvalid is a ValueError
+                yield a, None, b - a, f"unreadable Parquet row group {g}: {' '.join(str(e).split())[:200]}"
+        pos += n
+
+
 def _read_parquet(ds, shard: Shard, classes):
-    t = _parquet_rows(shard.source, shard.start, shard.stop)
     rel = _rel(shard.source, ds["path"])
     mask_col = ds.get("masks") or "mask"
-    cols = {c: t.column(c).to_pylist() for c in t.column_names if c in ("image", "label", "key", mask_col)}
-    for i in range(t.num_rows):
-        idx = shard.start + i
-        key = cols.get("key", [None] * t.num_rows)[i]
-        label, err = _label_index(cols.get("label", [None] * t.num_rows)[i], classes)
-        mask = cols.get(mask_col, [None] * t.num_rows)[i]
-        if isinstance(key, bytes):
-            key = key.decode("utf-8", "backslashreplace")
-        yield Item(
-            image_id=str(key) if key is not None else f"{rel}#{idx}",
-            path=f"{shard.source}#{idx}",
-            label=label,
-            data=cols["image"][i] or b"",
-            mask_data=mask or None,
-            error=err,
-        )
+    for first, t, n, problem in _parquet_groups(shard.source, shard.start, shard.stop):
+        if problem:
+            for idx in range(first, first + n):
+                yield Item(image_id=f"{rel}#{idx}", path=f"{shard.source}#{idx}", error=problem)
+            continue
+        cols = {c: t.column(c).to_pylist() for c in t.column_names if c in ("image", "label", "key", mask_col)}
+        for i in range(n):
+            idx = first + i
+            key = cols.get("key", [None] * n)[i]
+            label, err = _label_index(cols.get("label", [None] * n)[i], classes)
+            mask = cols.get(mask_col, [None] * n)[i]
+            if isinstance(key, bytes):
+                key = key.decode("utf-8", "backslashreplace")
+            yield Item(
+                image_id=str(key) if key is not None else f"{rel}#{idx}",
+                path=f"{shard.source}#{idx}",
+                label=label,
+                data=cols["image"][i] or b"",
+                mask_data=mask or None,
+                error=err,
+            )
 
 
 # ----------------------------------------------------------------------------

@@ -21,8 +21,8 @@ The input list hashed, per format (cheap: no image is read or decoded):
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
-import struct
 from dataclasses import asdict, dataclass
 
 from audit.data import datasets
@@ -71,8 +71,12 @@ def _parquet_identity(ds, shard) -> ShardIdentity:
     schema = pq.read_schema(shard.source)
     cols = [c for c in ("key", "label") if c in schema.names]
     h = hashlib.sha256()
-    t = datasets._parquet_rows(shard.source, shard.start, shard.stop, columns=cols or ["image"])
-    n = t.num_rows
+    try:
+        t = datasets._parquet_rows(shard.source, shard.start, shard.stop, columns=cols or ["image"])
+    except (OSError, ValueError):  # a damaged row group: the reader makes error rows of its rows
+        t, cols = None, []
+        h.update(b"unreadable")
+    n = t.num_rows if t is not None else shard.size
     if "key" in cols:
         keys = [str(k) for k in t.column("key").to_pylist()]
     else:
@@ -86,21 +90,25 @@ def _parquet_identity(ds, shard) -> ShardIdentity:
 
 
 def _tfrecord_identity(ds, shard) -> ShardIdentity:
-    """Lengths and stored data CRCs of the shard's records (12-byte header, data, 4-byte CRC)."""
+    """Lengths and stored data CRCs of the shard's entries (12-byte header, data, 4-byte CRC).
+
+    The entries are walked as the reader walks them (:func:`audit.data.tfrecord.frames`:
+    checked headers, a corrupt stretch is one entry), so a damaged file cannot
+    make this fail or disagree with the plan.
+    """
+    from audit.data import tfrecord
+
     h = hashlib.sha256()
     rel = datasets._rel(shard.source, ds["path"])
     n = 0
+    size = os.path.getsize(shard.source)
     with open(shard.source, "rb") as f:
-        f.seek(shard.offset)
-        for _ in range(shard.size):
-            head = f.read(12)
-            if len(head) < 12:
-                h.update(b"truncated")
-                break
-            (length,) = struct.unpack("<Q", head[:8])
-            f.seek(length, os.SEEK_CUR)
-            crc = f.read(4)
-            h.update(head[:8] + crc)
+        for frame in itertools.islice(tfrecord.frames(f, size, shard.offset), shard.size):
+            crc = b""
+            if frame.problem is None:
+                f.seek(frame.offset + 12 + frame.length)
+                crc = f.read(4)
+            h.update(repr((frame.length, frame.problem, crc)).encode())
             n += 1
     first = f"{rel}#{shard.start}" if n else None
     last = f"{rel}#{shard.start + n - 1}" if n else None
