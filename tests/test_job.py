@@ -337,9 +337,9 @@ def test_progress_poll_is_answered_while_shards_are_held(ray_local, ws, tmp_path
 
 
 def test_progress_bar_counts_up_to_the_committed_images(capsys):
-    from audit.runner.job import _Progress
+    from audit.runner.progress import Progress
 
-    bar = _Progress(total=100, initial=20, errors=1, enabled=True, name="t")
+    bar = Progress(total=100, initial=20, errors=1, enabled=True, name="t")
     bar.show(15)  # 20 committed before this run + 15 inside shards
     assert bar.bar.n == 35
     bar.show(5)  # a shard retried elsewhere: the count does not go back

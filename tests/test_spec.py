@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -160,7 +161,7 @@ def _res(**kw):
 ])
 def test_plan_resources(res, cluster, shards, expected):
     nodes = [{"Alive": True, "Resources": {"CPU": cluster["CPU"]}}]
-    assert plan_resources(res, cluster, nodes, shards) == expected
+    assert asdict(plan_resources(res, cluster, nodes, shards)) == expected
 
 
 def test_plan_resources_refuses_impossible():

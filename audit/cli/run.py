@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-from audit.errors import AuditError
-
 EXAMPLE = """examples:
   audit run jobs/example_folder.yaml                      # embedded local Ray
   audit run job.yaml --set dataset.shard_size=256 --set resources.actors=4
@@ -53,7 +51,7 @@ def register(sub) -> None:
                    help="override a spec value (YAML), e.g. --set resources.batch_size=32; repeatable")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-scan", action="store_true", help="do not run the scan at the end")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, run_parser=p)
 
 
 def format_summary(s: dict) -> str:
@@ -88,7 +86,7 @@ def run(args) -> int:
 
     spec = args.spec or getattr(args, "spec_after_resume", None)
     if spec is None:
-        raise AuditError("run: the job spec is missing: audit run SPEC.yaml [--resume[=replan]]")
+        args.run_parser.error("the following arguments are required: spec")
     args.spec = spec
     try:
         summary = run_job(args.spec, address=args.address, resume=args.resume, overrides=args.overrides,

@@ -28,6 +28,7 @@ from audit.errors import AuditError
 RECORDS = "records"
 MANIFEST = "_manifest"
 JOB_JSON = "job.json"
+LOCK = "_lock.json"  # see audit.data.lock
 
 
 def part_name(shard: int) -> str:
@@ -67,9 +68,11 @@ def atomic_write_json(path, obj) -> None:
 
 
 def _has_content(out: Path) -> bool:
-    """True when OUT holds anything but empty records/ and _manifest/ folders."""
+    """True when OUT holds anything but empty records/ and _manifest/ folders (and the lock)."""
     for entry in out.iterdir():
         if entry.name in (RECORDS, MANIFEST) and entry.is_dir() and not any(entry.iterdir()):
+            continue
+        if entry.name == LOCK or entry.name.startswith(f".{LOCK}."):  # the driver's lock (audit.data.lock)
             continue
         return True
     return False
