@@ -313,7 +313,10 @@ def test_tfrecord_header_search_matches_the_checksum():
     header = struct.pack("<Q", 1234)
     header += struct.pack("<I", tfrecord.masked_crc(header))
     buf = np.random.default_rng(3).bytes(777) + header + b"\x00" * 40
-    assert np.flatnonzero(tfrecord._header_ok(buf)).tolist() == [777]
+    assert tfrecord._valid_headers(buf).tolist() == [777]
+    assert tfrecord._valid_headers(buf, max_length=5000).tolist() == [777]
+    assert tfrecord._valid_headers(buf, max_length=200).tolist() == []  # a length of 1234 needs a 2nd byte
+
 
 
 # ----------------------------------------------------------------------------

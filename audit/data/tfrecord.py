@@ -99,7 +99,7 @@ def _resync(f, size: int, pos: int) -> int:
         buf = f.read(_RESYNC_CHUNK + 11)
         if len(buf) < 12:
             break
-        for k in np.flatnonzero(_header_ok(buf)):
+        for k in _valid_headers(buf, max_length=size):
             (n,) = struct.unpack_from("<Q", buf, int(k))
             if pos + int(k) + 16 + n <= size:
                 return pos + int(k)
@@ -120,20 +120,35 @@ def _crc_table() -> np.ndarray:
     return _TABLE
 
 
-def _header_ok(buf: bytes) -> np.ndarray:
-    """For each offset k with 12 bytes left: does ``buf[k:k+12]`` hold a length and its masked CRC32C?
+def _valid_headers(buf: bytes, max_length: int | None = None) -> np.ndarray:
+    """Offsets k (with 12 bytes left) where ``buf[k:k+12]`` holds a length and its masked CRC32C.
 
-    The CRC of all 8-byte windows at once (table-driven, vectorised over k), so
-    a corrupt megabyte is searched in milliseconds.
+    The CRC of all 8-byte windows at once (table-driven, vectorised over k).
+    With ``max_length`` (the file size), only windows whose length fits in
+    that many bytes are checked: in random bytes that leaves about one
+    offset in 2^24, so a corrupt stretch is searched at disk speed.
     """
     b = np.frombuffer(buf, np.uint8)
     m = len(b) - 11
+    if m <= 0:
+        return np.zeros(0, np.int64)
+    # twelve zero bytes are no header (the masked CRC of a zero length is not 0): a zeroed
+    # stretch, the commonest damage, is skipped without computing its CRCs
+    x = b != 0
+    any2 = x[:-1] | x[1:]
+    any4 = any2[:-2] | any2[2:]
+    any8 = any4[:-4] | any4[4:]
+    keep = any8[:m] | any4[8:8 + m]  # some byte of buf[k:k+12] is not zero
+    if max_length is not None:
+        for j in range(max(1, (int(max_length).bit_length() + 7) // 8), 8):
+            keep &= b[j:j + m] == 0  # the high bytes of a length below max_length are zero
+    idx = np.flatnonzero(keep)
     table = _crc_table()
-    crc = np.full(m, 0xFFFFFFFF, np.uint32)
+    crc = np.full(len(idx), 0xFFFFFFFF, np.uint32)
     for j in range(8):
-        crc = table[(crc ^ b[j:j + m]) & 0xFF] ^ (crc >> np.uint32(8))
+        crc = table[(crc ^ b[idx + j]) & 0xFF] ^ (crc >> np.uint32(8))
     crc ^= np.uint32(0xFFFFFFFF)
     masked = ((crc >> np.uint32(15)) | (crc << np.uint32(17))) + np.uint32(_MASK_DELTA)
-    stored = (b[8:8 + m].astype(np.uint32) | (b[9:9 + m].astype(np.uint32) << 8)
-              | (b[10:10 + m].astype(np.uint32) << 16) | (b[11:11 + m].astype(np.uint32) << 24))
-    return masked == stored
+    stored = (b[idx + 8].astype(np.uint32) | (b[idx + 9].astype(np.uint32) << 8)
+              | (b[idx + 10].astype(np.uint32) << 16) | (b[idx + 11].astype(np.uint32) << 24))
+    return idx[masked == stored]
