@@ -16,8 +16,9 @@ import sys
 from audit.errors import AuditError, os_error_line
 
 COMMANDS = ("run", "submit", "scan", "report", "layers", "explain", "demo")
-# Commands that load a model: TensorFlow is imported up front, quietly.
-NEEDS_TF = ("run", "layers", "explain", "demo")
+# Commands that load a model: TensorFlow is imported up front, quietly.  `run` imports it
+# itself, after the spec and the model file's config were checked (a typo costs no TF import).
+NEEDS_TF = ("layers", "explain", "demo")
 
 
 class _Parser(argparse.ArgumentParser):

@@ -3,8 +3,12 @@
 :func:`run_job` is the library entry point (``audit run`` and ``audit demo``
 call it).  It runs in named steps:
 
-1. :func:`prepare` loads and checks the spec, the model file and the dataset
-   plan; it writes nothing;
+1. :func:`prepare` loads and checks the spec, the model file (layer names
+   from the ``.keras`` config, before TensorFlow is imported) and the dataset
+   plan; then :func:`audit.runner.precheck.check_with_model` loads the model
+   in the driver as each actor will, so a mistake that needs the model (an
+   unknown layer, a bad target, classes that do not fit) is found before any
+   actor starts; nothing is written;
 2. :func:`own_output` takes ``OUT/_lock.json`` (:mod:`audit.data.lock`),
    works out which committed shards the new plan keeps
    (:mod:`audit.runner.resume`), joins or starts Ray
@@ -30,7 +34,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import platform
-import shutil
 import sys
 import time
 import uuid
@@ -39,6 +42,7 @@ from pathlib import Path
 
 from audit.errors import AuditError
 from audit.runner.cluster import check_reachable, ray_init
+from audit.runner.precheck import check_model_file, check_with_model
 from audit.runner.progress import Progress
 from audit.runner.resume import Committed, drop, notes, reconcile, resume_mode
 from audit.runner.scheduler import (
@@ -172,12 +176,18 @@ def run_job(spec, *, address=None, resume=False, overrides=(), progress=True, on
     """
     check_reachable(address)  # a dead address is one line before anything else is done
     ctx = prepare(spec, overrides=overrides, base_dir=base_dir, resume=resume)
+    check_with_model(ctx.spec, ctx.plan.classes)  # what an actor's setup would refuse, before actors start
     with own_output(ctx, address) as owned:
         return execute(ctx, owned, progress=progress, on_event=on_event)
 
 
 def prepare(spec, *, overrides=(), base_dir=None, resume=False) -> JobContext:
-    """Load and check the spec, the output, the model file and the dataset plan (writes nothing)."""
+    """Load and check the spec, the output, the model file and the dataset plan (writes nothing).
+
+    Raises:
+        AuditError: a spec mistake, a busy or non-empty output, a model file
+            whose config lacks a requested layer, a dataset with no images.
+    """
     from audit.data import datasets, io
     from audit.data.lock import check_free
     from audit.engine.models import fingerprint
@@ -185,6 +195,7 @@ def prepare(spec, *, overrides=(), base_dir=None, resume=False) -> JobContext:
 
     t_start = time.time()
     spec = load_spec(spec, overrides, base_dir)
+    check_model_file(spec)  # layer names and Lambda layers from the .keras config: no TensorFlow yet
     mode = resume_mode(resume)
     out = Path(spec["output"])
     check_free(out)  # a running driver is named before "not empty" is said
@@ -255,11 +266,12 @@ def _make_dir(out: Path) -> bool:
 
 
 def _remove_if_empty(out: Path) -> None:
+    """Remove an output this run created and left empty (rmdir only: another driver's files stay)."""
     from audit.data import io
 
-    with contextlib.suppress(OSError):
-        if not io._has_content(out):
-            shutil.rmtree(out)
+    for p in (out / io.RECORDS, out / io.MANIFEST, out):
+        with contextlib.suppress(OSError):
+            p.rmdir()
 
 
 def execute(ctx: JobContext, owned: Owned, *, progress=True, on_event=None) -> dict:
