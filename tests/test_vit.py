@@ -207,3 +207,19 @@ def test_cli_layers_shows_token_grids(vit, tmp_path, capsys):
     assert main(["layers", str(path), "--token-grid", "5", "5"]) == 0
     out = capsys.readouterr().out
     assert "tokens 25 + 5x5" in out
+
+
+def test_a_loaded_model_whose_ops_have_default_names(tmp_path):
+    """The model's own `h[:, 0]` is an op named 'get_item' once saved and loaded in a fresh session;
+    the capture must not add a second 'get_item' (Keras refuses duplicate names)."""
+    keras.backend.clear_session()
+    keras.utils.set_random_seed(4)
+    vit = ViT()
+    vit.model().save(tmp_path / "v.keras")
+    keras.backend.clear_session()
+    model = keras.models.load_model(tmp_path / "v.keras")
+    assert "get_item" in [c.path for c in graph.trace(model).calls]
+    x = _images(2, vit.size)
+    res = Explainer(model, methods=("gradcam",), batch_size=2)(x)
+    assert res.maps[("block1_out", "gradcam")].shape == (2, 7, 7)
+    np.testing.assert_allclose(res.probs, model.predict(x, verbose=0), rtol=1e-5, atol=1e-6)

@@ -50,6 +50,8 @@ def register(sub) -> None:
     p.add_argument("--target", default="predicted", help="class to explain: predicted (default), index or name")
     p.add_argument("--classes", nargs="+", help="class names in output order (or one comma-separated list)")
     p.add_argument("--output", help="the classifier output of a model with several outputs (its name)")
+    p.add_argument("--token-grid", nargs=2, type=int, metavar=("H", "W"),
+                   help="grid of a vision transformer's patch tokens (default: found per layer; docs/layers.md)")
     p.add_argument("--preprocess", default=None,
                    help="none | scale_0_1 | scale_-1_1 | caffe | torch | a keras.applications module "
                         "(default: none; the application's own with --application)")
@@ -74,7 +76,7 @@ def _application_preprocess(name: str) -> str:
 def run(args) -> int:
     from pathlib import Path
 
-    from audit.cli.layers import check_input_size
+    from audit.cli.layers import check_input_size, check_token_grid
     from audit.engine.models import check_preprocess, load_model
     from audit.errors import AuditError
     from audit.review.explain import all_methods, explain
@@ -93,6 +95,7 @@ def run(args) -> int:
     if args.filters < 0 or args.steps < 1 or args.channels < 1:
         raise AuditError("--filters must be at least 0, --steps and --channels at least 1")
     check_input_size(args.input_size)
+    check_token_grid(args.token_grid)
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise AuditError(f"--out {args.out} exists and is not a directory")
     preprocess = args.preprocess
@@ -105,7 +108,7 @@ def run(args) -> int:
         model, paths, args.out, layers=_names(args.layers), methods=_names(args.methods),
         preprocess_mode=preprocess, feature_layers=_names(args.feature_layers), filters=args.filters,
         steps=args.steps, channels=args.channels, target=args.target, classes=_names(args.classes),
-        output=args.output,
+        output=args.output, token_grid=args.token_grid,
     )
     print(f"wrote {index}")
     return 0

@@ -90,7 +90,7 @@ def format_rows(rows, chosen) -> list[str]:
         mark = "*" if c is chosen else " "
         grid = f"tokens {c.grid}" if c.grid is not None else ""
         notes = [n for n in (grid, "all paths" if r.all_paths else "",
-                             f"not usable: {r.reason}" if r.reason else "") if n]
+                             f"not usable: {r.reason.split(';')[0]}" if r.reason else "") if n]
         lines.append(f"{mark} {c.path:<{width}}  {c.kind:<{kinds}}  {str(c.shape[1:]):<16}  "
                      + "  ".join(notes))
     return [line.rstrip() for line in lines]

@@ -194,6 +194,7 @@ class Explainer:
         target: ``"predicted"``, ``"label"`` or a class index.
         input_shape: (H, W, C) of the model input.
         layer_shapes: layer path -> (h, w) of its map.
+        token_grid: the (h, w) given for token layers, or None.
 
     Raises:
         AuditError: an unknown method or layer, a layer that is not spatial,
@@ -219,6 +220,7 @@ class Explainer:
         if self.classes is not None and len(self.classes) != self.num_classes:
             raise AuditError(f"{len(self.classes)} class names given but the model has {self.num_classes} classes")
         self.layers = graph.resolve_layers(t0, layers)
+        self.token_grid = t0.token_grid
         needs_head = any(m.needs.head_weights for m in self._methods)
         self._cam_dense = {p: cam_dense(t0, p) for p in self.layers} if needs_head else {}
         capture = [self.head.capture] if self.head.capture else []

@@ -227,7 +227,7 @@ def trace(model, capture=(), capture_inputs=(), input_shape=None, token_grid=Non
         t.calls.append(call)
         if path in capture:
             if grid is not None and len(outs) == 1:
-                t.captured[path], out = _token_view(outs[0], grid)
+                t.captured[path], out = _token_view(outs[0], grid, path)
                 call.outputs.append(id(out))
             else:
                 t.captured[path] = outs[0]
@@ -313,15 +313,42 @@ def find_grid(tokens, earlier_maps=(), token_grid=None) -> TokenGrid | None:
     return TokenGrid(t - s * s, s, s) if s >= 2 else None
 
 
-def _token_view(tokens, grid: TokenGrid):
-    """(N, T, C) tokens -> ((N, h, w, C) view of the patches, tokens rebuilt from the view)."""
-    ops = keras.ops
-    n, c = grid.h * grid.w, tokens.shape[-1]
-    view = ops.reshape(tokens[:, grid.extra:], (-1, grid.h, grid.w, c))
-    patches = ops.reshape(view, (-1, n, c))
-    if not grid.extra:
-        return view, patches
-    return view, ops.concatenate([tokens[:, :grid.extra], patches], axis=1)
+def _token_view(tokens, grid: TokenGrid, path: str):
+    """(N, T, C) tokens -> ((N, h, w, C) view of the patches, tokens rebuilt from the view).
+
+    Two layers with names of their own: ops applied to the symbolic tensors
+    would be auto-named (``get_item``) and clash with the same ops of a model
+    loaded from a file.
+    """
+    name = "audit_" + "".join(ch if ch.isalnum() else "_" for ch in path)
+    view = _PatchView(grid, name=f"{name}_view")(tokens)
+    return view, _Rebuild(grid, name=f"{name}_tokens")([tokens, view])
+
+
+class _PatchView(keras.layers.Layer):
+    """Tokens (N, T, C) -> the patch tokens as a map (N, h, w, C)."""
+
+    def __init__(self, grid: TokenGrid, **kwargs):
+        super().__init__(**kwargs)
+        self.grid = grid
+
+    def call(self, tokens):
+        g = self.grid
+        return keras.ops.reshape(tokens[:, g.extra:], (-1, g.h, g.w, tokens.shape[-1]))
+
+
+class _Rebuild(keras.layers.Layer):
+    """[tokens, view] -> the extra tokens followed by the view's cells: the model continues from the view."""
+
+    def __init__(self, grid: TokenGrid, **kwargs):
+        super().__init__(**kwargs)
+        self.grid = grid
+
+    def call(self, inputs):
+        tokens, view = inputs
+        g = self.grid
+        patches = keras.ops.reshape(view, (-1, g.h * g.w, view.shape[-1]))
+        return keras.ops.concatenate([tokens[:, :g.extra], patches], axis=1) if g.extra else patches
 
 
 def patch_tokens_reach(t: Trace, calls) -> dict[str, bool]:
@@ -426,13 +453,13 @@ def unusable_reason(t: Trace, call: Call) -> str | None:
             if t.token_grid:
                 h, w = t.token_grid
                 return f"explain.token_grid {h}x{w} needs {h * w} patch tokens but it has {call.shape[1]}"
-            return (f"its {call.shape[1]} tokens form no grid; give the grid as "
-                    "explain.token_grid: [h, w]")
+            return (f"its {call.shape[1]} tokens form no grid (give it as explain.token_grid: [h, w], "
+                    "--token-grid H W)")
         if not is_spatial(call):
             return f"its token grid is {call.grid}, one cell, so its map would be one constant value"
         if not patch_tokens_reach(t, [call])[call.path]:
-            return ("its patch tokens do not reach the output (the head reads only the class token "
-                    "after the last attention); take a layer before the last attention block")
+            return ("its patch tokens do not reach the output (after the last attention the head reads "
+                    "only the class token); take a layer before the last attention")
         return None
     return f"its output {call.shape} is not a spatial (N, H, W, C) map or a token sequence (N, T, C)"
 

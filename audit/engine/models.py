@@ -18,11 +18,13 @@ _TORCH_STD = np.array([0.229, 0.224, 0.225], np.float32)
 
 
 def preprocess(images: np.ndarray, mode: str = "none") -> np.ndarray:
-    """Map uint8-range RGB images (N, H, W, 3) to the model's input range.
+    """Map uint8-range images (N, H, W, C) to the model's input range.
 
     ``mode`` is one of :data:`PREPROCESS_MODES` or the name of a
     ``keras.applications`` module (``resnet50``, ``mobilenet_v2``...), whose
-    ``preprocess_input`` is used.
+    ``preprocess_input`` is used.  ``none`` and the two ``scale`` modes work
+    for any channel count; the others hold per-channel RGB constants and need
+    C = 3 (an AuditError otherwise).
     """
     x = np.asarray(images, dtype=np.float32)
     if mode in (None, "none"):
@@ -31,11 +33,80 @@ def preprocess(images: np.ndarray, mode: str = "none") -> np.ndarray:
         return x / 255.0
     if mode == "scale_-1_1":
         return x / 127.5 - 1.0
+    if x.shape[-1] != 3:
+        raise AuditError(f"preprocess {mode!r} is for RGB images (3 channels) but the model takes "
+                         f"{x.shape[-1]}; use none, scale_0_1 or scale_-1_1")
     if mode == "caffe":
         return x[..., ::-1] - _CAFFE_MEAN_BGR
     if mode == "torch":
         return (x / 255.0 - _TORCH_MEAN) / _TORCH_STD
     return _applications_preprocess(mode)(x)
+
+
+CHANNEL_COUNTS = (1, 2, 3, 4)  # what to_channels makes from RGB images
+
+
+def to_channels(images: np.ndarray, channels: int) -> np.ndarray:
+    """uint8 RGB (or gray) images as the ``channels`` the model takes.
+
+    The one rule for the worker, the intervention and ``audit explain``
+    (docs/jobs.md, "Channels"); images are decoded to RGB first, so:
+
+    * 1: gray, the luma Y = 0.299 R + 0.587 G + 0.114 B (ITU-R BT.601; OpenCV's
+      ``COLOR_RGB2GRAY`` and PIL's ``"L"``), rounded to uint8;
+    * 2: gray and an opaque alpha channel (255);
+    * 3: RGB (a gray input is repeated);
+    * 4: RGB and an opaque alpha channel (255).
+
+    Args:
+        images: uint8 (N, H, W, 3) or (H, W, 3) RGB; a gray (..., 1) input is
+            taken as R = G = B; an alpha channel (..., 2 or 4) is dropped first.
+        channels: the model input's channel count.
+
+    Returns:
+        uint8 (..., channels); the input itself when it already has them.
+
+    Raises:
+        AuditError: a channel count other than 1-4 (an RGB image has nothing
+            to fill a fifth channel with).
+    """
+    import cv2
+
+    check_channels(channels)
+    x = np.asarray(images)
+    c = x.shape[-1]
+    if c == channels:
+        return x
+    if c in (2, 4):  # gray or RGB with alpha (a converted image, e.g. to show it): alpha dropped
+        x, c = x[..., : c - 1], c - 1
+        if c == channels:
+            return x
+    if c not in (1, 3):
+        raise AuditError(f"expected gray (1), RGB (3) or either with alpha images, got {c} channels")
+    lead = x.shape[:-1]
+    if channels <= 2:
+        gray = x if c == 1 else cv2.cvtColor(x.reshape(-1, lead[-1], 3), cv2.COLOR_RGB2GRAY).reshape(*lead, 1)
+        base = gray
+    else:
+        base = np.repeat(x, 3, axis=-1) if c == 1 else x
+    if channels in (2, 4):
+        base = np.concatenate([base, np.full((*lead, 1), 255, base.dtype)], axis=-1)
+    return base
+
+
+def check_channels(channels: int) -> None:
+    """One line when a model takes a channel count :func:`to_channels` cannot make."""
+    if int(channels) not in CHANNEL_COUNTS:
+        raise AuditError(f"the model takes {channels} input channels; images are audited as gray (1), "
+                         "gray + alpha (2), RGB (3) or RGBA (4)")
+
+
+def model_input(images: np.ndarray, channels: int, mode: str = "none") -> np.ndarray:
+    """uint8 RGB images -> the float32 input of a model with ``channels`` channels.
+
+    :func:`to_channels`, then :func:`preprocess` with ``mode``.
+    """
+    return preprocess(to_channels(images, channels), mode)
 
 
 def _applications_preprocess(mode: str):

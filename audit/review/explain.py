@@ -57,14 +57,13 @@ def _tf():
 
 
 def read_image(path, size=None, channels: int = 3) -> np.ndarray:
-    """Read an image file as uint8 RGB (or grey when ``channels`` is 1), resized to ``size`` (H, W).
+    """Read an image file as uint8 with the model's ``channels`` (RGB for 3), resized to ``size`` (H, W).
 
     Decoding is the job's (:mod:`audit.data.decode`): grayscale, RGBA and 16-bit
     images work, and a header claiming too many pixels is refused before decoding.
     """
-    import cv2
-
     from audit.data.decode import DecodeError, decode_image, resize_image
+    from audit.engine.models import to_channels
 
     p = Path(path)
     if not p.is_file():
@@ -75,9 +74,7 @@ def read_image(path, size=None, channels: int = 3) -> np.ndarray:
         raise AuditError(f"cannot decode image {p}: {e}") from None
     if size is not None:
         img = resize_image(img, size)
-    if channels == 1:
-        img = cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)[..., None]
-    return img
+    return to_channels(img, channels)  # the job's rule (audit.engine.models.to_channels)
 
 
 # ----------------------------------------------------------------------------
@@ -455,7 +452,7 @@ def filter_grid(kernel, max_filters: int = 64, cols: int = 16, cell: int = 32) -
 
 
 def filter_patterns(model, layer: str, filters, *, affine=None, steps: int = 40, step: float = 1.0,
-                    seed: int = 0, output=None) -> np.ndarray:
+                    seed: int = 0, output=None, token_grid=None) -> np.ndarray:
     """Gradient ascent on the input for each filter of ``layer`` (seeds: Chollet 5.4.2).
 
     Starts from a noisy grey image (128 + U(0, 20) grey levels), maximises
@@ -470,7 +467,7 @@ def filter_patterns(model, layer: str, filters, *, affine=None, steps: int = 40,
     from audit.engine import graph
 
     tf = _tf()
-    t = graph.trace(model, capture=[layer], output=output)
+    t = graph.trace(model, capture=[layer], output=output, token_grid=token_grid)
     fm = keras.Model(t.inputs[0], t.captured[layer])
     shape = tuple(t.inputs[0].shape[1:])
     filters = [int(f) for f in filters]
@@ -542,7 +539,7 @@ def _setup(model, t, layers, feature_layers, methods, target, classes, output, n
     """Resolve layers and methods and build the Explainers (they check the target and classes)."""
     from audit.engine import graph
     from audit.engine.explainer import Explainer, cam_dense
-    from audit.engine.models import input_size_of
+    from audit.engine.models import check_channels, input_size_of
 
     explicit_cam = methods is not None and "cam" in methods  # asked for: fail if the head has no GAP
     methods = list(dict.fromkeys(methods or DEFAULT_METHODS))
@@ -554,13 +551,13 @@ def _setup(model, t, layers, feature_layers, methods, target, classes, output, n
     feature_layers = graph.resolve_layers(t, feature_layers) if feature_layers else default_feature_layers(t)
     h, w = input_size_of(model)
     ch = int(model.inputs[0].shape[-1])
-    if ch not in (1, 3):
-        raise AuditError(f"model input has {ch} channels; audit explain reads RGB or grey images")
+    check_channels(ch)  # what to_channels can make: 1-4
     cams = [m for m in methods if m in cam_methods() and m != "cam"]
     if "guided-gradcam" in methods and "gradcam" not in cams:
         cams.append("gradcam")
     ex = Explainer(model, layers=layers, methods=tuple(cams) or ("gradcam",), target=target,
-                   batch_size=n_images, classes=classes, output=output)
+                   batch_size=n_images, classes=classes, output=output,
+                   token_grid=t.token_grid)
     setup = _Setup(layers, feature_layers, methods, (h, w), ch, ex)
     if "cam" in methods:
         ok_layers = []
@@ -574,7 +571,8 @@ def _setup(model, t, layers, feature_layers, methods, target, classes, output, n
                 setup.cam_notes.append(str(e))
         if ok_layers:
             setup.cam_explainer = Explainer(model, layers=ok_layers, methods=("cam",), target=target,
-                                            batch_size=n_images, classes=classes, output=output)
+                                            batch_size=n_images, classes=classes, output=output,
+                   token_grid=t.token_grid)
     return setup
 
 
@@ -594,7 +592,8 @@ def _input_gradients(model, x, target, methods, affine, output):
 
 def explain(model, image_paths, out_dir, *, layers=None, methods=None, preprocess_mode="none",
             feature_layers=None, filters: int = 8, steps: int = 40, channels: int = 32,
-            target="predicted", classes=None, patterns: bool = True, seed: int = 0, output=None) -> Path:
+            target="predicted", classes=None, patterns: bool = True, seed: int = 0, output=None,
+            token_grid=None) -> Path:
     """Write the figures for ``image_paths`` into ``out_dir``.
 
     Args:
@@ -615,6 +614,8 @@ def explain(model, image_paths, out_dir, *, layers=None, methods=None, preproces
         classes: class names in output order.
         patterns, seed: draw filter patterns; their random start.
         output: the classifier output of a multi-output model.
+        token_grid: (h, w) of a vision transformer's patch tokens (default: found per layer,
+            see :func:`audit.engine.graph.find_grid`).
 
     Returns:
         The path of ``out_dir/index.html``.
@@ -624,12 +625,12 @@ def explain(model, image_paths, out_dir, *, layers=None, methods=None, preproces
             an unreadable image, an output folder that cannot be created.
     """
     from audit.engine import graph
-    from audit.engine.models import preprocess
+    from audit.engine.models import preprocess, to_channels
 
     image_paths = [Path(p) for p in image_paths]
     if not image_paths:
         raise AuditError("give at least one image")
-    t = graph.trace(model, output=output)
+    t = graph.trace(model, output=output, token_grid=token_grid)
     st = _setup(model, t, layers, feature_layers, methods, target, classes, output, len(image_paths))
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
@@ -649,7 +650,7 @@ def explain(model, image_paths, out_dir, *, layers=None, methods=None, preproces
     xr = x[res.image]  # one row per explained (image, class)
     grads, replaced = _input_gradients(model, xr, res.target, st.methods, affine, output)
     size = _tile_size(h, w)
-    rgb = images if ch == 3 else np.repeat(images, 3, axis=-1)
+    rgb = to_channels(images, 3)  # shown in colour whatever the model takes
     shown = [viz.fit(im, size) for im in rgb]
 
     def name_of(c):
@@ -739,7 +740,8 @@ def _page(model, out, row, res, maps, grads, replaced, x, st, size, channels) ->
     gfig = _gradient_figure(out, row, res, grads, replaced, st, size, stem)
     if gfig is not None:
         figs.append(gfig)
-    acts = _activations(model, x[row.i:row.i + 1], st.feature_layers, st.explainer.head.output)
+    acts = _activations(model, x[row.i:row.i + 1], st.feature_layers, st.explainer.head.output,
+                        st.explainer.token_grid)
     for layer in st.feature_layers:
         a = acts[layer][0]
         name = f"{stem}_features_{_safe(layer)}.png"
@@ -767,7 +769,7 @@ def _model_figures(model, t, out, st, affine, filters, steps, seed, size, patter
         k = int(t.by_path()[layer].shape[-1])
         idx = list(range(min(int(filters), k)))
         u = filter_patterns(model, layer, idx, affine=affine, steps=steps, seed=seed,
-                            output=st.explainer.head.output)
+                            output=st.explainer.head.output, token_grid=t.token_grid)
         tiles = [viz.caption(viz.fit(deprocess(im), min(size, 128)), f"filter {f}") for f, im in zip(idx, u)]
         name = f"patterns_{_safe(layer)}.png"
         (out / name).write_bytes(viz.png_bytes(viz.grid(tiles, cols=8)))
@@ -781,12 +783,12 @@ def _top(probs, name_of, k=5):
     return [(name_of(c), float(probs[c])) for c in order]
 
 
-def _activations(model, x, layers, output=None):
+def _activations(model, x, layers, output=None, token_grid=None):
     import keras
 
     from audit.engine import graph
 
-    t = graph.trace(model, capture=layers, output=output)
+    t = graph.trace(model, capture=layers, output=output, token_grid=token_grid)  # token layers: (h, w, C)
     fm = keras.Model(t.inputs[0], [t.captured[p] for p in layers])
     outs = fm(np.asarray(x, np.float32), training=False)
     outs = outs if isinstance(outs, (list, tuple)) else [outs]

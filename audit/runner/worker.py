@@ -179,7 +179,13 @@ class AuditWorker:
         from audit.engine.explainer import Explainer
         from audit.engine.heads import Head
         from audit.engine.methods import METHODS
-        from audit.engine.models import check_preprocess, input_size_of, load_model
+        from audit.engine.models import (
+            check_channels,
+            check_preprocess,
+            input_size_of,
+            load_model,
+            model_input,
+        )
 
         check_preprocess(m["preprocess"])
         model = load_model(m.get("path"), application=m.get("application"), weights=m.get("weights"),
@@ -210,8 +216,8 @@ class AuditWorker:
             raise AuditError(f"model input is {self.explainer.input_shape[:2]}, model.input_size says {list(size)}")
         self.size = size
         self.channels = int(self.explainer.input_shape[2])
-        if self.channels not in (1, 3):
-            raise AuditError(f"the model takes {self.channels} channels; images are audited as RGB (3) or gray (1)")
+        check_channels(self.channels)  # images are converted by models.to_channels
+        model_input(np.zeros((1, 1, 1, 3), np.uint8), self.channels, m["preprocess"])  # fails here, not per batch
         from audit.data.schema import SCHEMA_VERSION, records_schema
 
         self.regions = dict(ex.get("regions") or {})
@@ -455,7 +461,7 @@ class AuditWorker:
 
     def _prepare(self, batch, shard_id) -> list:
         """Messages for the model thread: error rows for bad labels, then the batch's input array."""
-        from audit.engine.models import preprocess
+        from audit.engine.models import model_input
 
         ex = self.explainer
         msgs = []
@@ -472,9 +478,7 @@ class AuditWorker:
                     return msgs
         labels = [b[1].label for b in batch]
         imgs = np.stack([b[2][0] for b in batch])
-        x = preprocess(imgs, self.spec["model"]["preprocess"])
-        if self.channels == 1:
-            x = x.mean(axis=-1, keepdims=True)
+        x = model_input(imgs, self.channels, self.spec["model"]["preprocess"])
         lab = np.array([-1 if v is None else v for v in labels], np.int32)
         msgs.append(("batch", (batch, x, np.maximum(lab, 0) if ex.target == "label" else None)))
         return msgs

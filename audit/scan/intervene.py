@@ -385,13 +385,13 @@ class Intervener:
 
     def predict(self, images: np.ndarray) -> np.ndarray:
         """Predictions for uint8 RGB images at the input size: (N,) ids, or (N, C) bool (multi-label)."""
-        from audit.engine.models import preprocess
+        from audit.engine.models import model_input
 
         mode = (self.spec.get("model") or {}).get("preprocess", "none")
         head = self.head
         out = []
         for s in range(0, len(images), self.batch_size):
-            x = preprocess(images[s:s + self.batch_size], mode)
+            x = model_input(images[s:s + self.batch_size], self.model.inputs[0].shape[-1], mode)
             y = self.model(x, training=False)
             out.append(head.predict(y))
             self.forwards += len(x)
