@@ -13,6 +13,9 @@ process, so that its peak resident memory (``ru_maxrss``) is the scan's own.
 Generation is not timed.  The same distribution at 200 maps per class is
 scanned first: the verdicts and cues at every size must equal those.
 
+``--distinct`` draws every map anew instead: no copies to merge, so every
+class reaches the 2000 prototypes (the clustering's worst case).
+
 Then one class of ``--minority-class`` maps, all drawn anew (no copies), 2%
 of them on a tight corner strategy: the scan must find those 2% as a
 cluster of their own and flag the class.
@@ -86,6 +89,8 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--maps", type=int, nargs="+", default=[10_000, 100_000], help="total maps (3 classes)")
     ap.add_argument("--threads", type=int, default=2, help="BLAS/OpenMP threads of the scan (the 2 cores)")
+    ap.add_argument("--distinct", action="store_true",
+                    help="draw every map anew instead of copying 200 per class (the prototypes' worst case)")
     ap.add_argument("--minority-class", type=int, default=100_000,
                     help="maps of the class with a 2%% strategy (0: skip)")
     ap.add_argument("--dir", help="where to write the fake outputs (default: a temporary directory)")
@@ -98,13 +103,14 @@ def main(argv=None) -> None:
     root = Path(a.dir) if a.dir else Path(tempfile.mkdtemp(prefix="bench-scan-"))
     k = len(hr.CLASSES)
     print(f"machine: {os.cpu_count()} cores; scan with {a.threads} BLAS threads; "
-          f"load average now {os.getloadavg()[0]:.1f}")
+          f"load average now {os.getloadavg()[0]:.1f}; maps {'drawn anew' if a.distinct else 'copied'}")
     try:
         ref = run_scan(hr.write_out(root / "ref", 200, copies_of=200, minority=0.1), a.threads)
         rows = []
         for n in a.maps:
             t = time.perf_counter()
-            out = hr.write_out(root / f"n{n}", max(1, n // k), copies_of=200, minority=0.1)
+            out = hr.write_out(root / f"n{n}", max(1, n // k), copies_of=None if a.distinct else 200,
+                               minority=0.1)
             gen = time.perf_counter() - t
             r = run_scan(out, a.threads)
             shutil.rmtree(out, ignore_errors=True)
