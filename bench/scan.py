@@ -118,16 +118,18 @@ def main(argv=None) -> None:
             print(f"  {n:>9,} maps: generated in {gen:.0f} s, scanned in {r['wall']:.1f} s", flush=True)
         print()
         hdr = f"{'maps':>10} {'scan s':>8} {'cpu s':>8} {'peak MB':>8} {'load':>5} {'s/target':>8} " \
-              f"{'MB/target':>9}  same verdicts as at 600 maps"
+              f"{'MB/target':>9} {'clusters':>8}  same verdicts and cues as at 600 maps"
         print(hdr)
         print("-" * len(hdr))
+        names = sorted(ref["verdicts"])
         for n, _, r in rows:
-            same = r["verdicts"] == ref["verdicts"]
+            same = all(r["verdicts"][c][:2] == ref["verdicts"][c][:2] for c in names)
+            ks = "/".join(str(r["verdicts"][c][2]) for c in names)
             print(f"{n:>10,} {r['wall']:>8.1f} {r['cpu']:>8.1f} {r['rss_mb']:>8.0f} {r['load']:>5.1f} "
-                  f"{r['wall'] / TARGET_S:>8.2f} {r['rss_mb'] / TARGET_MB:>9.2f}  {'yes' if same else 'NO'}")
+                  f"{r['wall'] / TARGET_S:>8.2f} {r['rss_mb'] / TARGET_MB:>9.2f} {ks:>8}  {'yes' if same else 'NO'}")
             if not same:
                 print(f"{'':>12}{r['verdicts']}\n{'':>12}vs {ref['verdicts']}")
-        print(f"verdicts at 600 maps: {ref['verdicts']}")
+        print(f"at 600 maps ([verdict, cue, clusters] of {', '.join(names)}): {ref['verdicts']}")
         if a.minority_class:
             minority_check(root, a.minority_class, a.threads)
     finally:

@@ -33,10 +33,13 @@ def grids_from_raw(raw: np.ndarray, grid: int) -> np.ndarray:
     raw = np.asarray(raw, np.float32)
     if len(raw) == 0:
         return np.zeros((0, grid, grid), np.float32)
-    raw = np.where(np.isfinite(raw), raw, 0.0)
-    g = np.maximum(resize_maps(raw, (grid, grid)), 0.0)
+    if not np.isfinite(raw).all():
+        raw = np.where(np.isfinite(raw), raw, np.float32(0))
+    g = resize_maps(raw, (grid, grid))
+    np.maximum(g, 0, out=g)
     tot = g.sum(axis=(1, 2), keepdims=True, dtype=np.float64)
-    return np.where(tot > 0, g / np.where(tot > 0, tot, 1.0), 0.0).astype(np.float32)
+    g /= np.where(tot > 0, tot, 1.0).astype(np.float32)  # a map without energy stays all zeros
+    return g
 
 
 def pool2(grids: np.ndarray) -> np.ndarray:
