@@ -11,6 +11,7 @@ from audit.scan.robust import (
     modal_place,
     peak_place,
     place_radius,
+    share_lower_bound,
     share_within,
 )
 
@@ -46,7 +47,9 @@ CASES = [
     ("pasted cue", "corner", 200, 0.0, 1.0),
     ("pasted cue, 4% outliers", "corner", 200, 0.04, 1.0),
     ("pasted cue, 4% outliers, 20,000 maps", "corner", 20000, 0.04, 1.0),
-    ("pasted cue, 30% elsewhere", "corner", 400, 0.30, 0.33),
+    ("pasted cue, 30% elsewhere", "corner", 400, 0.30, 0.22),
+    ("pasted cue, 8 maps", "corner", 8, 0.0, 0.77),
+    ("6 of 8 maps at one place", "corner", 8, 0.25, 0.0),
     ("objects anywhere", "moving", 400, 0.0, 0.0),
     ("objects in one quarter", "quadrant", 400, 0.0, 0.0),
     ("fixed place at the centre", "centre", 200, 0.0, 0.0),
@@ -103,6 +106,25 @@ def test_mode_prefers_the_larger_of_two_places():
     y = np.r_[np.full(30, 0.1), np.full(31, 0.7)]
     assert modal_place(x, y) == pytest.approx((0.8, 0.7))
     assert share_within(x, y, 0.8, 0.7) == pytest.approx(31 / 61)
+
+
+def test_mode_of_a_ring_has_peaks_at_it():
+    # peaks on a ring around an empty centre: the densest bin's centre may have no peak within the
+    # radius; the mode must still sit among peaks
+    t = np.linspace(0, 2 * np.pi, 40, endpoint=False)
+    x, y = 0.5 + 0.2 * np.cos(t), 0.5 + 0.2 * np.sin(t)
+    p = peak_place(x, y, 0.05)
+    assert p.share >= 2 / 40
+    assert abs(np.hypot(p.x - 0.5, p.y - 0.5) - 0.2) < 0.05
+
+
+@pytest.mark.parametrize("share,n,expected", [(0.75, 8, 0.5237), (1.0, 8, 8 / (8 + 1.2816 ** 2)),
+                                              (0.875, 8, 0.6604), (0.96, 200, 0.9382), (0.96, 20000, 0.9582),
+                                              (0.5, 100, 0.4364)])
+def test_share_lower_bound_is_wilsons(share, n, expected):
+    # Wilson score interval, one-sided 90% (z = 1.2816); all n of n gives n / (n + z^2)
+    assert share_lower_bound(share, n) == pytest.approx(expected, abs=1e-4)
+    assert math.isnan(share_lower_bound(0.5, 0))
 
 
 def test_no_peaks():

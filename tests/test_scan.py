@@ -147,11 +147,12 @@ def test_place_score(share, area, expected):
 
 
 def test_fixed_and_off_object_scores():
-    assert fixed_place_score(PeakPlace(0.9, 0.9, 0.96)) == pytest.approx(1.0)
+    assert fixed_place_score(PeakPlace(0.9, 0.9, 0.96, n=200)) == pytest.approx(1.0)
     # a fixed place at the centre is the usual object
-    assert fixed_place_score(PeakPlace(0.5, 0.5, 1.0)) == 0.0
-    assert fixed_place_score(PeakPlace(0.9, 0.9, 0.4)) == 0.0
-    assert fixed_place_score(PeakPlace(0.9, 0.9, 0.75)) == pytest.approx(0.5)
+    assert fixed_place_score(PeakPlace(0.5, 0.5, 1.0, n=200)) == 0.0
+    assert fixed_place_score(PeakPlace(0.9, 0.9, 0.4, n=200)) == 0.0
+    assert fixed_place_score(PeakPlace(0.9, 0.9, 0.752, n=100_000)) == pytest.approx(0.5, abs=0.01)
+    assert fixed_place_score(PeakPlace(0.9, 0.9, 0.755, n=8)) == 0.0  # too few maps to tell
     assert off_object_score(0.0, 0.0) == pytest.approx(1.0)
     assert off_object_score(0.5, 1.0) == 0.0
     assert off_object_score(0.25, 0.4) == pytest.approx(0.6 * 0.5 + 0.4 * 0.5)

@@ -30,9 +30,13 @@ PLACE_RADIUS = 0.05
 # at one of few cell centres, and a cue sitting between two cells sends the
 # peaks of its maps to either of them.
 PLACE_RADIUS_CELLS = 0.75
-# fixed-place score: the share of peaks within the radius ramps from LOW (0) to HIGH (1)
+# fixed-place score: the share of peaks within the radius (its lower confidence bound) ramps from LOW (0)
+# to HIGH (1)
 PLACE_SHARE_LOW = 0.6
 PLACE_SHARE_HIGH = 0.9
+# one-sided 90% Wilson bound: 6 of 8 peaks at one place (0.75) is no evidence of a pasted cue (bound
+# 0.52), 8 of 8 is (0.83, score 0.77); 192 of 200 (0.96) and 19,200 of 20,000 score alike (0.94, 0.96: 1)
+SHARE_Z = 1.2816
 # ... times the distance of the modal place from the image centre ramping from NEAR (0) to FAR (1):
 # objects usually sit near the centre; a fixed place there is no evidence of a cue.
 CENTRE_NEAR = 0.15
@@ -54,6 +58,26 @@ class PeakPlace:
     share: float = math.nan
     radius: float = PLACE_RADIUS
     n: int = 0
+
+    @property
+    def share_low(self) -> float:
+        """The lower one-sided 90% confidence bound of ``share`` (:func:`share_lower_bound`)."""
+        return share_lower_bound(self.share, self.n)
+
+
+def share_lower_bound(share: float, n: int, z: float = SHARE_Z) -> float:
+    """Wilson's lower confidence bound of a proportion ``share`` observed in ``n`` trials (NaN if n = 0).
+
+    A few maps at one place are weak evidence: a cluster of 8 maps with 6
+    peaks together has a share of 0.75 but a bound of 0.52; with many maps
+    the bound is the share.
+    """
+    if not n or not math.isfinite(share):
+        return math.nan
+    z2 = z * z
+    centre = share + z2 / (2 * n)
+    half = z * math.sqrt(share * (1 - share) / n + z2 / (4 * n * n))
+    return (centre - half) / (1 + z2 / n)
 
 
 def place_radius(cam_side: float | None = None, base: float = PLACE_RADIUS) -> float:
@@ -80,7 +104,11 @@ def _finite_xy(px, py) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _densest_bin(x: np.ndarray, y: np.ndarray, radius: float) -> tuple[float, float]:
-    """Centre of the fullest bin of a 2-D histogram (bins ``radius`` wide) smoothed over 3 x 3 bins."""
+    """Where to start: the fullest bin of a 2-D histogram (bins ``radius`` wide) smoothed over 3 x 3 bins.
+
+    Returns the mean of the points in the 3 x 3 bins around it (the bin's
+    centre itself may have no point within the radius).
+    """
     nb = max(1, int(math.ceil(1.0 / radius)))
     ix = np.clip((x * nb).astype(np.int64), 0, nb - 1)
     iy = np.clip((y * nb).astype(np.int64), 0, nb - 1)
@@ -89,7 +117,8 @@ def _densest_bin(x: np.ndarray, y: np.ndarray, radius: float) -> tuple[float, fl
     s = sum(p[1 + dy:1 + dy + nb, 1 + dx:1 + dx + nb] for dy in (-1, 0, 1) for dx in (-1, 0, 1))
     # ties: the bin holding most peaks itself, then the first in row-major order
     by, bx = divmod(int(np.lexsort((-h.ravel(), -s.ravel()))[0]), nb)
-    return (bx + 0.5) / nb, (by + 0.5) / nb
+    near = (np.abs(ix - bx) <= 1) & (np.abs(iy - by) <= 1)
+    return float(x[near].mean()), float(y[near].mean())
 
 
 def modal_place(px, py, radius: float = PLACE_RADIUS) -> tuple[float, float]:
@@ -107,14 +136,15 @@ def modal_place(px, py, radius: float = PLACE_RADIUS) -> tuple[float, float]:
         return math.nan, math.nan
     cx, cy = _densest_bin(x, y, radius)
     r2 = radius * radius
-    for _ in range(_MEAN_SHIFT_STEPS):
-        near = (x - cx) ** 2 + (y - cy) ** 2 <= r2
+    near = (x - cx) ** 2 + (y - cy) ** 2 <= r2
+    for _ in range(_MEAN_SHIFT_STEPS):  # mean shift, as long as it gathers no fewer points
         if not near.any():
             break
         nx, ny = float(x[near].mean()), float(y[near].mean())
-        if math.hypot(nx - cx, ny - cy) < 1e-6:
+        moved = (x - nx) ** 2 + (y - ny) ** 2 <= r2
+        if math.hypot(nx - cx, ny - cy) < 1e-6 or moved.sum() < near.sum():
             break
-        cx, cy = nx, ny
+        cx, cy, near = nx, ny, moved
     return float(cx), float(cy)
 
 
@@ -151,15 +181,16 @@ def _ramp(v: float, lo: float, hi: float) -> float:
 def fixed_place_score(place: PeakPlace) -> float:
     """0..1: the peaks stay at one place away from the image centre.
 
-    ``ramp(share, PLACE_SHARE_LOW -> PLACE_SHARE_HIGH) x ramp(distance of
-    the modal place from the centre, CENTRE_NEAR -> CENTRE_FAR)``.  A pasted
-    cue keeps nearly every peak within the radius (share 0.9 and more even
-    with 10% of the maps elsewhere); a healthy class whose objects move, or a
-    cluster of it whose objects sit in one part of the image, keeps few (a
-    spread of 0.05 of the image in each direction puts 0.4 of the peaks
-    within 0.05 of the mode).
+    ``ramp(share_low, PLACE_SHARE_LOW -> PLACE_SHARE_HIGH) x ramp(distance
+    of the modal place from the centre, CENTRE_NEAR -> CENTRE_FAR)``, where
+    ``share_low`` is the share's lower confidence bound (few maps are weak
+    evidence).  A pasted cue keeps nearly every peak within the radius
+    (share 0.9 and more even with 10% of the maps elsewhere); a healthy class
+    whose objects move, or a cluster of it whose objects sit in one part of
+    the image, keeps few (a spread of 0.05 of the image in each direction
+    puts 0.4 of the peaks within 0.05 of the mode).
     """
     if not (math.isfinite(place.x) and math.isfinite(place.y)):
         return 0.0
     off = math.hypot(place.x - 0.5, place.y - 0.5)
-    return _ramp(place.share, PLACE_SHARE_LOW, PLACE_SHARE_HIGH) * _ramp(off, CENTRE_NEAR, CENTRE_FAR)
+    return _ramp(place.share_low, PLACE_SHARE_LOW, PLACE_SHARE_HIGH) * _ramp(off, CENTRE_NEAR, CENTRE_FAR)

@@ -323,8 +323,8 @@ def attention_text(f: GroupFeatures, att: Attention) -> str:
     if where:
         return where
     pp = f.peak_place
-    return (f"the attention moves with the image ({pct(pp.share)} of the peaks within "
-            f"{pp.radius:.2f} of any one place) and no region or the border dominates")
+    return (f"no region, the border or a fixed place dominates the attention ({pct(pp.share)} of the "
+            f"peaks within {pp.radius:.2f} of the most common place, {pp.n} maps)")
 
 
 MENTION_FLIP = 0.2  # a place that flips less than this is not worth a mention in the evidence
