@@ -156,3 +156,16 @@ def test_class_names_first_then_indices():
         resolve_class("dog", classes)
     assert resolve_target("predicted", classes) == "predicted"
     assert resolve_target("label", None) == "label"
+
+
+@pytest.mark.parametrize("kind", ["sigmoid_binary", "logit_binary"])
+def test_one_unit_scores_and_cam_kernel_are_plus_minus_z(kind):
+    head = Head(kind, 2, 1)
+    z = np.array([[2.0], [-3.0], [0.5]], np.float32)
+    s = head.scores_from_logits(z).numpy()
+    np.testing.assert_array_equal(s, [[-2.0, 2.0], [3.0, -3.0], [-0.5, 0.5]])
+    np.testing.assert_array_equal(head.score_of(s, np.array([1, 0, 0])).numpy(), [2.0, 3.0, -0.5])
+    p = 1 / (1 + np.exp(-z[:, 0]))
+    np.testing.assert_allclose(head.tf_probabilities(s).numpy(), np.stack([1 - p, p], 1), rtol=1e-6)
+    k = np.arange(4, dtype=np.float32)[:, None]
+    np.testing.assert_array_equal(head.class_kernel(k).numpy(), np.concatenate([-k, k], 1))

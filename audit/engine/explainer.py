@@ -260,7 +260,7 @@ class Explainer:
             acts, s = self.forward(x)
             pred = self.head.tf_predict(s)
             tgt = pred if self.target == "predicted" and not self._expand else target_in
-            total = tf.reduce_sum(tf.gather(s, tgt, axis=1, batch_dims=1))
+            total = tf.reduce_sum(self.head.score_of(s, tgt))
         need_grads = any(m.needs.gradients for m in self._one_pass)
         grads = tape.gradient(total, acts) if need_grads else [None] * len(acts)
         maps = []

@@ -195,6 +195,11 @@ class Head:
         z = tf.cast(z, tf.float32)
         return tf.concat([-z, z], axis=-1) if self.kind in BINARY else z
 
+    def score_of(self, s, target):
+        """(N,) the score to differentiate: each row's class score ``s[n, target[n]]``."""
+        tf = _tf()
+        return tf.gather(s, tf.cast(target, tf.int32), axis=1, batch_dims=1)
+
     def tf_probabilities(self, s):
         """Probabilities from class scores: softmax, or a sigmoid per class (binary, multilabel)."""
         tf = _tf()

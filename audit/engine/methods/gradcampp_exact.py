@@ -33,7 +33,7 @@ class GradCAMPlusPlusExact(OwnPassMethod):
                 with t.GradientTape() as t1:
                     acts, scores = engine.forward(x)
                     A = acts[i]
-                    s = t.gather(scores, target, axis=1, batch_dims=1)
+                    s = engine.head.score_of(scores, target)
                     total = t.reduce_sum(t.exp(s - t.stop_gradient(s)))
                 g1 = t1.gradient(total, A)
                 n = t.shape(A)[0]
