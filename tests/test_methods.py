@@ -356,3 +356,38 @@ def test_worker_writes_a_row_per_label_and_keeps_every_image(tmp_path):
         else:
             assert rows.pred.isna().all() and rows.pred_name.isna().all()
         assert len(df[df.image_id == image_id]) == 2 * len(want)  # gradcam and cam
+
+
+@pytest.mark.parametrize("kind", [pytest.param("sigmoid_binary", marks=pytest.mark.slow), "logit_binary",
+                                  pytest.param("multilabel", marks=pytest.mark.slow)])
+def test_gradcampp_exact_equals_closed_form_on_every_head(kind):
+    """Piecewise-linear head above the layer: the exact diagonal derivatives equal the closed form."""
+    model = build(kind, "gap")
+    ex = Explainer(model, layers="c2", methods=("gradcam++", "gradcam++exact"), batch_size=2, target=1)
+    res = ex(images(2))
+    closed, exact = res.maps[("c2", "gradcam++")], res.maps[("c2", "gradcam++exact")]
+    assert closed.max() > 0
+    np.testing.assert_allclose(exact, closed, rtol=1e-4, atol=1e-6 * closed.max())
+
+
+def test_audit_explain_head_errors_are_one_line(tmp_path, capsys):
+    inp = keras.Input((H, W, 3))
+    h = keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(4, 3, name="conv")(inp))
+    one_unit_softmax = keras.Model(inp, keras.layers.Dense(1, activation="softmax")(h))
+    conv_sigmoid = keras.Model(inp, keras.layers.Conv2D(2, 3, activation="sigmoid", name="top")(inp))
+    two = build("two_outputs", "gap")
+    paths, _ = _write_images(tmp_path, images(1))
+    cases = [
+        (one_unit_softmax, [], "is a softmax over one unit (always 1.0)"),
+        (conv_sigmoid, [], "the model output has shape (None, 6, 6, 2); a classifier outputs (N, classes)"),
+        (two, ["--output", "nope"], "has no output 'nope'; outputs: d2, aux"),
+        (two, ["--output", "d2", "--classes", "x", "y", "z", "--target", "w"],
+         "target 'w' is not a class name; classes: x, y, z"),
+        (build("logit_binary", "gap"), ["--classes", "a", "b", "c"], "3 class names given but the model has 2 classes"),
+    ]
+    for i, (model, extra, msg) in enumerate(cases):
+        model.save(tmp_path / f"m{i}.keras")
+        rc = main(["explain", str(tmp_path / f"m{i}.keras"), str(paths[0]), "--out", str(tmp_path / "o"),
+                   "--filters", "0", *extra])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and msg in err[0], (msg, err)
