@@ -169,3 +169,31 @@ def test_one_unit_scores_and_cam_kernel_are_plus_minus_z(kind):
     np.testing.assert_allclose(head.tf_probabilities(s).numpy(), np.stack([1 - p, p], 1), rtol=1e-6)
     k = np.arange(4, dtype=np.float32)[:, None]
     np.testing.assert_array_equal(head.class_kernel(k).numpy(), np.concatenate([-k, k], 1))
+
+
+def test_spec_check_uses_the_same_class_rule(tmp_path):
+    from audit.runner.spec import load_spec
+
+    (tmp_path / "m.keras").write_bytes(b"")  # the spec check only needs the file to exist
+    (tmp_path / "data").mkdir()
+
+    def spec(target, classes):
+        return {"model": {"path": str(tmp_path / "m.keras")},
+                "dataset": {"format": "folder", "path": str(tmp_path / "data"), "classes": classes},
+                "explain": {"target": target}, "output": str(tmp_path / "out")}
+
+    assert load_spec(spec("0002", ["0002", "0001"]))["explain"]["target"] == "0002"
+    load_spec(spec("1", ["0002", "0001"]))  # no class named "1": index 1
+    with pytest.raises(AuditError, match=r"^spec error: explain.target: target 'x' is not a class name; classes: a, b$"):
+        load_spec(spec("x", ["a", "b"]))
+    with pytest.raises(AuditError, match="explain.target: target class 2 is out of range"):
+        load_spec(spec(2, ["a", "b"]))
+
+
+def test_bucketed_batch_shapes():
+    from audit.engine.explainer import bucket_for, buckets
+
+    assert buckets(32) == [1, 2, 4, 8, 16, 32]
+    assert buckets(6) == [1, 2, 4, 6]
+    assert [bucket_for(k, 32) for k in (1, 3, 16, 17, 32)] == [1, 4, 16, 32, 32]
+    assert bucket_for(5, 6) == 6
