@@ -419,3 +419,41 @@ def test_a_stray_quote_in_a_manifest_is_one_line_naming_file_and_line(tmp_path):
     path.write_text("\n".join(lines) + "\n")
     with pytest.raises(AuditError, match=r"line 6: not valid CSV: ',' expected after '\"'"):
         datasets.plan(ds("manifest", path))
+
+
+@pytest.mark.slow
+def test_a_bug_in_our_code_fails_the_job_with_its_traceback_not_error_rows(tmp_path):
+    """End to end (`audit run` in a subprocess, its own Ray): a TypeError inside the per-image
+    loading, planted in every process by a sitecustomize, fails the shards (exit 1, incomplete)
+    with the traceback printed once; no image becomes an error row."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    stub = tmp_path / "stub"
+    stub.mkdir()
+    (stub / "sitecustomize.py").write_text(
+        "from audit.data import decode\n"
+        "def broken(*a, **k):\n"
+        "    return 1 + 'x'  # our bug\n"
+        "decode.decode_image_sized = broken\n")
+    h.make_model(tmp_path / "model.keras")
+    h.make_folder(tmp_path / "data", 2, masks=False)
+    spec = tmp_path / "job.yaml"
+    spec.write_text(yaml.safe_dump({
+        "model": {"path": "model.keras", "preprocess": "scale_0_1"},
+        "dataset": {"format": "folder", "path": "data", "shard_size": 2},
+        "explain": {"methods": ["gradcam"]},
+        "resources": {"actors": 1, "batch_size": 2, "max_retries": 0}, "output": "out"}))
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(stub), str(repo)]), "RAY_ADDRESS": ""}
+    r = subprocess.run([sys.executable, "-m", "audit", "run", str(spec), "--no-progress", "--no-scan"],
+                       capture_output=True, text=True, env=env, timeout=400, cwd=tmp_path)
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert "incomplete" in r.stdout and "FAILED    shards 0, 1" in r.stdout
+    # the remote traceback, once, down to the line at fault
+    assert r.stderr.count("a bug of shortcut-audit, not a fault in the data") == 1
+    assert 'audit/data/datasets.py", line' in r.stderr and 'sitecustomize.py", line 3, in broken' in r.stderr
+    assert "TypeError: unsupported operand type(s) for +: 'int' and 'str'" in r.stderr
+    assert not list((tmp_path / "out" / "records").glob("part-*.parquet"))  # no error rows written

@@ -172,6 +172,7 @@ class Scheduler:
         self.last_poll = 0.0
         self.live: dict = {}  # actor key -> {shard id: images done, not yet committed}
         self.worker_class = remote_worker()
+        self.tracebacks_shown: set = set()  # one-line forms of the errors whose traceback was printed
 
     # -- the loop -----------------------------------------------------------------
     def run(self, shards) -> RunState:
@@ -282,7 +283,7 @@ class Scheduler:
         try:
             result = self.ray.get(ref)
         except rex.RayTaskError as e:
-            self.on_raised(call, _cause(e))
+            self.on_raised(call, _cause(e), remote_traceback=str(e))
             return
         except (rex.RayActorError, rex.WorkerCrashedError, rex.ObjectLostError,
                 rex.OwnerDiedError, rex.NodeDiedError) as e:
@@ -296,13 +297,22 @@ class Scheduler:
         else:
             self.on_committed(result)
 
-    def on_raised(self, call: Call, cause) -> None:
-        """A call raised in the actor: a user mistake stops the job; our error retries the shard."""
+    def on_raised(self, call: Call, cause, remote_traceback: str = "") -> None:
+        """A call raised in the actor: a user mistake stops the job; our error retries the shard.
+
+        Faults in the data never raise (they are error rows), so what gets here
+        is a bug: its traceback is printed once per distinct error (the job log).
+        """
         if isinstance(cause, AuditError):
             raise AuditError(str(cause).splitlines()[0]) from None
         if call.kind == "setup":
             raise AuditError(f"an actor could not load the model: {_one_line(cause)}") from None
-        self.retry(call.shard, _one_line(cause))
+        why = _one_line(cause)
+        if remote_traceback and why not in self.tracebacks_shown:
+            self.tracebacks_shown.add(why)
+            self.bar.write(f"shard {call.shard.id} raised {why} (a bug of shortcut-audit, not a fault in the "
+                           f"data; retried up to resources.max_retries times):\n{remote_traceback.rstrip()}")
+        self.retry(call.shard, why)
 
     def on_ready(self, actor: Actor | None, info: dict) -> None:
         if actor is None:
