@@ -210,13 +210,9 @@ def test_audit_run_intervention_and_explain_on_a_gray_model(tmp_path, capsys):
     assert json.loads((tmp_path / "out" / "job.json").read_text())["spec"]["model"]["path"]
     iv = Intervener(tmp_path / "out", batch_size=3)
     np.testing.assert_array_equal(iv.predict(rgb), reference(model, expected_input(rgb, 1))[0])
-    ids = sorted(by_id)
-    imgs = np.stack([by_id[i] for i in ids])
-    whole = np.ones((len(ids), SIZE, SIZE), bool)
-    res = iv(ids, whole[0], use_masks=False)  # every image filled with its mean colour
-    before = reference(model, expected_input(imgs, 1))[0]
-    after = reference(model, expected_input(occlude(imgs, whole), 1))[0]
-    assert res.n_cue == 8 and res.flip_rate_cue == pytest.approx(np.mean(before != after))
+    whole = np.ones((len(rgb), SIZE, SIZE), bool)
+    occluded = occlude(rgb, whole)  # every image filled with its mean colour
+    np.testing.assert_array_equal(iv.predict(occluded), reference(model, expected_input(occluded, 1))[0])
 
     # audit explain reads the PNG, converts it the same way and writes its page
     png = tmp_path / "data" / "b" / "im0.png"
