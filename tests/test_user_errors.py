@@ -62,6 +62,8 @@ def ws(tmp_path_factory):
         w.process_shard(s)
     assert main(["scan", str(tmp / "out"), "--no-intervene", "--quiet"]) == 0
     (tmp / "empty_out").mkdir()
+    os.symlink("/dev/zero", tmp / "zero.png")
+    (tmp / "random.csv").write_bytes(b"\x89\xff\x00\x10" + bytes(range(256)) * 4)
     return tmp
 
 
@@ -94,6 +96,7 @@ MISTAKES = [
     ("run {ws}/nope.yaml", ["job spec not found"]),
     ("run {bad_manifest}", ["man/manifest.csv line 3: a quote is never closed"]),
     ("run {unknown_key}", ["unknown key 'dataset.shardsize'"]),
+    ("run {binary_manifest}", ["random.csv is not a CSV text file"]),
     # scan
     ("scan {ws}/pqdata --no-intervene", ["is not a job output", "no 'image_id' column (a dataset folder?)"]),
     ("scan {ws}/data --no-intervene", ["is not a job output (no records/ folder)"]),
@@ -107,6 +110,7 @@ MISTAKES = [
     ("explain {ws}/two.keras {ws}/data/cat/img_000.png --out {ws}/ex",
      ["two.keras has 2 inputs (image [16, 16, 3], meta [4])", "one image input"]),
     ("explain {ws}/model.keras {ws}/data/cat/nope.png --out {ws}/ex", ["image not found"]),
+    ("explain {ws}/model.keras {ws}/zero.png --out {ws}/ex", ["zero.png is not a regular file"]),
     # layers
     ("layers {ws}/two.keras", ["two.keras has 2 inputs (image [16, 16, 3], meta [4])"]),
     ("layers {ws}/nope.keras", ["model file not found"]),
@@ -120,7 +124,8 @@ MISTAKES = [
 @pytest.mark.parametrize("line, words", MISTAKES, ids=[m[0].split(" {")[0] + f"-{i}" for i, m in enumerate(MISTAKES)])
 def test_each_mistake_is_one_line_and_exit_2(ws, capsys, line, words):
     names = {"ws": ws, "bad_manifest": job_spec(ws, "badman", format="manifest", path=str(ws / "man/manifest.csv")),
-             "unknown_key": job_spec(ws, "typo", shardsize=4), "ok_spec": job_spec(ws, "ok")}
+             "unknown_key": job_spec(ws, "typo", shardsize=4), "ok_spec": job_spec(ws, "ok"),
+             "binary_manifest": job_spec(ws, "binman", format="manifest", path=str(ws / "random.csv"))}
     argv = line.format(**names).split()
     one_line(capsys, main(argv), *[w.format(**names) for w in words])
 

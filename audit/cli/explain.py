@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 EXAMPLE = """example:
   audit explain models/tank_sky.keras data/tank_sky/tank/0001.png --preprocess scale_0_1 --out explain/
@@ -87,7 +88,8 @@ def run(args) -> int:
         raise AuditError("give at least one IMAGE after the model")
     for p in paths:  # fail before the (slow) model load
         if not Path(p).is_file():
-            raise AuditError(f"image not found: {p}")
+            raise AuditError(f"image not found: {p}" if not os.path.lexists(p) else
+                             f"image {p} is not a regular file (a folder, FIFO or device?)")
     known = all_methods()
     bad = [m for m in _names(args.methods) or () if m not in known]
     if bad:

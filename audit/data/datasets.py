@@ -265,10 +265,18 @@ def _csv_header(path: str) -> tuple[list[str], int]:
         offset = f.tell()
     if first.startswith(b"\xef\xbb\xbf"):
         first = first[3:]
-    cols = next(csv.reader([first.decode("utf-8", "replace")]), [])
-    cols = [c.strip() for c in cols]
+    try:
+        text = first.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    if text is None or "\x00" in text:
+        raise AuditError(f"dataset: manifest {path} is not a CSV text file (its first line is not UTF-8 "
+                         "text; expected a header such as path,label)")
+    cols = [c.strip() for c in next(csv.reader([text]), [])]
     if "path" not in cols:
-        raise AuditError(f"dataset: manifest {path} needs a 'path' column; found: {', '.join(cols) or 'nothing'}")
+        found = ", ".join(cols)
+        raise AuditError(f"dataset: manifest {path} needs a 'path' column; found: "
+                         f"{(found[:200] + '...' if len(found) > 200 else found) or 'nothing'}")
     boxes = [c for c in BOX_COLUMNS if c in cols]
     if boxes and len(boxes) != 4:
         raise AuditError(f"dataset: manifest box needs all of x0, y0, x1, y1; found only {', '.join(boxes)}")

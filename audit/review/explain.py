@@ -63,13 +63,17 @@ def read_image(path, size=None, channels: int = 3) -> np.ndarray:
     images work, and a header claiming too many pixels is refused before decoding.
     """
     from audit.data.decode import DecodeError, decode_image, resize_image
+    from audit.data.files import read_regular_file
     from audit.engine.models import to_channels
 
     p = Path(path)
-    if not p.is_file():
-        raise AuditError(f"image not found: {p}")
     try:
-        img = decode_image(p.read_bytes())
+        data = read_regular_file(str(p))  # never a FIFO or a device; bounded
+    except DecodeError as e:
+        raise AuditError(f"image not found: {p}" if str(e).startswith("file not found")
+                         else f"cannot read image {p}: {e}") from None
+    try:
+        img = decode_image(data)
     except DecodeError as e:
         raise AuditError(f"cannot decode image {p}: {e}") from None
     if size is not None:
