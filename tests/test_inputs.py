@@ -97,6 +97,9 @@ def test_non_utf8_file_names_are_escaped_and_kept_exactly(tmp_path, model):
     row = df[df.image_id == "cat/caf\\xe9-\\xff.png"].iloc[0]
     assert len(df) == 5 and (df.status == "ok").all()
     assert row.path_bytes == raw and df.path_bytes.isna().sum() == 4
+    from audit.data import query
+
+    assert np.array_equal(query.original_image(row), img)  # overlays find the file by its exact bytes
     # read back by its id (the scan's intervention step)
     images, _, _ = datasets.load_images({"dataset": ds("folder", root)}, ["cat/caf\\xe9-\\xff.png"], (16, 16))
     assert np.array_equal(images[0], img)

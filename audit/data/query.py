@@ -194,6 +194,9 @@ def original_image(row) -> np.ndarray:
     from audit.data import datasets, decode
 
     path = str(_get(row, "path", ""))
+    raw = _get(row, "path_bytes")
+    if isinstance(raw, bytes) and raw:  # a file name that is not UTF-8: `path` is its escaped text
+        path = os.fsdecode(raw)
     if not path:
         raise AuditError("the record has no path")
     if os.path.isfile(path):
