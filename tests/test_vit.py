@@ -223,3 +223,20 @@ def test_a_loaded_model_whose_ops_have_default_names(tmp_path):
     res = Explainer(model, methods=("gradcam",), batch_size=2)(x)
     assert res.maps[("block1_out", "gradcam")].shape == (2, 7, 7)
     np.testing.assert_allclose(res.probs, model.predict(x, verbose=0), rtol=1e-5, atol=1e-6)
+
+
+def test_audit_explain_on_a_vit(vit, tmp_path):
+    """audit explain draws CAMs, feature grids (the 7x7 view) and filter patterns of token layers."""
+    import cv2
+
+    from audit.review.explain import _activations, explain
+
+    png = tmp_path / "img.png"
+    cv2.imwrite(str(png), (np.random.default_rng(0).random((28, 28, 3)) * 255).astype(np.uint8))
+    index = explain(vit.built, [png], tmp_path / "ex", methods=["gradcam"], layers=["block1_out"],
+                    feature_layers=["block1_out"], filters=2, steps=2, token_grid=(7, 7))
+    names = {p.name for p in index.parent.iterdir()}
+    assert {"00_img_cams.png", "00_img_features_block1_out.png", "patterns_block1_out.png"} <= names
+    x = _images(1, vit.size)
+    acts = _activations(vit.built, x, ["block1_out"], token_grid=(7, 7))["block1_out"]
+    np.testing.assert_allclose(acts, np.asarray(vit.front(x))[:, 1:].reshape(1, 7, 7, C), rtol=1e-5, atol=1e-6)
