@@ -221,3 +221,19 @@ def test_cli_layers_lists_1x1_layers_as_not_usable(tmp_path, capsys):
 )
 def test_find_grid(tokens, earlier, given, expected):
     assert graph.find_grid(tokens, earlier, given) == expected
+
+
+def test_keras_application_nested_in_a_larger_model():
+    """MobileNetV2 as the base of a Sequential: its layers are named 'mobilenetv2_.../...'."""
+    base = A.MobileNetV2(include_top=False, weights=None, input_shape=(64, 64, 3))
+    seq = keras.Sequential([keras.Input((64, 64, 3)), base, keras.layers.GlobalAveragePooling2D(),
+                            keras.layers.Dense(3, activation="softmax")])
+    assert graph.auto_layer(graph.trace(seq))[0].path == f"{base.name}/out_relu"
+    # a nested MobileNet with its top: the 1x1 conv_preds inside it is refused by name too
+    top = A.MobileNet(weights=None, input_shape=(64, 64, 3), classes=3)
+    inp = keras.Input((64, 64, 3))
+    outer = keras.Model(inp, top(keras.layers.Rescaling(1 / 127.5, offset=-1)(inp)))
+    t = graph.trace(outer)
+    assert graph.auto_layer(t)[0].path == f"{top.name}/conv_pw_13_relu"
+    with pytest.raises(AuditError, match=rf"'conv_preds' cannot be a target layer: .*1x1.*'{top.name}/conv_pw_13_relu'"):
+        graph.resolve_layers(t, ["conv_preds"])

@@ -240,3 +240,33 @@ def test_audit_explain_on_a_vit(vit, tmp_path):
     x = _images(1, vit.size)
     acts = _activations(vit.built, x, ["block1_out"], token_grid=(7, 7))["block1_out"]
     np.testing.assert_allclose(acts, np.asarray(vit.front(x))[:, 1:].reshape(1, 7, 7, C), rtol=1e-5, atol=1e-6)
+
+
+def test_worker_rows_of_a_vit_with_token_grid_in_the_spec(vit, tmp_path):
+    """explain.token_grid reaches the worker: 7x7 maps equal to the float64 reference of the same images."""
+    import helpers_jobs as h
+    import pyarrow as pa
+
+    from audit.data import datasets
+    from audit.runner.spec import load_spec
+    from audit.runner.worker import AuditWorker
+
+    vit.built.save(tmp_path / "vit.keras")
+    spec = load_spec({
+        "model": {"path": str(tmp_path / "vit.keras"), "preprocess": "scale_-1_1"},
+        "dataset": {"format": "manifest", "path": h.make_manifest(tmp_path, n=4), "shard_size": 4,
+                    "classes": ["cat", "dog", "bird"]},
+        "explain": {"methods": ["gradcam"], "token_grid": [7, 7]},
+        "resources": {"batch_size": 4, "decode_threads": 1},
+        "output": str(tmp_path / "out"),
+    })
+    plan = datasets.plan(spec["dataset"])
+    w = AuditWorker(spec, classes=plan.classes)
+    df = pa.concat_tables([w.process_shard(s, commit=False)["table"] for s in plan.shards]).to_pandas()
+    assert (df.status == "ok").all(), df.error.tolist()
+    assert set(df.layer) == {"block1_out"}
+    assert (df.cam_h == 7).all() and (df.cam_w == 7).all()
+    images = datasets.load_images(spec, df.image_id.tolist(), vit.size)[0]
+    ref, target = reference_gradcam(vit, images.astype(np.float32) / 127.5 - 1.0, extra=1)
+    np.testing.assert_array_equal(df.pred.to_numpy(), target)
+    np.testing.assert_allclose(np.stack(df.cam).reshape(-1, 7, 7), ref, rtol=1e-4, atol=1e-6)
