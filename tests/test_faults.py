@@ -1,0 +1,240 @@
+"""Fault injection: one test per fault; afterwards every (image, layer, method) is in the
+output exactly once.
+
+In-process faults run on one module-scoped local cluster (a head without CPUs
+and two 1-CPU worker nodes, as in tests/test_cluster.py): an actor SIGKILLed,
+a worker node killed, a part file truncated, a manifest entry deleted, the disk
+full during a write (RLIMIT_FSIZE in the actors).  Driver faults run ``audit
+run`` in subprocesses, each with its private local Ray: SIGINT and SIGKILL then
+``--resume``, and two drivers racing for one output.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import helpers_jobs as h
+import pytest
+
+from audit.data import io
+from audit.errors import AuditError
+from audit.runner.job import run_job
+
+N_PER_CLASS = 24  # 2 classes, shards of 4: 12 shards
+METHODS = ("gradcam",)
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("faults")
+    h.make_model(tmp / "model.keras")
+    h.make_folder(tmp / "data", N_PER_CLASS, masks=False)
+    spec = h.write_spec(tmp / "job.yaml", dataset={"format": "folder", "path": "data", "shard_size": 4},
+                        explain={"methods": list(METHODS)},
+                        resources={"actors": 2, "cpus_per_actor": 1, "batch_size": 4, "max_retries": 2})
+    return {"dir": tmp, "spec": spec, "ids": h.folder_ids(tmp / "data")}
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    import ray
+    from ray.cluster_utils import Cluster
+
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    for _ in range(2):
+        c.add_node(num_cpus=1)
+    ray.init(address=c.address, log_to_driver=False)
+    c.wait_for_nodes()
+    yield c
+    ray.shutdown()
+    c.shutdown()
+
+
+def _exactly_once(ws, out):
+    return h.assert_exactly_once(out, ws["ids"], methods=METHODS)
+
+
+def _run(ws, out, **kw):
+    return run_job(ws["spec"], overrides=[f"output={out}"], progress=False, **kw)
+
+
+def test_actor_sigkill(cluster, ws):
+    out = ws["dir"] / "out_actor"
+    killed = []
+
+    def kill_first(kind, payload):
+        if kind == "shard_done" and not killed:  # its next shard is queued on it: retried elsewhere
+            killed.append(payload["pid"])
+            os.kill(payload["pid"], signal.SIGKILL)
+
+    s = _run(ws, out, on_event=kill_first)
+    assert killed and s["status"] == "ok" and s["actor_deaths"] >= 1 and s["retries"] >= 1
+    _exactly_once(ws, out)
+
+
+def test_worker_node_killed(cluster, ws):
+    out = ws["dir"] / "out_node"
+    nodes = {n.node_id: n for n in cluster.worker_nodes}
+    where, lost = {}, []
+
+    def kill_node(kind, payload):
+        if kind == "actor_ready":
+            where[payload["pid"]] = payload["node"]
+        elif kind == "shard_done" and not lost:
+            node = nodes[where[payload["pid"]]]
+            lost.append(node)
+            cluster.remove_node(node, allow_graceful=False)  # its raylet and workers are SIGKILLed
+
+    try:
+        s = _run(ws, out, on_event=kill_node)
+    finally:
+        if lost:  # the next tests get two worker nodes again
+            cluster.add_node(num_cpus=1)
+            cluster.wait_for_nodes()
+    assert lost and s["status"] == "ok" and s["actor_deaths"] >= 1
+    _exactly_once(ws, out)
+
+
+def test_part_file_truncated(cluster, ws, capsys):
+    out = ws["dir"] / "out_trunc"
+    _run(ws, out)
+    part = out / "records" / "part-00004.parquet"
+    with open(part, "r+b") as f:
+        f.truncate(part.stat().st_size - 100)
+    capsys.readouterr()
+    s = _run(ws, out, resume=True)
+    assert "shard 4 is redone: records/part-00004.parquet is" in capsys.readouterr().err
+    assert s["status"] == "ok" and s["shards_skipped"] == 11 and s["images_this_run"] == 4
+    _exactly_once(ws, out)
+
+
+def test_manifest_entry_deleted(cluster, ws):
+    import audit
+
+    out = ws["dir"] / "out_entry"
+    _run(ws, out)
+    (out / "_manifest" / "part-00007.json").unlink()  # its part file stays, uncommitted
+    df = audit.load(out, columns=["image_id"])
+    assert len(df) == len(ws["ids"]) - 4  # load reads committed shards only
+    s = _run(ws, out, resume=True)
+    assert s["status"] == "ok" and s["shards_skipped"] == 11 and s["images_this_run"] == 4
+    _exactly_once(ws, out)
+
+
+def _limited_worker(limit):
+    """An actor class whose process may not write files larger than ``limit`` bytes (a full disk)."""
+
+    def factory():
+        import ray
+
+        from audit.runner.worker import AuditWorker
+
+        class Limited(AuditWorker):
+            def __init__(self, *args, **kwargs):
+                import ctypes
+                import resource
+
+                # SIGXFSZ ignored (through libc: any thread), so a write past the limit fails with EFBIG
+                ctypes.CDLL(None).signal(int(signal.SIGXFSZ), ctypes.c_void_p(1))
+                resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+                super().__init__(*args, **kwargs)
+
+            @ray.method(concurrency_group="control")
+            def progress(self):
+                return super().progress()
+
+            @ray.method(concurrency_group="control")
+            def fence(self):
+                return super().fence()
+
+        Limited.__name__ = Limited.__qualname__ = "AuditWorker"
+        return ray.remote(concurrency_groups={"control": 1})(Limited)
+
+    return factory
+
+
+def test_disk_full_during_write(cluster, ws, monkeypatch):
+    from audit.runner import scheduler
+
+    out = ws["dir"] / "out_full"
+    monkeypatch.setattr(scheduler, "remote_worker", _limited_worker(2048))  # every part file is larger
+    s = _run(ws, out)
+    assert s["status"] == "incomplete" and len(s["shards_failed"]) == 12
+    job = json.loads((out / "job.json").read_text())
+    assert all("File too large" in why for why in job["failed_shards"].values()), job["failed_shards"]
+    assert not io.committed_shards(out) and not list((out / "records").glob(".*"))  # no half file left
+    with pytest.raises(AuditError, match="has no committed shards yet"):
+        h.assert_exactly_once(out, ws["ids"], methods=METHODS)
+    monkeypatch.undo()  # space again
+    s = _run(ws, out, resume=True)
+    assert s["status"] == "ok" and s["images_this_run"] == len(ws["ids"])
+    _exactly_once(ws, out)
+
+
+# -- driver faults: `audit run` in subprocesses, each with its private Ray ---------------------------
+
+
+def _driver(ws, out, *extra):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env["PYTHONPATH"] = str(Path(__file__).parents[1])
+    return subprocess.Popen([sys.executable, "-m", "audit", "run", ws["spec"], "--no-progress", "--no-scan",
+                             "--set", f"output={out}", "--set", "resources.actors=1", *extra],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_commits(out, n, proc, timeout=300):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if len(list((out / "_manifest").glob("part-*.json"))) >= n if (out / "_manifest").is_dir() else False:
+            return
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(0.02)
+    raise AssertionError("no commits")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
+def test_driver_killed_then_resume(ws, sig):
+    out = ws["dir"] / f"out_driver_{sig.name}"
+    proc = _driver(ws, out)
+    _wait_for_commits(out, 2, proc)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    if sig == signal.SIGINT:
+        assert proc.returncode == 130 and "continue with: audit run" in err
+        assert json.loads((out / "job.json").read_text())["status"] == "interrupted"
+        assert not (out / "_lock.json").exists()  # released on the way out
+    else:
+        assert proc.returncode == -signal.SIGKILL and (out / "_lock.json").exists()  # left behind
+    done = len(io.committed_shards(out))
+    assert 2 <= done < 12, "the fault came too late to interrupt anything"
+    again = _driver(ws, out, "--resume")
+    outs, err = again.communicate(timeout=600)
+    assert again.returncode == 0, err[-3000:]
+    if sig == signal.SIGKILL:  # a dead pid on this host: the lock is stale
+        assert "took over the stale lock" in err and "is not running on" in err
+    assert f"{len(ws['ids'])} of {len(ws['ids'])} audited" in outs
+    _exactly_once(ws, out)
+    runs = json.loads((out / "job.json").read_text())["runs"]
+    assert runs[-1]["status"] == "ok" and len(runs) == (2 if sig == signal.SIGINT else 1)
+
+
+@pytest.mark.slow
+def test_two_drivers_race_for_one_output(ws):
+    out = ws["dir"] / "out_race"
+    procs = [_driver(ws, out), _driver(ws, out)]
+    results = [(p.wait(timeout=600), *p.communicate()) for p in procs]
+    codes = sorted(r[0] for r in results)
+    assert codes == [0, 2], [r[2][-2000:] for r in results]
+    loser = next(r for r in results if r[0] == 2)[2].strip().splitlines()
+    assert len(loser) == 1 and loser[0].startswith("audit: error: output ")
+    assert "is in use by driver pid" in loser[0] or "is not empty" in loser[0]
+    _exactly_once(ws, out)
+    runs = json.loads((out / "job.json").read_text())["runs"]
+    assert [r["status"] for r in runs] == ["ok"]
