@@ -18,13 +18,14 @@ clustered in four steps:
    weights below :data:`EDGE_FLOOR` dropped, and every prototype its own
    neighbour (weight 1), so that a tight group of maps far from the rest is
    a part of its own, even a single prototype.
-3. :func:`spectral_k`: the eigenvalues of the normalised Laplacian
-   (``scipy.sparse.linalg.eigsh`` on the normalised adjacency above 600
-   prototypes): the number of clusters is the largest eigengap, but never
-   fewer than the graph's disconnected parts with enough maps to be judged.
-   Parts with too few maps (stray outliers) are set aside first and later
-   join the cluster of their nearest prototype, so they neither take a
-   cluster's place nor an eigenvector.
+3. :func:`laplacian_eigs` and :func:`eigengap_k`: the smallest eigenvalues
+   of the normalised Laplacian, part by part (``scipy.sparse.linalg.eigsh``
+   on the normalised adjacency of parts above 600 prototypes): the number
+   of clusters is the largest eigengap, but never fewer than the graph's
+   (nearly) disconnected parts.  Parts with too few maps to be judged
+   (stray outliers) are set aside first and later join the cluster of their
+   nearest prototype, so they neither take a cluster's place nor an
+   eigenvector.
 4. k-means (weighted by the prototypes' maps) on the row-normalised
    eigenvectors (Ng, Jordan and Weiss 2001); every map gets its prototype's
    cluster; cluster 0 is the largest.
@@ -297,12 +298,14 @@ def _kmeans(emb: np.ndarray, weights: np.ndarray, k: int, seed: int) -> np.ndarr
     return KMeans(n_clusters=k, n_init=10, random_state=seed).fit_predict(emb, sample_weight=weights)
 
 
-def _by_size(labels: np.ndarray, weights: np.ndarray, k: int) -> np.ndarray:
+def _by_size(labels: np.ndarray, weights: np.ndarray, k: int) -> tuple[np.ndarray, int]:
+    """Labels renumbered by mass (0 = the heaviest), clusters left empty dropped; and their number."""
     mass = np.bincount(labels, weights=weights, minlength=k)
     order = np.argsort(-mass, kind="stable")
-    remap = np.empty(k, np.int32)
-    remap[order] = np.arange(k)
-    return remap[labels]
+    order = order[mass[order] > 0]
+    remap = np.full(k, -1, np.int32)
+    remap[order] = np.arange(len(order))
+    return remap[labels], len(order)
 
 
 def cluster_prototypes(P: Prototypes, params: ClusterParams) -> tuple[np.ndarray, int, np.ndarray]:
@@ -328,7 +331,8 @@ def cluster_prototypes(P: Prototypes, params: ClusterParams) -> tuple[np.ndarray
         stray = np.nonzero(~keep)[0]
         near = NearestNeighbors(n_neighbors=1).fit(P.centres[idx]).kneighbors(P.centres[stray])[1][:, 0]
         labels[stray] = labels[idx[near]]
-    return _by_size(labels, w, k), k, lam
+    labels, k = _by_size(labels, w, k)
+    return labels, k, lam
 
 
 def cluster_maps(X: np.ndarray, params: ClusterParams = ClusterParams(), order=None) -> Clustering:
