@@ -114,6 +114,18 @@ def _donors(intervener, view, cfg: Config, use_masks: bool):
     return remove_objects(images, masks), np.array([target[i] for i in ids]), density
 
 
+def interleave(labels: np.ndarray) -> np.ndarray:
+    """An order of ``labels`` that takes one of each class in turn (round robin), so that images
+    given backgrounds in turn get every donor class about equally often."""
+    by = [np.nonzero(labels == c)[0].tolist() for c in np.unique(labels)]
+    order = []
+    while any(by):
+        for q in by:
+            if q:
+                order.append(q.pop(0))
+    return np.array(order, int)
+
+
 def _density_ratios(density, places) -> dict:
     """{place: mean object density inside the place / mean density over the image}."""
     if density is None or density.mean() <= 0:
@@ -146,11 +158,15 @@ def run_tests(intervener, results, view, cfg: Config, use_masks: bool) -> Causal
         images, masks = loaded
         if masked and masks is None:
             masks = np.zeros(images.shape[:3], bool)
-        bg = None if backgrounds is None else backgrounds[donor_target != plan.class_id]
+        bg, bg_cls = None, None
+        if backgrounds is not None:
+            keep = np.nonzero(donor_target != plan.class_id)[0]
+            keep = keep[interleave(donor_target[keep])] if len(keep) else keep
+            bg, bg_cls = backgrounds[keep], donor_target[keep]
         places = place_bank(size, view.regions, plan.hot_box)
         res = intervener.call(causal_tests, intervener.predict, images, places,
                               masks if masked else None, classes=np.full(len(images), plan.class_id),
-                              backgrounds=bg, fill=cfg.fill)
+                              backgrounds=bg, background_classes=bg_cls, fill=cfg.fill)
         if res is None:
             break
         out.results[(plan.class_id, plan.cluster)] = res

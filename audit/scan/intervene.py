@@ -261,7 +261,7 @@ def _predict_chunks(predict_fn, variants: list, chunk: int) -> list:
 
 
 def causal_tests(predict_fn, images, places, object_masks=None, *, classes=None, backgrounds=None,
-                 fill: str = "mean", base_pred=None, chunk: int = CHUNK) -> CausalResult:
+                 background_classes=None, fill: str = "mean", base_pred=None, chunk: int = CHUNK) -> CausalResult:
     """Run the object, background and place tests on one sample.
 
     Args:
@@ -274,7 +274,11 @@ def causal_tests(predict_fn, images, places, object_masks=None, *, classes=None,
             place test.
         classes: (N,) class of each image (multi-label predictions only).
         backgrounds: object-free images for the background test (see
-            :func:`replace_background`).
+            :func:`replace_background`), assigned in turn.
+        background_classes: the class of each background; the background
+            flip rate is then the median over these classes of the rate with
+            that class's backgrounds, so that one other class's own shortcut
+            (its texture, its sky) does not pass for this class's.
         fill: ``mean`` or ``blur`` for the places.
         base_pred: predictions on the unmodified images (computed when None).
         chunk: images per ``predict_fn`` call.
@@ -313,9 +317,18 @@ def causal_tests(predict_fn, images, places, object_masks=None, *, classes=None,
         rate = math.nan
         if k >= MIN_SAMPLE and len(pred) == k:
             cls = None if classes is None else np.asarray(classes)[sel]
-            rate = float(flipped(base[sel], pred, cls).mean())
+            flips = flipped(base[sel], pred, cls)
+            rate = float(flips.mean())
+            if test == "background" and background_classes is not None and fl == "other-background":
+                rate = _median_by_donor(flips, np.asarray(background_classes), len(backgrounds))
         out.tests.append(PlaceFlip(test, place, box, fl, k if k >= MIN_SAMPLE else 0, rate, area))
     return out
+
+
+def _median_by_donor(flips: np.ndarray, donor_class: np.ndarray, k: int) -> float:
+    """Median over donor classes of the flip rate with that class's backgrounds (image i got donor i % k)."""
+    got = donor_class[np.arange(len(flips)) % k]
+    return float(np.median([flips[got == c].mean() for c in np.unique(got)]))
 
 
 def extra_forwards(n: int, n_places: int, masked: bool) -> int:

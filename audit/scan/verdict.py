@@ -241,6 +241,12 @@ def _cue_name(place: str) -> str:
     return "border" if place.startswith("border:") else place
 
 
+def _background_place(t: PlaceFlip, s_bg: float, cfg: Config) -> bool:
+    """A flipping place that is really the background: the background test flags too and the place
+    is the group's hot area or larger than ``max_cue_area`` (with masks: everything around the object)."""
+    return s_bg >= cfg.threshold and (t.place == "hot area" or (finite(t.area) and t.area > cfg.max_cue_area))
+
+
 def assess(f: GroupFeatures, cfg: Config = DEFAULT, causal: CausalResult | None = None,
            others: dict | None = None, density: dict | None = None, attention_decides: bool = True) -> Verdict:
     """Suspicion (0..1), verdict, cue and a one-sentence evidence for one group.
@@ -273,7 +279,7 @@ def assess(f: GroupFeatures, cfg: Config = DEFAULT, causal: CausalResult | None 
         s_bg = background_score(causal, cfg)
         res.cue_flip, res.cue_others = finding.flip, finding.others
         res.suspicion = max(finding.score, s_bg)
-        if finding.score >= cfg.threshold:
+        if finding.score >= cfg.threshold and not _background_place(finding.flip, s_bg, cfg):
             t = finding.flip
             res.cue, res.cue_kind, res.cue_region = _cue_name(t.place), "place", t.place
             res.cue_box = list(t.box) if t.box is not None else None
