@@ -137,10 +137,27 @@ def test_all_variants_are_predicted_in_chunks():
     r = causal_tests(counting, imgs, bank, masks, chunk=64)
     tested = sum(t.n for t in r.tests)
     assert calls[0] == 8  # the base predictions
-    assert sum(calls[1:]) == tested and max(calls[1:]) <= 64 and len(calls) - 1 == math.ceil(tested / 64)
+    # stage 1 (object, background, places on the first images) and stage 2 (promising places, the rest)
+    assert sum(calls[1:]) == tested and max(calls[1:]) <= 64 and len(calls) - 1 <= math.ceil(tested / 64) + 1
     assert extra_forwards(8, len(bank), True) >= 8 + tested
     names = [p.name for p in bank]
     assert {"border:4%", "border:20%", "edge:top", "corner:bottom_left"} <= set(names)
+
+
+def test_places_that_flip_nothing_on_the_screen_stop_there():
+    imgs, masks = scenes(32, "blue")
+    bank = place_bank((H, W))
+    calls = []
+
+    def counting(x):
+        calls.append(len(x))
+        return sky_model(x)
+
+    r = causal_tests(counting, imgs, [SKY_PLACE, *bank], masks)
+    assert r.get("region", "region:sky").n == 32  # flips: tested on the whole sample
+    quiet = [t for t in r.places if t.place != "region:sky" and t.flip_rate == 0.0]
+    assert quiet and all(t.n <= 8 for t in quiet)  # flip nothing on the first 8: not tested further
+    assert sum(calls) == 32 + sum(t.n for t in r.tests)
 
 
 # ----------------------------------------------------------------------------

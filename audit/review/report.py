@@ -39,6 +39,7 @@ _TABLE_COLUMNS = (
     ("recall", "recall", "pct"),
     ("flip_rate_cue", "flip: cue", "pct"),
     ("flip_rate_object", "flip: object", "pct"),
+    ("flip_rate_background", "flip: background", "pct"),
     ("energy_object", "on object", "pct"),
     ("energy_border", "border", "pct"),
     ("cue", "cue", "text"),
@@ -496,6 +497,25 @@ def _class_sections(ctx, table, clusters, class_maps, cluster_maps, max_classes,
     return sections
 
 
+TESTS_SHOWN = 6  # causal tests listed per class: object, background and the places that flipped most
+
+
+def _add_tests(sections, tests) -> None:
+    """Each class section's causal tests (its own sample): the object and background tests and the
+    places that flipped most of its predictions, with the same place's rate on the other classes."""
+    for sec in sections:
+        sec["tests"] = []
+        if tests is None or "class_id" not in tests:
+            continue
+        own = tests[(tests["class_id"] == sec.get("class_id")) & tests["cluster"].isna()]
+        fixed = own[own["test"] != "region"]
+        places = own[own["test"] == "region"].sort_values(["flip_rate", "area"], ascending=[False, True],
+                                                          na_position="last")
+        for _, r in list(fixed.iterrows()) + list(places.head(TESTS_SHOWN - len(fixed)).iterrows()):
+            sec["tests"].append({"test": r["test"], "place": r["place"], "fill": r["fill"], "n": int(r["n"]),
+                                 "flip_rate": _num(r["flip_rate"]), "others": _num(r.get("flip_rate_others"))})
+
+
 def _assign(maps, light, rows, cmaps, size=16):
     """row -> (cluster, cosine similarity) of its normalised map to the nearest cluster mean."""
     keys = list(cmaps)
@@ -599,6 +619,7 @@ def write_report(out_dir, *, max_examples: int = 12, max_classes: int = 24, seed
         class_maps = _table_maps(classes, ("class_id",))
         cluster_maps = _table_maps(clusters, ("class_id", "cluster"))
         sections = _class_sections(ctx, table, clusters, class_maps, cluster_maps, max_classes, max_examples)
+        _add_tests(sections, _read_parquet(out / "summary" / "interventions.parquet"))
         doubtful = _doubtful(ctx, max_examples)
         galleries = [g for s in sections for g in s["galleries"]] + doubtful
         if any(it["no_image"] for g in galleries for it in g["items"]):

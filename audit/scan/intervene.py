@@ -38,10 +38,14 @@ from audit.errors import AuditError
 FILLS = ("mean", "blur")
 OBJECT_FILL = "inpaint"
 MIN_SAMPLE = 5  # fewer testable images than this: the rate is reported as unknown (NaN)
-BORDER_WIDTHS = (0.04, 0.08, 0.12, 0.2)  # border bands, fraction of each side (0.04: a thin frame)
+BORDER_WIDTHS = (0.04, 0.1, 0.2)  # border bands, fraction of each side (0.04: a thin frame)
 EDGE_WIDTH = 0.2  # each edge band
 CORNER_SIDE = 1 / 3  # each corner box
 CHUNK = 256  # images per predict call
+BATCH = 64  # images per model call inside it (larger batches run no faster on a CPU)
+SCREEN = 8  # places are screened on this many images of a sample ...
+SCREEN_MIN = 0.2  # ... and tested on the rest when they flip at least this share of them
+PROMISING = 3  # places expected to pass the screening, for planning the cost
 
 
 # ----------------------------------------------------------------------------
@@ -261,8 +265,16 @@ def _predict_chunks(predict_fn, variants: list, chunk: int) -> list:
 
 
 def causal_tests(predict_fn, images, places, object_masks=None, *, classes=None, backgrounds=None,
-                 background_classes=None, fill: str = "mean", base_pred=None, chunk: int = CHUNK) -> CausalResult:
+                 background_classes=None, fill: str = "mean", base_pred=None, chunk: int = CHUNK,
+                 screen: int = SCREEN, screen_min: float = SCREEN_MIN) -> CausalResult:
     """Run the object, background and place tests on one sample.
+
+    The object and background tests use the whole sample.  The places are
+    screened first on its first ``screen`` images; only a place that flips at
+    least ``screen_min`` of them is tested on the rest (a place that flips
+    nothing on 8 images is no cue, and most places of most classes flip
+    nothing), which keeps a class's bank at a fraction of ``sample x places``
+    forward passes.
 
     Args:
         predict_fn: uint8 images (N, H, W, C) -> predictions (N,) class ids, or (N, C) bool.
@@ -282,6 +294,7 @@ def causal_tests(predict_fn, images, places, object_masks=None, *, classes=None,
         fill: ``mean`` or ``blur`` for the places.
         base_pred: predictions on the unmodified images (computed when None).
         chunk: images per ``predict_fn`` call.
+        screen, screen_min: the screening of the places (``screen=0``: none).
 
     Returns:
         A :class:`CausalResult`; a rate is NaN with fewer than :data:`MIN_SAMPLE` testable images.
@@ -290,50 +303,97 @@ def causal_tests(predict_fn, images, places, object_masks=None, *, classes=None,
     n = len(images)
     obj = None if object_masks is None else np.asarray(object_masks, bool)
     has_obj = obj.reshape(n, -1).any(axis=1) if obj is not None else np.zeros(n, bool)
-    specs, variants = [], []  # (test, place, box, fill, area, selected rows)
-
-    def add(test, place, box, fl, area, sel, imgs):
-        specs.append((test, place, box, fl, area, sel))
-        variants.append(imgs if sel.sum() >= MIN_SAMPLE else images[:0])
-
-    if obj is not None:
-        sel = has_obj
-        add("object", "object", None, OBJECT_FILL, float(obj[sel].mean()) if sel.any() else math.nan, sel,
-            remove_objects(images[sel], obj[sel]))
-        bg_imgs, bg_fill = replace_background(images[sel], obj[sel], backgrounds)
-        add("background", "background", None, bg_fill, float(1 - obj[sel].mean()) if sel.any() else math.nan,
-            sel, bg_imgs)
+    base = np.asarray(predict_fn(images) if base_pred is None else base_pred)
+    cls = None if classes is None else np.asarray(classes)
+    first = np.arange(n) < (screen if 0 < screen < n else n)
+    bg_fill = "other-background" if backgrounds is not None and len(backgrounds) else "neutral"
+    tests = [_Test("object", "object", None, OBJECT_FILL, has_obj),
+             _Test("background", "background", None, bg_fill, has_obj)] if obj is not None else []
     for p in places:
         m = np.broadcast_to(p.mask, (n, *p.mask.shape))
-        if obj is not None:
-            m = m & ~obj
-        sel = m.reshape(n, -1).any(axis=1)
-        add("region", p.name, p.box, fill, p.area, sel, occlude(images[sel], m[sel], fill))
-    base = np.asarray(predict_fn(images) if base_pred is None else base_pred)
-    preds = _predict_chunks(predict_fn, variants, chunk)
+        m = m & ~obj if obj is not None else m
+        tests.append(_Test("region", p.name, p.box, fill, m.reshape(n, -1).any(axis=1), m, p.area))
+    # stage 1: object and background on the whole sample, places on the first images
+    stage1 = [t.sel if t.test != "region" else t.sel & first for t in tests]
+    _run(predict_fn, images, obj, tests, stage1, base, cls, backgrounds, chunk)
+    # stage 2: the promising places on the rest
+    rest = [t.sel & ~first if t.test == "region" and t.promising(screen_min) else np.zeros(n, bool)
+            for t in tests]
+    _run(predict_fn, images, obj, tests, rest, base, cls, backgrounds, chunk)
     out = CausalResult(n=n, masked=obj is not None, absence=obj is not None and not has_obj.any())
-    for (test, place, box, fl, area, sel), pred in zip(specs, preds):
-        k = int(sel.sum())
-        rate = math.nan
-        if k >= MIN_SAMPLE and len(pred) == k:
-            cls = None if classes is None else np.asarray(classes)[sel]
-            flips = flipped(base[sel], pred, cls)
-            rate = float(flips.mean())
-            if test == "background" and background_classes is not None and fl == "other-background":
-                rate = _median_by_donor(flips, np.asarray(background_classes), len(backgrounds))
-        out.tests.append(PlaceFlip(test, place, box, fl, k if k >= MIN_SAMPLE else 0, rate, area))
+    for t in tests:
+        out.tests.append(t.result(obj, background_classes, backgrounds))
     return out
 
 
-def _median_by_donor(flips: np.ndarray, donor_class: np.ndarray, k: int) -> float:
-    """Median over donor classes of the flip rate with that class's backgrounds (image i got donor i % k)."""
-    got = donor_class[np.arange(len(flips)) % k]
+@dataclass
+class _Test:
+    """One test of :func:`causal_tests` while it runs: which images it may edit and the flips so far."""
+
+    test: str
+    place: str
+    box: tuple | None
+    fill: str
+    sel: np.ndarray  # (N,) images it can test
+    mask: np.ndarray | None = None  # (N, H, W) pixels to occlude (region tests)
+    area: float = math.nan
+    flips: dict = field(default_factory=dict)  # image index -> flipped
+
+    def promising(self, screen_min: float) -> bool:
+        if len(self.flips) < MIN_SAMPLE:  # too few screened: test the rest
+            return True
+        return float(np.mean(list(self.flips.values()))) >= screen_min
+
+    def result(self, obj, background_classes, backgrounds) -> PlaceFlip:
+        idx = np.array(sorted(self.flips), int)
+        f = np.array([self.flips[i] for i in idx], bool)
+        area = self.area
+        if self.test != "region" and obj is not None and self.sel.any():
+            area = float(obj[self.sel].mean()) if self.test == "object" else float(1 - obj[self.sel].mean())
+        k = len(f)
+        rate = float(f.mean()) if k >= MIN_SAMPLE else math.nan
+        if k >= MIN_SAMPLE and self.fill == "other-background" and background_classes is not None:
+            rate = _median_by_donor(f, idx, np.asarray(background_classes), len(backgrounds))
+        return PlaceFlip(self.test, self.place, self.box, self.fill, k if k >= MIN_SAMPLE else 0, rate, area)
+
+
+def _edit(t: _Test, images, obj, rows: np.ndarray, backgrounds) -> np.ndarray:
+    if t.test == "object":
+        return remove_objects(images[rows], obj[rows])
+    if t.test == "background":
+        bg = None if backgrounds is None or not len(backgrounds) else \
+            np.asarray(backgrounds)[np.nonzero(t.sel)[0].searchsorted(rows) % len(backgrounds)]
+        out, t.fill = replace_background(images[rows], obj[rows], bg)
+        return out
+    return occlude(images[rows], t.mask[rows], t.fill)
+
+
+def _run(predict_fn, images, obj, tests, selections, base, cls, backgrounds, chunk) -> None:
+    """Edit and predict the selected images of every test (one predict call per chunk); record flips."""
+    jobs = [(t, np.nonzero(sel)[0]) for t, sel in zip(tests, selections)
+            if sel.any() and (t.test == "region" or sel.sum() >= MIN_SAMPLE)]
+    if not jobs:
+        return
+    preds = _predict_chunks(predict_fn, [_edit(t, images, obj, rows, backgrounds) for t, rows in jobs], chunk)
+    for (t, rows), pred in zip(jobs, preds):
+        f = flipped(base[rows], pred, None if cls is None else cls[rows])
+        t.flips.update(zip(rows.tolist(), f.tolist()))
+
+
+def _median_by_donor(flips: np.ndarray, rows: np.ndarray, donor_class: np.ndarray, k: int) -> float:
+    """Median over donor classes of the flip rate with that class's backgrounds.
+
+    The j-th tested image (``rows`` in order) got background ``j % k``.
+    """
+    got = donor_class[np.arange(len(rows)) % k]
     return float(np.median([flips[got == c].mean() for c in np.unique(got)]))
 
 
-def extra_forwards(n: int, n_places: int, masked: bool) -> int:
-    """Forward passes :func:`causal_tests` costs for a sample of ``n`` (base + every test)."""
-    return n * (1 + n_places + (2 if masked else 0))
+def extra_forwards(n: int, n_places: int, masked: bool, screen: int = SCREEN) -> int:
+    """Forward passes :func:`causal_tests` costs for a sample of ``n``, planned: base, object and
+    background on all, every place on the screening images, and about :data:`PROMISING` places on the rest."""
+    k = min(n, screen) if screen > 0 else n
+    return n * (1 + (2 if masked else 0)) + k * n_places + (n - k) * min(PROMISING, n_places)
 
 
 # ----------------------------------------------------------------------------
@@ -347,7 +407,7 @@ class Intervener:
     The model is loaded lazily, once, on first use.
     """
 
-    def __init__(self, out_dir, *, fill: str = "mean", batch_size: int = CHUNK):
+    def __init__(self, out_dir, *, fill: str = "mean", batch_size: int = BATCH):
         import json
 
         self.out = Path(out_dir)
@@ -361,6 +421,7 @@ class Intervener:
         self._model = None
         self._head = None
         self._size = None
+        self._predict = None
         self.forwards = 0  # images predicted so far (the cost of the tests)
 
     @property
@@ -400,15 +461,11 @@ class Intervener:
         """Predictions for uint8 RGB images at the input size: (N,) ids, or (N, C) bool (multi-label)."""
         from audit.engine.models import model_input
 
+        if self._predict is None:
+            self._predict = CompiledPredict(self.model, self.head, self.batch_size)
         mode = (self.spec.get("model") or {}).get("preprocess", "none")
-        head = self.head
-        out = []
-        for s in range(0, len(images), self.batch_size):
-            x = model_input(images[s:s + self.batch_size], self.model.inputs[0].shape[-1], mode)
-            y = self.model(x, training=False)
-            out.append(head.predict(y))
-            self.forwards += len(x)
-        return np.concatenate(out) if out else np.zeros(0, int)
+        self.forwards += len(images)
+        return self._predict(model_input(images, self.model.inputs[0].shape[-1], mode))
 
     def load(self, image_ids):
         """(images, object masks or None) of the sample at the model input size."""
@@ -418,6 +475,31 @@ class Intervener:
         if masks is not None:
             masks = masks & np.asarray(has_mask, bool)[:, None, None]
         return images, masks
+
+
+class CompiledPredict:
+    """A model's predictions through one compiled graph, traced once for any batch size (an eager
+    Keras call costs several times a compiled one on small models)."""
+
+    def __init__(self, model, head, batch: int = BATCH):
+        import tensorflow as tf
+
+        self.head, self.batch = head, int(batch)
+        shape = [None, *[int(d) if d is not None else None for d in model.inputs[0].shape[1:]]]
+        # one trace for every batch size (a None batch dimension)
+        self._fn = tf.function(lambda x: model(x, training=False),
+                               input_signature=[tf.TensorSpec(shape, tf.float32)])
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        out = []
+        for s in range(0, len(x), self.batch):
+            part = np.asarray(x[s:s + self.batch], np.float32)
+            k = len(part)
+            y = self._fn(part)
+            y = [np.asarray(t)[:k] for t in y] if isinstance(y, (list, tuple)) else \
+                ({n: np.asarray(t)[:k] for n, t in y.items()} if isinstance(y, dict) else np.asarray(y)[:k])
+            out.append(self.head.predict(y))
+        return np.concatenate(out) if out else np.zeros(0, int)
 
 
 class SafeIntervener:

@@ -244,6 +244,8 @@ def _cue_name(place: str) -> str:
 def _background_place(t: PlaceFlip, s_bg: float, cfg: Config) -> bool:
     """A flipping place that is really the background: the background test flags too and the place
     is the group's hot area or larger than ``max_cue_area`` (with masks: everything around the object)."""
+    if t.place.startswith("region:"):  # a named region keeps its name (the user's hypothesis)
+        return False
     return s_bg >= cfg.threshold and (t.place == "hot area" or (finite(t.area) and t.area > cfg.max_cue_area))
 
 

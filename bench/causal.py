@@ -1,0 +1,133 @@
+"""Cost of the scan's causal tests against the job's model time (run by hand; prints figures and the ratio).
+
+    .venv/bin/python bench/causal.py                     # 10,000 images, 4 classes, 3 rounds: about 2 minutes
+    .venv/bin/python bench/causal.py --images 2000       # quicker
+
+The job's model time is the Explainer (Grad-CAM and Grad-CAM++, one compiled
+forward+backward pass per batch of 32, as ``audit run`` computes it) over
+``--images`` 64 x 64 images on the zoo's network (Conv-BN-ReLU x 4, GAP,
+Dense; random weights: the cost does not depend on training).  The causal
+tests are what :func:`audit.scan.causal.run_tests` does for that job: the
+sample plan within the budget (:func:`audit.scan.causal.plan_tests` rules:
+``Config.budget`` forward passes per image, at least ``budget_floor``), the
+64-image background pool with its objects inpainted, and for every class
+:func:`audit.scan.intervene.causal_tests` with masks (object, background and
+the place bank, screened), edits and predictions included; one class carries
+a corner tag that decides it, so its flipping places go past the screening as
+a shortcut's do.  Image decoding is left out of both sides.  Target: the tests add at most 10% at 10,000 images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+def images_and_masks(n: int, seed: int = 0, size: int = 64):
+    """Noisy backgrounds with a dark square object of random place and size (and its mask)."""
+    rng = np.random.default_rng(seed)
+    imgs = rng.integers(60, 200, (n, size, size, 3), dtype=np.uint8)
+    masks = np.zeros((n, size, size), bool)
+    for i in range(n):
+        s = int(rng.integers(8, 24))
+        x, y = rng.integers(0, size - s, 2)
+        masks[i, y:y + s, x:x + s] = True
+        imgs[i][masks[i]] = 20
+    return imgs, masks
+
+
+def job_model_time(model, x: np.ndarray, batch: int = 32) -> float:
+    """Seconds of the Explainer over ``x`` (one warm-up batch first, as an actor traces once)."""
+    from audit.engine.explainer import Explainer
+
+    ex = Explainer(model, methods=("gradcam", "gradcam++"), batch_size=batch)
+    ex(x[:batch].astype(np.float32))
+    t0 = time.perf_counter()
+    for s in range(0, len(x), batch):
+        ex(x[s:s + batch].astype(np.float32))
+    return time.perf_counter() - t0
+
+
+def causal_time(model, x, masks, n_classes: int, cfg) -> tuple[float, int, int]:
+    """Seconds and extra forward passes of the causal tests of a job of ``len(x)`` images."""
+    from audit.engine.heads import Head
+    from audit.scan.intervene import CompiledPredict, causal_tests, extra_forwards, place_bank, remove_objects
+
+    compiled = CompiledPredict(model, Head.of(model))
+    forwards = [0]
+
+    def predict(imgs):  # as Intervener.predict (preprocess "none")
+        forwards[0] += len(imgs)
+        return compiled(imgs)
+
+    predict(x[:32])  # warm-up (the scan loads the model once)
+    forwards[0] = 0
+    size = x.shape[1:3]
+    bank = place_bank(size, {}, (0.3, 0.3, 0.7, 0.7))
+    budget = max(cfg.budget_floor, int(cfg.budget * len(x)))
+    per_class = extra_forwards(cfg.sample, len(bank), True)
+    sample = cfg.sample if per_class * n_classes <= budget else cfg.min_sample
+    classes = min(n_classes, budget // extra_forwards(sample, len(bank), True))
+    # a shortcut class: the object's pixels get a tag in a corner that flips every prediction
+    tagged = _tagged_predict(predict, size)
+    t0 = time.perf_counter()
+    pool = np.arange(64)
+    backgrounds = remove_objects(x[pool], masks[pool])
+    for c in range(classes):
+        idx = np.arange(c * sample, (c + 1) * sample) + 64
+        causal_tests(tagged if c == 0 else predict, x[idx], bank, masks[idx], backgrounds=backgrounds,
+                     background_classes=pool % n_classes, fill=cfg.fill)
+    return time.perf_counter() - t0, forwards[0], classes
+
+
+def _tagged_predict(predict, size):
+    """The model, except that a bright bottom-right corner decides class 0 (what a corner tag does):
+    occluding the corner flips every prediction, so a shortcut class's places pass the screening."""
+    h, w = size
+
+    def fn(imgs):
+        p = predict(imgs)
+        tag = imgs[:, int(0.8 * h):, int(0.8 * w):].mean(axis=(1, 2, 3)) > 100
+        return np.where(tag, 0, (p + 1) % 4)
+
+    return fn
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--images", type=int, default=10_000)
+    p.add_argument("--classes", type=int, default=4)
+    p.add_argument("--repeat", type=int, default=3)
+    args = p.parse_args(argv)
+    from audit.scan.config import DEFAULT
+    from audit.zoo.train import build_model
+
+    model = build_model(args.classes)
+    x, masks = images_and_masks(args.images)
+    x[64:64 + DEFAULT.sample, 52:, 52:] = 255  # class 0's sample carries the tag
+    ratios = []
+    for r in range(args.repeat):  # job and tests alternate: a change of machine load hits both
+        t_job = job_model_time(model, x)
+        t_causal, fw, tested = causal_time(model, x, masks, args.classes, DEFAULT)
+        ratios.append(t_causal / t_job)
+        print(f"round {r + 1}: job model time (Explainer, gradcam + gradcam++) {t_job:6.1f} s "
+              f"({args.images / t_job:.0f} images/s); causal tests {t_causal:5.1f} s "
+              f"(edits + {fw} forward passes, {fw / args.images:.2f} per image); ratio {ratios[-1]:.3f}")
+    print(f"images {args.images}, classes {args.classes} (tested {tested}), sample {DEFAULT.sample}, "
+          f"budget {max(DEFAULT.budget_floor, int(DEFAULT.budget * args.images))} forward passes; "
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    print(f"ratio causal / job model time: median {float(np.median(ratios)):.3f} of {len(ratios)} "
+          f"(target <= 0.10)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
