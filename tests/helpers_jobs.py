@@ -190,7 +190,8 @@ def ray_init_local(num_cpus=2):
     import ray
 
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+    # address="local": a private instance, whatever RAY_ADDRESS or an earlier `ray start` left behind
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
              configure_logging=False, runtime_env={"env_vars": {"TF_CPP_MIN_LOG_LEVEL": "3"}})
     return ray
 
