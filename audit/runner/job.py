@@ -228,10 +228,13 @@ def own_output(ctx: JobContext, address):
     lock = OutputLock(ctx.out, ctx.job_id, warn=_say)
     ready, started_ray = False, False
     try:
+        # a named cluster is joined before the lock: a refused token or a dead head leaves OUT untouched
+        started_ray = ray_init(address) if address else False
         lock.acquire()
         found = reconcile(ctx.out, ctx.plan, ctx.spec["dataset"], ctx.job_id, ctx.mode)
         todo = [s for s in ctx.plan.shards if s.id not in found.entries]
-        started_ray = ray_init(address) if todo else False
+        if todo and not address:
+            started_ray = ray_init(address)
         io.prepare_output(ctx.out, bool(ctx.mode))
         drop(ctx.out, found)
         for line in notes(found):
