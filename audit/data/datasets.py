@@ -19,6 +19,12 @@ ones.
   when present, else ``<file relative to the dataset>#<record index>``.
 
 Relative paths in a manifest are relative to the CSV file.
+
+Every path may be an object-storage URI (``s3://``, ``gs://``, ``abfs://``;
+see :mod:`audit.data.fs`): the dataset, its masks, manifest entries.  A
+local path keeps its own branch (special files refused, size limits,
+non-UTF-8 names); a URI is listed once per planning and read object by object
+through one filesystem per bucket.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from audit.data import tfrecord
+from audit.data import fs, tfrecord
 from audit.data.files import DEFAULT_MAX_IMAGE_BYTES, escape_text, raw_bytes, unescape_path
 from audit.errors import AuditError
 
@@ -141,6 +147,11 @@ def _in_range(index: int, classes) -> tuple[int | None, str | None]:
 
 
 def _files(path: str, exts) -> list[str]:
+    if fs.is_uri(path):
+        if fs.is_file(path):
+            return [path]
+        return [fs.join(path, rel) for rel, _ in fs.list_files(path)
+                if rel.lower().endswith(exts) and not any(part.startswith((".", "_")) for part in rel.split("/"))]
     p = Path(path)
     if p.is_file():
         return [str(p)]
@@ -153,6 +164,8 @@ def _files(path: str, exts) -> list[str]:
 
 
 def _rel(file: str, root: str) -> str:
+    if fs.is_uri(root):
+        return fs.relpath(file, fs.dirname(root) if fs.is_file(root) else root)
     r = Path(root)
     base = r.parent if r.is_file() else r
     return Path(os.path.relpath(file, base)).as_posix()
@@ -175,11 +188,23 @@ def _check_classes(found: list[str], classes, what: str) -> list[str]:
 
 
 def _class_dirs(root: str) -> list[str]:
+    if fs.is_uri(root):
+        return [d for d in fs.list_dirs(root) if not d.startswith((".", "_"))]
     return sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith((".", "_")))
+
+
+def _walk_order(rel: str) -> tuple:
+    """Sort key giving ``os.walk``'s order: a folder's files (sorted), then its subfolders (sorted)."""
+    *dirs, name = rel.split("/")
+    return tuple((1, d) for d in dirs) + ((0, name),)
 
 
 def _walk_images(folder: str):
     """Image files under ``folder`` in a deterministic order (paths relative to it)."""
+    if fs.is_uri(folder):  # one listing of the prefix; the same order as the local walk
+        names = [rel for rel, _ in fs.list_files(folder) if _is_image(rel.rsplit("/", 1)[-1])]
+        yield from sorted(names, key=_walk_order)
+        return
     for root, dirs, files in os.walk(folder):
         dirs.sort()
         rel = os.path.relpath(root, folder)
@@ -190,7 +215,7 @@ def _walk_images(folder: str):
 
 @lru_cache(maxsize=4)
 def _class_listing(root: str, cls: str) -> tuple[str, ...]:
-    return tuple(_walk_images(os.path.join(root, cls)))
+    return tuple(_walk_images(fs.join(root, cls)))
 
 
 def _plan_folder(ds):
@@ -201,7 +226,7 @@ def _plan_folder(ds):
     classes = _check_classes([escape_text(c) for c in found], ds.get("classes"), "folder")
     shards, total, sid = [], 0, 0
     for cls in found:
-        n = sum(1 for _ in _walk_images(os.path.join(root, cls)))
+        n = sum(1 for _ in _walk_images(fs.join(root, cls)))
         for a, b in _chunks(n, ds["shard_size"]):
             shards.append(Shard(sid, cls, a, b))
             sid += 1
@@ -212,11 +237,22 @@ def _plan_folder(ds):
 def _mask_for(masks_root: str | None, rel: str) -> str | None:
     if not masks_root:
         return None
+    if fs.is_uri(masks_root):  # one listing of the masks per process, not a request per image
+        names = _mask_listing(masks_root)
+        for cand in (Path(rel).with_suffix(".png").as_posix(), rel):
+            if cand in names:
+                return fs.join(masks_root, cand)
+        return None
     for cand in (Path(rel).with_suffix(".png").as_posix(), rel):
         p = os.path.join(masks_root, cand)
         if os.path.lexists(p):  # a special file or a dangling link: its mask_error says so
             return p
     return None
+
+
+@lru_cache(maxsize=4)
+def _mask_listing(masks_root: str) -> frozenset:
+    return frozenset(rel for rel, _ in fs.list_files(masks_root))
 
 
 def _read_folder(ds, shard: Shard, classes):
@@ -226,7 +262,7 @@ def _read_folder(ds, shard: Shard, classes):
     label = classes.index(cls) if classes and cls in classes else None
     for name in names[shard.start:shard.stop]:
         rel = f"{shard.source}/{name}"
-        path = os.path.join(root, shard.source, name)
+        path = fs.join(root, shard.source, name)
         yield Item(image_id=rel, path=path, label=label, file=path, mask_file=_mask_for(ds.get("masks"), rel))
 
 
@@ -259,8 +295,15 @@ def _csv_records(f, start_offset: int, first_line: int = 0):
         yield rec_start, pos, b"".join(buf), rec_line
 
 
+def _open_csv(path: str):
+    """The CSV as a binary file that iterates by line (an object is read whole into memory)."""
+    if fs.is_uri(path):
+        return io.BytesIO(fs.read_bytes(path))
+    return open(path, "rb")
+
+
 def _csv_header(path: str) -> tuple[list[str], int]:
-    with open(path, "rb") as f:
+    with _open_csv(path) as f:
         first = f.readline()
         offset = f.tell()
     if first.startswith(b"\xef\xbb\xbf"):
@@ -318,7 +361,7 @@ def _plan_manifest(ds):
     names: set[str] = set()
     shards, n, first_off, first_row, sid = [], 0, offset, 0, 0
     end = offset
-    with open(path, "rb") as f:
+    with _open_csv(path) as f:
         for off, end, raw, line in _csv_records(f, offset, first_line=2):  # the header is line 1
             if limit and n >= limit:
                 end = off
@@ -344,13 +387,13 @@ def _plan_manifest(ds):
 
 def _manifest_item(row: dict, base: str, classes, mask_col: str) -> Item:
     p = (row.get("path") or "").strip()
-    full = p if os.path.isabs(p) else os.path.normpath(os.path.join(base, p))
+    full = _manifest_path(p, base)
     key = (row.get("key") or "").strip() or Path(p).as_posix()
     label, err = _label_index(escape_text(row.get("label") or ""), classes)
     item = Item(image_id=key, path=full, label=label, file=full, error=err)
     m = (row.get(mask_col) or "").strip()
     if m:
-        item.mask_file = m if os.path.isabs(m) else os.path.normpath(os.path.join(base, m))
+        item.mask_file = _manifest_path(m, base)
     if all((row.get(c) or "").strip() for c in BOX_COLUMNS):
         try:
             item.box = tuple(float(row[c]) for c in BOX_COLUMNS)
@@ -361,12 +404,21 @@ def _manifest_item(row: dict, base: str, classes, mask_col: str) -> Item:
     return item
 
 
+def _manifest_path(p: str, base: str) -> str:
+    """A manifest entry as a path: a URI or absolute path as written, else relative to the CSV's folder."""
+    if fs.is_uri(p) or os.path.isabs(p):
+        return p
+    if fs.is_uri(base):
+        return fs.join(base, p)
+    return os.path.normpath(os.path.join(base, p))
+
+
 def _read_manifest(ds, shard: Shard, classes):
     path = shard.source
     cols, _ = _csv_header(path)
-    base = os.path.dirname(path)
+    base = fs.dirname(path)
     mask_col = ds.get("masks") or "mask"
-    with open(path, "rb") as f:
+    with fs.open_input(path) as f:  # only this shard's byte range
         f.seek(shard.offset)
         blob = f.read(shard.end - shard.offset)
     for n, (_, _, raw, _) in enumerate(_csv_records(io.BytesIO(blob), 0)):
@@ -385,9 +437,17 @@ def _read_manifest(ds, shard: Shard, classes):
 # ----------------------------------------------------------------------------
 
 
+def parquet_file(file: str):
+    """A ``pyarrow.parquet.ParquetFile`` of a local file or an object (read by ranges, not downloaded)."""
+    import pyarrow.parquet as pq
+
+    if fs.is_uri(file):
+        return pq.ParquetFile(fs.open_input(file))
+    return pq.ParquetFile(file)
+
+
 def _plan_parquet(ds):
     import pyarrow.compute as pc
-    import pyarrow.parquet as pq
 
     files = _files(ds["path"], (".parquet", ".pq"))
     if not files:
@@ -397,7 +457,7 @@ def _plan_parquet(ds):
     names: set[str] = set()
     for file in files:
         try:
-            pf = pq.ParquetFile(file)
+            pf = parquet_file(file)
         except (OSError, ValueError) as e:  # pyarrow.ArrowInvalid is a ValueError
             raise AuditError(f"dataset: {file} is not a readable Parquet file: {' '.join(str(e).split())[:200]}") \
                 from None
@@ -423,9 +483,8 @@ def _plan_parquet(ds):
 
 def _parquet_rows(file: str, start: int, stop: int, columns=None):
     """Rows [start, stop) of one Parquet file, reading only the row groups that hold them."""
-    import pyarrow.parquet as pq
 
-    pf = pq.ParquetFile(file)
+    pf = parquet_file(file)
     groups, first, pos = [], None, 0
     for g in range(pf.metadata.num_row_groups):
         n = pf.metadata.row_group(g).num_rows
@@ -446,9 +505,8 @@ def _parquet_groups(file: str, start: int, stop: int):
     Row groups are read one at a time, so a corrupt one (a damaged page) costs
     only its own rows: its table is None and ``problem`` says why.
     """
-    import pyarrow.parquet as pq
 
-    pf = pq.ParquetFile(file)
+    pf = parquet_file(file)
     pos = 0
     for g in range(pf.metadata.num_row_groups):
         n = pf.metadata.row_group(g).num_rows
@@ -495,8 +553,8 @@ def _read_parquet(ds, shard: Shard, classes):
 
 def _tfrecord_frames(file: str, start: int = 0):
     """Yield the :class:`audit.data.tfrecord.Frame` s of a file (headers and their checksums only)."""
-    size = os.path.getsize(file)
-    with open(file, "rb") as f:
+    size = fs.size(file)
+    with fs.open_input(file) as f:
         yield from tfrecord.frames(f, size, start)
 
 
@@ -545,8 +603,8 @@ def _read_tfrecord(ds, shard: Shard, classes):
     parse = _example_parser()
     rel = _rel(shard.source, ds["path"])
     max_bytes = int(ds.get("max_image_bytes") or DEFAULT_MAX_IMAGE_BYTES)
-    size = os.path.getsize(shard.source)
-    with open(shard.source, "rb") as f:
+    size = fs.size(shard.source)
+    with fs.open_input(shard.source) as f:
         done = 0
         for frame in itertools.islice(tfrecord.frames(f, size, shard.offset), shard.size):
             idx = shard.start + done
@@ -599,8 +657,8 @@ _READERS = {"folder": _read_folder, "manifest": _read_manifest, "parquet": _read
 def plan(ds: dict) -> Plan:
     """Shard descriptors of a dataset (``spec["dataset"]``), in order."""
     fmt = ds["format"]
-    if not os.path.exists(ds["path"]):
-        raise AuditError(f"dataset.path: not found: {ds['path']}")
+    if not fs.exists(ds["path"]):
+        raise fs.not_found(ds["path"], "dataset.path")
     shards, total, classes = _PLANNERS[fmt](ds)
     limit = ds.get("limit")
     if fmt == "folder" and limit and total > limit:
@@ -635,7 +693,29 @@ def fetch(item: Item, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> bytes:
         from audit.data.decode import DecodeError
 
         raise DecodeError("no image data")
+    if fs.is_uri(item.file):
+        return read_object(item.file, max_bytes)
     return read_regular_file(item.file, max_bytes)
+
+
+def read_object(uri: str, max_bytes: int, what: str = "file") -> bytes:
+    """The bytes of one object, at most ``max_bytes`` (the store's client retries transient errors).
+
+    Raises:
+        DecodeError: missing, refused, or larger than ``max_bytes``; the text names why.
+    """
+    from audit.data.decode import DecodeError
+    from audit.data.files import check_size
+
+    try:
+        return fs.read_bytes(uri, max_bytes)
+    except FileNotFoundError:
+        raise DecodeError(f"{what} not found: {uri}") from None
+    except ValueError as e:  # larger than max_bytes, refused before reading
+        check_size(int(e.args[0]), max_bytes, what)
+        raise
+    except (OSError, AuditError) as e:
+        raise DecodeError(f"cannot read {what} {uri}: {' '.join(str(e).split())[:300]}") from None
 
 
 def load_item(item: Item, size, max_pixels: int, *, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
@@ -679,6 +759,8 @@ def _load_mask(item: Item, image_hw, size, max_pixels: int, max_bytes: int, resi
         parts = [item.mask_data] if item.mask_data is not None else list(item.extra["masks"])
         for part in parts:
             check_size(len(part), max_bytes, "mask")
+    elif item.mask_file is not None and fs.is_uri(item.mask_file):
+        parts = [read_object(item.mask_file, max_bytes, "mask")]
     elif item.mask_file is not None:
         parts = [read_regular_file(item.mask_file, max_bytes, "mask")]
     elif item.box is not None:
@@ -713,7 +795,7 @@ def load_images(spec: dict, image_ids, size):
     longer decodes, is an :class:`AuditError`.
     """
     ds = spec.get("dataset", spec)
-    if not os.path.exists(ds["path"]):
+    if not fs.exists(ds["path"]):
         raise AuditError(f"dataset not found: {ds['path']} (moved since the job ran?)")
     try:
         return _load_images(ds, image_ids, size)
@@ -762,19 +844,22 @@ def _items_by_id(ds, ids):
         classes = list(ds.get("classes") or [escape_text(c) for c in found])
         for i in ids:
             cls = i.split("/", 1)[0]
-            rel = i if os.path.lexists(os.path.join(root, i)) else unescape_path(i)  # a non-UTF-8 name
-            path = os.path.join(root, rel)
+            if fs.is_uri(root):
+                rel = i
+            else:
+                rel = i if os.path.lexists(os.path.join(root, i)) else unescape_path(i)  # a non-UTF-8 name
+            path = fs.join(root, rel)
             yield Item(image_id=i, path=path, file=path,
                        label=classes.index(cls) if cls in classes else None,
                        mask_file=_mask_for(ds.get("masks"), rel))
         return
     direct = []
     if fmt in ("parquet", "tfrecord"):
-        base = Path(root).parent if Path(root).is_file() else Path(root)
+        base = fs.dirname(root) if fs.is_file(root) else root
         for i in ids:
             f, sep, idx = i.rpartition("#")
-            if sep and idx.isdigit() and (base / f).is_file():
-                direct.append((str(base / f), int(idx)))
+            if sep and idx.isdigit() and fs.is_file(fs.join(base, f)):
+                direct.append((fs.join(base, f), int(idx)))
             else:
                 direct = None
                 break

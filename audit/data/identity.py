@@ -22,10 +22,9 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import os
 from dataclasses import asdict, dataclass
 
-from audit.data import datasets
+from audit.data import datasets, fs
 
 
 @dataclass(frozen=True)
@@ -66,9 +65,8 @@ def shard_identity(ds: dict, shard: datasets.Shard, classes=None) -> ShardIdenti
 
 
 def _parquet_identity(ds, shard) -> ShardIdentity:
-    import pyarrow.parquet as pq
 
-    schema = pq.read_schema(shard.source)
+    schema = datasets.parquet_file(shard.source).schema_arrow
     cols = [c for c in ("key", "label") if c in schema.names]
     h = hashlib.sha256()
     try:
@@ -82,7 +80,7 @@ def _parquet_identity(ds, shard) -> ShardIdentity:
     else:
         rel = datasets._rel(shard.source, ds["path"])
         keys = [f"{rel}#{shard.start + i}" for i in range(n)]
-        h.update(f"size={os.path.getsize(shard.source)}".encode())
+        h.update(f"size={fs.size(shard.source)}".encode())
     labels = t.column("label").to_pylist() if "label" in cols else [None] * n
     for k, lab in zip(keys, labels):
         h.update(repr((k, lab)).encode())
@@ -101,8 +99,8 @@ def _tfrecord_identity(ds, shard) -> ShardIdentity:
     h = hashlib.sha256()
     rel = datasets._rel(shard.source, ds["path"])
     n = 0
-    size = os.path.getsize(shard.source)
-    with open(shard.source, "rb") as f:
+    size = fs.size(shard.source)
+    with fs.open_input(shard.source) as f:
         for frame in itertools.islice(tfrecord.frames(f, size, shard.offset), shard.size):
             crc = b""
             if frame.problem is None:

@@ -13,6 +13,25 @@ resumed shard overwrites its Parquet file by rename (readers never see half a
 file; temp names start with ``.`` so ``pyarrow.dataset`` ignores them) and is
 deterministic, so writing it twice gives the same rows.  A commit also removes
 the temp files of its shard left by an earlier attempt killed mid-write.
+
+OUT may be an object-storage URI (``s3://``, ``gs://``, ``abfs://``;
+:mod:`audit.data.fs`), where there is no atomic rename.  There a shard is
+committed by two single PUTs, each of which appears whole or not at all:
+
+1. its rows go to ``records/part-NNNNN-<attempt>.parquet``, a name unique to
+   the attempt, so two attempts (a retried shard whose first actor is still
+   alive, a resumed job) never write the same object;
+2. then ``_manifest/part-NNNNN.json`` names the object it commits, with its
+   size and row count.
+
+Readers (:func:`committed_shards`, ``audit.load``, the scan, the report,
+``--resume``) follow the manifest entries only, so an attempt killed
+mid-upload leaves at most an orphan object that nothing reads;
+:func:`remove_orphans` deletes those at the end of a job.  Two attempts of
+the same shard that both finish write the same rows (shards are
+deterministic) and the last entry written wins; pyarrow's filesystems do not
+expose conditional (``If-None-Match``) writes, so this is the guarantee: every
+shard is read exactly once, from one complete object.
 """
 
 from __future__ import annotations
@@ -23,6 +42,7 @@ import os
 import uuid
 from pathlib import Path
 
+from audit.data import fs
 from audit.errors import AuditError
 
 RECORDS = "records"
@@ -49,6 +69,10 @@ def _fsync_dir(path: Path) -> None:
 
 
 def atomic_write_bytes(path, data: bytes) -> None:
+    """Write a whole file: temp + rename locally, one PUT (which is atomic) on object storage."""
+    if fs.is_uri(str(path)):
+        fs.write_bytes(str(path), data)
+        return
     path = Path(path)
     tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"
     try:
@@ -80,6 +104,8 @@ def _has_content(out: Path) -> bool:
 
 def check_output(out, resume: bool) -> Path:
     """Refuse an OUT that is a file, or non-empty without ``resume`` (creates nothing)."""
+    if fs.is_uri(str(out)):
+        return _check_output_uri(str(out), resume)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise AuditError(f"output {out} exists and is not a directory")
@@ -92,6 +118,20 @@ def check_output(out, resume: bool) -> Path:
         if not (out / JOB_JSON).is_file():
             raise AuditError(f"cannot resume: {out} has no {JOB_JSON}; it is not the output of an audit job")
     _check_writable(out)
+    return out
+
+
+def _check_output_uri(out: str, resume: bool) -> str:
+    """:func:`check_output` for a URI: the bucket exists and is readable; empty, or a job to resume."""
+    loc = fs.split(out)
+    if not fs.exists(fs.Location(loc.scheme, loc.bucket, "").uri):
+        raise fs.not_found(out, "output")
+    names = [rel for rel, _ in fs.list_files(out) if rel != LOCK]
+    if names and not resume:
+        raise AuditError(f"output {out} is not empty; use --resume to continue the job there "
+                         "(or choose another output, e.g. --set output=...)")
+    if names and JOB_JSON not in names:
+        raise AuditError(f"cannot resume: {out} has no {JOB_JSON}; it is not the output of an audit job")
     return out
 
 
@@ -109,6 +149,8 @@ def _check_writable(out: Path) -> None:
 def prepare_output(out, resume: bool) -> Path:
     """Check OUT (:func:`check_output`), then create it with records/ and _manifest/."""
     out = check_output(out, resume)
+    if fs.is_uri(str(out)):
+        return out  # prefixes need no creating
     try:
         (out / RECORDS).mkdir(parents=True, exist_ok=True)
         (out / MANIFEST).mkdir(parents=True, exist_ok=True)
@@ -117,7 +159,17 @@ def prepare_output(out, resume: bool) -> Path:
     return out
 
 
+def job_path(out):
+    """``OUT/job.json`` (a Path, or a URI string)."""
+    return fs.join(str(out), JOB_JSON) if fs.is_uri(str(out)) else Path(out) / JOB_JSON
+
+
 def read_job(out) -> dict | None:
+    if fs.is_uri(str(out)):
+        try:
+            return json.loads(fs.read_bytes(fs.join(str(out), JOB_JSON)))
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
     p = Path(out) / JOB_JSON
     if not p.is_file():
         return None
@@ -134,18 +186,25 @@ def part_problem(out, entry: dict, rows: bool = True) -> str | None:
     (with ``rows``) that its footer says ``rows`` rows.  A truncated or
     replaced part file fails here and its shard is not committed.
     """
-    path = Path(out) / RECORDS / str(entry.get("file", ""))
-    try:
-        size = path.stat().st_size
-    except OSError:
-        return "is missing"
+    if fs.is_uri(str(out)):
+        path = fs.join(str(out), RECORDS, str(entry.get("file", "")))
+        try:
+            size = fs.size(path)
+        except FileNotFoundError:
+            return "is missing"
+    else:
+        path = Path(out) / RECORDS / str(entry.get("file", ""))
+        try:
+            size = path.stat().st_size
+        except OSError:
+            return "is missing"
     if "bytes" in entry and size != int(entry["bytes"]):
         return f"is {size:,} bytes but its manifest entry says {int(entry['bytes']):,} (truncated or replaced)"
     if rows:
         import pyarrow.parquet as pq
 
         try:
-            n = pq.read_metadata(path).num_rows
+            n = pq.read_metadata(fs.open_input(path) if fs.is_uri(str(path)) else path).num_rows
         except Exception as e:  # noqa: BLE001 - ArrowInvalid, OSError: any unreadable footer
             return f"is not readable Parquet ({' '.join(str(e).split())[:120]})"
         if n != int(entry.get("rows", n)):
@@ -155,6 +214,8 @@ def part_problem(out, entry: dict, rows: bool = True) -> str | None:
 
 def manifest_entries(out) -> dict[int, dict]:
     """{shard id: manifest entry} of every readable entry in ``OUT/_manifest`` (files not checked)."""
+    if fs.is_uri(str(out)):
+        return _manifest_entries_uri(str(out))
     mdir = Path(out) / MANIFEST
     found = {}
     if not mdir.is_dir():
@@ -166,6 +227,27 @@ def manifest_entries(out) -> dict[int, dict]:
         except (OSError, ValueError, KeyError, TypeError):
             continue
     return found
+
+
+def _manifest_entries_uri(out: str) -> dict[int, dict]:
+    found = {}
+    mdir = fs.join(out, MANIFEST)
+    for rel, _ in fs.list_files(mdir, recursive=False):
+        if not (rel.startswith("part-") and rel.endswith(".json")):
+            continue
+        try:
+            entry = json.loads(fs.read_bytes(fs.join(mdir, rel)))
+            found[int(entry["shard"])] = entry
+        except (FileNotFoundError, ValueError, KeyError, TypeError):
+            continue
+    return found
+
+
+def has_manifest(out) -> bool:
+    """True when OUT has a ``_manifest/`` (a job output whose shards are committed by entries)."""
+    if fs.is_uri(str(out)):
+        return bool(fs.list_files(fs.join(str(out), MANIFEST), recursive=False))
+    return (Path(out) / MANIFEST).is_dir()
 
 
 def committed_shards(out, rows: bool = True, broken: dict | None = None) -> dict[int, dict]:
@@ -188,6 +270,13 @@ def committed_shards(out, rows: bool = True, broken: dict | None = None) -> dict
 
 def uncommit(out, shard_ids) -> None:
     """Take shards out of the output: manifest entry first, then the Parquet file."""
+    if fs.is_uri(str(out)):
+        entries = manifest_entries(out)
+        for sid in shard_ids:
+            fs.delete(fs.join(str(out), MANIFEST, f"{part_name(sid)}.json"))
+            if sid in entries and entries[sid].get("file"):
+                fs.delete(fs.join(str(out), RECORDS, str(entries[sid]["file"])))
+        return
     out = Path(out)
     for sid in shard_ids:
         name = part_name(sid)
@@ -219,17 +308,14 @@ def write_shard(out, shard: int, table, *, job_id: str, schema_version: str, inp
     """
     import pyarrow.parquet as pq
 
+    table = _with_metadata(table, job_id, schema_version, shard)
+    if fs.is_uri(str(out)):
+        return _write_shard_uri(str(out), shard, table, job_id=job_id, inputs=inputs, counts=counts,
+                                identity=identity)
     out = Path(out)
     name = part_name(shard)
     final = out / RECORDS / f"{name}.parquet"
     tmp = out / RECORDS / f".{name}.{uuid.uuid4().hex[:8]}.tmp"
-    meta = dict(table.schema.metadata or {})
-    meta.update({
-        b"shortcut_audit.schema_version": str(schema_version).encode(),
-        b"shortcut_audit.job_id": str(job_id).encode(),
-        b"shortcut_audit.shard": str(shard).encode(),
-    })
-    table = table.replace_schema_metadata(meta)
     try:
         pq.write_table(table, tmp, compression="zstd", row_group_size=max(1, table.num_rows),
                        use_dictionary=_dictionary_columns(table.schema))
@@ -245,6 +331,58 @@ def write_shard(out, shard: int, table, *, job_id: str, schema_version: str, inp
     atomic_write_json(out / MANIFEST / f"{name}.json", entry)
     _remove_stale_temps(out, name)
     return entry
+
+
+def _with_metadata(table, job_id, schema_version, shard):
+    meta = dict(table.schema.metadata or {})
+    meta.update({
+        b"shortcut_audit.schema_version": str(schema_version).encode(),
+        b"shortcut_audit.job_id": str(job_id).encode(),
+        b"shortcut_audit.shard": str(shard).encode(),
+    })
+    return table.replace_schema_metadata(meta)
+
+
+def _write_parquet(table, where):
+    import pyarrow.parquet as pq
+
+    pq.write_table(table, where, compression="zstd", row_group_size=max(1, table.num_rows),
+                   use_dictionary=_dictionary_columns(table.schema))
+
+
+def _write_shard_uri(out: str, shard: int, table, *, job_id, inputs, counts, identity) -> dict:
+    """Commit one shard on object storage: an object named for this attempt, then the entry naming it."""
+    import pyarrow as pa
+
+    name = part_name(shard)
+    file = f"{name}-{uuid.uuid4().hex[:12]}.parquet"  # unique to the attempt: never overwritten
+    sink = pa.BufferOutputStream()
+    _write_parquet(table, sink)
+    data = sink.getvalue()
+    fs.write_bytes(fs.join(out, RECORDS, file), data.to_pybytes())
+    entry = {"shard": int(shard), "file": file, "rows": table.num_rows, "inputs": inputs,
+             "identity": identity, "job_id": job_id, "bytes": data.size, **counts}
+    fs.write_bytes(fs.join(out, MANIFEST, f"{name}.json"),
+                   (json.dumps(entry, indent=2, default=str) + "\n").encode())
+    return entry
+
+
+def remove_orphans(out) -> list[str]:
+    """Delete the record objects no manifest entry names (attempts killed mid-upload, replaced attempts).
+
+    Object storage only (a local OUT has no such objects: temp files are
+    removed at commit).  Call it when no actor of the job can still commit.
+    Returns the names removed.
+    """
+    if not fs.is_uri(str(out)):
+        return []
+    named = {str(e.get("file")) for e in manifest_entries(out).values()}
+    gone = []
+    for rel, _ in fs.list_files(fs.join(str(out), RECORDS), recursive=False):
+        if rel not in named:
+            fs.delete(fs.join(str(out), RECORDS, rel))
+            gone.append(rel)
+    return gone
 
 
 def _remove_stale_temps(out: Path, name: str) -> None:

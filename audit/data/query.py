@@ -2,7 +2,9 @@
 
 The records are plain Parquet (``OUT/records/part-*.parquet``): DuckDB
 (``SELECT * FROM 'OUT/records/*.parquet'``) and Polars
-(``pl.scan_parquet('OUT/records/*.parquet')``) read them as is.
+(``pl.scan_parquet('OUT/records/*.parquet')``) read them as is.  OUT may be
+a URI (``s3://bucket/results/job``): only the objects named by manifest
+entries are read (:func:`committed_files` lists them for DuckDB and Polars).
 
 >>> import audit
 >>> df = audit.load("results/tank-sky", columns=["image_id", "label", "energy_object"],
@@ -24,7 +26,16 @@ from audit.errors import AuditError
 __all__ = ["load", "heatmap", "overlay", "records_dataset"]
 
 
-def _records_dir(out) -> Path:
+def _records_dir(out):
+    from audit.data import fs
+
+    if fs.is_uri(str(out)):
+        if fs.list_files(fs.join(str(out), "records"), recursive=False):
+            return fs.join(str(out), "records")
+        if any(rel.endswith(".parquet") for rel, _ in fs.list_files(str(out), recursive=False)):
+            return str(out)
+        raise fs.not_found(str(out)) if not fs.exists(str(out)) else AuditError(
+            f"{out} is not a job output (no records/ folder); run `audit run SPEC.yaml` first")
     p = Path(out)
     if (p / "records").is_dir():
         return p / "records"
@@ -44,10 +55,10 @@ def committed_files(out) -> list[str] | None:
         AuditError: a part file disagrees with its manifest entry (size or row
             count: truncated or replaced), named in one line.
     """
-    from audit.data import io
+    from audit.data import fs, io
 
-    p = Path(out)
-    if not (p / io.MANIFEST).is_dir():
+    p = str(out) if fs.is_uri(str(out)) else Path(out)
+    if not io.has_manifest(p):
         return None
     entries = io.manifest_entries(p)
     if not entries:
@@ -59,7 +70,7 @@ def committed_files(out) -> list[str] | None:
         if problem:
             raise AuditError(f"{out}: shard {sid}'s {io.RECORDS}/{entries[sid].get('file')} {problem}; "
                              "it is not committed: rerun the job with --resume to redo it")
-        files.append(str(p / io.RECORDS / entries[sid]["file"]))
+        files.append(fs.join(str(p), io.RECORDS, entries[sid]["file"]))
     return files
 
 
@@ -77,9 +88,19 @@ def records_dataset(out):
     """
     import pyarrow.dataset as pads
 
+    from audit.data import fs
+
     folder = _records_dir(out)
     files = committed_files(out)
-    ds = pads.dataset(files if files is not None else str(folder), format="parquet")
+    if fs.is_uri(str(out)):  # one filesystem for the bucket, paths inside it
+        fsys, _ = fs.resolve(str(folder))
+        paths = [fs.split(f).path for f in files] if files is not None else fs.split(str(folder)).path
+        try:
+            ds = pads.dataset(paths, format="parquet", filesystem=fsys)
+        except OSError as e:
+            fs.raise_storage(e, str(out))
+    else:
+        ds = pads.dataset(files if files is not None else str(folder), format="parquet")
     missing = [c for c in RECORD_KEYS if c not in ds.schema.names]
     if missing:
         raise AuditError(f"{out} is not a job output: the Parquet files in {folder} have no {missing[0]!r} "

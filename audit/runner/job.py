@@ -127,7 +127,7 @@ class JobContext:
     """What :func:`prepare` found out, before anything is written."""
 
     spec: dict
-    out: Path
+    out: Path | str  # a local folder, or a URI (s3://...)
     mode: str | None  # None (fresh), "check" or "replan" (see audit.runner.resume)
     previous: dict | None  # job.json of the job being resumed
     sha: str | None  # the model file's sha256
@@ -188,7 +188,7 @@ def prepare(spec, *, overrides=(), base_dir=None, resume=False) -> JobContext:
         AuditError: a spec mistake, a busy or non-empty output, a model file
             whose config lacks a requested layer, a dataset with no images.
     """
-    from audit.data import datasets, io
+    from audit.data import datasets, fs, io
     from audit.data.lock import check_free
     from audit.engine.models import fingerprint
     from audit.runner.spec import load_spec
@@ -197,11 +197,12 @@ def prepare(spec, *, overrides=(), base_dir=None, resume=False) -> JobContext:
     spec = load_spec(spec, overrides, base_dir)
     check_model_file(spec)  # layer names and Lambda layers from the .keras config: no TensorFlow yet
     mode = resume_mode(resume)
-    out = Path(spec["output"])
+    out = spec["output"] if fs.is_uri(spec["output"]) else Path(spec["output"])
     check_free(out)  # a running driver is named before "not empty" is said
     previous = io.read_job(out) if mode else None
     io.check_output(out, bool(mode))
-    sha = fingerprint(spec["model"].get("path"))
+    sha = fs.sha256(spec["model"]["path"]) if fs.is_uri(spec["model"].get("path")) else \
+        fingerprint(spec["model"].get("path"))
     if previous:
         _check_resumable(spec, previous, sha)
     job_id = previous["job_id"] if previous else uuid.uuid4().hex[:12]
@@ -257,7 +258,7 @@ def _say(line: str) -> None:
 
 def _make_dir(out: Path) -> bool:
     """Create OUT (and its parents); True when it did not exist."""
-    if out.is_dir():
+    if isinstance(out, str) or out.is_dir():  # a URI: prefixes need no creating
         return False
     try:
         out.mkdir(parents=True)
@@ -282,7 +283,7 @@ def execute(ctx: JobContext, owned: Owned, *, progress=True, on_event=None) -> d
     from audit.data import io
 
     record = job_record(ctx, owned)
-    io.atomic_write_json(ctx.out / io.JOB_JSON, record)
+    io.atomic_write_json(io.job_path(ctx.out), record)
     state, status, bar = RunState(), "ok", None
     run_t0 = time.perf_counter()
     try:
@@ -340,6 +341,9 @@ def finish(ctx: JobContext, owned: Owned, record: dict, state: RunState, status:
     from audit.data import io
 
     known = {s.id for s in ctx.plan.shards}
+    if not owned.lock.lost:  # every actor is stopped: an object no entry names is an orphan
+        for name in io.remove_orphans(ctx.out):
+            _say(f"audit: removed {io.RECORDS}/{name} (an attempt no manifest entry commits)")
     all_done = {k: v for k, v in io.committed_shards(ctx.out, rows=False).items() if k in known}
     if state.model_info:
         for k in ("layers", "layer_shapes", "input_size", "classes"):
@@ -357,7 +361,7 @@ def finish(ctx: JobContext, owned: Owned, record: dict, state: RunState, status:
     summary = _summary(ctx, all_done, owned.found.entries, state, run_s, status)
     record["summary"] = summary
     if not owned.lock.lost:
-        io.atomic_write_json(ctx.out / io.JOB_JSON, record)
+        io.atomic_write_json(io.job_path(ctx.out), record)
     return summary
 
 

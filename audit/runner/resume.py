@@ -70,7 +70,7 @@ def reconcile(out, plan, ds: dict, job_id: str, mode: str | None) -> Committed:
     from audit.data import io
 
     found = Committed()
-    if mode is None or not Path(out).is_dir():
+    if mode is None or not io.has_manifest(out):
         return found
     from audit.data import datasets
 
@@ -123,8 +123,10 @@ _PART = re.compile(r"part-(\d+)\.(parquet|json)$")
 
 def _strays(out, plan) -> set[int]:
     """Ids of part files or manifest entries beyond the new plan (the dataset shrank)."""
-    from audit.data import io
+    from audit.data import fs, io
 
+    if fs.is_uri(str(out)):  # record objects no entry names are orphans, removed at the end of the job
+        return {sid for sid in io.manifest_entries(out) if sid >= len(plan.shards)}
     out = Path(out)
     stray = set()
     for d in (io.RECORDS, io.MANIFEST):

@@ -209,6 +209,10 @@ def fill_defaults(doc: dict, schema: dict | None = None) -> dict:
 
 
 def _resolve(p, base: Path) -> str:
+    from audit.data import fs
+
+    if fs.is_uri(str(p)):  # s3://, gs://, abfs://: as written
+        return str(p)
     q = Path(os.path.expanduser(str(p)))
     return str(q if q.is_absolute() else (base / q).resolve())
 
@@ -256,11 +260,16 @@ def check(doc: dict) -> None:
     m = doc["model"]
     if bool(m.get("path")) == bool(m.get("application")):
         raise AuditError("spec error: model: give exactly one of 'path' (a .keras or .h5 file) or 'application'")
-    if m.get("path") and not os.path.exists(m["path"]):
+    from audit.data import fs
+
+    if m.get("path") and not fs.exists(m["path"]):
         raise AuditError(f"spec error: model.path: model file not found: {m['path']}")
     from audit.engine.models import MODEL_SUFFIXES, PREPROCESS_MODES
 
-    if m.get("path") and (os.path.isdir(m["path"]) or Path(m["path"]).suffix not in MODEL_SUFFIXES):
+    if m.get("path") and fs.is_uri(m["path"]):
+        if Path(m["path"]).suffix not in MODEL_SUFFIXES:
+            raise AuditError(f"spec error: model.path: expected a .keras or .h5 file, got {m['path']}")
+    elif m.get("path") and (os.path.isdir(m["path"]) or Path(m["path"]).suffix not in MODEL_SUFFIXES):
         # the same rule as audit.engine.models.load_model, found before any Ray actor starts
         raise AuditError(f"spec error: model.path: expected a .keras or .h5 file, got {m['path']}"
                          + (" (a directory, e.g. a SavedModel, which Keras 3 cannot open layer by layer: "
@@ -277,14 +286,14 @@ def check(doc: dict) -> None:
         except AuditError as e:
             raise AuditError(f"spec error: model.preprocess: {e}") from None
     ds = doc["dataset"]
-    if not os.path.exists(ds["path"]):
-        raise AuditError(f"spec error: dataset.path: not found: {ds['path']}")
+    if not fs.exists(ds["path"]):
+        raise AuditError(f"spec error: {fs.not_found(ds['path'], 'dataset.path')}")
     fmt = ds["format"]
-    if fmt in ("folder",) and not os.path.isdir(ds["path"]):
+    if fmt in ("folder",) and not fs.is_dir(ds["path"]):
         raise AuditError(f"spec error: dataset.path: format 'folder' needs a directory, got {ds['path']}")
-    if fmt == "manifest" and not os.path.isfile(ds["path"]):
+    if fmt == "manifest" and not fs.is_file(ds["path"]):
         raise AuditError(f"spec error: dataset.path: format 'manifest' needs a CSV file, got {ds['path']}")
-    if fmt == "folder" and ds.get("masks") and not os.path.isdir(ds["masks"]):
+    if fmt == "folder" and ds.get("masks") and not fs.is_dir(ds["masks"]):
         raise AuditError(f"spec error: dataset.masks: not a directory: {ds['masks']}")
     if ds.get("classes"):  # the same rule as the Explainer: class names first, then indices
         from audit.engine.heads import resolve_target
@@ -299,6 +308,8 @@ def check(doc: dict) -> None:
     for name, box in doc["explain"]["regions"].items():
         if not (box[0] < box[2] and box[1] < box[3]):
             raise AuditError(f"spec error: explain.regions.{name}: expected x0 < x1 and y0 < y1, got {box}")
+    if fs.is_uri(str(doc["output"])):
+        return  # a bucket: checked by the job before anything is written (audit.data.io.check_output)
     out = Path(doc["output"])
     if out.exists() and not out.is_dir():
         raise AuditError(f"spec error: output: {out} exists and is not a directory")

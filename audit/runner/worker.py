@@ -158,11 +158,14 @@ class AuditWorker:
         """
         import socket
 
+        from audit.data import fs
+
         m = self.spec["model"]
         paths = [("model.path", m.get("path")), ("model.weights", m.get("weights")),
                  ("dataset.path", self.spec["dataset"].get("path")),
                  ("output", self.out_dir and os.path.join(self.out_dir, "records"))]
-        missing = [f"{key} {p}" for key, p in paths if p and not os.path.exists(p)]
+        # a URI is the same object from every node: only local paths need a shared filesystem
+        missing = [f"{key} {p}" for key, p in paths if p and not fs.is_uri(p) and not os.path.exists(p)]
         if missing:
             node = _node_id()
             raise AuditError(f"on {socket.gethostname()}{f' (Ray node {node[:12]})' if node else ''}: not found: "
@@ -188,7 +191,10 @@ class AuditWorker:
         )
 
         check_preprocess(m["preprocess"])
-        model = load_model(m.get("path"), application=m.get("application"), weights=m.get("weights"),
+        from audit.data import fs
+
+        path = fs.local_copy(m["path"]) if fs.is_uri(m.get("path")) else m.get("path")  # Keras opens local files
+        model = load_model(path, application=m.get("application"), weights=m.get("weights"),
                            input_size=m.get("input_size"), num_classes=m.get("num_classes"),
                            trust_code=m.get("trust_code", False))
         if tfinfo["mixed_precision"]:

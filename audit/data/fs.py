@@ -1,0 +1,448 @@
+"""Paths and URIs: local files and object storage (S3, GCS, Azure) through ``pyarrow.fs``.
+
+Every place that takes a path (``dataset.path``, ``dataset.masks``, manifest
+entries, ``model.path``, ``output``, ``audit.load``) also takes a URI:
+``s3://bucket/key``, ``gs://bucket/key`` (``gcs://``), ``abfs://container/key``
+(``abfss://``, ``az://``).  A local path never goes through this module's
+object-storage code: the callers keep their local branches (special files,
+size limits, non-UTF-8 names, temp + rename).
+
+Why ``pyarrow.fs``: pyarrow is already a dependency (the records are
+Parquet), its S3, GCS and Azure filesystems are built into the wheel (no
+s3fs/gcsfs/adlfs extras to install on every node), the Parquet reader reads
+straight from them, and its S3 client retries throttling and transient
+errors itself (:data:`S3_RETRIES` attempts with backoff).
+
+One filesystem object per process and bucket (:func:`resolve`, cached), never
+one per image.  Endpoints and credentials come from the standard places and
+are never written anywhere by this module:
+
+* S3: ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` / ``AWS_SESSION_TOKEN``,
+  ``~/.aws/credentials`` and ``~/.aws/config`` (``AWS_PROFILE``), instance
+  roles; the region from ``AWS_REGION`` or ``AWS_DEFAULT_REGION``; an
+  S3-compatible endpoint from ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL``
+  (read here and passed to pyarrow as ``endpoint_override``: pyarrow's S3
+  client does not read these variables itself).
+* GCS: ``GOOGLE_APPLICATION_CREDENTIALS`` or the metadata server.
+* Azure: ``AZURE_STORAGE_ACCOUNT_NAME`` and ``AZURE_STORAGE_ACCOUNT_KEY`` (or
+  the default Azure credential chain).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import posixpath
+import threading
+from dataclasses import dataclass
+
+from audit.errors import AuditError
+
+SCHEMES = {"s3": "s3", "gs": "gs", "gcs": "gs", "abfs": "abfs", "abfss": "abfs", "az": "abfs"}
+S3_RETRIES = 8  # attempts per S3 request (throttling, 5xx, dropped connections), with backoff
+
+#: The variable to set, named in a credential error, per scheme.
+CREDENTIAL_HINT = {
+    "s3": "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE; AWS_ENDPOINT_URL for an "
+          "S3-compatible server)",
+    "gs": "GOOGLE_APPLICATION_CREDENTIALS",
+    "abfs": "AZURE_STORAGE_ACCOUNT_NAME and AZURE_STORAGE_ACCOUNT_KEY",
+}
+
+_lock = threading.Lock()
+_cache: dict = {}  # (scheme, bucket, environment) -> pyarrow FileSystem
+
+
+def is_uri(path) -> bool:
+    """True for an object-storage URI (``s3://``, ``gs://``, ``abfs://`` ...); False for a local path."""
+    if not isinstance(path, str):
+        return False
+    scheme, sep, _ = path.partition("://")
+    return bool(sep) and scheme.lower() in SCHEMES
+
+
+@dataclass(frozen=True)
+class Location:
+    """A URI split into its parts: ``s3://bucket/a/b`` -> scheme ``s3``, bucket, key ``a/b``."""
+
+    scheme: str
+    bucket: str
+    key: str
+
+    @property
+    def path(self) -> str:
+        """The path pyarrow's filesystem takes: ``bucket/key``."""
+        return f"{self.bucket}/{self.key}" if self.key else self.bucket
+
+    @property
+    def uri(self) -> str:
+        return f"{self.scheme}://{self.path}"
+
+
+def split(uri: str) -> Location:
+    """Split ``uri`` (see :class:`Location`); the scheme is normalised (``gcs`` -> ``gs``)."""
+    scheme, _, rest = uri.partition("://")
+    bucket, _, key = rest.partition("/")
+    if not bucket:
+        raise AuditError(f"{uri}: no bucket in the URI (expected {scheme}://BUCKET/PATH)")
+    return Location(SCHEMES[scheme.lower()], bucket, _normkey(key))
+
+
+def _normkey(key: str) -> str:
+    key = posixpath.normpath(key) if key else ""
+    return "" if key in (".", "/") else key.lstrip("/")
+
+
+def join(base: str, *parts: str) -> str:
+    """``os.path.join`` for a local ``base``; for a URI, its key joined and normalised (``..`` resolved)."""
+    if not is_uri(base):
+        return os.path.join(base, *parts)
+    loc = split(base)
+    key = posixpath.join(loc.key, *parts)
+    return Location(loc.scheme, loc.bucket, _normkey(key)).uri
+
+
+def dirname(path: str) -> str:
+    if not is_uri(path):
+        return os.path.dirname(path)
+    loc = split(path)
+    return Location(loc.scheme, loc.bucket, posixpath.dirname(loc.key)).uri
+
+
+def relpath(path: str, start: str) -> str:
+    """``path`` relative to ``start`` as a POSIX path (local or URI)."""
+    if not is_uri(path):
+        return os.path.relpath(path, start).replace(os.sep, "/")
+    return posixpath.relpath(split(path).key or ".", split(start).key or ".")
+
+
+# ----------------------------------------------------------------------------
+# filesystems
+# ----------------------------------------------------------------------------
+
+
+def _s3_endpoint() -> str | None:
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+
+
+def _env_key(scheme: str) -> tuple:
+    """The environment a filesystem was built from: a changed variable gives a new one."""
+    names = {"s3": ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                    "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_REGION", "AWS_DEFAULT_REGION"),
+             "gs": ("GOOGLE_APPLICATION_CREDENTIALS",),
+             "abfs": ("AZURE_STORAGE_ACCOUNT_NAME", "AZURE_STORAGE_ACCOUNT_KEY")}[scheme]
+    return tuple(os.environ.get(n) for n in names)
+
+
+def _make_s3():
+    from pyarrow import fs as pafs
+
+    kwargs = {"retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=S3_RETRIES),
+              "connect_timeout": 10.0, "request_timeout": 60.0}
+    endpoint = _s3_endpoint()
+    if endpoint:
+        scheme, sep, host = endpoint.partition("://")
+        kwargs["endpoint_override"] = host.rstrip("/") if sep else endpoint
+        kwargs["scheme"] = scheme if sep else "https"
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if region:
+        kwargs["region"] = region
+    elif endpoint:
+        kwargs["region"] = "us-east-1"  # an S3-compatible server: no region lookup against AWS
+    return pafs.S3FileSystem(**kwargs)
+
+
+def _make(loc: Location):
+    from pyarrow import fs as pafs
+
+    if loc.scheme == "s3":
+        return _make_s3()
+    if loc.scheme == "gs":
+        return pafs.GcsFileSystem()
+    account = os.environ.get("AZURE_STORAGE_ACCOUNT_NAME")
+    if not account:
+        raise AuditError(f"{loc.uri}: set AZURE_STORAGE_ACCOUNT_NAME (and AZURE_STORAGE_ACCOUNT_KEY, or use "
+                         "an Azure identity) to read container {loc.bucket!r}")
+    key = os.environ.get("AZURE_STORAGE_ACCOUNT_KEY")
+    return pafs.AzureFileSystem(account_name=account, account_key=key) if key else \
+        pafs.AzureFileSystem(account_name=account)
+
+
+def resolve(uri: str):
+    """(pyarrow filesystem, path inside it) for a URI or a local path.
+
+    The filesystem of a bucket is made once per process (and per set of
+    credential variables) and reused for every object.
+
+    Raises:
+        AuditError: an unusable URI or missing Azure account name.
+    """
+    from pyarrow import fs as pafs
+
+    if not is_uri(uri):
+        return pafs.LocalFileSystem(), os.path.abspath(uri)
+    loc = split(uri)
+    key = (loc.scheme, loc.bucket, _env_key(loc.scheme))
+    with _lock:
+        fsys = _cache.get(key)
+        if fsys is None:
+            fsys = _cache[key] = _make(loc)
+    return fsys, loc.path
+
+
+def clear_cache() -> None:
+    """Forget the filesystems made so far (tests change credentials between cases)."""
+    with _lock:
+        _cache.clear()
+
+
+# ----------------------------------------------------------------------------
+# errors
+# ----------------------------------------------------------------------------
+
+_DENIED = ("ACCESS_DENIED", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "Forbidden",
+           "403", "No credentials", "credentials", "INVALID_ACCESS_KEY_ID", "SIGNATURE_DOES_NOT_MATCH",
+           "Unauthorized", "401")
+_NO_BUCKET = ("NoSuchBucket", "NO_SUCH_BUCKET", "bucket does not exist", "Bucket does not exist",
+              "ContainerNotFound")
+
+
+def storage_error(e: BaseException, uri: str, doing: str = "read") -> AuditError | None:
+    """One line for a refused credential or a missing bucket, or None for another error.
+
+    Args:
+        e: the exception pyarrow raised (an ``OSError`` holding the store's error code).
+        uri: the URI being accessed.
+        doing: ``read`` or ``write``, for the message.
+    """
+    if not is_uri(uri):
+        return None
+    text = " ".join(str(e).split())
+    loc = split(uri)
+    where = f"{loc.scheme}://{loc.bucket}"
+    if any(s in text for s in _NO_BUCKET):
+        return AuditError(f"bucket {where} does not exist (or is not visible with these credentials): "
+                          f"cannot {doing} {uri}")
+    if any(s in text for s in _DENIED):
+        endpoint = f" at {_s3_endpoint()}" if loc.scheme == "s3" and _s3_endpoint() else ""
+        return AuditError(f"access to bucket {where}{endpoint} refused (cannot {doing} {uri}): set "
+                          f"{CREDENTIAL_HINT[loc.scheme]} to a credential that may {doing} it")
+    return None
+
+
+def raise_storage(e: BaseException, uri: str, doing: str = "read"):
+    """Raise :func:`storage_error`'s one line when it has one, else an AuditError with pyarrow's first line."""
+    err = storage_error(e, uri, doing)
+    if err is not None:
+        raise err from None
+    first = (" ".join(str(e).split()) or type(e).__name__)[:300]
+    raise AuditError(f"cannot {doing} {uri}: {first}") from None
+
+
+# ----------------------------------------------------------------------------
+# operations (URI or local path)
+# ----------------------------------------------------------------------------
+
+
+def info(path: str):
+    """pyarrow ``FileInfo`` of ``path`` (``type`` is NotFound when it does not exist)."""
+    fsys, p = resolve(path)
+    try:
+        return fsys.get_file_info(p)
+    except OSError as e:
+        raise_storage(e, path)
+
+
+def exists(path: str) -> bool:
+    if not is_uri(path):
+        return os.path.exists(path)
+    from pyarrow import fs as pafs
+
+    loc = split(path)
+    if not loc.key:
+        return info(path).type != pafs.FileType.NotFound or _bucket_exists(path)
+    return info(path).type != pafs.FileType.NotFound
+
+
+def _bucket_exists(path: str) -> bool:
+    from pyarrow import fs as pafs
+
+    fsys, p = resolve(path)
+    try:
+        fsys.get_file_info(pafs.FileSelector(p, recursive=False))
+        return True
+    except FileNotFoundError:
+        return False
+    except OSError as e:
+        raise_storage(e, path)
+
+
+def is_file(path: str) -> bool:
+    if not is_uri(path):
+        return os.path.isfile(path)
+    from pyarrow import fs as pafs
+
+    return info(path).type == pafs.FileType.File
+
+
+def is_dir(path: str) -> bool:
+    """A local directory, or a URI prefix holding at least one object."""
+    if not is_uri(path):
+        return os.path.isdir(path)
+    from pyarrow import fs as pafs
+
+    return info(path).type == pafs.FileType.Directory
+
+
+def size(path: str) -> int:
+    if not is_uri(path):
+        return os.path.getsize(path)
+    st = info(path)
+    if st.size is None:
+        raise FileNotFoundError(path)
+    return int(st.size)
+
+
+def list_files(path: str, recursive: bool = True) -> list[tuple[str, int]]:
+    """(relative POSIX path, size) of every object under the prefix ``path``, sorted.
+
+    Raises:
+        AuditError: the bucket is missing or access is refused.
+    """
+    from pyarrow import fs as pafs
+
+    fsys, p = resolve(path)
+    try:
+        infos = fsys.get_file_info(pafs.FileSelector(p, recursive=recursive, allow_not_found=True))
+    except OSError as e:
+        raise_storage(e, path)
+    base = p.rstrip("/") + "/"
+    out = [(i.path[len(base):], int(i.size or 0)) for i in infos
+           if i.type == pafs.FileType.File and i.path.startswith(base)]
+    return sorted(out)
+
+
+def list_dirs(path: str) -> list[str]:
+    """Names of the immediate sub-prefixes (folders) of ``path``, sorted."""
+    from pyarrow import fs as pafs
+
+    fsys, p = resolve(path)
+    try:
+        infos = fsys.get_file_info(pafs.FileSelector(p, recursive=False, allow_not_found=True))
+    except OSError as e:
+        raise_storage(e, path)
+    return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
+
+
+def open_input(path: str):
+    """A seekable binary file for reading (a local file, or a pyarrow random-access file on a URI)."""
+    if not is_uri(path):
+        return open(path, "rb")
+    fsys, p = resolve(path)
+    try:
+        return fsys.open_input_file(p)
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        raise_storage(e, path)
+
+
+def read_bytes(path: str, max_bytes: int | None = None) -> bytes:
+    """The whole object; with ``max_bytes``, refused (``ValueError``) without reading when larger."""
+    with open_input(path) as f:
+        if max_bytes is not None:
+            n = f.size() if hasattr(f, "size") else os.fstat(f.fileno()).st_size
+            if n > max_bytes:
+                raise ValueError(n)
+        return f.read()
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    """Write one object (a single PUT for small data); local paths are written in place."""
+    if not is_uri(path):
+        with open(path, "wb") as f:
+            f.write(data)
+        return
+    fsys, p = resolve(path)
+    try:
+        with fsys.open_output_stream(p) as f:
+            f.write(data)
+    except OSError as e:
+        raise_storage(e, path, "write")
+
+
+def delete(path: str) -> None:
+    """Delete one object or file; a missing one is fine."""
+    if not is_uri(path):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        return
+    fsys, p = resolve(path)
+    try:
+        fsys.delete_file(p)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        raise_storage(e, path, "write")
+
+
+def local_copy(uri: str, suffix: str = "") -> str:
+    """Download ``uri`` once per process into a temp file (keeping its suffix); returns the local path.
+
+    For files a library can only open from a local path (a Keras model).
+    """
+    import hashlib
+    import tempfile
+
+    if not is_uri(uri):
+        return uri
+    st = info(uri)  # the object's size and time are in the name: a replaced model is fetched again
+    if st.size is None:
+        raise AuditError(f"not found: {uri}")
+    stamp = f"{uri}|{st.size}|{st.mtime_ns}"
+    name = hashlib.sha256(stamp.encode()).hexdigest()[:16] + (suffix or posixpath.splitext(uri)[1])
+    target = os.path.join(tempfile.gettempdir(), f"shortcut-audit-{os.getuid()}", name)
+    if os.path.isfile(target):
+        return target
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    tmp = f"{target}.{os.getpid()}.tmp"
+    fsys, p = resolve(uri)
+    try:
+        with fsys.open_input_stream(p) as src, open(tmp, "wb") as dst:
+            while chunk := src.read(8 << 20):
+                dst.write(chunk)
+    except FileNotFoundError:
+        raise AuditError(f"not found: {uri}") from None
+    except OSError as e:
+        raise_storage(e, uri)
+    os.replace(tmp, target)
+    return target
+
+
+def not_found(uri: str, what: str = "") -> AuditError:
+    """The one line for a URI that does not exist: names a missing bucket as such."""
+    label = f"{what}: " if what else ""
+    if is_uri(uri):
+        loc = split(uri)
+        bucket = Location(loc.scheme, loc.bucket, "").uri
+        if not exists(bucket):
+            return AuditError(f"{label}bucket {loc.scheme}://{loc.bucket} does not exist (or is not visible "
+                              f"with these credentials; {CREDENTIAL_HINT[loc.scheme]} say whose): {uri}")
+    return AuditError(f"{label}not found: {uri}")
+
+
+def sha256(path: str) -> str:
+    """SHA-256 of a file or object, streamed."""
+    import hashlib
+
+    h = hashlib.sha256()
+    fsys, p = resolve(path)
+    try:
+        with fsys.open_input_stream(p) as f:
+            while chunk := f.read(8 << 20):
+                h.update(chunk)
+    except FileNotFoundError:
+        raise not_found(path) from None
+    except OSError as e:
+        raise_storage(e, path)
+    return h.hexdigest()
