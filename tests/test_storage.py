@@ -302,3 +302,52 @@ def test_job_in_a_bucket_killed_then_resumed_exactly_once(s3, ray_s3, data):
     meta = pq.read_metadata(fs.open_input(fs.join(out, io.RECORDS, entries[0]["file"])))
     assert meta.metadata[b"shortcut_audit.shard"] == b"0"
     assert not fs.exists(fs.join(out, io.LOCK))  # released
+
+
+def test_scan_and_report_on_a_bucket_output(s3, ray_s3, data, tmp_path, capsys):
+    """audit scan writes summary/ into the bucket (with causal tests reading model and images from
+    it); audit report writes report.html into the bucket, or locally with --out."""
+    import pyarrow.parquet as pq
+
+    import audit
+    from audit.cli import main
+    from audit.runner.job import run_job
+
+    s3.bucket("scanned")
+    out = "s3://scanned/job"
+    s = run_job(_bucket_spec(data, out), progress=False, base_dir=data["dir"])
+    assert s["status"] == "ok"
+    assert main(["scan", out, "--quiet"]) == 0
+    keys = s3.keys("scanned", "job/summary/")
+    assert keys == ["job/summary/classes.parquet", "job/summary/clusters.parquet", "job/summary/interventions.parquet"]
+    classes = pq.read_table(fs.open_input(f"{out}/summary/classes.parquet")).to_pandas()
+    assert sorted(classes.class_name) == ["cat", "dog"] and classes.n.sum() == 12
+    # the causal tests read the model and the images from the bucket (12 images are too few to run them)
+    from audit.scan.intervene import Intervener
+
+    iv = Intervener(out)
+    ids = ["cat/img_001.png", "dog/img_004.png"]
+    images, masks = iv.load(ids)
+    for k, i in enumerate(ids):
+        local = datasets.Item(image_id=i, path="p", file=os.path.join(data["local"]["folder"], i),
+                              mask_file=os.path.join(data["local"]["masks"], i))
+        img, mask, _ = datasets.load_item(local, (16, 16), 10**8)
+        np.testing.assert_array_equal(images[k], img)
+        np.testing.assert_array_equal(masks[k], mask)
+    df = audit.load(out, filters=[("method", "=", "gradcam")])
+    pred = dict(zip(df.image_id, df.pred))
+    assert list(iv.predict(images)) == [pred[i] for i in ids]
+    from audit.data import query  # the report's pictures: originals read from the bucket
+
+    row = df[df.image_id == "dog/img_004.png"].iloc[0]
+    assert row.path == data["remote"]["folder"] + "/dog/img_004.png"
+    import cv2
+
+    want = cv2.cvtColor(cv2.imread(os.path.join(data["local"]["folder"], "dog/img_004.png")), cv2.COLOR_BGR2RGB)
+    np.testing.assert_array_equal(query.original_image(row), want)
+    assert audit.overlay(row).shape == (16, 16, 3)
+    assert main(["report", out]) == 0
+    html = fs.read_bytes(f"{out}/report.html").decode()
+    assert "<html" in html.lower() and "data:image/jpeg;base64" in html
+    assert main(["report", out, "--out", str(tmp_path / "rep")]) == 0
+    assert (tmp_path / "rep" / "report.html").read_text().count("data:image/jpeg;base64") >= 1

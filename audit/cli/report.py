@@ -46,6 +46,8 @@ def run(args) -> int:
     t0 = time.perf_counter()
     path = write_report(args.out, max_examples=args.max_examples, max_classes=args.max_classes,
                         seed=args.seed, layer=args.layer, method=args.method, dest=args.dest)
-    size = path.stat().st_size / 1e6
+    from audit.data import fs
+
+    size = fs.size(str(path)) / 1e6  # OUT/report.html may be an object in a bucket
     print(f"wrote {path} ({size:.1f} MB, {time.perf_counter() - t0:.1f} s)")
     return 0

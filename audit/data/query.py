@@ -220,12 +220,13 @@ def original_image(row) -> np.ndarray:
         path = os.fsdecode(raw)
     if not path:
         raise AuditError("the record has no path")
-    if os.path.isfile(path):
-        with open(path, "rb") as f:
-            data = f.read()
+    from audit.data import fs
+
+    if fs.is_file(path):
+        data = fs.read_bytes(path)
     else:
         file, sep, idx = path.rpartition("#")
-        if not (sep and idx.isdigit() and os.path.isfile(file)):
+        if not (sep and idx.isdigit() and fs.is_file(file)):
             raise AuditError(f"image not found: {path}")
         idx = int(idx)
         if file.lower().endswith((".parquet", ".pq")):

@@ -53,21 +53,25 @@ MAX_GALLERIES = 4  # suspect-cluster galleries per class (the largest suspect cl
 # ----------------------------------------------------------------------------
 
 
-def _read_json(p: Path) -> dict:
+def _read_json(p) -> dict:
+    from audit.data import fs
+
     try:
-        return json.loads(p.read_text())
+        return json.loads(fs.read_bytes(p) if isinstance(p, str) else p.read_text())
     except (OSError, ValueError):
         return {}
 
 
-def _read_parquet(p: Path):
-    """A small summary table as pandas, or None when it is absent or unreadable."""
+def _read_parquet(p):
+    """A small summary table as pandas, or None when it is absent or unreadable (a Path or a URI)."""
     import pyarrow.parquet as pq
 
-    if not p.is_file():
+    from audit.data import fs
+
+    if not fs.is_file(str(p)):
         return None
     try:
-        return pq.read_table(p).to_pandas()
+        return pq.read_table(fs.open_input(str(p)) if isinstance(p, str) else p).to_pandas()
     except Exception:  # a half-written or foreign file: report without it
         return None
 
@@ -189,7 +193,9 @@ class _Images:
     """Original images by record path, cached, with a fallback search next to the dataset."""
 
     def __init__(self, bases):
-        self.bases = [Path(b) for b in bases if b]
+        from audit.data import fs
+
+        self.bases = [Path(b) for b in bases if b and not fs.is_uri(str(b))]  # record paths in a bucket are URIs
         self.cache = {}
 
     def get(self, row):
@@ -199,9 +205,10 @@ class _Images:
         if path in self.cache:
             return self.cache[path]
         img = None
-        from audit.data import query
+        from audit.data import fs, query
 
-        candidates = [path] + [str(b / path) for b in self.bases if not Path(path).is_absolute()]
+        relative = not fs.is_uri(path) and not Path(path).is_absolute()
+        candidates = [path] + [str(b / path) for b in self.bases if relative]
         for cand in candidates:
             try:
                 img = query.original_image({"path": cand})
@@ -584,17 +591,22 @@ def write_report(out_dir, *, max_examples: int = 12, max_classes: int = 24, seed
         AuditError: not a job output, an unknown layer or method, or the
             report cannot be written (read-only or full destination).
     """
-    from audit.data import query
+    from audit.data import fs, query
 
-    out = Path(out_dir)
-    if not out.is_dir():
+    remote = fs.is_uri(str(out_dir))
+    out = str(out_dir) if remote else Path(out_dir)
+    if not (fs.exists(out) if remote else out.is_dir()):
         raise AuditError(f"job output not found: {out}")
+
+    def under(*parts):
+        return fs.join(out, *parts) if remote else out.joinpath(*parts)
+
     ds = query.records_dataset(out)
     if "image_id" not in ds.schema.names:
         raise AuditError(f"{out}/records has no image_id column: not an audit job output")
-    job = _read_json(out / "job.json")
-    classes = _read_parquet(out / "summary" / "classes.parquet")
-    clusters = _read_parquet(out / "summary" / "clusters.parquet")
+    job = _read_json(under("job.json"))
+    classes = _read_parquet(under("summary", "classes.parquet"))
+    clusters = _read_parquet(under("summary", "clusters.parquet"))
     notes = []
     layer, method = _primary(ds, job, clusters, layer, method)
     light = _read_light(ds, layer, method)
@@ -613,7 +625,7 @@ def write_report(out_dir, *, max_examples: int = 12, max_classes: int = 24, seed
     else:
         light = light.reset_index(drop=True)
         light_n = len(light)
-        bases = [(spec.get("dataset") or {}).get("path"), out.parent, Path.cwd()]
+        bases = [(spec.get("dataset") or {}).get("path"), None if isinstance(out, str) else out.parent, Path.cwd()]
         ctx = _Ctx(ds, light, layer, method, _Images(bases), np.random.default_rng(seed))
         table = _class_table(classes, light, names_by_id)
         class_maps = _table_maps(classes, ("class_id",))
@@ -663,8 +675,17 @@ def write_report(out_dir, *, max_examples: int = 12, max_classes: int = 24, seed
     return _write_html(html, Path(dest) if dest is not None else out)
 
 
-def _write_html(html: str, folder: Path) -> Path:
-    """``folder/report.html`` written atomically; a write that fails is one line naming the folder."""
+def _write_html(html: str, folder):
+    """``folder/report.html`` written atomically; a write that fails is one line naming the folder.
+
+    ``folder`` may be a URI: the report is then one PUT into the bucket.
+    """
+    from audit.data import fs
+
+    if isinstance(folder, str) and fs.is_uri(folder):
+        path = fs.join(folder, "report.html")
+        fs.write_bytes(path, html.encode("utf-8"))
+        return path
     path = folder / "report.html"
     tmp = path.with_suffix(".html.tmp")
     try:

@@ -408,13 +408,13 @@ class Intervener:
     """
 
     def __init__(self, out_dir, *, fill: str = "mean", batch_size: int = BATCH):
-        import json
+        from audit.data import fs, io
 
-        self.out = Path(out_dir)
-        p = self.out / "job.json"
-        if not p.is_file():
-            raise AuditError(f"{p} not found: intervention needs the job's model and dataset")
-        self.job = json.loads(p.read_text())
+        self.out = str(out_dir) if fs.is_uri(str(out_dir)) else Path(out_dir)
+        job = io.read_job(self.out)
+        if job is None:
+            raise AuditError(f"{io.job_path(self.out)} not found: intervention needs the job's model and dataset")
+        self.job = job
         self.spec = self.job.get("spec") or {}
         self.fill = fill
         self.batch_size = batch_size
@@ -439,10 +439,12 @@ class Intervener:
     @property
     def model(self):
         if self._model is None:
+            from audit.data import fs
             from audit.engine.models import load_model
 
             m = self.spec.get("model") or {}
-            self._model = load_model(m.get("path"), application=m.get("application"),
+            path = fs.local_copy(m["path"]) if fs.is_uri(m.get("path")) else m.get("path")
+            self._model = load_model(path, application=m.get("application"),
                                      weights=m.get("weights"), input_size=m.get("input_size"),
                                      num_classes=m.get("num_classes"),
                                      trust_code=bool(m.get("trust_code")))

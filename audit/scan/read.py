@@ -65,15 +65,9 @@ def choose_view(pairs, auto_layers=None, layer=None, method=None) -> tuple[str, 
 
 def read_job(out: Path) -> dict:
     """``OUT/job.json``, or {} when missing or unreadable."""
-    import json
+    from audit.data import io
 
-    p = out / "job.json"
-    if not p.is_file():
-        return {}
-    try:
-        return json.loads(p.read_text())
-    except ValueError:
-        return {}
+    return io.read_job(out) or {}
 
 
 def sample_ids(ids, k: int) -> set:
@@ -126,10 +120,11 @@ def read_view(out_dir, layer: str | None = None, method: str | None = None, use_
     """
     import pyarrow.compute as pc
 
+    from audit.data import fs
     from audit.data.query import records_dataset
 
-    out = Path(out_dir)
-    if not out.exists():
+    out = str(out_dir) if fs.is_uri(str(out_dir)) else Path(out_dir)  # a URI: the job output in a bucket
+    if not fs.exists(str(out)):
         raise AuditError(f"{out} does not exist")
     ds = records_dataset(out)
     job = read_job(out)

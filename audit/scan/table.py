@@ -132,10 +132,12 @@ def write_tables(out: Path, frames: dict, regions) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from audit.data import fs
     from audit.data.io import atomic_write_bytes
     from audit.data.schema import SCHEMA_VERSION, arrow_schema
 
-    d = Path(out) / "summary"
+    remote = fs.is_uri(str(out))
+    d = fs.join(str(out), "summary") if remote else Path(out) / "summary"
     for name, frame in frames.items():
         extra = {f"energy_{r}": "float32" for r in regions} if name in ("classes", "clusters") else {}
         schema = arrow_schema(name, extra).with_metadata({"schema_version": SCHEMA_VERSION, "table": name})
@@ -143,8 +145,10 @@ def write_tables(out: Path, frames: dict, regions) -> None:
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink)
         try:
-            d.mkdir(parents=True, exist_ok=True)
-            atomic_write_bytes(d / f"{name}.parquet", sink.getvalue().to_pybytes())
+            if not remote:
+                d.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(fs.join(d, f"{name}.parquet") if remote else d / f"{name}.parquet",
+                               sink.getvalue().to_pybytes())
         except OSError as e:  # a read-only or full OUT: one line, not a traceback
             raise cannot_write(d / f"{name}.parquet", e, "the scan writes OUT/summary/: scan a writable "
                                "copy of OUT") from None
