@@ -631,7 +631,7 @@ def write_report(out_dir, *, max_examples: int = 12, max_classes: int = 24, seed
         class_maps = _table_maps(classes, ("class_id",))
         cluster_maps = _table_maps(clusters, ("class_id", "cluster"))
         sections = _class_sections(ctx, table, clusters, class_maps, cluster_maps, max_classes, max_examples)
-        _add_tests(sections, _read_parquet(out / "summary" / "interventions.parquet"))
+        _add_tests(sections, _read_parquet(under("summary", "interventions.parquet")))
         doubtful = _doubtful(ctx, max_examples)
         galleries = [g for s in sections for g in s["galleries"]] + doubtful
         if any(it["no_image"] for g in galleries for it in g["items"]):
