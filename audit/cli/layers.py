@@ -57,7 +57,7 @@ def run(args) -> int:
     model = load_model(args.model, application=args.application, weights=args.weights,
                        input_size=args.input_size, trust_code=args.trust_code)
     t = graph.trace(model, token_grid=args.token_grid, output=args.output)
-    rows = graph.listing(t)
+    rows = graph.map_layers(t)
     try:
         chosen, why = graph.auto_layer(t)
     except AuditError as e:
@@ -65,7 +65,7 @@ def run(args) -> int:
     shown = rows if args.all else rows[-40:]
     if len(shown) < len(rows):
         print(f"... {len(rows) - len(shown)} earlier layers (--all shows them)")
-    for line in format_rows(shown, chosen):
+    for line in format_rows(graph.describe(t, shown), chosen):
         print(line)
     print(f"\nautomatic choice: {chosen.path} ({why})" if chosen else f"\nno automatic choice: {why}")
     return 0

@@ -427,11 +427,14 @@ def auto_layer(t: Trace) -> tuple[Call, str]:
     Raises:
         AuditError: no such layer (a 1x1-only network at this input size, an MLP).
     """
-    dominators = [c for c in reversed(candidates(t)) if through_every_path(t, c)]
-    for c in dominators:
+    cands = candidates(t)
+    for c in reversed(cands):  # deepest first; stops at the first layer on every path (CNNs)
+        if not through_every_path(t, c):
+            continue
         if not c.is_tokens:
             return c, _WHY_AUTO
-        tokens = [d for d in dominators if d.is_tokens]
+        # one gradient pass answers for every token layer on every path
+        tokens = [d for d in cands if d.is_tokens and through_every_path(t, d)]
         if patch_tokens_reach(t, tokens)[c.path]:
             return c, f"{_WHY_AUTO}; its patch tokens ({c.grid}) reach the output"
     ones = [c for c in t.calls if len(c.shape) == 4 and not is_spatial(c) and c.kind not in _PASSIVE]
@@ -528,8 +531,12 @@ class LayerInfo:
     reason: str | None  # why it cannot be a target layer; None when it can
 
 
-def listing(t: Trace) -> list[LayerInfo]:
-    """Every layer with a 4-D or token-sequence output (pooling/padding left out), with its usability."""
-    rows = [c for c in t.calls if len(c.shape) in (3, 4) and c.kind not in _PASSIVE]
-    patch_tokens_reach(t, [c for c in rows if c.is_tokens])  # one pass for all of them
-    return [LayerInfo(c, through_every_path(t, c), unusable_reason(t, c)) for c in rows]
+def map_layers(t: Trace) -> list[Call]:
+    """Every layer with a 4-D or token-sequence output, pooling/padding/reshaping left out."""
+    return [c for c in t.calls if len(c.shape) in (3, 4) and c.kind not in _PASSIVE]
+
+
+def describe(t: Trace, calls) -> list[LayerInfo]:
+    """:class:`LayerInfo` of each call (whether it is on every path, why it cannot be a target layer)."""
+    patch_tokens_reach(t, [c for c in calls if c.is_tokens])  # one gradient pass for all of them
+    return [LayerInfo(c, through_every_path(t, c), unusable_reason(t, c)) for c in calls]
