@@ -172,8 +172,10 @@ def causal(places=None, obj=None, bg=None, n=32, masked=True, absence=False):
     tests = []
     if masked and obj is not None:
         tests.append(PlaceFlip("object", "object", None, "inpaint", n, obj, 0.1))
-    if masked and bg is not None:
-        tests.append(PlaceFlip("background", "background", None, "other-background", n, bg, 0.9))
+    if masked and bg is not None:  # bg: one rate for both background tests, or (neutral, other-background)
+        neutral, other = bg if isinstance(bg, tuple) else (bg, bg)
+        tests.append(PlaceFlip("background", "background", None, "neutral", n, neutral, 0.9))
+        tests.append(PlaceFlip("background", "background", None, "other-background", n, other, 0.9))
     for name, rate in (places or {}).items():
         area, box = PLACES[name]
         tests.append(PlaceFlip("region", name, box, "mean", n, rate, area))
@@ -204,6 +206,8 @@ CAUSAL_CASES = [
      {"corner:bottom_right": 0.0}, None, "ok", "fixed place", ""),
     ("background decides: object removal changes nothing", "diffuse", True,
      causal(QUIET, obj=0.03, bg=0.8), {}, None, "shortcut_suspected", "background", "background"),
+    ("default class: only another class's background (and cue) flips it", "diffuse", True,
+     causal(QUIET, obj=0.0, bg=(0.0, 1.0)), {}, None, "ok", "", ""),
     ("object and background both matter: healthy", "healthy", True, causal(QUIET, obj=0.8, bg=0.4), {}, None,
      "ok", "object", ""),
     ("central objects without masks: only the hot area flips", "healthy", False,
@@ -255,6 +259,15 @@ def test_attention_alone_flags_only_without_tests():
 ])
 def test_place_flip_score(flip, others, expected):
     assert place_flip_score(flip, others) == pytest.approx(expected)
+
+
+def test_default_class_evidence():
+    rows = make_rows("diffuse", 40, masks=True)
+    rows["energy_object"], rows["pointing_hit"] = 0.05, 0.0
+    v = assess(features(rows), causal=causal(QUIET, obj=0.0, bg=(0.0, 1.0)))
+    assert v.verdict == "ok" and v.rate("background") == 0.0
+    assert "a neutral colour 0% or another class's background 100%" in v.evidence
+    assert "the model says this class when the other classes' cues are absent" in v.evidence
 
 
 def test_evidence_does_not_contradict_itself():

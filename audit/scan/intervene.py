@@ -9,9 +9,9 @@ class (or cluster):
   a few pixels, so that no silhouette or outline is left) -> ``flip_rate``
   of test ``object``;
 * **background** (with masks): the object is kept and everything else is
-  replaced by the background of an image of another class (its own object
-  inpainted away), or by a neutral colour when there is none
-  (:func:`replace_background`) -> test ``background``;
+  replaced by a neutral colour, and separately by the background of an
+  image of another class (its own object inpainted away)
+  (:func:`replace_background`) -> two ``background`` tests;
 * **places** (with and without masks): each place of a fixed bank
   (:func:`place_bank`: border bands of several widths, each edge, each
   corner, the job's named regions, the class's hot area) is filled one at a
@@ -221,6 +221,11 @@ class CausalResult:
         return next((t for t in self.tests if t.test == test and (place is None or t.place == place)), None)
 
     def rate(self, test: str, place: str | None = None) -> float:
+        """A test's flip rate (NaN when not run).  ``background``: the smaller of the neutral and the
+        other-background rates, i.e. the background matters whichever way it is replaced."""
+        if test == "background":
+            rates = [t.flip_rate for t in self.tests if t.test == test and math.isfinite(t.flip_rate)]
+            return min(rates) if rates else math.nan
         t = self.get(test, place)
         return t.flip_rate if t is not None else math.nan
 
@@ -306,9 +311,10 @@ def causal_tests(predict_fn, images, places, object_masks=None, *, classes=None,
     base = np.asarray(predict_fn(images) if base_pred is None else base_pred)
     cls = None if classes is None else np.asarray(classes)
     first = np.arange(n) < (screen if 0 < screen < n else n)
-    bg_fill = "other-background" if backgrounds is not None and len(backgrounds) else "neutral"
     tests = [_Test("object", "object", None, OBJECT_FILL, has_obj),
-             _Test("background", "background", None, bg_fill, has_obj)] if obj is not None else []
+             _Test("background", "background", None, "neutral", has_obj)] if obj is not None else []
+    if obj is not None and backgrounds is not None and len(backgrounds):
+        tests.append(_Test("background", "background", None, "other-background", has_obj))
     for p in places:
         m = np.broadcast_to(p.mask, (n, *p.mask.shape))
         m = m & ~obj if obj is not None else m
@@ -361,10 +367,9 @@ def _edit(t: _Test, images, obj, rows: np.ndarray, backgrounds) -> np.ndarray:
     if t.test == "object":
         return remove_objects(images[rows], obj[rows])
     if t.test == "background":
-        bg = None if backgrounds is None or not len(backgrounds) else \
+        bg = None if t.fill == "neutral" else \
             np.asarray(backgrounds)[np.nonzero(t.sel)[0].searchsorted(rows) % len(backgrounds)]
-        out, t.fill = replace_background(images[rows], obj[rows], bg)
-        return out
+        return replace_background(images[rows], obj[rows], bg)[0]
     return occlude(images[rows], t.mask[rows], t.fill)
 
 
@@ -393,7 +398,7 @@ def extra_forwards(n: int, n_places: int, masked: bool, screen: int = SCREEN) ->
     """Forward passes :func:`causal_tests` costs for a sample of ``n``, planned: base, object and
     background on all, every place on the screening images, and about :data:`PROMISING` places on the rest."""
     k = min(n, screen) if screen > 0 else n
-    return n * (1 + (2 if masked else 0)) + k * n_places + (n - k) * min(PROMISING, n_places)
+    return n * (1 + (3 if masked else 0)) + k * n_places + (n - k) * min(PROMISING, n_places)
 
 
 # ----------------------------------------------------------------------------

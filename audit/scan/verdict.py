@@ -190,9 +190,9 @@ def causal_cue(causal: CausalResult | None, others: dict | None = None, cfg: Con
     """The place whose occlusion flips the class, not the other classes alike.
 
     Among the eligible places (:func:`place_eligible`) scoring at least 0.5
-    a named region wins, else the smallest (the most specific explanation: a
-    corner rather than an edge containing it); without one, the highest
-    score (for the evidence).
+    a named region wins, else the smallest of the fixed bank (the most
+    specific explanation: a corner rather than an edge containing it), else
+    the hot area; without one, the highest score (for the evidence).
     ``others``: {place: median flip rate of the same place on the other classes}.
     """
     if causal is None:
@@ -203,9 +203,10 @@ def causal_cue(causal: CausalResult | None, others: dict | None = None, cfg: Con
     if not cands:
         return CueFinding(0.0)
     strong = [c for c in cands if c[0] >= 0.5]
-    # a named region first (the user's hypothesis), then the smallest place
-    best = min(strong, key=lambda c: (not c[1].place.startswith("region:"), c[1].area, -c[0])) if strong \
-        else max(cands, key=lambda c: c[0])
+    # a named region first (the user's hypothesis), then the smallest place of the fixed bank, then
+    # the hot area (it follows the attention, the bank names the place)
+    best = min(strong, key=lambda c: (not c[1].place.startswith("region:"), c[1].place == "hot area",
+                                      c[1].area, -c[0])) if strong else max(cands, key=lambda c: c[0])
     s, t = best
     return CueFinding(s, t, others.get(t.place, math.nan))
 
@@ -288,7 +289,7 @@ def assess(f: GroupFeatures, cfg: Config = DEFAULT, causal: CausalResult | None 
         elif s_bg >= cfg.threshold:
             res.cue, res.cue_kind, res.cue_region, res.cue_box = "background", "background", "background", None
     res.verdict = "shortcut_suspected" if res.suspicion >= cfg.threshold else "ok"
-    res.evidence = evidence(f, att, res)
+    res.evidence = evidence(f, att, res, cfg)
     return res
 
 
@@ -347,11 +348,13 @@ def causal_text(res: Verdict) -> str:
     """What the interventions showed: the object and background tests, and the strongest place."""
     c = res.causal
     parts = []
-    o, b = (c.get("object"), c.get("background")) if c is not None else (None, None)
+    o = c.get("object") if c is not None else None
+    bgs = [t for t in c.tests if t.test == "background" and finite(t.flip_rate)] if c is not None else []
     if o is not None and finite(o.flip_rate):
         s = f"removing the object (inpainted) changes {pct(o.flip_rate)} of {o.n} predictions"
-        if b is not None and finite(b.flip_rate):
-            s += f", replacing the background ({_fill_words(b.fill)}) {pct(b.flip_rate)}"
+        if bgs:
+            s += ", replacing the background by " + " or ".join(
+                f"{_fill_words(b.fill)} {pct(b.flip_rate)}" for b in bgs)
         parts.append(s)
     t = res.cue_flip
     if t is not None and finite(t.flip_rate) and (res.cue_kind == "place" or t.flip_rate >= MENTION_FLIP):
@@ -362,7 +365,7 @@ def causal_text(res: Verdict) -> str:
     return "; ".join(parts)
 
 
-def _conclusion(res: Verdict, att: Attention) -> str:
+def _conclusion(res: Verdict, att: Attention, cfg: Config) -> str:
     if res.untested:
         return " - not tested by intervention (cost budget), and attention alone is not a verdict"
     if not has_causal(res.causal):
@@ -371,18 +374,23 @@ def _conclusion(res: Verdict, att: Attention) -> str:
         return f" - the decision rests on {res.cue_region}, away from the object"
     if res.suspected:
         return " - the decision rests on the background, not on the object"
+    other_bg = [t.flip_rate for t in res.causal.tests if t.fill == "other-background" and finite(t.flip_rate)]
+    if finite(res.rate("object")) and res.rate("object") <= cfg.object_flip_max and other_bg \
+            and other_bg[0] >= cfg.background_flip_min:
+        return (" - removing the object changes nothing and only another class's background flips it:"
+                " the model says this class when the other classes' cues are absent")
     if att.score >= 0.5:
         return " - the attention is suspicious, but no causal test supports a shortcut"
     return ""
 
 
-def evidence(f: GroupFeatures, att: Attention, res: Verdict) -> str:
+def evidence(f: GroupFeatures, att: Attention, res: Verdict, cfg: Config = DEFAULT) -> str:
     """One human sentence: the attention, the causal tests, and what they mean together."""
     parts = [attention_text(f, att)]
     ct = causal_text(res)
     if ct:
         parts.append(ct)
-    text = "; ".join(parts) + _conclusion(res, att)
+    text = "; ".join(parts) + _conclusion(res, att, cfg)
     if not has_causal(res.causal) and res.verdict == "ok" and 0 < att.score < 0.5 \
             and att.cue_kind == "hotspot" and not att.masked:
         text += " - diffuse attention alone is not a shortcut"
