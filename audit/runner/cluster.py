@@ -159,8 +159,8 @@ def check_reachable(address, timeout: float = REACH_TIMEOUT_S) -> None:
 def _resolve_auto() -> str | None:
     """What ``ray.init(address="auto")`` would connect to, or None when there is nothing."""
     env = os.environ.get("RAY_ADDRESS")
-    if env:
-        return None if env == "auto" else env
+    if env and env != "auto":
+        return env
     try:
         from ray._private.services import get_ray_address_from_environment
 
