@@ -159,7 +159,12 @@ def test_truncated_part_file_is_named_by_load_and_redone_on_resume(ray_local, jo
     assert str(e.value) == (f"{tmp / 'out'}: shard 2's records/part-00002.parquet is {size // 2:,} bytes but its "
                             f"manifest entry says {size:,} (truncated or replaced); it is not committed: rerun "
                             "the job with --resume to redo it")
+    from audit.cli import main
+
     capsys.readouterr()
+    assert main(["scan", str(tmp / "out")]) == 2  # the scan names it too, in one line
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "shard 2's records/part-00002.parquet is" in err[0]
     s = run_job(spec, resume=True, progress=False)
     assert "audit: shard 2 is redone: records/part-00002.parquet is" in capsys.readouterr().err
     assert s["status"] == "ok" and s["shards_skipped"] == 5 and s["images_this_run"] == 4

@@ -5,13 +5,13 @@ call it).  It runs in named steps:
 
 1. :func:`prepare` loads and checks the spec, the model file (layer names
    from the ``.keras`` config, before TensorFlow is imported) and the dataset
-   plan; then :func:`audit.runner.precheck.check_with_model` loads the model
-   in the driver as each actor will, so a mistake that needs the model (an
-   unknown layer, a bad target, classes that do not fit) is found before any
-   actor starts; nothing is written;
+   plan; nothing is written;
 2. :func:`own_output` takes ``OUT/_lock.json`` (:mod:`audit.data.lock`),
    works out which committed shards the new plan keeps
-   (:mod:`audit.runner.resume`), joins or starts Ray
+   (:mod:`audit.runner.resume`), loads the model in the driver as each actor
+   will (:func:`audit.runner.precheck.check_with_model`: an unknown layer, a
+   bad target, classes that do not fit are found before any actor starts),
+   joins or starts Ray
    (:mod:`audit.runner.cluster`) and creates the output folders;
 3. :func:`execute` runs the shards left to do on actors
    (:class:`audit.runner.scheduler.Scheduler`): actors read, decode, explain
@@ -176,7 +176,6 @@ def run_job(spec, *, address=None, resume=False, overrides=(), progress=True, on
     """
     check_reachable(address)  # a dead address is one line before anything else is done
     ctx = prepare(spec, overrides=overrides, base_dir=base_dir, resume=resume)
-    check_with_model(ctx.spec, ctx.plan.classes)  # what an actor's setup would refuse, before actors start
     with own_output(ctx, address) as owned:
         return execute(ctx, owned, progress=progress, on_event=on_event)
 
@@ -216,9 +215,11 @@ def prepare(spec, *, overrides=(), base_dir=None, resume=False) -> JobContext:
 
 @contextlib.contextmanager
 def own_output(ctx: JobContext, address):
-    """Hold ``OUT`` for the run: lock, committed shards, Ray, output folders.
+    """Hold ``OUT`` for the run: lock, committed shards, the model check, Ray, output folders.
 
-    The lock is taken before anything else is written.  When Ray cannot be
+    The lock is taken before anything else is written.  The model is loaded in
+    the driver (:func:`audit.runner.precheck.check_with_model`) only when
+    there are shards to do, after a resume's check of the committed ones.  When Ray cannot be
     joined or the output not prepared, an output this call created is removed
     again (a rerun does not find a "non-empty" output).
     """
@@ -234,6 +235,8 @@ def own_output(ctx: JobContext, address):
         lock.acquire()
         found = reconcile(ctx.out, ctx.plan, ctx.spec["dataset"], ctx.job_id, ctx.mode)
         todo = [s for s in ctx.plan.shards if s.id not in found.entries]
+        if todo:  # what an actor's setup would refuse, found before a private Ray or any actor starts
+            check_with_model(ctx.spec, ctx.plan.classes)
         if todo and not address:
             started_ray = ray_init(address)
         io.prepare_output(ctx.out, bool(ctx.mode))
