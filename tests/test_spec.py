@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import asdict
 from pathlib import Path
@@ -184,6 +185,12 @@ def test_resume_needs_the_same_spec(ws):
     # resources may change between runs
     more = load_spec(write(tmp, doc), ["resources.actors=4"])
     _check_resumable(more, {"spec": spec}, None)
+    # a job written before a key joined the schema: the missing key is its default, not a change
+    older = copy.deepcopy(spec)
+    del older["dataset"]["max_image_bytes"], older["dataset"]["resize_masks"]
+    _check_resumable(spec, {"spec": older}, None)
+    with pytest.raises(AuditError, match=r"dataset.resize_masks is True now but False"):
+        _check_resumable(load_spec(write(tmp, doc), ["dataset.resize_masks=true"]), {"spec": older}, None)
 
 
 def test_cli_reports_spec_errors_in_one_line(ws, capsys):

@@ -82,7 +82,10 @@ def _first_difference(a, b, path=""):
 
 
 def _check_resumable(spec: dict, previous: dict, sha: str | None) -> None:
-    old = previous.get("spec") or {}
+    from audit.runner.spec import fill_defaults
+
+    # a key added to the schema since the job started compares as its default
+    old = fill_defaults(previous.get("spec") or {})
     for section in ("dataset", "explain", "model"):
         d = _first_difference(old.get(section), spec.get(section), section)
         if d:
