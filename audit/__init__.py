@@ -1,6 +1,6 @@
 """shortcut-audit: did the image classifier learn the object or a shortcut?
 
-Public API (see DESIGN.md)::
+Public API (README.md, "In Python")::
 
     import audit
     model = audit.load_model("models/m.keras")
