@@ -29,6 +29,12 @@
 3. Parquet bytes per image (all layers x methods of one image, cam included).
 4. Driver peak memory (max RSS of a fresh process) while planning a manifest of
    1,000,000 rows (target < 500 MB), and the Python heap peak (tracemalloc).
+5. Reading from object storage: the same job (1 actor, steady state) with the
+   dataset and the model in a bucket of a local S3-compatible server (moto's
+   standalone server, started here on 127.0.0.1) vs on the local disk, runs
+   alternating disk, bucket, disk, ...; each bucket rate over the mean of the
+   disk runs around it, median reported (target >= 0.8x).  ``--skip-s3`` leaves
+   it out.
 """
 
 from __future__ import annotations
@@ -220,6 +226,26 @@ def two_node(tmp, batch, shard, rounds):
     return rates, ratios
 
 
+def s3_vs_disk(tmp, args, server):
+    """(disk rates, bucket rates, ratios): steady images/s of the job reading from disk and from the bucket."""
+    server.bucket("bench")
+    server.upload(tmp / "data", "s3://bench/data")
+    server.upload(tmp / "model.keras", "s3://bench/model.keras")
+    rates = {"disk": [], "bucket": []}
+    for r in range(2 * args.s3_rounds + 1):
+        where = "disk" if r % 2 == 0 else "bucket"
+        spec = spec_for(tmp, tmp / f"s3out{r}", args.job_shard, args.batch, actors=1)
+        if where == "bucket":
+            spec["dataset"]["path"] = "s3://bench/data"
+            spec["model"]["path"] = "s3://bench/model.keras"
+        steady, _, _, s = timed_job(spec)
+        rates[where].append(steady)
+        print(f"object storage round {r + 1}: {where} {steady:.1f} img/s (errors {s['errors']})", flush=True)
+    d = rates["disk"]
+    ratios = [b / ((d[k] + d[k + 1]) / 2) for k, b in enumerate(rates["bucket"])]
+    return d, rates["bucket"], ratios
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=1536)
@@ -231,6 +257,8 @@ def main():
     ap.add_argument("--repeat", type=int, default=5, help="engine/job/engine rounds (median ratio)")
     ap.add_argument("--cluster-rounds", type=int, default=3, help="2-actor runs, each between two 1-actor runs")
     ap.add_argument("--skip-cluster", action="store_true")
+    ap.add_argument("--s3-rounds", type=int, default=2, help="bucket runs, each between two disk runs")
+    ap.add_argument("--skip-s3", action="store_true", help="leave out the object-storage part (needs moto[server])")
     args = ap.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     tmp = Path(tempfile.mkdtemp(prefix="auditbench"))
@@ -249,9 +277,14 @@ def main():
 
         import ray
 
+        server = None
+        if not args.skip_s3:  # before Ray starts: its workers inherit the AWS_* variables
+            import helpers_s3
+
+            server = helpers_s3.S3Server(auth=False)
         cpus = os.cpu_count()
-        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
-        rounds, cpu_ratios = [], []
+        ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+        rounds, cpu_ratios, s3 = [], [], None
         try:
             # num_cpus=0: the idle engine actor must not keep the job's actor from being scheduled
             engine = ray.remote(num_cpus=0)(EngineAlone).remote(tmp / "model.keras", args.batch, cpus)
@@ -270,8 +303,12 @@ def main():
                       f"incl. start-up {e2e:.1f} img/s; CPU ms/image: "
                       f"engine {(c1 + c2) / 2:.2f}, job {s.get('cpu_ms_per_image', float('nan')):.2f}"
                       + ("" if steady_load else "  [load changed: left out]"), flush=True)
+            if server is not None:
+                s3 = s3_vs_disk(tmp, args, server)
         finally:
             ray.shutdown()
+            if server is not None:
+                server.stop()
         kept = [r for r in rounds if r[4]] or rounds
         ratios = sorted(r[1] / r[0] for r in kept)
         # the round at the median (the lower middle one for an even count); the ratios
@@ -302,6 +339,15 @@ def main():
          "median; bounds the steady ratio when the CPUs are the limit (load-independent)"),
         ("audit job, 1 actor, incl. actor start-up", f"{e2e:8.1f} img/s", f"{e2e / eng:5.2f}x engine"),
     ]
+    if s3:
+        disk, bucket, s3_ratios = s3
+        rows += [
+            ("job reading from local disk, 1 actor", f"{np.median(disk):8.1f} img/s",
+             "steady state; runs: " + " ".join(f"{v:.1f}" for v in disk)),
+            ("job reading from a local S3 server", f"{np.median(bucket):8.1f} img/s",
+             f"{np.median(s3_ratios):5.2f}x disk (target >= 0.8x); dataset and model in a bucket of moto's "
+             "server on 127.0.0.1; ratios: " + " ".join(f"{v:.2f}" for v in s3_ratios)),
+        ]
     if cluster:
         crates, cratios = cluster
         med = float(np.median(cratios))

@@ -31,17 +31,25 @@ def _free_port() -> int:
 
 
 class S3Server:
-    """One moto server; ``key``/``secret`` are the valid credential, ``endpoint`` its URL."""
+    """One moto server; ``key``/``secret`` are the valid credential, ``endpoint`` its URL.
 
-    def __init__(self):
+    ``auth=False`` (benchmarks): any credential is accepted, and the server
+    spends no CPU on checking signatures and policies for each request.
+    """
+
+    def __init__(self, auth: bool = True):
         self.port = _free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "3", "MOTO_ACCOUNT_ID": "123456789012"}
+        env = {**os.environ, "MOTO_ACCOUNT_ID": "123456789012"}
+        if auth:
+            env["INITIAL_NO_AUTH_ACTION_COUNT"] = "3"
+        else:
+            env.pop("INITIAL_NO_AUTH_ACTION_COUNT", None)
         self.proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
         self._saved = {k: os.environ.get(k) for k in ENV_KEYS}
         self._wait()
-        self.key, self.secret = self._make_user()
+        self.key, self.secret = self._make_user() if auth else ("bench", "bench")
         self.set_env()
 
     def _wait(self):

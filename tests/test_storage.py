@@ -351,3 +351,31 @@ def test_scan_and_report_on_a_bucket_output(s3, ray_s3, data, tmp_path, capsys):
     assert "<html" in html.lower() and "data:image/jpeg;base64" in html
     assert main(["report", out, "--out", str(tmp_path / "rep")]) == 0
     assert (tmp_path / "rep" / "report.html").read_text().count("data:image/jpeg;base64") >= 1
+
+
+def test_prefetcher_keeps_a_bounded_window_of_objects_in_flight(s3, data):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from audit.data.decode import DecodeError
+    from audit.data.prefetch import Prefetcher, wants_prefetch
+
+    ds = _dataset("folder", data["remote"])
+    p = datasets.plan(ds)
+    items = [it for s in p.shards for it in datasets.read_shard(ds, s, p.classes)]
+    items.insert(2, datasets.Item(image_id="gone", path="s3://data/folder/cat/gone.png",
+                                  file="s3://data/folder/cat/gone.png"))
+    assert wants_prefetch(items) and not wants_prefetch(_items(_dataset("folder", data["local"]))[1])
+    with ThreadPoolExecutor(4) as pool:
+        pre = Prefetcher(pool, items, max_bytes=10**6, depth=3)
+        assert pre.next == 3  # three objects requested before anything is decoded
+        for k, it in enumerate(items):
+            if it.image_id == "gone":
+                with pytest.raises(DecodeError, match="not found: s3://data/folder/cat/gone.png"):
+                    pre.fill(it)
+            else:
+                pre.fill(it)
+                assert it.data == fs.read_bytes(it.file) and it.mask_data == fs.read_bytes(it.mask_file)
+            assert pre.next == min(len(items), k + 1 + 3)  # never more than 3 ahead of the decoder
+            assert len(pre.futures) <= 3
+            pre.release(it)
+            assert it.data is None and it.mask_data is None and it.has_mask != (it.image_id == "gone")

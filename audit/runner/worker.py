@@ -321,13 +321,23 @@ class AuditWorker:
         resize_masks = bool(ds.get("resize_masks", False))
         bs = int(self.spec["resources"]["batch_size"])
 
+        from audit.data.prefetch import Prefetcher, wants_prefetch
+
+        # objects in a bucket: fetched a bounded window ahead on their own threads
+        prefetch = Prefetcher(self._fetch_pool(), items, max_bytes) if wants_prefetch(items) else None
+
         def load(item):
             # Only a fault in the user's data becomes an error row; anything else is a bug
             # of ours and fails the shard with its traceback.
             try:
+                if prefetch is not None:
+                    prefetch.fill(item)
                 return datasets.load_item(item, self.size, max_px, max_bytes=max_bytes, resize_masks=resize_masks)
             except DecodeError as e:
                 return e
+            finally:
+                if prefetch is not None:
+                    prefetch.release(item)
 
         parts, keys = [], []
         counts = {"errors": 0, "flat": 0, "correct": 0, "labelled": 0}
@@ -365,6 +375,8 @@ class AuditWorker:
                 with contextlib.suppress(queue.Empty):
                     ready.get(timeout=0.05)
             producer.join()
+            if prefetch is not None:
+                prefetch.cancel()
         for fut in pending:
             p, k, c = fut.result()
             parts += p
@@ -559,8 +571,17 @@ class AuditWorker:
                 n_blocks += 1
         return parts, keys, counts
 
+    def _fetch_pool(self) -> ThreadPoolExecutor:
+        """The actor's pool for object fetches (made on the first shard read from a bucket)."""
+        from audit.data.prefetch import FETCH_DEPTH
+
+        with self._setup_lock:
+            if getattr(self, "fetch", None) is None:
+                self.fetch = ThreadPoolExecutor(max_workers=FETCH_DEPTH, thread_name_prefix="fetch")
+        return self.fetch
+
     def close(self) -> None:
-        for name in ("pool", "post"):
+        for name in ("pool", "post", "fetch"):
             pool = getattr(self, name, None)
             if pool is not None:
                 pool.shutdown(wait=False)
