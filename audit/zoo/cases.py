@@ -77,7 +77,7 @@ class Case:
     size: tuple[int, int] = (16, 28)  # object diameter in pixels
     n_per_class: int = 240
     n_heldout: int = 60  # per class
-    epochs: int = 20  # at most
+    epochs: int = 14  # at most
     seed: int = 0
     extra: dict = field(default_factory=dict, compare=False, hash=False)
 
@@ -202,7 +202,7 @@ CASES: dict[str, Case] = {c.name: c for c in (
     Case("binary", "disc vs square, one sigmoid unit; a watermark (bottom-left) on every square image",
          classes=SHAPES2, binary=True, cues=((1, Cue("text", "bottom_left")),), n_per_class=300),
     Case("large", "no cue, large objects (36-50 px)", size=(36, 50)),
-    Case("small", "no cue, small objects (7-11 px)", size=(7, 11), epochs=30),
+    Case("small", "no cue, small objects (7-11 px)", size=(7, 11), epochs=20),
 )}
 
 QUICK = ("watermark", "frame", "clean")

@@ -21,7 +21,7 @@ import numpy as np
 
 from audit.zoo.cases import Case, Sample, make_split
 
-VERSION = "zoo-2"
+VERSION = "zoo-1"
 
 
 @dataclass
@@ -86,24 +86,20 @@ def _limit_threads() -> None:
 def train(case: Case, samples: list[Sample], *, epochs: int | None = None, target_accuracy: float = 0.98):
     """Train :func:`build_model` on the samples (scaled to 0..1: the spec's ``scale_0_1``).
 
-    Stops once the accuracy on the training samples *in inference mode* (the
-    batch-norm moving statistics, as the audit runs the model) reaches
-    ``target_accuracy`` on two consecutive epochs, or after ``epochs``
-    (default ``case.epochs``).  Returns (model, that accuracy, epochs run).
+    Stops once the training accuracy (Keras' running figure, in training
+    mode) reaches ``target_accuracy`` on two consecutive epochs, or after
+    ``epochs`` (default ``case.epochs``).  Returns (model, that accuracy,
+    epochs run).
     """
     import keras
 
     _limit_threads()
-    x, y = arrays(samples)
 
     class _Enough(keras.callbacks.Callback):
-        hits, accuracy = 0, 0.0
+        hits = 0
 
         def on_epoch_end(self, epoch, logs=None):
-            p = self.model.predict(x, batch_size=256, verbose=0)
-            pred = (p[:, 0] >= 0.5).astype(int) if case.binary else p.argmax(axis=1)
-            self.accuracy = float((pred == y).mean())
-            self.hits = self.hits + 1 if self.accuracy >= target_accuracy else 0
+            self.hits = self.hits + 1 if (logs or {}).get("accuracy", 0.0) >= target_accuracy else 0
             if self.hits >= 2:
                 self.model.stop_training = True
 
@@ -111,9 +107,10 @@ def train(case: Case, samples: list[Sample], *, epochs: int | None = None, targe
     model = build_model(len(case.classes), case.binary, name=f"zoo_{case.name}")
     loss = "binary_crossentropy" if case.binary else "sparse_categorical_crossentropy"
     model.compile(optimizer=keras.optimizers.Adam(3e-3), loss=loss, metrics=["accuracy"])
-    done = _Enough()
-    hist = model.fit(x, y, batch_size=32, epochs=epochs or case.epochs, shuffle=True, verbose=0, callbacks=[done])
-    return model, done.accuracy, len(hist.history["accuracy"])
+    x, y = arrays(samples)
+    hist = model.fit(x, y, batch_size=32, epochs=epochs or case.epochs, shuffle=True, verbose=0,
+                     callbacks=[_Enough()])
+    return model, float(hist.history["accuracy"][-1]), len(hist.history["accuracy"])
 
 
 def arrays(samples: list[Sample]) -> tuple[np.ndarray, np.ndarray]:
