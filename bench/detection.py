@@ -3,6 +3,7 @@
     .venv/bin/python bench/detection.py                      # every case, with and without masks
     .venv/bin/python bench/detection.py --quick              # watermark, frame, clean
     .venv/bin/python bench/detection.py --cases texture,minority --masks no
+    .venv/bin/python bench/detection.py --rescore            # score the outputs of the last run again
 
 For every case of :data:`audit.zoo.cases.CASES`: build it (generate the
 training split with object masks and train a small CNN; cached, a minute or
@@ -64,7 +65,7 @@ def audit_run(spec: Path, log: Path) -> tuple[int, str]:
     return rc, text[-2000:]
 
 
-def run_case(case, masks: bool, out_root: Path, log=print) -> Run:
+def run_case(case, masks: bool, out_root: Path, log=print, rescore: bool = False) -> Run:
     import pandas as pd
 
     from audit.zoo.judge import score
@@ -73,11 +74,14 @@ def run_case(case, masks: bool, out_root: Path, log=print) -> Run:
     built = ensure(case, log=log)
     tag = f"{case.name}-{'masks' if masks else 'nomasks'}"
     out = out_root / tag
-    shutil.rmtree(out, ignore_errors=True)
-    out_root.mkdir(parents=True, exist_ok=True)
-    spec = write_spec(out_root / f"{tag}.yaml", case, built, masks, out)
     t0 = time.time()
-    rc, tail = audit_run(spec, out_root / f"{tag}.log")
+    if rescore:
+        rc, tail = 0, "not run (--rescore)"
+    else:
+        shutil.rmtree(out, ignore_errors=True)
+        out_root.mkdir(parents=True, exist_ok=True)
+        spec = write_spec(out_root / f"{tag}.yaml", case, built, masks, out)
+        rc, tail = audit_run(spec, out_root / f"{tag}.log")
     secs = time.time() - t0
     classes = out / "summary" / "classes.parquet"
     if not classes.is_file():
@@ -138,6 +142,8 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help=f"only {','.join(QUICK)}")
     p.add_argument("--masks", choices=("both", "yes", "no"), default="both")
     p.add_argument("--out", default=str(ROOT / "results" / "detection"), help="where the job outputs go")
+    p.add_argument("--rescore", action="store_true",
+                   help="run nothing: score the outputs already under --out (e.g. after `audit scan` on them)")
     a = p.parse_args(argv)
     names = a.cases.split(",") if a.cases else list(QUICK if a.quick else CASES)
     unknown = [n for n in names if n not in CASES]
@@ -149,7 +155,7 @@ def main(argv=None) -> int:
     runs = []
     for n in names:
         for m in modes:
-            r = run_case(CASES[n], m, Path(a.out))
+            r = run_case(CASES[n], m, Path(a.out), rescore=a.rescore)
             runs.append(r)
             verdict = "ERROR" if r.score is None else ("right" if r.score.right else "WRONG")
             print(f"{n:>14} masks={'yes' if m else 'no ':3} {verdict:5}  ({r.seconds:.0f} s)", flush=True)
