@@ -379,3 +379,24 @@ def test_prefetcher_keeps_a_bounded_window_of_objects_in_flight(s3, data):
             assert len(pre.futures) <= 3
             pre.release(it)
             assert it.data is None and it.mask_data is None and it.has_mask != (it.image_id == "gone")
+
+
+def test_explain_model_and_image_from_a_bucket(s3, data, tmp_path, capsys):
+    """audit explain MODEL IMAGE with both in the bucket: the same figures as from the local copies."""
+    from audit.cli import main
+
+    img = "cat/img_002.png"
+    outs = {}
+    for where in ("local", "remote"):
+        d = data[where]
+        image = fs.join(d["folder"], img) if where == "remote" else os.path.join(d["folder"], img)
+        outs[where] = tmp_path / where
+        rc = main(["explain", d["model"], image, "--out", str(outs[where]), "--preprocess", "scale_0_1",
+                   "--layers", "conv2", "--methods", "gradcam", "--filters", "0"])
+        assert rc == 0, capsys.readouterr().err
+    names = sorted(p.name for p in outs["remote"].glob("*.png"))
+    assert "00_img_002_cams.png" in names and names == sorted(p.name for p in outs["local"].glob("*.png"))
+    for n in names:
+        assert (outs["remote"] / n).read_bytes() == (outs["local"] / n).read_bytes(), n
+    assert main(["explain", data["remote"]["model"], "s3://data/folder/cat/none.png", "--out", str(tmp_path / "x")]) == 2
+    assert "image: not found: s3://data/folder/cat/none.png" in capsys.readouterr().err

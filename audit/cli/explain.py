@@ -86,8 +86,13 @@ def run(args) -> int:
     model_path = None if args.application else paths.pop(0)
     if not paths:
         raise AuditError("give at least one IMAGE after the model")
+    from audit.data import fs
+
     for p in paths:  # fail before the (slow) model load
-        if not Path(p).is_file():
+        if fs.is_uri(p):
+            if not fs.is_file(p):
+                raise fs.not_found(p, "image")
+        elif not Path(p).is_file():
             raise AuditError(f"image not found: {p}" if not os.path.lexists(p) else
                              f"image {p} is not a regular file (a folder, FIFO or device?)")
     known = all_methods()
@@ -104,6 +109,10 @@ def run(args) -> int:
     if preprocess is None:
         preprocess = _application_preprocess(args.application) if args.application else "none"
     check_preprocess(preprocess)
+    if fs.is_uri(model_path):
+        if not fs.is_file(model_path):
+            raise fs.not_found(model_path, "model")
+        model_path = fs.local_copy(model_path)  # Keras opens local files
     model = load_model(model_path, application=args.application, weights=args.weights,
                        input_size=args.input_size, trust_code=args.trust_code)
     index = explain(

@@ -62,13 +62,20 @@ def read_image(path, size=None, channels: int = 3) -> np.ndarray:
     Decoding is the job's (:mod:`audit.data.decode`): grayscale, RGBA and 16-bit
     images work, and a header claiming too many pixels is refused before decoding.
     """
+    from audit.data import fs
     from audit.data.decode import DecodeError, decode_image, resize_image
     from audit.data.files import read_regular_file
     from audit.engine.models import to_channels
 
-    p = Path(path)
+    p = str(path) if fs.is_uri(str(path)) else Path(path)
     try:
-        data = read_regular_file(str(p))  # never a FIFO or a device; bounded
+        if isinstance(p, str):  # an object in a bucket
+            from audit.data.datasets import read_object
+            from audit.data.files import DEFAULT_MAX_IMAGE_BYTES
+
+            data = read_object(p, DEFAULT_MAX_IMAGE_BYTES)
+        else:
+            data = read_regular_file(str(p))  # never a FIFO or a device; bounded
     except DecodeError as e:
         raise AuditError(f"image not found: {p}" if str(e).startswith("file not found")
                          else f"cannot read image {p}: {e}") from None
@@ -631,6 +638,7 @@ def explain(model, image_paths, out_dir, *, layers=None, methods=None, preproces
     from audit.engine import graph
     from audit.engine.models import preprocess, to_channels
 
+    sources = [str(p) for p in image_paths]  # as given: a URI must not go through Path
     image_paths = [Path(p) for p in image_paths]
     if not image_paths:
         raise AuditError("give at least one image")
@@ -640,7 +648,7 @@ def explain(model, image_paths, out_dir, *, layers=None, methods=None, preproces
     if out.exists() and not out.is_dir():
         raise AuditError(f"output {out} exists and is not a directory")
     (h, w), ch = st.size, st.channels
-    images = np.stack([read_image(p, (h, w), ch) for p in image_paths])
+    images = np.stack([read_image(p, (h, w), ch) for p in sources])
     x = preprocess(images, preprocess_mode)
     affine = affine_of(lambda a: preprocess(a, preprocess_mode), ch)
     try:
