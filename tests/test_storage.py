@@ -400,3 +400,23 @@ def test_explain_model_and_image_from_a_bucket(s3, data, tmp_path, capsys):
         assert (outs["remote"] / n).read_bytes() == (outs["local"] / n).read_bytes(), n
     assert main(["explain", data["remote"]["model"], "s3://data/folder/cat/none.png", "--out", str(tmp_path / "x")]) == 2
     assert "image: not found: s3://data/folder/cat/none.png" in capsys.readouterr().err
+
+
+def test_actor_start_up_checks_its_credentials_and_output_bucket(s3, data):
+    """An actor whose node cannot read the bucket stops the job in one line naming the node; a missing
+    output bucket is refused before anything runs; URIs need no shared filesystem."""
+    import socket
+
+    from audit.data import io
+    from audit.runner.worker import AuditWorker
+
+    spec = {"model": {"path": data["remote"]["model"]}, "dataset": {"path": data["remote"]["folder"]},
+            "output": "s3://results-nowhere/x"}
+    AuditWorker(spec).check_paths()  # only URIs: nothing local to find
+    s3.set_env(secret="wrong")
+    with pytest.raises(AuditError) as e:
+        AuditWorker(spec).check_paths()
+    assert str(e.value).startswith(f"on {socket.gethostname()}: access to bucket s3://data")
+    s3.set_env()
+    with pytest.raises(AuditError, match="bucket s3://results-nowhere does not exist"):
+        io.check_output("s3://results-nowhere/x", resume=False)

@@ -166,11 +166,18 @@ class AuditWorker:
                  ("output", self.out_dir and os.path.join(self.out_dir, "records"))]
         # a URI is the same object from every node: only local paths need a shared filesystem
         missing = [f"{key} {p}" for key, p in paths if p and not fs.is_uri(p) and not os.path.exists(p)]
+        node = _node_id()
+        where = f"on {socket.gethostname()}{f' (Ray node {node[:12]})' if node else ''}"
+        uri = self.spec["dataset"].get("path")
+        if fs.is_uri(uri):  # this node's credentials: one request now, not an error row per image
+            try:
+                fs.info(uri)
+            except AuditError as e:
+                raise AuditError(f"{where}: {e}") from None
         if missing:
-            node = _node_id()
-            raise AuditError(f"on {socket.gethostname()}{f' (Ray node {node[:12]})' if node else ''}: not found: "
-                             f"{'; '.join(missing)}. On a multi-node cluster the model, the dataset and the output "
-                             "must be on a filesystem every node sees at the same path")
+            raise AuditError(f"{where}: not found: {'; '.join(missing)}. On a multi-node cluster the model, the "
+                             "dataset and the output must be in a bucket or on a filesystem every node sees at "
+                             "the same path")
 
     def _setup(self) -> None:
         t0 = time.perf_counter()
