@@ -583,7 +583,7 @@ def _setup(model, t, layers, feature_layers, methods, target, classes, output, n
         if ok_layers:
             setup.cam_explainer = Explainer(model, layers=ok_layers, methods=("cam",), target=target,
                                             batch_size=n_images, classes=classes, output=output,
-                   token_grid=t.token_grid)
+                                            token_grid=t.token_grid)
     return setup
 
 

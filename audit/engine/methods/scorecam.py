@@ -56,18 +56,23 @@ class ScoreCAM(OwnPassMethod):
         return [self._layer_map(score_fn, x, target, A, size, engine.batch_size) for A in acts]
 
     def _layer_map(self, score_fn, x, target, A, size, chunk):
+        """relu(sum_k softmax_k(S) A^k) for one layer; masks made a chunk of channels at a time.
+
+        Only (H, W, chunk) masks exist at once, never (N, H, W, K): at ResNet50's
+        last layer that would be gigabytes.
+        """
         t = tf()
-        masks = upsampled_masks(A, size).numpy()  # (N, H, W, K)
-        k = masks.shape[-1]
+        k = int(A.shape[-1])
         weights = np.zeros((len(x), k), np.float32)
         for n in range(len(x)):
+            c = np.array(target[n], np.int32)
             scores = []
             for s in range(0, k, chunk):
-                m = np.moveaxis(masks[n, :, :, s:s + chunk], -1, 0)  # (B, H, W)
+                m = np.moveaxis(upsampled_masks(A[n:n + 1, :, :, s:s + chunk], size).numpy()[0], -1, 0)
                 b = len(m)
-                xm = x[n][None] * m[..., None]
+                xm = x[n][None] * m[..., None]  # (b, H, W, C) masked inputs
                 if b < chunk:  # one compiled shape for every chunk
                     xm = np.concatenate([xm, np.zeros((chunk - b, *xm.shape[1:]), xm.dtype)])
-                scores.append(score_fn(xm, np.int32(target[n])).numpy()[:b])
+                scores.append(score_fn(xm, c).numpy()[:b])
             weights[n] = t.nn.softmax(np.concatenate(scores)).numpy()
         return t.nn.relu(combine(A, weights))
