@@ -176,6 +176,7 @@ def main():
         resnet = keras.applications.ResNet50(weights=None)
         bench("ResNet50", resnet, ["conv5_block3_out", "conv5_block3_2_conv", "conv5_block2_out"], 32,
               rounds, 4, "conv5_block3_out")
+        bench_short_batches(resnet, "conv5_block3_out", rounds)
 
 
 if __name__ == "__main__":
