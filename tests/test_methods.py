@@ -391,3 +391,12 @@ def test_audit_explain_head_errors_are_one_line(tmp_path, capsys):
                    "--filters", "0", *extra])
         err = capsys.readouterr().err.strip().splitlines()
         assert rc == 2 and len(err) == 1 and msg in err[0], (msg, err)
+
+
+def test_audit_layers_follows_the_chosen_output(tmp_path, capsys):
+    build("two_outputs", "gap").save(tmp_path / "two.keras")
+    assert main(["layers", str(tmp_path / "two.keras")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "has 2 outputs (d2, aux)" in err[0] and "--output NAME" in err[0]
+    assert main(["layers", str(tmp_path / "two.keras"), "--output", "d2"]) == 0
+    assert "automatic choice: c2" in capsys.readouterr().out
