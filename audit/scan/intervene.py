@@ -46,6 +46,7 @@ BATCH = 64  # images per model call inside it (larger batches run no faster on a
 SCREEN = 8  # places are screened on this many images of a sample ...
 SCREEN_MIN = 0.2  # ... and tested on the rest when they flip at least this share of them
 PROMISING = 3  # places expected to pass the screening, for planning the cost
+OBJECT_SCREEN_MAX = 0.5  # the background tests go on only while removing the object flips at most this
 
 
 # ----------------------------------------------------------------------------
@@ -274,12 +275,13 @@ def causal_tests(predict_fn, images, places, object_masks=None, *, classes=None,
                  screen: int = SCREEN, screen_min: float = SCREEN_MIN) -> CausalResult:
     """Run the object, background and place tests on one sample.
 
-    The object and background tests use the whole sample.  The places are
-    screened first on its first ``screen`` images; only a place that flips at
-    least ``screen_min`` of them is tested on the rest (a place that flips
-    nothing on 8 images is no cue, and most places of most classes flip
-    nothing), which keeps a class's bank at a fraction of ``sample x places``
-    forward passes.
+    Every test is screened first on the sample's first ``screen`` images;
+    only a place that flips at least ``screen_min`` of them is tested on the
+    rest (a place that flips nothing on 8 images is no cue, and most places of
+    most classes flip nothing), and the object and background tests only
+    while the background rule could still hold (see :func:`_promising`).  A
+    healthy class then costs about ``screen x tests`` forward passes instead of
+    ``sample x tests``.
 
     Args:
         predict_fn: uint8 images (N, H, W, C) -> predictions (N,) class ids, or (N, C) bool.
@@ -308,7 +310,6 @@ def causal_tests(predict_fn, images, places, object_masks=None, *, classes=None,
     n = len(images)
     obj = None if object_masks is None else np.asarray(object_masks, bool)
     has_obj = obj.reshape(n, -1).any(axis=1) if obj is not None else np.zeros(n, bool)
-    base = np.asarray(predict_fn(images) if base_pred is None else base_pred)
     cls = None if classes is None else np.asarray(classes)
     first = np.arange(n) < (screen if 0 < screen < n else n)
     tests = [_Test("object", "object", None, OBJECT_FILL, has_obj),
@@ -319,13 +320,17 @@ def causal_tests(predict_fn, images, places, object_masks=None, *, classes=None,
         m = np.broadcast_to(p.mask, (n, *p.mask.shape))
         m = m & ~obj if obj is not None else m
         tests.append(_Test("region", p.name, p.box, fill, m.reshape(n, -1).any(axis=1), m, p.area))
-    # stage 1: object and background on the whole sample, places on the first images
-    stage1 = [t.sel if t.test != "region" else t.sel & first for t in tests]
-    _run(predict_fn, images, obj, tests, stage1, base, cls, backgrounds, chunk)
-    # stage 2: the promising places on the rest
-    rest = [t.sel & ~first if t.test == "region" and t.promising(screen_min) else np.zeros(n, bool)
-            for t in tests]
-    _run(predict_fn, images, obj, tests, rest, base, cls, backgrounds, chunk)
+    base = np.zeros(n, int) if base_pred is None else np.asarray(base_pred)
+    if base_pred is None:  # predictions on the unmodified images, as far as they are needed
+        base = _base(predict_fn, images, first, None)
+    # stage 1: every test on the first images
+    _run(predict_fn, images, obj, tests, [t.sel & first for t in tests], base, cls, backgrounds, chunk)
+    # stage 2: the promising tests on the rest
+    rest = [t.sel & ~first if go else np.zeros(n, bool) for t, go in zip(tests, _promising(tests, screen_min))]
+    if any(r.any() for r in rest):
+        if base_pred is None:
+            base = _base(predict_fn, images, ~first, base)
+        _run(predict_fn, images, obj, tests, rest, base, cls, backgrounds, chunk)
     out = CausalResult(n=n, masked=obj is not None, absence=obj is not None and not has_obj.any())
     for t in tests:
         out.tests.append(t.result(obj, background_classes, backgrounds))
@@ -345,10 +350,13 @@ class _Test:
     area: float = math.nan
     flips: dict = field(default_factory=dict)  # image index -> flipped
 
+    def rate(self) -> float:
+        return float(np.mean(list(self.flips.values()))) if self.flips else math.nan
+
     def promising(self, screen_min: float) -> bool:
         if len(self.flips) < MIN_SAMPLE:  # too few screened: test the rest
             return True
-        return float(np.mean(list(self.flips.values()))) >= screen_min
+        return self.rate() >= screen_min
 
     def result(self, obj, background_classes, backgrounds) -> PlaceFlip:
         idx = np.array(sorted(self.flips), int)
@@ -373,10 +381,40 @@ def _edit(t: _Test, images, obj, rows: np.ndarray, backgrounds) -> np.ndarray:
     return occlude(images[rows], t.mask[rows], t.fill)
 
 
+def _base(predict_fn, images, rows: np.ndarray, base):
+    """Predictions on the unmodified ``images[rows]`` merged into ``base`` (created when None)."""
+    pred = np.asarray(predict_fn(images[rows]))
+    if base is None:
+        base = np.zeros((len(images), *pred.shape[1:]), pred.dtype)
+    base[rows] = pred
+    return base
+
+
+def _promising(tests: list, screen_min: float) -> list[bool]:
+    """Which tests go on to the rest of the sample after the screening.
+
+    A place: when it flipped at least ``screen_min`` of the screened images.
+    The background tests: the same, and only while the object test could still
+    come out low (at most :data:`OBJECT_SCREEN_MAX`): the background rule
+    needs both.  The object test: when a background test goes on.
+    """
+    obj = next((t for t in tests if t.test == "object"), None)
+    obj_low = obj is None or len(obj.flips) < MIN_SAMPLE or obj.rate() <= OBJECT_SCREEN_MAX
+    go = []
+    for t in tests:
+        if t.test == "region":
+            go.append(t.promising(screen_min))
+        elif t.test == "background":
+            go.append(obj_low and t.promising(screen_min))
+        else:
+            go.append(None)
+    bg_go = any(g for t, g in zip(tests, go) if t.test == "background")
+    return [bg_go if g is None else g for g in go]
+
+
 def _run(predict_fn, images, obj, tests, selections, base, cls, backgrounds, chunk) -> None:
     """Edit and predict the selected images of every test (one predict call per chunk); record flips."""
-    jobs = [(t, np.nonzero(sel)[0]) for t, sel in zip(tests, selections)
-            if sel.any() and (t.test == "region" or sel.sum() >= MIN_SAMPLE)]
+    jobs = [(t, np.nonzero(sel)[0]) for t, sel in zip(tests, selections) if sel.any()]
     if not jobs:
         return
     preds = _predict_chunks(predict_fn, [_edit(t, images, obj, rows, backgrounds) for t, rows in jobs], chunk)
@@ -395,10 +433,10 @@ def _median_by_donor(flips: np.ndarray, rows: np.ndarray, donor_class: np.ndarra
 
 
 def extra_forwards(n: int, n_places: int, masked: bool, screen: int = SCREEN) -> int:
-    """Forward passes :func:`causal_tests` costs for a sample of ``n``, planned: base, object and
-    background on all, every place on the screening images, and about :data:`PROMISING` places on the rest."""
+    """Forward passes :func:`causal_tests` costs for a sample of ``n``, planned: every test on the
+    screening images, and the base and about :data:`PROMISING` tests on the rest."""
     k = min(n, screen) if screen > 0 else n
-    return n * (1 + (3 if masked else 0)) + k * n_places + (n - k) * min(PROMISING, n_places)
+    return k * (1 + (3 if masked else 0) + n_places) + (n - k) * (1 + min(PROMISING, n_places))
 
 
 # ----------------------------------------------------------------------------
