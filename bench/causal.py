@@ -95,7 +95,7 @@ def _tagged_predict(predict, size):
 
     def fn(imgs):
         p = predict(imgs)
-        tag = imgs[:, int(0.8 * h):, int(0.8 * w):].mean(axis=(1, 2, 3)) > 100
+        tag = imgs[:, int(0.8 * h):, int(0.8 * w):].mean(axis=(1, 2, 3)) > 200
         return np.where(tag, 0, (p + 1) % 4)
 
     return fn

@@ -46,6 +46,7 @@ BATCH = 64  # images per model call inside it (larger batches run no faster on a
 SCREEN = 8  # places are screened on this many images of a sample ...
 SCREEN_MIN = 0.2  # ... and tested on the rest when they flip at least this share of them
 PROMISING = 3  # places expected to pass the screening, for planning the cost
+MAX_PROMISING = 4  # at most this many places (besides named regions) go on after the screening
 OBJECT_SCREEN_MAX = 0.5  # the background tests go on only while removing the object flips at most this
 
 
@@ -393,17 +394,25 @@ def _base(predict_fn, images, rows: np.ndarray, base):
 def _promising(tests: list, screen_min: float) -> list[bool]:
     """Which tests go on to the rest of the sample after the screening.
 
-    A place: when it flipped at least ``screen_min`` of the screened images.
+    A place: when it flipped at least ``screen_min`` of the screened images
+    (every named region, and the :data:`MAX_PROMISING` other places that
+    flipped most, the smallest first: a corner tag also flips the edges and
+    bands that contain it).
     The background tests: the same, and only while the object test could still
     come out low (at most :data:`OBJECT_SCREEN_MAX`): the background rule
     needs both.  The object test: when a background test goes on.
     """
     obj = next((t for t in tests if t.test == "object"), None)
     obj_low = obj is None or len(obj.flips) < MIN_SAMPLE or obj.rate() <= OBJECT_SCREEN_MAX
+    places = [t for t in tests if t.test == "region" and t.promising(screen_min)]
+    # the named regions, and at most MAX_PROMISING other places: the most flipping, the smallest first
+    ranked = sorted((t for t in places if not t.place.startswith("region:")),
+                    key=lambda t: (-(t.rate() if math.isfinite(t.rate()) else 1.0), t.area))
+    keep = {id(t) for t in places if t.place.startswith("region:")} | {id(t) for t in ranked[:MAX_PROMISING]}
     go = []
     for t in tests:
         if t.test == "region":
-            go.append(t.promising(screen_min))
+            go.append(id(t) in keep)
         elif t.test == "background":
             go.append(obj_low and t.promising(screen_min))
         else:
