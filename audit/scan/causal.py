@@ -80,7 +80,7 @@ def plan_tests(results, n_images: int, n_places: int, masked: bool, cfg: Config)
     budget = max(cfg.budget_floor, int(cfg.budget * n_images))
     classes = sorted((r for r in results if r.features.n >= cfg.min_images),
                      key=lambda r: -(r.own.attention_suspicion if math.isfinite(r.own.attention_suspicion) else 0))
-    need = sum(extra_forwards(min(cfg.sample, r.features.n), n_places, masked) for r in classes)
+    need = sum(extra_forwards(min(cfg.sample, r.features.n), n_places, masked, cfg.screen) for r in classes)
     sample = cfg.sample if need <= budget else cfg.min_sample
     plans, skipped, spent = [], 0, 0
     wanted = [(r, None, _ok_ids(r.rows), r.features.hot_box) for r in classes]
@@ -89,7 +89,7 @@ def plan_tests(results, n_images: int, n_places: int, masked: bool, cfg: Config)
                and c.verdict.attention_suspicion >= cfg.cluster_attention_min]
     for r, cluster, ids, hot in wanted:
         chosen = tuple(sorted(sample_ids(ids, sample)))
-        cost = extra_forwards(len(chosen), n_places, masked)
+        cost = extra_forwards(len(chosen), n_places, masked, cfg.screen)
         if spent + cost > budget:
             skipped += 1
             continue
@@ -166,7 +166,8 @@ def run_tests(intervener, results, view, cfg: Config, use_masks: bool) -> Causal
         places = place_bank(size, view.regions, plan.hot_box)
         res = intervener.call(causal_tests, intervener.predict, images, places,
                               masks if masked else None, classes=np.full(len(images), plan.class_id),
-                              backgrounds=bg, background_classes=bg_cls, fill=cfg.fill)
+                              backgrounds=bg, background_classes=bg_cls, fill=cfg.fill, screen=cfg.screen,
+                              screen_min=cfg.screen_min)
         if res is None:
             break
         out.results[(plan.class_id, plan.cluster)] = res

@@ -38,6 +38,8 @@ class Config:
     cue_specific_min: float = 0.3  # ... and this much more than it flips the other classes
     max_cue_area: float = 0.4  # without masks, larger places also hide objects: not a cue
     min_tested: int = 16  # a flip rate on fewer images is reported, never a verdict
+    screen: int = 8  # every test is screened on this many images of a sample ...
+    screen_min: float = 0.2  # ... and goes on to the rest when it flips at least this share of them
     absence_density_max: float = 1.0  # absence class: places where objects usually sit are not cues
     object_flip_max: float = 0.25  # removing the object flips at most this share ...
     background_flip_min: float = 0.35  # ... while replacing the background flips at least this
