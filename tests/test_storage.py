@@ -425,3 +425,12 @@ def test_actor_start_up_checks_its_credentials_and_output_bucket(s3, data):
     s3.set_env()
     with pytest.raises(AuditError, match="bucket s3://results-nowhere does not exist"):
         io.check_output("s3://results-nowhere/x", resume=False)
+
+
+def test_shipped_bucket_spec_is_valid():
+    from audit.data import resources
+    from audit.runner.spec import read_yaml, validate
+
+    doc = read_yaml(resources.path("audit.jobs", "example_s3.yaml"))
+    validate(doc)  # schema only: its buckets live elsewhere
+    assert all(fs.is_uri(p) for p in (doc["model"]["path"], doc["dataset"]["path"], doc["output"]))
