@@ -212,10 +212,7 @@ def _said(s) -> dict:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name,masks", [
-    pytest.param("stamp", True, marks=pytest.mark.xfail(
-        strict=True, reason="the scan names a compact hot area at the stamp 'background' without a box "
-                            "(the corner flips as much); remove this mark when it names the corner")),
-    ("clean", True), ("watermark", False)])
+    ("stamp", True), ("clean", True), ("watermark", False)])
 def test_small_zoo_case_end_to_end(tmp_path, name, masks):
     case = replace(CASES[name], n_per_class=120, n_heldout=30)
     built, s = _e2e(tmp_path, case, masks)
