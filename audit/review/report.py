@@ -591,7 +591,52 @@ def write_report(out_dir, *, max_examples: int = 12, max_classes: int = 24, seed
         AuditError: not a job output, an unknown layer or method, or the
             report cannot be written (read-only or full destination).
     """
-    from audit.data import fs, query
+    from audit.data import query
+
+    out, under = _output_location(out_dir)
+    ds = query.records_dataset(out)
+    if "image_id" not in ds.schema.names:
+        raise AuditError(f"{out}/records has no image_id column: not an audit job output")
+    job = _read_json(under("job.json"))
+    classes = _read_parquet(under("summary", "classes.parquet"))
+    clusters = _read_parquet(under("summary", "clusters.parquet"))
+    notes = []
+    if classes is None:
+        notes.append("No scan summary (summary/classes.parquet): run `audit scan OUT` for verdicts and clusters.")
+    layer, method = _primary(ds, job, clusters, layer, method)
+    light = _read_light(ds, layer, method)
+    n_errors, error_rows = _read_errors(ds)
+    spec = job.get("spec") or {}
+    names_by_id = _class_names(job, light)
+    if light is None:
+        table, sections, doubtful = _class_table(classes, None, names_by_id), [], []
+    else:
+        light = light.reset_index(drop=True)
+        bases = [(spec.get("dataset") or {}).get("path"), None if isinstance(out, str) else out.parent, Path.cwd()]
+        ctx = _Ctx(ds, light, layer, method, _Images(bases), np.random.default_rng(seed))
+        table = _class_table(classes, light, names_by_id)
+        sections = _class_sections(ctx, table, clusters, _table_maps(classes, ("class_id",)),
+                                   _table_maps(clusters, ("class_id", "cluster")), max_classes, max_examples)
+        _add_tests(sections, _read_parquet(under("summary", "interventions.parquet")))
+        doubtful = _doubtful(ctx, max_examples)
+        galleries = [g for s in sections for g in s["galleries"]] + doubtful
+        if any(it["no_image"] for g in galleries for it in g["items"]):
+            notes.append("Some original images could not be read (moved, or not on this machine): "
+                         "their heatmaps are shown alone.")
+    header = _header(job, out, ds, light, table, n_errors, layer, method)
+    if len(table) > max_classes:
+        notes.append(f"Pictures for the first {max_classes} of {len(table)} classes (suspects first); "
+                     "`audit report OUT --max-classes N` shows more.")
+    columns = [(k, title, kind) for k, title, kind in _TABLE_COLUMNS if any(_ok(d.get(k)) for d in table)]
+    html = _render({"job": header, "classes": table, "columns": columns, "sections": sections, "doubtful": doubtful,
+                    "errors": {"count": n_errors, "rows": error_rows}, "notes": notes,
+                    "max_examples": max_examples})
+    return _write_html(html, Path(dest) if dest is not None else out)
+
+
+def _output_location(out_dir):
+    """(OUT as a Path or URI string, a function joining parts under it); a missing OUT is one line."""
+    from audit.data import fs
 
     remote = fs.is_uri(str(out_dir))
     out = str(out_dir) if remote else Path(out_dir)
@@ -601,55 +646,36 @@ def write_report(out_dir, *, max_examples: int = 12, max_classes: int = 24, seed
     def under(*parts):
         return fs.join(out, *parts) if remote else out.joinpath(*parts)
 
-    ds = query.records_dataset(out)
-    if "image_id" not in ds.schema.names:
-        raise AuditError(f"{out}/records has no image_id column: not an audit job output")
-    job = _read_json(under("job.json"))
-    classes = _read_parquet(under("summary", "classes.parquet"))
-    clusters = _read_parquet(under("summary", "clusters.parquet"))
-    notes = []
-    layer, method = _primary(ds, job, clusters, layer, method)
-    light = _read_light(ds, layer, method)
-    n_errors, error_rows = _read_errors(ds)
+    return out, under
+
+
+def _class_names(job: dict, light) -> dict:
+    """Class id -> name: the job's classes, then any label names the records carry."""
     spec = job.get("spec") or {}
     names = job.get("classes") or (spec.get("dataset") or {}).get("classes") or []
     names_by_id = dict(enumerate(names))
     if light is not None and "label" in light and "label_name" in light:
         for cid, nm in light[["label", "label_name"]].dropna().drop_duplicates("label").itertuples(index=False):
             names_by_id.setdefault(int(cid), nm)
-    if classes is None:
-        notes.append("No scan summary (summary/classes.parquet): run `audit scan OUT` for verdicts and clusters.")
-    if light is None:
-        light_n = 0
-        table, sections, doubtful = _class_table(classes, None, names_by_id), [], []
-    else:
-        light = light.reset_index(drop=True)
-        light_n = len(light)
-        bases = [(spec.get("dataset") or {}).get("path"), None if isinstance(out, str) else out.parent, Path.cwd()]
-        ctx = _Ctx(ds, light, layer, method, _Images(bases), np.random.default_rng(seed))
-        table = _class_table(classes, light, names_by_id)
-        class_maps = _table_maps(classes, ("class_id",))
-        cluster_maps = _table_maps(clusters, ("class_id", "cluster"))
-        sections = _class_sections(ctx, table, clusters, class_maps, cluster_maps, max_classes, max_examples)
-        _add_tests(sections, _read_parquet(under("summary", "interventions.parquet")))
-        doubtful = _doubtful(ctx, max_examples)
-        galleries = [g for s in sections for g in s["galleries"]] + doubtful
-        if any(it["no_image"] for g in galleries for it in g["items"]):
-            notes.append("Some original images could not be read (moved, or not on this machine): "
-                         "their heatmaps are shown alone.")
+    return names_by_id
+
+
+def _header(job, out, ds, light, table, n_errors, layer, method) -> dict:
+    """The report's job header: model, dataset, counts, the view shown, timings, versions."""
+    spec = job.get("spec") or {}
     summary = job.get("summary") or {}
     flat = int(light["status"].eq("flat").sum()) if light is not None and "status" in light else None
     acc = None
     if light is not None and "correct" in light and light["correct"].notna().any():
         acc = float(light["correct"].dropna().astype(float).mean())
-    header = {
-        "name": job.get("name") or spec.get("name") or out.name,
-        "model": (job.get("model") or {}).get("path") or (job.get("model") or {}).get("application")
-        or (spec.get("model") or {}).get("path") or "?",
-        "sha256": ((job.get("model") or {}).get("sha256") or "")[:12],
+    model = job.get("model") or {}
+    return {
+        "name": job.get("name") or spec.get("name") or (out.name if isinstance(out, Path) else str(out)),
+        "model": model.get("path") or model.get("application") or (spec.get("model") or {}).get("path") or "?",
+        "sha256": (model.get("sha256") or "")[:12],
         "dataset": (spec.get("dataset") or {}).get("path") or "?",
         "format": (spec.get("dataset") or {}).get("format"),
-        "images": summary.get("images") or (light_n + n_errors),
+        "images": summary.get("images") or ((0 if light is None else len(light)) + n_errors),
         "rows": ds.count_rows(),
         "errors": n_errors,
         "flat": flat,
@@ -665,14 +691,6 @@ def write_report(out_dir, *, max_examples: int = 12, max_classes: int = 24, seed
         "n_suspect": sum(d["suspect"] for d in table),
         "versions": job.get("versions") or {},
     }
-    if len(table) > max_classes:
-        notes.append(f"Pictures for the first {max_classes} of {len(table)} classes (suspects first); "
-                     "`audit report OUT --max-classes N` shows more.")
-    columns = [(k, title, kind) for k, title, kind in _TABLE_COLUMNS if any(_ok(d.get(k)) for d in table)]
-    html = _render({"job": header, "classes": table, "columns": columns, "sections": sections, "doubtful": doubtful,
-                    "errors": {"count": n_errors, "rows": error_rows}, "notes": notes,
-                    "max_examples": max_examples})
-    return _write_html(html, Path(dest) if dest is not None else out)
 
 
 def _write_html(html: str, folder):
