@@ -23,6 +23,9 @@ class Config:
     merge_radius: float = 0.1  # clustering: maps closer than this (Hellinger) count as one prototype
     max_prototypes: int = 2000  # clustering: most prototypes per class (all maps join one)
     place_radius: float = 0.05  # a peak this close to the modal place is at it (fraction of the side)
+    minority_share: float = 0.1  # a class whose maps form one cluster is split into the maps peaking
+    minority_off_centre: float = 0.3  # ... at an off-centre modal place (this far from the centre) and the rest,
+    #                                   when at least this share and fewer than robust.PLACE_SHARE_LOW peak there
     grid: int = 16  # mean maps are stored at grid x grid; clustering uses grid/2
     threshold: float = 0.5  # suspicion at or above: shortcut_suspected
     mask_min_n: int = 8  # masked maps needed to judge by masks

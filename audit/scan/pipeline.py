@@ -137,10 +137,10 @@ def describe_class(g: ClassGroup, view: ScanView, cfg: Config) -> ClassResult:
     df = view.df
     labelled = df[df["label"] == g.class_id] if "label" in df else df.iloc[0:0]
     return ClassResult(class_id=g.class_id, name=g.name, rows=rows, labelled=labelled, features=f, own=own,
-                       final=own, n_maps=len(g.ids), gap=gap, clusters=describe_clusters(g, view, cfg))
+                       final=own, n_maps=len(g.ids), gap=gap, clusters=describe_clusters(g, view, cfg, f))
 
 
-def describe_clusters(g: ClassGroup, view: ScanView, cfg: Config) -> list[ClusterResult]:
+def describe_clusters(g: ClassGroup, view: ScanView, cfg: Config, f=None) -> list[ClusterResult]:
     """SpRAy clusters of all of a class's maps, each described like a class.
 
     A cluster needs ``max(min_cluster, min_cluster_share x maps of the
@@ -151,6 +151,8 @@ def describe_clusters(g: ClassGroup, view: ScanView, cfg: Config) -> list[Cluste
     params = cluster_params(cfg, len(g.grids))
     c_all = cluster_maps(map_features(g.grids), params, order=crc_order(g.ids))
     labels, k = c_all.labels, c_all.k
+    if k == 1:
+        labels, k = minority_split(g, f, cfg, params.min_size)
     ccfg = replace(cfg, min_images=params.min_size)
     if k == 1:  # the class itself
         return [ClusterResult(0, g.ids.tolist(), group_features(g.rows, g.grids, view.regions, ccfg, view.size),
@@ -163,6 +165,45 @@ def describe_clusters(g: ClassGroup, view: ScanView, cfg: Config) -> list[Cluste
         cf = group_features(sub, g.grids[labels == c], view.regions, ccfg, view.size)
         out.append(ClusterResult(c, members, cf, assess(cf, ccfg), rows=sub, cfg=ccfg))
     return out
+
+
+def minority_split(g: ClassGroup, f, cfg: Config, min_size: int) -> tuple[np.ndarray, int]:
+    """Labels that split a one-cluster class into its maps peaking at an off-centre place and the rest.
+
+    Spectral clustering of downsampled maps can leave a tight strategy of a
+    minority of the class (a stamp on a quarter of the images) inside one
+    cluster with the rest; the peaks still show it as a dense spot away from
+    the centre.  The split is made when between ``cfg.minority_share`` and
+    :data:`audit.scan.robust.PLACE_SHARE_LOW` of the peaks sit within the
+    place radius of an off-centre modal place (above that the class as a
+    whole has a fixed place) and they are at least ``min_size`` maps.  The
+    group then gets causal tests like any suspect cluster: attention alone
+    never flags it.
+
+    Returns:
+        (labels per map of ``g.grids``, number of groups): ``(zeros, 1)`` when no split is made.
+    """
+    from audit.scan.robust import PLACE_SHARE_LOW
+
+    none = (np.zeros(len(g.grids), np.int64), 1)
+    place = getattr(f, "peak_place", None)
+    if place is None or not (np.isfinite(place.x) and np.isfinite(place.y)):
+        return none
+    if np.hypot(place.x - 0.5, place.y - 0.5) < cfg.minority_off_centre:
+        return none
+    if not cfg.minority_share <= place.share < PLACE_SHARE_LOW:
+        return none
+    px = np.full(len(g.grids), np.nan)
+    py = np.full(len(g.grids), np.nan)
+    have = g.row_grid >= 0
+    if "peak_x" not in g.rows or not have.any():
+        return none
+    px[g.row_grid[have]] = g.rows["peak_x"].to_numpy(dtype=float, na_value=np.nan)[have]
+    py[g.row_grid[have]] = g.rows["peak_y"].to_numpy(dtype=float, na_value=np.nan)[have]
+    near = (px - place.x) ** 2 + (py - place.y) ** 2 <= place.radius ** 2
+    if near.sum() < min_size or (~near).sum() < min_size:
+        return none
+    return near.astype(np.int64), 2
 
 
 def judge(results: list[ClassResult], causal: CausalTests, cfg: Config) -> None:
