@@ -204,13 +204,9 @@ def build_model():
     return keras.Model(inp, out, name="tank_detector")
 
 
-def train(images, labels, *, epochs: int, seed: int, target_accuracy: float = 0.98, verbose: int = 0):
-    """Train :func:`build_model` on uint8 images (scaled to 0..1, the spec's ``scale_0_1``).
-
-    Stops early once the training accuracy reaches ``target_accuracy`` on two
-    consecutive epochs (the control model first sits at chance for a few
-    epochs before it finds the tank; the shortcut model finds the sky at once).
-    """
+def stop_when_accurate(target_accuracy: float):
+    """A Keras callback that stops training once ``accuracy`` reaches ``target_accuracy`` on two
+    consecutive epochs (one lucky epoch is not enough)."""
     import keras
 
     class _Enough(keras.callbacks.Callback):
@@ -221,12 +217,24 @@ def train(images, labels, *, epochs: int, seed: int, target_accuracy: float = 0.
             if self.hits >= 2:
                 self.model.stop_training = True
 
+    return _Enough()
+
+
+def train(images, labels, *, epochs: int, seed: int, target_accuracy: float = 0.98, verbose: int = 0):
+    """Train :func:`build_model` on uint8 images (scaled to 0..1, the spec's ``scale_0_1``).
+
+    Stops early once the training accuracy reaches ``target_accuracy`` on two
+    consecutive epochs (the control model first sits at chance for a few
+    epochs before it finds the tank; the shortcut model finds the sky at once).
+    """
+    import keras
+
     keras.utils.set_random_seed(seed)
     model = build_model()
     model.compile(optimizer=keras.optimizers.Adam(2e-3), loss="sparse_categorical_crossentropy",
                   metrics=["accuracy"])
     x = images.astype(np.float32) / 255.0
-    model.fit(x, labels, batch_size=32, epochs=epochs, shuffle=True, verbose=verbose, callbacks=[_Enough()])
+    model.fit(x, labels, batch_size=32, epochs=epochs, shuffle=True, verbose=verbose, callbacks=[stop_when_accurate(target_accuracy)])
     return model
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from audit.tanksky import stop_when_accurate
 from audit.zoo.cases import Case, Sample, make_split
 
 VERSION = "zoo-1"
@@ -95,21 +96,13 @@ def train(case: Case, samples: list[Sample], *, epochs: int | None = None, targe
 
     _limit_threads()
 
-    class _Enough(keras.callbacks.Callback):
-        hits = 0
-
-        def on_epoch_end(self, epoch, logs=None):
-            self.hits = self.hits + 1 if (logs or {}).get("accuracy", 0.0) >= target_accuracy else 0
-            if self.hits >= 2:
-                self.model.stop_training = True
-
     keras.utils.set_random_seed(case.seed + 1)
     model = build_model(len(case.classes), case.binary, name=f"zoo_{case.name}")
     loss = "binary_crossentropy" if case.binary else "sparse_categorical_crossentropy"
     model.compile(optimizer=keras.optimizers.Adam(3e-3), loss=loss, metrics=["accuracy"])
     x, y = arrays(samples)
     hist = model.fit(x, y, batch_size=32, epochs=epochs or case.epochs, shuffle=True, verbose=0,
-                     callbacks=[_Enough()])
+                     callbacks=[stop_when_accurate(target_accuracy)])
     return model, float(hist.history["accuracy"][-1]), len(hist.history["accuracy"])
 
 
