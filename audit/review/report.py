@@ -410,6 +410,7 @@ def _size_of(r):
 
 
 def _class_sections(ctx, table, clusters, class_maps, cluster_maps, max_classes, max_examples):
+    """One section per class (suspects first): mean picture, clusters, galleries of examples."""
     light = ctx.light
     col, _ = _class_column(light)
     ok = light["status"].eq("ok") if "status" in light else np.ones(len(light), bool)
@@ -418,11 +419,8 @@ def _class_sections(ctx, table, clusters, class_maps, cluster_maps, max_classes,
     for d in table[:max_classes]:
         cid = d.get("class_id")
         in_class = (light[col] == cid) if cid is not None else np.zeros(len(light), bool)
-        members = light.index[in_class & ok]
-        sample = _sample(ctx, members, max(4 * max_examples, 48))
-        cl = None
-        if clusters is not None and "class_id" in clusters:
-            cl = clusters[clusters["class_id"] == cid]
+        sample = _sample(ctx, light.index[in_class & ok], max(4 * max_examples, 48))
+        cl = clusters[clusters["class_id"] == cid] if clusters is not None and "class_id" in clusters else None
         # the suspect clusters' own examples (scan's example_ids), else sampled members
         wanted = list(sample)
         if has_examples and cl is not None:
@@ -430,78 +428,95 @@ def _class_sections(ctx, table, clusters, class_maps, cluster_maps, max_classes,
             wanted += [i for i in light.index[in_class & light["image_id"].isin(ids)] if i not in set(sample)]
         maps = _fetch_maps(ctx.ds, light, wanted, ctx.layer, ctx.method)
         sample = [i for i in sample if light.at[i, "image_id"] in maps]
-        # mean image of a sample of the class
-        imgs = [ctx.images.get(light.loc[i].to_dict()) for i in sample[:32]]
-        imgs = [_square(im, MEAN_SIZE).astype(np.float64) for im in imgs if im is not None]
-        mean_img = np.uint8(np.mean(imgs, axis=0)) if imgs else None
         cmaps = {k[1]: v for k, v in cluster_maps.items() if k[0] == cid}
-        if (cid,) in class_maps:
-            mean_map, mean_src = class_maps[(cid,)], "the scan's mean over the class"
-        elif cmaps and cl is not None and len(cl):
-            sizes = {r["cluster"]: _size_of(r) or 0.0 for _, r in cl.iterrows()}
-            tot = sum(sizes.get(k, 0) for k in cmaps)
-            mean = sum(viz.resize_map(viz.normalize(m), (32, 32)) * sizes.get(k, 0) for k, m in cmaps.items())
-            mean_map = (mean / tot) if tot else _mean_map(list(cmaps.values()))
-            mean_src = "size-weighted mean of the scan's clusters"
-        else:
-            mean_map = _mean_map([maps[light.at[i, "image_id"]] for i in sample])
-            mean_src = f"mean of a sample of {len(sample)} maps"
-        sec = dict(d)
-        sec["anchor"] = f"class-{cid}"
-        sec["n_members"] = int(np.sum(in_class))
-        sec["mean_src"] = mean_src
-        sec["mean_image"] = viz.data_uri(mean_img, "jpeg", 85) if mean_img is not None else None
-        sec["mean_overlay"] = None
-        if mean_map is not None:
-            pic = _overlay_pic(mean_img, viz.normalize(mean_map), MEAN_SIZE)
-            sec["mean_overlay"] = viz.data_uri(_cue_box(pic, d.get("cue_box")), "jpeg", 85)
-        sec["clusters"] = []
-        sec["galleries"] = []
-        if cl is not None and len(cl):
-            total = sum(_size_of(r) or 0.0 for _, r in cl.iterrows())
-            rows = sorted((r for _, r in cl.iterrows()),
-                          key=lambda r: (r.get("verdict") != SUSPECT, -(_size_of(r) or 0.0)))
-            for r in rows:
-                m = cmaps.get(r.get("cluster"))
-                size = _size_of(r)
-                share = _num(r.get("share")) if "share" in r else None
-                if share is None and size is not None and total:
-                    share = size / total
-                pic = _overlay_pic(mean_img, viz.normalize(m), THUMB) if m is not None else None
-                sec["clusters"].append({
-                    "cluster": r.get("cluster"), "size": int(size) if size is not None else None,
-                    "share": share,
-                    "verdict": r.get("verdict") if _ok(r.get("verdict")) else "",
-                    "evidence": r.get("evidence") if _ok(r.get("evidence")) else "",
-                    "suspicion": _num(r.get("suspicion")),
-                    "suspect": r.get("verdict") == SUSPECT,
-                    "uri": viz.data_uri(_cue_box(pic, r.get("cue_box")), "jpeg", 85) if pic is not None else None,
-                    "examples": list(r.get("example_ids")) if has_examples and r.get("example_ids") is not None
-                    else None,
-                })
-            suspects = [c for c in sec["clusters"] if c["suspect"]]
-            sec["more_galleries"] = max(0, len(suspects) - MAX_GALLERIES)
-            for c in suspects[:MAX_GALLERIES]:
-                if c["examples"]:
-                    by_id = {light.at[i, "image_id"]: i for i in wanted}
-                    rows = [by_id[e] for e in c["examples"] if e in by_id]
-                    note = "the scan's examples of this cluster"
-                elif c["cluster"] in cmaps and sample:
-                    assign = _assign(maps, light, sample, cmaps)
-                    rows = sorted((i for i, (k, _) in assign.items() if k == c["cluster"]),
-                                  key=lambda i: -assign[i][1])
-                    note = "sampled members nearest to the cluster's mean map"
-                else:
-                    continue
-                sec["galleries"].append({
-                    "title": f"cluster {c['cluster']}" + (f" ({c['size']} images)" if c["size"] else ""),
-                    "note": note, "items": _items(ctx, rows[:max_examples], maps),
-                })
+        sec = dict(d, anchor=f"class-{cid}", n_members=int(np.sum(in_class)))
+        mean_img = _mean_picture(sec, ctx, sample, maps, class_maps.get((cid,)), cmaps, cl)
+        sec["clusters"] = _cluster_rows(cl, cmaps, mean_img, has_examples)
+        suspects = [c for c in sec["clusters"] if c["suspect"]]
+        sec["more_galleries"] = max(0, len(suspects) - MAX_GALLERIES)
+        sec["galleries"] = _cluster_galleries(ctx, suspects[:MAX_GALLERIES], wanted, sample, maps, cmaps,
+                                              max_examples)
         if d["suspect"] and not sec["galleries"] and sample:
             sec["galleries"].append({"title": "examples", "note": "a random sample of the class",
                                      "items": _items(ctx, sample[:max_examples], maps)})
         sections.append(sec)
     return sections
+
+
+def _mean_picture(sec: dict, ctx, sample, maps, class_map, cmaps, cl):
+    """Fill the section's mean image and mean-map overlay; returns the mean image (or None)."""
+    light = ctx.light
+    imgs = [ctx.images.get(light.loc[i].to_dict()) for i in sample[:32]]
+    imgs = [_square(im, MEAN_SIZE).astype(np.float64) for im in imgs if im is not None]
+    mean_img = np.uint8(np.mean(imgs, axis=0)) if imgs else None
+    if class_map is not None:
+        mean_map, mean_src = class_map, "the scan's mean over the class"
+    elif cmaps and cl is not None and len(cl):
+        sizes = {r["cluster"]: _size_of(r) or 0.0 for _, r in cl.iterrows()}
+        tot = sum(sizes.get(k, 0) for k in cmaps)
+        mean = sum(viz.resize_map(viz.normalize(m), (32, 32)) * sizes.get(k, 0) for k, m in cmaps.items())
+        mean_map = (mean / tot) if tot else _mean_map(list(cmaps.values()))
+        mean_src = "size-weighted mean of the scan's clusters"
+    else:
+        mean_map = _mean_map([maps[light.at[i, "image_id"]] for i in sample])
+        mean_src = f"mean of a sample of {len(sample)} maps"
+    sec["mean_src"] = mean_src
+    sec["mean_image"] = viz.data_uri(mean_img, "jpeg", 85) if mean_img is not None else None
+    sec["mean_overlay"] = None
+    if mean_map is not None:
+        pic = _overlay_pic(mean_img, viz.normalize(mean_map), MEAN_SIZE)
+        sec["mean_overlay"] = viz.data_uri(_cue_box(pic, sec.get("cue_box")), "jpeg", 85)
+    return mean_img
+
+
+def _cluster_rows(cl, cmaps, mean_img, has_examples) -> list[dict]:
+    """The class's clusters for the template, suspects first, then by size."""
+    if cl is None or not len(cl):
+        return []
+    total = sum(_size_of(r) or 0.0 for _, r in cl.iterrows())
+    rows = sorted((r for _, r in cl.iterrows()), key=lambda r: (r.get("verdict") != SUSPECT, -(_size_of(r) or 0.0)))
+    out = []
+    for r in rows:
+        m = cmaps.get(r.get("cluster"))
+        size = _size_of(r)
+        share = _num(r.get("share")) if "share" in r else None
+        if share is None and size is not None and total:
+            share = size / total
+        pic = _overlay_pic(mean_img, viz.normalize(m), THUMB) if m is not None else None
+        out.append({
+            "cluster": r.get("cluster"), "size": int(size) if size is not None else None,
+            "share": share,
+            "verdict": r.get("verdict") if _ok(r.get("verdict")) else "",
+            "evidence": r.get("evidence") if _ok(r.get("evidence")) else "",
+            "suspicion": _num(r.get("suspicion")),
+            "suspect": r.get("verdict") == SUSPECT,
+            "uri": viz.data_uri(_cue_box(pic, r.get("cue_box")), "jpeg", 85) if pic is not None else None,
+            "examples": list(r.get("example_ids")) if has_examples and r.get("example_ids") is not None
+            else None,
+        })
+    return out
+
+
+def _cluster_galleries(ctx, suspects, wanted, sample, maps, cmaps, max_examples) -> list[dict]:
+    """A gallery per suspect cluster: the scan's examples, else sampled members nearest its mean map."""
+    light = ctx.light
+    galleries = []
+    for c in suspects:
+        if c["examples"]:
+            by_id = {light.at[i, "image_id"]: i for i in wanted}
+            rows = [by_id[e] for e in c["examples"] if e in by_id]
+            note = "the scan's examples of this cluster"
+        elif c["cluster"] in cmaps and sample:
+            assign = _assign(maps, light, sample, cmaps)
+            rows = sorted((i for i, (k, _) in assign.items() if k == c["cluster"]), key=lambda i: -assign[i][1])
+            note = "sampled members nearest to the cluster's mean map"
+        else:
+            continue
+        galleries.append({
+            "title": f"cluster {c['cluster']}" + (f" ({c['size']} images)" if c["size"] else ""),
+            "note": note, "items": _items(ctx, rows[:max_examples], maps),
+        })
+    return galleries
 
 
 TESTS_SHOWN = 6  # causal tests listed per class: object, background and the places that flipped most
