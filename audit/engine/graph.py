@@ -20,6 +20,7 @@ C) view -> tokens, so the view lies on the gradient path.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import keras
@@ -207,72 +208,98 @@ def trace(model, capture=(), capture_inputs=(), input_shape=None, token_grid=Non
         AuditError: a subclassed model, a model without a known input shape,
             or one with several outputs and none (or an unknown one) named.
     """
-    capture, capture_inputs = set(capture), set(capture_inputs)
     shape = tuple(input_shape) if input_shape else _model_input_shape(model)
     x = keras.Input(shape=shape[1:], batch_size=shape[0])
     t = Trace(inputs=[x], input_ids=[id(x)], model=model,
               token_grid=tuple(int(v) for v in token_grid) if token_grid else None, output_choice=output)
-    maps = []  # (h, w) of the 4-D outputs so far: the patch embedding's grid hints a token grid
+    outs = _flat(Walk(_Recorder(t, set(capture), set(capture_inputs))).run(model, x))
+    chosen = outs[output_index(model, output)] if len(outs) > 1 or output is not None else outs[0]
+    t.output, t.output_id = chosen, id(chosen)
+    return t
 
-    def leaf(layer, path, args, kwargs):
+
+@dataclass
+class Walk:
+    """A symbolic walk through a model that enters nested Sequential and Functional models.
+
+    ``leaf(layer, path, args, kwargs)`` is called at each leaf layer and gives
+    its output: it records the call (:func:`trace`) or replaces the layer
+    (``audit.review.explain.guided_model``).  ``training``/``mask`` kwargs are
+    the leaf's to drop.
+    """
+
+    leaf: Callable
+
+    def run(self, model, x):
+        """Walk ``model`` from the input ``x``; returns its (symbolic) output structure.
+
+        The outer model's own name is not part of the paths: "conv5_block3_out",
+        or "mobilenetv2_1.00_224/out_relu" for a nested base model.
+
+        Raises:
+            AuditError: a subclassed model.
+        """
+        if _is_sequential(model):
+            return self._sequential(model, "", x)
+        if _is_functional(model):
+            return model._run_through_graph(x, operation_fn=lambda op: (lambda *a, **k: self.visit(op, "", a, k)))
+        raise AuditError(
+            f"model {model.name!r} is a subclassed keras.Model; its layers cannot be "
+            "traced. Build it with the Functional or Sequential API."
+        )
+
+    def _sequential(self, model, prefix: str, h):
+        for sub in model.layers:
+            if not isinstance(sub, keras.layers.InputLayer):
+                h = self.visit(sub, prefix, (h,), {})
+        return h
+
+    def visit(self, layer, prefix: str, args, kwargs):
+        """Call ``layer`` on ``args``, entering a nested Sequential or Functional model."""
+        path = f"{prefix}{layer.name}"
+        if _is_sequential(layer):
+            (h,) = args[:1] or [kwargs.get("inputs")]
+            return self._sequential(layer, path + "/", h)
+        if _is_functional(layer):
+            inputs = args if len(args) > 1 else args[0]
+            return layer._run_through_graph(
+                inputs,
+                operation_fn=lambda op: (lambda *a, **k: self.visit(op, path + "/", a, k)),
+            )
+        return self.leaf(layer, path, args, kwargs)
+
+
+@dataclass
+class _Recorder:
+    """The leaf of :func:`trace`'s walk: records each leaf call and captures the asked-for tensors."""
+
+    trace: Trace
+    capture: set
+    capture_inputs: set
+    maps: list = field(default_factory=list)  # (h, w) of the 4-D outputs so far: the patch embedding's grid hints a token grid
+
+    def __call__(self, layer, path: str, args, kwargs):
+        """Call a leaf layer, record the :class:`Call`, capture its output/input if asked."""
+        t = self.trace
         kwargs = {k: v for k, v in kwargs.items() if k not in ("training", "mask")}
         out = layer(*args, **kwargs)
         ins = [a for a in _flat((args, kwargs)) if isinstance(a, keras.KerasTensor)]
         outs = _flat(out)
         oshape = tuple(outs[0].shape)
-        grid = find_grid(oshape[1], maps, t.token_grid) if len(oshape) == 3 else None
+        grid = find_grid(oshape[1], self.maps, t.token_grid) if len(oshape) == 3 else None
         if len(oshape) == 4:
-            maps.append(oshape[1:3])
+            self.maps.append(oshape[1:3])
         call = Call(path, layer, [id(a) for a in ins], [id(o) for o in outs], oshape, grid)
         t.calls.append(call)
-        if path in capture:
+        if path in self.capture:
             if grid is not None and len(outs) == 1:
                 t.captured[path], out = _token_view(outs[0], grid, path)
                 call.outputs.append(id(out))
             else:
                 t.captured[path] = outs[0]
-        if path in capture_inputs and ins:
+        if path in self.capture_inputs and ins:
             t.captured_in[path] = ins[0]
         return out
-
-    def visit(layer, prefix, args, kwargs):
-        path = f"{prefix}{layer.name}"
-        if _is_sequential(layer):
-            (h,) = args[:1] or [kwargs.get("inputs")]
-            for sub in layer.layers:
-                if isinstance(sub, keras.layers.InputLayer):
-                    continue
-                h = visit(sub, path + "/", (h,), {})
-            return h
-        if _is_functional(layer):
-            inputs = args if len(args) > 1 else args[0]
-            return layer._run_through_graph(
-                inputs,
-                operation_fn=lambda op: (lambda *a, **k: visit(op, path + "/", a, k)),
-            )
-        return leaf(layer, path, args, kwargs)
-
-    # The outer model's own name is not part of the paths: "conv5_block3_out",
-    # or "mobilenetv2_1.00_224/out_relu" for a nested base model.
-    if _is_sequential(model):
-        h = x
-        for sub in model.layers:
-            if not isinstance(sub, keras.layers.InputLayer):
-                h = visit(sub, "", (h,), {})
-        out = h
-    elif _is_functional(model):
-        out = model._run_through_graph(
-            x, operation_fn=lambda op: (lambda *a, **k: visit(op, "", a, k))
-        )
-    else:
-        raise AuditError(
-            f"model {model.name!r} is a subclassed keras.Model; its layers cannot be "
-            "traced. Build it with the Functional or Sequential API."
-        )
-    outs = _flat(out)
-    chosen = outs[output_index(model, output)] if len(outs) > 1 or output is not None else outs[0]
-    t.output, t.output_id = chosen, id(chosen)
-    return t
 
 
 # ----------------------------------------------------------------------------

@@ -280,6 +280,9 @@ def guided_model(model, mode: str = "guided", output=None) -> GuidedModel:
     Sequential base models are walked into.  Other layers are shared with
     ``model``; layers with a fused ReLU are copied; ``model`` itself is not
     modified.  ``output`` chooses the output of a multi-output model.
+
+    Raises:
+        AuditError: an unknown ``mode``, or a model :func:`audit.engine.graph.trace` refuses.
     """
     import keras
 
@@ -290,52 +293,39 @@ def guided_model(model, mode: str = "guided", output=None) -> GuidedModel:
         raise AuditError(f"unknown backward mode {mode!r}; expected guided, deconvnet or gradient")
     t0 = graph.trace(model, output=output)
     head = Head.from_trace(t0, model, output)
-    head_path = head.layer
     shape = graph._model_input_shape(model)
     x = keras.Input(shape=shape[1:], batch_size=shape[0])
-    replaced: list[str] = []
+    leaf = _GuidedLeaf(head, mode)
+    out = graph.Walk(leaf).run(model, x)
+    if not graph._is_sequential(model) and len(model.outputs) > 1:
+        out = head.select(keras.tree.flatten(out))
+    rebuilt = keras.Model(x, out, name=f"{_safe(model.name)}_{mode}")
+    return GuidedModel(rebuilt, mode, leaf.replaced, head)
 
-    def leaf(layer, path, args, kwargs):
+
+@dataclass
+class _GuidedLeaf:
+    """The leaf of :func:`guided_model`'s walk: the head gives its logits, each ReLU gets ``mode``'s gradient."""
+
+    head: object  # audit.engine.heads.Head
+    mode: str
+    replaced: list = field(default_factory=list)  # paths whose ReLU got the custom gradient
+
+    def __call__(self, layer, path: str, args, kwargs):
         kwargs = {k: v for k, v in kwargs.items() if k not in ("training", "mask")}
-        if path == head_path and head.capture and head.dense is None:
+        head = self.head
+        if path == head.layer and head.capture and head.dense is None:
             return args[0]  # the logit is the input of the separate softmax/sigmoid
-        if path == head_path and head.dense is not None:
+        if path == head.layer and head.dense is not None:
             return _linear_copy(layer, args[0].shape, f"{_safe(path)}_logits")(args[0])
         params = _relu_params(layer)
         if params is None:
             return layer(*args, **kwargs)
-        replaced.append(path)
-        relu = _guided_relu_layer(mode, *params, name=f"{_safe(path)}_{mode}_relu")
+        self.replaced.append(path)
+        relu = _guided_relu_layer(self.mode, *params, name=f"{_safe(path)}_{self.mode}_relu")
         if type(layer).__name__ in ("ReLU", "Activation"):
             return relu(args[0])
         return relu(_linear_copy(layer, args[0].shape, f"{_safe(path)}_linear")(*args, **kwargs))
-
-    def visit(layer, prefix, args, kwargs):
-        path = f"{prefix}{layer.name}"
-        if graph._is_sequential(layer):
-            h = args[0] if args else kwargs.get("inputs")
-            for sub in layer.layers:
-                if not isinstance(sub, keras.layers.InputLayer):
-                    h = visit(sub, path + "/", (h,), {})
-            return h
-        if graph._is_functional(layer):
-            inputs = args if len(args) > 1 else args[0]
-            return layer._run_through_graph(
-                inputs, operation_fn=lambda op: (lambda *a, **k: visit(op, path + "/", a, k))
-            )
-        return leaf(layer, path, args, kwargs)
-
-    if graph._is_sequential(model):
-        h = x
-        for sub in model.layers:
-            if not isinstance(sub, keras.layers.InputLayer):
-                h = visit(sub, "", (h,), {})
-        out = h
-    else:
-        out = model._run_through_graph(x, operation_fn=lambda op: (lambda *a, **k: visit(op, "", a, k)))
-        out = head.select(keras.tree.flatten(out)) if len(model.outputs) > 1 else out
-    rebuilt = keras.Model(x, out, name=f"{_safe(model.name)}_{mode}")
-    return GuidedModel(rebuilt, mode, replaced, head)
 
 
 def input_gradients(gm: GuidedModel, x, target) -> np.ndarray:
@@ -636,55 +626,96 @@ def explain(model, image_paths, out_dir, *, layers=None, methods=None, preproces
             an unreadable image, an output folder that cannot be created.
     """
     from audit.engine import graph
-    from audit.engine.models import preprocess, to_channels
 
     sources = [str(p) for p in image_paths]  # as given: a URI must not go through Path
-    image_paths = [Path(p) for p in image_paths]
-    if not image_paths:
+    if not sources:
         raise AuditError("give at least one image")
     t = graph.trace(model, output=output, token_grid=token_grid)
-    st = _setup(model, t, layers, feature_layers, methods, target, classes, output, len(image_paths))
+    st = _setup(model, t, layers, feature_layers, methods, target, classes, output, len(sources))
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise AuditError(f"output {out} exists and is not a directory")
-    (h, w), ch = st.size, st.channels
-    images = np.stack([read_image(p, (h, w), ch) for p in sources])
-    x = preprocess(images, preprocess_mode)
-    affine = affine_of(lambda a: preprocess(a, preprocess_mode), ch)
+    inp = _read_inputs(sources, st, preprocess_mode)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise AuditError(f"cannot create the output folder {out}: {e.strerror or e}") from None
-    res = st.explainer(x)
+    run = _run_methods(model, st, inp, output)
+    name_of = _namer(classes)
+    size = _tile_size(*st.size)
+    shown = [viz.fit(im, size) for im in inp.rgb]
+    pages = []
+    for r, i in enumerate(run.res.image):
+        row = _Row(r, int(i), inp.paths[i], shown[i], name_of)
+        pages.append(_page(model, out, row, run.res, run.maps, run.grads, run.replaced, inp.x, st, size, channels))
+    figures = _model_figures(model, t, out, st, inp.affine, filters, steps, seed, size, patterns)
+    page = _render_index(pages, figures, _index_info(model, st, preprocess_mode, inp.affine))
+    index = out / "index.html"
+    index.write_text(page, encoding="utf-8")
+    return index
+
+
+@dataclass
+class _Inputs:
+    """The images of :func:`explain`, read and preprocessed."""
+
+    paths: list  # Path of each image (for names)
+    rgb: np.ndarray  # (N, H, W, 3) uint8: shown in colour whatever the model takes
+    x: np.ndarray  # the model's input
+    affine: tuple | None  # (M, b) of an affine preprocessing (see affine_of), or None
+
+
+def _read_inputs(sources, st: _Setup, preprocess_mode) -> _Inputs:
+    """Read and preprocess the images at the model's size and channels."""
+    from audit.engine.models import preprocess, to_channels
+
+    images = np.stack([read_image(p, st.size, st.channels) for p in sources])
+    x = preprocess(images, preprocess_mode)
+    affine = affine_of(lambda a: preprocess(a, preprocess_mode), st.channels)
+    return _Inputs([Path(p) for p in sources], to_channels(images, 3), x, affine)
+
+
+@dataclass
+class _Results:
+    """What the methods gave for every explained (image, class) row."""
+
+    res: object  # the CAM Explanation (rows, targets, predictions)
+    maps: dict  # (layer, method) -> (rows, h, w)
+    grads: dict  # backward mode -> (rows, H, W, C) input gradients
+    replaced: list  # ReLU paths given a custom gradient
+
+
+def _run_methods(model, st: _Setup, inp: _Inputs, output) -> _Results:
+    """The CAM maps (the CAM explainer where the head allows it) and the input gradients."""
+    res = st.explainer(inp.x)
     maps = dict(res.maps)
     if st.cam_explainer is not None:
-        maps.update(st.cam_explainer(x).maps)
-    xr = x[res.image]  # one row per explained (image, class)
-    grads, replaced = _input_gradients(model, xr, res.target, st.methods, affine, output)
-    size = _tile_size(h, w)
-    rgb = to_channels(images, 3)  # shown in colour whatever the model takes
-    shown = [viz.fit(im, size) for im in rgb]
+        maps.update(st.cam_explainer(inp.x).maps)
+    xr = inp.x[res.image]  # one row per explained (image, class)
+    grads, replaced = _input_gradients(model, xr, res.target, st.methods, inp.affine, output)
+    return _Results(res, maps, grads, replaced)
 
+
+def _namer(classes):
+    """Class index -> its name (``none`` for -1, the index when there is no name)."""
     def name_of(c):
         c = int(c)
         if c < 0:
             return "none"
         return classes[c] if classes is not None and 0 <= c < len(classes) else str(c)
 
-    pages = []
-    for r, i in enumerate(res.image):
-        row = _Row(r, int(i), image_paths[i], shown[i], name_of)
-        pages.append(_page(model, out, row, res, maps, grads, replaced, x, st, size, channels))
-    figures = _model_figures(model, t, out, st, affine, filters, steps, seed, size, patterns)
-    page = _render_index(pages, figures, {
+    return name_of
+
+
+def _index_info(model, st: _Setup, preprocess_mode, affine) -> dict:
+    """The run's summary at the top of index.html."""
+    h, w = st.size
+    return {
         "model": getattr(model, "name", "model"), "layers": st.layers, "feature_layers": st.feature_layers,
-        "methods": st.methods, "preprocess": preprocess_mode, "input": f"{h}x{w}x{ch}",
+        "methods": st.methods, "preprocess": preprocess_mode, "input": f"{h}x{w}x{st.channels}",
         "notes": sorted(set(st.cam_notes)) + ([] if affine is not None else
                                               ["preprocessing is not affine: gradients shown in model-input space"]),
-    })
-    index = out / "index.html"
-    index.write_text(page, encoding="utf-8")
-    return index
+    }
 
 
 @dataclass
