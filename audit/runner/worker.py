@@ -37,6 +37,7 @@ import queue
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -181,25 +182,46 @@ class AuditWorker:
 
     def _setup(self) -> None:
         t0 = time.perf_counter()
-        m, ex, res = self.spec["model"], self.spec["explain"], self.spec["resources"]
+        m, res = self.spec["model"], self.spec["resources"]
         tfinfo = _configure_tensorflow(self.cpus, gpu=True, mixed_precision=res.get("mixed_precision", False))
         import cv2
 
         cv2.setNumThreads(1)
-        from audit.engine.explainer import Explainer
         from audit.engine.heads import Head
-        from audit.engine.methods import METHODS
-        from audit.engine.models import (
-            check_channels,
-            check_preprocess,
-            input_size_of,
-            load_model,
-            model_input,
-        )
 
-        check_preprocess(m["preprocess"])
+        model = self._load_model(tfinfo)
+        head = Head.of(model, m.get("output"))
+        self._check_classes(head)
+        self._build_explainer(model)
+        from audit.data.schema import SCHEMA_VERSION, records_schema
+
+        self.regions = dict(self.spec["explain"].get("regions") or {})
+        self.schema = records_schema(list(self.regions))
+        self.schema_version = SCHEMA_VERSION
+        self.pool = ThreadPoolExecutor(max_workers=res.get("decode_threads", 4), thread_name_prefix="decode")
+        self.post = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rows")
+        self._warm_up()
+        self.info = {
+            "pid": os.getpid(),
+            "node": _node_id(),
+            "layers": list(self.explainer.layers),
+            "layer_shapes": {k: list(v) for k, v in self.explainer.layer_shapes.items()},
+            "input_size": list(self.size),
+            "num_outputs": head.units,
+            "classes": self.classes,
+            "setup_s": round(time.perf_counter() - t0, 3),
+            "process_cpu_s": time.process_time(),  # CPU seconds of this process so far (monitoring)
+            **tfinfo,
+        }
+        self._ready = True
+
+    def _load_model(self, tfinfo: dict):
+        """The job's model (a local copy of one in a bucket), rebuilt for mixed precision if asked."""
         from audit.data import fs
+        from audit.engine.models import check_preprocess, load_model
 
+        m = self.spec["model"]
+        check_preprocess(m["preprocess"])
         path = fs.local_copy(m["path"]) if fs.is_uri(m.get("path")) else m.get("path")  # Keras opens local files
         model = load_model(path, application=m.get("application"), weights=m.get("weights"),
                            input_size=m.get("input_size"), num_classes=m.get("num_classes"),
@@ -207,7 +229,10 @@ class AuditWorker:
         if tfinfo["mixed_precision"]:
             model = to_mixed_precision(model)
             tfinfo["mixed_precision"] = runs_mixed(model)  # what the model runs, not what was asked
-        head = Head.of(model, m.get("output"))
+        return model
+
+    def _check_classes(self, head) -> None:
+        """The dataset's classes match the head (numbered 0..n-1 when the dataset has none)."""
         n_out = head.units
         if self.classes is None:
             self.classes = [str(i) for i in range(head.num_classes)]
@@ -218,6 +243,13 @@ class AuditWorker:
                 f"{' (one unit: 2 classes)' if head.num_classes != n_out else ''}; "
                 "set dataset.classes to the model's classes in output order"
             )
+
+    def _build_explainer(self, model) -> None:
+        """The Explainer, the input size and channels, checked against the spec and preprocessing."""
+        from audit.engine.explainer import Explainer
+        from audit.engine.models import check_channels, input_size_of, model_input
+
+        m, ex, res = self.spec["model"], self.spec["explain"], self.spec["resources"]
         self.explainer = Explainer(model, layers=ex["layers"], methods=tuple(ex["methods"]),
                                    target=ex["target"], batch_size=res["batch_size"], classes=self.classes,
                                    output=m.get("output"), token_grid=ex.get("token_grid"))
@@ -231,30 +263,15 @@ class AuditWorker:
         self.channels = int(self.explainer.input_shape[2])
         check_channels(self.channels)  # images are converted by models.to_channels
         model_input(np.zeros((1, 1, 1, 3), np.uint8), self.channels, m["preprocess"])  # fails here, not per batch
-        from audit.data.schema import SCHEMA_VERSION, records_schema
 
-        self.regions = dict(ex.get("regions") or {})
-        self.schema = records_schema(list(self.regions))
-        self.schema_version = SCHEMA_VERSION
-        self.pool = ThreadPoolExecutor(max_workers=res.get("decode_threads", 4), thread_name_prefix="decode")
-        self.post = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rows")
-        # trace the compiled step for a full batch now, not on the first shard
-        n_warm = 1 if any(METHODS[m].needs.own_pass for m in self.explainer.methods) else res["batch_size"]
-        self.explainer(np.zeros((n_warm, *self.explainer.input_shape), np.float32),
-                       labels=np.zeros(n_warm, np.int32) if self.explainer.target == "label" else None)
-        self.info = {
-            "pid": os.getpid(),
-            "node": _node_id(),
-            "layers": list(self.explainer.layers),
-            "layer_shapes": {k: list(v) for k, v in self.explainer.layer_shapes.items()},
-            "input_size": list(size),
-            "num_outputs": n_out,
-            "classes": self.classes,
-            "setup_s": round(time.perf_counter() - t0, 3),
-            "process_cpu_s": time.process_time(),  # CPU seconds of this process so far (monitoring)
-            **tfinfo,
-        }
-        self._ready = True
+    def _warm_up(self) -> None:
+        """Trace the compiled step for a full batch now, not on the first shard."""
+        from audit.engine.methods import METHODS
+
+        ex = self.explainer
+        n_warm = 1 if any(METHODS[m].needs.own_pass for m in ex.methods) else self.spec["resources"]["batch_size"]
+        ex(np.zeros((n_warm, *ex.input_shape), np.float32),
+           labels=np.zeros(n_warm, np.int32) if ex.target == "label" else None)
 
     def ping(self) -> int:
         return os.getpid()
@@ -313,44 +330,51 @@ class AuditWorker:
         return summary
 
     def process_items(self, items, shard_id: int = 0):
-        """Rows for a list of :class:`audit.data.datasets.Item` as an Arrow table cast to the schema."""
+        """Rows for a list of :class:`audit.data.datasets.Item` as an Arrow table cast to the schema.
+
+        Args:
+            items: the items, in the order their rows are written.
+            shard_id: the ``shard`` column (and the progress counter of a shard in progress).
+
+        Returns:
+            (table sorted by item then layer x method block, counts: errors, flat, correct, labelled).
+        """
         import pyarrow as pa
-
-        from audit.data import datasets
-
-        self.setup()
-        from audit.data.decode import DecodeError
-        from audit.data.files import DEFAULT_MAX_IMAGE_BYTES
-
-        ds = self.spec["dataset"]
-        max_px = int(ds.get("max_pixels", 100_000_000))
-        max_bytes = int(ds.get("max_image_bytes") or DEFAULT_MAX_IMAGE_BYTES)
-        resize_masks = bool(ds.get("resize_masks", False))
-        bs = int(self.spec["resources"]["batch_size"])
 
         from audit.data.prefetch import Prefetcher, wants_prefetch
 
+        self.setup()
+        max_bytes = self._max_image_bytes()
         # objects in a bucket: fetched a bounded window ahead on their own threads
         prefetch = Prefetcher(self._fetch_pool(), items, max_bytes) if wants_prefetch(items) else None
+        load = _Loader.of(self.spec["dataset"], self.size, max_bytes, prefetch)
+        out = _Collected()
+        try:
+            pending = self._model_passes(items, load, shard_id, out)
+        finally:
+            if prefetch is not None:
+                prefetch.cancel()
+        for fut in pending:
+            out.merge(*fut.result())
+        if not out.parts:
+            return self.schema.empty_table(), out.counts
+        table = pa.concat_tables(out.parts)
+        order = np.argsort(np.concatenate(out.keys), kind="stable")
+        return table.take(pa.array(order)), out.counts
 
-        def load(item):
-            # Only a fault in the user's data becomes an error row; anything else is a bug
-            # of ours and fails the shard with its traceback.
-            try:
-                if prefetch is not None:
-                    prefetch.fill(item)
-                return datasets.load_item(item, self.size, max_px, max_bytes=max_bytes, resize_masks=resize_masks)
-            except DecodeError as e:
-                return e
-            finally:
-                if prefetch is not None:
-                    prefetch.release(item)
+    def _max_image_bytes(self) -> int:
+        from audit.data.files import DEFAULT_MAX_IMAGE_BYTES
 
-        parts, keys = [], []
-        counts = {"errors": 0, "flat": 0, "correct": 0, "labelled": 0}
-        # A producer thread decodes (on the pool, a bounded window ahead), batches and
-        # preprocesses; this thread only runs the model.  The producer starts now, so
-        # the next shard's first batches are ready while it waits for its turn.
+        return int(self.spec["dataset"].get("max_image_bytes") or DEFAULT_MAX_IMAGE_BYTES)
+
+    def _model_passes(self, items, load, shard_id, out: _Collected) -> list:
+        """Run the model on every batch the producer prepares; returns the row futures.
+
+        A producer thread decodes (on the pool, a bounded window ahead), batches and
+        preprocesses; this thread only runs the model.  The producer starts now, so
+        the next shard's first batches are ready while it waits for its turn.
+        """
+        bs = int(self.spec["resources"]["batch_size"])
         window = 2 * bs + int(self.spec["resources"].get("decode_threads", 4))
         ready: queue.Queue = queue.Queue(maxsize=BATCHES_AHEAD)
         stop = threading.Event()
@@ -366,9 +390,7 @@ class AuditWorker:
                         raise payload
                     if kind == "errors":
                         table, key, n_bad = payload
-                        parts.append(table)
-                        keys.append(key)
-                        counts["errors"] += n_bad
+                        out.merge([table], [key], {"errors": n_bad})
                         self._count(shard_id, n_bad)
                         continue
                     batch, x, labels = payload
@@ -382,19 +404,7 @@ class AuditWorker:
                 with contextlib.suppress(queue.Empty):
                     ready.get(timeout=0.05)
             producer.join()
-            if prefetch is not None:
-                prefetch.cancel()
-        for fut in pending:
-            p, k, c = fut.result()
-            parts += p
-            keys += k
-            for name, v in c.items():
-                counts[name] += v
-        if not parts:
-            return self.schema.empty_table(), counts
-        table = pa.concat_tables(parts)
-        order = np.argsort(np.concatenate(keys), kind="stable")
-        return table.take(pa.array(order)), counts
+        return pending
 
     def _count(self, shard_id, n):
         if shard_id in self._live:  # a shard of process_shard (not a bare process_items call)
@@ -510,37 +520,51 @@ class AuditWorker:
 
     def _rows(self, batch, res, shard_id):
         """Statistics and Arrow rows of an explained batch (post-processing thread)."""
-        import pyarrow as pa
-
-        from audit.engine.stats import map_stats, to_arrow_columns
-
         ex = self.explainer
         parts, keys = [], []
         counts = {"flat": 0, "correct": 0, "labelled": 0}
         correct, counts["labelled"], counts["correct"] = _correct(batch, res)
         # one row per explained row: several per image for a multi-label head
         batch = [batch[i] for i in res.image]
+        has_mask, masks = self._masks(batch)
+        common = self._common_columns(batch, res, correct, has_mask, shard_id)
+        n_blocks = 0
+        for layer in ex.layers:
+            for method in ex.methods:
+                table, n_flat = self._block(common, layer, method, res.maps[(layer, method)], masks, has_mask)
+                counts["flat"] += n_flat
+                parts.append(table)
+                keys.append(np.array([b[0] * 1000 + n_blocks for b in batch], np.int64))
+                n_blocks += 1
+        return parts, keys, counts
+
+    def _masks(self, batch):
+        """(has_mask per row, (n, H, W) bool masks or None when no row has one)."""
+        has_mask = np.array([b[2][1] is not None for b in batch])
+        if not has_mask.any():
+            return has_mask, None
+        masks = np.zeros((len(batch), *self.size), bool)
+        for k, b in enumerate(batch):
+            if b[2][1] is not None:
+                masks[k] = b[2][1]
+        return has_mask, masks
+
+    def _common_columns(self, batch, res, correct, has_mask, shard_id) -> dict:
+        """The columns every layer x method block of these rows shares."""
+        import pyarrow as pa
+
         labels = [b[1].label for b in batch]
         n = len(batch)
-        has_mask = np.array([b[2][1] is not None for b in batch])
-        masks = None
-        if has_mask.any():
-            masks = np.zeros((n, *self.size), bool)
-            for k, b in enumerate(batch):
-                if b[2][1] is not None:
-                    masks[k] = b[2][1]
-        label_arr = pa.array([None if v is None else int(v) for v in labels], pa.int32())
         pred = res.pred.astype(np.int32)
-        pred_arr = pa.array([None if p < 0 else int(p) for p in pred], pa.int32())  # -1: no label above 0.5
-        common = {
+        return {
             "image_id": pa.array([b[1].image_id for b in batch], pa.string()),
             "path": pa.array([b[1].path for b in batch], pa.string()),
             "path_bytes": pa.array([b[1].path_bytes for b in batch], pa.binary()),
             "mask_error": pa.array([b[1].mask_error for b in batch], pa.string()),
             "shard": pa.array(np.full(n, shard_id, np.int32)),
-            "label": label_arr,
+            "label": pa.array([None if v is None else int(v) for v in labels], pa.int32()),
             "label_name": pa.array([self._name(v) for v in labels], pa.string()),
-            "pred": pred_arr,
+            "pred": pa.array([None if p < 0 else int(p) for p in pred], pa.int32()),  # -1: no label above 0.5
             "pred_name": pa.array([None if p < 0 else self._name(int(p)) for p in pred], pa.string()),
             "score": pa.array(res.score.astype(np.float32)),
             "correct": pa.array([correct[i] for i in res.image], pa.bool_()),
@@ -550,33 +574,31 @@ class AuditWorker:
             "has_mask": pa.array(has_mask),
             "error": pa.nulls(n, pa.string()),
         }
-        n_blocks = 0
-        for layer in ex.layers:
-            for method in ex.methods:
-                maps = res.maps[(layer, method)]
-                h, w = maps.shape[1:]
-                st = map_stats(maps, self.size, masks=masks, has_mask=has_mask, regions=self.regions)
-                # the engine zeroes the maps it flags as degenerate, so map_stats already
-                # reports them flat with null statistics
-                status = st["status"].astype(str)
-                counts["flat"] += int((status == "flat").sum())
-                stat_cols = to_arrow_columns(st)
-                offsets = pa.array(np.arange(n + 1, dtype=np.int32) * (h * w))
-                cam = pa.ListArray.from_arrays(offsets, pa.array(maps.reshape(-1).astype(np.float32)))
-                cols = {
-                    **common,
-                    "layer": pa.array([layer] * n, pa.string()),
-                    "method": pa.array([method] * n, pa.string()),
-                    "cam": cam,
-                    "cam_h": pa.array(np.full(n, h, np.int32)),
-                    "cam_w": pa.array(np.full(n, w, np.int32)),
-                    "status": pa.array(status.tolist(), pa.string()),
-                    **stat_cols,
-                }
-                parts.append(pa.table({name: cols[name] for name in self.schema.names}, schema=self.schema))
-                keys.append(np.array([b[0] * 1000 + n_blocks for b in batch], np.int64))
-                n_blocks += 1
-        return parts, keys, counts
+
+    def _block(self, common, layer, method, maps, masks, has_mask):
+        """(the rows of one layer x method, cast to the schema; how many of its maps are flat)."""
+        import pyarrow as pa
+
+        from audit.engine.stats import map_stats, to_arrow_columns
+
+        n, h, w = maps.shape
+        st = map_stats(maps, self.size, masks=masks, has_mask=has_mask, regions=self.regions)
+        # the engine zeroes the maps it flags as degenerate, so map_stats already
+        # reports them flat with null statistics
+        status = st["status"].astype(str)
+        offsets = pa.array(np.arange(n + 1, dtype=np.int32) * (h * w))
+        cols = {
+            **common,
+            "layer": pa.array([layer] * n, pa.string()),
+            "method": pa.array([method] * n, pa.string()),
+            "cam": pa.ListArray.from_arrays(offsets, pa.array(maps.reshape(-1).astype(np.float32))),
+            "cam_h": pa.array(np.full(n, h, np.int32)),
+            "cam_w": pa.array(np.full(n, w, np.int32)),
+            "status": pa.array(status.tolist(), pa.string()),
+            **to_arrow_columns(st),
+        }
+        table = pa.table({name: cols[name] for name in self.schema.names}, schema=self.schema)
+        return table, int((status == "flat").sum())
 
     def _fetch_pool(self) -> ThreadPoolExecutor:
         """The actor's pool for object fetches (made on the first shard read from a bucket)."""
@@ -592,6 +614,55 @@ class AuditWorker:
             pool = getattr(self, name, None)
             if pool is not None:
                 pool.shutdown(wait=False)
+
+
+@dataclass
+class _Collected:
+    """Row tables of a shard as they come, with their sort keys and counts."""
+
+    parts: list = field(default_factory=list)  # Arrow tables
+    keys: list = field(default_factory=list)  # int64 sort key per row of each table: item * 1000 + block
+    counts: dict = field(default_factory=lambda: {"errors": 0, "flat": 0, "correct": 0, "labelled": 0})
+
+    def merge(self, parts, keys, counts) -> None:
+        self.parts += parts
+        self.keys += keys
+        for name, v in counts.items():
+            self.counts[name] += v
+
+
+@dataclass
+class _Loader:
+    """Reads and decodes one item on a decode thread (its object prefetched first, if from a bucket)."""
+
+    size: tuple  # (H, W) of the model input
+    max_px: int
+    max_bytes: int
+    resize_masks: bool
+    prefetch: object = None  # audit.data.prefetch.Prefetcher, or None
+
+    @classmethod
+    def of(cls, ds: dict, size, max_bytes: int, prefetch) -> _Loader:
+        return cls(size, int(ds.get("max_pixels", 100_000_000)), max_bytes, bool(ds.get("resize_masks", False)),
+                   prefetch)
+
+    def __call__(self, item):
+        """The decoded item, or the DecodeError that makes it an error row."""
+        from audit.data import datasets
+        from audit.data.decode import DecodeError
+
+        # Only a fault in the user's data becomes an error row; anything else is a bug
+        # of ours and fails the shard with its traceback.
+        try:
+            if self.prefetch is not None:
+                self.prefetch.fill(item)
+            return datasets.load_item(item, self.size, self.max_px, max_bytes=self.max_bytes,
+                                      resize_masks=self.resize_masks)
+        except DecodeError as e:
+            return e
+        finally:
+            if self.prefetch is not None:
+                self.prefetch.release(item)
 
 
 def _correct(batch, res):
