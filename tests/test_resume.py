@@ -11,12 +11,23 @@ import shutil
 from pathlib import Path
 
 import helpers_jobs as h
+import helpers_s3
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
-from audit.data import datasets, io
+from audit.data import datasets, fs, io
 from audit.data.identity import ShardIdentity, compare, identity_change, shard_identity
 from audit.errors import AuditError
 from audit.runner.job import run_job
+
+
+@pytest.fixture(scope="module")
+def s3():
+    server = helpers_s3.S3Server()
+    yield server
+    server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +67,69 @@ def test_folder_identity_follows_the_images(tmp_path):
     third = _ids(ds)[1]
     assert (third[0].count, third[0].first, third[0].last) == (4, before[0].first, before[0].last)
     assert "input list changed" in identity_change(before[0], third[0])
+
+
+def test_an_image_or_mask_replaced_in_place_changes_only_its_shards_content(tmp_path):
+    _, masks = h.make_folder(tmp_path / "d", 6)
+    ds = _ds("folder", tmp_path / "d", masks=str(masks))
+    _, before = _ids(ds)
+    assert all(i.content for i in before)
+    # the same name, another picture (another size): names, labels and count are unchanged
+    h.write_png(tmp_path / "d" / "cat" / "img_001.png", h.image(99, 0, size=40)[0])
+    _, after = _ids(ds)
+    assert [(i.count, i.first, i.last, i.digest) for i in after] == [(i.count, i.first, i.last, i.digest)
+                                                                     for i in before]
+    assert after[0].content != before[0].content and after[1:] == before[1:]
+    assert identity_change(before[0], after[0]) == (
+        "a file it reads ('cat/img_000.png'..'cat/img_003.png') was replaced in place: same name, "
+        "another size or modification time")
+    h.write_png(Path(masks) / "dog" / "img_005.png", np.full((16, 16), 255, np.uint8))  # a mask redrawn
+    _, third = _ids(ds)
+    assert third[:3] == after[:3] and third[3].content != after[3].content
+    # an entry committed before contents were recorded is checked on the rest
+    old = ShardIdentity(**{**before[0].to_dict(), "content": None})
+    assert ShardIdentity.from_dict(old.to_dict()) == old and identity_change(old, after[0]) is None
+
+
+def test_manifest_and_parquet_files_rewritten_in_place_change_the_content(tmp_path):
+    man = Path(h.make_manifest(tmp_path / "m", n=8))
+    ds = _ds("manifest", man)
+    _, before = _ids(ds)
+    h.write_png(tmp_path / "m" / "images" / "im006.png", h.image(5, 0, size=24)[0])
+    _, after = _ids(ds)
+    assert after[0] == before[0] and after[1].digest == before[1].digest
+    assert after[1].content != before[1].content
+
+    pq_dir = h.make_parquet(tmp_path / "p", n=8, files=2)
+    ds = _ds("parquet", pq_dir, size=2)
+    _, before = _ids(ds)
+    first = sorted(Path(pq_dir).glob("*.parquet"))[0]
+    table = pq.read_table(first)
+    other = pa.array([b"another picture"] * table.num_rows, pa.binary())
+    pq.write_table(table.set_column(table.column_names.index("image"), "image", other), first)
+    _, after = _ids(ds)
+    assert [i.digest for i in after] == [i.digest for i in before]  # same keys and labels
+    assert [a.content != b.content for a, b in zip(after, before)] == [True, True, False, False]
+
+
+def test_object_identity_uses_one_listing_per_folder(s3, tmp_path):
+    from audit.data import identity
+
+    h.make_folder(tmp_path / "d", 4, masks=False)
+    s3.bucket("ident")
+    root = s3.upload(tmp_path / "d", "s3://ident/d")
+    ds = _ds("folder", root)
+    identity.clear_cache()
+    _, before = _ids(ds)
+    assert [i.count for i in before] == [4, 4] and all(i.content for i in before)
+    assert identity.file_stat(f"{root}/cat/img_000.png")[0] == (tmp_path / "d/cat/img_000.png").stat().st_size
+    assert identity.file_stat(f"{root}/cat/nope.png") == ("missing",)
+    h.write_png(tmp_path / "e.png", h.image(7, 0, size=40)[0])
+    fs.write_bytes(f"{root}/dog/img_002.png", (tmp_path / "e.png").read_bytes())
+    assert _ids(ds)[1] == before  # the listing is cached in this process ...
+    identity.clear_cache()  # ... until a resume clears it
+    _, after = _ids(ds)
+    assert after[0] == before[0] and after[1].content != before[1].content
 
 
 def test_manifest_parquet_tfrecord_identities(tmp_path):
@@ -130,6 +204,31 @@ def test_resume_after_an_image_was_added_is_refused_then_replanned(ray_local, jo
     h.assert_exactly_once(tmp / "out", h.folder_ids(tmp / "data"), methods=("gradcam",))
     runs = json.loads((tmp / "out" / "job.json").read_text())["runs"]
     assert [r["status"] for r in runs] == ["ok", "ok"]
+
+
+def test_resume_after_an_image_was_replaced_in_place_is_refused_then_replanned(ray_local, job, capsys):
+    import audit
+
+    tmp, spec = job
+    s = run_job(spec, progress=False)
+    assert s["status"] == "ok" and s["images_done"] == 24
+    # another picture under the same name (40x40, the others are 16x16), in shard 1
+    h.write_png(tmp / "data" / "cat" / "img_005.png", h.image(77, 0, size=40)[0])
+    with pytest.raises(AuditError) as e:
+        run_job(spec, resume=True, progress=False)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("cannot resume: shard 1 (records/part-00001.parquet) no longer "
+                                              "matches the dataset: a file it reads ('cat/img_004.png'.."
+                                              "'cat/img_007.png') was replaced in place")
+    capsys.readouterr()
+    s = run_job(spec, resume="replan", progress=False)
+    assert "--resume=replan: shard 1 changed" in capsys.readouterr().err
+    assert s["status"] == "ok" and s["images"] == s["images_done"] == 24 and s["shards_skipped"] == 1
+    h.assert_exactly_once(tmp / "out", h.folder_ids(tmp / "data"), methods=("gradcam",))
+    df = audit.load(tmp / "out", columns=["image_id", "width"])
+    assert set(df[df.image_id == "cat/img_005.png"].width) == {40}  # the new picture was audited
+    assert set(df[df.image_id != "cat/img_005.png"].width) == {16}
+    assert run_job(spec, resume=True, progress=False)["shards_skipped"] == 6  # and a resume now agrees
 
 
 def test_replan_after_the_dataset_shrank_removes_the_extra_shards(ray_local, job):

@@ -16,13 +16,24 @@ The input list hashed, per format (cheap: no image is read or decoded):
   ``key`` column the ids are positions, so the file's size is hashed too);
 * tfrecord: each record's length and its stored CRC of the data (the
   record's content, read from its framing without parsing it).
+
+Names alone miss an image replaced in place under the same name, so the
+identity also holds ``content``: a SHA-256 of the size and modification time
+of every file the shard reads (folder, manifest: each image and mask file;
+parquet: the shard's file).  Local files: one ``stat`` each.  Objects in a
+bucket: the size and last-modified time of one listing of each folder
+(pyarrow's ``FileInfo`` carries no ETag; a PUT always sets a new
+last-modified time).  A tfrecord's data CRCs already follow its content.
+An entry committed before ``content`` was recorded is checked on the rest.
 """
 
 from __future__ import annotations
 
 import hashlib
 import itertools
+import os
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 
 from audit.data import datasets, fs
 
@@ -35,6 +46,7 @@ class ShardIdentity:
     first: str | None
     last: str | None
     digest: str  # sha256 of the input list, hex
+    content: str | None = None  # sha256 of the (size, mtime) of each file read, hex; None: not recorded
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -43,7 +55,7 @@ class ShardIdentity:
     def from_dict(cls, d: dict | None) -> ShardIdentity | None:
         if not d:
             return None
-        return cls(int(d["count"]), d.get("first"), d.get("last"), str(d["digest"]))
+        return cls(int(d["count"]), d.get("first"), d.get("last"), str(d["digest"]), d.get("content"))
 
 
 def shard_identity(ds: dict, shard: datasets.Shard, classes=None) -> ShardIdentity:
@@ -53,15 +65,54 @@ def shard_identity(ds: dict, shard: datasets.Shard, classes=None) -> ShardIdenti
         return _parquet_identity(ds, shard)
     if fmt == "tfrecord":
         return _tfrecord_identity(ds, shard)
-    h = hashlib.sha256()
+    h, files = hashlib.sha256(), hashlib.sha256()
     n, first, last = 0, None, None
     for item in datasets.read_shard(ds, shard, classes):
         # repr: ids from odd file names may hold lone surrogates that .encode() refuses
         h.update(repr((item.image_id, item.path, item.label, item.has_mask, item.error)).encode())
+        files.update(repr((file_stat(item.file), file_stat(item.mask_file))).encode())
         first = item.image_id if first is None else first
         last = item.image_id
         n += 1
-    return ShardIdentity(n, first, last, h.hexdigest())
+    return ShardIdentity(n, first, last, h.hexdigest(), files.hexdigest())
+
+
+def file_stat(path: str | None) -> tuple:
+    """(size, modification time in ns) of a local file or an object, without reading it.
+
+    One ``os.stat`` for a local file; for an object, its entry in a cached
+    listing of its folder (one request per folder, not one per object).
+    A file that cannot be stat'ed gives the reason instead (its read makes an
+    error row of it, and its coming back changes the identity).
+    """
+    if path is None:
+        return ()
+    if not fs.is_uri(path):
+        try:
+            st = os.stat(path)
+        except OSError as e:
+            return (type(e).__name__,)
+        return (st.st_size, st.st_mtime_ns)
+    folder, _, name = path.rpartition("/")
+    return _object_stats(folder).get(name, ("missing",))
+
+
+@lru_cache(maxsize=64)
+def _object_stats(folder: str) -> dict[str, tuple]:
+    """name -> (size, mtime ns) of the objects directly in ``folder`` (one listing)."""
+    from pyarrow import fs as pafs
+
+    fsys, p = fs.resolve(folder)
+    try:
+        infos = fsys.get_file_info(pafs.FileSelector(p, recursive=False, allow_not_found=True))
+    except OSError as e:
+        fs.raise_storage(e, folder)
+    return {i.base_name: (i.size, i.mtime_ns) for i in infos if i.type == pafs.FileType.File}
+
+
+def clear_cache() -> None:
+    """Forget the folder listings of objects (before a resume compares identities)."""
+    _object_stats.cache_clear()
 
 
 def _parquet_identity(ds, shard) -> ShardIdentity:
@@ -84,7 +135,8 @@ def _parquet_identity(ds, shard) -> ShardIdentity:
     labels = t.column("label").to_pylist() if "label" in cols else [None] * n
     for k, lab in zip(keys, labels):
         h.update(repr((k, lab)).encode())
-    return ShardIdentity(n, keys[0] if keys else None, keys[-1] if keys else None, h.hexdigest())
+    content = hashlib.sha256(repr(file_stat(shard.source)).encode()).hexdigest()
+    return ShardIdentity(n, keys[0] if keys else None, keys[-1] if keys else None, h.hexdigest(), content)
 
 
 def _tfrecord_identity(ds, shard) -> ShardIdentity:
@@ -160,4 +212,7 @@ def identity_change(was: ShardIdentity, now: ShardIdentity) -> str | None:
     if was.digest != now.digest:
         return (f"its input list changed (same first and last image {was.first!r}..{was.last!r}: "
                 "an image inside was renamed, relabelled, added or removed)")
+    if was.content is not None and now.content is not None and was.content != now.content:
+        return (f"a file it reads ({was.first!r}..{was.last!r}) was replaced in place: same name, "
+                "another size or modification time")
     return None

@@ -2,7 +2,8 @@
 
 Every committed manifest entry is compared with the new plan's shard of the
 same id: its descriptor (source, range, byte offsets), then its identity
-(input count, first and last ``image_id``, hash of the input list; see
+(input count, first and last ``image_id``, hash of the input list, hash of
+the size and modification time of each file it reads; see
 :mod:`audit.data.identity`).  The default refuses at the first shard that
 changed, naming it and what changed; ``--resume=replan`` keeps the committed
 shards before that one and takes the rest out of the output (manifest entry,
@@ -72,10 +73,11 @@ def reconcile(out, plan, ds: dict, job_id: str, mode: str | None) -> Committed:
     found = Committed()
     if mode is None or not io.has_manifest(out):
         return found
-    from audit.data import datasets
+    from audit.data import datasets, identity
 
     entries = io.committed_shards(out, broken=found.broken)
     datasets._class_listing.cache_clear()  # a folder listing cached in this process may predate a change
+    identity.clear_cache()  # so may a listing of object sizes and times
     by_id = {s.id: s for s in plan.shards}
     for sid in sorted(entries):
         why = _change(entries[sid], by_id.get(sid), ds, plan.classes, job_id)

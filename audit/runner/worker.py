@@ -187,7 +187,10 @@ class AuditWorker:
         import cv2
 
         cv2.setNumThreads(1)
+        from audit.data import identity
         from audit.engine.heads import Head
+
+        identity.clear_cache()  # object listings of an earlier job in this process may be stale
 
         model = self._load_model(tfinfo)
         head = Head.of(model, m.get("output"))
@@ -310,6 +313,8 @@ class AuditWorker:
         from audit.data.identity import shard_identity
 
         t0 = time.perf_counter()
+        # before the images are read: a file replaced while they are read then differs on --resume
+        identity = shard_identity(self.spec["dataset"], shard, self._plan_classes).to_dict() if commit else None
         items = list(datasets.read_shard(self.spec["dataset"], shard, self.classes))
         table, counts = self.process_items(items, shard_id=shard.id)
         summary = {"shard": shard.id, "images": len(items), "rows": table.num_rows, **counts,
@@ -318,7 +323,6 @@ class AuditWorker:
         if commit:
             inputs = {**shard.to_dict(), "first": items[0].image_id if items else None,
                       "last": items[-1].image_id if items else None}
-            identity = shard_identity(self.spec["dataset"], shard, self._plan_classes).to_dict()
             with self._commit_lock:
                 if self._fenced:
                     raise RuntimeError(f"shard {shard.id} not committed: this worker was fenced")
