@@ -140,6 +140,8 @@ def _stop(proc):
 def test_entrypoint_and_headers(tmp_path, monkeypatch):
     cmd = entrypoint("/data/my job.yaml", "python", True, ["dataset.limit=5"])
     assert cmd == "python -m audit run '/data/my job.yaml' --address auto --resume --set dataset.limit=5"
+    assert entrypoint("j.yaml", "py", "replan", []) == "py -m audit run j.yaml --address auto --resume=replan"
+    assert entrypoint("j.yaml", "py", False, []) == "py -m audit run j.yaml --address auto"
     monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
     monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
     assert auth_headers() == {}
@@ -148,6 +150,27 @@ def test_entrypoint_and_headers(tmp_path, monkeypatch):
     f = tmp_path / "tok"
     f.write_text("xyz\n")
     assert auth_headers(str(f)) == {"Authorization": "Bearer xyz"}
+
+
+def test_submit_resume_forms_are_those_of_run(capsys):
+    from audit.cli import build_parser
+
+    p = build_parser()
+    for cmd in (["run", "j.yaml"], ["submit", "j.yaml", "--address", "http://h:8265"]):
+        assert p.parse_args([*cmd, "--resume"]).resume is True
+        assert p.parse_args([*cmd, "--resume=replan"]).resume == "replan"
+        assert p.parse_args(cmd).resume is False
+        ns = p.parse_args([cmd[0], "--resume", "j.yaml", *cmd[2:]])  # a bare --resume before the spec
+        assert ns.resume is True and ns.spec_after_resume == "j.yaml"
+        with pytest.raises(SystemExit):
+            p.parse_args([*cmd, "--resume", "other"])
+        assert "--resume takes no value or =replan, not 'other'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["submit", "--address", "http://127.0.0.1:1"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("audit: error: submit: the following arguments are required: spec")
+    assert len(err.splitlines()) == 1
 
 
 def test_local_mistakes_fail_before_contacting_the_cluster(tmp_path, capsys):
@@ -209,6 +232,17 @@ def test_submit_with_token_and_wait(head, tmp_path, monkeypatch, capsys):
     assert "job t (" in cap.out and "12 of 12 audited" in cap.out  # the job's own summary, from its logs
     assert "SUCCEEDED" in cap.err
     assert len(list((tmp_path / "out" / "records").glob("part-*.parquet"))) == 2
+
+    # a picture replaced in place: --resume is refused on the cluster, --resume=replan redoes its shard
+    h.write_png(tmp_path / "data" / "dog" / "img_001.png", h.image(5, 1, size=40)[0])
+    common = ["submit", spec, "--address", head["address"], "--token-file", str(tok), "--wait"]
+    assert main([*common, "--resume"]) == 1
+    cap = capsys.readouterr()
+    assert "cannot resume: shard 1 (records/part-00001.parquet)" in cap.out + cap.err, cap.out[-2000:]
+    assert main([*common, "--resume=replan"]) == 0
+    cap = capsys.readouterr()
+    assert "--resume=replan: shard 1 changed" in cap.out + cap.err and "12 of 12 audited" in cap.out
+    assert "6 from committed shards" in cap.out, cap.out[-2000:]
 
 
 def test_run_joins_the_cluster_with_address(head, tmp_path):

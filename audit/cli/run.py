@@ -30,6 +30,19 @@ class _Resume(argparse.Action):
         parser.error(f"--resume takes no value or =replan, not {value!r}")
 
 
+def add_resume(p, help: str) -> None:
+    """The ``--resume[=replan]`` option (``audit run``, ``audit submit``): ``args.resume`` is False, True or "replan"."""
+    p.add_argument("--resume", nargs="?", const=True, default=False, metavar="replan", action=_Resume, help=help)
+
+
+def spec_arg(args, parser) -> str:
+    """The spec, also when it came after a bare ``--resume`` (``audit run --resume job.yaml``)."""
+    spec = args.spec or getattr(args, "spec_after_resume", None)
+    if spec is None:
+        parser.error("the following arguments are required: spec")
+    return spec
+
+
 def register(sub) -> None:
     p = sub.add_parser(
         "run",
@@ -43,10 +56,9 @@ def register(sub) -> None:
     p.add_argument("--address", help="Ray cluster: 'auto', HOST:PORT (its GCS) or ray://HOST:10001 "
                                      "(default: an embedded local Ray); on a token-mode cluster also set "
                                      "RAY_AUTH_MODE=token and RAY_AUTH_TOKEN")
-    p.add_argument("--resume", nargs="?", const=True, default=False, metavar="replan", action=_Resume,
-                   help="continue the job in a non-empty output, skipping committed shards that still hold "
-                        "what the dataset holds (refused at the first shard that changed); --resume=replan "
-                        "keeps the shards before that one and redoes the rest")
+    add_resume(p, "continue the job in a non-empty output, skipping committed shards that still hold "
+                  "what the dataset holds (refused at the first shard that changed); --resume=replan "
+                  "keeps the shards before that one and redoes the rest")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
                    help="override a spec value (YAML), e.g. --set resources.batch_size=32; repeatable")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -84,10 +96,7 @@ def format_summary(s: dict) -> str:
 def run(args) -> int:
     from audit.runner.job import run_job
 
-    spec = args.spec or getattr(args, "spec_after_resume", None)
-    if spec is None:
-        args.run_parser.error("the following arguments are required: spec")
-    args.spec = spec
+    args.spec = spec_arg(args, args.run_parser)
     try:
         summary = run_job(args.spec, address=args.address, resume=args.resume, overrides=args.overrides,
                           progress=not args.no_progress)

@@ -10,9 +10,12 @@ import sys
 import time
 from pathlib import Path
 
+from audit.cli.run import add_resume, spec_arg
+
 EXAMPLE = """examples:
   audit submit jobs/example_folder.yaml --address http://head:8265
   audit submit job.yaml --address http://head:8265 --wait
+  audit submit job.yaml --address http://head:8265 --resume=replan   # the dataset changed since
   RAY_AUTH_TOKEN=$(cat token) audit submit job.yaml --address https://head:8265 --wait
   audit submit job.yaml --address http://head:8265 --working-dir . --runtime-env env.yaml
 
@@ -32,10 +35,12 @@ def register(sub) -> None:
         epilog=EXAMPLE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("spec", help="job spec (YAML)")
+    p.add_argument("spec", nargs="?", help="job spec (YAML)")
     p.add_argument("--address", required=True, help="Ray dashboard address, e.g. http://head:8265")
     p.add_argument("--wait", action="store_true", help="follow the job's logs until it ends; exit 0 if it succeeded")
-    p.add_argument("--resume", action="store_true", help="pass --resume to `audit run` on the cluster")
+    add_resume(p, "pass --resume (or --resume=replan) to `audit run` on the cluster: continue the job in its "
+                  "output, refused at the first committed shard that changed; =replan keeps the shards before "
+                  "that one and redoes the rest")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
                    help="override a spec value; repeatable")
     p.add_argument("--working-dir", help="local directory uploaded as the job's working_dir (holds the spec)")
@@ -43,7 +48,7 @@ def register(sub) -> None:
     p.add_argument("--token-file", help="file holding the cluster's auth token (token authentication)")
     p.add_argument("--submission-id", help="choose the submission id (default: Ray picks one)")
     p.add_argument("--python", default="python", help="Python executable on the cluster (default: python)")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, submit_parser=p)
 
 
 def auth_headers(token_file=None) -> dict:
@@ -61,9 +66,19 @@ def auth_headers(token_file=None) -> dict:
     return {"Authorization": f"Bearer {token}"} if token else {}
 
 
-def entrypoint(spec_arg: str, python: str, resume: bool, overrides) -> str:
-    cmd = [python, "-m", "audit", "run", spec_arg, "--address", "auto"]
-    if resume:
+def entrypoint(spec: str, python: str, resume: bool | str, overrides) -> str:
+    """The shell command the cluster runs: ``audit run SPEC --address auto`` and the options passed on.
+
+    Args:
+        spec: the spec's path as the cluster sees it.
+        python: the cluster's Python executable.
+        resume: False, True (``--resume``) or ``"replan"`` (``--resume=replan``).
+        overrides: ``KEY.PATH=VALUE`` strings, each passed as ``--set``.
+    """
+    cmd = [python, "-m", "audit", "run", spec, "--address", "auto"]
+    if resume == "replan":
+        cmd.append("--resume=replan")
+    elif resume:
         cmd.append("--resume")
     for o in overrides:
         cmd += ["--set", o]
@@ -97,6 +112,7 @@ def submit(args) -> tuple[object, str]:
     from audit.errors import AuditError
     from audit.runner.spec import apply_overrides, read_yaml, validate
 
+    args.spec = spec_arg(args, args.submit_parser)
     validate(apply_overrides(read_yaml(args.spec), args.overrides))  # fail fast, locally
     spec = Path(args.spec).resolve()
     if args.working_dir:
@@ -104,11 +120,11 @@ def submit(args) -> tuple[object, str]:
         if not wd.is_dir():
             raise AuditError(f"--working-dir: not a directory: {wd}")
         try:
-            spec_arg = spec.relative_to(wd).as_posix()
+            remote_spec = spec.relative_to(wd).as_posix()
         except ValueError:
             raise AuditError(f"the spec {spec} must be inside --working-dir {wd}") from None
     else:
-        spec_arg = str(spec)
+        remote_spec = str(spec)
     runtime_env = _runtime_env(args) or None  # local mistakes first, before contacting the cluster
     from ray.job_submission import JobSubmissionClient
 
@@ -117,7 +133,7 @@ def submit(args) -> tuple[object, str]:
         client = JobSubmissionClient(args.address, headers=headers or None)
     except Exception as e:
         raise AuditError(f"cannot reach the Ray Jobs API at {args.address}: {_one_line(e)}") from None
-    kwargs = {"entrypoint": entrypoint(spec_arg, args.python, args.resume, args.overrides),
+    kwargs = {"entrypoint": entrypoint(remote_spec, args.python, args.resume, args.overrides),
               "runtime_env": runtime_env,
               "metadata": {"tool": "shortcut-audit", "spec": spec.name}}
     if args.submission_id:
