@@ -632,14 +632,9 @@ def explain(model, image_paths, out_dir, *, layers=None, methods=None, preproces
         raise AuditError("give at least one image")
     t = graph.trace(model, output=output, token_grid=token_grid)
     st = _setup(model, t, layers, feature_layers, methods, target, classes, output, len(sources))
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise AuditError(f"output {out} exists and is not a directory")
-    inp = _read_inputs(sources, st, preprocess_mode)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise AuditError(f"cannot create the output folder {out}: {e.strerror or e}") from None
+    out = _check_out(Path(out_dir))
+    inp = _read_inputs(sources, st, preprocess_mode)  # an unreadable image: no output folder made
+    _make_out(out)
     run = _run_methods(model, st, inp, output)
     name_of = _namer(classes)
     size = _tile_size(*st.size)
@@ -653,6 +648,19 @@ def explain(model, image_paths, out_dir, *, layers=None, methods=None, preproces
     index = out / "index.html"
     index.write_text(page, encoding="utf-8")
     return index
+
+
+def _check_out(out: Path) -> Path:
+    if out.exists() and not out.is_dir():
+        raise AuditError(f"output {out} exists and is not a directory")
+    return out
+
+
+def _make_out(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise AuditError(f"cannot create the output folder {out}: {e.strerror or e}") from None
 
 
 @dataclass
