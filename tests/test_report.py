@@ -312,3 +312,31 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
     assert img.astype(float).var() > 200, "the screenshot is blank"
     # the dark header band is there (the page was styled, not raw text)
     assert img[:40].mean() < 90
+
+
+def test_multilabel_rows_show_their_own_class_map_and_no_label_caption(tmp_path):
+    """A multi-label image has a row per explained label: each class shows its own map, and a row
+    with no label above 0.5 (null pred) is captioned as such, not as 'nan'."""
+    from audit.data.query import records_dataset
+    from audit.review.report import _fetch_maps, _read_light, _row_key
+
+    out = make_out(tmp_path, n_per_class=6, n_errors=0, summary=False, images=False)
+    schema = records_schema(regions=("sky",))
+    rng = np.random.default_rng(1)
+    maps = {0: _map("object", rng), 1: _map("sky", rng)}
+    rows = [{"image_id": "tank/ml.png", "path": "tank/ml.png", "shard": 2, "label": 1, "label_name": "tank",
+             "pred": None if t == 0 else 1, "pred_name": None if t == 0 else "tank", "score": 0.99 - 0.5 * t,
+             "correct": False, "target": t, "layer": "conv_out", "method": "gradcam",
+             "cam": maps[t].ravel().tolist(), "cam_h": H, "cam_w": W, "status": "ok", "width": IMG,
+             "height": IMG, "has_mask": False} for t in (0, 1)]
+    cols = {f.name: [r.get(f.name) for r in rows] for f in schema}
+    pq.write_table(pa.table(cols, schema=schema), out / "records" / "part-00002.parquet")
+    ds = records_dataset(out)
+    light = _read_light(ds, "conv_out", "gradcam").reset_index(drop=True)
+    idx = list(light.index[light.image_id == "tank/ml.png"])
+    got = _fetch_maps(ds, light, idx, "conv_out", "gradcam")
+    assert sorted(got) == [("tank/ml.png", 0), ("tank/ml.png", 1)]
+    for i in idx:
+        np.testing.assert_array_equal(got[_row_key(light, i)], maps[int(light.at[i, "target"])])
+    html = write_report(out, max_examples=40).read_text()
+    assert "none above 0.5 (top no_tank)" in html and ">nan " not in html

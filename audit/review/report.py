@@ -20,7 +20,7 @@ import contextlib
 import datetime as _dt
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -156,32 +156,54 @@ def _read_errors(ds, limit=200):
 
 
 def _fetch_maps(ds, light, idx, layer, method) -> dict:
-    """Raw maps of the rows ``idx`` of ``light``: image_id -> (h, w) float32, file by file."""
+    """Raw maps of the rows ``idx`` of ``light``: :func:`_row_key` -> (h, w) float32, file by file.
+
+    Keyed by image and explained class: a multi-label image has a row (and a
+    map) per label above 0.5.
+    """
     import pyarrow.compute as pc
 
     if "cam" not in ds.schema.names or not len(idx):
         return {}
     frags = list(ds.get_fragments())
     sub = light.loc[idx, ["image_id", "_frag"]]
+    wanted = {_row_key(light, i) for i in idx}
     out = {}
     for fi, ids in sub.groupby("_frag")["image_id"]:
         flt = pc.field("image_id").isin(list(ids))
         if layer is not None:
             flt = flt & (pc.field("layer") == layer) & (pc.field("method") == method)
-        cols = [c for c in ("image_id", "cam", "cam_h", "cam_w") if c in ds.schema.names]
+        cols = [c for c in ("image_id", "target", "cam", "cam_h", "cam_w") if c in ds.schema.names]
         t = frags[int(fi)].to_table(columns=cols, filter=flt, schema=ds.schema)
         for row in t.to_pylist():
-            cam, h, w = row.get("cam"), row.get("cam_h"), row.get("cam_w")
-            if cam is None:
-                continue
-            a = np.asarray(cam, np.float32)
-            if not h or not w or h * w != a.size:
-                side = int(round(math.sqrt(a.size)))
-                if side * side != a.size:
-                    continue
-                h = w = side
-            out[row["image_id"]] = a.reshape(int(h), int(w))
+            key = _key(row["image_id"], row.get("target") if "target" in light else None)
+            a = _cam_array(row)
+            if a is not None and key in wanted:
+                out[key] = a
     return out
+
+
+def _cam_array(row: dict):
+    """A record's map as (h, w) float32; a square one when cam_h x cam_w does not fit; None if unusable."""
+    cam, h, w = row.get("cam"), row.get("cam_h"), row.get("cam_w")
+    if cam is None:
+        return None
+    a = np.asarray(cam, np.float32)
+    if not h or not w or h * w != a.size:
+        side = int(round(math.sqrt(a.size)))
+        if side * side != a.size:
+            return None
+        h = w = side
+    return a.reshape(int(h), int(w))
+
+
+def _key(image_id, target) -> tuple:
+    return (image_id, int(target) if _ok(target) else None)
+
+
+def _row_key(light, i) -> tuple:
+    """The key of row ``i`` of ``light`` in :func:`_fetch_maps`' result: (image_id, target)."""
+    return _key(light.at[i, "image_id"], light.at[i, "target"] if "target" in light else None)
 
 
 # ----------------------------------------------------------------------------
@@ -321,6 +343,10 @@ class _Ctx:
     method: str | None
     images: _Images
     rng: np.random.Generator
+    names: dict = field(default_factory=dict)  # class id -> name
+
+    def class_name(self, cid) -> str:
+        return self.names.get(int(cid), str(int(cid))) if _ok(cid) else "?"
 
 
 def _items(ctx: _Ctx, rows, maps, note=None):
@@ -328,11 +354,13 @@ def _items(ctx: _Ctx, rows, maps, note=None):
     out = []
     for i in rows:
         r = ctx.light.loc[i].to_dict()
-        m = maps.get(r["image_id"])
+        m = maps.get(_row_key(ctx.light, i))
         if m is None:
             continue
         img = ctx.images.get(r)
-        pred = r.get("pred_name") if _ok(r.get("pred_name")) else r.get("pred")
+        pred = r.get("pred_name") if _ok(r.get("pred_name")) else r.get("pred") if _ok(r.get("pred")) else None
+        if pred is None:  # multi-label: no label above 0.5; the map explains the most probable one
+            pred = f"none above 0.5 (top {ctx.class_name(r.get('target'))})"
         label = r.get("label_name") if _ok(r.get("label_name")) else r.get("label")
         score = _num(r.get("score"))
         eo = _num(r.get("energy_object"))
@@ -427,7 +455,7 @@ def _class_sections(ctx, table, clusters, class_maps, cluster_maps, max_classes,
             ids = {i for v in cl["example_ids"] if v is not None for i in list(v)}
             wanted += [i for i in light.index[in_class & light["image_id"].isin(ids)] if i not in set(sample)]
         maps = _fetch_maps(ctx.ds, light, wanted, ctx.layer, ctx.method)
-        sample = [i for i in sample if light.at[i, "image_id"] in maps]
+        sample = [i for i in sample if _row_key(light, i) in maps]
         cmaps = {k[1]: v for k, v in cluster_maps.items() if k[0] == cid}
         sec = dict(d, anchor=f"class-{cid}", n_members=int(np.sum(in_class)))
         mean_img = _mean_picture(sec, ctx, sample, maps, class_maps.get((cid,)), cmaps, cl)
@@ -458,7 +486,7 @@ def _mean_picture(sec: dict, ctx, sample, maps, class_map, cmaps, cl):
         mean_map = (mean / tot) if tot else _mean_map(list(cmaps.values()))
         mean_src = "size-weighted mean of the scan's clusters"
     else:
-        mean_map = _mean_map([maps[light.at[i, "image_id"]] for i in sample])
+        mean_map = _mean_map([maps[_row_key(light, i)] for i in sample])
         mean_src = f"mean of a sample of {len(sample)} maps"
     sec["mean_src"] = mean_src
     sec["mean_image"] = viz.data_uri(mean_img, "jpeg", 85) if mean_img is not None else None
@@ -545,7 +573,7 @@ def _assign(maps, light, rows, cmaps, size=16):
     C /= np.linalg.norm(C, axis=1, keepdims=True) + 1e-9
     out = {}
     for i in rows:
-        v = viz.resize_map(viz.normalize(maps[light.at[i, "image_id"]]), (size, size)).ravel()
+        v = viz.resize_map(viz.normalize(maps[_row_key(light, i)]), (size, size)).ravel()
         v = v / (np.linalg.norm(v) + 1e-9)
         s = C @ v
         j = int(np.argmax(s))
@@ -628,7 +656,7 @@ def write_report(out_dir, *, max_examples: int = 12, max_classes: int = 24, seed
     else:
         light = light.reset_index(drop=True)
         bases = [(spec.get("dataset") or {}).get("path"), None if isinstance(out, str) else out.parent, Path.cwd()]
-        ctx = _Ctx(ds, light, layer, method, _Images(bases), np.random.default_rng(seed))
+        ctx = _Ctx(ds, light, layer, method, _Images(bases), np.random.default_rng(seed), names_by_id)
         table = _class_table(classes, light, names_by_id)
         sections = _class_sections(ctx, table, clusters, _table_maps(classes, ("class_id",)),
                                    _table_maps(clusters, ("class_id", "cluster")), max_classes, max_examples)
