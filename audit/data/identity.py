@@ -97,7 +97,7 @@ def file_stat(path: str | None) -> tuple:
     return _object_stats(folder).get(name, ("missing",))
 
 
-@lru_cache(maxsize=64)
+@lru_cache(maxsize=8)  # a shard's images share a folder or a few; a listing may hold 100k names
 def _object_stats(folder: str) -> dict[str, tuple]:
     """name -> (size, mtime ns) of the objects directly in ``folder`` (one listing)."""
     from pyarrow import fs as pafs
