@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+import helpers_faults
 import helpers_jobs as h
 import pytest
 
@@ -132,43 +133,21 @@ def test_manifest_entry_deleted(cluster, ws):
     _exactly_once(ws, out)
 
 
-def _limited_worker(limit):
-    """An actor class whose process may not write files larger than ``limit`` bytes (a full disk)."""
+def _limit_file_size(limit):
+    """In the actor: no file larger than ``limit`` bytes may be written (a full disk)."""
+    import ctypes
+    import resource
 
-    def factory():
-        import ray
-
-        from audit.runner.worker import AuditWorker
-
-        class Limited(AuditWorker):
-            def __init__(self, *args, **kwargs):
-                import ctypes
-                import resource
-
-                # SIGXFSZ ignored (through libc: any thread), so a write past the limit fails with EFBIG
-                ctypes.CDLL(None).signal(int(signal.SIGXFSZ), ctypes.c_void_p(1))
-                resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
-                super().__init__(*args, **kwargs)
-
-            @ray.method(concurrency_group="control")
-            def progress(self):
-                return super().progress()
-
-            @ray.method(concurrency_group="control")
-            def fence(self):
-                return super().fence()
-
-        Limited.__name__ = Limited.__qualname__ = "AuditWorker"
-        return ray.remote(concurrency_groups={"control": 1})(Limited)
-
-    return factory
+    # SIGXFSZ ignored (through libc: any thread), so a write past the limit fails with EFBIG
+    ctypes.CDLL(None).signal(int(signal.SIGXFSZ), ctypes.c_void_p(1))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
 
 
 def test_disk_full_during_write(cluster, ws, monkeypatch):
     from audit.runner import scheduler
 
     out = ws["dir"] / "out_full"
-    monkeypatch.setattr(scheduler, "remote_worker", _limited_worker(2048))  # every part file is larger
+    monkeypatch.setattr(scheduler, "remote_worker", helpers_faults.worker_with(_limit_file_size, 2048))  # every part file is larger
     s = _run(ws, out)
     assert s["status"] == "incomplete" and len(s["shards_failed"]) == 12
     job = json.loads((out / "job.json").read_text())

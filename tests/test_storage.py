@@ -309,6 +309,54 @@ def test_job_in_a_bucket_killed_then_resumed_exactly_once(s3, ray_s3, data):
     assert not fs.exists(fs.join(out, io.LOCK))  # released
 
 
+@pytest.mark.slow
+def test_actor_killed_mid_upload_then_resumed_exactly_once(s3, data, tmp_path):
+    """Real kills in the upload path (tests/helpers_faults.py), in `audit run` subprocesses with their
+    own Ray: shard 1's actor dies with its Parquet PUT half sent (the store keeps nothing; the shard is
+    retried by a new actor); shard 4's actor writes its object whole, SIGKILLs the driver (no
+    end-of-job clean-up) and dies before the manifest entry.  The orphan is never read: audit.load
+    reads committed shards only, and --resume commits every (image, layer, method) exactly once from
+    the objects the entries name, then removes the orphan."""
+    import json
+
+    import helpers_faults
+
+    import audit
+    from audit.data import io
+
+    s3.bucket("killed")
+    out = "s3://killed/job"
+    spec = h.write_spec(tmp_path / "job.yaml", **_bucket_spec(data, out))
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    args = ["run", spec, "--no-progress", "--no-scan"]
+    first = helpers_faults.driver(args, {"marks": str(marks), "mid_object": 1, "after_object": 4})
+    _, err = first.communicate(timeout=600)
+    assert first.returncode == -9, err[-3000:]  # killed by its actor, right after shard 4's object
+    half = json.loads((marks / "mid_object").read_text())["key"]
+    orphan = json.loads((marks / "after_object").read_text())["key"]
+    keys = set(s3.keys("killed", "job/records/"))
+    assert half.startswith(f"{out}/records/part-00001-") and half[len("s3://killed/"):] not in keys
+    assert orphan.startswith(f"{out}/records/part-00004-") and orphan[len("s3://killed/"):] in keys
+    done = io.committed_shards(out)
+    assert 1 in done and 4 not in done and len(done) < 6  # shard 1 retried and committed; 4 not
+    assert orphan.rsplit("/", 1)[1] not in {e["file"] for e in done.values()}
+    before = audit.load(out, columns=["image_id", "shard"])
+    assert set(before.shard) == set(done) and len(before) == sum(e["rows"] for e in done.values())
+
+    again = helpers_faults.driver([*args, "--resume"])
+    outs, err = again.communicate(timeout=600)
+    assert again.returncode == 0, err[-3000:]
+    assert f"removed records/{orphan.rsplit('/', 1)[1]}" in err and "took over the stale lock" in err
+    df = h.assert_exactly_once(out, h.folder_ids(data["local"]["folder"]))
+    assert len(df) == 12 * 2 and set(audit.load(out, columns=["shard"]).shard) == set(range(6))
+    named = sorted(f"job/records/{e['file']}" for e in io.manifest_entries(out).values())
+    objects = [k for k in s3.keys("killed", "job/records/") if not k.endswith("/")]  # not the folder marker
+    assert objects == named  # the orphan is gone, every named object is there
+    runs = io.read_job(out)["runs"]
+    assert [r["status"] for r in runs] == ["ok"] and runs[0]["resume"]  # the killed run recorded nothing
+
+
 def test_scan_and_report_on_a_bucket_output(s3, ray_s3, data, tmp_path, capsys):
     """audit scan writes summary/ into the bucket (with causal tests reading model and images from
     it); audit report writes report.html into the bucket, or locally with --out."""

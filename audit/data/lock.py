@@ -171,9 +171,12 @@ class OutputLock:
 
     def _take_over(self, held: LockInfo) -> bool:
         """Move the stale lock aside; put it back if what moved is not the one judged stale."""
-        if self.remote:
+        if self.remote:  # no rename: delete the stale lock (still the one judged stale); _create puts ours
             now = read_lock(self.out)
-            return now is not None and now.token == held.token and self._put_and_check()
+            if now is None or now.token != held.token:
+                return False
+            fs.delete(self.path)
+            return True
         aside = self.out / f".{LOCK}.{uuid.uuid4().hex[:8]}.stale"
         try:
             os.rename(self.path, aside)
