@@ -485,3 +485,45 @@ def test_shipped_bucket_spec_is_valid():
     doc = read_yaml(resources.path("audit.jobs", "example_s3.yaml"))
     validate(doc)  # schema only: its buckets live elsewhere
     assert all(fs.is_uri(p) for p in (doc["model"]["path"], doc["dataset"]["path"], doc["output"]))
+
+
+def test_conditional_put_lets_one_writer_create_an_object(s3, monkeypatch):
+    """put_if_absent: If-None-Match through boto3 on S3 (the second writer is refused by the store),
+    an existence check and a plain PUT without boto3."""
+    s3.bucket("cond")
+    uri = "s3://cond/a/entry.json"
+    assert fs.conditional_puts(uri) and not fs.conditional_puts("gs://cond/x")
+    assert fs.put_if_absent(uri, b"first") is True
+    assert fs.put_if_absent(uri, b"second") is False
+    assert fs.read_bytes(uri) == b"first"
+    c = s3.client()  # the store itself refuses a second conditional PUT of the key
+    with pytest.raises(c.exceptions.ClientError, match="PreconditionFailed"):
+        c.put_object(Bucket="cond", Key="a/entry.json", Body=b"x", IfNoneMatch="*")
+    monkeypatch.setattr(fs, "_boto3_client", lambda: None)  # boto3 not installed
+    assert not fs.conditional_puts(uri)
+    assert fs.put_if_absent(uri, b"third") is False and fs.read_bytes(uri) == b"first"
+    assert fs.put_if_absent("s3://cond/a/other.json", b"x") is True
+    s3.set_env(secret="wrong")
+    monkeypatch.undo()
+    with pytest.raises(AuditError, match="access to bucket s3://cond .*refused"):
+        fs.put_if_absent("s3://cond/a/third.json", b"x")
+
+
+def test_two_attempts_of_a_shard_commit_once(s3):
+    """The first attempt's manifest entry wins; the second attempt returns it and deletes its own
+    object.  An entry naming a missing object is replaced by the next attempt (a --resume redo)."""
+    import pyarrow as pa
+
+    from audit.data import io
+
+    s3.bucket("twice")
+    out = "s3://twice/job"
+    t = pa.table({"image_id": ["a", "b"], "status": ["ok", "ok"]})
+    first = io.write_shard(out, 3, t, job_id="j", schema_version="1", inputs={}, counts={})
+    second = io.write_shard(out, 3, t, job_id="j", schema_version="1", inputs={}, counts={})
+    assert second == first
+    assert [k for k in s3.keys("twice", "job/records/") if not k.endswith("/")] == [f"job/records/{first['file']}"]
+    assert io.committed_shards(out) == {3: first}
+    fs.delete(fs.join(out, io.RECORDS, first["file"]))  # the entry's object lost: the shard is broken
+    third = io.write_shard(out, 3, t, job_id="j", schema_version="1", inputs={}, counts={})
+    assert third["file"] != first["file"] and io.committed_shards(out) == {3: third}

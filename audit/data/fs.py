@@ -34,12 +34,14 @@ import contextlib
 import os
 import posixpath
 import threading
+import time
 from dataclasses import dataclass
 
 from audit.errors import AuditError
 
 SCHEMES = {"s3": "s3", "gs": "gs", "gcs": "gs", "abfs": "abfs", "abfss": "abfs", "az": "abfs"}
 S3_RETRIES = 8  # attempts per S3 request (throttling, 5xx, dropped connections), with backoff
+CONFLICT_RETRIES = 5  # conditional PUTs answered 409 (another conditional write of the key in flight)
 
 #: The variable to set, named in a credential error, per scheme.
 CREDENTIAL_HINT = {
@@ -191,9 +193,11 @@ def resolve(uri: str):
 
 
 def clear_cache() -> None:
-    """Forget the filesystems made so far (tests change credentials between cases)."""
+    """Forget the filesystems and clients made so far (tests change credentials between cases)."""
     with _lock:
         _cache.clear()
+        _boto_cache.clear()
+        _no_conditional.clear()
 
 
 # ----------------------------------------------------------------------------
@@ -369,6 +373,90 @@ def write_bytes(path: str, data: bytes) -> None:
             f.write(data)
     except OSError as e:
         raise_storage(e, path, "write")
+
+
+_boto_cache: dict = {}  # S3 environment -> boto3 client, or None when boto3 is not installed
+_no_conditional: set = set()  # S3 buckets (and environments) that refused If-None-Match
+
+
+def _boto3_client():
+    """One boto3 S3 client per process and environment, or None without boto3 (see :func:`put_if_absent`)."""
+    key = _env_key("s3")
+    with _lock:
+        if key not in _boto_cache:
+            try:
+                import boto3
+                from botocore.config import Config
+            except ImportError:
+                _boto_cache[key] = None
+            else:  # boto3 reads AWS_ENDPOINT_URL(_S3), the credentials and the region itself
+                region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or \
+                    ("us-east-1" if _s3_endpoint() else None)
+                # a session of its own: boto3's default one keeps the credentials it first found
+                _boto_cache[key] = boto3.session.Session().client("s3", region_name=region, config=Config(
+                    retries={"max_attempts": S3_RETRIES, "mode": "standard"}, connect_timeout=10, read_timeout=60))
+        return _boto_cache[key]
+
+
+def conditional_puts(path: str) -> bool:
+    """True when :func:`put_if_absent` on ``path`` is an atomic conditional PUT (If-None-Match: *)."""
+    if not is_uri(path) or split(path).scheme != "s3":
+        return False
+    return _boto3_client() is not None and (split(path).bucket, _env_key("s3")) not in _no_conditional
+
+
+def put_if_absent(path: str, data: bytes) -> bool:
+    """Write the object ``path`` unless one exists: True when this call wrote it, False when one was there.
+
+    On S3 with boto3 installed it is one PUT with ``If-None-Match: *``, which
+    the store refuses (412) when the object exists: of two writers racing,
+    exactly one wins.  pyarrow's filesystems cannot send that header; GCS,
+    Azure, S3 without boto3 and a store that rejects the header (remembered
+    per bucket) get an existence check and a plain PUT, which two writers
+    racing between the two can both pass.  :func:`conditional_puts` says
+    which applies.
+
+    Raises:
+        AuditError: a refused credential, a missing bucket or another storage error.
+    """
+    if conditional_puts(path):
+        written = _put_if_none_match(path, data)
+        if written is not None:
+            return written
+    if exists(path):
+        return False
+    write_bytes(path, data)
+    return True
+
+
+def _put_if_none_match(path: str, data: bytes) -> bool | None:
+    """The conditional PUT; None when the store does not support it (then never tried again for the bucket)."""
+    from botocore.exceptions import BotoCoreError, ClientError, ParamValidationError
+
+    loc = split(path)
+    for attempt in range(CONFLICT_RETRIES):
+        try:
+            _boto3_client().put_object(Bucket=loc.bucket, Key=loc.key, Body=data, IfNoneMatch="*")
+            return True
+        except ParamValidationError:  # a botocore older than S3's conditional writes (1.35)
+            break
+        except ClientError as e:
+            code = str(e.response.get("Error", {}).get("Code", ""))
+            if code in ("PreconditionFailed", "412"):
+                return False
+            if code in ("ConditionalRequestConflict", "409"):  # a racing conditional write in flight
+                time.sleep(0.1 * (attempt + 1))
+                continue
+            if code in ("NotImplemented", "501", "InvalidArgument", "InvalidRequest"):
+                break
+            raise_storage(e, path, "write")
+        except BotoCoreError as e:
+            raise_storage(e, path, "write")
+    else:
+        return False  # still in conflict: another writer holds the key
+    with _lock:
+        _no_conditional.add((loc.bucket, _env_key("s3")))
+    return None
 
 
 def delete(path: str) -> None:

@@ -27,11 +27,20 @@ committed by two single PUTs, each of which appears whole or not at all:
 Readers (:func:`committed_shards`, ``audit.load``, the scan, the report,
 ``--resume``) follow the manifest entries only, so an attempt killed
 mid-upload leaves at most an orphan object that nothing reads;
-:func:`remove_orphans` deletes those at the end of a job.  Two attempts of
-the same shard that both finish write the same rows (shards are
-deterministic) and the last entry written wins; pyarrow's filesystems do not
-expose conditional (``If-None-Match``) writes, so this is the guarantee: every
-shard is read exactly once, from one complete object.
+:func:`remove_orphans` deletes those at the end of a job.
+
+The entry is created with :func:`audit.data.fs.put_if_absent`: on S3 with
+boto3 installed, one PUT with ``If-None-Match: *``, so of two attempts of a
+shard that both finish (a retried shard whose first actor was alive after
+all) the store lets exactly one entry in; the other attempt finds it,
+deletes its own object and returns the entry there.  pyarrow cannot send
+that header, so GCS, Azure, S3 without boto3 and stores that reject the
+header get an existence check, then a plain PUT: two attempts racing between
+the two can both write, and the last entry wins.  Either way both objects
+hold the same rows (shards are deterministic), the entry names one of them,
+and every shard is read exactly once, from one complete object.  An entry
+that names a missing or truncated object is replaced by the next attempt
+(a ``--resume`` redo).
 """
 
 from __future__ import annotations
@@ -362,9 +371,23 @@ def _write_shard_uri(out: str, shard: int, table, *, job_id, inputs, counts, ide
     fs.write_bytes(fs.join(out, RECORDS, file), data.to_pybytes())
     entry = {"shard": int(shard), "file": file, "rows": table.num_rows, "inputs": inputs,
              "identity": identity, "job_id": job_id, "bytes": data.size, **counts}
-    fs.write_bytes(fs.join(out, MANIFEST, f"{name}.json"),
-                   (json.dumps(entry, indent=2, default=str) + "\n").encode())
+    where = fs.join(out, MANIFEST, f"{name}.json")
+    body = (json.dumps(entry, indent=2, default=str) + "\n").encode()
+    if fs.put_if_absent(where, body):
+        return entry
+    held = _read_entry(where)
+    if held is not None and part_problem(out, held) is None:  # another attempt committed the shard first
+        fs.delete(fs.join(out, RECORDS, file))
+        return held
+    fs.write_bytes(where, body)  # the entry there names a missing or truncated object: this attempt replaces it
     return entry
+
+
+def _read_entry(path: str) -> dict | None:
+    try:
+        return json.loads(fs.read_bytes(path))
+    except (FileNotFoundError, ValueError):
+        return None
 
 
 def remove_orphans(out) -> list[str]:

@@ -14,12 +14,16 @@ and NFSv3+).  A takeover first renames the stale file aside and checks that
 what it moved is the lock it judged stale, so two drivers taking over the
 same stale lock do not both win.
 
-On object storage (OUT a URI) there is neither ``O_EXCL`` nor rename, and
-pyarrow exposes no conditional PUT: the lock is written when absent (or
-stale) and read back; the driver that reads its own token holds it.  Two
-drivers starting within the same second can both pass that check, so the lock
-there keeps honest users apart rather than guaranteeing exclusion; the
-shard commits stay exactly-once regardless (see :mod:`audit.data.io`).
+On object storage (OUT a URI) there is neither ``O_EXCL`` nor rename.  On
+S3 with boto3 installed the lock is created with a conditional PUT
+(``If-None-Match: *``, :func:`audit.data.fs.put_if_absent`): the store lets
+one driver in.  Elsewhere (GCS, Azure, S3 without boto3) it is written when
+absent and read back; the driver that reads its own token holds it; two
+drivers starting within the same second can both pass that check, so there
+the lock keeps honest users apart rather than guaranteeing exclusion.  A
+stale lock is deleted (after checking it is still the one judged stale) and
+created anew.  The shard commits stay exactly-once regardless (see
+:mod:`audit.data.io`).
 """
 
 from __future__ import annotations
@@ -149,7 +153,10 @@ class OutputLock:
 
     def _put_and_check(self) -> bool:
         """Object storage: write the lock, read it back; ours when the token read is ours."""
-        fs.write_bytes(self.path, (json.dumps(asdict(self.info), indent=2) + "\n").encode())
+        if not fs.put_if_absent(self.path, (json.dumps(asdict(self.info), indent=2) + "\n").encode()):
+            return False
+        if fs.conditional_puts(self.path):
+            return True  # the store created it for us alone
         time.sleep(0.2)  # a driver racing us overwrites within this window: then one of us sees the other
         held = _read_path(self.path)
         return held is not None and held.token == self.info.token
