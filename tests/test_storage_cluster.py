@@ -2,16 +2,20 @@
 
 A local S3-compatible server (moto, :mod:`helpers_s3`) and a Ray cluster of
 a head (no CPUs: the driver only) and two 1-CPU worker nodes on this
-machine (``ray.cluster_utils.Cluster``, as in tests/test_cluster.py).  The
-files the bucket was filled from are deleted before the job starts, so no
-node can read anything from a local path.  (The nodes are processes of this
-machine: their workers share the test's working directory, which holds no
-job file.)
+machine (``ray.cluster_utils.Cluster``, as in tests/test_cluster.py).  Each
+node has a Ray temp directory of its own (sessions, logs, spilled objects)
+and its own empty working directory, which its actors inherit; the files the
+bucket was filled from are deleted before the job starts, so no node can
+read anything from a local path.
 """
 
 from __future__ import annotations
 
+import contextlib
+import glob
+import os
 import shutil
+import tempfile
 
 import helpers_jobs as h
 import helpers_s3
@@ -28,22 +32,43 @@ def s3():
     server.stop()
 
 
+@contextlib.contextmanager
+def _cwd(path):
+    back = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(back)
+
+
 @pytest.fixture(scope="module")
 def cluster(s3):
+    """(cluster, {node id: (its temp dir, its working directory)}) for the two worker nodes."""
     import ray
     from ray.cluster_utils import Cluster
 
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
-    nodes = [c.add_node(num_cpus=1), c.add_node(num_cpus=1)]
+    # short paths under /tmp: Ray's Unix sockets live in the temp dirs (108-byte limit)
+    dirs = [tempfile.mkdtemp(prefix="ray-node", dir="/tmp") for _ in range(3)]
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False,
+                                                      "temp_dir": dirs[0]})
+    nodes = {}
+    for d in dirs[1:]:
+        os.makedirs(f"{d}/cwd")
+        with _cwd(f"{d}/cwd"):  # the raylet starts here; its workers inherit the directory
+            node = c.add_node(num_cpus=1, temp_dir=f"{d}/ray")
+        nodes[node.node_id] = (f"{d}/ray", f"{d}/cwd")
     ray.init(address=c.address, log_to_driver=False)
     c.wait_for_nodes()
     yield c, nodes
     ray.shutdown()
     c.shutdown()
+    for d in dirs:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def test_two_nodes_with_everything_in_a_bucket(s3, cluster, tmp_path):
-    c, nodes = cluster
+    _, nodes = cluster
     src = tmp_path / "src"
     src.mkdir()
     h.make_model(src / "model.keras")
@@ -63,14 +88,20 @@ def test_two_nodes_with_everything_in_a_bucket(s3, cluster, tmp_path):
             "resources": {"actors": 2, "cpus_per_actor": 1, "batch_size": 4, "decode_threads": 2},
             "output": "s3://cluster-results/run"}
     facts = []
-    s = run_job(spec, progress=False, base_dir=tmp_path, on_event=lambda k, p: facts.append(p)
-                if k == "actor_ready" else None)
+
+    def on_event(kind, payload):
+        if kind == "actor_ready":  # the actor is alive now: where does its process stand?
+            facts.append({**payload, "cwd": os.readlink(f"/proc/{payload['pid']}/cwd")})
+
+    s = run_job(spec, progress=False, base_dir=tmp_path, on_event=on_event)
     assert s["status"] == "ok" and s["images_done"] == 48 and s["errors"] == 0
-    worker_nodes = {n.node_id for n in nodes}
-    used = {f["node"] for f in facts}
     # every actor ran on a worker node (the head has no CPU); two were started, one per node (1 CPU each,
     # spread); under load the first may finish every shard before the second is ready
-    assert used and used <= worker_nodes and s["actors"] >= 2
+    assert facts and {f["node"] for f in facts} <= set(nodes) and s["actors"] >= 2
+    for f in facts:  # in its node's own working directory, logging into its node's own temp dir
+        temp, cwd = nodes[f["node"]]
+        assert f["cwd"] == cwd and os.listdir(cwd) == []
+        assert glob.glob(f"{temp}/session_*/logs/worker-*-{f['pid']}.out"), f
     df = h.assert_exactly_once("s3://cluster-results/run", ids)
     assert df.image_id.nunique() == 48
     assert io.read_job("s3://cluster-results/run")["status"] == "ok"
