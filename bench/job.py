@@ -246,6 +246,47 @@ def s3_vs_disk(tmp, args, server):
     return d, rates["bucket"], ratios
 
 
+def s3_rows(disk, bucket, ratios) -> list[tuple[str, str, str]]:
+    """The table rows of the object-storage part: medians, each run, the median ratio."""
+    return [
+        ("job reading from local disk, 1 actor", f"{np.median(disk):8.1f} img/s",
+         "steady state; runs: " + " ".join(f"{v:.1f}" for v in disk)),
+        ("job reading from a local S3 server", f"{np.median(bucket):8.1f} img/s",
+         f"{np.median(ratios):5.2f}x disk (target >= 0.8x); dataset and model in a bucket of moto's "
+         "server on 127.0.0.1; runs: " + " ".join(f"{v:.1f}" for v in bucket) + "; ratios: "
+         + " ".join(f"{v:.2f}" for v in ratios)),
+    ]
+
+
+def s3_only(args) -> None:
+    """Part 5 alone (``--s3-only``): disk and bucket runs interleaved; medians and the median ratio."""
+    import helpers_s3
+    import ray
+
+    tmp = Path(tempfile.mkdtemp(prefix="auditbench"))
+    server = None
+    try:
+        make_model(tmp / "model.keras", args.size)
+        make_images(tmp / "data", args.images, args.size)
+        server = helpers_s3.S3Server(auth=False)  # before Ray starts: its workers inherit the AWS_* variables
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+        try:
+            result = s3_vs_disk(tmp, args, server)
+        finally:
+            ray.shutdown()
+    finally:
+        if server is not None:
+            server.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"\nshortcut-audit object-storage benchmark: {args.images} JPEG images {args.size}x{args.size}, "
+          f"Grad-CAM + Grad-CAM++, batch {args.batch}, shards of {args.job_shard}; {os.cpu_count()} CPUs, "
+          f"load average {os.getloadavg()[0]:.1f}\n")
+    rows = s3_rows(*result)
+    w = max(len(r[0]) for r in rows)
+    for name, val, note in rows:
+        print(f"  {name:<{w}}  {val}  {note}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=1536)
@@ -259,8 +300,11 @@ def main():
     ap.add_argument("--skip-cluster", action="store_true")
     ap.add_argument("--s3-rounds", type=int, default=2, help="bucket runs, each between two disk runs")
     ap.add_argument("--skip-s3", action="store_true", help="leave out the object-storage part (needs moto[server])")
+    ap.add_argument("--s3-only", action="store_true", help="only the object-storage part")
     args = ap.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    if args.s3_only:
+        return s3_only(args)
     tmp = Path(tempfile.mkdtemp(prefix="auditbench"))
     try:
         make_model(tmp / "model.keras", args.size)
@@ -340,14 +384,7 @@ def main():
         ("audit job, 1 actor, incl. actor start-up", f"{e2e:8.1f} img/s", f"{e2e / eng:5.2f}x engine"),
     ]
     if s3:
-        disk, bucket, s3_ratios = s3
-        rows += [
-            ("job reading from local disk, 1 actor", f"{np.median(disk):8.1f} img/s",
-             "steady state; runs: " + " ".join(f"{v:.1f}" for v in disk)),
-            ("job reading from a local S3 server", f"{np.median(bucket):8.1f} img/s",
-             f"{np.median(s3_ratios):5.2f}x disk (target >= 0.8x); dataset and model in a bucket of moto's "
-             "server on 127.0.0.1; ratios: " + " ".join(f"{v:.2f}" for v in s3_ratios)),
-        ]
+        rows += s3_rows(*s3)
     if cluster:
         crates, cratios = cluster
         med = float(np.median(cratios))
