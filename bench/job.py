@@ -226,35 +226,59 @@ def two_node(tmp, batch, shard, rounds):
     return rates, ratios
 
 
-def s3_vs_disk(tmp, args, server):
-    """(disk rates, bucket rates, ratios): steady images/s of the job reading from disk and from the bucket."""
+def _process_cpu_s(pid) -> float:
+    """CPU seconds (user + system) of a process so far (Linux /proc)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def s3_vs_disk(tmp, args, server) -> dict:
+    """Steady images/s of the job reading from disk and from the bucket, interleaved disk, bucket, disk, ...
+
+    Returns {"disk": [rates], "bucket": [rates], "ratios": [each bucket rate over the mean of the disk
+    runs around it], "job_cpu": {where: [actor CPU ms per image]}, "store_cpu": [the server's CPU ms per
+    image in each bucket run]}.  The CPU figures do not depend on the machine's load: the actor's show
+    what reading from a bucket costs the job itself, the server's what the store took from the same cores.
+    """
     server.bucket("bench")
     server.upload(tmp / "data", "s3://bench/data")
     server.upload(tmp / "model.keras", "s3://bench/model.keras")
-    rates = {"disk": [], "bucket": []}
+    res = {"disk": [], "bucket": [], "job_cpu": {"disk": [], "bucket": []}, "store_cpu": []}
     for r in range(2 * args.s3_rounds + 1):
         where = "disk" if r % 2 == 0 else "bucket"
         spec = spec_for(tmp, tmp / f"s3out{r}", args.job_shard, args.batch, actors=1)
-        if where == "bucket":
+        if where == "bucket":  # data, model and results in the bucket
             spec["dataset"]["path"] = "s3://bench/data"
             spec["model"]["path"] = "s3://bench/model.keras"
+            spec["output"] = f"s3://bench/out{r}"
+        store0 = _process_cpu_s(server.proc.pid)
         steady, _, _, s = timed_job(spec)
-        rates[where].append(steady)
-        print(f"object storage round {r + 1}: {where} {steady:.1f} img/s (errors {s['errors']})", flush=True)
-    d = rates["disk"]
-    ratios = [b / ((d[k] + d[k + 1]) / 2) for k, b in enumerate(rates["bucket"])]
-    return d, rates["bucket"], ratios
+        res[where].append(steady)
+        res["job_cpu"][where].append(s.get("cpu_ms_per_image", float("nan")))
+        if where == "bucket":
+            res["store_cpu"].append(1000 * (_process_cpu_s(server.proc.pid) - store0) / s["images_done"])
+        print(f"object storage round {r + 1}: {where} {steady:.1f} img/s, actor CPU "
+              f"{res['job_cpu'][where][-1]:.2f} ms/image (errors {s['errors']})", flush=True)
+    d = res["disk"]
+    res["ratios"] = [b / ((d[k] + d[k + 1]) / 2) for k, b in enumerate(res["bucket"])]
+    return res
 
 
-def s3_rows(disk, bucket, ratios) -> list[tuple[str, str, str]]:
-    """The table rows of the object-storage part: medians, each run, the median ratio."""
+def s3_rows(res: dict) -> list[tuple[str, str, str]]:
+    """The table rows of the object-storage part: medians, each run, the median ratio, CPU per image."""
+    cpu = {k: float(np.median(v)) for k, v in res["job_cpu"].items()}
     return [
-        ("job reading from local disk, 1 actor", f"{np.median(disk):8.1f} img/s",
-         "steady state; runs: " + " ".join(f"{v:.1f}" for v in disk)),
-        ("job reading from a local S3 server", f"{np.median(bucket):8.1f} img/s",
-         f"{np.median(ratios):5.2f}x disk (target >= 0.8x); dataset and model in a bucket of moto's "
-         "server on 127.0.0.1; runs: " + " ".join(f"{v:.1f}" for v in bucket) + "; ratios: "
-         + " ".join(f"{v:.2f}" for v in ratios)),
+        ("job reading from local disk, 1 actor", f"{np.median(res['disk']):8.1f} img/s",
+         "steady state; runs: " + " ".join(f"{v:.1f}" for v in res["disk"])),
+        ("job with data, model, output in a local S3 server", f"{np.median(res['bucket']):8.1f} img/s",
+         f"{np.median(res['ratios']):5.2f}x disk (target >= 0.8x), median of interleaved ratios "
+         + " ".join(f"{v:.2f}" for v in res["ratios"]) + "; runs: " + " ".join(f"{v:.1f}" for v in res["bucket"])),
+        ("actor CPU per image, disk / bucket", f"{cpu['disk']:5.2f} / {cpu['bucket']:.2f} ms",
+         f"{cpu['disk'] / cpu['bucket']:5.2f}x: the bound on the ratio when the store runs elsewhere and the "
+         "CPUs are the limit (medians)"),
+        ("S3 server (moto) CPU per image", f"{np.median(res['store_cpu']):8.2f} ms",
+         "on the job's cores here (HEAD + GET per object: pyarrow's S3 files ask for the size first)"),
     ]
 
 
@@ -281,7 +305,7 @@ def s3_only(args) -> None:
     print(f"\nshortcut-audit object-storage benchmark: {args.images} JPEG images {args.size}x{args.size}, "
           f"Grad-CAM + Grad-CAM++, batch {args.batch}, shards of {args.job_shard}; {os.cpu_count()} CPUs, "
           f"load average {os.getloadavg()[0]:.1f}\n")
-    rows = s3_rows(*result)
+    rows = s3_rows(result)
     w = max(len(r[0]) for r in rows)
     for name, val, note in rows:
         print(f"  {name:<{w}}  {val}  {note}")
@@ -384,7 +408,7 @@ def main():
         ("audit job, 1 actor, incl. actor start-up", f"{e2e:8.1f} img/s", f"{e2e / eng:5.2f}x engine"),
     ]
     if s3:
-        rows += s3_rows(*s3)
+        rows += s3_rows(s3)
     if cluster:
         crates, cratios = cluster
         med = float(np.median(cratios))
