@@ -527,3 +527,28 @@ def test_two_attempts_of_a_shard_commit_once(s3):
     fs.delete(fs.join(out, io.RECORDS, first["file"]))  # the entry's object lost: the shard is broken
     third = io.write_shard(out, 3, t, job_id="j", schema_version="1", inputs={}, counts={})
     assert third["file"] != first["file"] and io.committed_shards(out) == {3: third}
+
+
+def test_lock_on_a_bucket_refuses_a_second_driver_and_takes_over_a_stale_one(s3):
+    """The lock of a bucket output: created by a conditional PUT (a second driver is refused in one
+    line), and a stale one (its pid gone on this host) deleted and created anew with a warning."""
+    import json
+    import socket
+    import time
+
+    from audit.data import io, lock
+
+    s3.bucket("locked")
+    out = "s3://locked/job"
+    with lock.OutputLock(out, "j1") as first:
+        with pytest.raises(AuditError, match=rf"output {out} is in use by driver pid {os.getpid()}"):
+            lock.OutputLock(out, "j2").acquire()
+        assert lock.read_lock(out).token == first.info.token
+    assert not fs.exists(fs.join(out, io.LOCK))
+    dead = {"host": socket.gethostname(), "pid": 2**22 + 7, "job_id": "old", "started": time.time(),
+            "heartbeat": time.time(), "token": "stale"}  # a pid above Linux's pid_max: not running
+    fs.write_bytes(fs.join(out, io.LOCK), json.dumps(dead).encode())
+    said = []
+    with lock.OutputLock(out, "j3", warn=said.append) as third:
+        assert lock.read_lock(out).token == third.info.token
+    assert len(said) == 1 and f"took over the stale lock of {out}" in said[0] and "is not running" in said[0]
