@@ -29,12 +29,16 @@
 3. Parquet bytes per image (all layers x methods of one image, cam included).
 4. Driver peak memory (max RSS of a fresh process) while planning a manifest of
    1,000,000 rows (target < 500 MB), and the Python heap peak (tracemalloc).
-5. Reading from object storage: the same job (1 actor, steady state) with the
-   dataset and the model in a bucket of a local S3-compatible server (moto's
-   standalone server, started here on 127.0.0.1) vs on the local disk, runs
-   alternating disk, bucket, disk, ...; each bucket rate over the mean of the
-   disk runs around it, median reported (target >= 0.8x).  ``--skip-s3`` leaves
-   it out.
+5. Object storage: the same job (1 actor, steady state) with the dataset,
+   the model and the output in a bucket of a local S3-compatible server
+   (moto's standalone server, started here on 127.0.0.1) vs on the local
+   disk, runs alternating disk, bucket, disk, ...; each bucket rate over the
+   mean of the disk runs around it, median reported (target >= 0.8x), with
+   the actor's CPU per image from disk and from the bucket and the server's
+   CPU per image (load-independent: where the time goes).  ``--skip-s3``
+   leaves it out, ``--s3-only`` runs it alone:
+
+       .venv/bin/python bench/job.py --s3-only --s3-rounds 3 --size 224 --images 512 --job-shard 64
 """
 
 from __future__ import annotations
