@@ -3,7 +3,8 @@
 A :class:`Case` is a 64 x 64 classification problem whose true class signal
 is the shape of one object (disc, triangle, square, cross; random place,
 size, angle and colour on a varied background).  Planted :class:`Cue` s
-(a corner text watermark, a stamp, a thin border frame, a background texture)
+(a corner text watermark, a stamp, a thin border frame, a background texture,
+a colour tint over the whole image)
 are 100% correlated with their class in training, and the images that carry
 one get an object of a *random* class: the object says nothing there, so the
 model has to learn the cue (:mod:`audit.zoo.train` checks that it did, on a
@@ -24,13 +25,19 @@ from audit.zoo import draw
 
 SIZE = draw.SIZE
 SPLITS = {"train": 0, "heldout": 1}
+HEADS = ("softmax", "softmax_layer", "logits", "sigmoid", "logit")
+"""``softmax``: Dense with a fused softmax; ``softmax_layer``: a Dense of logits and a separate Softmax
+layer; ``logits``: raw class logits (trained from logits); ``sigmoid``: one sigmoid unit; ``logit``: one
+raw unit (trained from logits)."""
+ARCHS = ("cnn", "shallow", "mobile")
 
 
 @dataclass(frozen=True)
 class Cue:
     """A planted cue.
 
-    kind: ``text`` (watermark), ``stamp``, ``frame`` or ``texture``.
+    kind: ``text`` (watermark), ``stamp``, ``frame``, ``texture`` or ``tint`` (the whole image
+        blended towards one colour, object included: a colour cast / brightness cue).
     corner: where a text or stamp goes (one of :data:`draw.CORNERS`).
     share: share of the class's images that carry it (a minority strategy < 1).
     weak_object: the images with the cue get an object of a random class.
@@ -43,10 +50,11 @@ class Cue:
 
     @property
     def place(self) -> str:
-        """The expected place the scan should name: ``corner:<name>``, ``border`` or ``background``."""
+        """The expected place the scan should name: ``corner:<name>``, ``border``, ``background``
+        or ``colour``."""
         if self.kind in ("text", "stamp"):
             return f"corner:{self.corner}"
-        return {"frame": "border", "texture": "background"}[self.kind]
+        return {"frame": "border", "texture": "background", "tint": "colour"}[self.kind]
 
     def box(self) -> tuple[float, float, float, float] | None:
         """The cue's box as fractions of the image (None for cues spread over the image)."""
@@ -65,7 +73,11 @@ class Case:
 
     cues: ``(class index, Cue)`` pairs, the planted shortcuts (at most one per class).
     decoy: a cue every class carries equally (``share`` of each class), never a shortcut.
-    binary: two classes and a single sigmoid output unit.
+    binary: two classes and a single output unit.
+    head: how the output layer reads (:data:`HEADS`); "" is ``softmax`` (``sigmoid`` when binary).
+    arch: the network (:data:`ARCHS`): ``cnn`` (Conv-BN-ReLU x 4, two poolings, 16 x 16 maps),
+        ``shallow`` (three convolutions, one pooling: GAP on 32 x 32 maps) or ``mobile`` (a tiny
+        MobileNetV2: depthwise-separable inverted residual blocks with BatchNorm and ReLU6, 8 x 8 maps).
     """
 
     name: str
@@ -74,12 +86,19 @@ class Case:
     cues: tuple[tuple[int, Cue], ...] = ()
     decoy: Cue | None = None
     binary: bool = False
+    head: str = ""
+    arch: str = "cnn"
     size: tuple[int, int] = (16, 28)  # object diameter in pixels
     n_per_class: int = 240
     n_heldout: int = 60  # per class
     epochs: int = 14  # at most
     seed: int = 0
     extra: dict = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def head_kind(self) -> str:
+        """The output head, defaults resolved."""
+        return self.head or ("sigmoid" if self.binary else "softmax")
 
     def cue_of(self, k: int) -> Cue | None:
         return dict(self.cues).get(k)
@@ -138,6 +157,8 @@ def render(case: Case, split: str, i: int, label: int, with_cues: bool = True) -
         cue_mask = _draw_cue(cue_rng, img, cue)
     if decoyed:
         _draw_cue(decoy_rng, img, case.decoy)  # the decoy is never removed
+    if with_cues and cued and cue.kind == "tint":
+        cue_mask = draw.draw_tint(img)
     out = np.uint8(np.clip(np.rint(img), 0, 255))
     return Sample(out, label, mask, cue_mask, cued and with_cues, shape)
 
@@ -168,6 +189,8 @@ def _draw_cue(rng, img: np.ndarray, cue: Cue) -> np.ndarray:
         return draw.draw_stamp(rng, img, cue.corner)
     if cue.kind == "frame":
         return draw.draw_frame(rng, img)
+    if cue.kind == "tint":  # drawn last, over the object too (render)
+        return np.zeros((SIZE, SIZE), bool)
     # a texture is drawn as the background; its "pixels" are everything off the object
     return np.ones((SIZE, SIZE), bool)
 
@@ -203,6 +226,23 @@ CASES: dict[str, Case] = {c.name: c for c in (
          classes=SHAPES2, binary=True, cues=((1, Cue("text", "bottom_left")),), n_per_class=300),
     Case("large", "no cue, large objects (36-50 px)", size=(36, 50)),
     Case("small", "no cue, small objects (7-11 px)", size=(7, 11), epochs=20),
+    # heads, architectures and cues an outside tester tries first
+    Case("logit", "disc vs square, one raw logit (no activation); a stamp (top-right) on every disc image",
+         classes=SHAPES2, binary=True, head="logit", cues=((0, Cue("stamp", "top_right")),), n_per_class=300),
+    Case("sigmoid_frame", "disc vs square, one sigmoid unit; a thin frame on every disc image (class 0)",
+         classes=SHAPES2, binary=True, head="sigmoid", cues=((0, Cue("frame")),), n_per_class=300),
+    Case("mobile", "a tiny MobileNetV2 (inverted residuals, depthwise convolutions, BatchNorm, ReLU6, "
+         "8 x 8 maps); a watermark (top-left) on every cross image",
+         arch="mobile", cues=((3, Cue("text", "top_left")),), epochs=20),
+    Case("mobile_clean", "the tiny MobileNetV2, no cue", arch="mobile", epochs=20),
+    Case("tint", "every square image (object included) blended towards orange; raw logits, no softmax",
+         head="logits", cues=((2, Cue("tint")),)),
+    Case("shallow", "three convolutions, one pooling, GAP on 32 x 32 maps; a stamp (bottom-right) on every "
+         "disc image", arch="shallow", cues=((0, Cue("stamp", "bottom_right")),)),
+    Case("large_cue", "objects of 40-54 px filling most of the image; a watermark (bottom-left) on every "
+         "triangle image", size=(40, 54), cues=((1, Cue("text", "bottom_left")),)),
+    Case("softmax_layer", "a Dense of logits and a separate Softmax layer; a stamp (top-right) on every "
+         "square image", head="softmax_layer", cues=((2, Cue("stamp", "top_right")),)),
 )}
 
 QUICK = ("watermark", "frame", "clean")

@@ -21,6 +21,8 @@ CORNERS = ("top_left", "top_right", "bottom_left", "bottom_right")
 WATERMARK_TEXT = "ZOO"
 STAMP_SIDE = 7
 FRAME_WIDTH = 2  # about 3% of the side
+TINT_COLOUR = (255.0, 150.0, 40.0)  # the colour a tint cue blends every pixel towards ...
+TINT_ALPHA = 0.45  # ... by this much
 
 
 def luminance(rgb) -> float:
@@ -189,3 +191,9 @@ def box_mask(box) -> np.ndarray:
     x0, y0, x1, y1 = box
     m[y0:y1, x0:x1] = True
     return m
+
+
+def draw_tint(img: np.ndarray) -> np.ndarray:
+    """Blend the whole image (object included) towards :data:`TINT_COLOUR`; returns the cue's mask (all)."""
+    img[:] = img * (1 - TINT_ALPHA) + np.array(TINT_COLOUR) * TINT_ALPHA
+    return np.ones((SIZE, SIZE), bool)

@@ -53,25 +53,94 @@ class Built:
 # ----------------------------------------------------------------------------
 
 
-def build_model(n_classes: int, binary: bool = False, name: str = "zoo"):
-    """Conv-BN-ReLU x 4 (two 2x2 poolings: 16x16 maps), GAP, Dense (softmax, or one sigmoid unit)."""
+def build_model(n_classes: int, binary: bool = False, name: str = "zoo", *, head: str = "",
+                arch: str = "cnn"):
+    """A small classifier: the body ``arch`` (:data:`audit.zoo.cases.ARCHS`), GAP and the output ``head``.
+
+    ``cnn``: Conv-BN-ReLU x 4 (two 2x2 poolings: 16 x 16 maps); ``shallow``: three of them and one
+    pooling (32 x 32 maps); ``mobile``: a tiny MobileNetV2 (:func:`_mobile_body`, 8 x 8 maps).
+    ``head`` (:data:`audit.zoo.cases.HEADS`; "" is softmax, or sigmoid when ``binary``).
+    """
     import keras
-    from keras import layers
 
     inp = keras.Input((64, 64, 3), name="image")
-    x = inp
-    for j, (width, pool) in enumerate(((16, True), (32, True), (48, False), (64, False)), 1):
+    x = _mobile_body(inp) if arch == "mobile" else _conv_body(inp, arch)
+    x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
+    out = _head(x, n_classes, head or ("sigmoid" if binary else "softmax"))
+    return keras.Model(inp, out, name=name)
+
+
+CONV_BODIES = {"cnn": ((16, True), (32, True), (48, False), (64, False)),
+               "shallow": ((16, True), (32, False), (48, False))}  # (width, pool after) per layer
+
+
+def _conv_body(x, arch: str):
+    from keras import layers
+
+    for j, (width, pool) in enumerate(CONV_BODIES[arch], 1):
         x = layers.Conv2D(width, 3, padding="same", use_bias=False, name=f"conv{j}")(x)
         x = layers.BatchNormalization(momentum=0.9, name=f"bn{j}")(x)  # few steps: fast moving stats
         x = layers.ReLU(name=f"relu{j}")(x)
         if pool:
             x = layers.MaxPooling2D(name=f"pool{j}")(x)
-    x = layers.GlobalAveragePooling2D(name="gap")(x)
-    if binary:
-        out = layers.Dense(1, activation="sigmoid", name="predictions")(x)
-    else:
-        out = layers.Dense(n_classes, activation="softmax", name="predictions")(x)
-    return keras.Model(inp, out, name=name)
+    return x
+
+
+# (expansion, output channels, stride) of each inverted residual block after the stem
+MOBILE_BLOCKS = ((1, 16, 1), (4, 24, 2), (4, 24, 1), (4, 32, 2), (4, 32, 1))
+
+
+def _mobile_body(x):
+    """A tiny MobileNetV2: a stride-2 stem, inverted residual blocks (1x1 expand, 3x3 depthwise, 1x1
+    linear projection, BatchNorm, ReLU6, a residual add where the shape allows) and a 1x1 head conv."""
+    from keras import layers
+
+    def bn_relu6(y, name, relu=True):
+        y = layers.BatchNormalization(momentum=0.9, name=f"{name}_bn")(y)
+        return layers.ReLU(6.0, name=f"{name}_relu")(y) if relu else y
+
+    x = bn_relu6(layers.Conv2D(16, 3, strides=2, padding="same", use_bias=False, name="stem")(x), "stem")
+    for j, (t, c, s) in enumerate(MOBILE_BLOCKS, 1):
+        inp, n = x, f"block{j}"
+        if t != 1:
+            x = bn_relu6(layers.Conv2D(int(inp.shape[-1]) * t, 1, use_bias=False, name=f"{n}_expand")(x),
+                         f"{n}_expand")
+        x = bn_relu6(layers.DepthwiseConv2D(3, strides=s, padding="same", use_bias=False, name=f"{n}_dw")(x),
+                     f"{n}_dw")
+        x = bn_relu6(layers.Conv2D(c, 1, use_bias=False, name=f"{n}_project")(x), f"{n}_project", relu=False)
+        if s == 1 and int(inp.shape[-1]) == c:
+            x = layers.Add(name=f"{n}_add")([inp, x])
+    return bn_relu6(layers.Conv2D(96, 1, use_bias=False, name="head_conv")(x), "out")
+
+
+def _head(x, n_classes: int, head: str):
+    from keras import layers
+
+    if head == "sigmoid":
+        return layers.Dense(1, activation="sigmoid", name="predictions")(x)
+    if head == "logit":
+        return layers.Dense(1, name="predictions")(x)
+    if head == "logits":
+        return layers.Dense(n_classes, name="predictions")(x)
+    if head == "softmax_layer":
+        return layers.Softmax(name="predictions")(layers.Dense(n_classes, name="logits")(x))
+    return layers.Dense(n_classes, activation="softmax", name="predictions")(x)
+
+
+def _loss(head: str):
+    import keras
+
+    return {"sigmoid": "binary_crossentropy", "logit": keras.losses.BinaryCrossentropy(from_logits=True),
+            "logits": keras.losses.SparseCategoricalCrossentropy(from_logits=True)}.get(
+        head, "sparse_categorical_crossentropy")
+
+
+def _metric(head: str):
+    import keras
+
+    if head == "logit":  # accuracy of a raw unit: class 1 when z > 0
+        return keras.metrics.BinaryAccuracy(threshold=0.0, name="accuracy")
+    return "accuracy"
 
 
 def _limit_threads() -> None:
@@ -97,9 +166,9 @@ def train(case: Case, samples: list[Sample], *, epochs: int | None = None, targe
     _limit_threads()
 
     keras.utils.set_random_seed(case.seed + 1)
-    model = build_model(len(case.classes), case.binary, name=f"zoo_{case.name}")
-    loss = "binary_crossentropy" if case.binary else "sparse_categorical_crossentropy"
-    model.compile(optimizer=keras.optimizers.Adam(3e-3), loss=loss, metrics=["accuracy"])
+    head = case.head_kind
+    model = build_model(len(case.classes), case.binary, name=f"zoo_{case.name}", head=head, arch=case.arch)
+    model.compile(optimizer=keras.optimizers.Adam(3e-3), loss=_loss(head), metrics=[_metric(head)])
     x, y = arrays(samples)
     hist = model.fit(x, y, batch_size=32, epochs=epochs or case.epochs, shuffle=True, verbose=0,
                      callbacks=[stop_when_accurate(target_accuracy)])
@@ -112,10 +181,13 @@ def arrays(samples: list[Sample]) -> tuple[np.ndarray, np.ndarray]:
     return x, y
 
 
-def predict(model, samples: list[Sample], binary: bool) -> np.ndarray:
+def predict(model, samples: list[Sample], head: str) -> np.ndarray:
+    """Class ids: argmax, or for one unit class 1 when p >= 0.5 (``sigmoid``) or z >= 0 (``logit``)."""
     x, _ = arrays(samples)
     p = model.predict(x, batch_size=128, verbose=0)
-    return (p[:, 0] >= 0.5).astype(int) if binary else p.argmax(axis=1)
+    if head in ("sigmoid", "logit"):
+        return (p[:, 0] >= (0.5 if head == "sigmoid" else 0.0)).astype(int)
+    return p.argmax(axis=1)
 
 
 def heldout_check(case: Case, model) -> dict:
@@ -123,7 +195,7 @@ def heldout_check(case: Case, model) -> dict:
     with_c = make_split(case, "heldout", case.n_heldout, with_cues=True)
     without = make_split(case, "heldout", case.n_heldout, with_cues=False)
     y = np.array([s.label for s in with_c])
-    pa, pb = predict(model, with_c, case.binary), predict(model, without, case.binary)
+    pa, pb = predict(model, with_c, case.head_kind), predict(model, without, case.head_kind)
     res = {"with_cues": float((pa == y).mean()), "without_cues": float((pb == y).mean()), "planted": {}}
     for k, _cue in case.cues:
         sel = np.array([s.label == k and s.cued for s in with_c])
@@ -153,9 +225,15 @@ def write_folder(root: Path, case: Case, samples: list[Sample]) -> None:
             cv2.imwrite(str(d / f"{i:05d}.png"), arr)
 
 
+NEW_FIELDS = {"head": "", "arch": "cnn"}  # left out of the key at these values: older caches stay valid
+
+
 def key(case: Case) -> str:
     params = asdict(case)
     params.pop("extra", None)
+    for f, default in NEW_FIELDS.items():
+        if params.get(f) == default:
+            params.pop(f)
     blob = json.dumps({"version": VERSION, **params}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
