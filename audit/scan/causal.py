@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from audit.scan.config import Config
-from audit.scan.intervene import CausalResult, extra_forwards, place_bank, remove_objects
+from audit.scan.intervene import CausalResult, extra_forwards, place_bank, remove_objects, spare_masks
 from audit.scan.read import sample_ids
 
 DONORS = 64  # images in the pool of backgrounds (and of object positions), across classes
@@ -54,7 +54,7 @@ class CausalTests:
         for (c, cl), res in self.results.items():
             if c == class_id or cl is not None:
                 continue
-            for t in res.places:
+            for t in res.places + res.transforms:
                 if math.isfinite(t.flip_rate):
                     rates.setdefault(t.place, []).append(t.flip_rate)
         return {p: float(np.median(v)) for p, v in rates.items()}
@@ -134,6 +134,19 @@ def _density_ratios(density, places) -> dict:
     return {p.name: float(density[p.mask].mean() / mean) for p in places if p.mask.any()}
 
 
+def own_grids(results, plan: TestPlan) -> np.ndarray | None:
+    """(n, g, g) each sampled image's own heatmap on the grid (a flat map where it has none), or None."""
+    r = next((r for r in results if r.class_id == plan.class_id), None)
+    if r is None or r.grids is None or not len(r.grids):
+        return None
+    pos = {i: k for k, i in enumerate(r.map_ids)}
+    out = np.zeros((len(plan.ids), *r.grids.shape[1:]), np.float32)
+    for j, i in enumerate(plan.ids):
+        if i in pos:
+            out[j] = r.grids[pos[i]]
+    return out
+
+
 def run_tests(intervener, results, view, cfg: Config, use_masks: bool) -> CausalTests:
     """Plan and run the causal tests of every class (and suspect cluster) of a scan."""
     from audit.scan.intervene import causal_tests
@@ -164,10 +177,11 @@ def run_tests(intervener, results, view, cfg: Config, use_masks: bool) -> Causal
             keep = keep[interleave(donor_target[keep])] if len(keep) else keep
             bg, bg_cls = backgrounds[keep], donor_target[keep]
         places = place_bank(size, view.regions, plan.hot_box)
+        spare = spare_masks(size, masks) if masked else spare_masks(size, grids=own_grids(results, plan))
         res = intervener.call(causal_tests, intervener.predict, images, places,
                               masks if masked else None, classes=np.full(len(images), plan.class_id),
                               backgrounds=bg, background_classes=bg_cls, fill=cfg.fill, screen=cfg.screen,
-                              screen_min=cfg.screen_min)
+                              screen_min=cfg.screen_min, spare=spare)
         if res is None:
             break
         out.results[(plan.class_id, plan.cluster)] = res

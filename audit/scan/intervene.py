@@ -12,6 +12,12 @@ class (or cluster):
   replaced by a neutral colour, and separately by the background of an
   image of another class (its own object inpainted away)
   (:func:`replace_background`) -> two ``background`` tests;
+* **background transforms** (with and without masks): the object is spared
+  (its dilated mask, or without masks the image's own heatmap hot area:
+  :func:`spare_masks`) and the rest is (a) blurred finely, which destroys a
+  texture and keeps shapes and colours, and (b) recoloured grey-world, which
+  removes a colour cast and keeps shapes and texture (:func:`transform`) ->
+  test ``transform``, places ``background:texture`` and ``background:colour``;
 * **places** (with and without masks): each place of a fixed bank
   (:func:`place_bank`: border bands of several widths, each edge, each
   corner, the job's named regions, the class's hot area) is filled one at a
@@ -48,6 +54,9 @@ SCREEN_MIN = 0.2  # ... and tested on the rest when they flip at least this shar
 PROMISING = 3  # places expected to pass the screening, for planning the cost
 MAX_PROMISING = 4  # at most this many places (besides named regions) go on after the screening
 OBJECT_SCREEN_MAX = 0.5  # the background tests go on only while removing the object flips at most this
+TRANSFORMS = {"background:texture": "fine-blur", "background:colour": "grey-world"}  # place -> fill
+TEXTURE_SIGMA = 1 / 16  # the texture transform's Gaussian blur, fraction of the side (4 px at 64)
+SPARE_HOT = 0.5  # without masks, the object is taken to be where its own map holds >= this of its maximum
 
 
 # ----------------------------------------------------------------------------
@@ -81,6 +90,63 @@ def occlude(images: np.ndarray, masks: np.ndarray, fill: str = "mean") -> np.nda
             blurred = cv2.GaussianBlur(imgs[i], (0, 0), sigma).reshape(imgs[i].shape)
             out[i][m[i]] = blurred[m[i]]
     return out
+
+
+def transform(images: np.ndarray, edit: np.ndarray, kind: str) -> np.ndarray:
+    """Copies of ``images`` (N, H, W, C) uint8 whose ``edit`` (N, H, W) pixels are transformed.
+
+    ``fine-blur``: a Gaussian blur of :data:`TEXTURE_SIGMA` of the side (a
+    texture of stripes or grain goes, shapes and colours stay);
+    ``grey-world``: each channel of the edited pixels scaled so that their
+    mean is the same in every channel, at their mean luminance (a colour cast
+    goes, brightness, texture and shapes stay).
+    """
+    import cv2
+
+    imgs = np.asarray(images)
+    m = np.asarray(edit, bool)
+    out = imgs.copy()
+    for i in range(len(imgs)):
+        if not m[i].any():
+            continue
+        img = imgs[i].astype(np.float32)
+        if kind == "fine-blur":
+            sigma = TEXTURE_SIGMA * max(imgs.shape[1], imgs.shape[2])
+            new = cv2.GaussianBlur(img, (0, 0), sigma).reshape(img.shape)
+        elif kind == "grey-world":
+            mean = img[m[i]].mean(axis=0)
+            new = img * (mean.mean() / np.maximum(mean, 1.0))
+        else:
+            raise AuditError(f"unknown transform {kind!r}; expected one of {', '.join(TRANSFORMS.values())}")
+        out[i][m[i]] = np.clip(np.rint(new[m[i]]), 0, 255).astype(imgs.dtype)
+    return out
+
+
+def spare_masks(size, object_masks=None, grids=None) -> np.ndarray | None:
+    """(N, H, W) bool: where each image's object is taken to be, spared by the background transforms.
+
+    With object masks: each mask dilated by :func:`dilation_px`.  Without:
+    the cells of the image's own heatmap (``grids``, (N, g, g)) holding at
+    least :data:`SPARE_HOT` of its maximum, grown by one cell, at ``size``.
+    None when neither is given.
+    """
+    import cv2
+
+    h, w = int(size[0]), int(size[1])
+    if object_masks is not None:
+        m = np.asarray(object_masks, bool)
+        d = dilation_px((h, w))
+        k = np.ones((2 * d + 1, 2 * d + 1), np.uint8)
+        return np.stack([cv2.dilate(x.astype(np.uint8), k).astype(bool) for x in m]) if len(m) else m
+    if grids is None:
+        return None
+    g = np.asarray(grids, np.float32)
+    top = g.reshape(len(g), -1).max(axis=1)
+    hot = (g >= SPARE_HOT * top[:, None, None]) & (top[:, None, None] > 0)
+    k = np.ones((3, 3), np.uint8)
+    grown = [cv2.dilate(x.astype(np.uint8), k) for x in hot]
+    return np.stack([cv2.resize(x, (w, h), interpolation=cv2.INTER_NEAREST).astype(bool) for x in grown]) \
+        if len(grown) else np.zeros((0, h, w), bool)
 
 
 def dilation_px(size) -> int:
@@ -235,6 +301,10 @@ class CausalResult:
     def places(self) -> list:
         return [t for t in self.tests if t.test == "region"]
 
+    @property
+    def transforms(self) -> list:
+        return [t for t in self.tests if t.test == "transform"]
+
 
 def flipped(base, new, classes=None) -> np.ndarray:
     """(N,) bool: the prediction changed.
@@ -273,8 +343,8 @@ def _predict_chunks(predict_fn, variants: list, chunk: int) -> list:
 
 def causal_tests(predict_fn, images, places, object_masks=None, *, classes=None, backgrounds=None,
                  background_classes=None, fill: str = "mean", base_pred=None, chunk: int = CHUNK,
-                 screen: int = SCREEN, screen_min: float = SCREEN_MIN) -> CausalResult:
-    """Run the object, background and place tests on one sample.
+                 screen: int = SCREEN, screen_min: float = SCREEN_MIN, spare=None) -> CausalResult:
+    """Run the object, background, background-transform and place tests on one sample.
 
     Every test is screened first on the sample's first ``screen`` images;
     only a place that flips at least ``screen_min`` of them is tested on the
@@ -303,6 +373,9 @@ def causal_tests(predict_fn, images, places, object_masks=None, *, classes=None,
         base_pred: predictions on the unmodified images (computed when None).
         chunk: images per ``predict_fn`` call.
         screen, screen_min: the screening of the places (``screen=0``: none).
+        spare: (N, H, W) bool, where each object is taken to be
+            (:func:`spare_masks`); the background transforms edit the rest.
+            None: no transform tests.
 
     Returns:
         A :class:`CausalResult`; a rate is NaN with fewer than :data:`MIN_SAMPLE` testable images.
@@ -310,32 +383,55 @@ def causal_tests(predict_fn, images, places, object_masks=None, *, classes=None,
     images = np.asarray(images)
     n = len(images)
     obj = None if object_masks is None else np.asarray(object_masks, bool)
-    has_obj = obj.reshape(n, -1).any(axis=1) if obj is not None else np.zeros(n, bool)
+    tests = _make_tests(n, obj, places, fill, backgrounds, spare)
     cls = None if classes is None else np.asarray(classes)
     first = np.arange(n) < (screen if 0 < screen < n else n)
+    run = _Runner(predict_fn, images, obj, cls, backgrounds, chunk, base_pred)
+    run.stage(tests, [t.sel & first for t in tests])  # stage 1: every test on the first images
+    rest = [t.sel & ~first if go else np.zeros(n, bool) for t, go in zip(tests, _promising(tests, screen_min))]
+    run.stage(tests, rest)  # stage 2: the promising tests on the rest
+    has_obj = obj.reshape(n, -1).any(axis=1) if obj is not None else np.zeros(n, bool)
+    out = CausalResult(n=n, masked=obj is not None, absence=obj is not None and not has_obj.any())
+    out.tests = [t.result(obj, background_classes, backgrounds) for t in tests]
+    return out
+
+
+def _make_tests(n: int, obj, places, fill: str, backgrounds, spare) -> list:
+    """The tests of one sample, each with the images it can edit."""
+    has_obj = obj.reshape(n, -1).any(axis=1) if obj is not None else np.zeros(n, bool)
     tests = [_Test("object", "object", None, OBJECT_FILL, has_obj),
              _Test("background", "background", None, "neutral", has_obj)] if obj is not None else []
     if obj is not None and backgrounds is not None and len(backgrounds):
         tests.append(_Test("background", "background", None, "other-background", has_obj))
+    if spare is not None:
+        edit = ~np.asarray(spare, bool)
+        for place, kind in TRANSFORMS.items():
+            tests.append(_Test("transform", place, None, kind, edit.reshape(n, -1).any(axis=1), edit,
+                               float(edit.mean())))
     for p in places:
         m = np.broadcast_to(p.mask, (n, *p.mask.shape))
         m = m & ~obj if obj is not None else m
         tests.append(_Test("region", p.name, p.box, fill, m.reshape(n, -1).any(axis=1), m, p.area))
-    base = np.zeros(n, int) if base_pred is None else np.asarray(base_pred)
-    if base_pred is None:  # predictions on the unmodified images, as far as they are needed
-        base = _base(predict_fn, images, first, None)
-    # stage 1: every test on the first images
-    _run(predict_fn, images, obj, tests, [t.sel & first for t in tests], base, cls, backgrounds, chunk)
-    # stage 2: the promising tests on the rest
-    rest = [t.sel & ~first if go else np.zeros(n, bool) for t, go in zip(tests, _promising(tests, screen_min))]
-    if any(r.any() for r in rest):
-        if base_pred is None:
-            base = _base(predict_fn, images, ~first, base)
-        _run(predict_fn, images, obj, tests, rest, base, cls, backgrounds, chunk)
-    out = CausalResult(n=n, masked=obj is not None, absence=obj is not None and not has_obj.any())
-    for t in tests:
-        out.tests.append(t.result(obj, background_classes, backgrounds))
-    return out
+    return tests
+
+
+class _Runner:
+    """Edits and predicts the selected images of the tests of one sample, stage by stage."""
+
+    def __init__(self, predict_fn, images, obj, cls, backgrounds, chunk: int, base_pred=None):
+        self.predict_fn, self.images, self.obj, self.cls = predict_fn, images, obj, cls
+        self.backgrounds, self.chunk = backgrounds, chunk
+        self.base = None if base_pred is None else np.asarray(base_pred)
+        self.known = np.ones(len(images), bool) if base_pred is not None else np.zeros(len(images), bool)
+
+    def stage(self, tests: list, selections: list) -> None:
+        """Predict the unmodified images that are needed and not known, then every test's edits."""
+        need = np.logical_or.reduce(selections) & ~self.known if selections else np.zeros(0, bool)
+        if need.any():  # predictions on the unmodified images, as far as they are needed
+            self.base = _base(self.predict_fn, self.images, need, self.base)
+            self.known |= need
+        _run(self.predict_fn, self.images, self.obj, tests, selections, self.base, self.cls, self.backgrounds,
+             self.chunk)
 
 
 @dataclass
@@ -379,6 +475,8 @@ def _edit(t: _Test, images, obj, rows: np.ndarray, backgrounds) -> np.ndarray:
         bg = None if t.fill == "neutral" else \
             np.asarray(backgrounds)[np.nonzero(t.sel)[0].searchsorted(rows) % len(backgrounds)]
         return replace_background(images[rows], obj[rows], bg)[0]
+    if t.test == "transform":
+        return transform(images[rows], t.mask[rows], t.fill)
     return occlude(images[rows], t.mask[rows], t.fill)
 
 
@@ -398,6 +496,7 @@ def _promising(tests: list, screen_min: float) -> list[bool]:
     (every named region, and the :data:`MAX_PROMISING` other places that
     flipped most, the smallest first: a corner tag also flips the edges and
     bands that contain it).
+    A background transform: when it flipped at least ``screen_min``.
     The background tests: the same, and only while the object test could still
     come out low (at most :data:`OBJECT_SCREEN_MAX`): the background rule
     needs both.  The object test: when a background test goes on.
@@ -413,6 +512,8 @@ def _promising(tests: list, screen_min: float) -> list[bool]:
     for t in tests:
         if t.test == "region":
             go.append(id(t) in keep)
+        elif t.test == "transform":
+            go.append(t.promising(screen_min))
         elif t.test == "background":
             go.append(obj_low and t.promising(screen_min))
         else:
@@ -445,7 +546,7 @@ def extra_forwards(n: int, n_places: int, masked: bool, screen: int = SCREEN) ->
     """Forward passes :func:`causal_tests` costs for a sample of ``n``, planned: every test on the
     screening images, and the base and about :data:`PROMISING` tests on the rest."""
     k = min(n, screen) if screen > 0 else n
-    return k * (1 + (3 if masked else 0) + n_places) + (n - k) * (1 + min(PROMISING, n_places))
+    return k * (1 + (3 if masked else 0) + len(TRANSFORMS) + n_places) + (n - k) * (1 + min(PROMISING, n_places))
 
 
 # ----------------------------------------------------------------------------

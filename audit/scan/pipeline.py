@@ -137,7 +137,8 @@ def describe_class(g: ClassGroup, view: ScanView, cfg: Config) -> ClassResult:
     df = view.df
     labelled = df[df["label"] == g.class_id] if "label" in df else df.iloc[0:0]
     return ClassResult(class_id=g.class_id, name=g.name, rows=rows, labelled=labelled, features=f, own=own,
-                       final=own, n_maps=len(g.ids), gap=gap, clusters=describe_clusters(g, view, cfg, f))
+                       final=own, n_maps=len(g.ids), gap=gap, clusters=describe_clusters(g, view, cfg, f),
+                       map_ids=g.ids, grids=g.grids)
 
 
 def describe_clusters(g: ClassGroup, view: ScanView, cfg: Config, f=None) -> list[ClusterResult]:

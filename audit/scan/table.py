@@ -43,6 +43,8 @@ class ClassResult:
     n_maps: int  # maps on the grid (clustered)
     gap: float = math.nan
     clusters: list = field(default_factory=list)  # [ClusterResult]
+    map_ids: np.ndarray | None = None  # ids of the class's ok maps on the grid ...
+    grids: np.ndarray | None = None  # ... and the maps (n, g, g), for the causal tests without masks
 
 
 def _flip_fields(v: Verdict) -> dict:

@@ -165,6 +165,8 @@ def place_eligible(t: PlaceFlip, causal: CausalResult, cfg: Config, density: dic
     """
     if not finite(t.flip_rate) or t.n < max(MIN_SAMPLE, cfg.min_tested):
         return False
+    if t.test == "transform":  # the object (its mask, or its own hot area) was spared
+        return True
     if causal.masked:
         crowded = density is not None and density.get(t.place, 0.0) >= cfg.absence_density_max
         return not (causal.absence and crowded)
@@ -189,24 +191,26 @@ def causal_cue(causal: CausalResult | None, others: dict | None = None, cfg: Con
                density: dict | None = None) -> CueFinding:
     """The place whose occlusion flips the class, not the other classes alike.
 
-    Among the eligible places (:func:`place_eligible`) scoring at least 0.5
-    a named region wins, else the smallest of the fixed bank (the most
-    specific explanation: a corner rather than an edge containing it), else
-    the hot area; without one, the highest score (for the evidence).
+    Among the eligible places and background transforms (:func:`place_eligible`)
+    scoring at least 0.5 a named region wins, else the smallest of the fixed
+    bank (the most specific explanation: a corner rather than an edge
+    containing it), else the hot area, else a background transform (texture,
+    colour); without one, the highest score (for the evidence).
     ``others``: {place: median flip rate of the same place on the other classes}.
     """
     if causal is None:
         return CueFinding(0.0)
     others = others or {}
-    cands = [(place_flip_score(t.flip_rate, others.get(t.place, math.nan), cfg), t) for t in causal.places
-             if place_eligible(t, causal, cfg, density)]
+    cands = [(place_flip_score(t.flip_rate, others.get(t.place, math.nan), cfg), t)
+             for t in causal.places + causal.transforms if place_eligible(t, causal, cfg, density)]
     if not cands:
         return CueFinding(0.0)
     strong = [c for c in cands if c[0] >= 0.5]
     # a named region first (the user's hypothesis), then the smallest place of the fixed bank, then
-    # the hot area (it follows the attention, the bank names the place)
-    best = min(strong, key=lambda c: (not c[1].place.startswith("region:"), c[1].place == "hot area",
-                                      c[1].area, -c[0])) if strong else max(cands, key=lambda c: c[0])
+    # the hot area (it follows the attention, the bank names the place), then a background transform
+    best = min(strong, key=lambda c: (not c[1].place.startswith("region:"), c[1].test == "transform",
+                                      c[1].place == "hot area", c[1].area, -c[0])) \
+        if strong else max(cands, key=lambda c: c[0])
     s, t = best
     return CueFinding(s, t, others.get(t.place, math.nan))
 
@@ -238,14 +242,17 @@ def _insufficient(f: GroupFeatures, cfg: Config, causal) -> Verdict:
 
 
 def _cue_name(place: str) -> str:
-    """The ``cue`` for a place test: every border band is ``border``; others keep their name."""
+    """The ``cue`` for a place test: every border band is ``border``; a background transform
+    ``background texture`` / ``background colour``; others keep their name."""
+    if place.startswith("background:"):
+        return place.replace(":", " ")
     return "border" if place.startswith("border:") else place
 
 
 def _background_place(t: PlaceFlip, s_bg: float, cfg: Config) -> bool:
     """A flipping place that is really the background: the background test flags too and the place
     is the group's hot area or larger than ``max_cue_area`` (with masks: everything around the object)."""
-    if t.place.startswith("region:"):  # a named region keeps its name (the user's hypothesis)
+    if t.place.startswith("region:") or t.test == "transform":  # these keep their names
         return False
     return s_bg >= cfg.threshold and (t.place == "hot area" or (finite(t.area) and t.area > cfg.max_cue_area))
 
@@ -341,6 +348,7 @@ MENTION_FLIP = 0.2  # a place that flips less than this is not worth a mention i
 
 def _fill_words(fill: str) -> str:
     return {"mean": "mean-colour fill", "blur": "blur fill", "inpaint": "inpainted",
+            "fine-blur": "a fine blur, the object spared", "grey-world": "grey-world colours, the object spared",
             "other-background": "another class's background", "neutral": "a neutral colour"}.get(fill, fill)
 
 
@@ -358,7 +366,9 @@ def causal_text(res: Verdict) -> str:
         parts.append(s)
     t = res.cue_flip
     if t is not None and finite(t.flip_rate) and (res.cue_kind == "place" or t.flip_rate >= MENTION_FLIP):
-        s = (f"occluding {t.place} ({_fill_words(t.fill)}) changes {pct(t.flip_rate)} of {t.n} predictions")
+        verb = {"background:texture": "blurring the background", "background:colour": "recolouring the background"}
+        s = (f"{verb.get(t.place, f'occluding {t.place}')} ({_fill_words(t.fill)}) changes {pct(t.flip_rate)} "
+             f"of {t.n} predictions")
         if finite(res.cue_others):
             s += f" ({pct(res.cue_others)} for the other classes)"
         parts.append(s)
@@ -370,6 +380,8 @@ def _conclusion(res: Verdict, att: Attention, cfg: Config) -> str:
         return " - not tested by intervention (cost budget), and attention alone is not a verdict"
     if not has_causal(res.causal):
         return " - attention only, no causal test was run" if res.suspected else ""
+    if res.suspected and res.cue_kind == "place" and res.cue_region.startswith("background:"):
+        return f" - the decision rests on the {res.cue}, not on the object"
     if res.suspected and res.cue_kind == "place":
         return f" - the decision rests on {res.cue_region}, away from the object"
     if res.suspected:
