@@ -18,6 +18,8 @@ from audit.scan.intervene import (
     place_bank,
     remove_objects,
     replace_background,
+    spare_masks,
+    transform,
 )
 
 H = W = 16
@@ -272,3 +274,88 @@ def test_intervener_reads_job_model_and_dataset(tmp_path, head):
     assert iv.forwards == 8 + 8 + 8 + 8 + 8  # the check above, base, object, background, sky
     with pytest.raises(AuditError, match="job.json"):
         Intervener(tmp_path)
+
+
+# ----------------------------------------------------------------------------
+# Background transforms: a texture or a colour cast goes, the object is spared
+# ----------------------------------------------------------------------------
+
+S = 32
+
+
+def textured(n, stripes, tint=False, seed=0):
+    """Plain grey or striped backgrounds (period 4 px), an optional orange cast, and a dark square."""
+    rng = np.random.default_rng(seed)
+    imgs = np.full((n, S, S, 3), 128.0)
+    masks = np.zeros((n, S, S), bool)
+    for i in range(n):
+        if stripes:
+            imgs[i] = np.where((np.arange(S) // 2 % 2 == 0)[None, :, None], 60.0, 200.0)
+        y, x = rng.integers(2, S - 10, 2)
+        imgs[i, y:y + 8, x:x + 8] = 10.0
+        masks[i, y:y + 8, x:x + 8] = True
+        if tint:
+            imgs[i] = imgs[i] * 0.55 + np.array([255.0, 150.0, 40.0]) * 0.45
+    return imgs.astype(np.uint8), masks
+
+
+def stripes_model(images):
+    """1 when the image has strong fine horizontal variation (a texture), else 0."""
+    f = images.astype(float).mean(axis=3)
+    return (np.abs(np.diff(f, axis=2)).mean(axis=(1, 2)) > 15).astype(int)
+
+
+def orange_model(images):
+    """1 when red clearly exceeds blue on average (an orange cast), else 0."""
+    m = images.reshape(len(images), -1, 3).astype(float).mean(axis=1)
+    return (m[:, 0] - m[:, 2] > 60).astype(int)
+
+
+def test_fine_blur_removes_a_texture_and_keeps_the_spared_object():
+    imgs, masks = textured(4, stripes=True)
+    spare = spare_masks((S, S), masks)
+    out = transform(imgs, ~spare, "fine-blur")
+    np.testing.assert_array_equal(out[spare], imgs[spare])  # the object and a ring around it: untouched
+    off = ~spare
+    assert np.abs(np.diff(out.astype(float), axis=2))[off[:, :, 1:]].mean() < 0.2 * \
+        np.abs(np.diff(imgs.astype(float), axis=2))[off[:, :, 1:]].mean()
+    assert (stripes_model(imgs) == 1).all() and (stripes_model(out) == 0).all()
+
+
+def test_grey_world_removes_a_cast_and_keeps_brightness():
+    imgs, masks = textured(3, stripes=False, tint=True)
+    edit = ~spare_masks((S, S), masks)
+    out = transform(imgs, edit, "grey-world")
+    bg = out[0][edit[0]].astype(float).mean(axis=0)
+    assert np.ptp(bg) < 2  # every channel at the same mean
+    lum_in, lum_out = imgs[0][edit[0]].astype(float).mean(), bg.mean()
+    assert abs(lum_in - lum_out) < 2
+    assert (orange_model(imgs) == 1).all() and (orange_model(out) == 0).all()
+    plain, _ = textured(3, stripes=False)  # no cast: nothing to change
+    assert np.abs(transform(plain, edit, "grey-world").astype(int) - plain).max() <= 1
+
+
+def test_spare_masks_from_masks_or_from_each_image_own_heatmap():
+    _, masks = textured(2, stripes=False)
+    grown = spare_masks((S, S), masks)
+    assert (grown >= masks).all() and grown.sum() > masks.sum()
+    grids = np.zeros((2, 8, 8), np.float32)
+    grids[0, 1, 2] = 1.0
+    grids[1, 6, 6], grids[1, 0, 0] = 1.0, 0.4  # 0.4 < SPARE_HOT of the peak: not spared
+    hot = spare_masks((S, S), grids=grids)
+    assert hot.shape == (2, S, S)
+    assert hot[0, 4:8, 8:12].all() and hot[0].sum() == 3 * 3 * 16  # the hot cell grown by one cell
+    assert hot[1, 24:28, 24:28].all() and not hot[1, 0:4, 0:4].any()
+    assert spare_masks((S, S)) is None
+
+
+def test_texture_class_flips_under_the_blur_and_a_shape_class_does_not():
+    imgs, masks = textured(16, stripes=True)
+    res = causal_tests(stripes_model, imgs, [], masks, spare=spare_masks((S, S), masks), screen=0)
+    assert res.get("transform", "background:texture").flip_rate == 1.0
+    assert res.get("transform", "background:colour").flip_rate == 0.0
+    sc, sm = scenes(16)
+    shape = causal_tests(tank_model, sc, [], sm, spare=spare_masks((H, W), sm), screen=0)
+    assert shape.get("transform", "background:texture").flip_rate == 0.0
+    with pytest.raises(AuditError, match="unknown transform"):
+        transform(imgs, masks, "sharpen")
