@@ -137,7 +137,10 @@ def test_place_matching():
     assert place_matches("border", "edge:left", None)
     assert not place_matches("border", "background", [0.0, 0.0, 1.0, 1.0])
     assert place_matches("background", "background", None)
+    assert place_matches("background", "background texture", None)
     assert not place_matches("background", "object", None)
+    assert place_matches("colour", "background colour", None)
+    assert not place_matches("colour", "corner:top_left", [0.0, 0.0, 0.33, 0.33])
 
 
 def _classes(rows):
@@ -168,6 +171,44 @@ def test_binary_model_has_one_sigmoid_unit():
     m = build_model(2, binary=True)
     assert m.output.shape[-1] == 1 and m.layers[-1].activation.__name__ == "sigmoid"
     assert build_model(4).output.shape[-1] == 4
+
+
+@pytest.mark.parametrize("case,kind,units", [("logit", "logit_binary", 1), ("sigmoid_frame", "sigmoid_binary", 1),
+                                             ("tint", "logits", 4), ("softmax_layer", "softmax", 4),
+                                             ("mobile", "softmax", 4)])
+def test_zoo_heads_are_read_as_built(case, kind, units):
+    from audit.engine.heads import Head
+    from audit.zoo.train import build_model
+
+    c = CASES[case]
+    m = build_model(len(c.classes), c.binary, head=c.head, arch=c.arch)
+    h = Head.of(m)
+    assert (h.kind, h.units) == (kind, units)
+    if case == "softmax_layer":
+        assert type(m.layers[-1]).__name__ == "Softmax" and m.layers[-2].activation.__name__ == "linear"
+
+
+@pytest.mark.parametrize("arch,side", [("cnn", 16), ("shallow", 32), ("mobile", 8)])
+def test_zoo_bodies_and_map_sizes(arch, side):
+    from audit.zoo.train import build_model
+
+    m = build_model(4, arch=arch)
+    gap = m.get_layer("gap")
+    assert tuple(gap.input.shape[1:3]) == (side, side)
+    if arch == "mobile":
+        kinds = {type(layer).__name__ for layer in m.layers}
+        assert {"DepthwiseConv2D", "Add", "BatchNormalization"} <= kinds
+
+
+def test_tint_blends_the_whole_image_of_its_class_only():
+    case = CASES["tint"]
+    s, bare = render(case, "train", 3, 2), render(case, "train", 3, 2, with_cues=False)
+    expected = bare.image * (1 - draw.TINT_ALPHA) + np.array(draw.TINT_COLOUR) * draw.TINT_ALPHA
+    # the same image blended (the bare one was rounded once more)
+    assert np.abs(s.image.astype(float) - expected).max() <= 1.0
+    assert s.cue_mask.all() and s.cued
+    other = render(case, "train", 3, 0)
+    assert not other.cue_mask.any()
 
 
 def test_cache_key_follows_the_parameters():

@@ -56,7 +56,8 @@ MAX_PROMISING = 4  # at most this many places (besides named regions) go on afte
 OBJECT_SCREEN_MAX = 0.5  # the background tests go on only while removing the object flips at most this
 TRANSFORMS = {"background:texture": "fine-blur", "background:colour": "grey-world"}  # place -> fill
 TEXTURE_SIGMA = 1 / 16  # the texture transform's Gaussian blur, fraction of the side (4 px at 64)
-SPARE_HOT = 0.5  # without masks, the object is taken to be where its own map holds >= this of its maximum
+SPARE_HOT = 0.5  # without masks, the object is taken to be where its own map holds >= this of its maximum,
+SPARE_MAX = 0.15  # ... in at most this share of the map's cells (the strongest), grown by one cell
 
 
 # ----------------------------------------------------------------------------
@@ -127,8 +128,9 @@ def spare_masks(size, object_masks=None, grids=None) -> np.ndarray | None:
 
     With object masks: each mask dilated by :func:`dilation_px`.  Without:
     the cells of the image's own heatmap (``grids``, (N, g, g)) holding at
-    least :data:`SPARE_HOT` of its maximum, grown by one cell, at ``size``.
-    None when neither is given.
+    least :data:`SPARE_HOT` of its maximum, at most the :data:`SPARE_MAX`
+    strongest of its cells (a diffuse map would otherwise spare most of the
+    image), grown by one cell, at ``size``.  None when neither is given.
     """
     import cv2
 
@@ -141,8 +143,12 @@ def spare_masks(size, object_masks=None, grids=None) -> np.ndarray | None:
     if grids is None:
         return None
     g = np.asarray(grids, np.float32)
-    top = g.reshape(len(g), -1).max(axis=1)
-    hot = (g >= SPARE_HOT * top[:, None, None]) & (top[:, None, None] > 0)
+    flat = g.reshape(len(g), -1)
+    top = flat.max(axis=1) if flat.size else np.zeros(len(g), np.float32)
+    k = max(1, int(math.ceil(SPARE_MAX * flat.shape[1]))) if flat.size else 1
+    kth = -np.partition(-flat, k - 1, axis=1)[:, k - 1] if flat.size else top  # the k-th strongest value
+    thr = np.maximum(SPARE_HOT * top, kth)[:, None, None]
+    hot = (g >= thr) & (top[:, None, None] > 0)
     k = np.ones((3, 3), np.uint8)
     grown = [cv2.dilate(x.astype(np.uint8), k) for x in hot]
     return np.stack([cv2.resize(x, (w, h), interpolation=cv2.INTER_NEAREST).astype(bool) for x in grown]) \

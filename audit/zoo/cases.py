@@ -76,7 +76,7 @@ class Case:
     binary: two classes and a single output unit.
     head: how the output layer reads (:data:`HEADS`); "" is ``softmax`` (``sigmoid`` when binary).
     arch: the network (:data:`ARCHS`): ``cnn`` (Conv-BN-ReLU x 4, two poolings, 16 x 16 maps),
-        ``shallow`` (three convolutions, one pooling: GAP on 32 x 32 maps) or ``mobile`` (a tiny
+        ``shallow`` (three convolutions, two of them dilated, one pooling: GAP on 32 x 32 maps) or ``mobile`` (a tiny
         MobileNetV2: depthwise-separable inverted residual blocks with BatchNorm and ReLU6, 8 x 8 maps).
     """
 

@@ -9,7 +9,9 @@ planted class, the scan's ``cue`` / ``cue_box`` points at the planted place:
   box and covers at most :data:`MAX_CORNER_BOX` of the image (a box over the
   whole picture does not point anywhere);
 * ``border`` (a thin frame): the cue names the border, the frame or an edge;
-* ``background`` (a texture): the cue names the background or a texture.
+* ``background`` (a texture): the cue names the background or a texture;
+* ``colour`` (a tint over the whole image): the cue names a colour, a tint or
+  the background (the tint covers it).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from audit.zoo.cases import Case
 MAX_CORNER_BOX = 0.3
 BORDER_WORDS = ("border", "frame", "edge")
 BACKGROUND_WORDS = ("background", "texture")
+COLOUR_WORDS = ("colour", "color", "tint", "background")
 
 
 @dataclass
@@ -75,6 +78,8 @@ def place_matches(place: str, cue: str, cue_box, planted_box=None) -> bool:
         return any(w in name for w in BORDER_WORDS)
     if place == "background":
         return any(w in name for w in BACKGROUND_WORDS)
+    if place == "colour":
+        return any(w in name for w in COLOUR_WORDS)
     raise ValueError(f"unknown place {place!r}")
 
 

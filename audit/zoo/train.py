@@ -70,15 +70,17 @@ def build_model(n_classes: int, binary: bool = False, name: str = "zoo", *, head
     return keras.Model(inp, out, name=name)
 
 
-CONV_BODIES = {"cnn": ((16, True), (32, True), (48, False), (64, False)),
-               "shallow": ((16, True), (32, False), (48, False))}  # (width, pool after) per layer
+# (width, pool after, dilation) per layer; the shallow body's dilations give its 32 x 32 maps a
+# receptive field of 20 px, enough for the zoo's shapes
+CONV_BODIES = {"cnn": ((16, True, 1), (32, True, 1), (48, False, 1), (64, False, 1)),
+               "shallow": ((16, True, 1), (32, False, 2), (48, False, 2))}
 
 
 def _conv_body(x, arch: str):
     from keras import layers
 
-    for j, (width, pool) in enumerate(CONV_BODIES[arch], 1):
-        x = layers.Conv2D(width, 3, padding="same", use_bias=False, name=f"conv{j}")(x)
+    for j, (width, pool, dil) in enumerate(CONV_BODIES[arch], 1):
+        x = layers.Conv2D(width, 3, padding="same", dilation_rate=dil, use_bias=False, name=f"conv{j}")(x)
         x = layers.BatchNormalization(momentum=0.9, name=f"bn{j}")(x)  # few steps: fast moving stats
         x = layers.ReLU(name=f"relu{j}")(x)
         if pool:
@@ -234,6 +236,8 @@ def key(case: Case) -> str:
     for f, default in NEW_FIELDS.items():
         if params.get(f) == default:
             params.pop(f)
+    if case.arch != "cnn":  # the body's definition: a changed network is a new build
+        params["body"] = MOBILE_BLOCKS if case.arch == "mobile" else CONV_BODIES[case.arch]
     blob = json.dumps({"version": VERSION, **params}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
