@@ -171,7 +171,7 @@ def interventions_table(results: list, causal):
                          "cluster": cluster, "test": t.test, "place": t.place,
                          "box": None if t.box is None else [float(v) for v in t.box], "fill": t.fill,
                          "n": t.n, "flip_rate": or_none(t.flip_rate),
-                         "flip_rate_others": or_none(others.get(t.place)) if t.test == "region" else None,
+                         "flip_rate_others": or_none(others.get(t.place)) if t.test in ("region", "transform") else None,
                          "area": or_none(t.area)})
     schema = arrow_schema("interventions")
     if not rows:
