@@ -18,6 +18,8 @@ class (or cluster):
   texture and keeps shapes and colours, and (b) recoloured grey-world, which
   removes a colour cast and keeps shapes and texture (:func:`transform`) ->
   test ``transform``, places ``background:texture`` and ``background:colour``;
+  without masks the spared area is also inpainted away (test ``object``,
+  place ``own hot area``), which tells a model that decides by that area;
 * **places** (with and without masks): each place of a fixed bank
   (:func:`place_bank`: border bands of several widths, each edge, each
   corner, the job's named regions, the class's hot area) is filled one at a
@@ -58,6 +60,7 @@ TRANSFORMS = {"background:texture": "fine-blur", "background:colour": "grey-worl
 TEXTURE_SIGMA = 1 / 16  # the texture transform's Gaussian blur, fraction of the side (4 px at 64)
 SPARE_HOT = 0.5  # without masks, the object is taken to be where its own map holds >= this of its maximum,
 SPARE_MAX = 0.15  # ... in at most this share of the map's cells (the strongest), grown by one cell
+HOT_OBJECT = "own hot area"  # the object test's place without masks: each image's spared area inpainted
 
 
 # ----------------------------------------------------------------------------
@@ -410,7 +413,11 @@ def _make_tests(n: int, obj, places, fill: str, backgrounds, spare) -> list:
     if obj is not None and backgrounds is not None and len(backgrounds):
         tests.append(_Test("background", "background", None, "other-background", has_obj))
     if spare is not None:
-        edit = ~np.asarray(spare, bool)
+        spare = np.asarray(spare, bool)
+        if obj is None:  # the object test without masks: each image's own hot area removed
+            tests.append(_Test("object", HOT_OBJECT, None, OBJECT_FILL, spare.reshape(n, -1).any(axis=1), spare,
+                               float(spare.mean())))
+        edit = ~spare
         for place, kind in TRANSFORMS.items():
             tests.append(_Test("transform", place, None, kind, edit.reshape(n, -1).any(axis=1), edit,
                                float(edit.mean())))
@@ -475,6 +482,8 @@ class _Test:
 
 
 def _edit(t: _Test, images, obj, rows: np.ndarray, backgrounds) -> np.ndarray:
+    if t.test == "object" and t.place == HOT_OBJECT:  # the spared area, already grown
+        return remove_objects(images[rows], t.mask[rows], dilate=0)
     if t.test == "object":
         return remove_objects(images[rows], obj[rows])
     if t.test == "background":
@@ -505,7 +514,8 @@ def _promising(tests: list, screen_min: float) -> list[bool]:
     A background transform: when it flipped at least ``screen_min``.
     The background tests: the same, and only while the object test could still
     come out low (at most :data:`OBJECT_SCREEN_MAX`): the background rule
-    needs both.  The object test: when a background test goes on.
+    needs both.  The object test: when a background test or a transform goes on
+    (a background transform counts only while removing the object changes little).
     """
     obj = next((t for t in tests if t.test == "object"), None)
     obj_low = obj is None or len(obj.flips) < MIN_SAMPLE or obj.rate() <= OBJECT_SCREEN_MAX
@@ -524,7 +534,7 @@ def _promising(tests: list, screen_min: float) -> list[bool]:
             go.append(obj_low and t.promising(screen_min))
         else:
             go.append(None)
-    bg_go = any(g for t, g in zip(tests, go) if t.test == "background")
+    bg_go = any(g for t, g in zip(tests, go) if t.test in ("background", "transform"))
     return [bg_go if g is None else g for g in go]
 
 

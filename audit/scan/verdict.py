@@ -161,12 +161,17 @@ def place_eligible(t: PlaceFlip, causal: CausalResult, cfg: Config, density: dic
     are not cues.  Without masks only named regions and fixed places up to
     ``max_cue_area`` of the image count (a larger one hides objects too), and
     never the group's hot area (where its attention is: as likely the object
-    as a cue).  A rate on fewer than ``min_tested`` images never counts.
+    as a cue).  A background transform spared the object, but counts only
+    when removing the object (its mask, or each image's own hot area without
+    masks) flips at most ``object_flip_max``: a model that decides by the
+    object may still stumble on a recoloured background.  A rate on fewer
+    than ``min_tested`` images never counts.
     """
     if not finite(t.flip_rate) or t.n < max(MIN_SAMPLE, cfg.min_tested):
         return False
-    if t.test == "transform":  # the object (its mask, or its own hot area) was spared
-        return True
+    if t.test == "transform":  # the object (its mask, or its own hot area) was spared ...
+        fo = causal.rate("object")  # ... and must not decide: removing it changes little
+        return finite(fo) and fo <= cfg.object_flip_max
     if causal.masked:
         crowded = density is not None and density.get(t.place, 0.0) >= cfg.absence_density_max
         return not (causal.absence and crowded)
@@ -359,7 +364,8 @@ def causal_text(res: Verdict) -> str:
     o = c.get("object") if c is not None else None
     bgs = [t for t in c.tests if t.test == "background" and finite(t.flip_rate)] if c is not None else []
     if o is not None and finite(o.flip_rate):
-        s = f"removing the object (inpainted) changes {pct(o.flip_rate)} of {o.n} predictions"
+        what = "the object" if o.place == "object" else "each image's own hot area"
+        s = f"removing {what} (inpainted) changes {pct(o.flip_rate)} of {o.n} predictions"
         if bgs:
             s += ", replacing the background by " + " or ".join(
                 f"{_fill_words(b.fill)} {pct(b.flip_rate)}" for b in bgs)
