@@ -9,6 +9,10 @@ from audit.engine.methods import scan_preference
 VERDICTS = ("shortcut_suspected", "ok", "insufficient_data")
 METHOD_PREFERENCE = scan_preference()  # from the method registry (each method's scan_rank)
 BORDER_AREA = 1.0 - 0.8 * 0.8  # the outer 10% band on every side
+# background transforms (docs/scan.md, "Causal tests")
+TEXTURE_SIGMA = 1 / 16  # the texture transform's Gaussian blur, fraction of the side (4 px at 64)
+SPARE_HOT = 0.5  # without masks, the object is taken to be where its own map holds >= this of its maximum,
+SPARE_MAX = 0.15  # ... in at most this share of the map's cells (the strongest), grown by one cell
 
 
 @dataclass(frozen=True)

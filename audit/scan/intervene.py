@@ -42,6 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from audit.errors import AuditError
+from audit.scan.config import SPARE_HOT, SPARE_MAX, TEXTURE_SIGMA
 
 FILLS = ("mean", "blur")
 OBJECT_FILL = "inpaint"
@@ -57,9 +58,6 @@ PROMISING = 3  # places expected to pass the screening, for planning the cost
 MAX_PROMISING = 4  # at most this many places (besides named regions) go on after the screening
 OBJECT_SCREEN_MAX = 0.5  # the background tests go on only while removing the object flips at most this
 TRANSFORMS = {"background:texture": "fine-blur", "background:colour": "grey-world"}  # place -> fill
-TEXTURE_SIGMA = 1 / 16  # the texture transform's Gaussian blur, fraction of the side (4 px at 64)
-SPARE_HOT = 0.5  # without masks, the object is taken to be where its own map holds >= this of its maximum,
-SPARE_MAX = 0.15  # ... in at most this share of the map's cells (the strongest), grown by one cell
 HOT_OBJECT = "own hot area"  # the object test's place without masks: each image's spared area inpainted
 
 
