@@ -11,8 +11,8 @@ tests are what :func:`audit.scan.causal.run_tests` does for that job: the
 sample plan within the budget (:func:`audit.scan.causal.plan_tests` rules:
 ``Config.budget`` forward passes per image, at least ``budget_floor``), the
 64-image background pool with its objects inpainted, and for every class
-:func:`audit.scan.intervene.causal_tests` with masks (object, background and
-the place bank, screened), edits and predictions included; one class carries
+:func:`audit.scan.intervene.causal_tests` with masks (object, background, the
+two background transforms and the place bank, screened), edits and predictions included; one class carries
 a corner tag that decides it, so its flipping places go past the screening as
 a shortcut's do.  Image decoding is left out of both sides.  Target: the tests add at most 10% at 10,000 images.
 """
@@ -59,7 +59,14 @@ def job_model_time(model, x: np.ndarray, batch: int = 32) -> float:
 def causal_time(model, x, masks, n_classes: int, cfg) -> tuple[float, int, int]:
     """Seconds and extra forward passes of the causal tests of a job of ``len(x)`` images."""
     from audit.engine.heads import Head
-    from audit.scan.intervene import CompiledPredict, causal_tests, extra_forwards, place_bank, remove_objects
+    from audit.scan.intervene import (
+        CompiledPredict,
+        causal_tests,
+        extra_forwards,
+        place_bank,
+        remove_objects,
+        spare_masks,
+    )
 
     compiled = CompiledPredict(model, Head.of(model))
     forwards = [0]
@@ -84,7 +91,7 @@ def causal_time(model, x, masks, n_classes: int, cfg) -> tuple[float, int, int]:
     for c in range(classes):
         idx = np.arange(c * sample, (c + 1) * sample) + 64
         causal_tests(tagged if c == 0 else predict, x[idx], bank, masks[idx], backgrounds=backgrounds,
-                     background_classes=pool % n_classes, fill=cfg.fill)
+                     background_classes=pool % n_classes, fill=cfg.fill, spare=spare_masks(size, masks[idx]))
     return time.perf_counter() - t0, forwards[0], classes
 
 

@@ -253,7 +253,7 @@ def _said(s) -> dict:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name,masks", [
-    ("stamp", True), ("clean", True), ("watermark", False)])
+    ("stamp", True), ("clean", True), ("watermark", False), ("logit", False)])
 def test_small_zoo_case_end_to_end(tmp_path, name, masks):
     case = replace(CASES[name], n_per_class=120, n_heldout=30)
     built, s = _e2e(tmp_path, case, masks)
