@@ -558,9 +558,11 @@ def _median_by_donor(flips: np.ndarray, rows: np.ndarray, donor_class: np.ndarra
 
 def extra_forwards(n: int, n_places: int, masked: bool, screen: int = SCREEN) -> int:
     """Forward passes :func:`causal_tests` costs for a sample of ``n``, planned: every test on the
-    screening images, and the base and about :data:`PROMISING` tests on the rest."""
+    screening images (the object test: with masks and, as the own hot area, without; the two
+    background tests with masks; the transforms; the places), and the base and about
+    :data:`PROMISING` tests on the rest."""
     k = min(n, screen) if screen > 0 else n
-    return k * (1 + (3 if masked else 0) + len(TRANSFORMS) + n_places) + (n - k) * (1 + min(PROMISING, n_places))
+    return k * (1 + (3 if masked else 1) + len(TRANSFORMS) + n_places) + (n - k) * (1 + min(PROMISING, n_places))
 
 
 # ----------------------------------------------------------------------------
