@@ -333,6 +333,9 @@ def test_grey_world_removes_a_cast_and_keeps_brightness():
     assert (orange_model(imgs) == 1).all() and (orange_model(out) == 0).all()
     plain, _ = textured(3, stripes=False)  # no cast: nothing to change
     assert np.abs(transform(plain, edit, "grey-world").astype(int) - plain).max() <= 1
+    flat = transform(imgs, edit, "flat-grey")
+    assert np.ptp(flat[0][edit[0]].astype(int), axis=0).max() == 0 and np.ptp(flat[0][edit[0]][0]) == 0
+    assert abs(flat[0][edit[0]].astype(float).mean() - lum_in) < 1
 
 
 def test_spare_masks_from_masks_or_from_each_image_own_heatmap():
@@ -354,6 +357,7 @@ def test_texture_class_flips_under_the_blur_and_a_shape_class_does_not():
     res = causal_tests(stripes_model, imgs, [], masks, spare=spare_masks((S, S), masks), screen=0)
     assert res.get("transform", "background:texture").flip_rate == 1.0
     assert res.get("transform", "background:colour").flip_rate == 0.0
+    assert res.get("transform", "background:flat").flip_rate == 1.0
     sc, sm = scenes(16)
     shape = causal_tests(tank_model, sc, [], sm, spare=spare_masks((H, W), sm), screen=0)
     assert shape.get("transform", "background:texture").flip_rate == 0.0

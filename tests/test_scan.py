@@ -167,13 +167,15 @@ PLACES = {"corner:bottom_right": (0.111, (2 / 3, 2 / 3, 1.0, 1.0)), "edge:bottom
           "hot area": (0.1, (0.4, 0.4, 0.6, 0.6))}
 
 
-def causal(places=None, obj=None, bg=None, n=32, masked=True, absence=False, texture=None, colour=None):
+def causal(places=None, obj=None, bg=None, n=32, masked=True, absence=False, texture=None, colour=None,
+           flat=None):
     """A CausalResult: ``places`` {name: flip rate}, object/background flip rates (None: not run),
     the background transforms' rates (without masks ``obj`` is the own-hot-area removal)."""
     tests = []
     if obj is not None:
         tests.append(PlaceFlip("object", "object" if masked else "own hot area", None, "inpaint", n, obj, 0.1))
-    for place, fill, rate in (("background:texture", "fine-blur", texture), ("background:colour", "grey-world", colour)):
+    for place, fill, rate in (("background:texture", "fine-blur", texture), ("background:colour", "grey-world", colour),
+                              ("background:flat", "flat-grey", flat)):
         if rate is not None:
             tests.append(PlaceFlip("transform", place, None, fill, n, rate, 0.8))
     if masked and bg is not None:  # bg: one rate for both background tests, or (neutral, other-background)
@@ -224,19 +226,25 @@ CAUSAL_CASES = [
      causal({**QUIET, "region:sky": 0.9}, absence=True), {}, {"region:sky": 0.0},
      "shortcut_suspected", "region:sky", "region:sky"),
     ("texture without masks: the blur flips it, removing the hot area does not", "diffuse", False,
-     causal(QUIET, obj=0.06, masked=False, texture=0.62, colour=0.0), {"background:texture": 0.0}, None,
+     causal(QUIET, obj=0.06, masked=False, texture=0.62, colour=0.0, flat=0.6), {"background:texture": 0.0}, None,
      "shortcut_suspected", "background texture", "background:texture"),
     ("a colour cast with masks: grey-world flips it, the object does not matter", "diffuse", True,
-     causal(QUIET, obj=0.05, bg=(0.0, 0.9), texture=0.1, colour=0.9), {"background:colour": 0.05}, None,
+     causal(QUIET, obj=0.05, bg=(0.0, 0.9), texture=0.1, colour=0.9, flat=0.8), {"background:colour": 0.05}, None,
      "shortcut_suspected", "background colour", "background:colour"),
     ("the object decides: a recoloured background that flips it is no cue", "healthy", True,
-     causal(QUIET, obj=1.0, bg=0.0, colour=0.56), {"background:colour": 0.06}, None, "ok", "object", ""),
+     causal(QUIET, obj=1.0, bg=0.0, colour=0.56, flat=0.5), {"background:colour": 0.06}, None, "ok", "object", ""),
+    ("default class: a recolouring flips it, a flat background does not", "diffuse", False,
+     causal(QUIET, obj=0.0, masked=False, colour=0.53, flat=0.03), {"background:colour": 0.0}, None, "ok", "", ""),
+    ("a flat background alone flips it: the background", "diffuse", False,
+     causal(QUIET, obj=0.0, masked=False, texture=0.1, colour=0.1, flat=0.8), {"background:flat": 0.1}, None,
+     "shortcut_suspected", "background", "background:flat"),
     ("the own hot area decides without masks", "healthy", False,
-     causal(QUIET, obj=0.9, masked=False, texture=0.7), {"background:texture": 0.0}, None, "ok", "", ""),
+     causal(QUIET, obj=0.9, masked=False, texture=0.7, flat=0.7), {"background:texture": 0.0}, None, "ok", "", ""),
     ("a transform that flips every class alike", "diffuse", False,
-     causal(QUIET, obj=0.0, masked=False, texture=0.7), {"background:texture": 0.6}, None, "ok", "", ""),
+     causal(QUIET, obj=0.0, masked=False, texture=0.7, flat=0.7), {"background:texture": 0.6, "background:flat": 0.6},
+     None, "ok", "", ""),
     ("a corner beats the blur that also smears it", "healthy", False,
-     causal({**QUIET, "corner:bottom_right": 0.9}, obj=0.0, masked=False, texture=0.8), {}, None,
+     causal({**QUIET, "corner:bottom_right": 0.9}, obj=0.0, masked=False, texture=0.8, flat=0.8), {}, None,
      "shortcut_suspected", "corner:bottom_right", "corner:bottom_right"),
     ("too few images tested", "healthy", True,
      causal({**QUIET, "corner:bottom_right": 1.0}, obj=0.9, bg=0.0, n=10), {}, None, "ok", "object", ""),

@@ -16,8 +16,10 @@ class (or cluster):
   (its dilated mask, or without masks the image's own heatmap hot area:
   :func:`spare_masks`) and the rest is (a) blurred finely, which destroys a
   texture and keeps shapes and colours, and (b) recoloured grey-world, which
-  removes a colour cast and keeps shapes and texture (:func:`transform`) ->
-  test ``transform``, places ``background:texture`` and ``background:colour``;
+  removes a colour cast and keeps shapes and texture, and (c) made one flat
+  grey, the control that says the class's own background matters
+  (:func:`transform`) -> test ``transform``, places ``background:texture``,
+  ``background:colour`` and ``background:flat``;
   without masks the spared area is also inpainted away (test ``object``,
   place ``own hot area``), which tells a model that decides by that area;
 * **places** (with and without masks): each place of a fixed bank
@@ -57,7 +59,8 @@ SCREEN_MIN = 0.2  # ... and tested on the rest when they flip at least this shar
 PROMISING = 3  # places expected to pass the screening, for planning the cost
 MAX_PROMISING = 4  # at most this many places (besides named regions) go on after the screening
 OBJECT_SCREEN_MAX = 0.5  # the background tests go on only while removing the object flips at most this
-TRANSFORMS = {"background:texture": "fine-blur", "background:colour": "grey-world"}  # place -> fill
+TRANSFORMS = {"background:texture": "fine-blur", "background:colour": "grey-world",
+              "background:flat": "flat-grey"}  # place -> fill
 HOT_OBJECT = "own hot area"  # the object test's place without masks: each image's spared area inpainted
 
 
@@ -101,7 +104,8 @@ def transform(images: np.ndarray, edit: np.ndarray, kind: str) -> np.ndarray:
     texture of stripes or grain goes, shapes and colours stay);
     ``grey-world``: each channel of the edited pixels scaled so that their
     mean is the same in every channel, at their mean luminance (a colour cast
-    goes, brightness, texture and shapes stay).
+    goes, brightness, texture and shapes stay); ``flat-grey``: one flat grey
+    at the edited pixels' mean (texture, colour and anything drawn there go).
     """
     import cv2
 
@@ -118,6 +122,8 @@ def transform(images: np.ndarray, edit: np.ndarray, kind: str) -> np.ndarray:
         elif kind == "grey-world":
             mean = img[m[i]].mean(axis=0)
             new = img * (mean.mean() / np.maximum(mean, 1.0))
+        elif kind == "flat-grey":
+            new = np.full_like(img, img[m[i]].mean())
         else:
             raise AuditError(f"unknown transform {kind!r}; expected one of {', '.join(TRANSFORMS.values())}")
         out[i][m[i]] = np.clip(np.rint(new[m[i]]), 0, 255).astype(imgs.dtype)

@@ -28,6 +28,8 @@ from audit.scan.intervene import MIN_SAMPLE, CausalResult, PlaceFlip
 from audit.scan.robust import fixed_place_score
 from audit.scan.values import clip01, finite, pct
 
+FLAT = "background:flat"  # the flat grey background transform
+
 
 @dataclass
 class Verdict:
@@ -170,8 +172,9 @@ def place_eligible(t: PlaceFlip, causal: CausalResult, cfg: Config, density: dic
     if not finite(t.flip_rate) or t.n < max(MIN_SAMPLE, cfg.min_tested):
         return False
     if t.test == "transform":  # the object (its mask, or its own hot area) was spared ...
-        fo = causal.rate("object")  # ... and must not decide: removing it changes little
-        return finite(fo) and fo <= cfg.object_flip_max
+        fo = causal.rate("object")  # ... and must not decide: removing it changes little ...
+        flat = causal.rate("transform", FLAT)  # ... and the class's own background matters
+        return finite(fo) and fo <= cfg.object_flip_max and finite(flat) and flat >= cfg.background_flip_min
     if causal.masked:
         crowded = density is not None and density.get(t.place, 0.0) >= cfg.absence_density_max
         return not (causal.absence and crowded)
@@ -200,7 +203,8 @@ def causal_cue(causal: CausalResult | None, others: dict | None = None, cfg: Con
     scoring at least 0.5 a named region wins, else the smallest of the fixed
     bank (the most specific explanation: a corner rather than an edge
     containing it), else the hot area, else a background transform (texture,
-    colour); without one, the highest score (for the evidence).
+    colour, then the flat background); without one, the highest score (for
+    the evidence).
     ``others``: {place: median flip rate of the same place on the other classes}.
     """
     if causal is None:
@@ -214,7 +218,7 @@ def causal_cue(causal: CausalResult | None, others: dict | None = None, cfg: Con
     # a named region first (the user's hypothesis), then the smallest place of the fixed bank, then
     # the hot area (it follows the attention, the bank names the place), then a background transform
     best = min(strong, key=lambda c: (not c[1].place.startswith("region:"), c[1].test == "transform",
-                                      c[1].place == "hot area", c[1].area, -c[0])) \
+                                      c[1].place == FLAT, c[1].place == "hot area", c[1].area, -c[0])) \
         if strong else max(cands, key=lambda c: c[0])
     s, t = best
     return CueFinding(s, t, others.get(t.place, math.nan))
@@ -249,6 +253,8 @@ def _insufficient(f: GroupFeatures, cfg: Config, causal) -> Verdict:
 def _cue_name(place: str) -> str:
     """The ``cue`` for a place test: every border band is ``border``; a background transform
     ``background texture`` / ``background colour``; others keep their name."""
+    if place == FLAT:
+        return "background"
     if place.startswith("background:"):
         return place.replace(":", " ")
     return "border" if place.startswith("border:") else place
@@ -354,6 +360,7 @@ MENTION_FLIP = 0.2  # a place that flips less than this is not worth a mention i
 def _fill_words(fill: str) -> str:
     return {"mean": "mean-colour fill", "blur": "blur fill", "inpaint": "inpainted",
             "fine-blur": "a fine blur, the object spared", "grey-world": "grey-world colours, the object spared",
+            "flat-grey": "the object spared",
             "other-background": "another class's background", "neutral": "a neutral colour"}.get(fill, fill)
 
 
@@ -372,7 +379,8 @@ def causal_text(res: Verdict) -> str:
         parts.append(s)
     t = res.cue_flip
     if t is not None and finite(t.flip_rate) and (res.cue_kind == "place" or t.flip_rate >= MENTION_FLIP):
-        verb = {"background:texture": "blurring the background", "background:colour": "recolouring the background"}
+        verb = {"background:texture": "blurring the background", "background:colour": "recolouring the background",
+                FLAT: "making the background flat grey"}
         s = (f"{verb.get(t.place, f'occluding {t.place}')} ({_fill_words(t.fill)}) changes {pct(t.flip_rate)} "
              f"of {t.n} predictions")
         if finite(res.cue_others):
