@@ -163,24 +163,40 @@ def place_eligible(t: PlaceFlip, causal: CausalResult, cfg: Config, density: dic
     are not cues.  Without masks only named regions and fixed places up to
     ``max_cue_area`` of the image count (a larger one hides objects too), and
     never the group's hot area (where its attention is: as likely the object
-    as a cue).  A background transform spared the object, but counts only
-    when removing the object (its mask, or each image's own hot area without
-    masks) flips at most ``object_flip_max``: a model that decides by the
-    object may still stumble on a recoloured background.  A rate on fewer
+    as a cue).  A background transform spared the object; whether the
+    transforms count at all is :func:`transforms_count`.  A rate on fewer
     than ``min_tested`` images never counts.
     """
     if not finite(t.flip_rate) or t.n < max(MIN_SAMPLE, cfg.min_tested):
         return False
-    if t.test == "transform":  # the object (its mask, or its own hot area) was spared ...
-        fo = causal.rate("object")  # ... and must not decide: removing it changes little ...
-        flat = causal.rate("transform", FLAT)  # ... and the class's own background matters
-        return finite(fo) and fo <= cfg.object_flip_max and finite(flat) and flat >= cfg.background_flip_min
+    if t.test == "transform":  # judged as a whole: transforms_count()
+        return True
     if causal.masked:
         crowded = density is not None and density.get(t.place, 0.0) >= cfg.absence_density_max
         return not (causal.absence and crowded)
     if t.place.startswith("region:"):  # the user's own hypothesis, whatever its size
         return True
     return t.place != "hot area" and not (finite(t.area) and t.area > cfg.max_cue_area)
+
+
+def transforms_count(causal: CausalResult, others: dict, cfg: Config = DEFAULT) -> bool:
+    """May the background transforms be a cue?  Only when the class's own background decides.
+
+    Removing the object (its mask, or each image's own hot area without
+    masks) flips at most ``object_flip_max`` (a model that decides by the
+    object may still stumble on a recoloured background), and the flat grey
+    background (:data:`FLAT`, the object spared) is a cue by itself: it
+    scores at least 0.5 in :func:`place_flip_score` (a class the model says
+    when nothing else is there flips when a transform brings in another
+    class's evidence, but rarely when its background merely goes flat).
+    """
+    fo = causal.rate("object")
+    flat = causal.get("transform", FLAT)
+    if not (finite(fo) and fo <= cfg.object_flip_max) or flat is None:
+        return False
+    if flat.n < max(MIN_SAMPLE, cfg.min_tested):
+        return False
+    return place_flip_score(flat.flip_rate, others.get(FLAT, math.nan), cfg) >= 0.5
 
 
 def place_flip_score(flip: float, others: float, cfg: Config = DEFAULT) -> float:
@@ -210,8 +226,9 @@ def causal_cue(causal: CausalResult | None, others: dict | None = None, cfg: Con
     if causal is None:
         return CueFinding(0.0)
     others = others or {}
+    tests = causal.places + (causal.transforms if transforms_count(causal, others, cfg) else [])
     cands = [(place_flip_score(t.flip_rate, others.get(t.place, math.nan), cfg), t)
-             for t in causal.places + causal.transforms if place_eligible(t, causal, cfg, density)]
+             for t in tests if place_eligible(t, causal, cfg, density)]
     if not cands:
         return CueFinding(0.0)
     strong = [c for c in cands if c[0] >= 0.5]
