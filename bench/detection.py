@@ -82,6 +82,10 @@ def run_case(case, masks: bool, out_root: Path, log=print, rescore: bool = False
         out_root.mkdir(parents=True, exist_ok=True)
         spec = write_spec(out_root / f"{tag}.yaml", case, built, masks, out)
         rc, tail = audit_run(spec, out_root / f"{tag}.log")
+        if not (out / "summary" / "classes.parquet").is_file():  # e.g. Ray's start timed out on a loaded machine
+            log(f"  {tag}: no scan ({' '.join(tail.split())[-120:]}); once more")
+            shutil.rmtree(out, ignore_errors=True)
+            rc, tail = audit_run(spec, out_root / f"{tag}.log")
     secs = time.time() - t0
     classes = out / "summary" / "classes.parquet"
     if not classes.is_file():
