@@ -356,7 +356,7 @@ def test_texture_class_flips_under_the_blur_and_a_shape_class_does_not():
     imgs, masks = textured(16, stripes=True)
     res = causal_tests(stripes_model, imgs, [], masks, spare=spare_masks((S, S), masks), screen=0)
     assert res.get("transform", "background:texture").flip_rate == 1.0
-    assert res.get("transform", "background:colour").flip_rate == 0.0
+    assert res.get("transform", "image:colour").flip_rate == 0.0
     assert res.get("transform", "background:flat").flip_rate == 1.0
     sc, sm = scenes(16)
     shape = causal_tests(tank_model, sc, [], sm, spare=spare_masks((H, W), sm), screen=0)

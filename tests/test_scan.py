@@ -174,7 +174,7 @@ def causal(places=None, obj=None, bg=None, n=32, masked=True, absence=False, tex
     tests = []
     if obj is not None:
         tests.append(PlaceFlip("object", "object" if masked else "own hot area", None, "inpaint", n, obj, 0.1))
-    for place, fill, rate in (("background:texture", "fine-blur", texture), ("background:colour", "grey-world", colour),
+    for place, fill, rate in (("background:texture", "fine-blur", texture), ("image:colour", "grey-world", colour),
                               ("background:flat", "flat-grey", flat)):
         if rate is not None:
             tests.append(PlaceFlip("transform", place, None, fill, n, rate, 0.8))
@@ -229,14 +229,14 @@ CAUSAL_CASES = [
      causal(QUIET, obj=0.06, masked=False, texture=0.62, colour=0.0, flat=0.6), {"background:texture": 0.0}, None,
      "shortcut_suspected", "background texture", "background:texture"),
     ("a colour cast with masks: grey-world flips it, the object does not matter", "diffuse", True,
-     causal(QUIET, obj=0.05, bg=(0.0, 0.9), texture=0.1, colour=0.9, flat=0.8), {"background:colour": 0.05}, None,
-     "shortcut_suspected", "background colour", "background:colour"),
+     causal(QUIET, obj=0.05, bg=(0.0, 0.9), texture=0.1, colour=0.9, flat=0.2), {"image:colour": 0.05}, None,
+     "shortcut_suspected", "colour cast", "image:colour"),
     ("the object decides: a recoloured background that flips it is no cue", "healthy", True,
-     causal(QUIET, obj=1.0, bg=0.0, colour=0.56, flat=0.5), {"background:colour": 0.06}, None, "ok", "object", ""),
-    ("default class: a recolouring flips it, a flat background does not", "diffuse", False,
-     causal(QUIET, obj=0.0, masked=False, colour=0.53, flat=0.03), {"background:colour": 0.0}, None, "ok", "", ""),
+     causal(QUIET, obj=1.0, bg=0.0, colour=0.56, flat=0.5), {"image:colour": 0.06}, None, "ok", "object", ""),
+    ("default class: a blur with seams flips it, a flat background does not", "diffuse", False,
+     causal(QUIET, obj=0.0, masked=False, texture=0.53, flat=0.03), {"background:texture": 0.0}, None, "ok", "", ""),
     ("default class: the flat background flips it a little more than the others", "diffuse", False,
-     causal(QUIET, obj=0.06, masked=False, colour=0.6, flat=0.41), {"background:colour": 0.0, "background:flat": 0.12},
+     causal(QUIET, obj=0.06, masked=False, texture=0.6, flat=0.41), {"background:texture": 0.0, "background:flat": 0.12},
      None, "ok", "", ""),
     ("a flat background alone flips it: the background", "diffuse", False,
      causal(QUIET, obj=0.0, masked=False, texture=0.1, colour=0.1, flat=0.8), {"background:flat": 0.1}, None,

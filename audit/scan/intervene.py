@@ -12,14 +12,14 @@ class (or cluster):
   replaced by a neutral colour, and separately by the background of an
   image of another class (its own object inpainted away)
   (:func:`replace_background`) -> two ``background`` tests;
-* **background transforms** (with and without masks): the object is spared
-  (its dilated mask, or without masks the image's own heatmap hot area:
+* **transforms** (with and without masks): the object is spared (its
+  dilated mask, or without masks the image's own heatmap hot area:
   :func:`spare_masks`) and the rest is (a) blurred finely, which destroys a
-  texture and keeps shapes and colours, and (b) recoloured grey-world, which
-  removes a colour cast and keeps shapes and texture, and (c) made one flat
-  grey, the control that says the class's own background matters
-  (:func:`transform`) -> test ``transform``, places ``background:texture``,
-  ``background:colour`` and ``background:flat``;
+  texture and keeps shapes and colours, or (b) made one flat grey, which
+  says whether the class's own background matters; and (c) the whole image,
+  object included, is recoloured grey-world, which removes a colour cast and
+  keeps shapes and texture (:func:`transform`) -> test ``transform``, places
+  ``background:texture``, ``background:flat`` and ``image:colour``;
   without masks the spared area is also inpainted away (test ``object``,
   place ``own hot area``), which tells a model that decides by that area;
 * **places** (with and without masks): each place of a fixed bank
@@ -59,8 +59,8 @@ SCREEN_MIN = 0.2  # ... and tested on the rest when they flip at least this shar
 PROMISING = 3  # places expected to pass the screening, for planning the cost
 MAX_PROMISING = 4  # at most this many places (besides named regions) go on after the screening
 OBJECT_SCREEN_MAX = 0.5  # the background tests go on only while removing the object flips at most this
-TRANSFORMS = {"background:texture": "fine-blur", "background:colour": "grey-world",
-              "background:flat": "flat-grey"}  # place -> fill
+TRANSFORMS = {"background:texture": "fine-blur", "background:flat": "flat-grey",
+              "image:colour": "grey-world"}  # place -> fill; ``image:`` edits the whole image, object included
 HOT_OBJECT = "own hot area"  # the object test's place without masks: each image's spared area inpainted
 
 
@@ -421,8 +421,8 @@ def _make_tests(n: int, obj, places, fill: str, backgrounds, spare) -> list:
         if obj is None:  # the object test without masks: each image's own hot area removed
             tests.append(_Test("object", HOT_OBJECT, None, OBJECT_FILL, spare.reshape(n, -1).any(axis=1), spare,
                                float(spare.mean())))
-        edit = ~spare
         for place, kind in TRANSFORMS.items():
+            edit = np.ones_like(spare) if place.startswith("image:") else ~spare
             tests.append(_Test("transform", place, None, kind, edit.reshape(n, -1).any(axis=1), edit,
                                float(edit.mean())))
     for p in places:

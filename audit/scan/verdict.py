@@ -179,24 +179,29 @@ def place_eligible(t: PlaceFlip, causal: CausalResult, cfg: Config, density: dic
     return t.place != "hot area" and not (finite(t.area) and t.area > cfg.max_cue_area)
 
 
-def transforms_count(causal: CausalResult, others: dict, cfg: Config = DEFAULT) -> bool:
-    """May the background transforms be a cue?  Only when the class's own background decides.
+def transforms_count(causal: CausalResult, others: dict, cfg: Config = DEFAULT) -> list:
+    """The transforms that may be a cue: only when the object does not decide.
 
     Removing the object (its mask, or each image's own hot area without
-    masks) flips at most ``object_flip_max`` (a model that decides by the
-    object may still stumble on a recoloured background), and the flat grey
-    background (:data:`FLAT`, the object spared) is a cue by itself: it
-    scores at least 0.5 in :func:`place_flip_score` (a class the model says
-    when nothing else is there flips when a transform brings in another
-    class's evidence, but rarely when its background merely goes flat).
+    masks) must flip at most ``object_flip_max`` (a model that decides by the
+    object may still stumble on a transformed background).  The background
+    transforms (texture, flat) count only when the flat grey background
+    (:data:`FLAT`, the object spared) is a cue by itself, scoring at least
+    0.5 in :func:`place_flip_score`: a class the model says when nothing else
+    is there flips when an edit brings in another class's evidence (the
+    seams of a spared area), but rarely when its background merely goes
+    flat.  The whole-image colour transform has no seams and counts by itself.
+
+    Returns:
+        The :class:`PlaceFlip` s of the transforms that count.
     """
     fo = causal.rate("object")
+    if not (finite(fo) and fo <= cfg.object_flip_max):
+        return []
     flat = causal.get("transform", FLAT)
-    if not (finite(fo) and fo <= cfg.object_flip_max) or flat is None:
-        return False
-    if flat.n < max(MIN_SAMPLE, cfg.min_tested):
-        return False
-    return place_flip_score(flat.flip_rate, others.get(FLAT, math.nan), cfg) >= 0.5
+    flat_ok = flat is not None and flat.n >= max(MIN_SAMPLE, cfg.min_tested) and \
+        place_flip_score(flat.flip_rate, others.get(FLAT, math.nan), cfg) >= 0.5
+    return [t for t in causal.transforms if flat_ok or not t.place.startswith("background:")]
 
 
 def place_flip_score(flip: float, others: float, cfg: Config = DEFAULT) -> float:
@@ -226,7 +231,7 @@ def causal_cue(causal: CausalResult | None, others: dict | None = None, cfg: Con
     if causal is None:
         return CueFinding(0.0)
     others = others or {}
-    tests = causal.places + (causal.transforms if transforms_count(causal, others, cfg) else [])
+    tests = causal.places + transforms_count(causal, others, cfg)
     cands = [(place_flip_score(t.flip_rate, others.get(t.place, math.nan), cfg), t)
              for t in tests if place_eligible(t, causal, cfg, density)]
     if not cands:
@@ -269,9 +274,11 @@ def _insufficient(f: GroupFeatures, cfg: Config, causal) -> Verdict:
 
 def _cue_name(place: str) -> str:
     """The ``cue`` for a place test: every border band is ``border``; a background transform
-    ``background texture`` / ``background colour``; others keep their name."""
+    ``background texture``, ``background`` (flat) or ``colour cast``; others keep their name."""
     if place == FLAT:
         return "background"
+    if place == "image:colour":
+        return "colour cast"
     if place.startswith("background:"):
         return place.replace(":", " ")
     return "border" if place.startswith("border:") else place
@@ -376,7 +383,7 @@ MENTION_FLIP = 0.2  # a place that flips less than this is not worth a mention i
 
 def _fill_words(fill: str) -> str:
     return {"mean": "mean-colour fill", "blur": "blur fill", "inpaint": "inpainted",
-            "fine-blur": "a fine blur, the object spared", "grey-world": "grey-world colours, the object spared",
+            "fine-blur": "a fine blur, the object spared", "grey-world": "grey-world colours",
             "flat-grey": "the object spared",
             "other-background": "another class's background", "neutral": "a neutral colour"}.get(fill, fill)
 
@@ -396,7 +403,7 @@ def causal_text(res: Verdict) -> str:
         parts.append(s)
     t = res.cue_flip
     if t is not None and finite(t.flip_rate) and (res.cue_kind == "place" or t.flip_rate >= MENTION_FLIP):
-        verb = {"background:texture": "blurring the background", "background:colour": "recolouring the background",
+        verb = {"background:texture": "blurring the background", "image:colour": "recolouring the image",
                 FLAT: "making the background flat grey"}
         s = (f"{verb.get(t.place, f'occluding {t.place}')} ({_fill_words(t.fill)}) changes {pct(t.flip_rate)} "
              f"of {t.n} predictions")
@@ -411,7 +418,7 @@ def _conclusion(res: Verdict, att: Attention, cfg: Config) -> str:
         return " - not tested by intervention (cost budget), and attention alone is not a verdict"
     if not has_causal(res.causal):
         return " - attention only, no causal test was run" if res.suspected else ""
-    if res.suspected and res.cue_kind == "place" and res.cue_region.startswith("background:"):
+    if res.suspected and res.cue_kind == "place" and res.cue_region.startswith(("background:", "image:")):
         return f" - the decision rests on the {res.cue}, not on the object"
     if res.suspected and res.cue_kind == "place":
         return f" - the decision rests on {res.cue_region}, away from the object"
