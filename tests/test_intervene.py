@@ -11,6 +11,7 @@ from audit.errors import AuditError
 from audit.scan.intervene import (
     MIN_SAMPLE,
     Intervener,
+    Levels,
     Spot,
     causal_tests,
     extra_forwards,
@@ -325,14 +326,19 @@ def test_fine_blur_removes_a_texture_and_keeps_the_spared_object():
 def test_grey_world_removes_a_cast_and_keeps_brightness():
     imgs, masks = textured(3, stripes=False, tint=True)
     edit = ~spare_masks((S, S), masks)
-    out = transform(imgs, edit, "grey-world")
+    out = transform(imgs, edit, "colour-levels")
     bg = out[0][edit[0]].astype(float).mean(axis=0)
     assert np.ptp(bg) < 2  # every channel at the same mean
     lum_in, lum_out = imgs[0][edit[0]].astype(float).mean(), bg.mean()
     assert abs(lum_in - lum_out) < 2
     assert (orange_model(imgs) == 1).all() and (orange_model(out) == 0).all()
     plain, _ = textured(3, stripes=False)  # no cast: nothing to change
-    assert np.abs(transform(plain, edit, "grey-world").astype(int) - plain).max() <= 1
+    assert np.abs(transform(plain, edit, "colour-levels").astype(int) - plain).max() <= 1
+    # with the dataset's levels: a washed-out (hazy) image gets the typical contrast back
+    hazy = (plain.astype(float) * 0.5 + 64).astype(np.uint8)
+    lv = Levels.of(plain)
+    back = transform(hazy, np.ones(hazy.shape[:3], bool), "colour-levels", lv)
+    assert abs(Levels.of(back).std - lv.std) < 1 and abs(Levels.of(back).mean - lv.mean) < 1
     flat = transform(imgs, edit, "flat-grey")
     assert np.ptp(flat[0][edit[0]].astype(int), axis=0).max() == 0 and np.ptp(flat[0][edit[0]][0]) == 0
     assert abs(flat[0][edit[0]].astype(float).mean() - lum_in) < 1

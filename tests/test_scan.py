@@ -174,7 +174,7 @@ def causal(places=None, obj=None, bg=None, n=32, masked=True, absence=False, tex
     tests = []
     if obj is not None:
         tests.append(PlaceFlip("object", "object" if masked else "own hot area", None, "inpaint", n, obj, 0.1))
-    for place, fill, rate in (("background:texture", "fine-blur", texture), ("image:colour", "grey-world", colour),
+    for place, fill, rate in (("background:texture", "fine-blur", texture), ("image:colour", "colour-levels", colour),
                               ("background:flat", "flat-grey", flat)):
         if rate is not None:
             tests.append(PlaceFlip("transform", place, None, fill, n, rate, 0.8))

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from audit.scan.config import Config
-from audit.scan.intervene import CausalResult, extra_forwards, place_bank, remove_objects, spare_masks
+from audit.scan.intervene import CausalResult, Levels, extra_forwards, place_bank, remove_objects, spare_masks
 from audit.scan.read import sample_ids
 
 DONORS = 64  # images in the pool of backgrounds (and of object positions), across classes
@@ -99,19 +99,21 @@ def plan_tests(results, n_images: int, n_places: int, masked: bool, cfg: Config)
 
 
 def _donors(intervener, view, cfg: Config, use_masks: bool):
-    """(object-free background images, their targets, object density per pixel or None)."""
+    """(object-free background images, their targets, object density per pixel or None, the pool's
+    :class:`Levels`): a pool of images across classes."""
     df = view.df
     ok = df[df["status"] == "ok"].drop_duplicates("image_id")
     ids = sorted(sample_ids(ok["image_id"].tolist(), DONORS))
-    if not ids or not use_masks:
-        return None, None, None
+    if not ids:
+        return None, None, None, None
     target = dict(zip(ok["image_id"], ok["target"]))
     images, masks = intervener.load(ids)
-    if masks is None or not masks.any():
-        return None, None, None
+    levels = Levels.of(images)
+    if not use_masks or masks is None or not masks.any():
+        return None, None, None, levels
     has = masks.reshape(len(masks), -1).any(axis=1)
     density = masks[has].mean(axis=0) if has.any() else None
-    return remove_objects(images, masks), np.array([target[i] for i in ids]), density
+    return remove_objects(images, masks), np.array([target[i] for i in ids]), density, levels
 
 
 def interleave(labels: np.ndarray) -> np.ndarray:
@@ -161,7 +163,7 @@ def run_tests(intervener, results, view, cfg: Config, use_masks: bool) -> Causal
     plans, out.skipped = plan_tests(results, n_images, n_places, masked, cfg)
     out.planned = len(plans) + out.skipped
     donors = intervener.call(_donors, intervener, view, cfg, use_masks)
-    backgrounds, donor_target, density = donors if donors is not None else (None, None, None)
+    backgrounds, donor_target, density, levels = donors if donors is not None else (None, None, None, None)
     out.density = _density_ratios(density, place_bank(size, view.regions))
     start = intervener.forwards
     for plan in plans:
@@ -181,7 +183,7 @@ def run_tests(intervener, results, view, cfg: Config, use_masks: bool) -> Causal
         res = intervener.call(causal_tests, intervener.predict, images, places,
                               masks if masked else None, classes=np.full(len(images), plan.class_id),
                               backgrounds=bg, background_classes=bg_cls, fill=cfg.fill, screen=cfg.screen,
-                              screen_min=cfg.screen_min, spare=spare)
+                              screen_min=cfg.screen_min, spare=spare, levels=levels)
         if res is None:
             break
         out.results[(plan.class_id, plan.cluster)] = res

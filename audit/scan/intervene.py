@@ -18,7 +18,8 @@ class (or cluster):
   texture and keeps shapes and colours, or (b) made one flat grey, which
   says whether the class's own background matters; and (c) the whole image,
   object included, is recoloured grey-world, which removes a colour cast and
-  keeps shapes and texture (:func:`transform`) -> test ``transform``, places
+  keeps shapes and texture, with the brightness and contrast of the dataset's
+  typical image (:func:`transform`) -> test ``transform``, places
   ``background:texture``, ``background:flat`` and ``image:colour``;
   without masks the spared area is also inpainted away (test ``object``,
   place ``own hot area``), which tells a model that decides by that area;
@@ -60,7 +61,7 @@ PROMISING = 3  # places expected to pass the screening, for planning the cost
 MAX_PROMISING = 4  # at most this many places (besides named regions) go on after the screening
 OBJECT_SCREEN_MAX = 0.5  # the background tests go on only while removing the object flips at most this
 TRANSFORMS = {"background:texture": "fine-blur", "background:flat": "flat-grey",
-              "image:colour": "grey-world"}  # place -> fill; ``image:`` edits the whole image, object included
+              "image:colour": "colour-levels"}  # place -> fill; ``image:`` edits the whole image, object included
 HOT_OBJECT = "own hot area"  # the object test's place without masks: each image's spared area inpainted
 
 
@@ -97,14 +98,50 @@ def occlude(images: np.ndarray, masks: np.ndarray, fill: str = "mean") -> np.nda
     return out
 
 
-def transform(images: np.ndarray, edit: np.ndarray, kind: str) -> np.ndarray:
+@dataclass(frozen=True)
+class Levels:
+    """A dataset's typical image: the median over a pool of images of each one's mean luminance and of
+    its luminance's standard deviation (0..255)."""
+
+    mean: float
+    std: float
+
+    @classmethod
+    def of(cls, images) -> Levels | None:
+        if images is None or not len(images):
+            return None
+        lum = _luminance(np.asarray(images, np.float32))
+        return cls(float(np.median(lum.mean(axis=(1, 2)))), float(np.median(lum.std(axis=(1, 2)))))
+
+
+def _luminance(x: np.ndarray) -> np.ndarray:
+    if x.shape[-1] < 3:
+        return x[..., 0]
+    return 0.299 * x[..., 0] + 0.587 * x[..., 1] + 0.114 * x[..., 2]
+
+
+def _colour_levels(img: np.ndarray, m: np.ndarray, levels: Levels | None) -> np.ndarray:
+    """Grey-world colours (each channel scaled to the same mean, at the mean luminance), then the
+    luminance's mean and spread moved to the dataset's typical ``levels`` (when known)."""
+    if img.shape[-1] >= 3:
+        mean = img[m].mean(axis=0)
+        img = img * (mean.mean() / np.maximum(mean, 1.0))
+    if levels is None:
+        return img
+    lum = _luminance(img)[m]
+    return (img - lum.mean()) * (levels.std / max(float(lum.std()), 1.0)) + levels.mean
+
+
+def transform(images: np.ndarray, edit: np.ndarray, kind: str, levels: Levels | None = None) -> np.ndarray:
     """Copies of ``images`` (N, H, W, C) uint8 whose ``edit`` (N, H, W) pixels are transformed.
 
     ``fine-blur``: a Gaussian blur of :data:`TEXTURE_SIGMA` of the side (a
     texture of stripes or grain goes, shapes and colours stay);
-    ``grey-world``: each channel of the edited pixels scaled so that their
-    mean is the same in every channel, at their mean luminance (a colour cast
-    goes, brightness, texture and shapes stay); ``flat-grey``: one flat grey
+    ``colour-levels``: each channel of the edited pixels scaled so that their
+    mean is the same in every channel, at their mean luminance, then their
+    luminance's mean and spread set to the dataset's typical ``levels`` (a
+    colour cast, a haze, a brightness or contrast of its own go; texture
+    and shapes stay); ``flat-grey``: one flat grey
     at the edited pixels' mean (texture, colour and anything drawn there go).
     """
     import cv2
@@ -119,9 +156,8 @@ def transform(images: np.ndarray, edit: np.ndarray, kind: str) -> np.ndarray:
         if kind == "fine-blur":
             sigma = TEXTURE_SIGMA * max(imgs.shape[1], imgs.shape[2])
             new = cv2.GaussianBlur(img, (0, 0), sigma).reshape(img.shape)
-        elif kind == "grey-world":
-            mean = img[m[i]].mean(axis=0)
-            new = img * (mean.mean() / np.maximum(mean, 1.0))
+        elif kind == "colour-levels":
+            new = _colour_levels(img, m[i], levels)
         elif kind == "flat-grey":
             new = np.full_like(img, img[m[i]].mean())
         else:
@@ -356,7 +392,8 @@ def _predict_chunks(predict_fn, variants: list, chunk: int) -> list:
 
 def causal_tests(predict_fn, images, places, object_masks=None, *, classes=None, backgrounds=None,
                  background_classes=None, fill: str = "mean", base_pred=None, chunk: int = CHUNK,
-                 screen: int = SCREEN, screen_min: float = SCREEN_MIN, spare=None) -> CausalResult:
+                 screen: int = SCREEN, screen_min: float = SCREEN_MIN, spare=None,
+                 levels: Levels | None = None) -> CausalResult:
     """Run the object, background, background-transform and place tests on one sample.
 
     Every test is screened first on the sample's first ``screen`` images;
@@ -389,6 +426,7 @@ def causal_tests(predict_fn, images, places, object_masks=None, *, classes=None,
         spare: (N, H, W) bool, where each object is taken to be
             (:func:`spare_masks`); the background transforms edit the rest.
             None: no transform tests.
+        levels: the dataset's typical image (:class:`Levels`) for the colour transform.
 
     Returns:
         A :class:`CausalResult`; a rate is NaN with fewer than :data:`MIN_SAMPLE` testable images.
@@ -396,7 +434,7 @@ def causal_tests(predict_fn, images, places, object_masks=None, *, classes=None,
     images = np.asarray(images)
     n = len(images)
     obj = None if object_masks is None else np.asarray(object_masks, bool)
-    tests = _make_tests(n, obj, places, fill, backgrounds, spare)
+    tests = _make_tests(n, obj, places, fill, backgrounds, spare, levels)
     cls = None if classes is None else np.asarray(classes)
     first = np.arange(n) < (screen if 0 < screen < n else n)
     run = _Runner(predict_fn, images, obj, cls, backgrounds, chunk, base_pred)
@@ -409,7 +447,7 @@ def causal_tests(predict_fn, images, places, object_masks=None, *, classes=None,
     return out
 
 
-def _make_tests(n: int, obj, places, fill: str, backgrounds, spare) -> list:
+def _make_tests(n: int, obj, places, fill: str, backgrounds, spare, levels=None) -> list:
     """The tests of one sample, each with the images it can edit."""
     has_obj = obj.reshape(n, -1).any(axis=1) if obj is not None else np.zeros(n, bool)
     tests = [_Test("object", "object", None, OBJECT_FILL, has_obj),
@@ -424,7 +462,7 @@ def _make_tests(n: int, obj, places, fill: str, backgrounds, spare) -> list:
         for place, kind in TRANSFORMS.items():
             edit = np.ones_like(spare) if place.startswith("image:") else ~spare
             tests.append(_Test("transform", place, None, kind, edit.reshape(n, -1).any(axis=1), edit,
-                               float(edit.mean())))
+                               float(edit.mean()), levels=levels))
     for p in places:
         m = np.broadcast_to(p.mask, (n, *p.mask.shape))
         m = m & ~obj if obj is not None else m
@@ -463,6 +501,7 @@ class _Test:
     mask: np.ndarray | None = None  # (N, H, W) pixels to occlude (region tests)
     area: float = math.nan
     flips: dict = field(default_factory=dict)  # image index -> flipped
+    levels: Levels | None = None  # the dataset's typical image (the colour transform)
 
     def rate(self) -> float:
         return float(np.mean(list(self.flips.values()))) if self.flips else math.nan
@@ -476,7 +515,7 @@ class _Test:
         idx = np.array(sorted(self.flips), int)
         f = np.array([self.flips[i] for i in idx], bool)
         area = self.area
-        if self.test != "region" and obj is not None and self.sel.any():
+        if self.test in ("object", "background") and obj is not None and self.sel.any():
             area = float(obj[self.sel].mean()) if self.test == "object" else float(1 - obj[self.sel].mean())
         k = len(f)
         rate = float(f.mean()) if k >= MIN_SAMPLE else math.nan
@@ -495,7 +534,7 @@ def _edit(t: _Test, images, obj, rows: np.ndarray, backgrounds) -> np.ndarray:
             np.asarray(backgrounds)[np.nonzero(t.sel)[0].searchsorted(rows) % len(backgrounds)]
         return replace_background(images[rows], obj[rows], bg)[0]
     if t.test == "transform":
-        return transform(images[rows], t.mask[rows], t.fill)
+        return transform(images[rows], t.mask[rows], t.fill, t.levels)
     return occlude(images[rows], t.mask[rows], t.fill)
 
 

@@ -383,7 +383,8 @@ MENTION_FLIP = 0.2  # a place that flips less than this is not worth a mention i
 
 def _fill_words(fill: str) -> str:
     return {"mean": "mean-colour fill", "blur": "blur fill", "inpaint": "inpainted",
-            "fine-blur": "a fine blur, the object spared", "grey-world": "grey-world colours",
+            "fine-blur": "a fine blur, the object spared",
+            "colour-levels": "grey-world colours at the dataset's brightness and contrast",
             "flat-grey": "the object spared",
             "other-background": "another class's background", "neutral": "a neutral colour"}.get(fill, fill)
 
