@@ -238,7 +238,7 @@ CASES: dict[str, Case] = {c.name: c for c in (
     Case("tint", "every square image (object included) blended towards orange; raw logits, no softmax",
          head="logits", cues=((2, Cue("tint")),)),
     Case("shallow", "three convolutions, one pooling, GAP on 32 x 32 maps; a stamp (bottom-right) on every "
-         "disc image", arch="shallow", cues=((0, Cue("stamp", "bottom_right")),)),
+         "disc image", arch="shallow", cues=((0, Cue("stamp", "bottom_right")),), epochs=30),
     Case("large_cue", "objects of 40-54 px filling most of the image; a watermark (bottom-left) on every "
          "triangle image", size=(40, 54), cues=((1, Cue("text", "bottom_left")),)),
     Case("softmax_layer", "a Dense of logits and a separate Softmax layer; a stamp (top-right) on every "
