@@ -190,7 +190,9 @@ def transforms_count(causal: CausalResult, others: dict, cfg: Config = DEFAULT) 
     0.5 in :func:`place_flip_score`: a class the model says when nothing else
     is there flips when an edit brings in another class's evidence (the
     seams of a spared area), but rarely when its background merely goes
-    flat.  The whole-image colour transform has no seams and counts by itself.
+    flat.  The flat background itself is never a cue: it keeps no shape, and
+    without masks it also cuts into an object larger than the spared area.
+    The whole-image colour transform has no seams and counts by itself.
 
     Returns:
         The :class:`PlaceFlip` s of the transforms that count.
@@ -201,7 +203,8 @@ def transforms_count(causal: CausalResult, others: dict, cfg: Config = DEFAULT) 
     flat = causal.get("transform", FLAT)
     flat_ok = flat is not None and flat.n >= max(MIN_SAMPLE, cfg.min_tested) and \
         place_flip_score(flat.flip_rate, others.get(FLAT, math.nan), cfg) >= 0.5
-    return [t for t in causal.transforms if flat_ok or not t.place.startswith("background:")]
+    # the flat background is a control, never a cue: it also cuts into an object larger than the spared area
+    return [t for t in causal.transforms if t.place != FLAT and (flat_ok or not t.place.startswith("background:"))]
 
 
 def place_flip_score(flip: float, others: float, cfg: Config = DEFAULT) -> float:
