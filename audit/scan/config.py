@@ -48,6 +48,7 @@ class Config:
     screen: int = 8  # every test is screened on this many images of a sample ...
     screen_min: float = 0.2  # ... and goes on to the rest when it flips at least this share of them
     absence_density_max: float = 1.0  # absence class: places where objects usually sit are not cues
+    image_flip_min: float = 0.7  # a whole-image transform (it edits the object too) must flip this share
     object_flip_max: float = 0.25  # removing the object flips at most this share ...
     background_flip_min: float = 0.35  # ... while replacing the background flips at least this
 

@@ -235,8 +235,9 @@ def causal_cue(causal: CausalResult | None, others: dict | None = None, cfg: Con
         return CueFinding(0.0)
     others = others or {}
     tests = causal.places + transforms_count(causal, others, cfg)
-    cands = [(place_flip_score(t.flip_rate, others.get(t.place, math.nan), cfg), t)
-             for t in tests if place_eligible(t, causal, cfg, density)]
+    whole = cfg.replace(cue_flip_min=cfg.image_flip_min)  # an edit of the object too needs more flips
+    cands = [(place_flip_score(t.flip_rate, others.get(t.place, math.nan), whole if t.place.startswith("image:")
+                               else cfg), t) for t in tests if place_eligible(t, causal, cfg, density)]
     if not cands:
         return CueFinding(0.0)
     strong = [c for c in cands if c[0] >= 0.5]
