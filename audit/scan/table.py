@@ -50,7 +50,9 @@ class ClassResult:
 def _flip_fields(v: Verdict) -> dict:
     c = v.causal
     cue = v.cue_flip.flip_rate if v.cue_flip is not None else math.nan
-    return {"flip_rate_cue": or_none(cue), "flip_rate_object": or_none(v.rate("object")),
+    # the object column needs masks; without them the own-hot-area removal is in interventions.parquet only
+    obj = v.rate("object") if c is not None and c.masked else math.nan
+    return {"flip_rate_cue": or_none(cue), "flip_rate_object": or_none(obj),
             "flip_rate_background": or_none(v.rate("background")), "cue_region": v.cue_region,
             "n_intervened": int(c.n) if c is not None else 0}
 
