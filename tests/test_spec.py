@@ -162,7 +162,9 @@ def _res(**kw):
 ])
 def test_plan_resources(res, cluster, shards, expected):
     nodes = [{"Alive": True, "Resources": {"CPU": cluster["CPU"]}}]
-    assert asdict(plan_resources(res, cluster, nodes, shards)) == expected
+    got = asdict(plan_resources(res, cluster, nodes, shards))
+    assert {k: got[k] for k in expected} == expected
+    assert got["min_actors"] == 1 and got["grows"] == (res["resources"]["actors"] == "auto")
 
 
 def test_plan_resources_refuses_impossible():
@@ -171,6 +173,51 @@ def test_plan_resources_refuses_impossible():
         plan_resources(_res(cpus_per_actor=2), {"CPU": 2}, nodes, 10)
     with pytest.raises(AuditError, match="cluster has 0 GPUs"):
         plan_resources(_res(gpus_per_actor=1), {"CPU": 2}, nodes, 10)
+    with pytest.raises(AuditError, match="no node has 'tpu_slot'"):
+        plan_resources(_res(custom={"tpu_slot": 1}), {"CPU": 2}, nodes, 10)
+
+
+@pytest.mark.parametrize("res, shards, expected", [
+    # GPU workers that scale from zero: requested anyway, none refused
+    (_res(gpus_per_actor=1), 100, {"actors": 1, "min_actors": 1, "gpus_per_actor": 1.0, "cpus_per_actor": 1.0}),
+    (_res(actors=4, gpus_per_actor=1), 100, {"actors": 4, "min_actors": 1, "gpus_per_actor": 1.0}),
+    (_res(actors={"min": 2, "max": 8}, gpus_per_actor=1), 100, {"actors": 8, "min_actors": 2}),
+    (_res(actors={"min": 2, "max": 8}, gpus_per_actor=1), 3, {"actors": 3, "min_actors": 2}),
+    (_res(actors={"min": 4, "max": 8}, gpus_per_actor=1), 3, {"actors": 3, "min_actors": 3}),
+    (_res(actors={"max": 8}, custom={"tpu_slot": 1}), 100, {"actors": 8, "min_actors": 1, "gpus_per_actor": 0.0,
+                                                          "cpus_per_actor": 1.0, "custom": {"tpu_slot": 1.0}}),
+    (_res(cpus_per_actor=8), 100, {"actors": 1, "cpus_per_actor": 8.0}),
+])
+def test_plan_resources_on_a_cluster_that_can_grow(res, shards, expected):
+    nodes = [{"Alive": True, "Resources": {"CPU": 2}}]
+    got = asdict(plan_resources(res, {"CPU": 2}, nodes, shards, fixed=False))
+    assert {k: got[k] for k in expected} == expected
+
+
+def test_auto_pool_counts_custom_resources():
+    from audit.runner.pool import Resources, auto_count, missing
+
+    assert auto_count({"CPU": 8, "tpu_slot": 3}, 0.0, {"tpu_slot": 1.0}) == 3
+    assert auto_count({"CPU": 8, "GPU": 2}, 0.5, {}) == 4
+    assert auto_count({"CPU": 8}, 1.0, {}) == 1  # none yet: one is asked for
+    r = Resources(actors=2, cpus_per_actor=1, gpus_per_actor=1, accelerator_type="L4")
+    assert r.needs() == {"CPU": 1, "GPU": 1, "accelerator_type:L4": 0.001}
+    assert r.kind() == "L4" and r.describe() == "1 GPU + a L4 GPU + 1 CPU"
+    nodes = [{"Alive": True, "Resources": {"CPU": 4, "GPU": 1}}, {"Alive": False, "Resources": {"CPU": 4}}]
+    assert missing(r.needs(), nodes) == ["accelerator_type:L4"]
+
+
+@pytest.mark.parametrize("override, words", [
+    ("resources.actors={min: 3, max: 2}", "resources.actors: min (3) is more than max (2)"),
+    ("resources.actors={min: 1}", "missing required key 'resources.actors.max'"),
+    ("resources.actors={max: 2, most: 3}", "unknown key 'resources.actors.most'"),
+    ("resources.accelerator_type=A100", "resources.accelerator_type needs resources.gpus_per_actor > 0"),
+    ("resources.custom={tpu: 0}", "resources.custom.tpu: expected a number > 0"),
+    ("resources.start_timeout_s=0", "resources.start_timeout_s: expected a number > 0"),
+])
+def test_pool_spec_mistakes_are_one_line(ws, override, words):
+    tmp, doc = ws
+    assert words in err(write(tmp, doc), [override])
 
 
 def test_resume_needs_the_same_spec(ws):

@@ -22,7 +22,11 @@ call it).  It runs in named steps:
 
 Faults: an actor that dies (killed, OOM, its node lost) fails the calls in
 flight on it; the scheduler puts those shards back in the queue (one attempt
-each, up to ``resources.max_retries``) and starts a replacement actor.  A
+each, up to ``resources.max_retries``; none when the node was drained or
+preempted) and requests a replacement actor.  On a cluster the job joins, the
+actors are requested even when no node has their resources yet (an
+autoscaler adds nodes for them); shards that wait ``resources.start_timeout_s``
+with fewer than ``actors.min`` actors running stop the job in one line.  A
 shard whose code raises is retried the same way.  Shards that exhaust their
 retries are reported as failed; the job ends ``incomplete`` and
 ``--resume`` picks them up.  A user mistake found by an actor (an unknown
@@ -41,6 +45,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from audit.errors import AuditError
+from audit.runner import pool
 from audit.runner.cluster import check_reachable, ray_init
 from audit.runner.precheck import check_model_file, check_with_model
 from audit.runner.progress import Progress
@@ -98,31 +103,15 @@ def _check_resumable(spec: dict, previous: dict, sha: str | None) -> None:
         raise AuditError(f"cannot resume: the model file {spec['model']['path']} changed since the job started")
 
 
-def plan_resources(spec: dict, cluster: dict, nodes: list[dict], n_shards: int) -> Resources:
+def plan_resources(spec: dict, cluster: dict, nodes: list[dict], n_shards: int, fixed: bool = True) -> Resources:
     """Actors, CPUs and GPUs per actor from the spec and the cluster (a pure function).
 
     ``actors: auto`` is one actor per GPU when the cluster has GPUs, else one
-    per pair of CPUs (at least one); never more actors than shards.
+    per pair of CPUs (at least one); never more actors than shards.  With
+    ``fixed`` False (a cluster nodes can join) nothing is refused for want of
+    a resource: the actors wait for it (see :func:`audit.runner.pool.plan`).
     """
-    res = spec["resources"]
-    gpus = float(cluster.get("GPU", 0))
-    cpus = float(cluster.get("CPU", 0))
-    gpa = res["gpus_per_actor"]
-    gpa = (1.0 if gpus >= 1 else 0.0) if gpa == "auto" else float(gpa)
-    if gpa > 0 and gpus < gpa:
-        raise AuditError(f"resources.gpus_per_actor is {gpa:g} but the cluster has {gpus:g} GPUs")
-    actors = res["actors"]
-    if actors == "auto":
-        actors = int(gpus // gpa) if gpa > 0 else max(1, int(cpus // 2))
-    actors = max(1, min(int(actors), max(1, n_shards)))
-    cpa = res["cpus_per_actor"]
-    if cpa == "auto":
-        cpa = 1.0 if gpa > 0 else max(1.0, float(int(cpus // actors)) if cpus else 1.0)
-    cpa = float(cpa)
-    biggest = max((float(n.get("Resources", {}).get("CPU", 0)) for n in nodes if n.get("Alive")), default=cpus)
-    if cpa > biggest:
-        raise AuditError(f"resources.cpus_per_actor is {cpa:g} but the largest node has {biggest:g} CPUs")
-    return Resources(actors=actors, cpus_per_actor=cpa, gpus_per_actor=gpa)
+    return pool.plan(spec, cluster, nodes, n_shards, fixed=fixed)
 
 
 @dataclass
@@ -148,6 +137,7 @@ class Owned:
     found: Committed  # the committed shards this run skips
     todo: list  # the shards to run
     started_ray: bool
+    private: bool = False  # the job's own local Ray: no node can join it
 
 
 def run_job(spec, *, address=None, resume=False, overrides=(), progress=True, on_event=None,
@@ -247,7 +237,7 @@ def own_output(ctx: JobContext, address):
         for line in notes(found):
             _say(line)
         ready = True
-        yield Owned(lock, found, todo, started_ray)
+        yield Owned(lock, found, todo, started_ray, private=started_ray and not address)
     finally:
         if started_ray:
             import ray
@@ -296,13 +286,18 @@ def execute(ctx: JobContext, owned: Owned, *, progress=True, on_event=None) -> d
         if owned.todo:
             import ray
 
-            res = plan_resources(ctx.spec, ray.cluster_resources(), ray.nodes(), len(owned.todo))
+            res = plan_resources(ctx.spec, ray.cluster_resources(), ray.nodes(), len(owned.todo),
+                                 fixed=owned.private)
             record["resources"] = asdict(res)
+            _note_cpu_fallback(ctx.spec, res, owned.private)
             bar = Progress(ctx.plan.total, owned.found.images, owned.found.errors, progress, ctx.spec["name"])
             Scheduler(ctx.spec, ctx.job_id, ctx.plan.classes, res, state, bar, on_event, owned.lock).run(owned.todo)
         status = "incomplete" if state.failed else "ok"
     except KeyboardInterrupt:
         status = "interrupted"
+        raise
+    except AuditError as e:
+        status, record["error"] = "failed", str(e)
         raise
     except BaseException:
         status = "failed"
@@ -312,6 +307,13 @@ def execute(ctx: JobContext, owned: Owned, *, progress=True, on_event=None) -> d
             bar.close()
         summary = finish(ctx, owned, record, state, status, time.perf_counter() - run_t0)
     return summary
+
+
+def _note_cpu_fallback(spec: dict, res: Resources, private: bool) -> None:
+    """On a joined cluster without GPUs now, ``gpus_per_actor: auto`` means CPU actors: say how to ask for GPUs."""
+    if not private and spec["resources"]["gpus_per_actor"] == "auto" and not res.gpus_per_actor:
+        _say("audit: note: the cluster has no GPU now, so resources.gpus_per_actor auto = 0 (CPU actors); "
+             "set it to 1 to have an autoscaler add GPU nodes for the job")
 
 
 def job_record(ctx: JobContext, owned: Owned) -> dict:
@@ -361,7 +363,10 @@ def finish(ctx: JobContext, owned: Owned, record: dict, state: RunState, status:
         "started": ctx.t_start, "status": status, "shards": len(owned.todo), "images": state.images,
         "seconds": round(run_s, 3), "host": owned.lock.info.host, "pid": owned.lock.info.pid,
         "resume": ctx.mode, "replanned_from": owned.found.replanned_from,
-        "redone_broken": sorted(owned.found.broken), "actors": state.actor_facts}]
+        "redone_broken": sorted(owned.found.broken), "actors": state.actor_facts,
+        "error": record.get("error"),
+        "pool": {"requested": state.actors_started, "peak_running": state.peak_running,
+                 "preempted": state.preempted, "released": state.released}}]
     record["shards"] = {"total": len(ctx.plan.shards), "committed": len(all_done), "failed": sorted(state.failed)}
     record["failed_shards"] = {str(k): v for k, v in state.failed.items()}
     summary = _summary(ctx, all_done, owned.found.entries, state, run_s, status)

@@ -1,4 +1,4 @@
-"""The progress bar of a job: images (committed + inside shards), images/s, ETA, errors."""
+"""The progress bar of a job: images (committed + inside shards), images/s, ETA, errors, pending actors."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ class Progress:
 
     def __init__(self, total, initial, errors, enabled, name):
         self.bar = None
+        self.name = name
         self.committed = initial
         if enabled:
             from tqdm import tqdm
@@ -39,6 +40,16 @@ class Progress:
                 self.bar.update(n - self.bar.n)
             if errors is not None:
                 self.bar.set_postfix(errors=errors, refresh=False)
+
+    def pool(self, line, waiting):
+        """The actor pool changed while shards wait for it (``waiting for 4 GPU actors: 1 running, 3 pending``).
+
+        The line is written once (it reaches the job's log) and, while actors
+        are pending, stays in the bar's description.
+        """
+        self.write(f"audit: {line}")
+        if self.bar is not None:
+            self.bar.set_description(f"{self.name} ({line})" if waiting else self.name, refresh=False)
 
     def write(self, msg):
         if self.bar is not None:

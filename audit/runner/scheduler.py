@@ -2,7 +2,11 @@
 
 :class:`Scheduler` runs one job's shards on Ray actors in named steps:
 
-* :meth:`~Scheduler.start_actors` starts the actors (each loads the model once);
+* :meth:`~Scheduler.resize` keeps the pool as large as the work: it requests
+  actors up to the pool's ceiling while shards wait, even when no node can
+  hold them yet (an autoscaler adds nodes for pending actors), grows the
+  ceiling of an ``actors: auto`` pool as nodes join, and releases the actors
+  still pending once no shard waits (so the cluster can scale down);
 * :meth:`~Scheduler.hand_out` gives queued shards to ready actors, one each
   first, then a second one queued on an actor while there is enough work for
   the actors still idle or starting (an actor that becomes ready late gets
@@ -10,8 +14,11 @@
 * :meth:`~Scheduler.collect` takes one finished call: an actor ready, a shard
   committed, a shard that raised, an actor that died;
 * :meth:`~Scheduler.retry` puts a shard back at the head of the queue (one
-  attempt counted; after ``max_retries`` it is reported failed) and
-  :meth:`~Scheduler.retire` replaces a dead actor;
+  attempt counted, none when its node was drained or preempted; after
+  ``max_retries`` it is reported failed) and :meth:`~Scheduler.retire` drops a
+  dead actor (the pool shrinks; :meth:`~Scheduler.resize` requests another);
+* :meth:`~Scheduler.check_floor` stops the job when shards have waited
+  ``resources.start_timeout_s`` with fewer than ``actors.min`` actors running;
 * :meth:`~Scheduler.stop` fences and kills every actor when the run ends.
 
 The driver holds shard descriptors, refs and counters only: its memory does
@@ -30,26 +37,20 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from audit.errors import AuditError
+from audit.runner.pool import Resources, auto_count, missing
+
+__all__ = ["Scheduler", "Resources", "RunState", "remote_worker", "QUEUE_DEPTH", "SWITCH_INTERVAL_S"]
 
 QUEUE_DEPTH = 2  # shards in flight per actor: the next one is queued while one runs
-STALL_TIMEOUT_S = 300.0  # no live actor and none starting for this long: give up
 SWITCH_INTERVAL_S = 0.001  # GIL hand-over in actors (Python's default: 5 ms)
 PROGRESS_POLL_S = 1.0  # the progress bar counts images inside shards at least this often
 KILL_WAIT_S = 10.0  # how long the driver waits for killed actors to be gone
+GROW_POLL_S = 5.0  # how often an ``actors: auto`` pool looks for capacity that joined
 
 #: What each actor reports on start-up, kept per run in job.json (``runs[-1].actors``).
 ACTOR_FACTS = ("pid", "node", "gpus", "visible_devices", "memory_growth", "threads", "mixed_precision", "setup_s")
 #: Counters summed over the shards committed in a run.
 SHARD_COUNTS = ("images", "errors", "flat", "rows", "correct", "labelled")
-
-
-@dataclass
-class Resources:
-    """Actors and what each one reserves (:func:`audit.runner.job.plan_resources`)."""
-
-    actors: int
-    cpus_per_actor: float
-    gpus_per_actor: float
 
 
 @dataclass
@@ -65,6 +66,9 @@ class RunState:
     retries: int = 0
     actors_started: int = 0
     actor_deaths: int = 0
+    preempted: int = 0  # actors lost with their node (drained or preempted): no attempt counted
+    released: int = 0  # pending actors killed once no shard waited
+    peak_running: int = 0  # the most actors ready at once
     failed: dict[int, str] = field(default_factory=dict)  # shard id -> last reason
     actor_facts: list[dict] = field(default_factory=list)
     first_ready_s: float | None = None  # seconds until the first actor was ready
@@ -83,6 +87,7 @@ class Actor:
     handle: Any
     ready: bool = False
     inflight: dict = field(default_factory=dict)  # ref -> Shard
+    setup_ref: Any = None
 
 
 @dataclass(frozen=True)
@@ -94,17 +99,24 @@ class Call:
     shard: Any = None
 
 
-def remote_worker():
-    """:class:`audit.runner.worker.AuditWorker` as a Ray actor class.
+def remote_worker(base=None):
+    """:class:`audit.runner.worker.AuditWorker` (or ``base``, a subclass of it) as a Ray actor class.
 
     ``progress`` and ``fence`` run in a concurrency group of their own, so they
     are answered at once instead of queueing behind the shards in flight.
+
+    Args:
+        base: the worker class to wrap; None for ``AuditWorker`` (the fault
+            tests pass a subclass that limits its process, e.g. a full disk).
+
+    Returns:
+        The ``ray.remote`` actor class, named ``AuditWorker``.
     """
     import ray
 
     from audit.runner.worker import AuditWorker
 
-    class Worker(AuditWorker):
+    class Worker(base or AuditWorker):
         def __init__(self, *args, **kwargs):
             # The actor's process is ours: Python hands the GIL over every 5 ms by
             # default, so the model thread, back from a batch, would wait that long
@@ -166,8 +178,12 @@ class Scheduler:
         self.attempts: collections.Counter = collections.Counter()
         self.actors: dict[str, Actor] = {}
         self.calls: dict = {}  # ref -> Call
-        self.replacements = res.actors * max(1, self.max_retries) + 2
-        self.t0 = self.last_alive = time.perf_counter()
+        self.replacements = res.actors * max(1, self.max_retries) + 2  # actors started after crashes
+        self.ceiling = res.actors  # the most actors at once (an ``auto`` pool raises it as nodes join)
+        self.total_shards = 0
+        self.t0 = self.floor_met = self.last_grow = time.perf_counter()
+        self.pool_shown = None  # (running, starting, pending) last shown while actors wait for a node
+        self.last_placing, self.waiting_ids = 0.0, set()
         self.polls: dict = {}  # progress ref -> actor key
         self.last_poll = 0.0
         self.live: dict = {}  # actor key -> {shard id: images done, not yet committed}
@@ -178,9 +194,10 @@ class Scheduler:
     def run(self, shards) -> RunState:
         """Process ``shards``; returns the run state (also ``self.state``)."""
         self.queue.extend(shards)
-        self.start_actors()
+        self.total_shards = len(self.queue)
         try:
             while self.busy():
+                self.resize()
                 self.hand_out()
                 self.check_lock()
                 if not self.calls:
@@ -190,8 +207,8 @@ class Scheduler:
                     continue
                 ready, _ = self.ray.wait(list(self.calls), num_returns=1, timeout=PROGRESS_POLL_S)
                 self.show_progress()
-                if not ready:
-                    self.check_stall()
+                self.show_pool()
+                self.check_floor()
                 for ref in ready:
                     self.collect(ref)
         finally:
@@ -213,37 +230,86 @@ class Scheduler:
         # and the running one writes while the queued one computes (see audit.runner.worker)
         opts = {"num_cpus": self.res.cpus_per_actor, "num_gpus": self.res.gpus_per_actor, "max_restarts": 0,
                 "max_task_retries": 0, "max_concurrency": QUEUE_DEPTH, "runtime_env": {"env_vars": env}}
-        if self.res.actors > 1:
+        if self.res.custom:
+            opts["resources"] = dict(self.res.custom)
+        if self.res.accelerator_type:
+            opts["accelerator_type"] = self.res.accelerator_type
+        if self.ceiling > 1:
             opts["scheduling_strategy"] = "SPREAD"
         return opts
-
-    def start_actors(self) -> None:
-        for _ in range(self.res.actors):
-            self.start_actor()
 
     def start_actor(self) -> None:
         key = uuid.uuid4().hex[:8]
         handle = self.worker_class.options(**self.actor_options()).remote(
             self.spec, out_dir=self.spec["output"], job_id=self.job_id, classes=self.classes,
             cpus=self.res.cpus_per_actor)
-        self.actors[key] = Actor(key, handle)
-        self.calls[handle.setup.remote()] = Call("setup", key)
+        actor = self.actors[key] = Actor(key, handle)
+        actor.setup_ref = handle.setup.remote()
+        self.calls[actor.setup_ref] = Call("setup", key)
         self.state.actors_started += 1
 
-    def retire(self, key: str, why: str) -> None:
-        """An actor died: its shards go back to the queue; a replacement starts while budget lasts."""
+    def retire(self, key: str, why: str, preempted: bool = False) -> None:
+        """An actor died: its shards go back to the queue and the pool shrinks.
+
+        :meth:`resize` requests another while shards wait: after a crash only
+        while the replacement budget lasts; after a drained or preempted node
+        always (that is the cluster's doing, not the job's).
+        """
         actor = self.actors.pop(key, None)
         if actor is None:
             return
         self.state.actor_deaths += 1
+        if preempted:
+            self.state.preempted += 1
+        else:
+            self.replacements -= 1
         for ref, shard in actor.inflight.items():
             self.calls.pop(ref, None)
-            self.retry(shard, why)
+            self.retry(shard, why, counted=not preempted)
         with contextlib.suppress(Exception):
             self.ray.kill(actor.handle, no_restart=True)
-        if self.busy() and self.replacements > 0:
-            self.replacements -= 1
+
+    # -- the pool -----------------------------------------------------------------
+    def running(self) -> int:
+        return sum(1 for a in self.actors.values() if a.ready)
+
+    def resize(self) -> None:
+        """Actors up to the ceiling while shards wait (pending ones included); none waiting: release."""
+        if not self.queue:
+            self.release_pending()
+            return
+        self.grow()
+        want = min(self.ceiling, len(self.queue) + sum(len(a.inflight) for a in self.actors.values()))
+        while len(self.actors) < want and self.replacements >= 0:
             self.start_actor()
+
+    def grow(self) -> None:
+        """``actors: auto``: about every ``GROW_POLL_S``, count again what the cluster holds now."""
+        now = time.perf_counter()
+        if not self.res.grows or now - self.last_grow < GROW_POLL_S:
+            return
+        self.last_grow = now
+        try:
+            cluster = self.ray.cluster_resources()
+        except Exception:  # noqa: BLE001 - a GCS hiccup: look again next time
+            return
+        n = min(auto_count(cluster, self.res.gpus_per_actor, self.res.custom), self.total_shards)
+        if n > self.ceiling:
+            self.bar.write(f"audit: the cluster grew: up to {n} {self.res.kind()} actors (was {self.ceiling})")
+            self.ceiling = n
+
+    def release_pending(self) -> None:
+        """No shard waits: kill the actors not ready yet, so their requests stop holding nodes."""
+        pending = [a for a in self.actors.values() if not a.ready]
+        for a in pending:
+            del self.actors[a.key]
+            self.calls.pop(a.setup_ref, None)
+            with contextlib.suppress(Exception):
+                self.ray.kill(a.handle, no_restart=True)
+        if pending:
+            self.state.released += len(pending)
+            self.bar.write(f"audit: released {len(pending)} pending actor request{'s' if len(pending) > 1 else ''}: "
+                           "no shard left to hand out")
 
     # -- shards -------------------------------------------------------------------
     def hand_out(self) -> None:
@@ -260,9 +326,13 @@ class Scheduler:
                 actor.inflight[ref] = shard
                 self.calls[ref] = Call("shard", actor.key, shard)
 
-    def retry(self, shard, why: str) -> None:
-        """Back to the head of the queue, or failed after ``max_retries`` retries."""
-        self.attempts[shard.id] += 1
+    def retry(self, shard, why: str, counted: bool = True) -> None:
+        """Back to the head of the queue, or failed after ``max_retries`` counted attempts.
+
+        A shard lost with a drained or preempted node is not counted: that
+        costs time only.
+        """
+        self.attempts[shard.id] += int(counted)
         if self.attempts[shard.id] > self.max_retries:
             self.state.failed[shard.id] = why
             self.bar.write(f"shard {shard.id} failed after {self.attempts[shard.id]} attempts: {why}")
@@ -287,10 +357,11 @@ class Scheduler:
             return
         except (rex.RayActorError, rex.WorkerCrashedError, rex.ObjectLostError,
                 rex.OwnerDiedError, rex.NodeDiedError) as e:
-            why = f"actor died ({type(e).__name__})"
+            preempted = bool(getattr(e, "preempted", False))
+            why = f"actor died ({type(e).__name__}{', node preempted' if preempted else ''})"
             if call.shard is not None:
-                self.retry(call.shard, why)
-            self.retire(call.actor, why)
+                self.retry(call.shard, why, counted=not preempted)
+            self.retire(call.actor, why, preempted)
             return
         if call.kind == "setup":
             self.on_ready(actor, result)
@@ -318,7 +389,7 @@ class Scheduler:
         if actor is None:
             return
         actor.ready = True
-        self.last_alive = time.perf_counter()
+        actor.setup_ref = None
         if self.state.first_ready_s is None:
             self.state.first_ready_s = round(time.perf_counter() - self.t0, 3)
             self.state.model_info = info
@@ -335,13 +406,62 @@ class Scheduler:
         if self.lock is not None and self.lock.lost:
             raise AuditError(f"stopped: {self.lock.lost}; this run commits nothing more")
 
-    def check_stall(self) -> None:
-        if any(a.ready for a in self.actors.values()):
-            self.last_alive = time.perf_counter()
-        elif time.perf_counter() - self.last_alive > STALL_TIMEOUT_S:
-            raise AuditError(f"no actor could start for {STALL_TIMEOUT_S:.0f} s (needs "
-                             f"{self.res.cpus_per_actor:g} CPU, {self.res.gpus_per_actor:g} GPU each); "
-                             "continue later with --resume")
+    def check_floor(self) -> None:
+        """Stop when shards have waited ``start_timeout_s`` with fewer than ``actors.min`` actors running."""
+        now = time.perf_counter()
+        if not self.queue or self.running() >= min(self.res.min_actors, self.ceiling):
+            self.floor_met = now
+        elif now - self.floor_met > self.res.start_timeout_s:
+            raise AuditError(self.timeout_line())
+
+    def timeout_line(self) -> str:
+        """One line naming the resource that never appeared (or that stayed busy)."""
+        try:
+            absent = missing(self.res.needs(), self.ray.nodes())
+        except Exception:  # noqa: BLE001 - the line is still worth saying without it
+            absent = []
+        absent = [k for k in absent if k != "CPU"] or absent
+        running, need = self.running(), self.res.describe()
+        what = (f"{' and '.join(absent)} never appeared: no node with {need} joined" if absent
+                else f"the nodes with {need} stayed busy")
+        return (f"{what} within resources.start_timeout_s = {self.res.start_timeout_s:g} s "
+                f"({running} actor{'s' if running != 1 else ''} running, {self.res.min_actors} needed, "
+                f"{len(self.actors) - running} pending); the committed shards are kept: continue later with --resume")
+
+    def show_pool(self) -> None:
+        """A line when the pool changes while actors wait for a node (an autoscaling cluster adds them)."""
+        running = self.running()
+        self.state.peak_running = max(self.state.peak_running, running)
+        waiting = self.placing() if self.queue and running < len(self.actors) else set()
+        pending = sum(1 for a in self.actors.values() if not a.ready and a.handle._actor_id.hex() in waiting)
+        starting = len(self.actors) - running - pending
+        shown = (running, starting, pending) if pending else None
+        if shown == self.pool_shown:
+            return
+        kind = self.res.kind()
+        if shown:
+            also = f"{starting} starting, " if starting else ""
+            self.bar.pool(f"waiting for {len(self.actors)} {kind} actors: {running} running, {also}{pending} pending",
+                          waiting=True)
+        else:
+            self.bar.pool(f"{running} {kind} actor{'s' if running != 1 else ''} running, none pending", waiting=False)
+        self.pool_shown = shown
+        self.emit("pool", {"running": running, "starting": starting, "pending": pending, "ceiling": self.ceiling})
+
+    def placing(self) -> set:
+        """Ids of this job's actors that wait for a node (Ray's ``PENDING_CREATION``), asked about once a second."""
+        now = time.perf_counter()
+        if now - self.last_placing >= PROGRESS_POLL_S:
+            self.last_placing = now
+            try:
+                from ray._private.state import state
+
+                job = self.ray.get_runtime_context().get_job_id()
+                self.waiting_ids = set(state.actor_table(None, job_id=self.ray.JobID.from_hex(job),
+                                                         actor_state_name="PENDING_CREATION"))
+            except Exception:  # noqa: BLE001 - Ray Client, or Ray changed: say nothing rather than guess
+                self.waiting_ids = set()
+        return self.waiting_ids
 
     def show_progress(self) -> None:
         """About once a second: ask busy actors how far their shards are; show it."""

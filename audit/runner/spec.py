@@ -128,7 +128,8 @@ def _describe(schema: dict) -> str:
         elif t == "boolean":
             words.append("true or false")
         elif t == "object":
-            words.append("a mapping")
+            keys = list(schema.get("properties", {}))
+            words.append(f"a mapping of {', '.join(keys)}" if keys else "a mapping")
         elif t:
             words.append(str(t))
     return " or ".join(words) or "a valid value"
@@ -145,6 +146,11 @@ def _plural(words: str) -> str:
 def _message(err) -> str:
     where = _where(err.absolute_path)
     v = err.validator
+    if v in ("oneOf", "anyOf") and isinstance(err.instance, dict):
+        # a mapping where one alternative takes a mapping: what is wrong inside it
+        inside = [c for c in err.context if c.validator not in ("type", "const", "enum")]
+        if inside:
+            return _message(inside[0])
     if v == "additionalProperties":
         allowed = sorted(err.schema.get("properties", {}))
         extra = sorted(set(err.instance) - set(allowed)) if isinstance(err.instance, dict) else []
@@ -308,6 +314,7 @@ def check(doc: dict) -> None:
     for name, box in doc["explain"]["regions"].items():
         if not (box[0] < box[2] and box[1] < box[3]):
             raise AuditError(f"spec error: explain.regions.{name}: expected x0 < x1 and y0 < y1, got {box}")
+    _check_resources(doc["resources"])
     if fs.is_uri(str(doc["output"])):
         return  # a bucket: checked by the job before anything is written (audit.data.io.check_output)
     out = Path(doc["output"])
@@ -320,3 +327,14 @@ def check(doc: dict) -> None:
             if not out.exists() and not os.access(parent, os.W_OK | os.X_OK):
                 raise AuditError(f"spec error: output: cannot create {out}: {parent} is not writable")
             break
+
+
+def _check_resources(res: dict) -> None:
+    """``actors: {min, max}`` in order; an accelerator type with GPUs to go with it."""
+    actors = res["actors"]
+    if isinstance(actors, dict) and actors.get("min", 1) > actors["max"]:
+        raise AuditError(f"spec error: resources.actors: min ({actors['min']}) is more than max ({actors['max']})")
+    gpa = res["gpus_per_actor"]
+    if res.get("accelerator_type") and (gpa == "auto" or not gpa):
+        raise AuditError("spec error: resources.accelerator_type needs resources.gpus_per_actor > 0 "
+                         f"(a number, not {gpa!r}): the actors ask for GPUs of that type")
