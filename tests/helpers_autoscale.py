@@ -85,13 +85,25 @@ class FakeAutoscalingCluster:
         self.proc: subprocess.Popen | None = None
         self.address = None
 
+    @property
+    def config_path(self) -> Path:
+        return Path(self.temp_dir) / "autoscaling.yaml"
+
+    def write_config(self) -> None:
+        self.config_path.write_text(yaml.safe_dump(cluster_config(self.address, self.worker_types,
+                                                                  self.idle_timeout_minutes)))
+
+    def set_max_workers(self, node_type: str, n: int) -> None:
+        """Change a node type's ``max_workers`` while the cluster runs (the autoscaler reads its config every update)."""
+        self.worker_types[node_type]["max_workers"] = n
+        self.write_config()
+
     def start(self) -> str:
         """Start the head; returns its GCS address (``host:port``) once it answers."""
         from ray._private.services import get_node_ip_address
 
         self.address = f"{get_node_ip_address()}:{self.port}"
-        config = Path(self.temp_dir) / "autoscaling.yaml"
-        config.write_text(yaml.safe_dump(cluster_config(self.address, self.worker_types, self.idle_timeout_minutes)))
+        self.write_config()
         env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
         env.update({"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1", "RAY_USAGE_STATS_ENABLED": "0",
                     # a token in ~/.ray would switch a new head to token mode; this cluster is private
@@ -99,7 +111,7 @@ class FakeAutoscalingCluster:
                     "PYTHONPATH": os.pathsep.join(p for p in sys.path if p), **self.extra_env})
         ray_bin = Path(sys.executable).parent / "ray"
         cmd = [str(ray_bin), "start", "--head", "--block", f"--port={self.port}", f"--temp-dir={self.temp_dir}",
-               f"--autoscaling-config={config}", "--num-cpus=0", "--num-gpus=0", "--include-dashboard=false",
+               f"--autoscaling-config={self.config_path}", "--num-cpus=0", "--num-gpus=0", "--include-dashboard=false",
                f"--dashboard-agent-listen-port={free_port()}", f"--ray-client-server-port={free_port()}",
                "--object-store-memory=100000000", "--disable-usage-stats"]
         log = open(Path(self.temp_dir) / "head.log", "wb")  # noqa: SIM115 - lives as long as the head

@@ -420,7 +420,8 @@ class Scheduler:
             absent = missing(self.res.needs(), self.ray.nodes())
         except Exception:  # noqa: BLE001 - the line is still worth saying without it
             absent = []
-        absent = [k for k in absent if k != "CPU"] or absent
+        # the most specific first: a custom resource or accelerator type, then GPU; CPU only when alone
+        absent = sorted((k for k in absent if k != "CPU"), key=lambda k: k == "GPU") or absent
         running, need = self.running(), self.res.describe()
         what = (f"{' and '.join(absent)} never appeared: no node with {need} joined" if absent
                 else f"the nodes with {need} stayed busy")
@@ -441,10 +442,14 @@ class Scheduler:
         kind = self.res.kind()
         if shown:
             also = f"{starting} starting, " if starting else ""
-            self.bar.pool(f"waiting for {len(self.actors)} {kind} actors: {running} running, {also}{pending} pending",
-                          waiting=True)
+            n = len(self.actors)
+            self.bar.pool(f"waiting for {n} {kind} actor{'s' if n != 1 else ''}: {running} running, {also}"
+                          f"{pending} pending", waiting=True)
         else:
-            self.bar.pool(f"{running} {kind} actor{'s' if running != 1 else ''} running, none pending", waiting=False)
+            n = len(self.actors)
+            also = f", {starting} starting" if starting else ""
+            self.bar.pool(f"{n} {kind} actor{'s' if n != 1 else ''} on nodes: {running} running{also}, none pending",
+                          waiting=False)
         self.pool_shown = shown
         self.emit("pool", {"running": running, "starting": starting, "pending": pending, "ceiling": self.ceiling})
 
