@@ -46,6 +46,9 @@ SWITCH_INTERVAL_S = 0.001  # GIL hand-over in actors (Python's default: 5 ms)
 PROGRESS_POLL_S = 1.0  # the progress bar counts images inside shards at least this often
 KILL_WAIT_S = 10.0  # how long the driver waits for killed actors to be gone
 GROW_POLL_S = 5.0  # how often an ``actors: auto`` pool looks for capacity that joined
+#: An actor Ray has not created this long after it was asked for counts as pending (waiting for a
+#: node); before that it may just be a worker process starting, which is not worth a line.
+PENDING_NOTICE_S = 10.0
 
 #: What each actor reports on start-up, kept per run in job.json (``runs[-1].actors``).
 ACTOR_FACTS = ("pid", "node", "gpus", "visible_devices", "memory_growth", "threads", "mixed_precision", "setup_s")
@@ -88,6 +91,7 @@ class Actor:
     ready: bool = False
     inflight: dict = field(default_factory=dict)  # ref -> Shard
     setup_ref: Any = None
+    requested: float = 0.0  # perf_counter() when it was asked for
 
 
 @dataclass(frozen=True)
@@ -243,7 +247,7 @@ class Scheduler:
         handle = self.worker_class.options(**self.actor_options()).remote(
             self.spec, out_dir=self.spec["output"], job_id=self.job_id, classes=self.classes,
             cpus=self.res.cpus_per_actor)
-        actor = self.actors[key] = Actor(key, handle)
+        actor = self.actors[key] = Actor(key, handle, requested=time.perf_counter())
         actor.setup_ref = handle.setup.remote()
         self.calls[actor.setup_ref] = Call("setup", key)
         self.state.actors_started += 1
@@ -314,7 +318,8 @@ class Scheduler:
     # -- shards -------------------------------------------------------------------
     def hand_out(self) -> None:
         """Queued shards to ready actors: one each first, then a second where work is left over."""
-        idle = sum(1 for a in self.actors.values() if not a.inflight)  # ready or still starting
+        # ready or still starting; not those waiting for a node, which may never come
+        idle = sum(1 for a in self.actors.values() if not a.inflight) - (len(self.pending()) if self.queue else 0)
         for actor in self.actors.values():
             while actor.ready and self.queue and len(actor.inflight) < QUEUE_DEPTH:
                 if actor.inflight and len(self.queue) <= idle:
@@ -433,25 +438,31 @@ class Scheduler:
         """A line when the pool changes while actors wait for a node (an autoscaling cluster adds them)."""
         running = self.running()
         self.state.peak_running = max(self.state.peak_running, running)
-        waiting = self.placing() if self.queue and running < len(self.actors) else set()
-        pending = sum(1 for a in self.actors.values() if not a.ready and a.handle._actor_id.hex() in waiting)
+        pending = len(self.pending()) if self.queue else 0
         starting = len(self.actors) - running - pending
         shown = (running, starting, pending) if pending else None
         if shown == self.pool_shown:
             return
-        kind = self.res.kind()
+        kind, n = self.res.kind(), len(self.actors)
         if shown:
             also = f"{starting} starting, " if starting else ""
-            n = len(self.actors)
             self.bar.pool(f"waiting for {n} {kind} actor{'s' if n != 1 else ''}: {running} running, {also}"
                           f"{pending} pending", waiting=True)
         else:
-            n = len(self.actors)
             also = f", {starting} starting" if starting else ""
             self.bar.pool(f"{n} {kind} actor{'s' if n != 1 else ''} on nodes: {running} running{also}, none pending",
                           waiting=False)
         self.pool_shown = shown
         self.emit("pool", {"running": running, "starting": starting, "pending": pending, "ceiling": self.ceiling})
+
+    def pending(self) -> list[Actor]:
+        """Actors still not created ``PENDING_NOTICE_S`` after they were asked for: waiting for a node."""
+        now = time.perf_counter()
+        old = [a for a in self.actors.values() if not a.ready and now - a.requested >= PENDING_NOTICE_S]
+        if not old:
+            return []
+        waiting = self.placing()
+        return [a for a in old if a.handle._actor_id.hex() in waiting]
 
     def placing(self) -> set:
         """Ids of this job's actors that wait for a node (Ray's ``PENDING_CREATION``), asked about once a second."""
