@@ -39,6 +39,16 @@
    leaves it out, ``--s3-only`` runs it alone:
 
        .venv/bin/python bench/job.py --s3-only --s3-rounds 3 --size 224 --images 512 --job-shard 64
+6. ``--elastic`` (run alone): an elastic pool vs a static pool of the same
+   final size, on Ray's fake autoscaling cluster (tests/helpers_autoscale.py:
+   worker nodes of 1 CPU and 1 fake GPU that the autoscaler adds for pending
+   actors and removes when idle).  Elastic: the job starts with no worker
+   node and ``actors: {min: 1, max: N}``, ``gpus_per_actor: 1``; the
+   autoscaler adds the nodes while the job runs.  Static: ``actors: N`` with
+   the N nodes already up (``min_workers: N``).  Side by side: seconds from
+   the job's start to its first committed shard, and steady images/s (first to
+   last commit), each elastic figure over the static one; rounds alternate
+   elastic, static, and the medians are printed.
 """
 
 from __future__ import annotations
@@ -315,6 +325,76 @@ def s3_only(args) -> None:
         print(f"  {name:<{w}}  {val}  {note}")
 
 
+# -- 6. elastic vs static pool on a fake autoscaling cluster ---------------------------------------
+
+
+def commit_marks(spec):
+    """(seconds to the first committed shard, steady images/s, seconds in all, summary) of one job."""
+    from audit.runner.job import run_job
+
+    done = []
+    t0 = time.perf_counter()
+    s = run_job(spec, progress=False,
+                on_event=lambda k, p: done.append((time.perf_counter(), p["images"])) if k == "shard_done" else None)
+    total = time.perf_counter() - t0
+    steady = sum(n for _, n in done[1:]) / (done[-1][0] - done[0][0]) if len(done) > 2 else float("nan")
+    return done[0][0] - t0, steady, total, s
+
+
+def elastic_rounds(tmp, args, cluster):
+    """[(elastic marks, static marks)] of ``--elastic-rounds`` rounds on one fake autoscaling cluster."""
+    n = args.elastic_actors
+    out = []
+    for r in range(args.elastic_rounds):
+        cluster.set_node_type("gpu_worker", min_workers=0)
+        cluster.wait_for(lambda: not cluster.worker_nodes(), 600, "the worker nodes to go (scale to zero)")
+        spec = spec_for(tmp, tmp / f"elastic{r}", args.shard, args.batch, actors={"min": 1, "max": n},
+                        gpus_per_actor=1, cpus_per_actor=1)
+        elastic = commit_marks(spec)
+        cluster.set_node_type("gpu_worker", min_workers=n)  # the static pool's nodes are up before it starts
+        cluster.wait_for(lambda: len(cluster.worker_nodes()) >= n, 600, f"{n} worker nodes")
+        spec = spec_for(tmp, tmp / f"static{r}", args.shard, args.batch, actors=n, gpus_per_actor=1, cpus_per_actor=1)
+        static = commit_marks(spec)
+        out.append((elastic, static))
+        print(f"elastic round {r + 1}: first shard {elastic[0]:.1f} s vs {static[0]:.1f} s static; steady "
+              f"{elastic[1]:.1f} vs {static[1]:.1f} img/s; whole job {elastic[2]:.1f} vs {static[2]:.1f} s", flush=True)
+    return out
+
+
+def elastic_main(args):
+    """``--elastic``: the elastic-vs-static table alone."""
+    import helpers_autoscale as ha
+    import ray
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    tmp = Path(tempfile.mkdtemp(prefix="auditbench"))
+    cluster = ha.FakeAutoscalingCluster(ha.gpu_worker_type(max_workers=args.elastic_actors),
+                                        idle_timeout_minutes=0.1)
+    try:
+        make_model(tmp / "model.keras", args.size)
+        make_images(tmp / "data", args.images, args.size)
+        ray.init(address=cluster.start(), log_to_driver=False)
+        rounds = elastic_rounds(tmp, args, cluster)
+    finally:
+        ray.shutdown()
+        cluster.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+    n, shards = args.elastic_actors, -(-args.images // args.shard)
+    print(f"\nelastic vs static pool: {args.images} JPEG images {args.size}x{args.size} in {shards} shards, "
+          f"{n} actors at most (1 CPU + 1 fake GPU per node); {os.cpu_count()} CPUs, "
+          f"load average {os.getloadavg()[0]:.1f}; medians of {len(rounds)} rounds\n")
+    rows = []
+    for i, (name, unit) in enumerate([("first committed shard", "s"), ("steady throughput", "img/s"),
+                                      ("whole job", "s")]):
+        e = float(np.median([r[0][i] for r in rounds]))
+        st = float(np.median([r[1][i] for r in rounds]))
+        ratios = " ".join(f"{r[0][i] / r[1][i]:.2f}" for r in rounds)
+        rows.append((name, f"{e:8.1f} {unit:<5}", f"{st:8.1f} {unit:<5}", f"{e / st:5.2f}x  rounds: {ratios}"))
+    print(f"  {'':<22}  {'elastic (from 0 nodes)':>22}  {'static (nodes up)':>17}  elastic / static")
+    for name, e, st, ratio in rows:
+        print(f"  {name:<22}  {e:>22}  {st:>17}  {ratio}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=1536)
@@ -329,7 +409,12 @@ def main():
     ap.add_argument("--s3-rounds", type=int, default=2, help="bucket runs, each between two disk runs")
     ap.add_argument("--skip-s3", action="store_true", help="leave out the object-storage part (needs moto[server])")
     ap.add_argument("--s3-only", action="store_true", help="only the object-storage part")
+    ap.add_argument("--elastic", action="store_true", help="only part 6: elastic vs static pool (fake autoscaling)")
+    ap.add_argument("--elastic-actors", type=int, default=2, help="part 6: the pool's final size (worker nodes)")
+    ap.add_argument("--elastic-rounds", type=int, default=3, help="part 6: elastic, static rounds (medians)")
     args = ap.parse_args()
+    if args.elastic:
+        return elastic_main(args)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     if args.s3_only:
         return s3_only(args)

@@ -93,10 +93,16 @@ class FakeAutoscalingCluster:
         self.config_path.write_text(yaml.safe_dump(cluster_config(self.address, self.worker_types,
                                                                   self.idle_timeout_minutes)))
 
-    def set_max_workers(self, node_type: str, n: int) -> None:
-        """Change a node type's ``max_workers`` while the cluster runs (the autoscaler reads its config every update)."""
-        self.worker_types[node_type]["max_workers"] = n
+    def set_node_type(self, node_type: str, **fields) -> None:
+        """Change a node type (``min_workers``, ``max_workers``) while the cluster runs.
+
+        The autoscaler reads its config file again at every update.
+        """
+        self.worker_types[node_type].update(fields)
         self.write_config()
+
+    def set_max_workers(self, node_type: str, n: int) -> None:
+        self.set_node_type(node_type, max_workers=n)
 
     def start(self) -> str:
         """Start the head; returns its GCS address (``host:port``) once it answers."""

@@ -253,7 +253,7 @@ def test_cli_reports_spec_errors_in_one_line(ws, capsys):
 
 
 @pytest.mark.parametrize("name", ["example_folder.yaml", "example_manifest.yaml", "example_parquet.yaml",
-                                  "tank_sky.yaml"])
+                                  "example_autoscale.yaml", "tank_sky.yaml"])
 def test_shipped_specs_are_valid(name):
     from audit.runner.spec import read_yaml, validate
 
