@@ -186,6 +186,16 @@ def write_spec(path, **sections):
     return str(path)
 
 
+def folder_workspace(tmp, n_per_class, methods, resources, shard_size=4):
+    """A model, a folder dataset (2 classes, no masks) and a spec in ``tmp``: {dir, spec, ids}."""
+    tmp = Path(tmp)
+    make_model(tmp / "model.keras")
+    make_folder(tmp / "data", n_per_class, masks=False)
+    spec = write_spec(tmp / "job.yaml", dataset={"format": "folder", "path": "data", "shard_size": shard_size},
+                      explain={"methods": list(methods)}, resources=resources)
+    return {"dir": tmp, "spec": spec, "ids": folder_ids(tmp / "data")}
+
+
 def ray_init_local(num_cpus=2):
     import ray
 

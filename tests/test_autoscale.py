@@ -46,13 +46,8 @@ def fake():
 
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("autoscale")
-    h.make_model(tmp / "model.keras")
-    h.make_folder(tmp / "data", N_PER_CLASS, masks=False)
-    spec = h.write_spec(tmp / "job.yaml", dataset={"format": "folder", "path": "data", "shard_size": 4},
-                        explain={"methods": list(METHODS)},
-                        resources={"actors": 1, "batch_size": 4, "max_retries": 1, "start_timeout_s": NODE_WAIT_S})
-    return {"dir": tmp, "spec": spec, "ids": h.folder_ids(tmp / "data")}
+    return h.folder_workspace(tmp_path_factory.mktemp("autoscale"), N_PER_CLASS, METHODS,
+                              {"actors": 1, "batch_size": 4, "max_retries": 1, "start_timeout_s": NODE_WAIT_S})
 
 
 def _run(ws, out, *overrides, **kw):

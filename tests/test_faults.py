@@ -34,13 +34,8 @@ METHODS = ("gradcam",)
 
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("faults")
-    h.make_model(tmp / "model.keras")
-    h.make_folder(tmp / "data", N_PER_CLASS, masks=False)
-    spec = h.write_spec(tmp / "job.yaml", dataset={"format": "folder", "path": "data", "shard_size": 4},
-                        explain={"methods": list(METHODS)},
-                        resources={"actors": 2, "cpus_per_actor": 1, "batch_size": 4, "max_retries": 2})
-    return {"dir": tmp, "spec": spec, "ids": h.folder_ids(tmp / "data")}
+    return h.folder_workspace(tmp_path_factory.mktemp("faults"), N_PER_CLASS, METHODS,
+                              {"actors": 2, "cpus_per_actor": 1, "batch_size": 4, "max_retries": 2})
 
 
 @pytest.fixture(scope="module")

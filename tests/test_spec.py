@@ -194,6 +194,12 @@ def test_plan_resources_on_a_cluster_that_can_grow(res, shards, expected):
     assert {k: got[k] for k in expected} == expected
 
 
+def test_auto_cpus_per_actor_fits_on_one_node():
+    nodes = [{"Alive": True, "Resources": {"CPU": 1}}] * 4
+    got = plan_resources(_res(actors=1), {"CPU": 4}, nodes, 10, fixed=False)
+    assert got.cpus_per_actor == 1.0  # not 4: no node has 4
+
+
 def test_auto_pool_counts_custom_resources():
     from audit.runner.pool import Resources, auto_count, missing
 
@@ -315,3 +321,10 @@ def test_model_path_must_be_a_keras_file(ws):
     assert "model.path: expected a .keras or .h5 file" in msg and "SavedModel" in msg
     (tmp / "notes.txt").write_text("x")
     assert "expected a .keras or .h5 file, got" in err(write(tmp, doc), [f"model.path={tmp / 'notes.txt'}"])
+
+
+def test_start_timeout_default_is_the_schema_default():
+    from audit.runner.pool import DEFAULT_START_TIMEOUT_S
+
+    res = resources.schema("job")["properties"]["resources"]["properties"]
+    assert res["start_timeout_s"]["default"] == DEFAULT_START_TIMEOUT_S

@@ -20,6 +20,8 @@ from audit.errors import AuditError
 #: The Ray resource name that ``accelerator_type: X`` becomes (Ray asks for a sliver of it).
 ACCELERATOR_PREFIX = "accelerator_type:"
 ACCELERATOR_SLIVER = 0.001
+#: ``resources.start_timeout_s`` when a spec leaves it out (the schema's default, same value)
+DEFAULT_START_TIMEOUT_S = 900.0
 
 
 @dataclass
@@ -40,7 +42,7 @@ class Resources:
     custom: dict = field(default_factory=dict)
     accelerator_type: str | None = None
     grows: bool = False
-    start_timeout_s: float = 900.0
+    start_timeout_s: float = DEFAULT_START_TIMEOUT_S
 
     def needs(self) -> dict:
         """What one actor reserves, as Ray resource names and amounts."""
@@ -135,12 +137,17 @@ def plan(spec: dict, cluster: dict, nodes: list[dict], n_shards: int, fixed: boo
     if cpa == "auto":
         cpus = float(cluster.get("CPU", 0))
         cpa = 1.0 if (gpa > 0 or custom) else max(1.0, float(int(cpus // hi)) if cpus else 1.0)
+        cpa = min(cpa, max(1.0, _largest_node_cpus(nodes, cpa)))  # an actor fits on one node
     out = Resources(actors=hi, cpus_per_actor=float(cpa), gpus_per_actor=gpa, min_actors=lo, custom=custom,
                     accelerator_type=res.get("accelerator_type"), grows=res["actors"] == "auto",
-                    start_timeout_s=float(res.get("start_timeout_s", 900.0)))
+                    start_timeout_s=float(res.get("start_timeout_s", DEFAULT_START_TIMEOUT_S)))
     if fixed:
         refuse_impossible(out, cluster, nodes)
     return out
+
+
+def _largest_node_cpus(nodes: list[dict], default: float) -> float:
+    return max((float(n.get("Resources", {}).get("CPU", 0)) for n in nodes if n.get("Alive")), default=default)
 
 
 def refuse_impossible(res: Resources, cluster: dict, nodes: list[dict]) -> None:
@@ -149,8 +156,7 @@ def refuse_impossible(res: Resources, cluster: dict, nodes: list[dict]) -> None:
         raise AuditError(f"resources.gpus_per_actor is {res.gpus_per_actor:g} but the cluster has "
                          f"{float(cluster.get('GPU', 0)):g} GPUs (and no node can join this private local Ray: "
                          "run on a cluster with --address to let an autoscaler add GPU nodes)")
-    cpus = float(cluster.get("CPU", 0))
-    biggest = max((float(n.get("Resources", {}).get("CPU", 0)) for n in nodes if n.get("Alive")), default=cpus)
+    biggest = _largest_node_cpus(nodes, float(cluster.get("CPU", 0)))
     if res.cpus_per_actor > biggest:
         raise AuditError(f"resources.cpus_per_actor is {res.cpus_per_actor:g} but the largest node has "
                          f"{biggest:g} CPUs")

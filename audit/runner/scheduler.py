@@ -303,17 +303,24 @@ class Scheduler:
             self.ceiling = n
 
     def release_pending(self) -> None:
-        """No shard waits: kill the actors not ready yet, so their requests stop holding nodes."""
-        pending = [a for a in self.actors.values() if not a.ready]
-        for a in pending:
+        """No shard waits: kill the actors not ready yet, so their requests stop holding (or adding) nodes.
+
+        Said in a line only when some of them were waiting for a node: one
+        still loading the model at the end of a small job is not news.
+        """
+        released = [a for a in self.actors.values() if not a.ready]
+        if not released:
+            return
+        waited = len(self.pending())
+        for a in released:
             del self.actors[a.key]
             self.calls.pop(a.setup_ref, None)
             with contextlib.suppress(Exception):
                 self.ray.kill(a.handle, no_restart=True)
-        if pending:
-            self.state.released += len(pending)
-            self.bar.write(f"audit: released {len(pending)} pending actor request{'s' if len(pending) > 1 else ''}: "
-                           "no shard left to hand out")
+        self.state.released += len(released)
+        if waited:
+            self.bar.write(f"audit: released {waited} actor request{'s' if waited > 1 else ''} still waiting for "
+                           "a node: no shard left to hand out")
 
     # -- shards -------------------------------------------------------------------
     def hand_out(self) -> None:
