@@ -124,6 +124,22 @@ def test_pool_grows_as_nodes_join(fake, ws, monkeypatch):
 
 
 @pytest.mark.slow
+def test_pending_actors_that_never_start_do_not_block(fake, ws):
+    """The cluster may add 1 node only: 2 of 3 actors never start; the job runs on 1 and releases the 2."""
+    fake.set_max_workers("gpu_worker", 1)
+    fake.wait_for(lambda: len(fake.worker_nodes()) <= 1, NODE_WAIT_S, "at most 1 worker node")
+    out = ws["dir"] / "out_capped"
+    try:
+        s = _run(ws, out, "resources.actors={min: 1, max: 3}")
+    finally:
+        fake.set_max_workers("gpu_worker", MAX_NODES)
+    assert s["status"] == "ok"
+    h.assert_exactly_once(out, ws["ids"], methods=METHODS)
+    pool = _job(out)["runs"][-1]["pool"]
+    assert pool == {"requested": 3, "peak_running": 1, "preempted": 0, "released": 2}, pool
+
+
+@pytest.mark.slow
 def test_preempted_node_mid_job(fake, ws):
     """A node drained as preempted, then killed: its shards go back (no attempt counted), the job ends ok."""
     import ray
