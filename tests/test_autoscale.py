@@ -179,3 +179,17 @@ def test_resource_that_never_appears_ends_in_one_line(fake, ws):
     s = _run(ws, out, "resources.custom={}", resume=True)  # the cluster it can run on: --resume finishes
     assert s["status"] == "ok" and s["images_this_run"] == len(ws["ids"])
     h.assert_exactly_once(out, ws["ids"], methods=METHODS)
+
+
+def test_pool_line_in_the_progress_bar(capsys):
+    from audit.runner.progress import Progress
+
+    bar = Progress(10, 0, 0, True, "job")
+    bar.pool("waiting for 4 GPU actors: 1 running, 3 pending", waiting=True)
+    assert bar.bar.desc.startswith("job (waiting for 4 GPU actors: 1 running, 3 pending)")
+    bar.pool("4 GPU actors on nodes: 4 running, none pending", waiting=False)
+    assert bar.bar.desc.rstrip(": ") == "job"
+    bar.close()
+    err = capsys.readouterr().err
+    assert "audit: waiting for 4 GPU actors: 1 running, 3 pending" in err
+    assert "audit: 4 GPU actors on nodes: 4 running, none pending" in err
