@@ -150,6 +150,13 @@ def _cause(e):
     return getattr(e, "cause", None) or e
 
 
+def _actor_hex(handle) -> str | None:
+    try:
+        return handle._actor_id.hex()
+    except Exception:  # noqa: BLE001 - a handle type without it (Ray Client, a newer Ray): not known
+        return None
+
+
 def _one_line(cause) -> str:
     text = str(cause).strip()
     return f"{type(cause).__name__}: {text.splitlines()[-1] if text else ''}"
@@ -469,7 +476,7 @@ class Scheduler:
         if not old:
             return []
         waiting = self.placing()
-        return [a for a in old if a.handle._actor_id.hex() in waiting]
+        return [a for a in old if _actor_hex(a.handle) in waiting]
 
     def placing(self) -> set:
         """Ids of this job's actors that wait for a node (Ray's ``PENDING_CREATION``), asked about once a second."""
