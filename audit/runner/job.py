@@ -155,8 +155,10 @@ def run_job(spec, *, address=None, resume=False, overrides=(), progress=True, on
         overrides: ``key.path=value`` strings.
         progress: show a progress bar.
         on_event: ``on_event(kind, payload)``, called on the driver thread for
-            ``actor_ready``, ``shard_done`` and (with ``progress``, about once
-            a second) ``progress`` (monitoring hooks; tests inject faults).
+            ``actor_ready``, ``shard_done``, ``pool`` (the actors running,
+            starting and pending changed while some wait for a node) and (with
+            ``progress``, about once a second) ``progress`` (monitoring hooks;
+            tests inject faults).
         base_dir: what relative paths of a dict spec resolve against.
 
     Returns:

@@ -173,7 +173,7 @@ class Scheduler:
         state: :class:`RunState`, filled in as shards commit.
         bar: the progress display (:class:`audit.runner.progress.Progress`).
         on_event: ``on_event(kind, payload)`` hook or None (``actor_ready``,
-            ``shard_done``, ``progress``).
+            ``shard_done``, ``pool``, ``progress``).
         lock: the output lock (:class:`audit.data.lock.OutputLock`) or None;
             the run stops when another driver took it over.
     """
