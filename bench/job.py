@@ -39,6 +39,7 @@
    leaves it out, ``--s3-only`` runs it alone:
 
        .venv/bin/python bench/job.py --s3-only --s3-rounds 3 --size 224 --images 512 --job-shard 64
+
 6. ``--elastic`` (run alone): an elastic pool vs a static pool of the same
    final size, on Ray's fake autoscaling cluster (tests/helpers_autoscale.py:
    worker nodes of 1 CPU and 1 fake GPU that the autoscaler adds for pending

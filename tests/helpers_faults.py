@@ -27,10 +27,18 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def worker_with(setup, *args):
-    """A stand-in for ``scheduler.remote_worker``: actors that run ``setup(*args)`` before anything else."""
+    """A stand-in for ``scheduler.remote_worker``: actors that run ``setup(*args)`` before anything else.
+
+    The scheduler's own actor class around a subclass of the worker, so the
+    faulty actors are the job's actors in all else.
+    """
+
+    from audit.runner import scheduler
+
+    # the scheduler's own, also when a stand-in replaces it already (the factory below replaces it next)
+    remote_worker = getattr(scheduler.remote_worker, "original", scheduler.remote_worker)
 
     def factory():
-        import ray
         from ray import cloudpickle
 
         from audit.runner.worker import AuditWorker
@@ -43,17 +51,9 @@ def worker_with(setup, *args):
                 setup(*args)
                 super().__init__(*a, **kw)
 
-            @ray.method(concurrency_group="control")
-            def progress(self):
-                return super().progress()
+        return remote_worker(Faulty)
 
-            @ray.method(concurrency_group="control")
-            def fence(self):
-                return super().fence()
-
-        Faulty.__name__ = Faulty.__qualname__ = "AuditWorker"
-        return ray.remote(concurrency_groups={"control": 1})(Faulty)
-
+    factory.original = remote_worker
     return factory
 
 
