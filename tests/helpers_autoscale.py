@@ -110,10 +110,11 @@ class FakeAutoscalingCluster:
 
         self.address = f"{get_node_ip_address()}:{self.port}"
         self.write_config()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_") or k.startswith("RAY_AUTH_TOKEN")}
         env.update({"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1", "RAY_USAGE_STATS_ENABLED": "0",
-                    # a token in ~/.ray would switch a new head to token mode; this cluster is private
-                    "RAY_AUTH_MODE": "disabled",
+                    # the driver's mode: a new head with a token in ~/.ray would switch to token mode on its own,
+                    # and a driver that started a local Ray before is in token mode (Ray set RAY_AUTH_MODE)
+                    "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE") or "disabled",
                     "PYTHONPATH": os.pathsep.join(p for p in sys.path if p), **self.extra_env})
         ray_bin = Path(sys.executable).parent / "ray"
         cmd = [str(ray_bin), "start", "--head", "--block", f"--port={self.port}", f"--temp-dir={self.temp_dir}",

@@ -208,8 +208,8 @@ class Scheduler:
         self.total_shards = len(self.queue)
         try:
             while self.busy():
-                self.resize()
                 self.hand_out()
+                self.resize()  # after hand_out: the queue it just emptied releases the pending actors at once
                 self.check_lock()
                 if not self.calls:
                     if not self.actors:
