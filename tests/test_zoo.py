@@ -219,6 +219,41 @@ def test_cache_key_follows_the_parameters():
     assert key(a) != key(replace(a, cues=((0, Cue("frame")),)))
 
 
+def _detection_bench():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    if "bench_detection" not in sys.modules:  # dataclasses look their module up there
+        path = Path(__file__).resolve().parents[1] / "bench" / "detection.py"
+        spec = importlib.util.spec_from_file_location("bench_detection", path)
+        sys.modules["bench_detection"] = mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    return sys.modules["bench_detection"]
+
+
+def test_a_seed_draws_new_images_and_a_new_cache_entry():
+    from audit.zoo.train import key
+
+    bench = _detection_bench()
+    seeded = bench.seeded(CASES, 1)
+    assert set(seeded) == set(CASES) and all(c.seed == 1 for c in seeded.values())
+    assert bench.seeded(CASES, None) == CASES
+    a, b = CASES["watermark"], seeded["watermark"]
+    assert replace(b, seed=a.seed) == a  # only the seed changed
+    assert key(a) != key(b)
+    for label in range(len(a.classes)):
+        ra, rb = render(a, "train", 3, label), render(b, "train", 3, label)
+        assert np.abs(ra.image.astype(int) - rb.image).mean() > 5
+    assert bench.default_out(None).name == "detection" and bench.default_out(2).name == "seed2"
+
+
+def test_detection_bench_refuses_a_negative_seed(capsys):
+    with pytest.raises(SystemExit) as e:
+        _detection_bench().main(["--seed", "-1", "--cases", "clean"])
+    assert e.value.code == 2 and "--seed must be 0 or more" in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------
 # End to end: train a small model, audit the training split, scan
 # ----------------------------------------------------------------------------
