@@ -262,8 +262,22 @@ def load_spec(spec, overrides=(), base_dir=None) -> dict:
 
 
 def check(doc: dict) -> None:
-    """Checks the schema cannot express; each failure is one line naming the key."""
-    m = doc["model"]
+    """Checks the schema cannot express; each failure is one line naming the key.
+
+    Args:
+        doc: the spec, already validated against the schema, paths resolved.
+
+    Raises:
+        AuditError: the first mistake found, as one line naming its key.
+    """
+    _check_model(doc["model"])
+    _check_dataset(doc)
+    _check_explain(doc["explain"])
+    _check_resources(doc["resources"])
+    _check_output(doc["output"])
+
+
+def _check_model(m: dict) -> None:
     if bool(m.get("path")) == bool(m.get("application")):
         raise AuditError("spec error: model: give exactly one of 'path' (a .keras or .h5 file) or 'application'")
     from audit.data import fs
@@ -291,6 +305,11 @@ def check(doc: dict) -> None:
             check_preprocess(m["preprocess"])
         except AuditError as e:
             raise AuditError(f"spec error: model.preprocess: {e}") from None
+
+
+def _check_dataset(doc: dict) -> None:
+    from audit.data import fs
+
     ds = doc["dataset"]
     if not fs.exists(ds["path"]):
         raise AuditError(f"spec error: {fs.not_found(ds['path'], 'dataset.path')}")
@@ -308,16 +327,23 @@ def check(doc: dict) -> None:
             resolve_target(doc["explain"]["target"], list(ds["classes"]), len(ds["classes"]))
         except AuditError as e:
             raise AuditError(f"spec error: explain.target: {e}") from None
-    grid = doc["explain"].get("token_grid")
+
+
+def _check_explain(explain: dict) -> None:
+    grid = explain.get("token_grid")
     if grid and grid[0] * grid[1] < 2:
         raise AuditError(f"spec error: explain.token_grid: {list(grid)} is one cell; a map needs h x w > 1")
-    for name, box in doc["explain"]["regions"].items():
+    for name, box in explain["regions"].items():
         if not (box[0] < box[2] and box[1] < box[3]):
             raise AuditError(f"spec error: explain.regions.{name}: expected x0 < x1 and y0 < y1, got {box}")
-    _check_resources(doc["resources"])
-    if fs.is_uri(str(doc["output"])):
+
+
+def _check_output(output) -> None:
+    from audit.data import fs
+
+    if fs.is_uri(str(output)):
         return  # a bucket: checked by the job before anything is written (audit.data.io.check_output)
-    out = Path(doc["output"])
+    out = Path(output)
     if out.exists() and not out.is_dir():
         raise AuditError(f"spec error: output: {out} exists and is not a directory")
     for parent in out.parents:  # the first existing ancestor must be a folder we can create in
