@@ -12,11 +12,9 @@ import os
 import shutil
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
-from helpers_s3 import _free_port
+from helpers_s3 import _free_port, wait_http
 
 
 def available() -> bool:
@@ -40,15 +38,7 @@ class GcsServer:
         fs.clear_cache()
 
     def _wait(self, bucket):
-        for _ in range(300):
-            if self.proc.poll() is not None:
-                raise RuntimeError("gcp-storage-emulator exited")
-            try:
-                urllib.request.urlopen(f"{self.endpoint}/storage/v1/b/{bucket}", timeout=1)
-                return
-            except OSError:
-                time.sleep(0.1)
-        raise RuntimeError("gcp-storage-emulator did not start")
+        wait_http(self.proc, f"{self.endpoint}/storage/v1/b/{bucket}", "gcp-storage-emulator")
 
     def upload(self, local, uri: str) -> str:
         """Copy a local file or folder to ``uri`` (gs://bucket/prefix) through pyarrow; returns ``uri``."""

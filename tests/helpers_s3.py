@@ -30,6 +30,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_http(proc: subprocess.Popen, url: str, name: str) -> None:
+    """Polls ``url`` until the server process ``proc`` answers (30 s at most)."""
+    for _ in range(300):
+        if proc.poll() is not None:
+            raise RuntimeError(f"{name} exited")
+        try:
+            urllib.request.urlopen(url, timeout=1)
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"{name} did not start")
+
+
 class S3Server:
     """One moto server; ``key``/``secret`` are the valid credential, ``endpoint`` its URL.
 
@@ -53,15 +66,7 @@ class S3Server:
         self.set_env()
 
     def _wait(self):
-        for _ in range(300):
-            if self.proc.poll() is not None:
-                raise RuntimeError("moto server exited")
-            try:
-                urllib.request.urlopen(f"{self.endpoint}/moto-api/", timeout=1)
-                return
-            except OSError:
-                time.sleep(0.1)
-        raise RuntimeError("moto server did not start")
+        wait_http(self.proc, f"{self.endpoint}/moto-api/", "moto server")
 
     def _make_user(self):
         import boto3
