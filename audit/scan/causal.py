@@ -21,6 +21,7 @@ import numpy as np
 from audit.scan.config import Config
 from audit.scan.intervene import CausalResult, Levels, extra_forwards, place_bank, remove_objects, spare_masks
 from audit.scan.read import sample_ids
+from audit.scan.transplant import Recipients
 
 DONORS = 64  # images in the pool of backgrounds (and of object positions), across classes
 
@@ -98,22 +99,45 @@ def plan_tests(results, n_images: int, n_places: int, masked: bool, cfg: Config)
     return plans, skipped
 
 
-def _donors(intervener, view, cfg: Config, use_masks: bool):
-    """(object-free background images, their targets, object density per pixel or None, the pool's
-    :class:`Levels`): a pool of images across classes."""
+@dataclass
+class Pool:
+    """A deterministic pool of images across classes (:data:`DONORS`), loaded once per scan."""
+
+    backgrounds: np.ndarray | None = None  # the images with their objects inpainted away (masks only)
+    target: np.ndarray | None = None  # each image's class
+    density: np.ndarray | None = None  # object density per pixel (masks only)
+    levels: Levels | None = None  # the dataset's typical image
+    recipients: Recipients | None = None  # the images as they are, with the model's predictions
+
+
+def _pool(intervener, view, use_masks: bool) -> Pool:
+    """Load the pool: backgrounds and object density (with masks), levels, and the transplant's
+    recipients (the images with their predictions; their objects, grown, are never pasted over)."""
     df = view.df
     ok = df[df["status"] == "ok"].drop_duplicates("image_id")
     ids = sorted(sample_ids(ok["image_id"].tolist(), DONORS))
     if not ids:
-        return None, None, None, None
+        return Pool()
     target = dict(zip(ok["image_id"], ok["target"]))
     images, masks = intervener.load(ids)
-    levels = Levels.of(images)
-    if not use_masks or masks is None or not masks.any():
-        return None, None, None, levels
-    has = masks.reshape(len(masks), -1).any(axis=1)
-    density = masks[has].mean(axis=0) if has.any() else None
-    return remove_objects(images, masks), np.array([target[i] for i in ids]), density, levels
+    pool = Pool(target=np.array([target[i] for i in ids]), levels=Levels.of(images))
+    masked = use_masks and masks is not None and masks.any()
+    keep = spare_masks(images.shape[1:3], masks) if masked else None
+    pool.recipients = Recipients(images, np.asarray(intervener.predict(images)), keep)
+    if masked:
+        has = masks.reshape(len(masks), -1).any(axis=1)
+        pool.density = masks[has].mean(axis=0) if has.any() else None
+        pool.backgrounds = remove_objects(images, masks)
+    return pool
+
+
+def _backgrounds_for(pool: Pool, class_id: int) -> tuple:
+    """(the pool's backgrounds of the other classes, round robin by class, their classes), or (None, None)."""
+    if pool.backgrounds is None:
+        return None, None
+    keep = np.nonzero(pool.target != class_id)[0]
+    keep = keep[interleave(pool.target[keep])] if len(keep) else keep
+    return pool.backgrounds[keep], pool.target[keep]
 
 
 def interleave(labels: np.ndarray) -> np.ndarray:
@@ -162,10 +186,9 @@ def run_tests(intervener, results, view, cfg: Config, use_masks: bool) -> Causal
     n_images = int(view.df["image_id"].nunique()) if len(view.df) else 0
     plans, out.skipped = plan_tests(results, n_images, n_places, masked, cfg)
     out.planned = len(plans) + out.skipped
-    donors = intervener.call(_donors, intervener, view, cfg, use_masks)
-    backgrounds, donor_target, density, levels = donors if donors is not None else (None, None, None, None)
-    out.density = _density_ratios(density, place_bank(size, view.regions))
     start = intervener.forwards
+    pool = intervener.call(_pool, intervener, view, use_masks) or Pool()
+    out.density = _density_ratios(pool.density, place_bank(size, view.regions))
     for plan in plans:
         loaded = intervener.call(intervener.load, plan.ids)
         if loaded is None:
@@ -173,17 +196,15 @@ def run_tests(intervener, results, view, cfg: Config, use_masks: bool) -> Causal
         images, masks = loaded
         if masked and masks is None:
             masks = np.zeros(images.shape[:3], bool)
-        bg, bg_cls = None, None
-        if backgrounds is not None:
-            keep = np.nonzero(donor_target != plan.class_id)[0]
-            keep = keep[interleave(donor_target[keep])] if len(keep) else keep
-            bg, bg_cls = backgrounds[keep], donor_target[keep]
+        bg, bg_cls = _backgrounds_for(pool, plan.class_id)
         places = place_bank(size, view.regions, plan.hot_box)
         spare = spare_masks(size, masks) if masked else spare_masks(size, grids=own_grids(results, plan))
         res = intervener.call(causal_tests, intervener.predict, images, places,
                               masks if masked else None, classes=np.full(len(images), plan.class_id),
                               backgrounds=bg, background_classes=bg_cls, fill=cfg.fill, screen=cfg.screen,
-                              screen_min=cfg.screen_min, spare=spare, levels=levels)
+                              screen_min=cfg.screen_min, spare=spare, levels=pool.levels,
+                              recipients=pool.recipients.for_class(plan.class_id) if pool.recipients else None,
+                              target=plan.class_id)
         if res is None:
             break
         out.results[(plan.class_id, plan.cluster)] = res

@@ -51,6 +51,7 @@ class Config:
     image_flip_min: float = 0.7  # a whole-image transform (it edits the object too) must flip this share
     object_flip_max: float = 0.25  # removing the object flips at most this share ...
     background_flip_min: float = 0.35  # ... while replacing the background flips at least this
+    transplant_min: float = 0.2  # a flipping place pasted into other classes' images turns at least this share
 
     def replace(self, **changes) -> Config:
         """A copy with some fields changed."""

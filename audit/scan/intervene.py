@@ -46,6 +46,7 @@ import numpy as np
 
 from audit.errors import AuditError
 from audit.scan.config import SPARE_HOT, SPARE_MAX, TEXTURE_SIGMA
+from audit.scan.transplant import transplant_places
 
 FILLS = ("mean", "blur")
 OBJECT_FILL = "inpaint"
@@ -323,6 +324,8 @@ class PlaceFlip:
     n: int
     flip_rate: float
     area: float = math.nan  # share of the image the place covers
+    transplant: float = math.nan  # share of other classes' images the place turns into the class (transplant.py)
+    transplant_n: int = 0  # recipients of the transplant
 
 
 @dataclass
@@ -393,7 +396,7 @@ def _predict_chunks(predict_fn, variants: list, chunk: int) -> list:
 def causal_tests(predict_fn, images, places, object_masks=None, *, classes=None, backgrounds=None,
                  background_classes=None, fill: str = "mean", base_pred=None, chunk: int = CHUNK,
                  screen: int = SCREEN, screen_min: float = SCREEN_MIN, spare=None,
-                 levels: Levels | None = None) -> CausalResult:
+                 levels: Levels | None = None, recipients=None, target: int | None = None) -> CausalResult:
     """Run the object, background, background-transform and place tests on one sample.
 
     Every test is screened first on the sample's first ``screen`` images;
@@ -427,6 +430,9 @@ def causal_tests(predict_fn, images, places, object_masks=None, *, classes=None,
             (:func:`spare_masks`); the background transforms edit the rest.
             None: no transform tests.
         levels: the dataset's typical image (:class:`Levels`) for the colour transform.
+        recipients: images of other classes (:class:`audit.scan.transplant.Recipients`) that receive
+            the places that flipped the sample (the transplant test), or None.
+        target: the sample's class id (for the transplant).
 
     Returns:
         A :class:`CausalResult`; a rate is NaN with fewer than :data:`MIN_SAMPLE` testable images.
@@ -441,6 +447,10 @@ def causal_tests(predict_fn, images, places, object_masks=None, *, classes=None,
     run.stage(tests, [t.sel & first for t in tests])  # stage 1: every test on the first images
     rest = [t.sel & ~first if go else np.zeros(n, bool) for t, go in zip(tests, _promising(tests, screen_min))]
     run.stage(tests, rest)  # stage 2: the promising tests on the rest
+    if recipients is not None and target is not None:  # stage 3: do the flipping places carry the class?
+        found = transplant_places(predict_fn, images, tests, recipients, int(target), chunk)
+        for t in tests:
+            t.transplant = found.get(id(t))
     has_obj = obj.reshape(n, -1).any(axis=1) if obj is not None else np.zeros(n, bool)
     out = CausalResult(n=n, masked=obj is not None, absence=obj is not None and not has_obj.any())
     out.tests = [t.result(obj, background_classes, backgrounds) for t in tests]
@@ -502,6 +512,7 @@ class _Test:
     area: float = math.nan
     flips: dict = field(default_factory=dict)  # image index -> flipped
     levels: Levels | None = None  # the dataset's typical image (the colour transform)
+    transplant: object = None  # audit.scan.transplant.Transplant, for the places that flipped the sample
 
     def rate(self) -> float:
         return float(np.mean(list(self.flips.values()))) if self.flips else math.nan
@@ -521,7 +532,9 @@ class _Test:
         rate = float(f.mean()) if k >= MIN_SAMPLE else math.nan
         if k >= MIN_SAMPLE and self.fill == "other-background" and background_classes is not None:
             rate = _median_by_donor(f, idx, np.asarray(background_classes), len(backgrounds))
-        return PlaceFlip(self.test, self.place, self.box, self.fill, k if k >= MIN_SAMPLE else 0, rate, area)
+        tr = self.transplant
+        return PlaceFlip(self.test, self.place, self.box, self.fill, k if k >= MIN_SAMPLE else 0, rate, area,
+                         tr.rate if tr is not None else math.nan, tr.n if tr is not None else 0)
 
 
 def _edit(t: _Test, images, obj, rows: np.ndarray, backgrounds) -> np.ndarray:

@@ -174,7 +174,8 @@ def interventions_table(results: list, causal):
                          "box": None if t.box is None else [float(v) for v in t.box], "fill": t.fill,
                          "n": t.n, "flip_rate": or_none(t.flip_rate),
                          "flip_rate_others": or_none(others.get(t.place)) if t.test in ("region", "transform") else None,
-                         "area": or_none(t.area)})
+                         "area": or_none(t.area), "transplant_rate": or_none(t.transplant),
+                         "transplant_n": t.transplant_n})
     schema = arrow_schema("interventions")
     if not rows:
         return schema.empty_table().to_pandas()

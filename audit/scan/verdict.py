@@ -26,6 +26,7 @@ from audit.scan.config import BORDER_AREA, DEFAULT, Config
 from audit.scan.features import GroupFeatures, Place
 from audit.scan.intervene import MIN_SAMPLE, CausalResult, PlaceFlip
 from audit.scan.robust import fixed_place_score
+from audit.scan.transplant import MIN_RECIPIENTS
 from audit.scan.values import clip01, finite, pct
 
 FLAT = "background:flat"  # the flat grey background transform
@@ -46,6 +47,7 @@ class Verdict:
     causal: CausalResult | None = None
     cue_flip: PlaceFlip | None = None  # the place test behind the cue (or the most flipping place)
     cue_others: float = math.nan  # the same place's flip rate on the other classes
+    refuted: PlaceFlip | None = None  # a place that flipped the class but whose transplant turned nothing
     evidence: str = ""
     untested: bool = False  # causal tests ran for the scan but not for this group (cost budget)
 
@@ -151,6 +153,14 @@ class CueFinding:
     score: float
     flip: PlaceFlip | None = None
     others: float = math.nan
+    refuted: PlaceFlip | None = None  # the strongest place that flipped the class but carried nothing
+
+
+def transplant_refutes(t: PlaceFlip, cfg: Config = DEFAULT) -> bool:
+    """The place flipped the class, but pasted into other classes' images it turns fewer than
+    ``transplant_min`` of them into the class: the fill, not the place, changed the predictions."""
+    return t.test == "region" and finite(t.transplant) and t.transplant_n >= MIN_RECIPIENTS \
+        and t.transplant < cfg.transplant_min
 
 
 def place_eligible(t: PlaceFlip, causal: CausalResult, cfg: Config, density: dict | None = None) -> bool:
@@ -238,8 +248,11 @@ def causal_cue(causal: CausalResult | None, others: dict | None = None, cfg: Con
     whole = cfg.replace(cue_flip_min=cfg.image_flip_min)  # an edit of the object too needs more flips
     cands = [(place_flip_score(t.flip_rate, others.get(t.place, math.nan), whole if t.place.startswith("image:")
                                else cfg), t) for t in tests if place_eligible(t, causal, cfg, density)]
+    refuted = [c for c in cands if c[0] >= 0.5 and transplant_refutes(c[1], cfg)]
+    cands = [c for c in cands if not transplant_refutes(c[1], cfg)]
+    strongest_refuted = max(refuted, key=lambda c: c[0])[1] if refuted else None
     if not cands:
-        return CueFinding(0.0)
+        return CueFinding(0.0, refuted=strongest_refuted)
     strong = [c for c in cands if c[0] >= 0.5]
     # a named region first (the user's hypothesis), then the smallest place of the fixed bank, then
     # the hot area (it follows the attention, the bank names the place), then a background transform
@@ -247,7 +260,7 @@ def causal_cue(causal: CausalResult | None, others: dict | None = None, cfg: Con
                                       c[1].place == FLAT, c[1].place == "hot area", c[1].area, -c[0])) \
         if strong else max(cands, key=lambda c: c[0])
     s, t = best
-    return CueFinding(s, t, others.get(t.place, math.nan))
+    return CueFinding(s, t, others.get(t.place, math.nan), strongest_refuted)
 
 
 def background_score(causal: CausalResult | None, cfg: Config = DEFAULT) -> float:
@@ -326,7 +339,7 @@ def assess(f: GroupFeatures, cfg: Config = DEFAULT, causal: CausalResult | None 
     else:
         finding = causal_cue(causal, others, cfg, density)
         s_bg = background_score(causal, cfg)
-        res.cue_flip, res.cue_others = finding.flip, finding.others
+        res.cue_flip, res.cue_others, res.refuted = finding.flip, finding.others, finding.refuted
         res.suspicion = max(finding.score, s_bg)
         if finding.score >= cfg.threshold and not _background_place(finding.flip, s_bg, cfg):
             t = finding.flip
@@ -414,7 +427,14 @@ def causal_text(res: Verdict) -> str:
              f"of {t.n} predictions")
         if finite(res.cue_others):
             s += f" ({pct(res.cue_others)} for the other classes)"
+        if finite(t.transplant):
+            s += f", and pasted into {t.transplant_n} images of other classes it turns {pct(t.transplant)} into this class"
         parts.append(s)
+    r = res.refuted
+    if r is not None and (t is None or r.place != t.place):
+        parts.append(f"occluding {r.place} ({_fill_words(r.fill)}) changes {pct(r.flip_rate)} of {r.n} predictions, "
+                     f"but pasted into {r.transplant_n} images of other classes it turns {pct(r.transplant)} into "
+                     f"this class: the fill changed them, the place carries no cue")
     return "; ".join(parts)
 
 

@@ -1,0 +1,130 @@
+"""Transplant tests: does a place whose occlusion flips a class also carry that class's evidence?
+
+Occluding a place can change a prediction for two reasons: the place held the
+class's cue (a watermark, a frame), or the fill *added* something (a band of
+the image's mean colour that extends a large object's silhouette, a patch that
+looks like another class's stamp).  The transplant tells them apart: the
+place's pixels, taken from the class's images whose prediction the occlusion
+flipped, are pasted into images the model gives to *other* classes.  A real
+cue carries the class with it and turns some of them into the class; a place
+that only mattered by what its fill brought turns none.
+
+The control: the same place occluded (same fill) in the same recipients; only
+the turns beyond the control count, so a default class (the one the model
+says when a patch hides another class's evidence) does not pass for a cue.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+TRANSPLANT_FROM = 0.4  # a place is transplanted when its occlusion flipped at least this share of the sample
+MAX_TRANSPLANT = 3  # at most this many places per sample (the most flipping, the smallest first)
+RECIPIENTS = 16  # images of other classes that receive each place
+MIN_RECIPIENTS = 8  # fewer: the transplant is not run (rate unknown)
+
+
+@dataclass(frozen=True)
+class Recipients:
+    """Images the model gives to various classes, and what it gives them.
+
+    images: (K, H, W, C) uint8 at the model input size.
+    base: (K,) predicted class ids, or (K, C) bool (multi-label).
+    keep: (K, H, W) bool, pixels never pasted over (each image's object, grown), or None.
+    """
+
+    images: np.ndarray
+    base: np.ndarray
+    keep: np.ndarray | None = None
+
+    def for_class(self, target: int, k: int = RECIPIENTS) -> Recipients | None:
+        """The first ``k`` images not predicted as ``target`` (None when fewer than :data:`MIN_RECIPIENTS`)."""
+        base = np.asarray(self.base)
+        other = base != target if base.ndim == 1 else ~base[:, int(target)].astype(bool)
+        rows = np.nonzero(other)[0][:k]
+        if len(rows) < MIN_RECIPIENTS:
+            return None
+        return Recipients(self.images[rows], base[rows], None if self.keep is None else self.keep[rows])
+
+
+@dataclass(frozen=True)
+class Transplant:
+    """A transplant's result: the share of recipients turned into the class beyond the control, of ``n``."""
+
+    rate: float
+    n: int
+    pasted: float = math.nan  # share turned by the pasted place
+    control: float = math.nan  # share turned by the same place occluded
+
+
+def turned_into(base, new, target: int) -> np.ndarray:
+    """(K,) bool: the prediction became ``target`` (multi-label: its label switched on)."""
+    base, new = np.asarray(base), np.asarray(new)
+    if base.ndim == 1:
+        return (new == target) & (base != target)
+    t = int(target)
+    return new[:, t].astype(bool) & ~base[:, t].astype(bool)
+
+
+def paste(recipients: Recipients, donors: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    """Copies of the recipients with each donor's masked pixels pasted in (donors taken in turn)."""
+    out = recipients.images.copy()
+    for j in range(len(out)):
+        d = j % len(donors)
+        m = masks[d] if recipients.keep is None else masks[d] & ~recipients.keep[j]
+        out[j][m] = donors[d][m]
+    return out
+
+
+def candidates(tests: list) -> list:
+    """The place tests worth a transplant: flipped at least :data:`TRANSPLANT_FROM` of a tested sample."""
+    from audit.scan.intervene import MIN_SAMPLE
+
+    found = [t for t in tests if t.test == "region" and len(t.flips) >= MIN_SAMPLE
+             and t.rate() >= TRANSPLANT_FROM]
+    found.sort(key=lambda t: (-t.rate(), t.area))
+    return found[:MAX_TRANSPLANT]
+
+
+def transplant_places(predict_fn, images: np.ndarray, tests: list, recipients: Recipients | None,
+                      target: int, chunk: int) -> dict:
+    """Transplant each candidate place of one sample into the recipients.
+
+    Args:
+        predict_fn: uint8 images -> predictions, as for the other tests.
+        images: the sample (N, H, W, C).
+        tests: the sample's running tests (``_Test`` of :mod:`audit.scan.intervene`), screened and run.
+        recipients: images of other classes (:meth:`Recipients.for_class`), or None.
+        target: the class id of the sample.
+        chunk: images per ``predict_fn`` call.
+
+    Returns:
+        {id(test): :class:`Transplant`} for the candidate places that had donors.
+    """
+    from audit.scan.intervene import _predict_chunks, occlude
+
+    if recipients is None:
+        return {}
+    jobs = []
+    for t in candidates(tests):
+        rows = np.array(sorted(i for i, f in t.flips.items() if f), int)
+        if not len(rows):
+            continue
+        masks = t.mask[rows]
+        k = len(recipients.images)
+        spots = np.stack([masks[j % len(rows)] for j in range(k)])
+        if recipients.keep is not None:
+            spots &= ~recipients.keep
+        jobs.append((t, paste(recipients, images[rows], masks), occlude(recipients.images, spots, t.fill)))
+    if not jobs:
+        return {}
+    preds = _predict_chunks(predict_fn, [v for _, a, b in jobs for v in (a, b)], chunk)
+    out = {}
+    for j, (t, _, _) in enumerate(jobs):
+        pasted = float(turned_into(recipients.base, preds[2 * j], target).mean())
+        control = float(turned_into(recipients.base, preds[2 * j + 1], target).mean())
+        out[id(t)] = Transplant(max(0.0, pasted - control), len(recipients.images), pasted, control)
+    return out
