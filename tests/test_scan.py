@@ -168,9 +168,10 @@ PLACES = {"corner:bottom_right": (0.111, (2 / 3, 2 / 3, 1.0, 1.0)), "edge:bottom
 
 
 def causal(places=None, obj=None, bg=None, n=32, masked=True, absence=False, texture=None, colour=None,
-           flat=None):
+           flat=None, transplant=None):
     """A CausalResult: ``places`` {name: flip rate}, object/background flip rates (None: not run),
-    the background transforms' rates (without masks ``obj`` is the own-hot-area removal)."""
+    the background transforms' rates (without masks ``obj`` is the own-hot-area removal),
+    ``transplant`` {place: share of 16 other-class images the pasted place turned into the class}."""
     tests = []
     if obj is not None:
         tests.append(PlaceFlip("object", "object" if masked else "own hot area", None, "inpaint", n, obj, 0.1))
@@ -184,7 +185,9 @@ def causal(places=None, obj=None, bg=None, n=32, masked=True, absence=False, tex
         tests.append(PlaceFlip("background", "background", None, "other-background", n, other, 0.9))
     for name, rate in (places or {}).items():
         area, box = PLACES[name]
-        tests.append(PlaceFlip("region", name, box, "mean", n, rate, area))
+        tr = (transplant or {}).get(name)
+        tests.append(PlaceFlip("region", name, box, "mean", n, rate, area, math.nan if tr is None else tr,
+                               0 if tr is None else 16))
     return CausalResult(n=n, tests=tests, masked=masked, absence=absence)
 
 
@@ -254,6 +257,16 @@ CAUSAL_CASES = [
     ("a corner beats the blur that also smears it", "healthy", False,
      causal({**QUIET, "corner:bottom_right": 0.9}, obj=0.0, masked=False, texture=0.8, flat=0.8), {}, None,
      "shortcut_suspected", "corner:bottom_right", "corner:bottom_right"),
+    ("a thin band flips the class, but pasted elsewhere it carries nothing: the fill did it", "diffuse", False,
+     causal({**QUIET, "border:4%": 0.6}, obj=0.12, masked=False, transplant={"border:4%": 0.0}), {}, None,
+     "ok", "", ""),
+    ("a thin band flips the class and pasted elsewhere it carries the class", "diffuse", False,
+     causal({**QUIET, "border:4%": 0.6}, obj=0.12, masked=False, transplant={"border:4%": 0.75}), {}, None,
+     "shortcut_suspected", "border", "border:4%"),
+    ("a refuted band does not hide the corner that does carry the class", "healthy", True,
+     causal({**QUIET, "border:4%": 0.9, "corner:bottom_right": 0.8}, obj=0.1, bg=0.1,
+            transplant={"border:4%": 0.05, "corner:bottom_right": 0.6}), {}, None,
+     "shortcut_suspected", "corner:bottom_right", "corner:bottom_right"),
     ("too few images tested", "healthy", True,
      causal({**QUIET, "corner:bottom_right": 1.0}, obj=0.9, bg=0.0, n=10), {}, None, "ok", "object", ""),
 ]
@@ -271,6 +284,17 @@ def test_causal_case_table(name, kind, masks, res, others, density, verdict, cue
     if verdict == "shortcut_suspected":
         assert v.cue == cue and v.cue_region == cue_region
     assert v.evidence.endswith(".") and v.evidence.count(" - ") <= 1
+
+
+def test_refuted_place_is_named_in_the_evidence():
+    res = causal({**QUIET, "border:4%": 0.6}, obj=0.12, masked=False, transplant={"border:4%": 0.0})
+    v = assess(features(make_rows("diffuse", 40, masks=False)), causal=res)
+    assert v.verdict == "ok" and v.refuted is not None and v.refuted.place == "border:4%"
+    assert "occluding border:4% (mean-colour fill) changes 60% of 32 predictions, but pasted into 16 images" \
+        in v.evidence and "carries no cue" in v.evidence
+    kept = assess(features(make_rows("diffuse", 40, masks=False)),
+                  causal=causal({**QUIET, "border:4%": 0.6}, obj=0.12, masked=False, transplant={"border:4%": 0.75}))
+    assert kept.refuted is None and "it turns 75% into this class" in kept.evidence
 
 
 def test_attention_alone_flags_only_without_tests():

@@ -1,0 +1,93 @@
+"""The transplant test: a place that flips a class, pasted into other classes' images."""
+
+import math
+
+import numpy as np
+import pytest
+
+from audit.scan.intervene import Spot, causal_tests
+from audit.scan.transplant import MIN_RECIPIENTS, Recipients, paste, turned_into
+
+S = 16
+TOP = np.zeros((S, S), bool)
+TOP[:2] = True  # a thin top band
+TOP_PLACE = Spot("edge:top", (0.0, 0.0, 1.0, 2 / S), TOP)
+
+
+def test_turned_into_single_and_multilabel():
+    base, new = np.array([0, 2, 1, 1]), np.array([1, 1, 1, 0])
+    np.testing.assert_array_equal(turned_into(base, new, 1), [True, True, False, False])
+    mb = np.array([[1, 0], [0, 0], [0, 1]], bool)
+    mn = np.array([[1, 1], [0, 1], [0, 1]], bool)
+    np.testing.assert_array_equal(turned_into(mb, mn, 1), [True, True, False])
+
+
+def test_paste_takes_donors_in_turn_and_spares_kept_pixels():
+    rec = np.zeros((3, 2, 2, 1), np.uint8)
+    donors = np.stack([np.full((2, 2, 1), 10, np.uint8), np.full((2, 2, 1), 20, np.uint8)])
+    masks = np.ones((2, 2, 2), bool)
+    keep = np.zeros((3, 2, 2), bool)
+    keep[2, 0, 0] = True
+    out = paste(Recipients(rec, np.zeros(3, int), keep), donors, masks)
+    assert out[0].ravel().tolist() == [10] * 4 and out[1].ravel().tolist() == [20] * 4
+    assert out[2].ravel().tolist() == [0, 10, 10, 10]  # recipient 2 got donor 0, its kept pixel untouched
+    assert (rec == 0).all()
+
+
+def test_recipients_for_class_leaves_out_the_class_and_needs_enough():
+    base = np.array([0, 1, 2] * 6)
+    r = Recipients(np.zeros((18, 2, 2, 3), np.uint8), base)
+    got = r.for_class(1)
+    assert len(got.images) == 12 and (got.base != 1).all()
+    assert r.for_class(1, k=4) is not None or MIN_RECIPIENTS > 4
+    assert Recipients(r.images[:9], base[:9]).for_class(1) is None  # 6 other-class images < MIN_RECIPIENTS
+
+
+def noise(n, lo, hi, seed):
+    return np.random.default_rng(seed).integers(lo, hi, (n, S, S, 3)).astype(np.uint8)
+
+
+def tag_model(images):
+    """1 when the top band is white (a watermark-like cue), else 0 for dark images, 2 for bright ones."""
+    top = images[:, :2].reshape(len(images), -1).mean(axis=1)
+    rest = images[:, 2:].reshape(len(images), -1).mean(axis=1)
+    return np.where(top > 240, 1, np.where(rest > 128, 2, 0))
+
+
+def fill_model(images):
+    """1 when the top band is flat (any fill makes it so): occluding it *adds* class 1's evidence;
+    else 0 for dark images, 2 for bright ones."""
+    flat = images[:, :2].reshape(len(images), -1, 3).std(axis=1).max(axis=1) < 1
+    rest = images[:, 2:].reshape(len(images), -1).mean(axis=1)
+    return np.where(flat, 1, np.where(rest > 128, 2, 0))
+
+
+def recipients(model):
+    imgs = np.concatenate([noise(8, 0, 100, 1), noise(8, 160, 240, 2)])  # classes 0 and 2
+    return Recipients(imgs, model(imgs))
+
+
+def test_a_real_cue_carries_its_class_into_other_images():
+    cued = noise(24, 160, 240, 3)
+    cued[:, :2] = 255  # class 1: the white band decides
+    pool = recipients(tag_model).for_class(1)
+    r = causal_tests(tag_model, cued, [TOP_PLACE], recipients=pool, target=1, screen=0)
+    t = r.get("region", "edge:top")
+    assert t.flip_rate == 1.0 and t.transplant_n == 16
+    assert t.transplant == pytest.approx(1.0)  # every recipient turns into 1; occluding turns none
+
+
+def test_a_fill_artifact_carries_nothing():
+    dark = noise(24, 0, 100, 4)  # class 0 images: the model says 0 until the band goes flat
+    pool = recipients(fill_model).for_class(0)
+    r = causal_tests(fill_model, dark, [TOP_PLACE], recipients=pool, target=0, screen=0)
+    t = r.get("region", "edge:top")
+    assert t.flip_rate == 1.0  # the occlusion flips every image (to 1) ...
+    assert t.transplant == 0.0 and t.transplant_n == 8  # ... but the band carries no class-0 evidence
+
+
+def test_no_recipients_leaves_the_transplant_unknown():
+    cued = noise(24, 160, 240, 3)
+    cued[:, :2] = 255
+    t = causal_tests(tag_model, cued, [TOP_PLACE], screen=0).get("region", "edge:top")
+    assert math.isnan(t.transplant) and t.transplant_n == 0
