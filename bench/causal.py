@@ -12,9 +12,10 @@ sample plan within the budget (:func:`audit.scan.causal.plan_tests` rules:
 ``Config.budget`` forward passes per image, at least ``budget_floor``), the
 64-image background pool with its objects inpainted, and for every class
 :func:`audit.scan.intervene.causal_tests` with masks (object, background, the
-two background transforms and the place bank, screened), edits and predictions included; one class carries
-a corner tag that decides it, so its flipping places go past the screening as
-a shortcut's do.  Image decoding is left out of both sides.  Target: the tests add at most 10% at 10,000 images.
+two background transforms and the place bank, screened, and the transplant of the
+places that flipped a class into the pool's other-class images), edits and predictions included; one class
+carries a corner tag that decides it, so its flipping places go past the screening and are transplanted as
+a shortcut's are.  Image decoding is left out of both sides.  Target: the tests add at most 10% at 10,000 images.
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ def causal_time(model, x, masks, n_classes: int, cfg) -> tuple[float, int, int]:
         remove_objects,
         spare_masks,
     )
+    from audit.scan.transplant import Recipients
 
     compiled = CompiledPredict(model, Head.of(model))
     forwards = [0]
@@ -88,10 +90,15 @@ def causal_time(model, x, masks, n_classes: int, cfg) -> tuple[float, int, int]:
     t0 = time.perf_counter()
     pool = np.arange(64)
     backgrounds = remove_objects(x[pool], masks[pool])
+    base = predict(x[pool])  # the transplant's recipients, predicted once (as the scan's pool)
+    keep = spare_masks(size, masks[pool])
     for c in range(classes):
         idx = np.arange(c * sample, (c + 1) * sample) + 64
-        causal_tests(tagged if c == 0 else predict, x[idx], bank, masks[idx], backgrounds=backgrounds,
-                     background_classes=pool % n_classes, fill=cfg.fill, spare=spare_masks(size, masks[idx]))
+        fn = tagged if c == 0 else predict
+        recipients = Recipients(x[pool], (base + 1) % 4 if c == 0 else base, keep).for_class(c)
+        causal_tests(fn, x[idx], bank, masks[idx], backgrounds=backgrounds,
+                     background_classes=pool % n_classes, fill=cfg.fill, spare=spare_masks(size, masks[idx]),
+                     recipients=recipients, target=c)
     return time.perf_counter() - t0, forwards[0], classes
 
 
