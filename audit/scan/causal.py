@@ -110,9 +110,10 @@ class Pool:
     recipients: Recipients | None = None  # the images as they are, with the model's predictions
 
 
-def _pool(intervener, view, use_masks: bool) -> Pool:
+def _pool(intervener, view, use_masks: bool, results=()) -> Pool:
     """Load the pool: backgrounds and object density (with masks), levels, and the transplant's
-    recipients (the images with their predictions; their objects, grown, are never pasted over)."""
+    recipients (the images with their predictions; their objects, grown, or without masks their own
+    heatmaps' hot areas, are never pasted over)."""
     df = view.df
     ok = df[df["status"] == "ok"].drop_duplicates("image_id")
     ids = sorted(sample_ids(ok["image_id"].tolist(), DONORS))
@@ -122,7 +123,8 @@ def _pool(intervener, view, use_masks: bool) -> Pool:
     images, masks = intervener.load(ids)
     pool = Pool(target=np.array([target[i] for i in ids]), levels=Levels.of(images))
     masked = use_masks and masks is not None and masks.any()
-    keep = spare_masks(images.shape[1:3], masks) if masked else None
+    keep = spare_masks(images.shape[1:3], masks) if masked else \
+        spare_masks(images.shape[1:3], grids=maps_of(results, ids))
     pool.recipients = Recipients(images, np.asarray(intervener.predict(images)), keep)
     if masked:
         has = masks.reshape(len(masks), -1).any(axis=1)
@@ -160,6 +162,25 @@ def _density_ratios(density, places) -> dict:
     return {p.name: float(density[p.mask].mean() / mean) for p in places if p.mask.any()}
 
 
+def maps_of(results, ids) -> np.ndarray | None:
+    """(n, g, g) the heatmap of each image id on the grid, from any class (a flat map where it has
+    none), or None when no class has maps."""
+    found, shape = {}, None
+    for r in results:
+        if r.grids is None or not len(r.grids):
+            continue
+        shape = r.grids.shape[1:]
+        for k in np.nonzero(np.isin(np.asarray(r.map_ids), list(ids)))[0]:  # only the pool's few ids
+            found.setdefault(r.map_ids[k], r.grids[k])
+    if shape is None:
+        return None
+    out = np.zeros((len(ids), *shape), np.float32)
+    for j, i in enumerate(ids):
+        if i in found:
+            out[j] = found[i]
+    return out
+
+
 def own_grids(results, plan: TestPlan) -> np.ndarray | None:
     """(n, g, g) each sampled image's own heatmap on the grid (a flat map where it has none), or None."""
     r = next((r for r in results if r.class_id == plan.class_id), None)
@@ -187,7 +208,7 @@ def run_tests(intervener, results, view, cfg: Config, use_masks: bool) -> Causal
     plans, out.skipped = plan_tests(results, n_images, n_places, masked, cfg)
     out.planned = len(plans) + out.skipped
     start = intervener.forwards
-    pool = intervener.call(_pool, intervener, view, use_masks) or Pool()
+    pool = intervener.call(_pool, intervener, view, use_masks, results) or Pool()
     out.density = _density_ratios(pool.density, place_bank(size, view.regions))
     for plan in plans:
         loaded = intervener.call(intervener.load, plan.ids)

@@ -52,6 +52,8 @@ class Config:
     object_flip_max: float = 0.25  # removing the object flips at most this share ...
     background_flip_min: float = 0.35  # ... while replacing the background flips at least this
     transplant_min: float = 0.2  # a flipping place pasted into other classes' images turns at least this share
+    background_transplant_min: float = 0.4  # without masks: a class's backgrounds pasted around other classes'
+    #                                         hot areas turn at least this share of them into the class
 
     def replace(self, **changes) -> Config:
         """A copy with some fields changed."""

@@ -46,7 +46,7 @@ import numpy as np
 
 from audit.errors import AuditError
 from audit.scan.config import SPARE_HOT, SPARE_MAX, TEXTURE_SIGMA
-from audit.scan.transplant import transplant_places
+from audit.scan.transplant import BACKGROUND_OBJECT_MAX, transplant_background, transplant_places
 
 FILLS = ("mean", "blur")
 OBJECT_FILL = "inpaint"
@@ -448,9 +448,7 @@ def causal_tests(predict_fn, images, places, object_masks=None, *, classes=None,
     rest = [t.sel & ~first if go else np.zeros(n, bool) for t, go in zip(tests, _promising(tests, screen_min))]
     run.stage(tests, rest)  # stage 2: the promising tests on the rest
     if recipients is not None and target is not None:  # stage 3: do the flipping places carry the class?
-        found = transplant_places(predict_fn, images, tests, recipients, int(target), chunk)
-        for t in tests:
-            t.transplant = found.get(id(t))
+        tests += _transplants(predict_fn, images, tests, recipients, int(target), chunk, spare, obj is None)
     has_obj = obj.reshape(n, -1).any(axis=1) if obj is not None else np.zeros(n, bool)
     out = CausalResult(n=n, masked=obj is not None, absence=obj is not None and not has_obj.any())
     out.tests = [t.result(obj, background_classes, backgrounds) for t in tests]
@@ -478,6 +476,24 @@ def _make_tests(n: int, obj, places, fill: str, backgrounds, spare, levels=None)
         m = m & ~obj if obj is not None else m
         tests.append(_Test("region", p.name, p.box, fill, m.reshape(n, -1).any(axis=1), m, p.area))
     return tests
+
+
+def _transplants(predict_fn, images, tests: list, recipients, target: int, chunk: int, spare,
+                 unmasked: bool) -> list:
+    """Transplant the places that flipped the sample (their results go into those tests); without
+    masks also the background, while removing the hot area changed little: that test is returned."""
+    found = transplant_places(predict_fn, images, tests, recipients, target, chunk)
+    for t in tests:
+        t.transplant = found.get(id(t))
+    obj = next((t for t in tests if t.test == "object"), None)
+    if not unmasked or spare is None or obj is None or not obj.rate() <= BACKGROUND_OBJECT_MAX:
+        return []
+    tr = transplant_background(predict_fn, images, np.asarray(spare, bool), recipients, target, chunk)
+    if tr is None:
+        return []
+    t = _Test("transplant", "background", None, "pasted", np.zeros(len(images), bool), area=math.nan)
+    t.transplant = tr
+    return [t]
 
 
 class _Runner:
@@ -533,6 +549,8 @@ class _Test:
         if k >= MIN_SAMPLE and self.fill == "other-background" and background_classes is not None:
             rate = _median_by_donor(f, idx, np.asarray(background_classes), len(backgrounds))
         tr = self.transplant
+        if self.test == "transplant":  # its rate is the transplant's: other classes' images turned into this one
+            return PlaceFlip(self.test, self.place, None, self.fill, tr.n, tr.rate, area, tr.rate, tr.n)
         return PlaceFlip(self.test, self.place, self.box, self.fill, k if k >= MIN_SAMPLE else 0, rate, area,
                          tr.rate if tr is not None else math.nan, tr.n if tr is not None else 0)
 

@@ -12,6 +12,14 @@ that only mattered by what its fill brought turns none.
 The control: the same place occluded (same fill) in the same recipients; only
 the turns beyond the control count, so a default class (the one the model
 says when a patch hides another class's evidence) does not pass for a cue.
+
+Without masks the same is done with a class's whole **background**
+(:func:`transplant_background`): everything outside each image's own hot
+area (its object, as far as the heatmap tells) is pasted around the
+recipients' own hot areas.  A class decided by its background texture turns
+the other classes' images into itself; a healthy class, whose background is
+like anyone's, turns none.  This is the sufficiency test the object and
+background tests give with masks.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ TRANSPLANT_FROM = 0.4  # a place is transplanted when its occlusion flipped at l
 MAX_TRANSPLANT = 3  # at most this many places per sample (the most flipping, the smallest first)
 RECIPIENTS = 16  # images of other classes that receive each place
 MIN_RECIPIENTS = 8  # fewer: the transplant is not run (rate unknown)
+BACKGROUND_OBJECT_MAX = 0.5  # the background transplant runs only while removing the hot area flips at most this
 
 
 @dataclass(frozen=True)
@@ -128,3 +137,39 @@ def transplant_places(predict_fn, images: np.ndarray, tests: list, recipients: R
         control = float(turned_into(recipients.base, preds[2 * j + 1], target).mean())
         out[id(t)] = Transplant(max(0.0, pasted - control), len(recipients.images), pasted, control)
     return out
+
+
+def transplant_background(predict_fn, images: np.ndarray, spare: np.ndarray, recipients: Recipients | None,
+                          target: int, chunk: int) -> Transplant | None:
+    """Paste each sample image's background (outside its ``spare`` area) around the recipients' own
+    kept areas (``recipients.keep``); the control makes the same pixels one flat grey.
+
+    Args:
+        predict_fn: uint8 images -> predictions.
+        images: the sample (N, H, W, C).
+        spare: (N, H, W) bool, each sample image's object as far as its heatmap tells.
+        recipients: images of other classes whose ``keep`` is their own hot area, or None.
+        target: the sample's class id.
+        chunk: images per ``predict_fn`` call.
+
+    Returns:
+        A :class:`Transplant`, or None without recipients or their kept areas.
+    """
+    from audit.scan.intervene import _predict_chunks
+
+    if recipients is None or recipients.keep is None or not len(images):
+        return None
+    k = len(recipients.images)
+    donors = np.arange(k) % len(images)
+    where = ~spare[donors] & ~recipients.keep
+    pasted = recipients.images.copy()
+    flat = recipients.images.copy()
+    for j in range(k):
+        m = where[j]
+        if m.any():
+            pasted[j][m] = images[donors[j]][m]
+            flat[j][m] = np.round(recipients.images[j][m].mean()).astype(flat.dtype)
+    got, ctl = _predict_chunks(predict_fn, [pasted, flat], chunk)
+    p = float(turned_into(recipients.base, got, target).mean())
+    c = float(turned_into(recipients.base, ctl, target).mean())
+    return Transplant(max(0.0, p - c), k, p, c)

@@ -265,13 +265,21 @@ def causal_cue(causal: CausalResult | None, others: dict | None = None, cfg: Con
 
 def background_score(causal: CausalResult | None, cfg: Config = DEFAULT) -> float:
     """The object does not decide, the background does: 0.5 x min((1 - object) / (1 - object_flip_max),
-    background / background_flip_min), clipped to 0..1; 0 when either test is missing."""
+    background / background_flip_min), clipped to 0..1; 0 when either test is missing.
+
+    Without masks ``object`` is each image's own hot area removed and ``background`` the background
+    transplant (the class's backgrounds pasted around other classes' own hot areas turn them into the
+    class), against ``background_transplant_min``.
+    """
     if causal is None:
         return 0.0
     fo, fb = causal.rate("object"), causal.rate("background")
+    need = cfg.background_flip_min
+    if not causal.masked:
+        fb, need = causal.rate("transplant", "background"), cfg.background_transplant_min
     if not (finite(fo) and finite(fb)):
         return 0.0
-    return clip01(0.5 * min((1.0 - fo) / (1.0 - cfg.object_flip_max), fb / cfg.background_flip_min))
+    return clip01(0.5 * min((1.0 - fo) / (1.0 - cfg.object_flip_max), fb / need))
 
 
 def has_causal(causal: CausalResult | None) -> bool:
@@ -418,6 +426,10 @@ def causal_text(res: Verdict) -> str:
         if bgs:
             s += ", replacing the background by " + " or ".join(
                 f"{_fill_words(b.fill)} {pct(b.flip_rate)}" for b in bgs)
+        tb = c.get("transplant", "background")
+        if tb is not None and finite(tb.flip_rate):
+            s += (f", and its backgrounds pasted around the hot areas of {tb.n} images of other classes turn "
+                  f"{pct(tb.flip_rate)} of them into this class")
         parts.append(s)
     t = res.cue_flip
     if t is not None and finite(t.flip_rate) and (res.cue_kind == "place" or t.flip_rate >= MENTION_FLIP):
