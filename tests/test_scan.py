@@ -168,10 +168,11 @@ PLACES = {"corner:bottom_right": (0.111, (2 / 3, 2 / 3, 1.0, 1.0)), "edge:bottom
 
 
 def causal(places=None, obj=None, bg=None, n=32, masked=True, absence=False, texture=None, colour=None,
-           flat=None, transplant=None):
+           flat=None, transplant=None, bgt=None):
     """A CausalResult: ``places`` {name: flip rate}, object/background flip rates (None: not run),
     the background transforms' rates (without masks ``obj`` is the own-hot-area removal),
-    ``transplant`` {place: share of 16 other-class images the pasted place turned into the class}."""
+    ``transplant`` {place: share of 16 other-class images the pasted place turned into the class},
+    ``bgt`` the background transplant's rate (without masks)."""
     tests = []
     if obj is not None:
         tests.append(PlaceFlip("object", "object" if masked else "own hot area", None, "inpaint", n, obj, 0.1))
@@ -183,6 +184,8 @@ def causal(places=None, obj=None, bg=None, n=32, masked=True, absence=False, tex
         neutral, other = bg if isinstance(bg, tuple) else (bg, bg)
         tests.append(PlaceFlip("background", "background", None, "neutral", n, neutral, 0.9))
         tests.append(PlaceFlip("background", "background", None, "other-background", n, other, 0.9))
+    if bgt is not None:
+        tests.append(PlaceFlip("transplant", "background", None, "pasted", 16, bgt, math.nan, bgt, 16))
     for name, rate in (places or {}).items():
         area, box = PLACES[name]
         tr = (transplant or {}).get(name)
@@ -267,6 +270,14 @@ CAUSAL_CASES = [
      causal({**QUIET, "border:4%": 0.9, "corner:bottom_right": 0.8}, obj=0.1, bg=0.1,
             transplant={"border:4%": 0.05, "corner:bottom_right": 0.6}), {}, None,
      "shortcut_suspected", "corner:bottom_right", "corner:bottom_right"),
+    ("texture without masks: its backgrounds turn other classes' images into it", "diffuse", False,
+     causal(QUIET, obj=0.09, masked=False, texture=0.37, flat=0.31, bgt=0.5), {"background:texture": 0.12},
+     None, "shortcut_suspected", "background", "background"),
+    ("default class without masks: removing the hot area changes little, its backgrounds carry nothing",
+     "diffuse", False, causal(QUIET, obj=0.09, masked=False, texture=0.0, flat=0.06, bgt=0.0), {}, None,
+     "ok", "", ""),
+    ("the hot area decides: a background that carries the class too is no shortcut", "healthy", False,
+     causal(QUIET, obj=0.9, masked=False, bgt=0.6), {}, None, "ok", "", ""),
     ("too few images tested", "healthy", True,
      causal({**QUIET, "corner:bottom_right": 1.0}, obj=0.9, bg=0.0, n=10), {}, None, "ok", "object", ""),
 ]

@@ -91,3 +91,57 @@ def test_no_recipients_leaves_the_transplant_unknown():
     cued[:, :2] = 255
     t = causal_tests(tag_model, cued, [TOP_PLACE], screen=0).get("region", "edge:top")
     assert math.isnan(t.transplant) and t.transplant_n == 0
+
+
+def striped(n, centre, seed):
+    """Vertical stripes everywhere, a centre square of brightness ``centre``."""
+    imgs = noise(n, 0, 10, seed)
+    imgs[:, :, ::2] = 200
+    imgs[:, 5:11, 5:11] = centre
+    return imgs
+
+
+def plain(n, centre, seed):
+    imgs = noise(n, 90, 110, seed)
+    imgs[:, 5:11, 5:11] = centre
+    return imgs
+
+
+CENTRE = np.zeros((S, S), bool)
+CENTRE[4:12, 4:12] = True
+
+
+def texture_model(images):
+    """1 when the left edge is striped (a background texture), else 0 for a dark centre, 2 for a bright one."""
+    left = images[:, :, :3].astype(float)
+    stripes = np.abs(np.diff(left, axis=2)).mean(axis=(1, 2, 3)) > 50
+    centre = images[:, 5:11, 5:11].mean(axis=(1, 2, 3))
+    return np.where(stripes, 1, np.where(centre > 128, 2, 0))
+
+
+def test_background_transplant_carries_a_texture_class():
+    from audit.scan.transplant import transplant_background
+
+    rec = np.concatenate([plain(8, 20, 1), plain(8, 240, 2)])
+    pool = Recipients(rec, texture_model(rec), np.broadcast_to(CENTRE, (16, S, S)).copy())
+    textured = striped(12, 20, 3)
+    spare = np.broadcast_to(CENTRE, (12, S, S)).copy()
+    tr = transplant_background(texture_model, textured, spare, pool.for_class(1), 1, 64)
+    assert tr.n == 16 and tr.pasted == 1.0 and tr.control == 0.0 and tr.rate == 1.0
+    healthy = plain(12, 20, 4)  # class 0: its plain background carries nothing
+    tr0 = transplant_background(texture_model, healthy, spare, pool.for_class(0), 0, 64)
+    assert tr0.n == 8 and tr0.rate == 0.0
+    assert transplant_background(texture_model, textured, spare, Recipients(rec, texture_model(rec)), 1, 64) is None
+
+
+def test_causal_tests_add_the_background_transplant_without_masks_only():
+    rec = np.concatenate([plain(8, 20, 1), plain(8, 240, 2)])
+    keep = np.broadcast_to(CENTRE, (16, S, S)).copy()
+    pool = Recipients(rec, texture_model(rec), keep).for_class(1)
+    textured = striped(12, 20, 3)
+    spare = np.broadcast_to(CENTRE, (12, S, S)).copy()
+    r = causal_tests(texture_model, textured, [], spare=spare, recipients=pool, target=1, screen=0)
+    t = r.get("transplant", "background")
+    assert r.rate("object") == 0.0 and t.flip_rate == 1.0 and t.n == 16
+    masked = causal_tests(texture_model, textured, [], spare, spare=spare, recipients=pool, target=1, screen=0)
+    assert masked.get("transplant") is None  # with masks the background tests do this
