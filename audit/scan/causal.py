@@ -123,9 +123,11 @@ def _pool(intervener, view, use_masks: bool, results=()) -> Pool:
     images, masks = intervener.load(ids)
     pool = Pool(target=np.array([target[i] for i in ids]), levels=Levels.of(images))
     masked = use_masks and masks is not None and masks.any()
-    keep = spare_masks(images.shape[1:3], masks) if masked else \
-        spare_masks(images.shape[1:3], grids=maps_of(results, ids))
-    pool.recipients = Recipients(images, np.asarray(intervener.predict(images)), keep)
+    base = np.asarray(intervener.predict(images))
+    if masked:
+        pool.recipients = Recipients(images, base, keep=spare_masks(images.shape[1:3], masks))
+    else:
+        pool.recipients = Recipients(images, base, hot=spare_masks(images.shape[1:3], grids=maps_of(results, ids)))
     if masked:
         has = masks.reshape(len(masks), -1).any(axis=1)
         pool.density = masks[has].mean(axis=0) if has.any() else None

@@ -42,12 +42,17 @@ class Recipients:
 
     images: (K, H, W, C) uint8 at the model input size.
     base: (K,) predicted class ids, or (K, C) bool (multi-label).
-    keep: (K, H, W) bool, pixels never pasted over (each image's object, grown), or None.
+    keep: (K, H, W) bool, pixels never pasted over by a place (each image's object mask, grown), or None
+        (without masks: a place is pasted whole; the control, the same place occluded, accounts for what it
+        covers).
+    hot: (K, H, W) bool, each image's own heatmap's hot area (without masks), kept by the background
+        transplant; None with masks.
     """
 
     images: np.ndarray
     base: np.ndarray
     keep: np.ndarray | None = None
+    hot: np.ndarray | None = None
 
     def for_class(self, target: int, k: int = RECIPIENTS) -> Recipients | None:
         """The first ``k`` images not predicted as ``target`` (None when fewer than :data:`MIN_RECIPIENTS`)."""
@@ -56,7 +61,8 @@ class Recipients:
         rows = np.nonzero(other)[0][:k]
         if len(rows) < MIN_RECIPIENTS:
             return None
-        return Recipients(self.images[rows], base[rows], None if self.keep is None else self.keep[rows])
+        return Recipients(self.images[rows], base[rows], None if self.keep is None else self.keep[rows],
+                          None if self.hot is None else self.hot[rows])
 
 
 @dataclass(frozen=True)
@@ -142,13 +148,13 @@ def transplant_places(predict_fn, images: np.ndarray, tests: list, recipients: R
 def transplant_background(predict_fn, images: np.ndarray, spare: np.ndarray, recipients: Recipients | None,
                           target: int, chunk: int) -> Transplant | None:
     """Paste each sample image's background (outside its ``spare`` area) around the recipients' own
-    kept areas (``recipients.keep``); the control makes the same pixels one flat grey.
+    own hot areas (``recipients.hot``); the control makes the same pixels one flat grey.
 
     Args:
         predict_fn: uint8 images -> predictions.
         images: the sample (N, H, W, C).
         spare: (N, H, W) bool, each sample image's object as far as its heatmap tells.
-        recipients: images of other classes whose ``keep`` is their own hot area, or None.
+        recipients: images of other classes with their own hot areas (``hot``), or None.
         target: the sample's class id.
         chunk: images per ``predict_fn`` call.
 
@@ -157,11 +163,11 @@ def transplant_background(predict_fn, images: np.ndarray, spare: np.ndarray, rec
     """
     from audit.scan.intervene import _predict_chunks
 
-    if recipients is None or recipients.keep is None or not len(images):
+    if recipients is None or recipients.hot is None or not len(images):
         return None
     k = len(recipients.images)
     donors = np.arange(k) % len(images)
-    where = ~spare[donors] & ~recipients.keep
+    where = ~spare[donors] & ~recipients.hot
     pasted = recipients.images.copy()
     flat = recipients.images.copy()
     for j in range(k):
