@@ -563,7 +563,8 @@ def _add_tests(sections, tests) -> None:
                                                           na_position="last")
         for _, r in list(fixed.iterrows()) + list(places.head(TESTS_SHOWN - len(fixed)).iterrows()):
             sec["tests"].append({"test": r["test"], "place": r["place"], "fill": r["fill"], "n": int(r["n"]),
-                                 "flip_rate": _num(r["flip_rate"]), "others": _num(r.get("flip_rate_others"))})
+                                 "flip_rate": _num(r["flip_rate"]), "others": _num(r.get("flip_rate_others")),
+                                 "transplant": _num(r.get("transplant_rate"))})
 
 
 def _assign(maps, light, rows, cmaps, size=16):
