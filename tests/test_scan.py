@@ -278,6 +278,9 @@ CAUSAL_CASES = [
      "ok", "", ""),
     ("the hot area decides: a background that carries the class too is no shortcut", "healthy", False,
      causal(QUIET, obj=0.9, masked=False, bgt=0.6), {}, None, "ok", "", ""),
+    ("a band along one side flips that edge and the thin border band: the edge is named", "healthy", False,
+     causal({**QUIET, "border:4%": 1.0, "border:20%": 1.0, "edge:bottom": 0.9}, masked=False), {}, None,
+     "shortcut_suspected", "edge:bottom", "edge:bottom"),
     ("too few images tested", "healthy", True,
      causal({**QUIET, "corner:bottom_right": 1.0}, obj=0.9, bg=0.0, n=10), {}, None, "ok", "object", ""),
 ]

@@ -234,11 +234,13 @@ def causal_cue(causal: CausalResult | None, others: dict | None = None, cfg: Con
     """The place whose occlusion flips the class, not the other classes alike.
 
     Among the eligible places and background transforms (:func:`place_eligible`)
-    scoring at least 0.5 a named region wins, else the smallest of the fixed
-    bank (the most specific explanation: a corner rather than an edge
-    containing it), else the hot area, else a background transform (texture,
-    colour, then the flat background); without one, the highest score (for
-    the evidence).
+    scoring at least 0.5 a named region wins, else the smallest edge or corner
+    of the fixed bank (the most specific explanation: a corner rather than an
+    edge containing it; an edge rather than a border band, which also covers
+    that edge: a sky along the top flips the thin band too, a frame flips no
+    single edge), else the thinnest border band, else the hot area, else a
+    background transform (texture, colour, then the flat background);
+    without one, the highest score (for the evidence).
     ``others``: {place: median flip rate of the same place on the other classes}.
     """
     if causal is None:
@@ -257,7 +259,8 @@ def causal_cue(causal: CausalResult | None, others: dict | None = None, cfg: Con
     # a named region first (the user's hypothesis), then the smallest place of the fixed bank, then
     # the hot area (it follows the attention, the bank names the place), then a background transform
     best = min(strong, key=lambda c: (not c[1].place.startswith("region:"), c[1].test == "transform",
-                                      c[1].place == FLAT, c[1].place == "hot area", c[1].area, -c[0])) \
+                                      c[1].place == FLAT, c[1].place == "hot area", c[1].place.startswith("border:"),
+                                      c[1].area, -c[0])) \
         if strong else max(cands, key=lambda c: c[0])
     s, t = best
     return CueFinding(s, t, others.get(t.place, math.nan), strongest_refuted)
