@@ -168,11 +168,12 @@ PLACES = {"corner:bottom_right": (0.111, (2 / 3, 2 / 3, 1.0, 1.0)), "edge:bottom
 
 
 def causal(places=None, obj=None, bg=None, n=32, masked=True, absence=False, texture=None, colour=None,
-           flat=None, transplant=None, bgt=None):
+           flat=None, transplant=None, bgt=None, same=None):
     """A CausalResult: ``places`` {name: flip rate}, object/background flip rates (None: not run),
     the background transforms' rates (without masks ``obj`` is the own-hot-area removal),
     ``transplant`` {place: share of 16 other-class images the pasted place turned into the class},
-    ``bgt`` the background transplant's rate (without masks)."""
+    ``bgt`` the background transplant's rate (without masks), ``same`` {place: the same box's flip rate on
+    the transplant's other-class images}."""
     tests = []
     if obj is not None:
         tests.append(PlaceFlip("object", "object" if masked else "own hot area", None, "inpaint", n, obj, 0.1))
@@ -190,7 +191,7 @@ def causal(places=None, obj=None, bg=None, n=32, masked=True, absence=False, tex
         area, box = PLACES[name]
         tr = (transplant or {}).get(name)
         tests.append(PlaceFlip("region", name, box, "mean", n, rate, area, math.nan if tr is None else tr,
-                               0 if tr is None else 16))
+                               0 if tr is None else 16, (same or {}).get(name, math.nan)))
     return CausalResult(n=n, tests=tests, masked=masked, absence=absence)
 
 
@@ -281,6 +282,16 @@ CAUSAL_CASES = [
     ("a band along one side flips that edge and the thin border band: the edge is named", "healthy", False,
      causal({**QUIET, "border:4%": 1.0, "border:20%": 1.0, "edge:bottom": 0.9}, masked=False), {}, None,
      "shortcut_suspected", "edge:bottom", "edge:bottom"),
+    ("without masks a mark at one fixed place inside the image: its hot area flips it and carries it",
+     "corner", False, causal({**QUIET, "hot area": 0.81}, obj=0.88, masked=False, transplant={"hot area": 0.94},
+                             same={"hot area": 0.19}), {"hot area": 0.9}, None,
+     "shortcut_suspected", "fixed place", "hot area"),
+    ("without masks the hot area of moving objects is never a cue", "healthy", False,
+     causal({**QUIET, "hot area": 0.81}, obj=0.88, masked=False, transplant={"hot area": 0.94},
+            same={"hot area": 0.19}), {}, None, "ok", "", ""),
+    ("objects at one place in every class: the same box flips the other classes too", "corner", False,
+     causal({**QUIET, "hot area": 0.9}, obj=0.9, masked=False, transplant={"hot area": 0.8},
+            same={"hot area": 0.85}), {}, None, "ok", "", ""),
     ("too few images tested", "healthy", True,
      causal({**QUIET, "corner:bottom_right": 1.0}, obj=0.9, bg=0.0, n=10), {}, None, "ok", "object", ""),
 ]

@@ -44,6 +44,8 @@ class Config:
     cue_flip_min: float = 0.5  # a cue place flips at least this share of the class ...
     cue_specific_min: float = 0.3  # ... and this much more than it flips the other classes
     max_cue_area: float = 0.4  # without masks, larger places also hide objects: not a cue
+    hot_cue_max_area: float = 0.2  # without masks, the hot area of a group whose peaks sit at one place, at most
+    #                                this large, may be a cue (a pasted mark stays put; objects move)
     min_tested: int = 16  # a flip rate on fewer images is reported, never a verdict
     screen: int = 8  # every test is screened on this many images of a sample ...
     screen_min: float = 0.2  # ... and goes on to the rest when it flips at least this share of them

@@ -326,6 +326,7 @@ class PlaceFlip:
     area: float = math.nan  # share of the image the place covers
     transplant: float = math.nan  # share of other classes' images the place turns into the class (transplant.py)
     transplant_n: int = 0  # recipients of the transplant
+    others_same: float = math.nan  # share of the recipients (other classes) that the same place, occluded, flips
 
 
 @dataclass
@@ -552,7 +553,8 @@ class _Test:
         if self.test == "transplant":  # its rate is the transplant's: other classes' images turned into this one
             return PlaceFlip(self.test, self.place, None, self.fill, tr.n, tr.rate, area, tr.rate, tr.n)
         return PlaceFlip(self.test, self.place, self.box, self.fill, k if k >= MIN_SAMPLE else 0, rate, area,
-                         tr.rate if tr is not None else math.nan, tr.n if tr is not None else 0)
+                         tr.rate if tr is not None else math.nan, tr.n if tr is not None else 0,
+                         tr.occluded if tr is not None else math.nan)
 
 
 def _edit(t: _Test, images, obj, rows: np.ndarray, backgrounds) -> np.ndarray:

@@ -73,6 +73,7 @@ class Transplant:
     n: int
     pasted: float = math.nan  # share turned by the pasted place
     control: float = math.nan  # share turned by the same place occluded
+    occluded: float = math.nan  # share whose prediction the same place occluded changed at all
 
 
 def turned_into(base, new, target: int) -> np.ndarray:
@@ -119,7 +120,7 @@ def transplant_places(predict_fn, images: np.ndarray, tests: list, recipients: R
     Returns:
         {id(test): :class:`Transplant`} for the candidate places that had donors.
     """
-    from audit.scan.intervene import _predict_chunks, occlude
+    from audit.scan.intervene import _predict_chunks, flipped, occlude
 
     if recipients is None:
         return {}
@@ -141,7 +142,8 @@ def transplant_places(predict_fn, images: np.ndarray, tests: list, recipients: R
     for j, (t, _, _) in enumerate(jobs):
         pasted = float(turned_into(recipients.base, preds[2 * j], target).mean())
         control = float(turned_into(recipients.base, preds[2 * j + 1], target).mean())
-        out[id(t)] = Transplant(max(0.0, pasted - control), len(recipients.images), pasted, control)
+        changed = float(flipped(recipients.base, preds[2 * j + 1], np.full(len(preds[2 * j + 1]), target)).mean())
+        out[id(t)] = Transplant(max(0.0, pasted - control), len(recipients.images), pasted, control, changed)
     return out
 
 

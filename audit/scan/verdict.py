@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from audit.scan.config import BORDER_AREA, DEFAULT, Config
 from audit.scan.features import GroupFeatures, Place
 from audit.scan.intervene import MIN_SAMPLE, CausalResult, PlaceFlip
-from audit.scan.robust import fixed_place_score
+from audit.scan.robust import PLACE_SHARE_LOW, fixed_place_score
 from audit.scan.transplant import MIN_RECIPIENTS
 from audit.scan.values import clip01, finite, pct
 
@@ -163,7 +163,8 @@ def transplant_refutes(t: PlaceFlip, cfg: Config = DEFAULT) -> bool:
         and t.transplant < cfg.transplant_min
 
 
-def place_eligible(t: PlaceFlip, causal: CausalResult, cfg: Config, density: dict | None = None) -> bool:
+def place_eligible(t: PlaceFlip, causal: CausalResult, cfg: Config, density: dict | None = None,
+                   fixed_hot: bool = False) -> bool:
     """May this place be a cue, i.e. is it away from the object?
 
     With masks the object's pixels were spared, so any place is away from it,
@@ -172,8 +173,11 @@ def place_eligible(t: PlaceFlip, causal: CausalResult, cfg: Config, density: dic
     object, so such places (object density ratio >= ``absence_density_max``)
     are not cues.  Without masks only named regions and fixed places up to
     ``max_cue_area`` of the image count (a larger one hides objects too), and
-    never the group's hot area (where its attention is: as likely the object
-    as a cue).  A background transform spared the object; whether the
+    the group's hot area (where its attention is: as likely the object as a
+    cue) only when the group's peaks sit at one place (``fixed_hot``), it
+    covers at most ``hot_cue_max_area`` and its transplant was run: a
+    pasted mark stays put while objects move, and its specificity is then
+    measured with the same box on other classes' images.  A background transform spared the object; whether the
     transforms count at all is :func:`transforms_count`.  A rate on fewer
     than ``min_tested`` images never counts.
     """
@@ -186,7 +190,9 @@ def place_eligible(t: PlaceFlip, causal: CausalResult, cfg: Config, density: dic
         return not (causal.absence and crowded)
     if t.place.startswith("region:"):  # the user's own hypothesis, whatever its size
         return True
-    return t.place != "hot area" and not (finite(t.area) and t.area > cfg.max_cue_area)
+    if t.place == "hot area":
+        return fixed_hot and finite(t.area) and t.area <= cfg.hot_cue_max_area and finite(t.others_same)
+    return not (finite(t.area) and t.area > cfg.max_cue_area)
 
 
 def transforms_count(causal: CausalResult, others: dict, cfg: Config = DEFAULT) -> list:
@@ -229,8 +235,16 @@ def place_flip_score(flip: float, others: float, cfg: Config = DEFAULT) -> float
     return clip01(0.5 * min(flip / cfg.cue_flip_min, spec / cfg.cue_specific_min))
 
 
+def _others(t: PlaceFlip, others: dict) -> float:
+    """The place's flip rate on the other classes: the same box on their images when the transplant
+    measured it (the hot area differs from class to class), else the median over their own samples."""
+    if t.place == "hot area" and finite(t.others_same):
+        return t.others_same
+    return others.get(t.place, math.nan)
+
+
 def causal_cue(causal: CausalResult | None, others: dict | None = None, cfg: Config = DEFAULT,
-               density: dict | None = None) -> CueFinding:
+               density: dict | None = None, fixed_hot: bool = False) -> CueFinding:
     """The place whose occlusion flips the class, not the other classes alike.
 
     Among the eligible places and background transforms (:func:`place_eligible`)
@@ -248,8 +262,8 @@ def causal_cue(causal: CausalResult | None, others: dict | None = None, cfg: Con
     others = others or {}
     tests = causal.places + transforms_count(causal, others, cfg)
     whole = cfg.replace(cue_flip_min=cfg.image_flip_min)  # an edit of the object too needs more flips
-    cands = [(place_flip_score(t.flip_rate, others.get(t.place, math.nan), whole if t.place.startswith("image:")
-                               else cfg), t) for t in tests if place_eligible(t, causal, cfg, density)]
+    cands = [(place_flip_score(t.flip_rate, _others(t, others), whole if t.place.startswith("image:") else cfg), t)
+             for t in tests if place_eligible(t, causal, cfg, density, fixed_hot)]
     refuted = [c for c in cands if c[0] >= 0.5 and transplant_refutes(c[1], cfg)]
     cands = [c for c in cands if not transplant_refutes(c[1], cfg)]
     strongest_refuted = max(refuted, key=lambda c: c[0])[1] if refuted else None
@@ -263,7 +277,7 @@ def causal_cue(causal: CausalResult | None, others: dict | None = None, cfg: Con
                                       c[1].area, -c[0])) \
         if strong else max(cands, key=lambda c: c[0])
     s, t = best
-    return CueFinding(s, t, others.get(t.place, math.nan), strongest_refuted)
+    return CueFinding(s, t, _others(t, others), strongest_refuted)
 
 
 def background_score(causal: CausalResult | None, cfg: Config = DEFAULT) -> float:
@@ -301,8 +315,11 @@ def _insufficient(f: GroupFeatures, cfg: Config, causal) -> Verdict:
 
 
 def _cue_name(place: str) -> str:
-    """The ``cue`` for a place test: every border band is ``border``; a background transform
-    ``background texture``, ``background`` (flat) or ``colour cast``; others keep their name."""
+    """The ``cue`` for a place test: every border band is ``border``; the hot area of a group whose
+    peaks sit at one place ``fixed place``; a background transform ``background texture``,
+    ``background`` (flat) or ``colour cast``; others keep their name."""
+    if place == "hot area":
+        return "fixed place"
     if place == FLAT:
         return "background"
     if place == "image:colour":
@@ -312,10 +329,13 @@ def _cue_name(place: str) -> str:
     return "border" if place.startswith("border:") else place
 
 
-def _background_place(t: PlaceFlip, s_bg: float, cfg: Config) -> bool:
+def _background_place(t: PlaceFlip, s_bg: float, cfg: Config, fixed_hot: bool = False) -> bool:
     """A flipping place that is really the background: the background test flags too and the place
-    is the group's hot area or larger than ``max_cue_area`` (with masks: everything around the object)."""
+    is the group's hot area or larger than ``max_cue_area`` (with masks: everything around the object).
+    A small hot area where the group's peaks sit at one place (``fixed_hot``) keeps its name: a mark."""
     if t.place.startswith("region:") or t.test == "transform":  # these keep their names
+        return False
+    if t.place == "hot area" and fixed_hot and finite(t.area) and t.area <= cfg.hot_cue_max_area:
         return False
     return s_bg >= cfg.threshold and (t.place == "hot area" or (finite(t.area) and t.area > cfg.max_cue_area))
 
@@ -348,11 +368,12 @@ def assess(f: GroupFeatures, cfg: Config = DEFAULT, causal: CausalResult | None 
     if not has_causal(causal):
         res.suspicion = att.score if attention_decides else min(att.score, cfg.threshold - 0.01)
     else:
-        finding = causal_cue(causal, others, cfg, density)
+        fixed_hot = f.peak_place.share_low >= PLACE_SHARE_LOW
+        finding = causal_cue(causal, others, cfg, density, fixed_hot)
         s_bg = background_score(causal, cfg)
         res.cue_flip, res.cue_others, res.refuted = finding.flip, finding.others, finding.refuted
         res.suspicion = max(finding.score, s_bg)
-        if finding.score >= cfg.threshold and not _background_place(finding.flip, s_bg, cfg):
+        if finding.score >= cfg.threshold and not _background_place(finding.flip, s_bg, cfg, fixed_hot):
             t = finding.flip
             res.cue, res.cue_kind, res.cue_region = _cue_name(t.place), "place", t.place
             res.cue_box = list(t.box) if t.box is not None else None
@@ -402,6 +423,9 @@ def attention_text(f: GroupFeatures, att: Attention) -> str:
     if where:
         return where
     pp = f.peak_place
+    if pp.share_low >= PLACE_SHARE_LOW:  # a fixed place near the centre: the place score leaves it out
+        return (f"{pct(pp.share)} of the peaks stay within {pp.radius:.2f} of one place (x={pp.x:.2f}, "
+                f"y={pp.y:.2f}) near the image centre")
     return (f"no region, the border or a fixed place dominates the attention ({pct(pp.share)} of the "
             f"peaks within {pp.radius:.2f} of the most common place, {pp.n} maps)")
 
@@ -461,7 +485,9 @@ def _conclusion(res: Verdict, att: Attention, cfg: Config) -> str:
     if res.suspected and res.cue_kind == "place" and res.cue_region.startswith(("background:", "image:")):
         return f" - the decision rests on the {res.cue}, not on the object"
     if res.suspected and res.cue_kind == "place":
-        return f" - the decision rests on {res.cue_region}, away from the object"
+        where = res.cue_region if res.cue_region != "hot area" else \
+            "one fixed place (the class's hot area, box " + ", ".join(f"{v:.2f}" for v in res.cue_box or ()) + ")"
+        return f" - the decision rests on {where}, away from the object"
     if res.suspected:
         return " - the decision rests on the background, not on the object"
     other_bg = [t.flip_rate for t in res.causal.tests if t.fill == "other-background" and finite(t.flip_rate)]
