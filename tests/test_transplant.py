@@ -149,3 +149,17 @@ def test_causal_tests_add_the_background_transplant_without_masks_only():
     assert r.rate("object") == 0.0 and t.flip_rate == 1.0 and t.n == 16
     masked = causal_tests(texture_model, textured, [], spare, spare=spare, recipients=pool, target=1, screen=0)
     assert masked.get("transplant") is None  # with masks the background tests do this
+
+
+def test_maps_of_finds_each_pool_image_in_any_class():
+    from types import SimpleNamespace
+
+    from audit.scan.causal import maps_of
+
+    a = SimpleNamespace(map_ids=np.array([10, 11]), grids=np.stack([np.full((2, 2), 1.0), np.full((2, 2), 2.0)]))
+    b = SimpleNamespace(map_ids=np.array([20]), grids=np.full((1, 2, 2), 3.0))
+    empty = SimpleNamespace(map_ids=np.array([]), grids=None)
+    got = maps_of([empty, a, b], [20, 99, 10])
+    assert got.shape == (3, 2, 2)
+    assert got[0].tolist() == [[3.0, 3.0], [3.0, 3.0]] and not got[1].any() and (got[2] == 1.0).all()
+    assert maps_of([empty], [1]) is None
