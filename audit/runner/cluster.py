@@ -203,5 +203,36 @@ def ray_init(address, log=None) -> bool:
             f"(use --address {ignored} to run there)")
     # a private local instance: Ray's notice about its default token mode is noise here
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
-    ray.init(address="local", include_dashboard=False, **kwargs)
+    _start_local(ray, kwargs, log)
     return True
+
+
+LOCAL_START_ATTEMPTS = 3  # a private Ray that did not come up within Ray's own 30 s is started again this often
+_START_TIMEOUT = "timed out during startup"  # Ray's message when its raylet did not register in 30 s
+
+
+def _start_local(ray, kwargs: dict, log=None, attempts: int = LOCAL_START_ATTEMPTS) -> None:
+    """``ray.init(address="local")``, started again when Ray gives up waiting for its own raylet.
+
+    Ray waits a fixed 30 s for the raylet of a new node to register; on a machine
+    busy with other work that is not always enough, and Ray then raises a bare
+    exception.  The half-started instance is shut down and another one started.
+
+    Raises:
+        AuditError: every attempt timed out (one line).
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            ray.init(address="local", include_dashboard=False, **kwargs)
+            return
+        except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception for this
+            if _START_TIMEOUT not in str(e):
+                raise
+            with contextlib.suppress(Exception):
+                ray.shutdown()
+            if attempt == attempts:
+                raise AuditError(f"the private local Ray did not start: its raylet did not register within Ray's "
+                                 f"30 s, {attempts} times (is the machine overloaded?)") from None
+            (log or (lambda m: print(m, file=sys.stderr)))(
+                f"audit: the private local Ray did not start within 30 s (attempt {attempt} of {attempts}); "
+                f"starting it again")
