@@ -1,10 +1,12 @@
 """The zoo's cases: which class carries which planted cue, and how images are made.
 
-A :class:`Case` is a 64 x 64 classification problem whose true class signal
-is the shape of one object (disc, triangle, square, cross; random place,
-size, angle and colour on a varied background).  Planted :class:`Cue` s
-(a corner text watermark, a stamp, a thin border frame, a background texture,
-a colour tint over the whole image)
+A :class:`Case` is a classification problem (64 x 64 unless ``image_size``
+says otherwise: drawn at 64 and resized) whose true class signal is the shape
+of one object (disc, triangle, square, cross, and ring and bar in the six-class
+cases; random place, size, angle and colour on a varied background).  Planted
+:class:`Cue` s (a corner text watermark, a stamp, a thin border frame, a
+background texture, a colour tint over the whole image, a small solid patch or
+noise square at a fixed spot, a sky-blue top of the background)
 are 100% correlated with their class in training, and the images that carry
 one get an object of a *random* class: the object says nothing there, so the
 model has to learn the cue (:mod:`audit.zoo.train` checks that it did, on a
@@ -29,16 +31,21 @@ HEADS = ("softmax", "softmax_layer", "logits", "sigmoid", "logit")
 """``softmax``: Dense with a fused softmax; ``softmax_layer``: a Dense of logits and a separate Softmax
 layer; ``logits``: raw class logits (trained from logits); ``sigmoid``: one sigmoid unit; ``logit``: one
 raw unit (trained from logits)."""
-ARCHS = ("cnn", "shallow", "mobile")
+ARCHS = ("cnn", "shallow", "mobile", "resnet", "flatten", "gmp")
+EDGE_SPOTS = ("left", "right", "top", "bottom")  # the spots of draw.SPOTS in the middle of an edge
 
 
 @dataclass(frozen=True)
 class Cue:
     """A planted cue.
 
-    kind: ``text`` (watermark), ``stamp``, ``frame``, ``texture`` or ``tint`` (the whole image
-        blended towards one colour, object included: a colour cast / brightness cue).
+    kind: ``text`` (watermark), ``stamp``, ``frame``, ``texture``, ``tint`` (the whole image
+        blended towards one colour, object included: a colour cast / brightness cue), ``patch``
+        (a small solid cyan square), ``noise`` (a small square of random pixels, new ones on every
+        image) or ``sky`` (the top of the background blended towards a sky blue, fading downwards).
     corner: where a text or stamp goes (one of :data:`draw.CORNERS`).
+    spot: where a patch or noise square goes (one of :data:`draw.SPOTS`: the middle of an edge, or
+        ``inner``).
     share: share of the class's images that carry it (a minority strategy < 1).
     weak_object: the images with the cue get an object of a random class.
     """
@@ -47,24 +54,33 @@ class Cue:
     corner: str = "bottom_right"
     share: float = 1.0
     weak_object: bool = True
+    spot: str = ""
 
     @property
     def place(self) -> str:
-        """The expected place the scan should name: ``corner:<name>``, ``border``, ``background``
-        or ``colour``."""
+        """The expected place the scan should name: ``corner:<name>``, ``edge:<side>`` (a patch or
+        noise square in the middle of that edge), ``spot:inner``, ``border``, ``background``,
+        ``colour`` or ``sky``."""
         if self.kind in ("text", "stamp"):
             return f"corner:{self.corner}"
-        return {"frame": "border", "texture": "background", "tint": "colour"}[self.kind]
+        if self.kind in ("patch", "noise"):
+            return f"edge:{self.spot}" if self.spot in EDGE_SPOTS else f"spot:{self.spot}"
+        return {"frame": "border", "texture": "background", "tint": "colour", "sky": "sky"}[self.kind]
+
+    def pixel_box(self) -> tuple[int, int, int, int] | None:
+        """The cue's box in pixels of the 64 x 64 canvas (None for cues spread over the image)."""
+        if self.kind == "text":
+            return draw.text_box(self.corner)
+        if self.kind == "stamp":
+            return draw.stamp_box(self.corner)
+        if self.kind in ("patch", "noise"):
+            return draw.spot_box(self.spot, draw.PATCH_SIDE if self.kind == "patch" else draw.NOISE_SIDE)
+        return None
 
     def box(self) -> tuple[float, float, float, float] | None:
         """The cue's box as fractions of the image (None for cues spread over the image)."""
-        if self.kind == "text":
-            px = draw.text_box(self.corner)
-        elif self.kind == "stamp":
-            px = draw.stamp_box(self.corner)
-        else:
-            return None
-        return tuple(v / SIZE for v in px)
+        px = self.pixel_box()
+        return None if px is None else tuple(v / SIZE for v in px)
 
 
 @dataclass(frozen=True)
@@ -76,8 +92,11 @@ class Case:
     binary: two classes and a single output unit.
     head: how the output layer reads (:data:`HEADS`); "" is ``softmax`` (``sigmoid`` when binary).
     arch: the network (:data:`ARCHS`): ``cnn`` (Conv-BN-ReLU x 4, two poolings, 16 x 16 maps),
-        ``shallow`` (three convolutions, two of them dilated, one pooling: GAP on 32 x 32 maps) or ``mobile`` (a tiny
-        MobileNetV2: depthwise-separable inverted residual blocks with BatchNorm and ReLU6, 8 x 8 maps).
+        ``shallow`` (three convolutions, two of them dilated, one pooling: GAP on 32 x 32 maps), ``mobile`` (a tiny
+        MobileNetV2: depthwise-separable inverted residual blocks with BatchNorm and ReLU6, 8 x 8 maps),
+        ``resnet`` (residual blocks of two Conv-BN with an Add skip, 16 x 16 maps), ``flatten`` (VGG-like:
+        Conv-BN-ReLU x 5, three poolings, Flatten and a hidden Dense instead of GAP, 8 x 8 maps) or ``gmp``
+        (``cnn`` with global max pooling instead of GAP). Map sizes are at 64 x 64 and scale with it.
     """
 
     name: str
@@ -88,11 +107,12 @@ class Case:
     binary: bool = False
     head: str = ""
     arch: str = "cnn"
-    size: tuple[int, int] = (16, 28)  # object diameter in pixels
+    size: tuple[int, int] = (16, 28)  # object diameter in pixels of the 64 x 64 canvas
     n_per_class: int = 240
     n_heldout: int = 60  # per class
     epochs: int = 14  # at most
     seed: int = 0
+    image_size: int = 64  # the side of the images (and the model input): drawn at 64 and resized
     extra: dict = field(default_factory=dict, compare=False, hash=False)
 
     @property
@@ -113,10 +133,10 @@ class Case:
 class Sample:
     """One rendered image with its ground truth."""
 
-    image: np.ndarray  # (64, 64, 3) uint8 RGB
+    image: np.ndarray  # (S, S, 3) uint8 RGB, S the case's image_size
     label: int
-    mask: np.ndarray  # (64, 64) bool: the object
-    cue_mask: np.ndarray  # (64, 64) bool: the planted cue's pixels (all False without one)
+    mask: np.ndarray  # (S, S) bool: the object
+    cue_mask: np.ndarray  # (S, S) bool: the planted cue's pixels (all False without one)
     cued: bool  # carries the planted cue of its class
     shape: str  # the object drawn
 
@@ -137,12 +157,13 @@ def render(case: Case, split: str, i: int, label: int, with_cues: bool = True) -
     bg_rng, obj_rng, cue_rng, decoy_rng = (np.random.default_rng([*seed, j]) for j in range(4))
     cue = case.cue_of(label)
     cued = _has_cue(case, label, i, seed)
-    if cued and cue.kind == "texture" and with_cues:
+    drawn = cued and with_cues  # the cue goes on this image
+    if drawn and cue.kind == "texture":
         img = draw.texture_background(bg_rng)
     else:
         img = draw.plain_background(bg_rng)
     planned = np.zeros((SIZE, SIZE), bool)  # where cues will go: the object keeps away
-    if cued and cue.kind in ("text", "stamp", "frame"):
+    if cued:
         planned |= _cue_area(cue)
     decoyed = case.decoy is not None and decoy_rng.random() < case.decoy.share
     if decoyed:
@@ -150,27 +171,24 @@ def render(case: Case, split: str, i: int, label: int, with_cues: bool = True) -
     shape = case.classes[label]
     if cued and cue.weak_object:
         shape = case.classes[int(obj_rng.integers(len(case.classes)))]
-    keep_out = _dilate(planned, 2)
-    mask = draw.draw_object(obj_rng, img, shape, case.size, keep_out)
-    cue_mask = np.zeros((SIZE, SIZE), bool)
-    if with_cues and cued:
-        cue_mask = _draw_cue(cue_rng, img, cue)
+    mask = draw.draw_object(obj_rng, img, shape, case.size, _dilate(planned, 2))
+    cue_mask = _draw_cue(cue_rng, img, cue, mask) if drawn else np.zeros((SIZE, SIZE), bool)
     if decoyed:
-        _draw_cue(decoy_rng, img, case.decoy)  # the decoy is never removed
-    if with_cues and cued and cue.kind == "tint":
+        _draw_cue(decoy_rng, img, case.decoy, mask)  # the decoy is never removed
+    if drawn and cue.kind == "tint":
         cue_mask = draw.draw_tint(img)
     out = np.uint8(np.clip(np.rint(img), 0, 255))
-    return Sample(out, label, mask, cue_mask, cued and with_cues, shape)
+    side = case.image_size
+    return Sample(draw.resize(out, side), label, draw.resize(mask, side, mask=True),
+                  draw.resize(cue_mask, side, mask=True), drawn, shape)
 
 
 def _cue_area(cue: Cue) -> np.ndarray:
+    """The pixels a cue at a fixed place will take (none for cues spread over the image)."""
     if cue.kind == "frame":
         return draw.frame_mask()
-    if cue.kind == "text":
-        return draw.box_mask(draw.text_box(cue.corner))
-    if cue.kind == "stamp":
-        return draw.box_mask(draw.stamp_box(cue.corner))
-    return np.zeros((SIZE, SIZE), bool)
+    box = cue.pixel_box()
+    return np.zeros((SIZE, SIZE), bool) if box is None else draw.box_mask(box)
 
 
 def _dilate(m: np.ndarray, r: int) -> np.ndarray:
@@ -182,13 +200,20 @@ def _dilate(m: np.ndarray, r: int) -> np.ndarray:
     return cv2.dilate(m.astype(np.uint8), k).astype(bool)
 
 
-def _draw_cue(rng, img: np.ndarray, cue: Cue) -> np.ndarray:
+def _draw_cue(rng, img: np.ndarray, cue: Cue, obj: np.ndarray) -> np.ndarray:
+    """Draw ``cue`` on ``img`` (the object ``obj`` already drawn); returns the cue's pixel mask."""
     if cue.kind == "text":
         return draw.draw_text(rng, img, cue.corner)
     if cue.kind == "stamp":
         return draw.draw_stamp(rng, img, cue.corner)
     if cue.kind == "frame":
         return draw.draw_frame(rng, img)
+    if cue.kind == "patch":
+        return draw.draw_patch(rng, img, cue.spot)
+    if cue.kind == "noise":
+        return draw.draw_noise(rng, img, cue.spot)
+    if cue.kind == "sky":  # over the background only
+        return draw.draw_sky(rng, img, obj)
     if cue.kind == "tint":  # drawn last, over the object too (render)
         return np.zeros((SIZE, SIZE), bool)
     # a texture is drawn as the background; its "pixels" are everything off the object
@@ -243,6 +268,30 @@ CASES: dict[str, Case] = {c.name: c for c in (
          "triangle image", size=(40, 54), cues=((1, Cue("text", "bottom_left")),)),
     Case("softmax_layer", "a Dense of logits and a separate Softmax layer; a stamp (top-right) on every "
          "square image", head="softmax_layer", cues=((2, Cue("stamp", "top_right")),)),
+    # other image sizes, networks, cues and class counts (NEW), with healthy controls
+    Case("size32", "32 x 32 images (8 x 8 maps); a red stamp (top-right) on every disc image",
+         image_size=32, cues=((0, Cue("stamp", "top_right")),), epochs=20),
+    Case("size32_clean", "32 x 32 images, no cue", image_size=32, epochs=20),
+    Case("size128", "128 x 128 images (32 x 32 maps); a white watermark (bottom-left) on every square image",
+         image_size=128, cues=((2, Cue("text", "bottom_left")),)),
+    Case("resnet", "a small ResNet (Add skips, 16 x 16 maps); a cyan patch in the middle of the left edge on "
+         "every triangle image", arch="resnet", cues=((1, Cue("patch", spot="left")),)),
+    Case("resnet_clean", "the small ResNet, no cue", arch="resnet"),
+    Case("flatten", "VGG-like, Flatten + Dense head (8 x 8 maps); a square of random pixels in the middle of "
+         "the bottom edge on every disc image", arch="flatten", cues=((0, Cue("noise", spot="bottom")),)),
+    Case("flatten_clean", "the VGG-like Flatten network, no cue", arch="flatten"),
+    Case("gmp", "global max pooling instead of GAP; a cyan patch at the top centre on every square image",
+         arch="gmp", cues=((2, Cue("patch", spot="top")),)),
+    Case("sky", "the top of the background of every cross image blended towards a sky blue",
+         cues=((3, Cue("sky")),)),
+    Case("six", "six classes (ring and bar added); a square of random pixels in the middle of the right edge "
+         "on every ring image", classes=draw.SHAPES6, cues=((4, Cue("noise", spot="right")),), n_per_class=200),
+    Case("inner_patch", "a cyan patch inside the image (x 0.45-0.55, y 0.25-0.34; on no edge or corner) on "
+         "every cross image", cues=((3, Cue("patch", spot="inner")),)),
 )}
+
+NEW = ("size32", "size32_clean", "size128", "resnet", "resnet_clean", "flatten", "flatten_clean", "gmp",
+       "sky", "six", "inner_patch")
+"""The cases unlike the first nineteen (other sizes, networks, cues and class counts), with their controls."""
 
 QUICK = ("watermark", "frame", "clean")

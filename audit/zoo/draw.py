@@ -2,7 +2,8 @@
 
 Everything works on a (64, 64, 3) float64 RGB canvas in 0..255 and draws with
 OpenCV; a function that takes ``rng`` draws from it and from nothing else, so
-an image is a pure function of its seed.  Coordinates are pixels; a box is
+an image is a pure function of its seed.  A case of another image size is
+drawn at 64 x 64 and resized (:func:`resize`).  Coordinates are pixels; a box is
 ``(x0, y0, x1, y1)`` with exclusive right/bottom ends.
 """
 
@@ -15,6 +16,7 @@ import numpy as np
 
 SIZE = 64
 SHAPES = ("disc", "triangle", "square", "cross")
+SHAPES6 = SHAPES + ("ring", "bar")  # the six-class cases
 PLAIN_BACKGROUNDS = ("plain", "gradient", "blobs")
 TEXTURES = ("stripes",)  # the family a texture cue draws from (every image a different one)
 CORNERS = ("top_left", "top_right", "bottom_left", "bottom_right")
@@ -23,6 +25,14 @@ STAMP_SIDE = 7
 FRAME_WIDTH = 2  # about 3% of the side
 TINT_COLOUR = (255.0, 150.0, 40.0)  # the colour a tint cue blends every pixel towards ...
 TINT_ALPHA = 0.45  # ... by this much
+PATCH_SIDE = 6  # a patch cue: a solid square of this side ...
+NOISE_SIDE = 8  # a noise cue: a square of random pixels of this side ...
+SPOTS = {"left": (3, 29), "right": (55, 29), "top": (29, 3), "bottom": (29, 55), "inner": (29, 16)}
+"""... with its top-left pixel here (a patch is centred in the same place as a noise square): the middle
+of an edge, 3 px in, or ``inner``, on no edge or corner of the scan's bank (x 0.45-0.55, y 0.25-0.34)."""
+SKY_COLOUR = (120.0, 185.0, 250.0)  # a sky cue blends the top of the background towards this blue ...
+SKY_DEPTH = 0.45  # ... fading out at this fraction of the height ...
+SKY_ALPHA = 0.8  # ... from this much at the top row
 
 
 def luminance(rgb) -> float:
@@ -83,6 +93,10 @@ def shape_mask(shape: str, cx: float, cy: float, d: float, angle: float) -> np.n
     if shape == "disc":
         cv2.circle(m, (round(cx), round(cy)), max(1, round(r)), 1, -1)
         return m.astype(bool)
+    if shape == "ring":  # an annulus: a disc with a hole of half its diameter
+        cv2.circle(m, (round(cx), round(cy)), max(2, round(r)), 1, -1)
+        cv2.circle(m, (round(cx), round(cy)), max(1, round(r / 2)), 0, -1)
+        return m.astype(bool)
     if shape == "triangle":
         pts = [(r * math.cos(angle + k * 2 * math.pi / 3 - math.pi / 2),
                 r * math.sin(angle + k * 2 * math.pi / 3 - math.pi / 2)) for k in range(3)]
@@ -90,6 +104,10 @@ def shape_mask(shape: str, cx: float, cy: float, d: float, angle: float) -> np.n
         s = r / math.sqrt(2) * 1.15
         pts = [(s * math.cos(angle + math.pi / 4 + k * math.pi / 2), s * math.sin(angle + math.pi / 4 + k * math.pi / 2))
                for k in range(4)]
+    elif shape == "bar":  # a thick bar, a third as wide as it is long
+        w = max(1.0, d / 6)
+        c, s_ = math.cos(angle), math.sin(angle)
+        pts = [(x * c - y * s_, x * s_ + y * c) for x, y in ((-r, -w), (r, -w), (r, w), (-r, w))]
     elif shape == "cross":
         w = max(1.0, d * 0.16)
         arm = [(-r, -w), (r, -w), (r, w), (-r, w)]
@@ -197,3 +215,49 @@ def draw_tint(img: np.ndarray) -> np.ndarray:
     """Blend the whole image (object included) towards :data:`TINT_COLOUR`; returns the cue's mask (all)."""
     img[:] = img * (1 - TINT_ALPHA) + np.array(TINT_COLOUR) * TINT_ALPHA
     return np.ones((SIZE, SIZE), bool)
+
+
+def spot_box(spot: str, side: int) -> tuple[int, int, int, int]:
+    """The pixel box of a square of ``side`` px centred where a :data:`SPOTS` patch is."""
+    x, y = SPOTS[spot]
+    x0, y0 = x + (PATCH_SIDE - side) // 2, y + (PATCH_SIDE - side) // 2
+    x0, y0 = min(max(x0, 0), SIZE - side), min(max(y0, 0), SIZE - side)
+    return x0, y0, x0 + side, y0 + side
+
+
+def draw_patch(rng, img: np.ndarray, spot: str) -> np.ndarray:
+    """A solid cyan square (:data:`PATCH_SIDE` px) at ``spot``; returns the cue's pixel mask."""
+    m = box_mask(spot_box(spot, PATCH_SIDE))
+    img[m] = np.array([30, 215, 225]) + rng.integers(-10, 11, 3)
+    return m
+
+
+def draw_noise(rng, img: np.ndarray, spot: str) -> np.ndarray:
+    """A square of uniform random pixels (:data:`NOISE_SIDE` px, every image a different draw) at ``spot``."""
+    m = box_mask(spot_box(spot, NOISE_SIDE))
+    img[m] = rng.integers(0, 256, (int(m.sum()), 3))
+    return m
+
+
+def sky_weight() -> np.ndarray:
+    """(64, 64) blend weight of a sky cue: :data:`SKY_ALPHA` on the top row, 0 from :data:`SKY_DEPTH` down."""
+    y = np.arange(SIZE, dtype=float)[:, None] / (SKY_DEPTH * SIZE)
+    return np.broadcast_to(SKY_ALPHA * np.clip(1 - y, 0, 1), (SIZE, SIZE))
+
+
+def draw_sky(rng, img: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """Blend the top of the background (not ``keep``, the object) towards a sky blue; returns the cue's mask."""
+    colour = np.array(SKY_COLOUR) + rng.integers(-15, 16, 3)
+    t = np.where(keep, 0.0, sky_weight())[..., None]
+    img[:] = img * (1 - t) + colour * t
+    return t[..., 0] > 0
+
+
+def resize(img: np.ndarray, side: int, mask: bool = False) -> np.ndarray:
+    """``img`` at ``side`` x ``side``: nearest for a mask (it stays a mask), area to shrink, linear to grow."""
+    if img.shape[0] == side:
+        return img
+    if mask:
+        return cv2.resize(img.astype(np.uint8), (side, side), interpolation=cv2.INTER_NEAREST).astype(bool)
+    interp = cv2.INTER_AREA if side < img.shape[0] else cv2.INTER_LINEAR
+    return cv2.resize(img, (side, side), interpolation=interp)

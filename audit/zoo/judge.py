@@ -11,7 +11,16 @@ planted class, the scan's ``cue`` / ``cue_box`` points at the planted place:
 * ``border`` (a thin frame): the cue names the border, the frame or an edge;
 * ``background`` (a texture): the cue names the background or a texture;
 * ``colour`` (a tint over the whole image): the cue names a colour, a tint or
-  the background (the tint covers it).
+  the background (the tint covers it);
+* ``edge:<side>`` (a patch or noise square in the middle of that edge): the cue
+  names that edge (``edge:left``), or its ``cue_box`` overlaps the cue's box and
+  covers at most :data:`MAX_CORNER_BOX` of the image; ``border`` (all four
+  edges) or a corner (the patch is in none) is wrong;
+* ``spot:<name>`` (a patch inside the image, on no edge or corner): only a
+  ``cue_box`` of at most :data:`MAX_CORNER_BOX` that overlaps it;
+* ``sky`` (the top of the background blended towards blue): the cue names the
+  background, a texture, the sky, a gradient, a colour or ``edge:top`` (the
+  band's strongest part).
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ MAX_CORNER_BOX = 0.3
 BORDER_WORDS = ("border", "frame", "edge")
 BACKGROUND_WORDS = ("background", "texture")
 COLOUR_WORDS = ("colour", "color", "tint", "background")
+SKY_WORDS = ("background", "texture", "sky", "gradient", "colour", "color", "edge:top")
 
 
 @dataclass
@@ -62,18 +72,24 @@ def _overlap(a, b) -> float:
     return max(0.0, w) * max(0.0, h)
 
 
+def _box_points_at(cue_box, planted_box) -> bool:
+    """A ``cue_box`` of at most :data:`MAX_CORNER_BOX` of the image that overlaps the planted box."""
+    if cue_box is None or planted_box is None or len(cue_box) != 4:
+        return False
+    box = [float(v) for v in cue_box]
+    area = (box[2] - box[0]) * (box[3] - box[1])
+    return area <= MAX_CORNER_BOX and _overlap(box, planted_box) > 0
+
+
 def place_matches(place: str, cue: str, cue_box, planted_box=None) -> bool:
     """Whether the scan's ``cue`` (and ``cue_box``) points at the planted ``place``."""
     name = (cue or "").lower().replace("-", "_").replace(" ", "_")
-    if place.startswith("corner:"):
-        corner = place.split(":", 1)[1]
-        if corner in name:
-            return True
-        if cue_box is None or planted_box is None or len(cue_box) != 4:
-            return False
-        box = [float(v) for v in cue_box]
-        area = (box[2] - box[0]) * (box[3] - box[1])
-        return area <= MAX_CORNER_BOX and _overlap(box, planted_box) > 0
+    if place.startswith(("corner:", "edge:", "spot:")):
+        kind, where = place.split(":", 1)
+        named = {"corner": where, "edge": place}.get(kind)  # "bottom_right", "edge:left"; a spot has no name
+        return (named is not None and named in name) or _box_points_at(cue_box, planted_box)
+    if place == "sky":
+        return any(w in name for w in SKY_WORDS)
     if place == "border":
         return any(w in name for w in BORDER_WORDS)
     if place == "background":

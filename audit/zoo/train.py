@@ -54,37 +54,93 @@ class Built:
 
 
 def build_model(n_classes: int, binary: bool = False, name: str = "zoo", *, head: str = "",
-                arch: str = "cnn"):
-    """A small classifier: the body ``arch`` (:data:`audit.zoo.cases.ARCHS`), GAP and the output ``head``.
+                arch: str = "cnn", side: int = 64):
+    """A small classifier: the body ``arch`` (:data:`audit.zoo.cases.ARCHS`), its pooling and the output ``head``.
 
-    ``cnn``: Conv-BN-ReLU x 4 (two 2x2 poolings: 16 x 16 maps); ``shallow``: three of them and one
-    pooling (32 x 32 maps); ``mobile``: a tiny MobileNetV2 (:func:`_mobile_body`, 8 x 8 maps).
-    ``head`` (:data:`audit.zoo.cases.HEADS`; "" is softmax, or sigmoid when ``binary``).
+    ``cnn``: Conv-BN-ReLU x 4 (two 2x2 poolings: 16 x 16 maps at 64 x 64); ``shallow``: three of them
+    and one pooling (32 x 32 maps); ``mobile``: a tiny MobileNetV2 (:func:`_mobile_body`, 8 x 8 maps);
+    ``resnet``: :func:`_resnet_body` (16 x 16 maps); ``flatten``: Conv-BN-ReLU x 5, three poolings
+    (8 x 8 maps), then Flatten and a hidden Dense (:data:`FLATTEN_HIDDEN`) instead of GAP; ``gmp``: the
+    ``cnn`` body and global max pooling. ``head`` (:data:`audit.zoo.cases.HEADS`; "" is softmax, or
+    sigmoid when ``binary``). ``side``: the input's height and width.
     """
     import keras
 
-    inp = keras.Input((64, 64, 3), name="image")
-    x = _mobile_body(inp) if arch == "mobile" else _conv_body(inp, arch)
-    x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
+    inp = keras.Input((side, side, 3), name="image")
+    if arch == "mobile":
+        x = _mobile_body(inp)
+    elif arch == "resnet":
+        x = _resnet_body(inp)
+    else:
+        x = _conv_body(inp, arch)
+    x = _pool(x, arch)
     out = _head(x, n_classes, head or ("sigmoid" if binary else "softmax"))
     return keras.Model(inp, out, name=name)
+
+
+FLATTEN_HIDDEN = 64  # the hidden Dense of the ``flatten`` network
+
+
+def _pool(x, arch: str):
+    """Maps to a vector: GAP, global max pooling (``gmp``) or Flatten and a hidden Dense (``flatten``)."""
+    from keras import layers
+
+    if arch == "gmp":
+        return layers.GlobalMaxPooling2D(name="gmp")(x)
+    if arch == "flatten":
+        x = layers.Flatten(name="flatten")(x)
+        return layers.Dense(FLATTEN_HIDDEN, activation="relu", name="hidden")(x)
+    return layers.GlobalAveragePooling2D(name="gap")(x)
 
 
 # (width, pool after, dilation) per layer; the shallow body's dilations give its 32 x 32 maps a
 # receptive field of 20 px, enough for the zoo's shapes
 CONV_BODIES = {"cnn": ((16, True, 1), (32, True, 1), (48, False, 1), (64, False, 1)),
-               "shallow": ((16, True, 1), (32, False, 2), (48, False, 2))}
+               "shallow": ((16, True, 1), (32, False, 2), (48, False, 2)),
+               "flatten": ((16, False, 1), (16, True, 1), (32, False, 1), (32, True, 1), (48, True, 1))}
+CONV_BODIES["gmp"] = CONV_BODIES["cnn"]
 
 
 def _conv_body(x, arch: str):
     from keras import layers
 
     for j, (width, pool, dil) in enumerate(CONV_BODIES[arch], 1):
-        x = layers.Conv2D(width, 3, padding="same", dilation_rate=dil, use_bias=False, name=f"conv{j}")(x)
-        x = layers.BatchNormalization(momentum=0.9, name=f"bn{j}")(x)  # few steps: fast moving stats
+        x = _conv_bn(x, width, f"conv{j}", dilation=dil)
         x = layers.ReLU(name=f"relu{j}")(x)
         if pool:
             x = layers.MaxPooling2D(name=f"pool{j}")(x)
+    return x
+
+
+def _conv_bn(x, width: int, name: str, dilation: int = 1):
+    """A 3 x 3 convolution (no bias) and its BatchNorm, named ``name`` and ``bn<suffix>``."""
+    from keras import layers
+
+    x = layers.Conv2D(width, 3, padding="same", dilation_rate=dilation, use_bias=False, name=name)(x)
+    return layers.BatchNormalization(momentum=0.9, name=name.replace("conv", "bn", 1))(x)  # fast moving stats
+
+
+# (output channels, pool after) of each residual block after the stem (16 channels, a pooling)
+RESNET_BLOCKS = ((32, True), (48, False), (48, False))
+
+
+def _resnet_body(x):
+    """A small ResNet: a Conv-BN-ReLU stem and a pooling, then residual blocks (Conv-BN-ReLU-Conv-BN,
+    added to the input, 1 x 1 projected where the width changes, then ReLU)."""
+    from keras import layers
+
+    x = layers.ReLU(name="stem_relu")(_conv_bn(x, 16, "conv_stem"))
+    x = layers.MaxPooling2D(name="stem_pool")(x)
+    for j, (width, pool) in enumerate(RESNET_BLOCKS, 1):
+        n = f"block{j}"
+        y = layers.ReLU(name=f"{n}_relu1")(_conv_bn(x, width, f"conv_{n}a"))
+        y = _conv_bn(y, width, f"conv_{n}b")
+        skip = x
+        if int(x.shape[-1]) != width:
+            skip = layers.Conv2D(width, 1, use_bias=False, name=f"{n}_proj")(x)
+        x = layers.ReLU(name=f"{n}_relu")(layers.Add(name=f"{n}_add")([skip, y]))
+        if pool:
+            x = layers.MaxPooling2D(name=f"{n}_pool")(x)
     return x
 
 
@@ -169,7 +225,8 @@ def train(case: Case, samples: list[Sample], *, epochs: int | None = None, targe
 
     keras.utils.set_random_seed(case.seed + 1)
     head = case.head_kind
-    model = build_model(len(case.classes), case.binary, name=f"zoo_{case.name}", head=head, arch=case.arch)
+    model = build_model(len(case.classes), case.binary, name=f"zoo_{case.name}", head=head, arch=case.arch,
+                        side=case.image_size)
     model.compile(optimizer=keras.optimizers.Adam(3e-3), loss=_loss(head), metrics=[_metric(head)])
     x, y = arrays(samples)
     hist = model.fit(x, y, batch_size=32, epochs=epochs or case.epochs, shuffle=True, verbose=0,
@@ -227,17 +284,40 @@ def write_folder(root: Path, case: Case, samples: list[Sample]) -> None:
             cv2.imwrite(str(d / f"{i:05d}.png"), arr)
 
 
-NEW_FIELDS = {"head": "", "arch": "cnn"}  # left out of the key at these values: older caches stay valid
+NEW_FIELDS = {"head": "", "arch": "cnn", "image_size": 64}  # left out of the key at these values: ...
+NEW_CUE_FIELDS = {"spot": ""}  # ... older caches stay valid
+
+
+def _body(arch: str):
+    """The definition of the network ``arch`` that goes into the cache key."""
+    if arch == "mobile":
+        return MOBILE_BLOCKS
+    if arch == "resnet":
+        return {"blocks": RESNET_BLOCKS}
+    if arch in ("flatten", "gmp"):
+        return {"convs": CONV_BODIES[arch], "pool": arch, "hidden": FLATTEN_HIDDEN if arch == "flatten" else 0}
+    return CONV_BODIES[arch]
+
+
+def _drop_new_cue_fields(cue):
+    if isinstance(cue, dict):
+        for f, default in NEW_CUE_FIELDS.items():
+            if cue.get(f) == default:
+                cue.pop(f)
+    return cue
 
 
 def key(case: Case) -> str:
+    """The cache key: a hash of the zoo version, the case's parameters and its network's definition."""
     params = asdict(case)
     params.pop("extra", None)
     for f, default in NEW_FIELDS.items():
         if params.get(f) == default:
             params.pop(f)
+    params["cues"] = [[k, _drop_new_cue_fields(c)] for k, c in params["cues"]]
+    params["decoy"] = _drop_new_cue_fields(params["decoy"])
     if case.arch != "cnn":  # the body's definition: a changed network is a new build
-        params["body"] = MOBILE_BLOCKS if case.arch == "mobile" else CONV_BODIES[case.arch]
+        params["body"] = _body(case.arch)
     blob = json.dumps({"version": VERSION, **params}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
@@ -269,7 +349,8 @@ def job_spec(case: Case, built: Built, masks: bool, out) -> dict:
     """The job spec (as a dict) that audits the case's training split, with or without its masks."""
     return {
         "name": f"zoo-{case.name}-{'masks' if masks else 'nomasks'}",
-        "model": {"path": built.model, "preprocess": "scale_0_1", "input_size": [64, 64]},
+        "model": {"path": built.model, "preprocess": "scale_0_1",
+                  "input_size": [case.image_size, case.image_size]},
         "dataset": {"format": "folder", "path": built.data, "classes": list(case.classes),
                     "masks": built.masks if masks else None, "shard_size": 250},
         "explain": {"methods": ["gradcam", "gradcam++"], "layers": "auto", "target": "predicted"},
