@@ -1,5 +1,6 @@
 """The zoo: deterministic planted-shortcut generators, their scoring, and a few cases end to end."""
 
+import math
 import os
 from dataclasses import replace
 
@@ -29,7 +30,7 @@ def test_rendering_is_deterministic_and_varies_with_the_index():
     assert not np.array_equal(a.image, h.image)
 
 
-@pytest.mark.parametrize("name", ["clean", "small", "large", "watermark"])
+@pytest.mark.parametrize("name", ["clean", "small", "large", "watermark", "six"])
 def test_masks_cover_the_drawn_object(name):
     case = CASES[name]
     lo, hi = case.size
@@ -40,7 +41,8 @@ def test_masks_cover_the_drawn_object(name):
             assert s.mask.any()
             ys, xs = np.nonzero(s.mask)
             extent = max(xs.max() - xs.min(), ys.max() - ys.min()) + 1
-            assert 0.5 * lo <= extent <= hi + 2, (name, k, i, extent)
+            longest = 1.06 * hi if s.shape == "bar" else hi  # a bar's diagonal is 1.054 x its length
+            assert 0.5 * lo <= extent <= longest + 2, (name, k, i, extent)
             inside = draw.luminance(img[s.mask].mean(axis=0))
             ring = _ring(s.mask)
             outside = draw.luminance(img[ring].mean(axis=0))
@@ -81,6 +83,72 @@ def test_the_cue_is_where_the_case_says_and_only_there(name, k):
             assert (xs.mean() > 32) == corner.endswith("right") and (ys.mean() > 32) == corner.startswith("bottom")
     other = render(case, "train", 0, 1 - k if case.binary else (k + 2) % 4)
     assert not other.cue_mask.any()
+
+
+@pytest.mark.parametrize("name,k", [("resnet", 1), ("flatten", 0), ("gmp", 2), ("six", 4), ("inner_patch", 3)])
+def test_patch_and_noise_cues_are_at_their_spot(name, k):
+    case = CASES[name]
+    cue = case.cue_of(k)
+    x0, y0, x1, y1 = cue.pixel_box()
+    for i in range(5):
+        s, bare = render(case, "train", i, k), render(case, "train", i, k, with_cues=False)
+        changed = np.abs(s.image.astype(int) - bare.image).max(axis=2) > 0
+        assert changed.any() and not (changed & ~s.cue_mask).any()
+        np.testing.assert_array_equal(s.cue_mask, draw.box_mask((x0, y0, x1, y1)))
+        assert not (s.mask & s.cue_mask).any()
+    sx, sy = draw.SPOTS[cue.spot]
+    assert x0 <= sx and sx + draw.PATCH_SIDE <= x1 and y0 <= sy and sy + draw.PATCH_SIDE <= y1
+    if cue.place.startswith("edge:"):  # in the scan's band of that edge and in none of its corners
+        side = cue.place.split(":")[1]
+        ys, xs = np.nonzero(s.cue_mask)
+        near = {"left": xs.max() < 0.2 * 64, "right": xs.min() >= 0.8 * 64, "top": ys.max() < 0.2 * 64,
+                "bottom": ys.min() >= 0.8 * 64}
+        assert near[side]
+    mid = (x0 + x1) / 2 / 64, (y0 + y1) / 2 / 64
+    assert 1 / 3 < mid[0] < 2 / 3 or 1 / 3 < mid[1] < 2 / 3  # no corner
+    other = render(case, "train", 0, (k + 1) % len(case.classes))
+    assert not other.cue_mask.any() and not other.cued
+
+
+def test_noise_cue_is_new_noise_on_every_image():
+    case = CASES["flatten"]
+    s0, s1 = render(case, "train", 0, 0), render(case, "train", 1, 0)
+    a, b = s0.image[s0.cue_mask], s1.image[s1.cue_mask]
+    assert np.abs(a.astype(int) - b).mean() > 40 and a.std() > 50  # random pixels, unlike a patch
+
+
+def test_sky_cue_blends_the_top_of_the_background_only():
+    case = CASES["sky"]
+    for i in range(4):
+        s, bare = render(case, "train", i, 3), render(case, "train", i, 3, with_cues=False)
+        diff = np.abs(s.image.astype(int) - bare.image).max(axis=2)
+        assert not (diff > 0)[s.mask].any()  # the object is left alone
+        assert not (diff > 0)[math.ceil(draw.SKY_DEPTH * 64):].any()  # nothing below the band
+        top = ~s.mask[:4]
+        assert (s.image[:4][top].astype(int)[:, 2] > 150).mean() > 0.9  # blue at the top
+    assert not render(case, "train", 0, 0).cue_mask.any()
+
+
+@pytest.mark.parametrize("name,side", [("size32", 32), ("size128", 128)])
+def test_resized_cases_keep_masks_and_cues_aligned(name, side):
+    case = CASES[name]
+    k = case.cues[0][0]
+    base = replace(case, image_size=64)
+    for i in range(3):
+        s, s64 = render(case, "train", i, k), render(base, "train", i, k)
+        assert s.image.shape == (side, side, 3) and s.mask.shape == s.cue_mask.shape == (side, side)
+        np.testing.assert_array_equal(s.mask, cv2.resize(s64.mask.astype(np.uint8), (side, side),
+                                                         interpolation=cv2.INTER_NEAREST) > 0)
+        inside = draw.luminance(s.image[s.mask].astype(float).mean(axis=0))
+        outside = draw.luminance(s.image[_ring(s.mask, max(1, side // 32))].astype(float).mean(axis=0))
+        assert abs(inside - outside) > 40  # the resized mask is still on the object
+        bare = render(case, "train", i, k, with_cues=False)
+        changed = np.abs(s.image.astype(int) - bare.image).max(axis=2) > 8
+        x0, y0, x1, y1 = (v * side for v in case.cue_of(k).box())
+        near = np.zeros((side, side), bool)
+        near[max(0, int(y0) - 1):math.ceil(y1) + 1, max(0, int(x0) - 1):math.ceil(x1) + 1] = True
+        assert changed.any() and not (changed & ~near).any()  # in the cue's box, at size
+        assert s.cue_mask[changed].mean() > 0.5
 
 
 def _variation(img, where):
@@ -143,6 +211,22 @@ def test_place_matching():
     assert not place_matches("colour", "corner:top_left", [0.0, 0.0, 0.33, 0.33])
 
 
+def test_place_matching_of_spots_and_sky():
+    left = Cue("patch", spot="left").box()  # x 0.05-0.14, y 0.45-0.55
+    assert place_matches("edge:left", "edge:left", [0.0, 0.0, 0.2, 1.0], left)
+    assert place_matches("edge:left", "fixed place", [0.0, 0.4, 0.2, 0.6], left)
+    assert not place_matches("edge:left", "edge:right", [0.8, 0.0, 1.0, 1.0], left)
+    assert not place_matches("edge:left", "corner:top_left", [0.0, 0.0, 0.33, 0.33], left)  # not in the corner
+    assert not place_matches("edge:left", "border", None, left)  # all four edges: not where it is
+    assert not place_matches("edge:left", "background", [0.0, 0.0, 1.0, 1.0], left)  # a whole-image box
+    inner = Cue("patch", spot="inner").box()
+    assert place_matches("spot:inner", "hot area", [0.4, 0.2, 0.6, 0.4], inner)
+    assert not place_matches("spot:inner", "edge:top", [0.0, 0.0, 1.0, 0.2], inner)
+    assert not place_matches("spot:inner", "hot area", [0.0, 0.0, 1.0, 1.0], inner)
+    assert place_matches("sky", "background", None) and place_matches("sky", "edge:top", None)
+    assert not place_matches("sky", "edge:bottom", None) and not place_matches("sky", "object", None)
+
+
 def _classes(rows):
     return pd.DataFrame(rows, columns=["class_name", "verdict", "cue", "cue_box", "evidence"])
 
@@ -188,7 +272,7 @@ def test_zoo_heads_are_read_as_built(case, kind, units):
         assert type(m.layers[-1]).__name__ == "Softmax" and m.layers[-2].activation.__name__ == "linear"
 
 
-@pytest.mark.parametrize("arch,side", [("cnn", 16), ("shallow", 32), ("mobile", 8)])
+@pytest.mark.parametrize("arch,side", [("cnn", 16), ("shallow", 32), ("mobile", 8), ("resnet", 16)])
 def test_zoo_bodies_and_map_sizes(arch, side):
     from audit.zoo.train import build_model
 
@@ -198,6 +282,18 @@ def test_zoo_bodies_and_map_sizes(arch, side):
     if arch == "mobile":
         kinds = {type(layer).__name__ for layer in m.layers}
         assert {"DepthwiseConv2D", "Add", "BatchNormalization"} <= kinds
+
+
+@pytest.mark.parametrize("arch,pool,side,size", [("flatten", "flatten", 8, 64), ("gmp", "gmp", 16, 64),
+                                                 ("cnn", "gap", 8, 32), ("cnn", "gap", 32, 128)])
+def test_zoo_pooling_and_input_sizes(arch, pool, side, size):
+    from audit.zoo.train import build_model
+
+    m = build_model(4, arch=arch, side=size)
+    assert tuple(m.input.shape[1:]) == (size, size, 3)
+    assert tuple(m.get_layer(pool).input.shape[1:3]) == (side, side)
+    if arch == "flatten":
+        assert type(m.get_layer("hidden")).__name__ == "Dense"
 
 
 def test_tint_blends_the_whole_image_of_its_class_only():
@@ -217,6 +313,17 @@ def test_cache_key_follows_the_parameters():
     a = CASES["clean"]
     assert key(a) == key(replace(a)) and key(a) != key(replace(a, seed=1))
     assert key(a) != key(replace(a, cues=((0, Cue("frame")),)))
+    assert key(a) != key(replace(a, image_size=32)) and key(a) != key(replace(a, arch="gmp"))
+    assert key(replace(a, cues=((0, Cue("patch", spot="left")),))) != key(replace(a, cues=((0, Cue("patch", spot="top")),)))
+
+
+@pytest.mark.parametrize("name,expected", [("watermark", "e8f66520ffd8"), ("decoy", "4d4980ee1041"),
+                                           ("mobile", "174c125d7d29"), ("shallow", "0b84abae2220")])
+def test_the_first_cases_keep_their_cache_keys(name, expected):
+    """New Case and Cue fields at their defaults stay out of the key: models built before them stay valid."""
+    from audit.zoo.train import key
+
+    assert key(CASES[name]) == expected
 
 
 def _detection_bench():
