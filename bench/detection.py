@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/detection.py                      # every case, with and without masks
     .venv/bin/python bench/detection.py --quick              # watermark, frame, clean
+    .venv/bin/python bench/detection.py --new                # the 11 cases unlike the first 19
     .venv/bin/python bench/detection.py --cases texture,minority --masks no
     .venv/bin/python bench/detection.py --rescore            # score the outputs of the last run again
     .venv/bin/python bench/detection.py --seed 1 --masks no  # every case drawn and trained with seed 1
@@ -156,11 +157,12 @@ def default_out(seed: int | None) -> Path:
 
 
 def main(argv=None) -> int:
-    from audit.zoo.cases import CASES, QUICK
+    from audit.zoo.cases import CASES, NEW, QUICK
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--cases", help=f"comma-separated case names (default all: {','.join(CASES)})")
     p.add_argument("--quick", action="store_true", help=f"only {','.join(QUICK)}")
+    p.add_argument("--new", action="store_true", help=f"only the cases unlike the first ones: {','.join(NEW)}")
     p.add_argument("--masks", choices=("both", "yes", "no"), default="both")
     p.add_argument("--out", help="where the job outputs go (default results/detection, "
                    "results/detection/seed<N> with --seed)")
@@ -169,7 +171,7 @@ def main(argv=None) -> int:
     p.add_argument("--rescore", action="store_true",
                    help="run nothing: score the outputs already under --out (e.g. after `audit scan` on them)")
     a = p.parse_args(argv)
-    names = a.cases.split(",") if a.cases else list(QUICK if a.quick else CASES)
+    names = a.cases.split(",") if a.cases else list(QUICK if a.quick else NEW if a.new else CASES)
     unknown = [n for n in names if n not in CASES]
     if unknown:
         p.error(f"unknown case(s) {', '.join(unknown)}; known: {', '.join(CASES)}")
