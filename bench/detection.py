@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/detection.py                      # every case, with and without masks
     .venv/bin/python bench/detection.py --quick              # watermark, frame, clean
-    .venv/bin/python bench/detection.py --new                # the 11 cases unlike the first 19
+    .venv/bin/python bench/detection.py --new                # the 12 cases unlike the first 19
     .venv/bin/python bench/detection.py --cases texture,minority --masks no
     .venv/bin/python bench/detection.py --rescore            # score the outputs of the last run again
     .venv/bin/python bench/detection.py --seed 1 --masks no  # every case drawn and trained with seed 1

@@ -31,7 +31,7 @@ HEADS = ("softmax", "softmax_layer", "logits", "sigmoid", "logit")
 """``softmax``: Dense with a fused softmax; ``softmax_layer``: a Dense of logits and a separate Softmax
 layer; ``logits``: raw class logits (trained from logits); ``sigmoid``: one sigmoid unit; ``logit``: one
 raw unit (trained from logits)."""
-ARCHS = ("cnn", "shallow", "mobile", "resnet", "flatten", "gmp")
+ARCHS = ("cnn", "shallow", "mobile", "resnet", "flatten", "gmp", "deep")
 EDGE_SPOTS = ("left", "right", "top", "bottom")  # the spots of draw.SPOTS in the middle of an edge
 
 
@@ -95,8 +95,9 @@ class Case:
         ``shallow`` (three convolutions, two of them dilated, one pooling: GAP on 32 x 32 maps), ``mobile`` (a tiny
         MobileNetV2: depthwise-separable inverted residual blocks with BatchNorm and ReLU6, 8 x 8 maps),
         ``resnet`` (residual blocks of two Conv-BN with an Add skip, 16 x 16 maps), ``flatten`` (VGG-like:
-        Conv-BN-ReLU x 5, three poolings, Flatten and a hidden Dense instead of GAP, 8 x 8 maps) or ``gmp``
-        (``cnn`` with global max pooling instead of GAP). Map sizes are at 64 x 64 and scale with it.
+        Conv-BN-ReLU x 6, four poolings, 4 x 4 maps, Flatten instead of GAP), ``gmp`` (``cnn`` with global
+        max pooling instead of GAP) or ``deep`` (``cnn`` with a third pooling and a fifth convolution: a
+        54 px receptive field for 128 x 128 images). Map sizes are at 64 x 64 and scale with it.
     """
 
     name: str
@@ -272,12 +273,13 @@ CASES: dict[str, Case] = {c.name: c for c in (
     Case("size32", "32 x 32 images (8 x 8 maps); a red stamp (top-right) on every disc image",
          image_size=32, cues=((0, Cue("stamp", "top_right")),), epochs=20),
     Case("size32_clean", "32 x 32 images, no cue", image_size=32, epochs=20),
-    Case("size128", "128 x 128 images (32 x 32 maps); a white watermark (bottom-left) on every square image",
-         image_size=128, cues=((2, Cue("text", "bottom_left")),)),
+    Case("size128", "128 x 128 images, the deep network (16 x 16 maps); a white watermark (bottom-left) on "
+         "every square image", image_size=128, arch="deep", cues=((2, Cue("text", "bottom_left")),)),
+    Case("size128_clean", "128 x 128 images, the deep network, no cue", image_size=128, arch="deep"),
     Case("resnet", "a small ResNet (Add skips, 16 x 16 maps); a cyan patch in the middle of the left edge on "
          "every triangle image", arch="resnet", cues=((1, Cue("patch", spot="left")),)),
     Case("resnet_clean", "the small ResNet, no cue", arch="resnet"),
-    Case("flatten", "VGG-like, Flatten + Dense head (8 x 8 maps); a square of random pixels in the middle of "
+    Case("flatten", "VGG-like, Flatten + Dense head (4 x 4 maps); a square of random pixels in the middle of "
          "the bottom edge on every disc image", arch="flatten", cues=((0, Cue("noise", spot="bottom")),)),
     Case("flatten_clean", "the VGG-like Flatten network, no cue", arch="flatten"),
     Case("gmp", "global max pooling instead of GAP; a cyan patch at the top centre on every square image",
@@ -290,7 +292,7 @@ CASES: dict[str, Case] = {c.name: c for c in (
          "every cross image", cues=((3, Cue("patch", spot="inner")),)),
 )}
 
-NEW = ("size32", "size32_clean", "size128", "resnet", "resnet_clean", "flatten", "flatten_clean", "gmp",
+NEW = ("size32", "size32_clean", "size128", "size128_clean", "resnet", "resnet_clean", "flatten", "flatten_clean", "gmp",
        "sky", "six", "inner_patch")
 """The cases unlike the first nineteen (other sizes, networks, cues and class counts), with their controls."""
 

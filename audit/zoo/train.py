@@ -59,9 +59,10 @@ def build_model(n_classes: int, binary: bool = False, name: str = "zoo", *, head
 
     ``cnn``: Conv-BN-ReLU x 4 (two 2x2 poolings: 16 x 16 maps at 64 x 64); ``shallow``: three of them
     and one pooling (32 x 32 maps); ``mobile``: a tiny MobileNetV2 (:func:`_mobile_body`, 8 x 8 maps);
-    ``resnet``: :func:`_resnet_body` (16 x 16 maps); ``flatten``: Conv-BN-ReLU x 5, three poolings
-    (8 x 8 maps), then Flatten and a hidden Dense (:data:`FLATTEN_HIDDEN`) instead of GAP; ``gmp``: the
-    ``cnn`` body and global max pooling. ``head`` (:data:`audit.zoo.cases.HEADS`; "" is softmax, or
+    ``resnet``: :func:`_resnet_body` (16 x 16 maps); ``flatten``: Conv-BN-ReLU x 6, four poolings
+    (4 x 4 maps), then Flatten instead of GAP (the output Dense reads every cell); ``gmp``: the
+    ``cnn`` body and global max pooling; ``deep``: the ``cnn`` body with a third pooling and a fifth
+    convolution, for larger images (16 x 16 maps at 128 x 128). ``head`` (:data:`audit.zoo.cases.HEADS`; "" is softmax, or
     sigmoid when ``binary``). ``side``: the input's height and width.
     """
     import keras
@@ -78,18 +79,14 @@ def build_model(n_classes: int, binary: bool = False, name: str = "zoo", *, head
     return keras.Model(inp, out, name=name)
 
 
-FLATTEN_HIDDEN = 64  # the hidden Dense of the ``flatten`` network
-
-
 def _pool(x, arch: str):
-    """Maps to a vector: GAP, global max pooling (``gmp``) or Flatten and a hidden Dense (``flatten``)."""
+    """Maps to a vector: GAP, global max pooling (``gmp``) or Flatten (``flatten``)."""
     from keras import layers
 
     if arch == "gmp":
         return layers.GlobalMaxPooling2D(name="gmp")(x)
-    if arch == "flatten":
-        x = layers.Flatten(name="flatten")(x)
-        return layers.Dense(FLATTEN_HIDDEN, activation="relu", name="hidden")(x)
+    if arch == "flatten":  # the output Dense reads every cell: no translation invariance
+        return layers.Flatten(name="flatten")(x)
     return layers.GlobalAveragePooling2D(name="gap")(x)
 
 
@@ -97,8 +94,10 @@ def _pool(x, arch: str):
 # receptive field of 20 px, enough for the zoo's shapes
 CONV_BODIES = {"cnn": ((16, True, 1), (32, True, 1), (48, False, 1), (64, False, 1)),
                "shallow": ((16, True, 1), (32, False, 2), (48, False, 2)),
-               "flatten": ((16, False, 1), (16, True, 1), (32, False, 1), (32, True, 1), (48, True, 1))}
+               "flatten": ((16, False, 1), (16, True, 1), (32, False, 1), (32, True, 1), (48, True, 1), (64, True, 1))}
 CONV_BODIES["gmp"] = CONV_BODIES["cnn"]
+# for larger images: a third pooling and a fifth convolution (16 x 16 maps and a 54 px receptive field at 128)
+CONV_BODIES["deep"] = ((16, True, 1), (32, True, 1), (48, True, 1), (64, False, 1), (64, False, 1))
 
 
 def _conv_body(x, arch: str):
@@ -294,8 +293,8 @@ def _body(arch: str):
         return MOBILE_BLOCKS
     if arch == "resnet":
         return {"blocks": RESNET_BLOCKS}
-    if arch in ("flatten", "gmp"):
-        return {"convs": CONV_BODIES[arch], "pool": arch, "hidden": FLATTEN_HIDDEN if arch == "flatten" else 0}
+    if arch in ("flatten", "gmp", "deep"):
+        return {"convs": CONV_BODIES[arch], "pool": arch if arch in ("flatten", "gmp") else "gap"}
     return CONV_BODIES[arch]
 
 
