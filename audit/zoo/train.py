@@ -62,8 +62,8 @@ def build_model(n_classes: int, binary: bool = False, name: str = "zoo", *, head
     ``resnet``: :func:`_resnet_body` (16 x 16 maps); ``flatten``: Conv-BN-ReLU x 6, four poolings
     (4 x 4 maps), then Flatten instead of GAP (the output Dense reads every cell); ``gmp``: the
     ``cnn`` body and global max pooling; ``deep``: the ``cnn`` body with a third pooling and a fifth
-    convolution, for larger images (16 x 16 maps at 128 x 128). ``head`` (:data:`audit.zoo.cases.HEADS`; "" is softmax, or
-    sigmoid when ``binary``). ``side``: the input's height and width.
+    convolution, for larger images (16 x 16 maps at 128 x 128). ``head``: :data:`audit.zoo.cases.HEADS`
+    ("" is softmax, or sigmoid when ``binary``). ``side``: the input's height and width.
     """
     import keras
 
