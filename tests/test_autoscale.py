@@ -163,6 +163,7 @@ def test_preempted_node_mid_job(fake, ws):
                   "the preempted node to be gone")
 
 
+@pytest.mark.slow
 def test_resource_that_never_appears_ends_in_one_line(fake, ws):
     out = ws["dir"] / "out_never"
     t0 = time.monotonic()

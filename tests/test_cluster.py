@@ -14,6 +14,8 @@ import pytest
 from audit.data import io
 from audit.runner.job import run_job
 
+pytestmark = pytest.mark.slow  # a 3-node cluster and a job: left out of the quick loop
+
 
 @pytest.fixture(scope="module")
 def cluster():

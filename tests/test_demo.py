@@ -41,6 +41,7 @@ def test_dataset_is_biased_in_training_and_not_in_test():
     np.testing.assert_array_equal(a, b)  # deterministic per seed
 
 
+@pytest.mark.slow
 def test_demo_flags_the_shortcut_with_the_sky_as_cue(demo):
     from audit.demo import flagged
 
@@ -60,6 +61,7 @@ def test_demo_flags_the_shortcut_with_the_sky_as_cue(demo):
     assert "SHORTCUT SUSPECTED" in demo["log"] and "no shortcut found" in demo["log"]
 
 
+@pytest.mark.slow
 def test_demo_control_is_not_flagged(demo):
     from audit.demo import flagged
 
@@ -71,6 +73,7 @@ def test_demo_control_is_not_flagged(demo):
     assert (ct["clusters"]["verdict"] != "shortcut_suspected").all()
 
 
+@pytest.mark.slow
 def test_demo_without_masks(demo):
     from audit.demo import flagged
     from audit.scan.pipeline import scan
@@ -84,6 +87,7 @@ def test_demo_without_masks(demo):
     assert (ctc["verdict"] != "shortcut_suspected").all()
 
 
+@pytest.mark.slow
 def test_demo_writes_the_contract_tables(demo):
     import pyarrow.parquet as pq
 

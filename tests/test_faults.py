@@ -28,6 +28,9 @@ from audit.data import io
 from audit.errors import AuditError
 from audit.runner.job import run_job
 
+# every test here starts actors on a cluster or `audit run` drivers: the quick loop leaves them out
+pytestmark = pytest.mark.slow
+
 N_PER_CLASS = 24  # 2 classes, shards of 4: 12 shards
 METHODS = ("gradcam",)
 

@@ -69,6 +69,7 @@ def _check_output(out, n_images, bad):
     return df
 
 
+@pytest.mark.slow
 def test_two_actors_kill_one_mid_job(ray_local, ws):
     out = ws["dir"] / "out_kill"
     pids, killed, done_by = {}, [], []
@@ -135,6 +136,7 @@ def test_two_actors_kill_one_mid_job(ray_local, ws):
     assert got.has_mask.all() and got.energy_object.notna().all()
 
 
+@pytest.mark.slow
 def test_interrupt_then_resume(ray_local, ws, capsys):
     out = ws["dir"] / "out_resume"
     seen = []
@@ -274,6 +276,7 @@ def test_cli_run_summary_scan_and_queries(ray_local, ws, capsys, monkeypatch):
         audit.heatmap(err_row)
 
 
+@pytest.mark.slow
 def test_progress_poll_is_answered_while_shards_are_held(ray_local, ws, tmp_path):
     """Both shard slots of an actor stuck (inputs whose reads the test holds): it
     still answers ``progress`` with the images done so far, from its own concurrency group."""

@@ -37,6 +37,7 @@ def _audit(*args, **env):
                           capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_run_without_address_ignores_ray_address(small_job):
     tmp, spec = small_job
     out = tmp / "out_env"

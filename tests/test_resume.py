@@ -182,6 +182,7 @@ def job(tmp_path):
     return tmp_path, spec
 
 
+@pytest.mark.slow
 def test_resume_after_an_image_was_added_is_refused_then_replanned(ray_local, job, capsys):
     tmp, spec = job
     s = run_job(spec, progress=False)
@@ -206,6 +207,7 @@ def test_resume_after_an_image_was_added_is_refused_then_replanned(ray_local, jo
     assert [r["status"] for r in runs] == ["ok", "ok"]
 
 
+@pytest.mark.slow
 def test_resume_after_an_image_was_replaced_in_place_is_refused_then_replanned(ray_local, job, capsys):
     import audit
 
@@ -231,6 +233,7 @@ def test_resume_after_an_image_was_replaced_in_place_is_refused_then_replanned(r
     assert run_job(spec, resume=True, progress=False)["shards_skipped"] == 6  # and a resume now agrees
 
 
+@pytest.mark.slow
 def test_replan_after_the_dataset_shrank_removes_the_extra_shards(ray_local, job):
     tmp, spec = job
     run_job(spec, progress=False, overrides=["dataset.classes=[cat, dog]"])
@@ -243,6 +246,7 @@ def test_replan_after_the_dataset_shrank_removes_the_extra_shards(ray_local, job
     h.assert_exactly_once(tmp / "out", h.folder_ids(tmp / "data"), methods=("gradcam",))
 
 
+@pytest.mark.slow
 def test_truncated_part_file_is_named_by_load_and_redone_on_resume(ray_local, job, capsys):
     import audit
 

@@ -252,6 +252,7 @@ def _bucket_spec(data, out):
             "output": out}
 
 
+@pytest.mark.slow
 def test_job_in_a_bucket_killed_then_resumed_exactly_once(s3, ray_s3, data):
     """Dataset, model and output in the bucket; an actor killed, the job interrupted, an attempt's
     object left without its manifest entry (what a kill between the two PUTs leaves); audit.load
@@ -357,6 +358,7 @@ def test_actor_killed_mid_upload_then_resumed_exactly_once(s3, data, tmp_path):
     assert [r["status"] for r in runs] == ["ok"] and runs[0]["resume"]  # the killed run recorded nothing
 
 
+@pytest.mark.slow
 def test_scan_and_report_on_a_bucket_output(s3, ray_s3, data, tmp_path, capsys):
     """audit scan writes summary/ into the bucket (with causal tests reading model and images from
     it); audit report writes report.html into the bucket, or locally with --out."""

@@ -24,6 +24,8 @@ import pytest
 from audit.data import fs, io
 from audit.runner.job import run_job
 
+pytestmark = pytest.mark.slow  # a 3-node cluster, a job and an S3 server: left out of the quick loop
+
 
 @pytest.fixture(scope="module")
 def s3():

@@ -15,7 +15,8 @@ import pytest
 from audit.data import fs, io
 from audit.runner.job import run_job
 
-pytestmark = pytest.mark.skipif(not helpers_gcs.available(), reason="gcp-storage-emulator is not installed")
+pytestmark = [pytest.mark.skipif(not helpers_gcs.available(), reason="gcp-storage-emulator is not installed"),
+              pytest.mark.slow]  # an emulator, a local Ray and a job: left out of the quick loop
 
 
 @pytest.fixture(scope="module")

@@ -193,6 +193,7 @@ def test_local_mistakes_fail_before_contacting_the_cluster(tmp_path, capsys):
     assert "cannot reach the Ray Jobs API at http://127.0.0.1:1" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_submit_with_token_and_wait(head, tmp_path, monkeypatch, capsys):
     h.make_model(tmp_path / "model.keras")
     h.make_folder(tmp_path / "data", 6, masks=False)
@@ -245,6 +246,7 @@ def test_submit_with_token_and_wait(head, tmp_path, monkeypatch, capsys):
     assert "6 from committed shards" in cap.out, cap.out[-2000:]
 
 
+@pytest.mark.slow
 def test_run_joins_the_cluster_with_address(head, tmp_path):
     """``audit run --address HOST:PORT`` from outside the head: its actors run on the cluster."""
     h.make_model(tmp_path / "model.keras")
@@ -297,6 +299,7 @@ def test_run_joins_the_cluster_with_address(head, tmp_path):
 
 
 
+@pytest.mark.slow
 def test_token_refusal_is_found_by_one_handshake(head, tmp_path):
     """The quick check names a refusal, and lets a good token (or a ray:// address) through."""
     code = ("import sys, ray\nfrom audit.runner.cluster import _token_refusal\n"
