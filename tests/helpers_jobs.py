@@ -196,6 +196,15 @@ def folder_workspace(tmp, n_per_class, methods, resources, shard_size=4):
     return {"dir": tmp, "spec": spec, "ids": folder_ids(tmp / "data")}
 
 
+def copy_tree(src, dst):
+    """Copy a job's folder (its output, or its whole workspace) keeping each file's size and
+    modification time, which committed shards record and --resume checks.  Returns ``dst``."""
+    import shutil
+
+    shutil.copytree(src, dst, copy_function=shutil.copy2)
+    return dst
+
+
 def ray_init_local(num_cpus=2):
     import ray
 

@@ -105,9 +105,16 @@ def test_worker_node_killed(cluster, ws):
     _exactly_once(ws, out)
 
 
-def test_part_file_truncated(cluster, ws, capsys):
-    out = ws["dir"] / "out_trunc"
-    _run(ws, out)
+@pytest.fixture(scope="module")
+def finished(cluster, ws):
+    """An output the job ran to the end in, once per module: the tests below damage copies of it."""
+    out = ws["dir"] / "out_finished"
+    assert _run(ws, out)["status"] == "ok"
+    return out
+
+
+def test_part_file_truncated(cluster, ws, finished, capsys):
+    out = h.copy_tree(finished, ws["dir"] / "out_trunc")
     part = out / "records" / "part-00004.parquet"
     with open(part, "r+b") as f:
         f.truncate(part.stat().st_size - 100)
@@ -118,11 +125,10 @@ def test_part_file_truncated(cluster, ws, capsys):
     _exactly_once(ws, out)
 
 
-def test_manifest_entry_deleted(cluster, ws):
+def test_manifest_entry_deleted(cluster, ws, finished):
     import audit
 
-    out = ws["dir"] / "out_entry"
-    _run(ws, out)
+    out = h.copy_tree(finished, ws["dir"] / "out_entry")
     (out / "_manifest" / "part-00007.json").unlink()  # its part file stays, uncommitted
     df = audit.load(out, columns=["image_id"])
     assert len(df) == len(ws["ids"]) - 4  # load reads committed shards only

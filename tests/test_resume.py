@@ -173,19 +173,46 @@ def test_compare_names_what_changed():
     assert compare(old, shard, lambda: 1 / 0, "j") is None
 
 
-@pytest.fixture()
-def job(tmp_path):
-    h.make_model(tmp_path / "model.keras")
-    h.make_folder(tmp_path / "data", 12, masks=False)
-    spec = h.write_spec(tmp_path / "job.yaml", dataset={"format": "folder", "path": "data", "shard_size": 4},
+def _workspace(tmp):
+    """A model, 12 images per class (shards of 4: 6 shards) and a spec in ``tmp``; returns the spec."""
+    h.make_model(tmp / "model.keras")
+    h.make_folder(tmp / "data", 12, masks=False)
+    return h.write_spec(tmp / "job.yaml", dataset={"format": "folder", "path": "data", "shard_size": 4},
                         explain={"methods": ["gradcam"]}, resources={"actors": 1, "batch_size": 4})
-    return tmp_path, spec
+
+
+@pytest.fixture(scope="module")
+def finished(ray_local, tmp_path_factory):
+    """The workspace with its job run to the end, once per module, and a copy of it as it was then."""
+    root = tmp_path_factory.mktemp("resume")
+    work = root / "job"
+    work.mkdir()
+    spec = _workspace(work)
+    summary = run_job(spec, progress=False)
+    return {"work": work, "copy": h.copy_tree(work, root / "as_finished"), "spec": spec, "summary": summary}
+
+
+@pytest.fixture()
+def job(finished):
+    """The finished job as it was after its run (same paths: job.json holds the resolved spec), and its summary."""
+    from audit.data import identity
+
+    work = finished["work"]
+    shutil.rmtree(work)
+    h.copy_tree(finished["copy"], work)
+    datasets._class_listing.cache_clear()  # listings of this folder cached by an earlier test
+    identity.clear_cache()
+    return work, finished["spec"], finished["summary"]
+
+
+@pytest.fixture()
+def fresh_job(tmp_path):
+    return tmp_path, _workspace(tmp_path)
 
 
 @pytest.mark.slow
 def test_resume_after_an_image_was_added_is_refused_then_replanned(ray_local, job, capsys):
-    tmp, spec = job
-    s = run_job(spec, progress=False)
+    tmp, spec, s = job
     assert s["status"] == "ok" and s["images_done"] == 24
     entry = json.loads((tmp / "out" / "_manifest" / "part-00001.json").read_text())
     assert entry["identity"]["count"] == 4 and entry["identity"]["first"] == "cat/img_004.png"
@@ -211,8 +238,7 @@ def test_resume_after_an_image_was_added_is_refused_then_replanned(ray_local, jo
 def test_resume_after_an_image_was_replaced_in_place_is_refused_then_replanned(ray_local, job, capsys):
     import audit
 
-    tmp, spec = job
-    s = run_job(spec, progress=False)
+    tmp, spec, s = job
     assert s["status"] == "ok" and s["images_done"] == 24
     # another picture under the same name (40x40, the others are 16x16), in shard 1
     h.write_png(tmp / "data" / "cat" / "img_005.png", h.image(77, 0, size=40)[0])
@@ -234,8 +260,8 @@ def test_resume_after_an_image_was_replaced_in_place_is_refused_then_replanned(r
 
 
 @pytest.mark.slow
-def test_replan_after_the_dataset_shrank_removes_the_extra_shards(ray_local, job):
-    tmp, spec = job
+def test_replan_after_the_dataset_shrank_removes_the_extra_shards(ray_local, fresh_job):
+    tmp, spec = fresh_job
     run_job(spec, progress=False, overrides=["dataset.classes=[cat, dog]"])
     shutil.rmtree(tmp / "data" / "dog")  # the plan loses shards 3-5
     with pytest.raises(AuditError, match="shard 3 .* the new plan has no such shard"):
@@ -250,8 +276,7 @@ def test_replan_after_the_dataset_shrank_removes_the_extra_shards(ray_local, job
 def test_truncated_part_file_is_named_by_load_and_redone_on_resume(ray_local, job, capsys):
     import audit
 
-    tmp, spec = job
-    run_job(spec, progress=False)
+    tmp, spec, _ = job
     part = tmp / "out" / "records" / "part-00002.parquet"
     size = part.stat().st_size
     with open(part, "r+b") as f:
