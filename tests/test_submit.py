@@ -25,6 +25,7 @@ import pytest
 
 from audit.cli import main
 from audit.cli.submit import auth_headers, entrypoint
+from audit.errors import AuditError
 
 VENV_BIN = Path(sys.executable).parent
 
@@ -358,3 +359,30 @@ def test_ray_client_session_start_failures_are_retried(monkeypatch):
     with pytest.raises(AuditError, match="cannot connect to the Ray cluster at head:6379"):
         job._connect(fake, "head:6379", {}, attempts=3)
     assert len(fake.inits) == 1
+
+
+class _AgentLate:
+    """A Jobs client whose agent registers after ``late`` refused submissions."""
+
+    def __init__(self, late, error="No available agent to submit job, please try again later."):
+        self.late, self.error, self.calls = late, error, 0
+
+    def submit_job(self, **kwargs):
+        self.calls += 1
+        if self.calls <= self.late:
+            raise RuntimeError(self.error)
+        return "raysubmit_1"
+
+
+def test_submission_waits_for_a_late_job_agent():
+    from audit.cli.submit import _submit
+
+    c = _AgentLate(2)
+    assert _submit(c, {}, "http://h:8265", wait_s=5, pause=0) == "raysubmit_1" and c.calls == 3
+    never = _AgentLate(10 ** 6)
+    with pytest.raises(AuditError, match="submission to http://h:8265 failed: No available agent"):
+        _submit(never, {}, "http://h:8265", wait_s=0.05, pause=0.01)
+    other = _AgentLate(1, error="HTTP 500 boom")
+    with pytest.raises(AuditError, match="boom"):
+        _submit(other, {}, "http://h:8265", wait_s=5, pause=0)
+    assert other.calls == 1

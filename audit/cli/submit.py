@@ -138,11 +138,29 @@ def submit(args) -> tuple[object, str]:
               "metadata": {"tool": "shortcut-audit", "spec": spec.name}}
     if args.submission_id:
         kwargs["submission_id"] = args.submission_id
-    try:
-        sid = client.submit_job(**kwargs)
-    except Exception as e:
-        raise AuditError(f"submission to {args.address} failed: {_one_line(e)}") from None
-    return client, sid
+    return client, _submit(client, kwargs, args.address)
+
+
+AGENT_WAIT_S = 60.0  # a cluster just started: how long to wait for its job agent before giving up
+_NO_AGENT = "No available agent"  # the Jobs API's answer while no node's job agent has registered yet
+
+
+def _submit(client, kwargs: dict, address, wait_s: float = AGENT_WAIT_S, pause: float = 2.0) -> str:
+    """``client.submit_job(**kwargs)``, tried again while the cluster's job agent is not up yet.
+
+    Raises:
+        AuditError: the submission failed (one line), or no agent came up within ``wait_s``.
+    """
+    from audit.errors import AuditError
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return client.submit_job(**kwargs)
+        except Exception as e:
+            if _NO_AGENT not in str(e) or time.monotonic() >= deadline:
+                raise AuditError(f"submission to {address} failed: {_one_line(e)}") from None
+        time.sleep(pause)
 
 
 def _one_line(e) -> str:
