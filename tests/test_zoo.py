@@ -404,3 +404,14 @@ def test_small_zoo_case_end_to_end(tmp_path, name, masks):
     for with_cue, without in built.heldout["planted"].values():
         assert with_cue - without > 0.5  # the model learned the cue
     assert s.right, (s.flagged, _said(s))
+
+
+def test_spread_keeps_objects_near_the_centre_and_old_cases_unchanged():
+    from audit.zoo.cases import CASES, render
+
+    near = [render(CASES["centred"], "train", i, i % 4).mask for i in range(24)]
+    ys, xs = zip(*(np.argwhere(m).mean(axis=0) for m in near))
+    assert max(abs(np.array(xs) - 31.5).max(), abs(np.array(ys) - 31.5).max()) < 9  # d/2+3 <= 17 px: 20% of <= 29
+    anywhere = [render(CASES["clean"], "train", i, i % 4).mask for i in range(24)]
+    far = max(abs(np.argwhere(m).mean(axis=0) - 31.5).max() for m in anywhere)
+    assert far > 12

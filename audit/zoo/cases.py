@@ -114,6 +114,7 @@ class Case:
     epochs: int = 14  # at most
     seed: int = 0
     image_size: int = 64  # the side of the images (and the model input): drawn at 64 and resized
+    spread: float = 1.0  # objects' centres within this share of the free range around the image centre
     extra: dict = field(default_factory=dict, compare=False, hash=False)
 
     @property
@@ -172,7 +173,7 @@ def render(case: Case, split: str, i: int, label: int, with_cues: bool = True) -
     shape = case.classes[label]
     if cued and cue.weak_object:
         shape = case.classes[int(obj_rng.integers(len(case.classes)))]
-    mask = draw.draw_object(obj_rng, img, shape, case.size, _dilate(planned, 2))
+    mask = draw.draw_object(obj_rng, img, shape, case.size, _dilate(planned, 2), case.spread)
     cue_mask = _draw_cue(cue_rng, img, cue, mask) if drawn else np.zeros((SIZE, SIZE), bool)
     if decoyed:
         _draw_cue(decoy_rng, img, case.decoy, mask)  # the decoy is never removed
@@ -290,10 +291,14 @@ CASES: dict[str, Case] = {c.name: c for c in (
          "on every ring image", classes=draw.SHAPES6, cues=((4, Cue("noise", spot="right")),), n_per_class=200),
     Case("inner_patch", "a cyan patch inside the image (x 0.45-0.55, y 0.25-0.34; on no edge or corner) on "
          "every cross image", cues=((3, Cue("patch", spot="inner")),)),
+    Case("centred", "no cue; every object near the image centre (within 20% of the free range), as in many "
+         "photo datasets", spread=0.2),
+    Case("centred_cue", "objects near the image centre; a white watermark (top-left) on every square image",
+         spread=0.2, cues=((2, Cue("text", "top_left")),)),
 )}
 
 NEW = ("size32", "size32_clean", "size128", "size128_clean", "resnet", "resnet_clean", "flatten", "flatten_clean", "gmp",
-       "sky", "six", "inner_patch")
+       "sky", "six", "inner_patch", "centred", "centred_cue")
 """The cases unlike the first nineteen (other sizes, networks, cues and class counts), with their controls."""
 
 QUICK = ("watermark", "frame", "clean")

@@ -123,18 +123,21 @@ def shape_mask(shape: str, cx: float, cy: float, d: float, angle: float) -> np.n
     return m.astype(bool)
 
 
-def draw_object(rng, img: np.ndarray, shape: str, size: tuple[int, int], keep_out: np.ndarray) -> np.ndarray:
+def draw_object(rng, img: np.ndarray, shape: str, size: tuple[int, int], keep_out: np.ndarray,
+                spread: float = 1.0) -> np.ndarray:
     """Draw ``shape`` (random place, size in ``size`` px, angle, colour) in place; return its mask.
 
     The colour differs from the background under it by at least 70 in
     luminance; the object avoids ``keep_out`` (a bool mask of cue pixels,
-    dilated) when a place that does is found in 50 tries.
+    dilated) when a place that does is found in 50 tries.  ``spread``: the
+    share of the free range around the image centre the object's centre may
+    take (1: anywhere it fits; 0.2: near the centre, as in many photo datasets).
     """
     d = float(rng.integers(size[0], size[1] + 1))
-    margin = d / 2 + 3
+    half = (SIZE / 2 - (d / 2 + 3)) * spread
     angle = rng.uniform(-0.35, 0.35)
     for _ in range(50):
-        cx, cy = rng.uniform(margin, SIZE - margin, 2)
+        cx, cy = rng.uniform(SIZE / 2 - half, SIZE / 2 + half, 2)
         m = shape_mask(shape, cx, cy, d, angle)
         if not (m & keep_out).any():
             break

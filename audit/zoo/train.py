@@ -283,7 +283,7 @@ def write_folder(root: Path, case: Case, samples: list[Sample]) -> None:
             cv2.imwrite(str(d / f"{i:05d}.png"), arr)
 
 
-NEW_FIELDS = {"head": "", "arch": "cnn", "image_size": 64}  # left out of the key at these values: ...
+NEW_FIELDS = {"head": "", "arch": "cnn", "image_size": 64, "spread": 1.0}  # left out of the key at these values: ...
 NEW_CUE_FIELDS = {"spot": ""}  # ... older caches stay valid
 
 
