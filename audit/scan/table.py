@@ -12,7 +12,7 @@ import numpy as np
 from audit.errors import cannot_write
 from audit.scan.features import GroupFeatures
 from audit.scan.values import finite, or_none, pct
-from audit.scan.verdict import Verdict
+from audit.scan.verdict import Verdict, others_rate
 
 VERDICT_ORDER = {"shortcut_suspected": 0, "ok": 1, "insufficient_data": 2}
 
@@ -173,7 +173,7 @@ def interventions_table(results: list, causal):
                          "cluster": cluster, "test": t.test, "place": t.place,
                          "box": None if t.box is None else [float(v) for v in t.box], "fill": t.fill,
                          "n": t.n, "flip_rate": or_none(t.flip_rate),
-                         "flip_rate_others": or_none(others.get(t.place)) if t.test in ("region", "transform") else None,
+                         "flip_rate_others": or_none(others_rate(t, others)) if t.test in ("region", "transform") else None,
                          "area": or_none(t.area), "transplant_rate": or_none(t.transplant),
                          "transplant_n": t.transplant_n})
     schema = arrow_schema("interventions")

@@ -235,7 +235,7 @@ def place_flip_score(flip: float, others: float, cfg: Config = DEFAULT) -> float
     return clip01(0.5 * min(flip / cfg.cue_flip_min, spec / cfg.cue_specific_min))
 
 
-def _others(t: PlaceFlip, others: dict) -> float:
+def others_rate(t: PlaceFlip, others: dict) -> float:
     """The place's flip rate on the other classes: the same box on their images when the transplant
     measured it (the hot area differs from class to class), else the median over their own samples."""
     if t.place == "hot area" and finite(t.others_same):
@@ -262,7 +262,7 @@ def causal_cue(causal: CausalResult | None, others: dict | None = None, cfg: Con
     others = others or {}
     tests = causal.places + transforms_count(causal, others, cfg)
     whole = cfg.replace(cue_flip_min=cfg.image_flip_min)  # an edit of the object too needs more flips
-    cands = [(place_flip_score(t.flip_rate, _others(t, others), whole if t.place.startswith("image:") else cfg), t)
+    cands = [(place_flip_score(t.flip_rate, others_rate(t, others), whole if t.place.startswith("image:") else cfg), t)
              for t in tests if place_eligible(t, causal, cfg, density, fixed_hot)]
     refuted = [c for c in cands if c[0] >= 0.5 and transplant_refutes(c[1], cfg)]
     cands = [c for c in cands if not transplant_refutes(c[1], cfg)]
@@ -277,7 +277,7 @@ def causal_cue(causal: CausalResult | None, others: dict | None = None, cfg: Con
                                       c[1].area, -c[0])) \
         if strong else max(cands, key=lambda c: c[0])
     s, t = best
-    return CueFinding(s, t, _others(t, others), strongest_refuted)
+    return CueFinding(s, t, others_rate(t, others), strongest_refuted)
 
 
 def background_score(causal: CausalResult | None, cfg: Config = DEFAULT) -> float:
