@@ -175,10 +175,7 @@ def test_compare_names_what_changed():
 
 def _workspace(tmp):
     """A model, 12 images per class (shards of 4: 6 shards) and a spec in ``tmp``; returns the spec."""
-    h.make_model(tmp / "model.keras")
-    h.make_folder(tmp / "data", 12, masks=False)
-    return h.write_spec(tmp / "job.yaml", dataset={"format": "folder", "path": "data", "shard_size": 4},
-                        explain={"methods": ["gradcam"]}, resources={"actors": 1, "batch_size": 4})
+    return h.folder_workspace(tmp, 12, ("gradcam",), {"actors": 1, "batch_size": 4})["spec"]
 
 
 @pytest.fixture(scope="module")

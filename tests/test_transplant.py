@@ -28,7 +28,9 @@ def test_paste_takes_donors_in_turn_and_spares_kept_pixels():
     masks = np.ones((2, 2, 2), bool)
     keep = np.zeros((3, 2, 2), bool)
     keep[2, 0, 0] = True
-    out = paste(Recipients(rec, np.zeros(3, int), keep), donors, masks)
+    spots = Recipients(rec, np.zeros(3, int), keep).spots(masks)
+    assert spots[2].ravel().tolist() == [False, True, True, True] and spots[:2].all()
+    out = paste(rec, donors, spots)
     assert out[0].ravel().tolist() == [10] * 4 and out[1].ravel().tolist() == [20] * 4
     assert out[2].ravel().tolist() == [0, 10, 10, 10]  # recipient 2 got donor 0, its kept pixel untouched
     assert (rec == 0).all()

@@ -124,14 +124,13 @@ def _pool(intervener, view, use_masks: bool, results=()) -> Pool:
     pool = Pool(target=np.array([target[i] for i in ids]), levels=Levels.of(images))
     masked = use_masks and masks is not None and masks.any()
     base = np.asarray(intervener.predict(images))
-    if masked:
-        pool.recipients = Recipients(images, base, keep=spare_masks(images.shape[1:3], masks))
-    else:
+    if not masked:
         pool.recipients = Recipients(images, base, hot=spare_masks(images.shape[1:3], grids=maps_of(results, ids)))
-    if masked:
-        has = masks.reshape(len(masks), -1).any(axis=1)
-        pool.density = masks[has].mean(axis=0) if has.any() else None
-        pool.backgrounds = remove_objects(images, masks)
+        return pool
+    pool.recipients = Recipients(images, base, keep=spare_masks(images.shape[1:3], masks))
+    has = masks.reshape(len(masks), -1).any(axis=1)
+    pool.density = masks[has].mean(axis=0) if has.any() else None
+    pool.backgrounds = remove_objects(images, masks)
     return pool
 
 
@@ -185,15 +184,7 @@ def maps_of(results, ids) -> np.ndarray | None:
 
 def own_grids(results, plan: TestPlan) -> np.ndarray | None:
     """(n, g, g) each sampled image's own heatmap on the grid (a flat map where it has none), or None."""
-    r = next((r for r in results if r.class_id == plan.class_id), None)
-    if r is None or r.grids is None or not len(r.grids):
-        return None
-    pos = {i: k for k, i in enumerate(r.map_ids)}
-    out = np.zeros((len(plan.ids), *r.grids.shape[1:]), np.float32)
-    for j, i in enumerate(plan.ids):
-        if i in pos:
-            out[j] = r.grids[pos[i]]
-    return out
+    return maps_of([r for r in results if r.class_id == plan.class_id][:1], plan.ids)
 
 
 def run_tests(intervener, results, view, cfg: Config, use_masks: bool) -> CausalTests:

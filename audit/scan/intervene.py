@@ -373,7 +373,7 @@ def flipped(base, new, classes=None) -> np.ndarray:
     return new[idx, c] != base[idx, c]
 
 
-def _predict_chunks(predict_fn, variants: list, chunk: int) -> list:
+def predict_chunks(predict_fn, variants: list, chunk: int) -> list:
     """Predict a list of image stacks with one call per ``chunk`` images; returns one array per stack."""
     sizes = [len(v) for v in variants]
     total = sum(sizes)
@@ -489,7 +489,7 @@ def _transplants(predict_fn, images, tests: list, recipients, target: int, chunk
     obj = next((t for t in tests if t.test == "object"), None)
     if not unmasked or spare is None or obj is None or not obj.rate() <= BACKGROUND_OBJECT_MAX:
         return []
-    tr = transplant_background(predict_fn, images, np.asarray(spare, bool), recipients, target, chunk)
+    tr = transplant_background(predict_fn, images, spare, recipients, target, chunk)
     if tr is None:
         return []
     t = _Test("transplant", "background", None, "pasted", np.zeros(len(images), bool), area=math.nan)
@@ -619,7 +619,7 @@ def _run(predict_fn, images, obj, tests, selections, base, cls, backgrounds, chu
     jobs = [(t, np.nonzero(sel)[0]) for t, sel in zip(tests, selections) if sel.any()]
     if not jobs:
         return
-    preds = _predict_chunks(predict_fn, [_edit(t, images, obj, rows, backgrounds) for t, rows in jobs], chunk)
+    preds = predict_chunks(predict_fn, [_edit(t, images, obj, rows, backgrounds) for t, rows in jobs], chunk)
     for (t, rows), pred in zip(jobs, preds):
         f = flipped(base[rows], pred, None if cls is None else cls[rows])
         t.flips.update(zip(rows.tolist(), f.tolist()))

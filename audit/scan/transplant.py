@@ -64,6 +64,13 @@ class Recipients:
         return Recipients(self.images[rows], base[rows], None if self.keep is None else self.keep[rows],
                           None if self.hot is None else self.hot[rows])
 
+    def spots(self, masks: np.ndarray, avoid: np.ndarray | None = None) -> np.ndarray:
+        """(K, H, W) each recipient's pixels to paste: ``masks`` (N, H, W) taken in turn, less ``avoid``
+        (default: the kept pixels)."""
+        avoid = self.keep if avoid is None else avoid
+        out = np.stack([masks[j % len(masks)] for j in range(len(self.images))])
+        return out if avoid is None else out & ~avoid
+
 
 @dataclass(frozen=True)
 class Transplant:
@@ -85,13 +92,11 @@ def turned_into(base, new, target: int) -> np.ndarray:
     return new[:, t].astype(bool) & ~base[:, t].astype(bool)
 
 
-def paste(recipients: Recipients, donors: np.ndarray, masks: np.ndarray) -> np.ndarray:
-    """Copies of the recipients with each donor's masked pixels pasted in (donors taken in turn)."""
-    out = recipients.images.copy()
+def paste(images: np.ndarray, donors: np.ndarray, spots: np.ndarray) -> np.ndarray:
+    """Copies of ``images`` whose ``spots[j]`` pixels come from donor ``j % len(donors)`` (in turn)."""
+    out = images.copy()
     for j in range(len(out)):
-        d = j % len(donors)
-        m = masks[d] if recipients.keep is None else masks[d] & ~recipients.keep[j]
-        out[j][m] = donors[d][m]
+        out[j][spots[j]] = donors[j % len(donors)][spots[j]]
     return out
 
 
@@ -120,7 +125,7 @@ def transplant_places(predict_fn, images: np.ndarray, tests: list, recipients: R
     Returns:
         {id(test): :class:`Transplant`} for the candidate places that had donors.
     """
-    from audit.scan.intervene import _predict_chunks, flipped, occlude
+    from audit.scan.intervene import flipped, occlude, predict_chunks
 
     if recipients is None:
         return {}
@@ -129,15 +134,11 @@ def transplant_places(predict_fn, images: np.ndarray, tests: list, recipients: R
         rows = np.array(sorted(i for i, f in t.flips.items() if f), int)
         if not len(rows):
             continue
-        masks = t.mask[rows]
-        k = len(recipients.images)
-        spots = np.stack([masks[j % len(rows)] for j in range(k)])
-        if recipients.keep is not None:
-            spots &= ~recipients.keep
-        jobs.append((t, paste(recipients, images[rows], masks), occlude(recipients.images, spots, t.fill)))
+        spots = recipients.spots(t.mask[rows])
+        jobs.append((t, paste(recipients.images, images[rows], spots), occlude(recipients.images, spots, t.fill)))
     if not jobs:
         return {}
-    preds = _predict_chunks(predict_fn, [v for _, a, b in jobs for v in (a, b)], chunk)
+    preds = predict_chunks(predict_fn, [v for _, a, b in jobs for v in (a, b)], chunk)
     out = {}
     for j, (t, _, _) in enumerate(jobs):
         pasted = float(turned_into(recipients.base, preds[2 * j], target).mean())
@@ -150,7 +151,7 @@ def transplant_places(predict_fn, images: np.ndarray, tests: list, recipients: R
 def transplant_background(predict_fn, images: np.ndarray, spare: np.ndarray, recipients: Recipients | None,
                           target: int, chunk: int) -> Transplant | None:
     """Paste each sample image's background (outside its ``spare`` area) around the recipients' own
-    own hot areas (``recipients.hot``); the control makes the same pixels one flat grey.
+    hot areas (``recipients.hot``); the control makes the same pixels one flat grey.
 
     Args:
         predict_fn: uint8 images -> predictions.
@@ -163,21 +164,14 @@ def transplant_background(predict_fn, images: np.ndarray, spare: np.ndarray, rec
     Returns:
         A :class:`Transplant`, or None without recipients or their kept areas.
     """
-    from audit.scan.intervene import _predict_chunks
+    from audit.scan.intervene import predict_chunks, transform
 
     if recipients is None or recipients.hot is None or not len(images):
         return None
-    k = len(recipients.images)
-    donors = np.arange(k) % len(images)
-    where = ~spare[donors] & ~recipients.hot
-    pasted = recipients.images.copy()
-    flat = recipients.images.copy()
-    for j in range(k):
-        m = where[j]
-        if m.any():
-            pasted[j][m] = images[donors[j]][m]
-            flat[j][m] = np.round(recipients.images[j][m].mean()).astype(flat.dtype)
-    got, ctl = _predict_chunks(predict_fn, [pasted, flat], chunk)
+    where = recipients.spots(~np.asarray(spare, bool), avoid=recipients.hot)
+    pasted = paste(recipients.images, images, where)
+    flat = transform(recipients.images, where, "flat-grey")
+    got, ctl = predict_chunks(predict_fn, [pasted, flat], chunk)
     p = float(turned_into(recipients.base, got, target).mean())
     c = float(turned_into(recipients.base, ctl, target).mean())
-    return Transplant(max(0.0, p - c), k, p, c)
+    return Transplant(max(0.0, p - c), len(recipients.images), p, c)

@@ -191,8 +191,14 @@ def place_eligible(t: PlaceFlip, causal: CausalResult, cfg: Config, density: dic
     if t.place.startswith("region:"):  # the user's own hypothesis, whatever its size
         return True
     if t.place == "hot area":
-        return fixed_hot and finite(t.area) and t.area <= cfg.hot_cue_max_area and finite(t.others_same)
+        return fixed_mark(t, cfg, fixed_hot) and finite(t.others_same)
     return not (finite(t.area) and t.area > cfg.max_cue_area)
+
+
+def fixed_mark(t: PlaceFlip, cfg: Config, fixed_hot: bool) -> bool:
+    """The group's hot area may be a mark: its peaks sit at one place (``fixed_hot``) and the area
+    covers at most ``hot_cue_max_area`` of the image."""
+    return t.place == "hot area" and fixed_hot and finite(t.area) and t.area <= cfg.hot_cue_max_area
 
 
 def transforms_count(causal: CausalResult, others: dict, cfg: Config = DEFAULT) -> list:
@@ -335,7 +341,7 @@ def _background_place(t: PlaceFlip, s_bg: float, cfg: Config, fixed_hot: bool = 
     A small hot area where the group's peaks sit at one place (``fixed_hot``) keeps its name: a mark."""
     if t.place.startswith("region:") or t.test == "transform":  # these keep their names
         return False
-    if t.place == "hot area" and fixed_hot and finite(t.area) and t.area <= cfg.hot_cue_max_area:
+    if fixed_mark(t, cfg, fixed_hot):
         return False
     return s_bg >= cfg.threshold and (t.place == "hot area" or (finite(t.area) and t.area > cfg.max_cue_area))
 
