@@ -293,3 +293,16 @@ def test_load_images_every_format(tmp_path):
     # a dataset moved since the job ran: one line (the scan then skips its intervention)
     with pytest.raises(AuditError, match="dataset not found: .*moved since the job ran"):
         datasets.load_images({"dataset": ds("folder", tmp_path / "gone")}, ["cat/img_000.png"], (16, 16))
+
+
+def test_original_image_of_a_parquet_or_tfrecord_record(tmp_path):
+    """The report's and audit.overlay's original: ``file#index`` read through the data layer."""
+    from audit.data import query
+
+    pq = h.make_parquet(tmp_path / "pq", n=4, files=1, keys=False, masks=False)
+    got = query.original_image({"path": f"{pq}/part-0.parquet#2"})
+    assert np.array_equal(got, h.image(3002, 0)[0])
+    tfr = h.make_tfrecord(tmp_path / "t.tfrecord", n=3)
+    assert np.array_equal(query.original_image({"path": f"{tfr}#1"}), h.image(4001, 1)[0])
+    with pytest.raises(AuditError, match="record 9 not found"):
+        query.original_image({"path": f"{pq}/part-0.parquet#9"})

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from audit.cli import main
+from audit.engine import backprop as B
 from audit.errors import AuditError
 from audit.review import explain as E
 
@@ -93,11 +94,11 @@ def tiny():
 @pytest.mark.parametrize("mode", ["guided", "deconvnet", "gradient"])
 def test_backward_rules_match_numpy_reference(tiny, mode):
     model, x = tiny
-    gm = E.guided_model(model, mode)
+    gm = B.guided_model(model, mode)
     assert sorted(gm.replaced) == ["a1", "c1", "r2"]
     refs = [_reference(model, xi, mode) for xi in x]
     target = [r[0] for r in refs]
-    got = E.input_gradients(gm, x, target)
+    got = B.input_gradients(gm, x, target)
     want = np.stack([r[1] for r in refs])
     # the network really has active and inactive units at every ReLU
     for r in refs:
@@ -110,8 +111,8 @@ def test_guided_differs_from_plain_gradient_and_model_is_untouched(tiny):
     model, x = tiny
     before = model(x).numpy()
     acts = {layer.name: getattr(layer, "activation", None) for layer in model.layers}
-    guided = E.input_gradients(E.guided_model(model, "guided"), x, [0, 1, 2])
-    plain = E.input_gradients(E.guided_model(model, "gradient"), x, [0, 1, 2])
+    guided = B.input_gradients(B.guided_model(model, "guided"), x, [0, 1, 2])
+    plain = B.input_gradients(B.guided_model(model, "gradient"), x, [0, 1, 2])
     assert not np.allclose(guided, plain)
     # the user's model: same layers, same activations, same outputs, ordinary gradients
     np.testing.assert_array_equal(model(x).numpy(), before)
@@ -134,16 +135,16 @@ def test_nested_base_model_and_relu6():
     inp2 = keras.Input((6, 6, 3))
     flat = keras.Model(inp2, dense(gap(c2(r1(c1(inp2))))))
     x = np.random.default_rng(0).normal(scale=3.0, size=(2, 6, 6, 3)).astype(np.float32)
-    gn = E.guided_model(nested, "guided")
-    gf = E.guided_model(flat, "guided")
+    gn = B.guided_model(nested, "guided")
+    gf = B.guided_model(flat, "guided")
     assert gn.replaced == ["base/b_r1", "base/b_c2"]
-    np.testing.assert_allclose(E.input_gradients(gn, x, [1, 2]), E.input_gradients(gf, x, [1, 2]), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(B.input_gradients(gn, x, [1, 2]), B.input_gradients(gf, x, [1, 2]), rtol=1e-5, atol=1e-7)
     # relu6: units above 6 pass no gradient
     z = np.array([-1.0, 0.5, 5.0, 7.0], np.float32)
     g = np.array([1.0, 1.0, -1.0, 1.0], np.float32)
-    np.testing.assert_array_equal(np.asarray(E.guided_relu_grad(z, g, "gradient", max_value=6.0)), [0, 1, -1, 0])
-    np.testing.assert_array_equal(np.asarray(E.guided_relu_grad(z, g, "guided", max_value=6.0)), [0, 1, 0, 0])
-    np.testing.assert_array_equal(np.asarray(E.guided_relu_grad(z, g, "deconvnet")), [1, 1, 0, 1])
+    np.testing.assert_array_equal(np.asarray(B.guided_relu_grad(z, g, "gradient", max_value=6.0)), [0, 1, -1, 0])
+    np.testing.assert_array_equal(np.asarray(B.guided_relu_grad(z, g, "guided", max_value=6.0)), [0, 1, 0, 0])
+    np.testing.assert_array_equal(np.asarray(B.guided_relu_grad(z, g, "deconvnet")), [1, 1, 0, 1])
 
 
 # ----------------------------------------------------------------------------
@@ -156,11 +157,11 @@ def test_affine_of_preprocessings():
 
     u = np.random.default_rng(0).uniform(0, 255, (2, 4, 4, 3)).astype(np.float32)
     for mode in ("none", "scale_0_1", "scale_-1_1", "caffe", "torch"):
-        M, b = E.affine_of(lambda a, m=mode: preprocess(a, m), 3)
+        M, b = B.affine_of(lambda a, m=mode: preprocess(a, m), 3)
         np.testing.assert_allclose(u @ M.T + b, preprocess(u, mode), rtol=1e-4, atol=1e-3)
-    M, _ = E.affine_of(lambda a: preprocess(a, "caffe"), 3)
+    M, _ = B.affine_of(lambda a: preprocess(a, "caffe"), 3)
     np.testing.assert_allclose(M, np.eye(3)[::-1], atol=1e-5)  # RGB -> BGR
-    assert E.affine_of(lambda a: np.sqrt(a), 3) is None
+    assert B.affine_of(lambda a: np.sqrt(a), 3) is None
 
 
 def test_feature_channel_normalisation_and_deprocess():
@@ -180,8 +181,8 @@ def test_filter_patterns_increase_the_filter_activation():
     h = keras.layers.Conv2D(4, 3, padding="same", activation="relu", name="c2")(h)
     model = keras.Model(inp, keras.layers.Dense(2)(keras.layers.GlobalAveragePooling2D()(h)))
     affine = (np.eye(3, dtype=np.float32) / 255.0, np.zeros(3, np.float32))  # scale_0_1
-    start = E.filter_patterns(model, "c2", [0, 3], affine=affine, steps=0)
-    end = E.filter_patterns(model, "c2", [0, 3], affine=affine, steps=20)
+    start = B.filter_patterns(model, "c2", [0, 3], affine=affine, steps=0)
+    end = B.filter_patterns(model, "c2", [0, 3], affine=affine, steps=20)
     fm = keras.Model(model.input, model.get_layer("c2").output)
     a0 = fm(start / 255.0).numpy().mean(axis=(1, 2))
     a1 = fm(end / 255.0).numpy().mean(axis=(1, 2))
@@ -190,7 +191,7 @@ def test_filter_patterns_increase_the_filter_activation():
     # each step moves the image by at most one grey level RMS (normalised gradient)
     rms = np.sqrt(((end - start) ** 2).mean(axis=(1, 2, 3)))
     assert np.all((rms > 1) & (rms <= 20.01))
-    one = E.filter_patterns(model, "c2", [0], affine=affine, steps=1)
+    one = B.filter_patterns(model, "c2", [0], affine=affine, steps=1)
     np.testing.assert_allclose(np.sqrt(((one - start[:1]) ** 2).mean()), 1.0, rtol=1e-3)
 
 

@@ -6,8 +6,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from audit.data.schema import stat_columns
-from audit.engine.stats import border_mask, box_mask, map_stats, resize_maps, to_arrow_columns
+from audit.engine.stats import border_mask, box_mask, map_stats, resize_maps, stat_columns, to_arrow_columns
 
 
 def one_hot_map(h, w, i, j, value=1.0):

@@ -28,7 +28,8 @@ def _names(values):
 
 
 def register(sub) -> None:
-    from audit.review.explain import DEFAULT_METHODS, all_methods
+    from audit.engine.backprop import all_methods
+    from audit.review.explain import DEFAULT_METHODS
 
     p = sub.add_parser(
         "explain",
@@ -78,9 +79,10 @@ def run(args) -> int:
     from pathlib import Path
 
     from audit.cli.layers import check_input_size, check_token_grid
+    from audit.engine.backprop import all_methods
     from audit.engine.models import check_preprocess, load_model
     from audit.errors import AuditError
-    from audit.review.explain import all_methods, explain
+    from audit.review.explain import explain
 
     paths = list(args.paths)
     model_path = None if args.application else paths.pop(0)

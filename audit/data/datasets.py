@@ -879,3 +879,21 @@ def _skip_records(file, idx):
         if k == idx:
             yield frame.offset, frame.length
             return
+
+
+def indexed_image_bytes(file: str, index: int) -> bytes:
+    """The encoded image of record ``index`` of a Parquet or TFRecord file (``path`` ``file#index``).
+
+    Raises:
+        AuditError: the file has no such record.
+    """
+    if file.lower().endswith((".parquet", ".pq")):
+        t = _parquet_rows(file, index, index + 1, columns=["image"])
+        if t.num_rows == 0:
+            raise AuditError(f"record {index} not found in {file}")
+        return t.column("image")[0].as_py()
+    ds = {"format": "tfrecord", "path": file}
+    items = list(_items_by_id(ds, [f"{Path(file).name}#{index}"]))
+    if not items:
+        raise AuditError(f"record {index} not found in {file}")
+    return items[0].data

@@ -21,14 +21,15 @@ from pathlib import Path
 
 import numpy as np
 
+from audit.data import datasets, decode, fs, io
+from audit.engine.overlay import overlay_image
+from audit.engine.stats import normalize, resize_map
 from audit.errors import AuditError
 
 __all__ = ["load", "heatmap", "overlay", "records_dataset"]
 
 
 def _records_dir(out):
-    from audit.data import fs
-
     if fs.is_uri(str(out)):
         if fs.list_files(fs.join(str(out), "records"), recursive=False):
             return fs.join(str(out), "records")
@@ -55,8 +56,6 @@ def committed_files(out) -> list[str] | None:
         AuditError: a part file disagrees with its manifest entry (size or row
             count: truncated or replaced), named in one line.
     """
-    from audit.data import fs, io
-
     p = str(out) if fs.is_uri(str(out)) else Path(out)
     if not io.has_manifest(p):
         return None
@@ -87,8 +86,6 @@ def records_dataset(out):
             without the records' columns, such as a Parquet dataset folder).
     """
     import pyarrow.dataset as pads
-
-    from audit.data import fs
 
     folder = _records_dir(out)
     files = committed_files(out)
@@ -203,41 +200,26 @@ def heatmap(row, size=None) -> np.ndarray:
     Raises:
         AuditError: the record has no map (``status=error``).
     """
-    from audit.review import viz
-
-    m = viz.normalize(raw_map(row))
+    m = normalize(raw_map(row))
     s = _size(size)
-    return viz.resize_map(m, s) if s else m
+    return resize_map(m, s) if s else m
 
 
 def original_image(row) -> np.ndarray:
     """The original image of a record (uint8 RGB), from its file or its Parquet/TFRecord record."""
-    from audit.data import datasets, decode
-
     path = str(_get(row, "path", ""))
     raw = _get(row, "path_bytes")
     if isinstance(raw, bytes) and raw:  # a file name that is not UTF-8: `path` is its escaped text
         path = os.fsdecode(raw)
     if not path:
         raise AuditError("the record has no path")
-    from audit.data import fs
-
     if fs.is_file(path):
         data = fs.read_bytes(path)
     else:
         file, sep, idx = path.rpartition("#")
         if not (sep and idx.isdigit() and fs.is_file(file)):
             raise AuditError(f"image not found: {path}")
-        idx = int(idx)
-        if file.lower().endswith((".parquet", ".pq")):
-            t = datasets._parquet_rows(file, idx, idx + 1, columns=["image"])
-            data = t.column("image")[0].as_py()
-        else:
-            ds = {"format": "tfrecord", "path": file}
-            items = list(datasets._items_by_id(ds, [f"{Path(file).name}#{idx}"]))
-            if not items:
-                raise AuditError(f"record {idx} not found in {file}")
-            data = items[0].data
+        data = datasets.indexed_image_bytes(file, int(idx))
     try:
         return decode.decode_image(data)
     except decode.DecodeError as e:
@@ -258,7 +240,5 @@ def overlay(row, alpha: float = 0.4) -> np.ndarray:
     Raises:
         AuditError: the record has no map, or its image cannot be found or read.
     """
-    from audit.review import viz
-
     img = original_image(row)
-    return viz.overlay_image(img, heatmap(row), alpha=alpha)
+    return overlay_image(img, heatmap(row), alpha=alpha)

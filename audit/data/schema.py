@@ -5,6 +5,7 @@ from __future__ import annotations
 import pyarrow as pa
 
 from audit.data import resources
+from audit.engine.stats import stat_columns  # noqa: F401  (the records' statistic columns)
 
 SCHEMA_VERSION = "1"
 
@@ -33,12 +34,3 @@ def arrow_schema(name: str, extra: dict | None = None) -> pa.Schema:
 def records_schema(regions=()) -> pa.Schema:
     """Schema of the records table, with one ``energy_<region>`` column per region."""
     return arrow_schema("records", {f"energy_{r}": "float32" for r in regions})
-
-
-def stat_columns(regions=()) -> list[str]:
-    """Names of the per-map statistic columns, in schema order."""
-    names = [
-        "energy_object", "pointing_hit", "energy_border", "entropy", "peak_x", "peak_y",
-        "centroid_x", "centroid_y", "concentration", "object_x", "object_y",
-    ]
-    return names + [f"energy_{r}" for r in regions]

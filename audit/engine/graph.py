@@ -224,7 +224,7 @@ class Walk:
 
     ``leaf(layer, path, args, kwargs)`` is called at each leaf layer and gives
     its output: it records the call (:func:`trace`) or replaces the layer
-    (``audit.review.explain.guided_model``).  ``training``/``mask`` kwargs are
+    (``audit.engine.backprop.guided_model``).  ``training``/``mask`` kwargs are
     the leaf's to drop.
     """
 

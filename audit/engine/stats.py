@@ -42,11 +42,18 @@ import math
 import cv2
 import numpy as np
 
-from audit.data.schema import stat_columns
-
 BORDER = 0.1  # width of the border band, fraction of each side
 TOP_FRACTION = 0.1  # concentration: share of energy in this top fraction of pixels
 _CV_MAX_CHANNELS = 128  # cv2.resize takes at most 128 channels per call (OpenCV 5; 512 in 4.x)
+STAT_NAMES = (
+    "energy_object", "pointing_hit", "energy_border", "entropy", "peak_x", "peak_y",
+    "centroid_x", "centroid_y", "concentration", "object_x", "object_y",
+)
+
+
+def stat_columns(regions=()) -> list[str]:
+    """Names of the per-map statistic columns, in the records schema's order."""
+    return list(STAT_NAMES) + [f"energy_{r}" for r in regions]
 
 
 def resize_maps(maps: np.ndarray, size) -> np.ndarray:
@@ -139,7 +146,7 @@ def map_stats(maps, size, masks=None, has_mask=None, regions=None) -> dict[str, 
 
     Returns:
         ``{column: (N,) float32}`` for every name in
-        :func:`audit.data.schema.stat_columns` (NaN = null) plus ``"status"``,
+        :func:`stat_columns` (NaN = null) plus ``"status"``,
         an (N,) object array of ``"ok"`` / ``"flat"``.
     """
     regions = dict(regions or {})
