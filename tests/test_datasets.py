@@ -164,11 +164,13 @@ def test_manifest_names_boxes_byte_ranges(tmp_path):
 
 def test_manifest_index_labels_mask_column_quotes_and_errors(tmp_path):
     path = Path(h.make_manifest(tmp_path, n=4, masks=True, names=False))
+    for n in ("horse", "seven"):  # each image listed once (a repeated row is refused)
+        h.write_png(tmp_path / "images" / f"{n}.png", h.image(1, 0)[0])
     with open(path, "a", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["images/im000.png", "horse", ""])  # unknown class name -> error row
+        w.writerow(["images/horse.png", "horse", ""])  # unknown class name -> error row
         w.writerow(["images/missing.png", "1", ""])  # missing file -> error row
-        w.writerow(["images/im001.png", "7", ""])  # index outside the classes -> error row
+        w.writerow(["images/seven.png", "7", ""])  # index outside the classes -> error row
     # a quoted path with a comma and a newline
     odd = tmp_path / "images" / "a,b\nc.png"
     h.write_png(odd, h.image(9, 0)[0])

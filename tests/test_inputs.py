@@ -110,7 +110,9 @@ def test_non_utf8_paths_and_labels_in_a_manifest(tmp_path):
     (tmp_path / "im").mkdir()
     with open(os.fsencode(tmp_path) + b"/im/\xfcber.png", "wb") as f:
         f.write(h.encode_png(img))
-    (tmp_path / "m.csv").write_bytes(b"path,label\nim/\xfcber.png,dog\nim/\xfcber.png,k\xe4se\n")
+    with open(os.fsencode(tmp_path) + b"/im/\xfcber2.png", "wb") as f:  # each image listed once
+        f.write(h.encode_png(img))
+    (tmp_path / "m.csv").write_bytes(b"path,label\nim/\xfcber.png,dog\nim/\xfcber2.png,k\xe4se\n")
     p, its = items_of(ds("manifest", tmp_path / "m.csv"))
     assert p.classes == ["dog", "k\\xe4se"]
     assert its[0].image_id == "im/\\xfcber.png" and its[0].path_bytes == os.fsencode(tmp_path) + b"/im/\xfcber.png"

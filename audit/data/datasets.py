@@ -29,6 +29,7 @@ through one filesystem per bucket.
 
 from __future__ import annotations
 
+import array
 import csv
 import io
 import itertools
@@ -121,13 +122,17 @@ def _chunks(n: int, size: int):
 
 
 def _label_index(raw, classes) -> tuple[int | None, str | None]:
-    """(label index, error) for a raw label (int, digit string or class name)."""
-    if raw is None or (isinstance(raw, float) and np.isnan(raw)):
+    """(label index, error) for a raw label: an integer, a whole float, a digit string or a class name."""
+    if raw is None or (isinstance(raw, (float, np.floating)) and np.isnan(raw)):
         return None, None
     if isinstance(raw, bytes):
         raw = raw.decode("utf-8", "replace")
+    if isinstance(raw, (bool, np.bool_)):
+        return None, f"label {raw!r} is a boolean, not a class index or name"
     if isinstance(raw, (int, np.integer)):
         return _in_range(int(raw), classes)
+    if isinstance(raw, (float, np.floating)):
+        return _whole(float(raw), classes)
     s = str(raw).strip()
     if s == "":
         return None, None
@@ -135,7 +140,17 @@ def _label_index(raw, classes) -> tuple[int | None, str | None]:
         return classes.index(s), None
     if s.lstrip("-").isdigit():
         return _in_range(int(s), classes)
+    try:
+        return _whole(float(s), classes)  # "1.0": a float column written as text
+    except ValueError:
+        pass
     return None, f"label {s!r} is not a class" + (f" (classes: {', '.join(classes)})" if classes else "")
+
+
+def _whole(value: float, classes) -> tuple[int | None, str | None]:
+    if not np.isfinite(value) or value != int(value):
+        return None, f"label {value!r} is not a whole number (a class index)"
+    return _in_range(int(value), classes)
 
 
 def _in_range(index: int, classes) -> tuple[int | None, str | None]:
@@ -234,20 +249,39 @@ def _plan_folder(ds):
     return shards, total, classes
 
 
-def _mask_for(masks_root: str | None, rel: str) -> str | None:
+def _mask_for(masks_root: str | None, rel: str, shared_stem: bool = False) -> str | None:
+    """The mask file of image ``rel`` under ``masks_root``, or None.
+
+    Candidates, by full relative name first: ``rel`` itself, ``rel + ".png"``
+    (``a/img.bmp.png``), then ``a/img.png`` unless another image of that
+    folder has the same stem (``img.bmp`` and ``img.webp`` never share a mask).
+    """
     if not masks_root:
         return None
+    cands = [rel, rel + ".png"]
+    if not shared_stem:
+        cands.append(Path(rel).with_suffix(".png").as_posix())
     if fs.is_uri(masks_root):  # one listing of the masks per process, not a request per image
         names = _mask_listing(masks_root)
-        for cand in (Path(rel).with_suffix(".png").as_posix(), rel):
+        for cand in cands:
             if cand in names:
                 return fs.join(masks_root, cand)
         return None
-    for cand in (Path(rel).with_suffix(".png").as_posix(), rel):
+    for cand in cands:
         p = os.path.join(masks_root, cand)
         if os.path.lexists(p):  # a special file or a dangling link: its mask_error says so
             return p
     return None
+
+
+@lru_cache(maxsize=4)
+def _shared_stems(root: str, cls: str) -> frozenset:
+    """Relative names (without extension) that two or more images of the class folder share."""
+    seen, shared = set(), set()
+    for name in _class_listing(root, cls):
+        stem = os.path.splitext(name)[0]
+        (shared if stem in seen else seen).add(stem)
+    return frozenset(shared)
 
 
 @lru_cache(maxsize=4)
@@ -260,10 +294,12 @@ def _read_folder(ds, shard: Shard, classes):
     names = _class_listing(root, shard.source)
     cls = escape_text(shard.source)  # a class folder named in bytes that are not UTF-8
     label = classes.index(cls) if classes and cls in classes else None
+    shared = _shared_stems(root, shard.source) if ds.get("masks") else frozenset()
     for name in names[shard.start:shard.stop]:
         rel = f"{shard.source}/{name}"
         path = fs.join(root, shard.source, name)
-        yield Item(image_id=rel, path=path, label=label, file=path, mask_file=_mask_for(ds.get("masks"), rel))
+        yield Item(image_id=rel, path=path, label=label, file=path,
+                   mask_file=_mask_for(ds.get("masks"), rel, os.path.splitext(name)[0] in shared))
 
 
 # ----------------------------------------------------------------------------
@@ -346,19 +382,31 @@ def _check_record(path: str, line: int, raw: bytes, cols: list[str]) -> None:
         raise AuditError(f"dataset: manifest {path} line {line}: not valid CSV: {e}") from None
 
 
-def _label_text(raw: bytes, cols: list[str], li: int) -> str:
+def _field_text(raw: bytes, cols: list[str], name: str) -> str:
+    """One field of a CSV record as text ("" when the column is absent)."""
+    if name not in cols:
+        return ""
     if b'"' in raw:
-        return _parse_row(raw, cols).get("label", "")
+        return _parse_row(raw, cols).get(name, "")
     parts = raw.rstrip(b"\r\n").split(b",")  # cheap: no CSV parsing for a plain row
-    return parts[li].decode("utf-8", "surrogateescape") if li < len(parts) else ""
+    i = cols.index(name)
+    return parts[i].decode("utf-8", "surrogateescape") if i < len(parts) else ""
+
+
+def _manifest_id(path_text: str, key_text: str) -> str:
+    """A manifest row's ``image_id``: its ``key``, else its path as written (a URI kept whole)."""
+    key, p = key_text.strip(), path_text.strip()
+    if key:
+        return key
+    return p if fs.is_uri(p) else Path(p).as_posix()
 
 
 def _plan_manifest(ds):
     path = ds["path"]
     cols, offset = _csv_header(path)
     size, limit = ds["shard_size"], ds.get("limit")
-    li = cols.index("label") if "label" in cols else -1
     names: set[str] = set()
+    ids = array.array("q")  # 8 bytes per row: hashes of the image ids, to refuse a repeated one
     shards, n, first_off, first_row, sid = [], 0, offset, 0, 0
     end = offset
     with _open_csv(path) as f:
@@ -368,27 +416,52 @@ def _plan_manifest(ds):
                 break
             if b'"' in raw:
                 _check_record(path, line, raw, cols)
-            if li >= 0:
-                lab = escape_text(_label_text(raw, cols, li).strip())
-                if lab and not lab.lstrip("-").isdigit() and lab not in names:
-                    names.add(lab)
-                    if len(names) > 100_000:
-                        raise AuditError("dataset: more than 100000 distinct label names in the manifest")
+            lab = escape_text(_field_text(raw, cols, "label").strip())
+            if lab and lab not in names and not _is_number(lab):
+                names.add(lab)
+                if len(names) > 100_000:
+                    raise AuditError("dataset: more than 100000 distinct label names in the manifest")
+            ids.append(hash(_manifest_id(_field_text(raw, cols, "path"), _field_text(raw, cols, "key"))))
             n += 1
             if n - first_row == size:
                 shards.append(Shard(sid, path, first_row, n, first_off, end))
                 sid, first_row, first_off = sid + 1, n, end
         if n > first_row:
             shards.append(Shard(sid, path, first_row, n, first_off, end))
+    _refuse_repeats(path, cols, offset, ids)
     # explicit classes win; an unknown label name is then an error row of that image
     classes = ds.get("classes") or (sorted(names) if names else None)
     return shards, n, classes
 
 
+def _refuse_repeats(path: str, cols: list[str], offset: int, ids) -> None:
+    """One line naming a repeated ``image_id`` of a manifest (and both its lines), if any.
+
+    Every reader (the job, ``--resume``, the scan's image loader) must mean the
+    same row by an id, so a manifest that lists one image twice is refused.
+    """
+    h = np.frombuffer(ids, np.int64) if len(ids) else np.zeros(0, np.int64)
+    srt = np.sort(h)
+    twice = set(srt[1:][srt[1:] == srt[:-1]].tolist())
+    if not twice:
+        return
+    seen: dict[str, int] = {}
+    with _open_csv(path) as f:
+        for _, _, raw, line in _csv_records(f, offset, first_line=2):
+            i = _manifest_id(_field_text(raw, cols, "path"), _field_text(raw, cols, "key"))
+            if hash(i) not in twice:
+                continue
+            if i in seen:
+                raise AuditError(f"dataset: manifest {path} line {line}: image {escape_text(i)[:200]!r} is "
+                                 f"listed again (first on line {seen[i]}); list each image once, or give the "
+                                 "rows distinct values in a 'key' column")
+            seen[i] = line
+
+
 def _manifest_item(row: dict, base: str, classes, mask_col: str) -> Item:
     p = (row.get("path") or "").strip()
     full = _manifest_path(p, base)
-    key = (row.get("key") or "").strip() or Path(p).as_posix()
+    key = _manifest_id(p, row.get("key") or "")
     label, err = _label_index(escape_text(row.get("label") or ""), classes)
     item = Item(image_id=key, path=full, label=label, file=full, error=err)
     m = (row.get(mask_col) or "").strip()
@@ -455,6 +528,7 @@ def _plan_parquet(ds):
     size, limit = ds["shard_size"], ds.get("limit")
     shards, total, sid = [], 0, 0
     names: set[str] = set()
+    keys: dict[str, str] = {}
     for file in files:
         try:
             pf = parquet_file(file)
@@ -468,9 +542,11 @@ def _plan_parquet(ds):
         n = pf.metadata.num_rows
         if limit:
             n = min(n, limit - total)
-        if "label" in schema.names and (schema.field("label").type in ("string", "large_string")):
+        if "label" in schema.names and _label_kind(file, schema.field("label").type) == "text":
             col = pf.read(columns=["label"]).column("label")
-            names.update(str(v) for v in pc.unique(col).to_pylist() if v is not None and not str(v).isdigit())
+            names.update(str(v) for v in pc.unique(col).to_pylist() if v is not None and not _is_number(str(v)))
+        if "key" in schema.names:
+            _refuse_repeated_keys(file, pf.read(columns=["key"]).column("key").slice(0, n).to_pylist(), keys)
         for a, b in _chunks(n, size):
             shards.append(Shard(sid, file, a, b))
             sid += 1
@@ -479,6 +555,42 @@ def _plan_parquet(ds):
             break
     classes = ds.get("classes") or (sorted(names) if names else None)
     return shards, total, classes
+
+
+def _refuse_repeated_keys(file: str, values: list, seen: dict) -> None:
+    """Refuse a ``key`` that repeats (in this file or an earlier one): every reader must mean one row by it."""
+    for row, v in enumerate(values):
+        if v is None:
+            continue
+        k = v.decode("utf-8", "backslashreplace") if isinstance(v, bytes) else str(v)
+        if k in seen:
+            raise AuditError(f"dataset: {file} row {row}: key {escape_text(k)[:200]!r} repeats ({seen[k]}); "
+                             "each row needs its own key")
+        seen[k] = f"{file} row {row}"
+
+
+def _label_kind(file: str, t) -> str:
+    """"number" or "text" for a Parquet label column type; other types are refused in one line."""
+    import pyarrow as pa
+
+    if pa.types.is_dictionary(t):  # a pandas Categorical: its values decide
+        t = t.value_type
+    if pa.types.is_integer(t) or pa.types.is_floating(t):
+        return "number"
+    if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_binary(t) \
+            or pa.types.is_large_binary(t):
+        return "text"
+    raise AuditError(f"dataset: {file}: column 'label' has type {t}; expected integers, whole floats, "
+                     "strings, or a dictionary (categorical) of them")
+
+
+def _is_number(text: str) -> bool:
+    """True for a label written as a number ("3", "-1", "1.0"): an index, not a class name."""
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _parquet_rows(file: str, start: int, stop: int, columns=None):
@@ -849,9 +961,11 @@ def _items_by_id(ds, ids):
             else:
                 rel = i if os.path.lexists(os.path.join(root, i)) else unescape_path(i)  # a non-UTF-8 name
             path = fs.join(root, rel)
+            shared = ds.get("masks") and "/" in rel and \
+                os.path.splitext(rel.split("/", 1)[1])[0] in _shared_stems(root, rel.split("/", 1)[0])
             yield Item(image_id=i, path=path, file=path,
                        label=classes.index(cls) if cls in classes else None,
-                       mask_file=_mask_for(ds.get("masks"), rel))
+                       mask_file=_mask_for(ds.get("masks"), rel, bool(shared)))
         return
     direct = []
     if fmt in ("parquet", "tfrecord"):

@@ -10,8 +10,9 @@ it for every committed shard from the new plan and compares
 
 The input list hashed, per format (cheap: no image is read or decoded):
 
-* folder, manifest: each item's ``image_id``, path, label, whether it has a
-  mask or box (a manifest row's label or box edited changes the hash);
+* folder, manifest: in row order, each item's ``image_id``, path, label,
+  box coordinates and mask file name (a manifest row's label, box or mask
+  edited, or two rows swapped, changes the hash);
 * parquet: the ``key`` and ``label`` columns of the row range (without a
   ``key`` column the ids are positions, so the file's size is hashed too);
 * tfrecord: each record's length and its stored CRC of the data (the
@@ -69,7 +70,10 @@ def shard_identity(ds: dict, shard: datasets.Shard, classes=None) -> ShardIdenti
     n, first, last = 0, None, None
     for item in datasets.read_shard(ds, shard, classes):
         # repr: ids from odd file names may hold lone surrogates that .encode() refuses
-        h.update(repr((item.image_id, item.path, item.label, item.has_mask, item.error)).encode())
+        row = (item.image_id, item.path, item.label, item.has_mask, item.error)
+        extra = (item.box, item.mask_file, item.mask_error)
+        # an item without box or mask hashes as before boxes were hashed: older outputs still resume
+        h.update(repr(row + extra if any(x is not None for x in extra) else row).encode())
         files.update(repr((file_stat(item.file), file_stat(item.mask_file))).encode())
         first = item.image_id if first is None else first
         last = item.image_id

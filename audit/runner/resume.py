@@ -77,6 +77,7 @@ def reconcile(out, plan, ds: dict, job_id: str, mode: str | None) -> Committed:
 
     entries = io.committed_shards(out, broken=found.broken)
     datasets._class_listing.cache_clear()  # a folder listing cached in this process may predate a change
+    datasets._shared_stems.cache_clear()
     identity.clear_cache()  # so may a listing of object sizes and times
     by_id = {s.id: s for s in plan.shards}
     for sid in sorted(entries):

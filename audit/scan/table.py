@@ -221,7 +221,10 @@ def format_table(classes_df, clusters_df, *, layer="", method="", out="", errors
     if causal is not None and causal.results:
         lines.append(f"causal tests: {len(causal.results)} samples, {causal.forwards} extra forward passes"
                      + (f"; {causal.skipped} samples left out by the cost budget" if causal.skipped else ""))
+    from audit.data import fs
+
     n_s = int((classes_df["verdict"] == "shortcut_suspected").sum())
+    where = fs.join(str(out), "summary") if fs.is_uri(str(out)) else Path(out) / "summary"  # s3:// kept whole
     lines.append(f"{n_s} of {len(classes_df)} classes suspected of a shortcut; "
-                 f"tables in {Path(out) / 'summary'}/classes.parquet, clusters.parquet and interventions.parquet")
+                 f"tables in {where}/classes.parquet, clusters.parquet and interventions.parquet")
     return "\n".join(lines)
