@@ -195,7 +195,8 @@ def run_tests(intervener, results, view, cfg: Config, use_masks: bool) -> Causal
     size = intervener.call(lambda: intervener.size)
     if size is None:
         return out
-    masked = bool(use_masks and (view.spec.get("dataset") or {}).get("masks"))
+    # decided by the data (records with an object mask or box), never by which spec keys a format has
+    masked = bool(use_masks and view.masked)
     n_places = len(place_bank(size, view.regions)) + 1
     n_images = int(view.df["image_id"].nunique()) if len(view.df) else 0
     plans, out.skipped = plan_tests(results, n_images, n_places, masked, cfg)

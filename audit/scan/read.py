@@ -29,6 +29,7 @@ class ScanView:
     names: dict = field(default_factory=dict)  # {class id: class name}
     size: tuple = (224, 224)  # model input (H, W)
     errors: int = 0  # unreadable images in the records
+    masked: bool = False  # some image of the view has an object mask (whatever the dataset format)
 
     @property
     def spec(self) -> dict:
@@ -139,7 +140,8 @@ def read_view(out_dir, layer: str | None = None, method: str | None = None, use_
         for c in OBJECT_COLUMNS:
             if c in df:
                 df[c] = np.nan
+    masked = bool(any(c in df and df[c].notna().any() for c in OBJECT_COLUMNS))
     size = tuple(job.get("input_size") or (spec.get("model") or {}).get("input_size") or (224, 224))
     return ScanView(out=out, dataset=ds, filter=flt, df=df, layer=layer, method=method, job=job,
                     regions=_regions(spec, ds.schema.names), names=class_names(job, df), size=size,
-                    errors=errors)
+                    errors=errors, masked=masked)
