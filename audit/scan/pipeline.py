@@ -42,6 +42,7 @@ import numpy as np
 from audit.scan.causal import CausalTests, run_tests
 from audit.scan.cluster import ClusterParams, cluster_maps, map_features, min_cluster_size
 from audit.scan.config import DEFAULT, Config
+from audit.scan.cost import cost_lines, with_costs
 from audit.scan.features import gap_scores, group_features, spurious_gap
 from audit.scan.grids import read_class_maps
 from audit.scan.read import ScanView, read_view
@@ -269,9 +270,19 @@ def scan(out_dir, *, intervene: bool = True, quiet: bool = False, layer: str | N
     judge(results, causal, cfg)
     classes_df, clusters_df = summary_tables(results, view.layer, view.method, cfg.grid, view.regions)
     tests_df = interventions_table(results, causal)
+    classes_df = _costs(view.out, classes_df)
     write_tables(view.out, {"classes": classes_df, "clusters": clusters_df, "interventions": tests_df},
                  view.regions)
     if not quiet:
         print(format_table(classes_df, clusters_df, layer=view.layer, method=view.method, out=view.out,
                            errors=view.errors, causal=causal))
+        for line in cost_lines(classes_df):
+            print(line)
     return classes_df, clusters_df
+
+
+def _costs(out, classes_df):
+    """The cost columns from an earlier per-image pass whose cues are still named (:mod:`audit.scan.cost`)."""
+    from audit.scan.imagepass import read_summary
+
+    return with_costs(classes_df, read_summary(out, "images"))

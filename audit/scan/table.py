@@ -115,7 +115,7 @@ def to_frame(rows: list, name: str, regions):
     if not rows:
         return schema.empty_table().to_pandas()
     df = pd.DataFrame(rows)
-    return df[[f.name for f in schema]]
+    return df.reindex(columns=[f.name for f in schema])  # columns filled later (the cost) start null
 
 
 def summary_tables(results: list, layer: str, method: str, grid: int, regions) -> tuple:

@@ -1,0 +1,429 @@
+"""The per-image pass: cue evidence for every image of a job (``OUT/summary/images.parquet``).
+
+A second pass over the job's shards, after the scan named its cues
+(:func:`audit.scan.perimage.cues_of`).  Each shard is done by
+:class:`CueWorker` (a plain class; a Ray actor when Ray runs) and committed
+exactly once with the output store's own machinery
+(:func:`audit.data.io.write_shard`) into a store of its own,
+``OUT/summary/_images/`` (``records/part-NNNNN.parquet`` then
+``_manifest/part-NNNNN.json``).  A killed actor or driver costs the shards in
+flight: the next run (:func:`run_pass`) skips the shards committed for the
+same cues and view, and the merge reads each committed shard once, so every
+image appears once per cue.  The merged table is written atomically to
+``OUT/summary/images.parquet``, and the cost columns of ``classes.parquet``
+(:mod:`audit.scan.cost`) are filled from it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from audit.errors import AuditError
+from audit.scan import perimage
+from audit.scan.perimage import Cue
+
+STORE = "_images"  # OUT/summary/_images: the per-shard store of the pass
+MAX_TRIES = 3  # attempts per shard before the pass gives up on it
+
+
+@dataclass
+class PassResult:
+    """What :func:`run_pass` did."""
+
+    cues: list  # [Cue]
+    shards: int = 0
+    done_now: int = 0  # shards computed by this run
+    skipped: int = 0  # shards already committed for the same cues
+    rows: int = 0
+    forwards: int = 0  # extra forward passes (images x cues) this run
+    actor_deaths: int = 0
+    failed: list = field(default_factory=list)  # shards given up
+    seconds: float = 0.0
+
+
+def _summary(out):
+    from audit.data import fs
+
+    return fs.join(str(out), "summary") if fs.is_uri(str(out)) else Path(out) / "summary"
+
+
+def store_of(out):
+    """The pass's per-shard store, ``OUT/summary/_images``."""
+    from audit.data import fs
+
+    s = _summary(out)
+    return fs.join(str(s), STORE) if fs.is_uri(str(out)) else s / STORE
+
+
+def signature(cues: list, layer: str, method: str, job_id: str) -> str:
+    """What a committed shard of the store was computed for (a changed cue or view redoes it)."""
+    blob = json.dumps({"cues": [asdict(c) for c in cues], "layer": layer, "method": method, "job": job_id},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class PassSpec:
+    """Everything a worker needs: the job output, the view, the cues and their signature."""
+
+    out: str
+    layer: str
+    method: str
+    cues: tuple
+    sig: str
+    job_id: str
+    regions: dict
+    grid: int = 16
+
+
+class CueWorker:
+    """Computes and commits one shard of the pass; loads the job's model once, lazily.
+
+    Runs as is on the driver, or as a Ray actor (:func:`_remote`).
+    """
+
+    def __init__(self, spec: PassSpec):
+        self.spec = spec
+        self._iv = None
+        self.forwards = 0
+
+    @property
+    def intervener(self):
+        if self._iv is None:
+            from audit.scan.intervene import Intervener
+
+            self._iv = Intervener(self.spec.out)
+        return self._iv
+
+    def ping(self) -> int:
+        return 1
+
+    def process_shard(self, shard: int) -> dict:
+        """Evidence rows of every image of ``shard`` and every cue, committed; returns the manifest entry."""
+        from audit.data import io
+        from audit.data.schema import SCHEMA_VERSION
+
+        table = self.shard_table(shard)
+        return io.write_shard(store_of(self.spec.out), shard, table, job_id=self.spec.job_id,
+                              schema_version=SCHEMA_VERSION, inputs={"sig": self.spec.sig},
+                              counts={"images": int(table.num_rows // max(1, len(self.spec.cues))),
+                                      "forwards": int(self.forwards)})
+
+    def shard_table(self, shard: int):
+        """The shard's rows as an Arrow table with the ``images`` schema."""
+        import pyarrow as pa
+
+        from audit.data.schema import arrow_schema
+
+        recs = self.read_records(shard)
+        rows = self.evidence(recs, shard)
+        return pa.Table.from_pylist(rows, schema=arrow_schema("images"))
+
+    def read_records(self, shard: int):
+        """The shard's records of the view (one row per image), with their maps."""
+        import pyarrow.compute as pc
+
+        from audit.data.query import records_dataset
+
+        ds = records_dataset(self.spec.out)
+        flt = (pc.field("shard") == int(shard)) & (
+            ((pc.field("layer") == self.spec.layer) & (pc.field("method") == self.spec.method))
+            | (pc.field("status") == "error"))
+        cols = [c for c in ("image_id", "path", "shard", "label", "pred", "correct", "status", "cam", "cam_h",
+                            "cam_w") if c in ds.schema.names]
+        df = ds.to_table(columns=cols, filter=flt).to_pandas()
+        return df.drop_duplicates("image_id").reset_index(drop=True)
+
+    def evidence(self, recs, shard: int) -> list[dict]:
+        """One row per image and cue (error rows without evidence)."""
+        ok = (recs["status"] != "error").to_numpy() if len(recs) else np.zeros(0, bool)
+        good = recs[ok].reset_index(drop=True)
+        per_cue = self.cue_columns(good) if len(good) else {}
+        rows = []
+        for cue in self.spec.cues:
+            cols = per_cue.get(cue)
+            for i, r in enumerate(good.itertuples()):
+                rows.append(_row(r, shard, cue, {k: v[i] for k, v in cols.items()}))
+            for r in recs[~ok].itertuples():
+                rows.append(_row(r, shard, cue, {"status": "error"}))
+        return rows
+
+    def cue_columns(self, good) -> dict:
+        """{cue: {column: (N,) values}} for the images that decoded in the job."""
+        from audit.scan.intervene import Levels, spare_masks
+
+        iv = self.intervener
+        size = iv.size
+        images, objects = iv.load(good["image_id"].astype(str).tolist())
+        maps = _maps(good)
+        grids = _grids(maps, self.spec.grid)
+        spare = spare_masks(size, object_masks=objects) if objects is not None else spare_masks(size, grids=grids)
+        levels = Levels.of(images)
+        base = good["pred"].to_numpy(dtype=np.int64, na_value=-1)
+        out, multi = {}, None
+        for cue in self.spec.cues:
+            px = perimage.cue_pixels(cue, size, regions=self.spec.regions, objects=objects, spare=spare,
+                                     n=len(images))
+            share = perimage.cue_share(maps, px)
+            new = np.asarray(iv.predict(perimage.remove_cue(images, cue, px, objects, levels)))
+            self.forwards += len(images)
+            if new.ndim == 2:  # multi-label: the cue's class label, against the unmodified image's (one more pass)
+                multi = np.asarray(iv.predict(images)) if multi is None else multi
+                new, cue_base = new[:, cue.class_id].astype(np.int64), multi[:, cue.class_id].astype(np.int64)
+            else:
+                new, cue_base = new.astype(np.int64), base
+            dec = perimage.decides(cue_base, new)
+            area = perimage.area_of(px)
+            out[cue] = {"cue_area": area, "cue_share": share, "pred_without_cue": new, "cue_decides": dec,
+                        "cue_present": perimage.cue_present(share, dec, area),
+                        "status": good["status"].astype(str).to_numpy()}
+        return out
+
+
+def _maps(df) -> np.ndarray:
+    """(N, h, w) raw maps of the records (zeros for a missing map)."""
+    h, w = int(df["cam_h"].max()), int(df["cam_w"].max())
+    out = np.zeros((len(df), h, w), np.float32)
+    for i, (c, ch, cw) in enumerate(zip(df["cam"], df["cam_h"], df["cam_w"])):
+        if c is not None and len(c) == h * w and int(ch) == h and int(cw) == w:
+            out[i] = np.asarray(c, np.float32).reshape(h, w)
+    return out
+
+
+def _grids(maps: np.ndarray, grid: int) -> np.ndarray:
+    from audit.scan.grids import grids_from_raw
+
+    return grids_from_raw(maps, grid)
+
+
+def _val(v, kind=float):
+    if v is None:
+        return None
+    try:
+        if kind is float and not np.isfinite(v):
+            return None
+    except TypeError:
+        return None
+    return kind(v)
+
+
+def _row(r, shard: int, cue: Cue, cols: dict) -> dict:
+    label = getattr(r, "label", None)
+    correct = getattr(r, "correct", None)
+    return {"image_id": str(r.image_id), "path": str(getattr(r, "path", "") or ""), "shard": int(shard),
+            "label": _val(label, int) if label is not None and label == label else None,
+            "pred": _val(r.pred, int) if r.pred is not None and r.pred == r.pred else None,
+            "correct": bool(correct) if correct is not None and correct == correct else None,
+            "cue": cue.name, "cue_class": cue.class_id, "cue_place": cue.place,
+            "cue_area": _val(cols.get("cue_area")), "cue_share": _val(cols.get("cue_share")),
+            "pred_without_cue": _val(cols.get("pred_without_cue"), int),
+            "cue_decides": _val(cols.get("cue_decides"), bool), "cue_present": _val(cols.get("cue_present"), bool),
+            "status": str(cols.get("status", "ok"))}
+
+
+# ----------------------------------------------------------------------------
+# The driver
+# ----------------------------------------------------------------------------
+
+
+def pass_spec(out, cues: list, grid: int = 16) -> PassSpec:
+    """The pass's :class:`PassSpec` for a scanned job output (the scan's view, from classes.parquet)."""
+    from audit.data import io
+    from audit.scan.read import _regions
+
+    classes = read_summary(out, "classes")
+    if classes is None:
+        raise AuditError(f"{out} has no summary/classes.parquet: run `audit scan {out}` first")
+    job = io.read_job(out) or {}
+    if not job.get("spec"):
+        raise AuditError(f"{io.job_path(out)} not found: the per-image pass needs the job's model and dataset")
+    layer = str(classes["layer"].dropna().iloc[0]) if classes["layer"].notna().any() else ""
+    method = str(classes["method"].dropna().iloc[0]) if classes["method"].notna().any() else ""
+    job_id = str(job.get("job_id", ""))
+    regions = _regions(job["spec"], [f"energy_{r}" for r in ((job["spec"].get("explain") or {}).get("regions") or {})])
+    return PassSpec(str(out), layer, method, tuple(cues), signature(cues, layer, method, job_id), job_id,
+                    regions, grid)
+
+
+def read_summary(out, name: str):
+    """``OUT/summary/<name>.parquet`` as pandas, or None when missing."""
+    import pyarrow.parquet as pq
+
+    from audit.data import fs
+
+    path = fs.join(str(_summary(out)), f"{name}.parquet") if fs.is_uri(str(out)) else _summary(out) / f"{name}.parquet"
+    if not fs.exists(str(path)):
+        return None
+    src = fs.open_input(str(path)) if fs.is_uri(str(out)) else path
+    return pq.read_table(src).to_pandas()
+
+
+def run_pass(out, *, cues: list | None = None, address: str | None = None, actors: int | None = None,
+             quiet: bool = False, worker_cls=None) -> PassResult:
+    """Per-image cue evidence for every image of a scanned job; writes ``OUT/summary/images.parquet``.
+
+    Args:
+        out: the job output, scanned (its classes.parquet names the cues).
+        cues: the cues (default: those of the suspected classes, :func:`audit.scan.perimage.cues_of`).
+        address: a Ray cluster to run the shards on (``auto``, ``ray://...``); None: the Ray this
+            process has already joined, else the shards are done here, one after the other.
+        actors: Ray actors (default: one per two CPUs of the cluster, at most one per shard).
+        quiet: print nothing.
+        worker_cls: the worker class (tests pass a subclass that fails).
+
+    Returns:
+        A :class:`PassResult`.
+
+    Raises:
+        AuditError: no scan, no job.json, or the job's model or data cannot be loaded.
+    """
+    import time
+
+    from audit.data import io
+
+    t0 = time.perf_counter()
+    if cues is None:
+        cues = perimage.cues_of(read_summary(out, "classes"), read_summary(out, "interventions"))
+    spec = pass_spec(out, cues)
+    res = PassResult(cues=list(cues))
+    shards = sorted(io.committed_shards(out, rows=False))
+    res.shards = len(shards)
+    if cues:
+        _prepare_store(out)
+        done = {s for s, e in io.committed_shards(store_of(out)).items() if (e.get("inputs") or {}).get("sig") == spec.sig}
+        todo = [s for s in shards if s not in done]
+        res.skipped = len(shards) - len(todo)
+        _execute(spec, todo, res, address, actors, worker_cls or CueWorker)
+    res.rows = merge(out, spec, shards)
+    from audit.scan.cost import update_classes
+
+    update_classes(out)
+    res.seconds = time.perf_counter() - t0
+    if not quiet:
+        print(describe(res, out))
+    return res
+
+
+def _prepare_store(out) -> None:
+    from audit.data import fs, io
+
+    if fs.is_uri(str(out)):
+        return
+    st = Path(store_of(out))
+    (st / io.RECORDS).mkdir(parents=True, exist_ok=True)
+    (st / io.MANIFEST).mkdir(parents=True, exist_ok=True)
+
+
+def _execute(spec: PassSpec, todo: list, res: PassResult, address, actors, worker_cls) -> None:
+    """Run the shards left: on Ray actors when Ray is (or can be) joined, else here."""
+    if not todo:
+        return
+    import importlib.util
+
+    use_ray = False
+    if importlib.util.find_spec("ray") is not None:
+        import ray
+
+        if address and not ray.is_initialized():
+            from audit.runner.cluster import ray_init
+
+            ray_init(address)
+        use_ray = ray.is_initialized()
+    if not use_ray:
+        w = worker_cls(spec)
+        for s in todo:
+            w.process_shard(s)
+            res.done_now += 1
+        res.forwards += w.forwards
+        return
+    _on_ray(spec, todo, res, actors, worker_cls)
+
+
+def _on_ray(spec: PassSpec, todo: list, res: PassResult, actors, worker_cls) -> None:
+    """Hand the shards to Ray actors one at a time; a dead actor is replaced and its shard retried."""
+    import ray
+
+    cls = ray.remote(num_cpus=1, max_restarts=0, max_task_retries=0)(worker_cls)
+    n = max(1, min(len(todo), actors or max(1, int(ray.cluster_resources().get("CPU", 2)) // 2)))
+    queue = list(todo)
+    tries = dict.fromkeys(todo, 0)
+    free = [cls.remote(spec) for _ in range(n)]
+    busy = {}  # ref -> (actor, shard)
+    while queue or busy:
+        while queue and free:
+            a, s = free.pop(), queue.pop(0)
+            tries[s] += 1
+            busy[a.process_shard.remote(s)] = (a, s)
+        ready, _ = ray.wait(list(busy), num_returns=1)
+        a, s = busy.pop(ready[0])
+        try:
+            entry = ray.get(ready[0])
+            res.done_now += 1
+            res.forwards += int(entry.get("forwards", 0))
+            free.append(a)
+        except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError):
+            res.actor_deaths += 1
+            free.append(cls.remote(spec))
+            (queue.append(s) if tries[s] < MAX_TRIES else res.failed.append(s))
+        except ray.exceptions.RayTaskError as e:
+            raise (e.cause if isinstance(getattr(e, "cause", None), AuditError) else e) from None
+    for a in free:
+        ray.kill(a)
+
+
+def merge(out, spec: PassSpec, shards: list) -> int:
+    """Concatenate the committed shards of the store (each once) into ``summary/images.parquet``."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from audit.data import fs, io
+    from audit.data.schema import SCHEMA_VERSION, arrow_schema
+
+    schema = arrow_schema("images").with_metadata({"schema_version": SCHEMA_VERSION, "table": "images",
+                                                   "signature": spec.sig})
+    parts = []
+    if spec.cues:
+        entries = io.committed_shards(store_of(out))
+        for s in shards:
+            e = entries.get(s)
+            if e is None or (e.get("inputs") or {}).get("sig") != spec.sig:
+                continue
+            f = fs.join(str(store_of(out)), io.RECORDS, e["file"])
+            parts.append(pq.read_table(fs.open_input(f) if fs.is_uri(f) else f).cast(arrow_schema("images")))
+    table = pa.concat_tables(parts).replace_schema_metadata(schema.metadata) if parts else schema.empty_table()
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    target = fs.join(str(_summary(out)), "images.parquet") if fs.is_uri(str(out)) else _summary(out) / "images.parquet"
+    io.atomic_write_bytes(target, sink.getvalue().to_pybytes())
+    return table.num_rows
+
+
+def describe(res: PassResult, out) -> str:
+    """One paragraph: what the pass found per cue."""
+    if not res.cues:
+        return "per-image pass: no class is suspected, nothing to do"
+    df = read_summary(out, "images")
+    lines = [f"per-image pass: {res.rows:,} rows ({len(res.cues)} cue(s) x images) in {res.seconds:.1f} s, "
+             f"{res.done_now} shards done, {res.skipped} already committed, {res.forwards:,} extra forward passes"
+             + (f", {res.actor_deaths} actors died" if res.actor_deaths else "")
+             + (f"; FAILED shards {res.failed}" if res.failed else "")]
+    for c in res.cues:
+        d = df[(df["cue_class"] == c.class_id) & (df["status"] != "error")]
+        lines.append(f"  {c.class_name}, cue {c.name}: present on {int(d['cue_present'].sum()):,} of {len(d):,} "
+                     f"images, decides {int(d['cue_decides'].sum()):,} predictions")
+    from audit.scan.cost import cost_lines
+
+    classes = read_summary(out, "classes")
+    lines += cost_lines(classes) if classes is not None else []
+    lines.append(f"  table {_summary(out)}/images.parquet")
+    return "\n".join(lines)
+
+
+def say(msg: str) -> None:
+    print(msg, file=sys.stderr)

@@ -1,0 +1,204 @@
+"""Per-image cue evidence: which images carry a flagged cue, and does it decide their prediction?
+
+The scan names a cue per suspected class from a sample of 32 images; this
+module says, for every image of the dataset and every named cue:
+
+* ``cue_share``: the share of the image's heatmap energy (ReLU'd, resized to
+  the model input, as in the record statistics) inside the cue's pixels
+  (:func:`cue_share`; from the stored maps, no model call);
+* ``cue_decides`` / ``pred_without_cue``: the prediction after the cue is
+  removed with the same edit the causal test used (:func:`remove_cue`: the
+  place occluded with the test's fill, the background replaced, or the
+  background transform), and whether it changed (one forward pass per image
+  and cue);
+* ``cue_present``: the estimate that the image carries the cue
+  (:func:`cue_present`): the cue decides its prediction, or the heatmap puts
+  at least :data:`PRESENT_SHARE` of its energy on the cue's pixels (and
+  clearly more than their area).
+
+Everything here is a pure function of arrays; :mod:`audit.scan.imagepass`
+runs it over the shards of a job.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+PRESENT_SHARE = 0.4  # heatmap energy on the cue's pixels that marks an image as carrying it ...
+PRESENT_OVER_AREA = 2.0  # ... when also at least this many times the cue's share of the image
+
+
+@dataclass(frozen=True)
+class Cue:
+    """A cue the scan named for one class: ``place`` is the causal test's place (``corner:top_left``,
+    ``border:4%``, ``region:sky``, ``hot area``, ``background``, ``background:texture``,
+    ``background:flat``, ``image:colour``), ``box`` its box (fractions) when it has one, ``fill`` the
+    test's fill."""
+
+    class_id: int
+    class_name: str
+    name: str  # the classes.parquet ``cue`` (what the user reads)
+    place: str
+    box: tuple | None = None
+    fill: str = "mean"
+
+    @property
+    def kind(self) -> str:
+        """``background`` (masks: the background replaced), ``transform`` (background or whole-image
+        edit) or ``place`` (a fixed place occluded)."""
+        if self.place == "background":
+            return "background"
+        if self.place.startswith(("background:", "image:")):
+            return "transform"
+        return "place"
+
+
+def cues_of(classes_df, tests_df=None) -> list[Cue]:
+    """The cues of the suspected classes of ``classes.parquet``, with the fill of their test.
+
+    Args:
+        classes_df: ``summary/classes.parquet``.
+        tests_df: ``summary/interventions.parquet`` (the fill of each cue's test), or None.
+
+    Returns:
+        One :class:`Cue` per suspected class that names a causal cue, by class id.
+    """
+    out = []
+    if classes_df is None or not len(classes_df) or "cue_region" not in classes_df:
+        return out
+    sus = classes_df[(classes_df["verdict"] == "shortcut_suspected") & classes_df["cue_region"].fillna("").ne("")]
+    for r in sus.sort_values("class_id").itertuples():
+        box = tuple(float(v) for v in r.cue_box) if r.cue_box is not None and len(r.cue_box) == 4 else None
+        out.append(Cue(int(r.class_id), str(r.class_name), str(r.cue or r.cue_region), str(r.cue_region), box,
+                       _fill_of(tests_df, int(r.class_id), str(r.cue_region))))
+    return out
+
+
+def _fill_of(tests_df, class_id: int, place: str) -> str:
+    if tests_df is None or not len(tests_df):
+        return "mean"
+    t = tests_df[(tests_df["class_id"] == class_id) & (tests_df["place"] == place)]
+    return str(t["fill"].iloc[0]) if len(t) else "mean"
+
+
+def place_pixels(cue: Cue, size, regions=None) -> np.ndarray | None:
+    """(H, W) bool pixels of a place cue at ``size`` (the causal test's bank), None for other cues."""
+    from audit.scan.intervene import place_bank
+
+    if cue.kind != "place":
+        return None
+    hot = cue.box if cue.place == "hot area" else None
+    spot = next((s for s in place_bank(size, regions, hot) if s.name == cue.place), None)
+    if spot is not None:
+        return spot.mask
+    if cue.box is None:
+        return None
+    from audit.engine.stats import box_mask
+
+    return box_mask(cue.box, size)
+
+
+def cue_pixels(cue: Cue, size, *, regions=None, objects=None, spare=None, n: int = 1) -> np.ndarray:
+    """(N, H, W) bool: the pixels each image's cue edit touches.
+
+    A place: its pixels, less each image's object (``objects``) when masks
+    are known; ``background``: everything but the object; ``background:*``:
+    everything but the spared area (``spare``, see
+    :func:`audit.scan.intervene.spare_masks`); ``image:*``: the whole image.
+    """
+    H, W = int(size[0]), int(size[1])
+    n = len(objects) if objects is not None else (len(spare) if spare is not None else n)
+    if cue.kind == "place":
+        m = place_pixels(cue, size, regions)
+        m = np.zeros((H, W), bool) if m is None else m
+        m = np.broadcast_to(m, (n, H, W))
+        return m & ~np.asarray(objects, bool) if objects is not None else np.array(m)
+    if cue.kind == "background":
+        return ~np.asarray(objects, bool) if objects is not None else np.zeros((n, H, W), bool)
+    if cue.place.startswith("image:"):
+        return np.ones((n, H, W), bool)
+    return ~np.asarray(spare, bool) if spare is not None else np.zeros((n, H, W), bool)
+
+
+def cue_share(maps: np.ndarray, pixels: np.ndarray) -> np.ndarray:
+    """(N,) share of each map's energy inside its cue pixels; NaN for a map without energy.
+
+    Args:
+        maps: (N, h, w) raw maps at the layer's resolution.
+        pixels: (N, H, W) or (H, W) bool cue pixels at the model input size.
+
+    Returns:
+        float64 shares: the ReLU of the map resized (bilinear) to (H, W),
+        summed over the cue pixels, over its sum.
+    """
+    from audit.engine.stats import resize_maps
+
+    maps = np.asarray(maps, np.float32)
+    px = np.asarray(pixels, bool)
+    if len(maps) == 0:
+        return np.zeros(0)
+    H, W = px.shape[-2:]
+    raw = np.where(np.isfinite(maps), maps, np.float32(0))
+    e = np.maximum(resize_maps(raw, (H, W)), 0).astype(np.float64)
+    px = np.broadcast_to(px, e.shape)
+    tot = e.sum(axis=(1, 2))
+    inside = (e * px).sum(axis=(1, 2))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(tot > 0, inside / np.where(tot > 0, tot, 1.0), np.nan)
+
+
+def cue_present(share: np.ndarray, decides: np.ndarray, area) -> np.ndarray:
+    """(N,) bool estimate that an image carries the cue.
+
+    The cue decides its prediction, or its heatmap puts at least
+    :data:`PRESENT_SHARE` of the energy on the cue's pixels and at least
+    :data:`PRESENT_OVER_AREA` times their share of the image (``area``,
+    scalar or (N,)): attention there beyond chance.
+    """
+    share = np.asarray(share, np.float64)
+    dec = np.asarray(decides, bool)
+    area = np.broadcast_to(np.asarray(area, np.float64), share.shape)
+    with np.errstate(invalid="ignore"):
+        hot = (share >= PRESENT_SHARE) & (share >= PRESENT_OVER_AREA * area)
+    return dec | np.nan_to_num(hot, nan=False).astype(bool)
+
+
+def remove_cue(images: np.ndarray, cue: Cue, pixels: np.ndarray, objects=None, levels=None) -> np.ndarray:
+    """Copies of ``images`` (N, H, W, C) uint8 with the cue removed by the causal test's own edit.
+
+    A place: :func:`audit.scan.intervene.occlude` with the test's fill; the
+    background (masks): :func:`audit.scan.intervene.replace_background`
+    (neutral); a transform: :func:`audit.scan.intervene.transform` of
+    ``pixels`` with the test's kind (``levels``: the dataset's typical image).
+    """
+    from audit.scan import intervene
+
+    if cue.kind == "background":
+        if objects is None:
+            return np.array(images)
+        return intervene.replace_background(images, objects, None)[0]
+    if cue.kind == "transform":
+        kind = intervene.TRANSFORMS.get(cue.place, cue.fill)
+        return intervene.transform(images, pixels, kind, levels)
+    fill = cue.fill if cue.fill in intervene.FILLS else "mean"
+    return intervene.occlude(images, pixels, fill)
+
+
+def decides(base_pred, new_pred, classes=None) -> np.ndarray:
+    """(N,) bool: the prediction changed when the cue went (see :func:`audit.scan.intervene.flipped`)."""
+    from audit.scan.intervene import flipped
+
+    return flipped(base_pred, new_pred, classes)
+
+
+def area_of(pixels: np.ndarray) -> np.ndarray:
+    """(N,) share of each image the cue pixels cover."""
+    px = np.asarray(pixels, bool)
+    return px.reshape(len(px), -1).mean(axis=1) if len(px) else np.zeros(0)
+
+
+def finite_or_none(v):
+    return float(v) if v is not None and math.isfinite(float(v)) else None
