@@ -5,11 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 
+from audit.cli.outcome import add_fail_on, add_per_image, after_scan
+
 EXAMPLE = """examples:
   audit run jobs/example_folder.yaml                      # embedded local Ray
   audit run job.yaml --set dataset.shard_size=256 --set resources.actors=4
   audit run job.yaml --address auto                       # join the cluster this node belongs to
   audit run job.yaml --address ray://head:10001 --resume  # continue an interrupted job
+  audit run job.yaml --fail-on shortcut --per-image none  # for CI: exit 3 when a class is suspected
 
 The output directory must be empty unless --resume is given; --resume skips
 the shards already committed there. See docs/jobs.md for the spec format.
@@ -63,6 +66,8 @@ def register(sub) -> None:
                    help="override a spec value (YAML), e.g. --set resources.batch_size=32; repeatable")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-scan", action="store_true", help="do not run the scan at the end")
+    add_per_image(p, "flagged")
+    add_fail_on(p)
     p.set_defaults(func=run, run_parser=p)
 
 
@@ -113,10 +118,11 @@ def run(args) -> int:
     except ImportError:
         return code
     try:
-        scan(summary["output"])
+        classes, _ = scan(summary["output"])
+        found = after_scan(summary["output"], classes, args, address=args.address)
     except Exception as e:  # the records stay valid; `audit scan OUT` can redo it
         msg = " ".join(str(e).split()) or type(e).__name__
         print(f"audit: scan failed ({type(e).__name__}: {msg[:300]}); the job output is complete, "
               f"retry with: audit scan {summary['output']}", file=sys.stderr)
         return 1
-    return code
+    return code or found

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 
+from audit.cli.outcome import add_fail_on, add_per_image, after_scan
+
 EXAMPLE = """examples:
   audit scan results/tank-sky
   audit scan results/tank-sky --no-intervene          # heatmap statistics only, no extra forward passes
   audit scan results/tank-sky --layer conv4 --method gradcam --ignore-masks
+  audit scan results/tank-sky --per-image --fail-on shortcut   # every image's cue evidence; exit 3 if suspected
 
 Writes OUT/summary/classes.parquet (one row per class) and
 OUT/summary/clusters.parquet (one row per heatmap cluster of a class) and
@@ -33,6 +36,8 @@ def register(sub) -> None:
     p.add_argument("--ignore-masks", action="store_true", help="judge from the heatmaps alone, as if there were no masks")
     p.add_argument("--fill", choices=("mean", "blur"), default="mean", help="occlusion fill (default: image mean)")
     p.add_argument("--quiet", action="store_true", help="write the tables, print nothing")
+    add_per_image(p, None)
+    add_fail_on(p)
     p.set_defaults(func=run)
 
 
@@ -42,4 +47,4 @@ def run(args) -> int:
     cfg = DEFAULT.replace(fill=args.fill)
     classes, _ = scan(args.out, intervene=not args.no_intervene, quiet=args.quiet, layer=args.layer,
                       method=args.method, use_masks=not args.ignore_masks, cfg=cfg)
-    return 0
+    return after_scan(args.out, classes, args, quiet=args.quiet)
