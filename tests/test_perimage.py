@@ -1,0 +1,172 @@
+"""Per-image cue evidence (summary/images.parquet) and the cost columns of classes.parquet."""
+
+from __future__ import annotations
+
+import math
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import helpers_fix as hf
+from audit.scan import cost, perimage
+
+
+# ----------------------------------------------------------------------------
+# Pure functions
+# ----------------------------------------------------------------------------
+
+
+def test_cue_share_against_float64_reference():
+    rng = np.random.default_rng(0)
+    maps = rng.normal(size=(3, 8, 8)).astype(np.float32)
+    maps[2] = -1.0  # no energy: NaN
+    px = np.zeros((8, 8), bool)
+    px[5:, 5:] = True
+    got = perimage.cue_share(maps, px)  # maps already at the input size: no resizing
+    e = np.maximum(maps.astype(np.float64), 0)
+    want = (e * px).sum(axis=(1, 2))[:2] / e.sum(axis=(1, 2))[:2]
+    np.testing.assert_allclose(got[:2], want, rtol=1e-6)
+    assert math.isnan(got[2])
+
+
+def test_wilson_known_values():
+    # Wilson 95% for 8 of 10: 0.4902 .. 0.9433; 0 of 5: 0 .. 0.4345
+    p, lo, hi = cost.wilson(8, 10)
+    assert p == 0.8 and lo == pytest.approx(0.4902, abs=1e-4) and hi == pytest.approx(0.9433, abs=1e-4)
+    p, lo, hi = cost.wilson(0, 5)
+    assert p == 0 and lo == 0 and hi == pytest.approx(0.4345, abs=1e-4)
+    assert all(math.isnan(v) for v in cost.wilson(0, 0))
+
+
+def test_class_cost_direct_count():
+    label = np.array([1, 1, 1, 1, 0, 0, 0, 0, -1])
+    present = np.array([1, 1, 0, 0, 1, 0, 0, 0, 1], bool)
+    correct = np.array([1, 1, 0, 1, 0, 1, 1, 1, 0], bool)
+    pred = np.array([1, 1, 0, 1, 1, 0, 0, 0, 1])
+    decides = np.array([1, 0, 0, 0, 1, 0, 0, 0, 1], bool)
+    c = cost.class_cost(label, pred, correct, present, decides, 1, {0: "cat", 1: "dog"})
+    assert (c.with_cue.k, c.with_cue.n) == (2, 2) and (c.without_cue.k, c.without_cue.n) == (1, 2)
+    assert (c.worst.k, c.worst.n) == (0, 1) and c.worst_group == "label=cat, cue=yes"
+    assert (c.wrong_reason.k, c.wrong_reason.n) == (1, 3)  # correct dogs: 0, 1, 3; the cue decides image 0
+
+
+def test_cue_present_rule():
+    share = np.array([0.5, 0.5, 0.1, np.nan])
+    got = perimage.cue_present(share, np.array([0, 0, 1, 0], bool), np.array([0.1, 0.3, 0.1, 0.1]))
+    assert got.tolist() == [True, False, True, False]
+
+
+def test_remove_cue_occludes_the_place_only():
+    img = np.full((1, 12, 12, 3), 10, np.uint8)
+    img[0, 8:, 8:] = 250
+    cue = perimage.Cue(1, "dog", "corner:bottom_right", "corner:bottom_right", (2 / 3, 2 / 3, 1, 1))
+    px = perimage.cue_pixels(cue, (12, 12), n=1)
+    assert px[0, 8:, 8:].all() and not px[0, :8].any()
+    out = perimage.remove_cue(img, cue, px)
+    mean = np.round(img[0].reshape(-1, 3).mean(axis=0))
+    assert (out[0, 8:, 8:] == mean).all() and (out[0, :8] == 10).all()
+
+
+# ----------------------------------------------------------------------------
+# A job with per-image truth
+# ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def scanned(tmp_path_factory):
+    from audit.scan import scan
+
+    out, truth = hf.shortcut_job(tmp_path_factory.mktemp("fix") / "job")
+    scan(out, quiet=True)
+    return out, truth
+
+
+def _prec_rec(flag, truth):
+    tp = int((flag & truth).sum())
+    return tp / max(1, int(flag.sum())), tp / max(1, int(truth.sum()))
+
+
+def test_pass_flags_the_marked_images(scanned, tmp_path):
+    from audit.scan.imagepass import run_pass
+
+    out = str(hf_copy(scanned[0], tmp_path))
+    truth = scanned[1]
+    res = run_pass(out, quiet=True)
+    assert [c.place for c in res.cues] == ["corner:bottom_right"] and res.done_now == 4
+    df = hf.read_images(out)
+    assert sorted(df.image_id) == sorted(truth) and df.image_id.is_unique  # one row per image and cue
+    marked = df.image_id.map(lambda i: truth[i][1]).to_numpy(bool)
+    for col in ("cue_present", "cue_decides"):
+        p, r = _prec_rec(df[col].to_numpy(bool), marked)
+        assert p >= 0.95 and r >= 0.95, (col, p, r)
+    assert (df.pred_without_cue[marked] == 0).all()  # the mark gone: cat
+    # cost columns against a direct count from the truth (the model says dog iff marked)
+    row = pd.read_parquet(f"{out}/summary/classes.parquet").set_index("class_name").loc["dog"]
+    assert (row.n_with_cue, row.n_without_cue) == (24, 6)
+    assert row.accuracy_with_cue == 1.0 and row.accuracy_without_cue == 0.0
+    lo, hi = cost.wilson(0, 6)[1:]
+    assert row.accuracy_without_cue_low == pytest.approx(lo) and row.accuracy_without_cue_high == pytest.approx(hi, 1e-6)
+    assert row.worst_group_accuracy == 0.0 and row.worst_group_n == 6
+    assert row.wrong_reason_share == 1.0 and row.wrong_reason_n == 24
+
+
+def test_pass_resumes_and_redoes_only_what_is_missing(scanned, tmp_path):
+    from audit.data import io
+    from audit.scan.imagepass import run_pass, store_of
+
+    out = str(hf_copy(scanned[0], tmp_path))
+    run_pass(out, quiet=True)
+    again = run_pass(out, quiet=True)
+    assert (again.done_now, again.skipped, again.forwards) == (0, 4, 0)
+    io.uncommit(store_of(out), [2])  # as if the actor holding shard 2 died before its commit
+    third = run_pass(out, quiet=True)
+    assert (third.done_now, third.skipped) == (1, 3)
+    df = hf.read_images(out)
+    assert len(df) == 60 and df.image_id.is_unique
+
+
+def test_cli_per_image_and_fail_on(scanned, tmp_path, capsys):
+    from audit.cli import main
+
+    out = str(hf_copy(scanned[0], tmp_path))
+    assert main(["scan", out, "--quiet", "--per-image", "none", "--fail-on", "shortcut"]) == 3
+    assert not (tmp_path / "out" / "summary" / "images.parquet").exists()
+    assert main(["scan", out, "--quiet", "--per-image"]) == 0
+    assert len(hf.read_images(out)) == 60
+
+
+def hf_copy(out, tmp_path):
+    dst = tmp_path / "out"
+    shutil.copytree(out, dst)
+    return dst
+
+
+@pytest.mark.slow
+def test_killed_actor_during_the_pass_loses_and_doubles_nothing(scanned, tmp_path):
+    import os
+
+    import ray
+
+    from helpers_jobs import ray_init_local
+    from audit.scan.imagepass import CueWorker, run_pass
+
+    out = str(hf_copy(scanned[0], tmp_path))
+    marker = str(tmp_path / "killed")
+
+    class Dying(CueWorker):
+        def process_shard(self, shard):
+            if shard == 1 and not os.path.exists(marker):
+                open(marker, "w").close()
+                os._exit(1)  # the actor's process dies mid-shard, before its commit
+            return super().process_shard(shard)
+
+    ray_init_local(2)
+    try:
+        res = run_pass(out, quiet=True, actors=2, worker_cls=Dying)
+    finally:
+        ray.shutdown()
+    assert os.path.exists(marker) and res.actor_deaths == 1 and res.done_now == 4 and not res.failed
+    df = hf.read_images(out)
+    assert sorted(df.image_id) == sorted(scanned[1]) and df.image_id.is_unique
