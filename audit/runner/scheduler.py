@@ -192,6 +192,7 @@ class Scheduler:
         self.replacements = res.actors * max(1, self.max_retries) + 2  # actors started after crashes
         self.ceiling = res.actors  # the most actors at once (an ``auto`` pool raises it as nodes join)
         self.total_shards = 0
+        self.largest_shard = None
         self.t0 = self.floor_met = self.last_grow = time.perf_counter()
         self.pool_shown = None  # (running, starting, pending) last shown while actors wait for a node
         self.last_placing, self.waiting_ids = 0.0, set()
@@ -206,6 +207,7 @@ class Scheduler:
         """Process ``shards``; returns the run state (also ``self.state``)."""
         self.queue.extend(shards)
         self.total_shards = len(self.queue)
+        self.largest_shard = max((s.size for s in self.queue), default=None)  # the actors' warm-up batch
         try:
             while self.busy():
                 self.hand_out()
@@ -253,7 +255,7 @@ class Scheduler:
         key = uuid.uuid4().hex[:8]
         handle = self.worker_class.options(**self.actor_options()).remote(
             self.spec, out_dir=self.spec["output"], job_id=self.job_id, classes=self.classes,
-            cpus=self.res.cpus_per_actor)
+            cpus=self.res.cpus_per_actor, largest_shard=self.largest_shard)
         actor = self.actors[key] = Actor(key, handle, requested=time.perf_counter())
         actor.setup_ref = handle.setup.remote()
         self.calls[actor.setup_ref] = Call("setup", key)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import itertools
 import os
 from pathlib import Path
 
@@ -22,6 +23,10 @@ from audit.errors import AuditError
 
 # keys holding paths, resolved against the spec file's directory
 _PATH_KEYS = (("model", "path"), ("model", "weights"), ("dataset", "path"), ("output",))
+MAX_SPEC_BYTES = 1 << 20  # a job spec is a few hundred bytes; 1 MiB holds 10^4 class names
+MAX_ALIAS_NODES = 1000  # YAML nodes that aliases may add beyond the document's own (an alias bomb adds 10^9)
+MAX_SHOWN = 60  # characters of a value shown in an error message
+MAX_MESSAGE = 400  # characters of a whole spec error
 
 
 def job_schema() -> dict:
@@ -35,19 +40,113 @@ def job_schema() -> dict:
 # ----------------------------------------------------------------------------
 
 
-def read_yaml(path) -> dict:
+def _cut(text: str, limit: int = MAX_SHOWN) -> str:
+    """``text`` cut to ``limit`` characters (``...`` at the end when cut)."""
+    text = str(text)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _short(value, limit: int = MAX_SHOWN) -> str:
+    """``repr(value)`` cut to ``limit`` characters: error messages never render an unbounded value."""
+    shown = repr(value) if not isinstance(value, (dict, list)) or len(value) < 64 else \
+        f"<{type(value).__name__} of {len(value)} items>"
+    return _cut(shown, limit)
+
+
+def _expanded_nodes(node, memo: dict, budget: int) -> int:
+    """Nodes of ``node`` with every alias expanded, stopping at ``budget`` + 1 (no expansion is built)."""
     import yaml
 
-    p = Path(path)
-    if not p.is_file():
-        raise AuditError(f"job spec not found: {p}")
+    key = id(node)
+    if key in memo:
+        return memo[key]
+    memo[key] = budget + 1  # a node reached again while it is counted: a recursive alias
+    if isinstance(node, yaml.SequenceNode):
+        kids = node.value
+    elif isinstance(node, yaml.MappingNode):
+        kids = [n for pair in node.value for n in pair]
+    else:
+        kids = []
+    total = 1
+    for kid in kids:
+        total += _expanded_nodes(kid, memo, budget)
+        if total > budget:
+            break
+    memo[key] = min(total, budget + 1)
+    return memo[key]
+
+
+def _unique_nodes(node, seen: set) -> int:
+    import yaml
+
+    if id(node) in seen:
+        return 0
+    seen.add(id(node))
+    kids = node.value if isinstance(node, yaml.SequenceNode) else (
+        [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else [])
+    return 1 + sum(_unique_nodes(k, seen) for k in kids)
+
+
+class NotYaml(AuditError):
+    """Text that is not valid YAML (a ``--set`` value is then taken as a plain string)."""
+
+
+def safe_yaml(text: str, what: str):
+    """YAML text as Python values, with aliases bounded before anything is built.
+
+    The document is composed into nodes (aliases shared, not copied); its
+    size with every alias expanded is counted without expanding it, and a
+    document that aliases would grow by more than :data:`MAX_ALIAS_NODES`
+    nodes (an alias bomb), or that nests too deep, is refused in one line.
+
+    Raises:
+        NotYaml: not valid YAML (an :class:`AuditError`).
+        AuditError: nested too deep, or too many aliased nodes.
+    """
+    import yaml
+
+    loader = yaml.SafeLoader(text)
     try:
-        doc = yaml.safe_load(p.read_text())
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        unique = _unique_nodes(node, set())
+        budget = unique + MAX_ALIAS_NODES
+        if _expanded_nodes(node, {}, budget) > budget:
+            raise AuditError(f"{what}: YAML aliases expand to more than {MAX_ALIAS_NODES} extra nodes "
+                             "(an alias bomb?); write the values out")
+        return loader.construct_document(node)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise AuditError(f"{p}: not valid YAML{where}: {problem}") from None
+        raise NotYaml(f"{what}: not valid YAML{where}: {_cut(problem, 200)}") from None
+    except RecursionError:
+        raise AuditError(f"{what}: YAML nested too deeply") from None
+    except (ValueError, OverflowError) as e:  # e.g. an integer of more than 4300 digits
+        raise NotYaml(f"{what}: a value YAML cannot read: {_cut(e, 120)}") from None
+    finally:
+        loader.dispose()
+
+
+def read_yaml(path) -> dict:
+    """The job spec file as a mapping, refused in one line when too big, not YAML or an alias bomb.
+
+    Raises:
+        AuditError: missing, over :data:`MAX_SPEC_BYTES`, not valid YAML, or not a mapping.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise AuditError(f"job spec not found: {p}")
+    with open(p, "rb") as f:
+        raw = f.read(MAX_SPEC_BYTES + 1)
+    if len(raw) > MAX_SPEC_BYTES:
+        raise AuditError(f"{p}: a job spec is at most {MAX_SPEC_BYTES // 1024} KiB; this one is larger")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise AuditError(f"{p}: not UTF-8 text (byte {e.start})") from None
+    doc = safe_yaml(text, str(p))
     if not isinstance(doc, dict):
         raise AuditError(f"{p}: a job spec is a YAML mapping (name:, model:, dataset:, ...)")
     return doc
@@ -55,17 +154,17 @@ def read_yaml(path) -> dict:
 
 def apply_overrides(doc: dict, overrides) -> dict:
     """Apply ``key.path=value`` strings; the value is parsed as YAML (``64``, ``[a, b]``, ``null``)."""
-    import yaml
-
     doc = copy.deepcopy(doc)
     for item in overrides or ():
         key, sep, raw = str(item).partition("=")
         key = key.strip()
         if not sep or not key:
-            raise AuditError(f"--set expects key.path=value, got {item!r}")
+            raise AuditError(f"--set expects key.path=value, got {_short(str(item))}")
+        if len(raw) > MAX_SPEC_BYTES:
+            raise AuditError(f"--set {_cut(key)}: the value is longer than {MAX_SPEC_BYTES // 1024} KiB")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError:
+            value = safe_yaml(raw, f"--set {_cut(key)}") if raw.strip() else None
+        except NotYaml:
             value = raw
         parts = key.split(".")
         node = doc
@@ -74,7 +173,7 @@ def apply_overrides(doc: dict, overrides) -> dict:
             if nxt is None:
                 nxt = node[part] = {}
             if not isinstance(nxt, dict):
-                raise AuditError(f"--set {key}: {'.'.join(parts[:i + 1])} is not a mapping")
+                raise AuditError(f"--set {_cut(key)}: {_cut('.'.join(parts[:i + 1]))} is not a mapping")
             node = nxt
         node[parts[-1]] = value
     return doc
@@ -88,6 +187,7 @@ def apply_overrides(doc: dict, overrides) -> dict:
 def _where(path) -> str:
     out = ""
     for p in path:
+        p = p if isinstance(p, int) else _cut(p, 40)  # a key may be any length
         out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
     return out or "(top level)"
 
@@ -159,22 +259,20 @@ def _message(err) -> str:
             did = f"did you mean {hint[0]!r}? " if hint else ""
             return (f"unknown key {_where([*err.absolute_path, extra[0]])!r}; {did}"
                     f"expected one of: {', '.join(allowed)}")
-        return f"{where}: {_describe(err.schema.get('additionalProperties', {}))} expected, got {err.instance!r}"
+        return f"{where}: {_describe(err.schema.get('additionalProperties', {}))} expected, got {_short(err.instance)}"
     if v == "required":
         missing = err.message.split("'")[1] if "'" in err.message else err.message
         return f"missing required key {_where([*err.absolute_path, missing])!r}"
     if v == "pattern":
-        return (f"{where}: bad name {err.instance!r}: use lower-case letters, digits and _ "
+        return (f"{where}: bad name {_short(err.instance)}: use lower-case letters, digits and _ "
                 "(it becomes a column name)")
-    shown = repr(err.instance)
-    if len(shown) > 60:
-        shown = shown[:57] + "..."
+    shown = _short(err.instance)
     if v in ("oneOf", "anyOf", "type", "enum", "const", "minItems", "maxItems", "minimum", "maximum",
              "exclusiveMinimum", "minLength", "items", "uniqueItems"):
         if v == "uniqueItems":
             return f"{where}: the list has duplicates: {shown}"
         return f"{where}: expected {_describe(err.schema)}, got {shown}"
-    return f"{where}: {err.message}"
+    return f"{where}: {_cut(err.message, MAX_SHOWN * 2)}"
 
 
 def validate(doc: dict) -> None:
@@ -182,12 +280,42 @@ def validate(doc: dict) -> None:
     import jsonschema
 
     validator = jsonschema.Draft202012Validator(job_schema())
-    errors = list(validator.iter_errors(doc))
+    errors = list(itertools.islice(validator.iter_errors(doc), 200))  # a long bad list: the first ones do
     if not errors:
         return
     # shallowest first: an unknown section is reported before what is inside it
     errors.sort(key=lambda e: (len(e.absolute_path), str(list(e.absolute_path))))
-    raise AuditError(f"spec error: {_message(errors[0])}")
+    msg = _cut(_message(errors[0]), MAX_MESSAGE)
+    raise AuditError(f"spec error: {msg}")
+
+
+def numeric_bounds(schema: dict | None = None) -> dict[str, tuple]:
+    """{key path: (lowest, highest)} of every numeric knob of the job schema (docs/jobs.md, "Bounds").
+
+    The lowest is written ``> x`` for an exclusive minimum; ``[]`` in a path
+    stands for a list's items, ``*`` for any key of a mapping.
+    """
+    out: dict[str, tuple] = {}
+
+    def walk(node, path):
+        if not isinstance(node, dict):
+            return
+        types = node.get("type")
+        types = types if isinstance(types, list) else [types]
+        if {"integer", "number"} & set(types):
+            low = f"> {node['exclusiveMinimum']}" if "exclusiveMinimum" in node else node.get("minimum")
+            out[path] = (low, node.get("maximum"))
+        for key, sub in node.get("properties", {}).items():
+            walk(sub, f"{path}.{key}" if path else key)
+        for alt in node.get("oneOf", []) + node.get("anyOf", []):
+            walk(alt, path)
+        if isinstance(node.get("items"), dict):
+            walk(node["items"], f"{path}[]")
+        if isinstance(node.get("additionalProperties"), dict):
+            walk(node["additionalProperties"], f"{path}.*")
+
+    walk(schema or job_schema(), "")
+    return out
 
 
 def fill_defaults(doc: dict, schema: dict | None = None) -> dict:
@@ -257,7 +385,12 @@ def load_spec(spec, overrides=(), base_dir=None) -> dict:
             node = node[k]
         if node.get(keys[-1]):
             node[keys[-1]] = _resolve(node[keys[-1]], cwd if ".".join(keys) in from_cli else base)
-    check(doc)
+    try:
+        check(doc)
+    except AuditError as e:
+        if len(str(e)) > MAX_MESSAGE:  # a path or name of any length: the line stays one line
+            raise AuditError(_cut(str(e), MAX_MESSAGE)) from None
+        raise
     return doc
 
 

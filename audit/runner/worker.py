@@ -124,8 +124,10 @@ class AuditWorker:
     >>> w.process_shard(shard_descriptor)        # reads, explains, commits to spec["output"]
     """
 
-    def __init__(self, spec: dict, *, out_dir=None, job_id: str = "", classes=None, cpus=None):
+    def __init__(self, spec: dict, *, out_dir=None, job_id: str = "", classes=None, cpus=None,
+                 largest_shard: int | None = None):
         self.spec = spec
+        self.largest_shard = largest_shard  # images in the job's largest shard, when the driver knows it
         self.out_dir = out_dir or spec.get("output")
         self.job_id = job_id
         self.classes = list(classes) if classes else None
@@ -272,9 +274,15 @@ class AuditWorker:
         from audit.engine.methods import METHODS
 
         ex = self.explainer
-        n_warm = 1 if any(METHODS[m].needs.own_pass for m in ex.methods) else self.spec["resources"]["batch_size"]
+        n_warm = 1 if any(METHODS[m].needs.own_pass for m in ex.methods) else self.warm_up_size()
         ex(np.zeros((n_warm, *ex.input_shape), np.float32),
            labels=np.zeros(n_warm, np.int32) if ex.target == "label" else None)
+
+    def warm_up_size(self) -> int:
+        """Images in the warm-up batch: a full batch, but never more than a shard of the data can hold."""
+        ds = self.spec["dataset"]
+        bounds = [self.spec["resources"]["batch_size"], ds["shard_size"], ds.get("limit"), self.largest_shard]
+        return max(1, min(int(b) for b in bounds if b))
 
     def ping(self) -> int:
         return os.getpid()
