@@ -5,13 +5,12 @@ from __future__ import annotations
 import math
 import shutil
 
+import helpers_fix as hf
 import numpy as np
 import pandas as pd
 import pytest
 
-import helpers_fix as hf
 from audit.scan import cost, perimage
-
 
 # ----------------------------------------------------------------------------
 # Pure functions
@@ -148,8 +147,8 @@ def test_killed_actor_during_the_pass_loses_and_doubles_nothing(scanned, tmp_pat
     import os
 
     import ray
-
     from helpers_jobs import ray_init_local
+
     from audit.scan.imagepass import CueWorker, run_pass
 
     out = str(hf_copy(scanned[0], tmp_path))

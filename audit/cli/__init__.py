@@ -15,7 +15,7 @@ import sys
 
 from audit.errors import AuditError, os_error_line
 
-COMMANDS = ("run", "submit", "scan", "report", "layers", "explain", "demo")
+COMMANDS = ("run", "submit", "scan", "report", "layers", "explain", "demo", "export", "compare")
 # Commands that load a model: TensorFlow is imported up front, quietly.  `run` imports it
 # itself, after the spec and the model file's config were checked (a typo costs no TF import).
 NEEDS_TF = ("layers", "explain", "demo")

@@ -82,6 +82,18 @@ class PassSpec:
     grid: int = 16
 
 
+@dataclass
+class CueInputs:
+    """What the cue edits of a batch of images need."""
+
+    images: np.ndarray  # (N, H, W, 3) uint8 at the model input
+    objects: np.ndarray | None  # (N, H, W) bool object masks, or None without masks
+    maps: np.ndarray  # (N, h, w) raw maps of the scan's view
+    spare: np.ndarray | None  # (N, H, W) bool: where each object is taken to be
+    levels: object  # intervene.Levels of the batch
+    size: tuple
+
+
 class CueWorker:
     """Computes and commits one shard of the pass; loads the job's model once, lazily.
 
@@ -136,7 +148,7 @@ class CueWorker:
             ((pc.field("layer") == self.spec.layer) & (pc.field("method") == self.spec.method))
             | (pc.field("status") == "error"))
         cols = [c for c in ("image_id", "path", "shard", "label", "pred", "correct", "status", "cam", "cam_h",
-                            "cam_w") if c in ds.schema.names]
+                            "cam_w", "width", "height") if c in ds.schema.names]
         df = ds.to_table(columns=cols, filter=flt).to_pandas()
         return df.drop_duplicates("image_id").reset_index(drop=True)
 
@@ -154,22 +166,31 @@ class CueWorker:
                 rows.append(_row(r, shard, cue, {"status": "error"}))
         return rows
 
-    def cue_columns(self, good) -> dict:
-        """{cue: {column: (N,) values}} for the images that decoded in the job."""
+    def inputs(self, good) -> CueInputs:
+        """The images of ``good`` (records with maps) at the model input, their objects, maps and spared areas."""
         from audit.scan.intervene import Levels, spare_masks
 
-        iv = self.intervener
-        size = iv.size
-        images, objects = iv.load(good["image_id"].astype(str).tolist())
+        size = self.intervener.size
+        images, objects = self.intervener.load(good["image_id"].astype(str).tolist())
         maps = _maps(good)
         grids = _grids(maps, self.spec.grid)
         spare = spare_masks(size, object_masks=objects) if objects is not None else spare_masks(size, grids=grids)
-        levels = Levels.of(images)
+        return CueInputs(images, objects, maps, spare, Levels.of(images), size)
+
+    def pixels(self, cue: Cue, x: CueInputs) -> np.ndarray:
+        """(N, H, W) bool: the pixels the cue's edit touches in each image."""
+        return perimage.cue_pixels(cue, x.size, regions=self.spec.regions, objects=x.objects, spare=x.spare,
+                                   n=len(x.images))
+
+    def cue_columns(self, good) -> dict:
+        """{cue: {column: (N,) values}} for the images that decoded in the job."""
+        iv = self.intervener
+        x = self.inputs(good)
+        images, objects, maps, levels = x.images, x.objects, x.maps, x.levels
         base = good["pred"].to_numpy(dtype=np.int64, na_value=-1)
         out, multi = {}, None
         for cue in self.spec.cues:
-            px = perimage.cue_pixels(cue, size, regions=self.spec.regions, objects=objects, spare=spare,
-                                     n=len(images))
+            px = self.pixels(cue, x)
             share = perimage.cue_share(maps, px)
             new = np.asarray(iv.predict(perimage.remove_cue(images, cue, px, objects, levels)))
             self.forwards += len(images)
