@@ -11,7 +11,7 @@ tests are what :func:`audit.scan.causal.run_tests` does for that job: the
 sample plan within the budget (:func:`audit.scan.causal.plan_tests` rules:
 ``Config.budget`` forward passes per image, at least ``budget_floor``), the
 64-image background pool with its objects inpainted, and for every class
-:func:`audit.scan.intervene.causal_tests` with masks (object, background, the
+:func:`audit.scan.probes.causal_tests` with masks (object, background, the
 two background transforms and the place bank, screened, and the transplant of the
 places that flipped a class into the pool's other-class images), edits and predictions included; one class
 carries a corner tag that decides it, so its flipping places go past the screening and are transplanted as
@@ -60,15 +60,11 @@ def job_model_time(model, x: np.ndarray, batch: int = 32) -> float:
 def causal_time(model, x, masks, n_classes: int, cfg) -> tuple[float, int, int]:
     """Seconds and extra forward passes of the causal tests of a job of ``len(x)`` images."""
     from audit.engine.heads import Head
-    from audit.scan.intervene import (
-        CompiledPredict,
-        causal_tests,
-        extra_forwards,
-        place_bank,
-        remove_objects,
-        spare_masks,
-    )
-    from audit.scan.transplant import Recipients
+    from audit.scan.intervene import CompiledPredict
+    from audit.scan.probes import Sample, causal_tests, extra_forwards
+    from audit.scan.probes.edits import remove_objects, spare_masks
+    from audit.scan.probes.places import place_bank
+    from audit.scan.probes.transplant import Recipients
 
     compiled = CompiledPredict(model, Head.of(model))
     forwards = [0]
@@ -80,11 +76,11 @@ def causal_time(model, x, masks, n_classes: int, cfg) -> tuple[float, int, int]:
     predict(x[:32])  # warm-up (the scan loads the model once)
     forwards[0] = 0
     size = x.shape[1:3]
-    bank = place_bank(size, {}, (0.3, 0.3, 0.7, 0.7))
+    bank = place_bank(size, {}, (0.3, 0.3, 0.7, 0.7), cfg)
     budget = max(cfg.budget_floor, int(cfg.budget * len(x)))
-    per_class = extra_forwards(cfg.sample, len(bank), True)
+    per_class = extra_forwards(cfg.sample, len(bank), True, cfg)
     sample = cfg.sample if per_class * n_classes <= budget else cfg.min_sample
-    classes = min(n_classes, budget // extra_forwards(sample, len(bank), True))
+    classes = min(n_classes, budget // extra_forwards(sample, len(bank), True, cfg))
     # a shortcut class: the object's pixels get a tag in a corner that flips every prediction
     tagged = _tagged_predict(predict, size)
     t0 = time.perf_counter()
@@ -95,10 +91,10 @@ def causal_time(model, x, masks, n_classes: int, cfg) -> tuple[float, int, int]:
     for c in range(classes):
         idx = np.arange(c * sample, (c + 1) * sample) + 64
         fn = tagged if c == 0 else predict
-        recipients = Recipients(x[pool], (base + 1) % 4 if c == 0 else base, keep).for_class(c)
-        causal_tests(fn, x[idx], bank, masks[idx], backgrounds=backgrounds,
-                     background_classes=pool % n_classes, fill=cfg.fill, spare=spare_masks(size, masks[idx]),
-                     recipients=recipients, target=c)
+        recipients = Recipients(x[pool], (base + 1) % 4 if c == 0 else base, keep).for_class(c, cfg)
+        causal_tests(fn, Sample(x[idx], bank, masks[idx], backgrounds=backgrounds,
+                                background_classes=pool % n_classes, spare=spare_masks(size, masks[idx]),
+                                recipients=recipients, target=c), cfg)
     return time.perf_counter() - t0, forwards[0], classes
 
 

@@ -185,7 +185,8 @@ def test_audit_run_intervention_and_explain_on_a_gray_model(tmp_path, capsys):
     import yaml
 
     from audit.cli import main
-    from audit.scan.intervene import Intervener, occlude
+    from audit.scan.intervene import Intervener
+    from audit.scan.probes.edits import occlude
 
     model = one_conv_model(1, seed=5)
     model.save(tmp_path / "gray.keras")

@@ -8,20 +8,20 @@ import numpy as np
 import pytest
 
 from audit.errors import AuditError
-from audit.scan.intervene import (
-    MIN_SAMPLE,
-    Intervener,
+from audit.scan.config import DEFAULT
+from audit.scan.intervene import Intervener
+from audit.scan.probes import Sample, causal_tests, extra_forwards
+from audit.scan.probes.edits import (
     Levels,
-    Spot,
-    causal_tests,
-    extra_forwards,
     occlude,
-    place_bank,
     remove_objects,
     replace_background,
     spare_masks,
     transform,
 )
+from audit.scan.probes.places import Spot, place_bank
+
+MIN_SAMPLE = DEFAULT.min_rate_n
 
 H = W = 16
 
@@ -76,41 +76,41 @@ SKY_PLACE = Spot("region:sky", (0.0, 0.0, 1.0, 0.5), SKY)
 
 def test_shortcut_model_flips_on_the_sky_not_on_the_object():
     imgs, masks = scenes(20, "blue")
-    r = causal_tests(sky_model, imgs, [SKY_PLACE], masks)
+    r = causal_tests(sky_model, Sample(imgs, [SKY_PLACE], masks))
     # occluding the sky with the image mean (red-ish) removes the blue: every prediction flips
-    assert r.rate("region", "region:sky") == 1.0 and r.get("region", "region:sky").n == 20
-    assert r.rate("object") == 0.0 and r.get("object").n == 20 and r.get("object").fill == "inpaint"
+    assert r.rate_at("region:sky") == 1.0 and r.at("region:sky").n == 20
+    assert r.object_rate() == 0.0 and r.object().n == 20 and r.object().fill == "inpaint"
     assert r.masked and not r.absence
 
 
 def test_healthy_model_flips_on_object_not_on_the_sky():
     imgs, masks = scenes(20, "grey")
-    r = causal_tests(tank_model, imgs, [SKY_PLACE], masks)
-    assert r.rate("region", "region:sky") == 0.0
-    assert r.rate("object") == 1.0
-    assert r.rate("background") == 0.0  # the tank kept, the rest replaced: still a tank
+    r = causal_tests(tank_model, Sample(imgs, [SKY_PLACE], masks))
+    assert r.rate_at("region:sky") == 0.0
+    assert r.object_rate() == 1.0
+    assert r.background_rate() == 0.0  # the tank kept, the rest replaced: still a tank
 
 
 def test_places_spare_the_object():
     imgs, masks = scenes(10, "blue")
     everything = Spot("all", None, np.ones((H, W), bool))  # a place covering the whole image ...
-    r = causal_tests(tank_model, imgs, [everything], masks)
-    assert r.rate("region", "all") == 0.0  # ... still leaves the tank visible
-    r = causal_tests(tank_model, imgs, [everything])  # without masks nothing is spared
-    assert r.rate("region", "all") == 1.0 and r.get("object") is None and not r.masked
+    r = causal_tests(tank_model, Sample(imgs, [everything], masks))
+    assert r.rate_at("all") == 0.0  # ... still leaves the tank visible
+    r = causal_tests(tank_model, Sample(imgs, [everything]))  # without masks nothing is spared
+    assert r.rate_at("all") == 1.0 and r.object() is None and not r.masked
 
 
 def test_partial_flips_small_samples_and_absence():
     blue, bm = scenes(6, "blue", seed=1)
     grey, gm = scenes(6, "grey", seed=2)
-    r = causal_tests(sky_model, np.concatenate([blue, grey]), [SKY_PLACE], np.concatenate([bm, gm]))
+    r = causal_tests(sky_model, Sample(np.concatenate([blue, grey]), [SKY_PLACE], np.concatenate([bm, gm])))
     # grey skies (prediction 1) stay 1 when greyed out; the 6 blue ones flip
-    assert r.rate("region", "region:sky") == pytest.approx(6 / 12)
-    r = causal_tests(sky_model, blue[:MIN_SAMPLE - 1], [SKY_PLACE], bm[:MIN_SAMPLE - 1])
-    assert math.isnan(r.rate("region", "region:sky")) and math.isnan(r.rate("object"))
+    assert r.rate_at("region:sky") == pytest.approx(6 / 12)
+    r = causal_tests(sky_model, Sample(blue[:MIN_SAMPLE - 1], [SKY_PLACE], bm[:MIN_SAMPLE - 1]))
+    assert math.isnan(r.rate_at("region:sky")) and math.isnan(r.object_rate())
     no_tank, nm = scenes(8, "blue", tank=False)
-    r = causal_tests(sky_model, no_tank, [SKY_PLACE], nm)  # empty object masks: no object test
-    assert r.get("object").n == 0 and math.isnan(r.rate("object")) and r.rate("region", "region:sky") == 1.0
+    r = causal_tests(sky_model, Sample(no_tank, [SKY_PLACE], nm))  # empty object masks: no object test
+    assert r.object().n == 0 and math.isnan(r.object_rate()) and r.rate_at("region:sky") == 1.0
     assert r.absence
 
 
@@ -137,7 +137,7 @@ def test_all_variants_are_predicted_in_chunks():
         return sky_model(x)
 
     bank = place_bank((H, W))
-    r = causal_tests(counting, imgs, bank, masks, chunk=64)
+    r = causal_tests(counting, Sample(imgs, bank, masks), chunk=64)
     tested = sum(t.n for t in r.tests)
     assert calls[0] == 8  # the base predictions
     # stage 1 (object, background, places on the first images) and stage 2 (promising places, the rest)
@@ -156,8 +156,8 @@ def test_places_that_flip_nothing_on_the_screen_stop_there():
         calls.append(len(x))
         return sky_model(x)
 
-    r = causal_tests(counting, imgs, [SKY_PLACE, *bank], masks)
-    assert r.get("region", "region:sky").n == 32  # flips: tested on the whole sample
+    r = causal_tests(counting, Sample(imgs, [SKY_PLACE, *bank], masks))
+    assert r.at("region:sky").n == 32  # flips: tested on the whole sample
     quiet = [t for t in r.places if t.place != "region:sky" and t.flip_rate == 0.0]
     assert quiet and all(t.n <= 8 for t in quiet)  # flip nothing on the first 8: not tested further
     assert sum(calls) == 32 + sum(t.n for t in r.tests)
@@ -217,8 +217,8 @@ def test_inpainting_removes_the_shape_a_constant_fill_keeps():
     assert (shape_model(removed) == 2).all()  # inpainted: no shape left
     far = ~np.stack([cv2.dilate(m.astype(np.uint8), np.ones((15, 15), np.uint8)).astype(bool) for m in masks])
     np.testing.assert_array_equal(removed[far], imgs[far])  # the background away from the object is untouched
-    r = causal_tests(shape_model, imgs, [], masks)
-    assert r.rate("object") == 1.0
+    r = causal_tests(shape_model, Sample(imgs, [], masks))
+    assert r.object_rate() == 1.0
 
 
 def test_inpainting_any_channel_count():
@@ -270,8 +270,8 @@ def test_intervener_reads_job_model_and_dataset(tmp_path, head):
     images, m = iv.load(ids)
     np.testing.assert_array_equal(images, imgs)
     np.testing.assert_array_equal(m, masks)
-    r = causal_tests(iv.predict, images, [SKY_PLACE], m)
-    assert r.rate("region", "region:sky") == 1.0 and r.rate("object") == 0.0 and r.get("object").n == 8
+    r = causal_tests(iv.predict, Sample(images, [SKY_PLACE], m))
+    assert r.rate_at("region:sky") == 1.0 and r.object_rate() == 0.0 and r.object().n == 8
     assert iv.forwards == 8 + 8 + 8 + 8 + 8  # the check above, base, object, background, sky
     with pytest.raises(AuditError, match="job.json"):
         Intervener(tmp_path)
@@ -360,12 +360,12 @@ def test_spare_masks_from_masks_or_from_each_image_own_heatmap():
 
 def test_texture_class_flips_under_the_blur_and_a_shape_class_does_not():
     imgs, masks = textured(16, stripes=True)
-    res = causal_tests(stripes_model, imgs, [], masks, spare=spare_masks((S, S), masks), screen=0)
-    assert res.get("transform", "background:texture").flip_rate == 1.0
-    assert res.get("transform", "image:colour").flip_rate == 0.0
-    assert res.get("transform", "background:flat").flip_rate == 1.0
+    res = causal_tests(stripes_model, Sample(imgs, [], masks, spare=spare_masks((S, S), masks)), DEFAULT.replace(screen=0))
+    assert res.at("background:texture").flip_rate == 1.0
+    assert res.at("image:colour").flip_rate == 0.0
+    assert res.at("background:flat").flip_rate == 1.0
     sc, sm = scenes(16)
-    shape = causal_tests(tank_model, sc, [], sm, spare=spare_masks((H, W), sm), screen=0)
-    assert shape.get("transform", "background:texture").flip_rate == 0.0
+    shape = causal_tests(tank_model, Sample(sc, [], sm, spare=spare_masks((H, W), sm)), DEFAULT.replace(screen=0))
+    assert shape.at("background:texture").flip_rate == 0.0
     with pytest.raises(AuditError, match="unknown transform"):
         transform(imgs, masks, "sharpen")

@@ -16,7 +16,7 @@ from audit.scan import DEFAULT, scan
 from audit.scan.cluster import cluster_maps, eigengap_k, map_features
 from audit.scan.features import group_features, spurious_gap
 from audit.scan.grids import grids_from_cams
-from audit.scan.intervene import CausalResult, PlaceFlip
+from audit.scan.probes import CausalResult, PlaceFlip, Where
 from audit.scan.read import choose_view
 from audit.scan.robust import PeakPlace, fixed_place_score
 from audit.scan.verdict import assess, off_object_score, place_flip_score, place_score
@@ -167,6 +167,10 @@ PLACES = {"corner:bottom_right": (0.111, (2 / 3, 2 / 3, 1.0, 1.0)), "edge:bottom
           "hot area": (0.1, (0.4, 0.4, 0.6, 0.6))}
 
 
+WHERE = {"corner": Where.CORNER, "edge": Where.EDGE, "border": Where.BORDER, "region": Where.REGION,
+         "hot area": Where.HOT}
+
+
 def causal(places=None, obj=None, bg=None, n=32, masked=True, absence=False, texture=None, colour=None,
            flat=None, transplant=None, bgt=None, same=None):
     """A CausalResult: ``places`` {name: flip rate}, object/background flip rates (None: not run),
@@ -176,22 +180,28 @@ def causal(places=None, obj=None, bg=None, n=32, masked=True, absence=False, tex
     the transplant's other-class images}."""
     tests = []
     if obj is not None:
-        tests.append(PlaceFlip("object", "object" if masked else "own hot area", None, "inpaint", n, obj, 0.1))
-    for place, fill, rate in (("background:texture", "fine-blur", texture), ("image:colour", "colour-levels", colour),
-                              ("background:flat", "flat-grey", flat)):
+        tests.append(PlaceFlip("object", "object" if masked else "own hot area", None, "inpaint", n, obj, 0.1,
+                               probe="object" if masked else "own-hot-area", k=round(obj * n)))
+    for place, fill, rate, probe in (("background:texture", "fine-blur", texture, "texture"),
+                                     ("image:colour", "colour-levels", colour, "colour"),
+                                     ("background:flat", "flat-grey", flat, "flat")):
         if rate is not None:
-            tests.append(PlaceFlip("transform", place, None, fill, n, rate, 0.8))
+            tests.append(PlaceFlip("transform", place, None, fill, n, rate, 0.8, probe=probe, k=round(rate * n)))
     if masked and bg is not None:  # bg: one rate for both background tests, or (neutral, other-background)
         neutral, other = bg if isinstance(bg, tuple) else (bg, bg)
-        tests.append(PlaceFlip("background", "background", None, "neutral", n, neutral, 0.9))
-        tests.append(PlaceFlip("background", "background", None, "other-background", n, other, 0.9))
+        tests.append(PlaceFlip("background", "background", None, "neutral", n, neutral, 0.9,
+                               probe="background-neutral", k=round(neutral * n)))
+        tests.append(PlaceFlip("background", "background", None, "other-background", n, other, 0.9,
+                               probe="background-swap", k=round(other * n)))
     if bgt is not None:
-        tests.append(PlaceFlip("transplant", "background", None, "pasted", 16, bgt, math.nan, bgt, 16))
+        tests.append(PlaceFlip("transplant", "background", None, "pasted", 16, bgt, math.nan, bgt, 16,
+                               probe="background-transplant", k=round(bgt * 16)))
     for name, rate in (places or {}).items():
         area, box = PLACES[name]
         tr = (transplant or {}).get(name)
         tests.append(PlaceFlip("region", name, box, "mean", n, rate, area, math.nan if tr is None else tr,
-                               0 if tr is None else 16, (same or {}).get(name, math.nan)))
+                               0 if tr is None else 16, (same or {}).get(name, math.nan), "place",
+                               WHERE[name.split(":")[0]], round(rate * n)))
     return CausalResult(n=n, tests=tests, masked=masked, absence=absence)
 
 
@@ -349,7 +359,7 @@ def test_default_class_evidence():
     rows = make_rows("diffuse", 40, masks=True)
     rows["energy_object"], rows["pointing_hit"] = 0.05, 0.0
     v = assess(features(rows), causal=causal(QUIET, obj=0.0, bg=(0.0, 1.0)))
-    assert v.verdict == "ok" and v.rate("background") == 0.0
+    assert v.verdict == "ok" and v.background_rate() == 0.0
     assert "a neutral colour 0% or another class's background 100%" in v.evidence
     assert "the model says this class when the other classes' cues are absent" in v.evidence
 

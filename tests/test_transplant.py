@@ -5,8 +5,13 @@ import math
 import numpy as np
 import pytest
 
-from audit.scan.intervene import Spot, causal_tests
-from audit.scan.transplant import MIN_RECIPIENTS, Recipients, paste, turned_into
+from audit.scan.config import DEFAULT
+from audit.scan.probes import Sample, causal_tests
+from audit.scan.probes.edits import paste
+from audit.scan.probes.places import Spot
+from audit.scan.probes.transplant import Recipients, turned_into
+
+MIN_RECIPIENTS = DEFAULT.min_recipients
 
 S = 16
 TOP = np.zeros((S, S), bool)
@@ -41,7 +46,7 @@ def test_recipients_for_class_leaves_out_the_class_and_needs_enough():
     r = Recipients(np.zeros((18, 2, 2, 3), np.uint8), base)
     got = r.for_class(1)
     assert len(got.images) == 12 and (got.base != 1).all()
-    assert r.for_class(1, k=4) is not None or MIN_RECIPIENTS > 4
+    assert r.for_class(1, DEFAULT.replace(recipients=4)) is not None or MIN_RECIPIENTS > 4
     assert Recipients(r.images[:9], base[:9]).for_class(1) is None  # 6 other-class images < MIN_RECIPIENTS
 
 
@@ -77,8 +82,8 @@ def test_a_real_cue_carries_its_class_into_other_images(hot_on_the_cue):
     if hot_on_the_cue:  # a binary model's other class often looks where the cue is missing: still pasted there
         pool = Recipients(pool.images, pool.base, hot=np.broadcast_to(TOP, (16, S, S)).copy())
     pool = pool.for_class(1)
-    r = causal_tests(tag_model, cued, [TOP_PLACE], recipients=pool, target=1, screen=0)
-    t = r.get("region", "edge:top")
+    r = causal_tests(tag_model, Sample(cued, [TOP_PLACE], recipients=pool, target=1), DEFAULT.replace(screen=0))
+    t = r.at("edge:top")
     assert t.flip_rate == 1.0 and t.transplant_n == 16
     assert t.transplant == pytest.approx(1.0)  # every recipient turns into 1; occluding turns none
 
@@ -86,8 +91,8 @@ def test_a_real_cue_carries_its_class_into_other_images(hot_on_the_cue):
 def test_a_fill_artifact_carries_nothing():
     dark = noise(24, 0, 100, 4)  # class 0 images: the model says 0 until the band goes flat
     pool = recipients(fill_model).for_class(0)
-    r = causal_tests(fill_model, dark, [TOP_PLACE], recipients=pool, target=0, screen=0)
-    t = r.get("region", "edge:top")
+    r = causal_tests(fill_model, Sample(dark, [TOP_PLACE], recipients=pool, target=0), DEFAULT.replace(screen=0))
+    t = r.at("edge:top")
     assert t.flip_rate == 1.0  # the occlusion flips every image (to 1) ...
     assert t.transplant == 0.0 and t.transplant_n == 8  # ... but the band carries no class-0 evidence
 
@@ -95,7 +100,7 @@ def test_a_fill_artifact_carries_nothing():
 def test_no_recipients_leaves_the_transplant_unknown():
     cued = noise(24, 160, 240, 3)
     cued[:, :2] = 255
-    t = causal_tests(tag_model, cued, [TOP_PLACE], screen=0).get("region", "edge:top")
+    t = causal_tests(tag_model, Sample(cued, [TOP_PLACE]), DEFAULT.replace(screen=0)).at("edge:top")
     assert math.isnan(t.transplant) and t.transplant_n == 0
 
 
@@ -126,7 +131,7 @@ def texture_model(images):
 
 
 def test_background_transplant_carries_a_texture_class():
-    from audit.scan.transplant import transplant_background
+    from audit.scan.probes.transplant import transplant_background
 
     rec = np.concatenate([plain(8, 20, 1), plain(8, 240, 2)])
     pool = Recipients(rec, texture_model(rec), hot=np.broadcast_to(CENTRE, (16, S, S)).copy())
@@ -146,11 +151,11 @@ def test_causal_tests_add_the_background_transplant_without_masks_only():
     pool = Recipients(rec, texture_model(rec), hot=keep).for_class(1)
     textured = striped(12, 20, 3)
     spare = np.broadcast_to(CENTRE, (12, S, S)).copy()
-    r = causal_tests(texture_model, textured, [], spare=spare, recipients=pool, target=1, screen=0)
-    t = r.get("transplant", "background")
-    assert r.rate("object") == 0.0 and t.flip_rate == 1.0 and t.n == 16
-    masked = causal_tests(texture_model, textured, [], spare, spare=spare, recipients=pool, target=1, screen=0)
-    assert masked.get("transplant") is None  # with masks the background tests do this
+    r = causal_tests(texture_model, Sample(textured, [], spare=spare, recipients=pool, target=1), DEFAULT.replace(screen=0))
+    t = r.background_transplant()
+    assert r.object_rate() == 0.0 and t.flip_rate == 1.0 and t.n == 16
+    masked = causal_tests(texture_model, Sample(textured, [], spare, spare=spare, recipients=pool, target=1), DEFAULT.replace(screen=0))
+    assert masked.background_transplant() is None  # with masks the background tests do this
 
 
 def test_maps_of_finds_each_pool_image_in_any_class():

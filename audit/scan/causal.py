@@ -3,8 +3,8 @@
 :func:`plan_tests` chooses a deterministic sample per class (``Config.sample``
 images) and per suspect cluster within a cost budget of extra forward passes
 (``Config.budget`` per audited image, at least ``Config.budget_floor``);
-:func:`run_tests` loads each sample once and runs
-:func:`audit.scan.intervene.causal_tests` on it.  The result,
+:func:`run_tests` loads each sample once and runs the probes of
+:mod:`audit.scan.probes` on it.  The result,
 :class:`CausalTests`, also gives each place's flip rate on the *other*
 classes (:meth:`CausalTests.others`), which tells a class-specific cue from
 an occlusion that disturbs every class alike, and where objects usually sit
@@ -19,11 +19,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from audit.scan.config import Config
-from audit.scan.intervene import CausalResult, Levels, extra_forwards, place_bank, remove_objects, spare_masks
+from audit.scan.probes import CausalResult, Sample, causal_tests, extra_forwards
+from audit.scan.probes.edits import Levels, remove_objects, spare_masks
+from audit.scan.probes.places import place_bank
+from audit.scan.probes.transplant import Recipients
 from audit.scan.read import sample_ids
-from audit.scan.transplant import Recipients
-
-DONORS = 64  # images in the pool of backgrounds (and of object positions), across classes
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,7 @@ class CausalTests:
         for (c, cl), res in self.results.items():
             if c == class_id or cl is not None:
                 continue
-            for t in res.places + res.transforms:
+            for t in res.places + res.transforms:  # keyed by place: the same edit on other classes
                 if math.isfinite(t.flip_rate):
                     rates.setdefault(t.place, []).append(t.flip_rate)
         return {p: float(np.median(v)) for p, v in rates.items()}
@@ -81,7 +81,7 @@ def plan_tests(results, n_images: int, n_places: int, masked: bool, cfg: Config)
     budget = max(cfg.budget_floor, int(cfg.budget * n_images))
     classes = sorted((r for r in results if r.features.n >= cfg.min_images),
                      key=lambda r: -(r.own.attention_suspicion if math.isfinite(r.own.attention_suspicion) else 0))
-    need = sum(extra_forwards(min(cfg.sample, r.features.n), n_places, masked, cfg.screen) for r in classes)
+    need = sum(extra_forwards(min(cfg.sample, r.features.n), n_places, masked, cfg) for r in classes)
     sample = cfg.sample if need <= budget else cfg.min_sample
     plans, skipped, spent = [], 0, 0
     wanted = [(r, None, _ok_ids(r.rows), r.features.hot_box) for r in classes]
@@ -90,7 +90,7 @@ def plan_tests(results, n_images: int, n_places: int, masked: bool, cfg: Config)
                and c.verdict.attention_suspicion >= cfg.cluster_attention_min]
     for r, cluster, ids, hot in wanted:
         chosen = tuple(sorted(sample_ids(ids, sample)))
-        cost = extra_forwards(len(chosen), n_places, masked, cfg.screen)
+        cost = extra_forwards(len(chosen), n_places, masked, cfg)
         if spent + cost > budget:
             skipped += 1
             continue
@@ -101,7 +101,7 @@ def plan_tests(results, n_images: int, n_places: int, masked: bool, cfg: Config)
 
 @dataclass
 class Pool:
-    """A deterministic pool of images across classes (:data:`DONORS`), loaded once per scan."""
+    """A deterministic pool of images across classes (``Config.donors``), loaded once per scan."""
 
     backgrounds: np.ndarray | None = None  # the images with their objects inpainted away (masks only)
     target: np.ndarray | None = None  # each image's class
@@ -110,13 +110,13 @@ class Pool:
     recipients: Recipients | None = None  # the images as they are, with the model's predictions
 
 
-def _pool(intervener, view, use_masks: bool, results=()) -> Pool:
+def _pool(intervener, view, use_masks: bool, cfg: Config, results=()) -> Pool:
     """Load the pool: backgrounds and object density (with masks), levels, and the transplant's
     recipients (the images with their predictions; their objects, grown, or without masks their own
     heatmaps' hot areas, are never pasted over)."""
     df = view.df
     ok = df[df["status"] == "ok"].drop_duplicates("image_id")
-    ids = sorted(sample_ids(ok["image_id"].tolist(), DONORS))
+    ids = sorted(sample_ids(ok["image_id"].tolist(), cfg.donors))
     if not ids:
         return Pool()
     target = dict(zip(ok["image_id"], ok["target"]))
@@ -125,13 +125,17 @@ def _pool(intervener, view, use_masks: bool, results=()) -> Pool:
     masked = use_masks and masks is not None and masks.any()
     base = np.asarray(intervener.predict(images))
     if not masked:
-        pool.recipients = Recipients(images, base, hot=spare_masks(images.shape[1:3], grids=maps_of(results, ids)))
+        pool.recipients = Recipients(images, base, hot=_spare(images.shape[1:3], cfg, grids=maps_of(results, ids)))
         return pool
-    pool.recipients = Recipients(images, base, keep=spare_masks(images.shape[1:3], masks))
+    pool.recipients = Recipients(images, base, keep=_spare(images.shape[1:3], cfg, masks))
     has = masks.reshape(len(masks), -1).any(axis=1)
     pool.density = masks[has].mean(axis=0) if has.any() else None
     pool.backgrounds = remove_objects(images, masks)
     return pool
+
+
+def _spare(size, cfg: Config, masks=None, grids=None):
+    return spare_masks(size, masks, grids, cfg.spare_hot, cfg.spare_max)
 
 
 def _backgrounds_for(pool: Pool, class_id: int) -> tuple:
@@ -187,39 +191,41 @@ def own_grids(results, plan: TestPlan) -> np.ndarray | None:
     return maps_of([r for r in results if r.class_id == plan.class_id][:1], plan.ids)
 
 
+def _sample(intervener, results, plan: TestPlan, pool: Pool, size, regions, masked: bool, cfg: Config):
+    """The :class:`audit.scan.probes.Sample` of one plan (its images loaded), or None."""
+    loaded = intervener.call(intervener.load, plan.ids)
+    if loaded is None:
+        return None
+    images, masks = loaded
+    if masked and masks is None:
+        masks = np.zeros(images.shape[:3], bool)
+    bg, bg_cls = _backgrounds_for(pool, plan.class_id)
+    spare = _spare(size, cfg, masks) if masked else _spare(size, cfg, grids=own_grids(results, plan))
+    return Sample(images, place_bank(size, regions, plan.hot_box, cfg), masks if masked else None,
+                  classes=np.full(len(images), plan.class_id), backgrounds=bg, background_classes=bg_cls,
+                  spare=spare, levels=pool.levels,
+                  recipients=pool.recipients.for_class(plan.class_id, cfg) if pool.recipients else None,
+                  target=plan.class_id, cfg=cfg)
+
+
 def run_tests(intervener, results, view, cfg: Config, use_masks: bool) -> CausalTests:
     """Plan and run the causal tests of every class (and suspect cluster) of a scan."""
-    from audit.scan.intervene import causal_tests
-
     out = CausalTests()
     size = intervener.call(lambda: intervener.size)
     if size is None:
         return out
     # decided by the data (records with an object mask or box), never by which spec keys a format has
     masked = bool(use_masks and view.masked)
-    n_places = len(place_bank(size, view.regions)) + 1
+    n_places = len(place_bank(size, view.regions, cfg=cfg)) + 1
     n_images = int(view.df["image_id"].nunique()) if len(view.df) else 0
     plans, out.skipped = plan_tests(results, n_images, n_places, masked, cfg)
     out.planned = len(plans) + out.skipped
     start = intervener.forwards
-    pool = intervener.call(_pool, intervener, view, use_masks, results) or Pool()
-    out.density = _density_ratios(pool.density, place_bank(size, view.regions))
+    pool = intervener.call(_pool, intervener, view, use_masks, cfg, results) or Pool()
+    out.density = _density_ratios(pool.density, place_bank(size, view.regions, cfg=cfg))
     for plan in plans:
-        loaded = intervener.call(intervener.load, plan.ids)
-        if loaded is None:
-            break
-        images, masks = loaded
-        if masked and masks is None:
-            masks = np.zeros(images.shape[:3], bool)
-        bg, bg_cls = _backgrounds_for(pool, plan.class_id)
-        places = place_bank(size, view.regions, plan.hot_box)
-        spare = spare_masks(size, masks) if masked else spare_masks(size, grids=own_grids(results, plan))
-        res = intervener.call(causal_tests, intervener.predict, images, places,
-                              masks if masked else None, classes=np.full(len(images), plan.class_id),
-                              backgrounds=bg, background_classes=bg_cls, fill=cfg.fill, screen=cfg.screen,
-                              screen_min=cfg.screen_min, spare=spare, levels=pool.levels,
-                              recipients=pool.recipients.for_class(plan.class_id) if pool.recipients else None,
-                              target=plan.class_id)
+        sample = _sample(intervener, results, plan, pool, size, view.regions, masked, cfg)
+        res = None if sample is None else intervener.call(causal_tests, intervener.predict, sample, cfg)
         if res is None:
             break
         out.results[(plan.class_id, plan.cluster)] = res

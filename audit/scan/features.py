@@ -144,7 +144,7 @@ def group_features(rows, grids=None, regions=None, cfg: Config = DEFAULT, size=(
         n_total=int(len(rows)), n=int(len(ok)), n_flat=int((status == "flat").sum()),
         n_error=int((status == "error").sum()), accuracy=_accuracy(rows, status), means=means,
         n_masked=int(np.isfinite(col("energy_object")).sum()),
-        peak_place=peak_place(px, py, place_radius(_cam_side(ok), cfg.place_radius)),
+        peak_place=peak_place(px, py, place_radius(_cam_side(ok), cfg.place_radius, cfg.place_radius_cells), cfg.share_z),
         object_spread=_spread(ox, oy),
         peak_object_dist=float(np.hypot(px[both] - ox[both], py[both] - oy[both]).mean()) if both.any()
         else math.nan,

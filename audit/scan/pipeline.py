@@ -176,7 +176,7 @@ def minority_split(g: ClassGroup, f, cfg: Config, min_size: int) -> tuple[np.nda
     minority of the class (a stamp on a quarter of the images) inside one
     cluster with the rest; the peaks still show it as a dense spot away from
     the centre.  The split is made when between ``cfg.minority_share`` and
-    :data:`audit.scan.robust.PLACE_SHARE_LOW` of the peaks sit within the
+    ``cfg.place_share_low`` of the peaks sit within the
     place radius of an off-centre modal place (above that the class as a
     whole has a fixed place) and they are at least ``min_size`` maps.  The
     group then gets causal tests like any suspect cluster: attention alone
@@ -185,15 +185,13 @@ def minority_split(g: ClassGroup, f, cfg: Config, min_size: int) -> tuple[np.nda
     Returns:
         (labels per map of ``g.grids``, number of groups): ``(zeros, 1)`` when no split is made.
     """
-    from audit.scan.robust import PLACE_SHARE_LOW
-
     none = (np.zeros(len(g.grids), np.int64), 1)
     place = getattr(f, "peak_place", None)
     if place is None or not (np.isfinite(place.x) and np.isfinite(place.y)):
         return none
     if np.hypot(place.x - 0.5, place.y - 0.5) < cfg.minority_off_centre:
         return none
-    if not cfg.minority_share <= place.share < PLACE_SHARE_LOW:
+    if not cfg.minority_share <= place.share < cfg.place_share_low:
         return none
     px = np.full(len(g.grids), np.nan)
     py = np.full(len(g.grids), np.nan)

@@ -24,23 +24,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-# A peak within this distance (fraction of the image side) of the modal place is "at" it.
-PLACE_RADIUS = 0.05
-# ... but never less than this many map cells: a coarse map (7 x 7) has its peak
-# at one of few cell centres, and a cue sitting between two cells sends the
-# peaks of its maps to either of them.
-PLACE_RADIUS_CELLS = 0.75
-# fixed-place score: the share of peaks within the radius (its lower confidence bound) ramps from LOW (0)
-# to HIGH (1)
-PLACE_SHARE_LOW = 0.6
-PLACE_SHARE_HIGH = 0.9
-# one-sided 90% Wilson bound: 6 of 8 peaks at one place (0.75) is no evidence of a pasted cue (bound
-# 0.52), 8 of 8 is (0.83, score 0.77); 192 of 200 (0.96) and 19,200 of 20,000 score alike (0.94, 0.96: 1)
-SHARE_Z = 1.2816
-# ... times the distance of the modal place from the image centre ramping from NEAR (0) to FAR (1):
-# objects usually sit near the centre; a fixed place there is no evidence of a cue.
-CENTRE_NEAR = 0.15
-CENTRE_FAR = 0.3
+from audit.scan.config import DEFAULT, Config
+
 _MEAN_SHIFT_STEPS = 10
 
 
@@ -56,16 +41,17 @@ class PeakPlace:
     x: float = math.nan
     y: float = math.nan
     share: float = math.nan
-    radius: float = PLACE_RADIUS
+    radius: float = Config.place_radius
     n: int = 0
+    z: float = Config.share_z  # the bound of share_low (one-sided 90%)
 
     @property
     def share_low(self) -> float:
         """The lower one-sided 90% confidence bound of ``share`` (:func:`share_lower_bound`)."""
-        return share_lower_bound(self.share, self.n)
+        return share_lower_bound(self.share, self.n, self.z)
 
 
-def share_lower_bound(share: float, n: int, z: float = SHARE_Z) -> float:
+def share_lower_bound(share: float, n: int, z: float = Config.share_z) -> float:
     """Wilson's lower confidence bound of a proportion ``share`` observed in ``n`` trials (NaN if n = 0).
 
     A few maps at one place are weak evidence: a cluster of 8 maps with 6
@@ -80,8 +66,9 @@ def share_lower_bound(share: float, n: int, z: float = SHARE_Z) -> float:
     return (centre - half) / (1 + z2 / n)
 
 
-def place_radius(cam_side: float | None = None, base: float = PLACE_RADIUS) -> float:
-    """The radius of a place: ``base``, or ``0.75`` map cells when the map is coarser.
+def place_radius(cam_side: float | None = None, base: float = Config.place_radius,
+                 cells: float = Config.place_radius_cells) -> float:
+    """The radius of a place: ``base``, or ``cells`` map cells when the map is coarser.
 
     Args:
         cam_side: the smaller side of the raw maps in cells (``min(cam_h,
@@ -89,11 +76,11 @@ def place_radius(cam_side: float | None = None, base: float = PLACE_RADIUS) -> f
         base: the radius on fine maps, fraction of the image side.
 
     Returns:
-        ``max(base, PLACE_RADIUS_CELLS / cam_side)``.
+        ``max(base, cells / cam_side)``.
     """
     if cam_side is None or not math.isfinite(cam_side) or cam_side <= 0:
         return base
-    return max(base, PLACE_RADIUS_CELLS / float(cam_side))
+    return max(base, cells / float(cam_side))
 
 
 def _finite_xy(px, py) -> tuple[np.ndarray, np.ndarray]:
@@ -121,7 +108,7 @@ def _densest_bin(x: np.ndarray, y: np.ndarray, radius: float) -> tuple[float, fl
     return float(x[near].mean()), float(y[near].mean())
 
 
-def modal_place(px, py, radius: float = PLACE_RADIUS) -> tuple[float, float]:
+def modal_place(px, py, radius: float = Config.place_radius) -> tuple[float, float]:
     """The densest place of a cloud of points (mode of a 2-D histogram, refined by mean shift).
 
     Args:
@@ -148,7 +135,7 @@ def modal_place(px, py, radius: float = PLACE_RADIUS) -> tuple[float, float]:
     return float(cx), float(cy)
 
 
-def share_within(px, py, x: float, y: float, radius: float = PLACE_RADIUS) -> float:
+def share_within(px, py, x: float, y: float, radius: float = Config.place_radius) -> float:
     """Share of the finite points within ``radius`` of ``(x, y)`` (NaN without points)."""
     a, b = _finite_xy(px, py)
     if len(a) == 0 or not (math.isfinite(x) and math.isfinite(y)):
@@ -156,7 +143,7 @@ def share_within(px, py, x: float, y: float, radius: float = PLACE_RADIUS) -> fl
     return float(((a - x) ** 2 + (b - y) ** 2 <= radius * radius).mean())
 
 
-def peak_place(px, py, radius: float = PLACE_RADIUS) -> PeakPlace:
+def peak_place(px, py, radius: float = Config.place_radius, z: float = Config.share_z) -> PeakPlace:
     """The modal place of the peaks ``(px, py)`` and the share of peaks within ``radius`` of it.
 
     Args:
@@ -169,20 +156,20 @@ def peak_place(px, py, radius: float = PLACE_RADIUS) -> PeakPlace:
     """
     x, y = _finite_xy(px, py)
     if len(x) == 0:
-        return PeakPlace(radius=radius)
+        return PeakPlace(radius=radius, z=z)
     mx, my = modal_place(x, y, radius)
-    return PeakPlace(mx, my, share_within(x, y, mx, my, radius), radius, int(len(x)))
+    return PeakPlace(mx, my, share_within(x, y, mx, my, radius), radius, int(len(x)), z)
 
 
 def _ramp(v: float, lo: float, hi: float) -> float:
     return 0.0 if not math.isfinite(v) else min(1.0, max(0.0, (v - lo) / (hi - lo)))
 
 
-def fixed_place_score(place: PeakPlace) -> float:
+def fixed_place_score(place: PeakPlace, cfg: Config = DEFAULT) -> float:
     """0..1: the peaks stay at one place away from the image centre.
 
-    ``ramp(share_low, PLACE_SHARE_LOW -> PLACE_SHARE_HIGH) x ramp(distance
-    of the modal place from the centre, CENTRE_NEAR -> CENTRE_FAR)``, where
+    ``ramp(share_low, place_share_low -> place_share_high) x ramp(distance
+    of the modal place from the centre, centre_near -> centre_far)`` (``cfg``), where
     ``share_low`` is the share's lower confidence bound (few maps are weak
     evidence).  A pasted cue keeps nearly every peak within the radius
     (share 0.9 and more even with 10% of the maps elsewhere); a healthy class
@@ -193,4 +180,4 @@ def fixed_place_score(place: PeakPlace) -> float:
     if not (math.isfinite(place.x) and math.isfinite(place.y)):
         return 0.0
     off = math.hypot(place.x - 0.5, place.y - 0.5)
-    return _ramp(place.share_low, PLACE_SHARE_LOW, PLACE_SHARE_HIGH) * _ramp(off, CENTRE_NEAR, CENTRE_FAR)
+    return _ramp(place.share_low, cfg.place_share_low, cfg.place_share_high) * _ramp(off, cfg.centre_near, cfg.centre_far)

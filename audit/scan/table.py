@@ -51,9 +51,9 @@ def _flip_fields(v: Verdict) -> dict:
     c = v.causal
     cue = v.cue_flip.flip_rate if v.cue_flip is not None else math.nan
     # the object column needs masks; without them the own-hot-area removal is in interventions.parquet only
-    obj = v.rate("object") if c is not None and c.masked else math.nan
+    obj = v.object_rate() if c is not None and c.masked else math.nan
     return {"flip_rate_cue": or_none(cue), "flip_rate_object": or_none(obj),
-            "flip_rate_background": or_none(v.rate("background")), "cue_region": v.cue_region,
+            "flip_rate_background": or_none(v.background_rate()), "cue_region": v.cue_region,
             "n_intervened": int(c.n) if c is not None else 0}
 
 
@@ -173,7 +173,7 @@ def interventions_table(results: list, causal):
                          "cluster": cluster, "test": t.test, "place": t.place,
                          "box": None if t.box is None else [float(v) for v in t.box], "fill": t.fill,
                          "n": t.n, "flip_rate": or_none(t.flip_rate),
-                         "flip_rate_others": or_none(others_rate(t, others)) if t.test in ("region", "transform") else None,
+                         "flip_rate_others": or_none(others_rate(t, others)) if t.spec.is_place or t.spec.is_transform else None,
                          "area": or_none(t.area), "transplant_rate": or_none(t.transplant),
                          "transplant_n": t.transplant_n})
     schema = arrow_schema("interventions")

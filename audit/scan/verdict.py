@@ -24,12 +24,10 @@ from dataclasses import dataclass
 
 from audit.scan.config import BORDER_AREA, DEFAULT, Config
 from audit.scan.features import GroupFeatures, Place
-from audit.scan.intervene import MIN_SAMPLE, CausalResult, PlaceFlip
-from audit.scan.robust import PLACE_SHARE_LOW, fixed_place_score
-from audit.scan.transplant import MIN_RECIPIENTS
+from audit.scan.probes import CausalResult, PlaceFlip, Where
+from audit.scan.probes.background import OtherBackground
+from audit.scan.robust import fixed_place_score
 from audit.scan.values import clip01, finite, pct
-
-FLAT = "background:flat"  # the flat grey background transform
 
 
 @dataclass
@@ -51,9 +49,13 @@ class Verdict:
     evidence: str = ""
     untested: bool = False  # causal tests ran for the scan but not for this group (cost budget)
 
-    def rate(self, test: str) -> float:
-        """Flip rate of a test (``object``, ``background``) or NaN."""
-        return self.causal.rate(test) if self.causal is not None else math.nan
+    def object_rate(self) -> float:
+        """Flip rate of the object test, or NaN."""
+        return self.causal.object_rate() if self.causal is not None else math.nan
+
+    def background_rate(self) -> float:
+        """Flip rate of the background tests (the smaller), or NaN."""
+        return self.causal.background_rate() if self.causal is not None else math.nan
 
     @property
     def suspected(self) -> bool:
@@ -93,10 +95,10 @@ class _Candidate:
     place: Place
 
 
-def best_place(f: GroupFeatures) -> _Candidate:
+def best_place(f: GroupFeatures, cfg: Config = DEFAULT) -> _Candidate:
     """The strongest candidate cue place (named regions, the border, a fixed place)."""
     cands = [_Candidate(place_score(p.share, p.area), p) for p in f.places]
-    fixed = fixed_place_score(f.peak_place)
+    fixed = fixed_place_score(f.peak_place, cfg)
     cands.append(_Candidate(fixed, Place("fixed", "fixed place", box=f.hot_box)))
     # ties: a named region first (the user's hypothesis), then a fixed place, then the border
     rank = {"region": 0, "fixed": 1, "border": 2}
@@ -126,7 +128,7 @@ class Attention:
 def attention(f: GroupFeatures, cfg: Config = DEFAULT) -> Attention:
     """The attention suspicion of a group and its attention cue (see docs/scan.md, "Attention")."""
     m = f.means
-    best = best_place(f)
+    best = best_place(f, cfg)
     s_diffuse = diffuse_score(m["entropy"], m["concentration"])
     masked = f.n_masked >= cfg.mask_min_n and f.n_masked >= cfg.mask_min_frac * f.n
     s = off_object_score(m["energy_object"], m["pointing_hit"]) if masked else max(best.score, s_diffuse)
@@ -159,7 +161,7 @@ class CueFinding:
 def transplant_refutes(t: PlaceFlip, cfg: Config = DEFAULT) -> bool:
     """The place flipped the class, but pasted into other classes' images it turns fewer than
     ``transplant_min`` of them into the class: the fill, not the place, changed the predictions."""
-    return t.test == "region" and finite(t.transplant) and t.transplant_n >= MIN_RECIPIENTS \
+    return t.spec.is_place and finite(t.transplant) and t.transplant_n >= cfg.min_recipients \
         and t.transplant < cfg.transplant_min
 
 
@@ -181,16 +183,16 @@ def place_eligible(t: PlaceFlip, causal: CausalResult, cfg: Config, density: dic
     transforms count at all is :func:`transforms_count`.  A rate on fewer
     than ``min_tested`` images never counts.
     """
-    if not finite(t.flip_rate) or t.n < max(MIN_SAMPLE, cfg.min_tested):
+    if not finite(t.flip_rate) or t.n < max(cfg.min_rate_n, cfg.min_tested):
         return False
-    if t.test == "transform":  # judged as a whole: transforms_count()
+    if t.spec.is_transform:  # judged as a whole: transforms_count()
         return True
     if causal.masked:
         crowded = density is not None and density.get(t.place, 0.0) >= cfg.absence_density_max
         return not (causal.absence and crowded)
-    if t.place.startswith("region:"):  # the user's own hypothesis, whatever its size
+    if t.where is Where.REGION:  # the user's own hypothesis, whatever its size
         return True
-    if t.place == "hot area":
+    if t.where is Where.HOT:
         return fixed_mark(t, cfg, fixed_hot) and finite(t.others_same)
     return not (finite(t.area) and t.area > cfg.max_cue_area)
 
@@ -198,7 +200,8 @@ def place_eligible(t: PlaceFlip, causal: CausalResult, cfg: Config, density: dic
 def fixed_mark(t: PlaceFlip, cfg: Config, fixed_hot: bool) -> bool:
     """The group's hot area may be a mark: its peaks sit at one place (``fixed_hot``) and the area
     covers at most ``hot_cue_max_area`` of the image."""
-    return t.place == "hot area" and fixed_hot and finite(t.area) and t.area <= cfg.hot_cue_max_area
+    return t.spec.is_place and t.where is Where.HOT and fixed_hot and finite(t.area) \
+        and t.area <= cfg.hot_cue_max_area
 
 
 def transforms_count(causal: CausalResult, others: dict, cfg: Config = DEFAULT) -> list:
@@ -208,7 +211,7 @@ def transforms_count(causal: CausalResult, others: dict, cfg: Config = DEFAULT) 
     masks) must flip at most ``object_flip_max`` (a model that decides by the
     object may still stumble on a transformed background).  The background
     transforms (texture, flat) count only when the flat grey background
-    (:data:`FLAT`, the object spared) is a cue by itself, scoring at least
+    (the control probe, the object spared) is a cue by itself, scoring at least
     0.5 in :func:`place_flip_score`: a class the model says when nothing else
     is there flips when an edit brings in another class's evidence (the
     seams of a spared area), but rarely when its background merely goes
@@ -219,14 +222,14 @@ def transforms_count(causal: CausalResult, others: dict, cfg: Config = DEFAULT) 
     Returns:
         The :class:`PlaceFlip` s of the transforms that count.
     """
-    fo = causal.rate("object")
+    fo = causal.object_rate()
     if not (finite(fo) and fo <= cfg.object_flip_max):
         return []
-    flat = causal.get("transform", FLAT)
-    flat_ok = flat is not None and flat.n >= max(MIN_SAMPLE, cfg.min_tested) and \
-        place_flip_score(flat.flip_rate, others.get(FLAT, math.nan), cfg) >= 0.5
+    flat = causal.first("control")
+    flat_ok = flat is not None and flat.n >= max(cfg.min_rate_n, cfg.min_tested) and \
+        place_flip_score(flat.flip_rate, others.get(flat.place, math.nan), cfg) >= 0.5
     # the flat background is a control, never a cue: it also cuts into an object larger than the spared area
-    return [t for t in causal.transforms if t.place != FLAT and (flat_ok or not t.place.startswith("background:"))]
+    return [t for t in causal.transforms if not t.spec.control and (flat_ok or not t.spec.background_only)]
 
 
 def place_flip_score(flip: float, others: float, cfg: Config = DEFAULT) -> float:
@@ -244,7 +247,7 @@ def place_flip_score(flip: float, others: float, cfg: Config = DEFAULT) -> float
 def others_rate(t: PlaceFlip, others: dict) -> float:
     """The place's flip rate on the other classes: the same box on their images when the transplant
     measured it (the hot area differs from class to class), else the median over their own samples."""
-    if t.place == "hot area" and finite(t.others_same):
+    if t.where is Where.HOT and finite(t.others_same):
         return t.others_same
     return others.get(t.place, math.nan)
 
@@ -268,7 +271,7 @@ def causal_cue(causal: CausalResult | None, others: dict | None = None, cfg: Con
     others = others or {}
     tests = causal.places + transforms_count(causal, others, cfg)
     whole = cfg.replace(cue_flip_min=cfg.image_flip_min)  # an edit of the object too needs more flips
-    cands = [(place_flip_score(t.flip_rate, others_rate(t, others), whole if t.place.startswith("image:") else cfg), t)
+    cands = [(place_flip_score(t.flip_rate, others_rate(t, others), whole if t.spec.whole_image else cfg), t)
              for t in tests if place_eligible(t, causal, cfg, density, fixed_hot)]
     refuted = [c for c in cands if c[0] >= 0.5 and transplant_refutes(c[1], cfg)]
     cands = [c for c in cands if not transplant_refutes(c[1], cfg)]
@@ -278,9 +281,8 @@ def causal_cue(causal: CausalResult | None, others: dict | None = None, cfg: Con
     strong = [c for c in cands if c[0] >= 0.5]
     # a named region first (the user's hypothesis), then the smallest place of the fixed bank, then
     # the hot area (it follows the attention, the bank names the place), then a background transform
-    best = min(strong, key=lambda c: (not c[1].place.startswith("region:"), c[1].test == "transform",
-                                      c[1].place == FLAT, c[1].place == "hot area", c[1].place.startswith("border:"),
-                                      c[1].area, -c[0])) \
+    best = min(strong, key=lambda c: (c[1].where is not Where.REGION, c[1].spec.is_transform, c[1].spec.control,
+                                      c[1].where is Where.HOT, c[1].where is Where.BORDER, c[1].area, -c[0])) \
         if strong else max(cands, key=lambda c: c[0])
     s, t = best
     return CueFinding(s, t, others_rate(t, others), strongest_refuted)
@@ -296,10 +298,11 @@ def background_score(causal: CausalResult | None, cfg: Config = DEFAULT) -> floa
     """
     if causal is None:
         return 0.0
-    fo, fb = causal.rate("object"), causal.rate("background")
+    fo, fb = causal.object_rate(), causal.background_rate()
     need = cfg.background_flip_min
     if not causal.masked:
-        fb, need = causal.rate("transplant", "background"), cfg.background_transplant_min
+        tb = causal.background_transplant()
+        fb, need = (tb.flip_rate if tb is not None else math.nan), cfg.background_transplant_min
     if not (finite(fo) and finite(fb)):
         return 0.0
     return clip01(0.5 * min((1.0 - fo) / (1.0 - cfg.object_flip_max), fb / need))
@@ -320,30 +323,26 @@ def _insufficient(f: GroupFeatures, cfg: Config, causal) -> Verdict:
     return Verdict(causal=causal, evidence=f"Only {why}; {cfg.min_images} are needed for a verdict.")
 
 
-def _cue_name(place: str) -> str:
+def _cue_name(t: PlaceFlip) -> str:
     """The ``cue`` for a place test: every border band is ``border``; the hot area of a group whose
-    peaks sit at one place ``fixed place``; a background transform ``background texture``,
-    ``background`` (flat) or ``colour cast``; others keep their name."""
-    if place == "hot area":
+    peaks sit at one place ``fixed place``; a transform its probe's ``cue`` (``background texture``,
+    ``colour cast``...); others keep their name."""
+    if t.spec.is_transform:
+        return t.spec.cue
+    if t.where is Where.HOT:
         return "fixed place"
-    if place == FLAT:
-        return "background"
-    if place == "image:colour":
-        return "colour cast"
-    if place.startswith("background:"):
-        return place.replace(":", " ")
-    return "border" if place.startswith("border:") else place
+    return "border" if t.where is Where.BORDER else t.place
 
 
 def _background_place(t: PlaceFlip, s_bg: float, cfg: Config, fixed_hot: bool = False) -> bool:
     """A flipping place that is really the background: the background test flags too and the place
     is the group's hot area or larger than ``max_cue_area`` (with masks: everything around the object).
     A small hot area where the group's peaks sit at one place (``fixed_hot``) keeps its name: a mark."""
-    if t.place.startswith("region:") or t.test == "transform":  # these keep their names
+    if t.where is Where.REGION or t.spec.is_transform:  # these keep their names
         return False
     if fixed_mark(t, cfg, fixed_hot):
         return False
-    return s_bg >= cfg.threshold and (t.place == "hot area" or (finite(t.area) and t.area > cfg.max_cue_area))
+    return s_bg >= cfg.threshold and (t.where is Where.HOT or (finite(t.area) and t.area > cfg.max_cue_area))
 
 
 def assess(f: GroupFeatures, cfg: Config = DEFAULT, causal: CausalResult | None = None,
@@ -374,14 +373,14 @@ def assess(f: GroupFeatures, cfg: Config = DEFAULT, causal: CausalResult | None 
     if not has_causal(causal):
         res.suspicion = att.score if attention_decides else min(att.score, cfg.threshold - 0.01)
     else:
-        fixed_hot = f.peak_place.share_low >= PLACE_SHARE_LOW
+        fixed_hot = f.peak_place.share_low >= cfg.place_share_low
         finding = causal_cue(causal, others, cfg, density, fixed_hot)
         s_bg = background_score(causal, cfg)
         res.cue_flip, res.cue_others, res.refuted = finding.flip, finding.others, finding.refuted
         res.suspicion = max(finding.score, s_bg)
         if finding.score >= cfg.threshold and not _background_place(finding.flip, s_bg, cfg, fixed_hot):
             t = finding.flip
-            res.cue, res.cue_kind, res.cue_region = _cue_name(t.place), "place", t.place
+            res.cue, res.cue_kind, res.cue_region = _cue_name(t), "place", t.place
             res.cue_box = list(t.box) if t.box is not None else None
         elif s_bg >= cfg.threshold:
             res.cue, res.cue_kind, res.cue_region, res.cue_box = "background", "background", "background", None
@@ -412,7 +411,7 @@ def _where(f: GroupFeatures, att: Attention) -> str:
     return ""
 
 
-def attention_text(f: GroupFeatures, att: Attention) -> str:
+def attention_text(f: GroupFeatures, att: Attention, cfg: Config = DEFAULT) -> str:
     """What the heatmaps show, in words that agree with each other."""
     m = f.means
     where = _where(f, att)
@@ -429,47 +428,23 @@ def attention_text(f: GroupFeatures, att: Attention) -> str:
     if where:
         return where
     pp = f.peak_place
-    if pp.share_low >= PLACE_SHARE_LOW:  # a fixed place near the centre: the place score leaves it out
+    if pp.share_low >= cfg.place_share_low:  # a fixed place near the centre: the place score leaves it out
         return (f"{pct(pp.share)} of the peaks stay within {pp.radius:.2f} of one place (x={pp.x:.2f}, "
                 f"y={pp.y:.2f}) near the image centre")
     return (f"no region, the border or a fixed place dominates the attention ({pct(pp.share)} of the "
             f"peaks within {pp.radius:.2f} of the most common place, {pp.n} maps)")
 
 
-MENTION_FLIP = 0.2  # a place that flips less than this is not worth a mention in the evidence
-
-
-def _fill_words(fill: str) -> str:
-    return {"mean": "mean-colour fill", "blur": "blur fill", "inpaint": "inpainted",
-            "fine-blur": "a fine blur, the object spared",
-            "colour-levels": "grey-world colours at the dataset's brightness and contrast",
-            "flat-grey": "the object spared",
-            "other-background": "another class's background", "neutral": "a neutral colour"}.get(fill, fill)
-
-
-def causal_text(res: Verdict) -> str:
+def causal_text(res: Verdict, cfg: Config = DEFAULT) -> str:
     """What the interventions showed: the object and background tests, and the strongest place."""
     c = res.causal
     parts = []
-    o = c.get("object") if c is not None else None
-    bgs = [t for t in c.tests if t.test == "background" and finite(t.flip_rate)] if c is not None else []
+    o = c.object() if c is not None else None
     if o is not None and finite(o.flip_rate):
-        what = "the object" if o.place == "object" else "each image's own hot area"
-        s = f"removing {what} (inpainted) changes {pct(o.flip_rate)} of {o.n} predictions"
-        if bgs:
-            s += ", replacing the background by " + " or ".join(
-                f"{_fill_words(b.fill)} {pct(b.flip_rate)}" for b in bgs)
-        tb = c.get("transplant", "background")
-        if tb is not None and finite(tb.flip_rate):
-            s += (f", and its backgrounds pasted around the hot areas of {tb.n} images of other classes turn "
-                  f"{pct(tb.flip_rate)} of them into this class")
-        parts.append(s)
+        parts.append(_object_words(c, o))
     t = res.cue_flip
-    if t is not None and finite(t.flip_rate) and (res.cue_kind == "place" or t.flip_rate >= MENTION_FLIP):
-        verb = {"background:texture": "blurring the background", "image:colour": "recolouring the image",
-                FLAT: "making the background flat grey"}
-        s = (f"{verb.get(t.place, f'occluding {t.place}')} ({_fill_words(t.fill)}) changes {pct(t.flip_rate)} "
-             f"of {t.n} predictions")
+    if t is not None and finite(t.flip_rate) and (res.cue_kind == "place" or t.flip_rate >= cfg.mention_flip):
+        s = f"{t.spec.words(t)} changes {pct(t.flip_rate)} of {t.n} predictions"
         if finite(res.cue_others):
             s += f" ({pct(res.cue_others)} for the other classes)"
         if finite(t.transplant):
@@ -477,10 +452,23 @@ def causal_text(res: Verdict) -> str:
         parts.append(s)
     r = res.refuted
     if r is not None and (t is None or r.place != t.place):
-        parts.append(f"occluding {r.place} ({_fill_words(r.fill)}) changes {pct(r.flip_rate)} of {r.n} predictions, "
+        parts.append(f"{r.spec.words(r)} changes {pct(r.flip_rate)} of {r.n} predictions, "
                      f"but pasted into {r.transplant_n} images of other classes it turns {pct(r.transplant)} into "
                      f"this class: the fill changed them, the place carries no cue")
     return "; ".join(parts)
+
+
+def _object_words(c: CausalResult, o: PlaceFlip) -> str:
+    """The object test, the background tests beside it, and (without masks) the background transplant."""
+    s = f"{o.spec.words(o)} changes {pct(o.flip_rate)} of {o.n} predictions"
+    bgs = [t for t in c.tests if t.spec.replaces_background and finite(t.flip_rate)]
+    if bgs:
+        s += ", replacing the background by " + " or ".join(f"{b.spec.fill_text} {pct(b.flip_rate)}" for b in bgs)
+    tb = c.background_transplant()
+    if tb is not None and finite(tb.flip_rate):
+        s += (f", and its backgrounds pasted around the hot areas of {tb.n} images of other classes turn "
+              f"{pct(tb.flip_rate)} of them into this class")
+    return s
 
 
 def _conclusion(res: Verdict, att: Attention, cfg: Config) -> str:
@@ -488,16 +476,16 @@ def _conclusion(res: Verdict, att: Attention, cfg: Config) -> str:
         return " - not tested by intervention (cost budget), and attention alone is not a verdict"
     if not has_causal(res.causal):
         return " - attention only, no causal test was run" if res.suspected else ""
-    if res.suspected and res.cue_kind == "place" and res.cue_region.startswith(("background:", "image:")):
+    if res.suspected and res.cue_kind == "place" and res.cue_flip.spec.is_transform:
         return f" - the decision rests on the {res.cue}, not on the object"
     if res.suspected and res.cue_kind == "place":
-        where = res.cue_region if res.cue_region != "hot area" else \
+        where = res.cue_region if res.cue_flip.where is not Where.HOT else \
             "one fixed place (the class's hot area, box " + ", ".join(f"{v:.2f}" for v in res.cue_box or ()) + ")"
         return f" - the decision rests on {where}, away from the object"
     if res.suspected:
         return " - the decision rests on the background, not on the object"
-    other_bg = [t.flip_rate for t in res.causal.tests if t.fill == "other-background" and finite(t.flip_rate)]
-    if finite(res.rate("object")) and res.rate("object") <= cfg.object_flip_max and other_bg \
+    other_bg = [t.flip_rate for t in res.causal.tests if isinstance(t.spec, OtherBackground) and finite(t.flip_rate)]
+    if finite(res.object_rate()) and res.object_rate() <= cfg.object_flip_max and other_bg \
             and other_bg[0] >= cfg.background_flip_min:
         return (" - removing the object changes nothing and only another class's background flips it:"
                 " the model says this class when the other classes' cues are absent")
@@ -508,8 +496,8 @@ def _conclusion(res: Verdict, att: Attention, cfg: Config) -> str:
 
 def evidence(f: GroupFeatures, att: Attention, res: Verdict, cfg: Config = DEFAULT) -> str:
     """One human sentence: the attention, the causal tests, and what they mean together."""
-    parts = [attention_text(f, att)]
-    ct = causal_text(res)
+    parts = [attention_text(f, att, cfg)]
+    ct = causal_text(res, cfg)
     if ct:
         parts.append(ct)
     text = "; ".join(parts) + _conclusion(res, att, cfg)

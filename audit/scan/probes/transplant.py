@@ -14,7 +14,7 @@ the turns beyond the control count, so a default class (the one the model
 says when a patch hides another class's evidence) does not pass for a cue.
 
 Without masks the same is done with a class's whole **background**
-(:func:`transplant_background`): everything outside each image's own hot
+(:class:`BackgroundTransplant`): everything outside each image's own hot
 area (its object, as far as the heatmap tells) is pasted around the
 recipients' own hot areas.  A class decided by its background texture turns
 the other classes' images into itself; a healthy class, whose background is
@@ -29,11 +29,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-TRANSPLANT_FROM = 0.4  # a place is transplanted when its occlusion flipped at least this share of the sample
-MAX_TRANSPLANT = 3  # at most this many places per sample (the most flipping, the smallest first)
-RECIPIENTS = 16  # images of other classes that receive each place
-MIN_RECIPIENTS = 8  # fewer: the transplant is not run (rate unknown)
-BACKGROUND_OBJECT_MAX = 0.5  # the background transplant runs only while removing the hot area flips at most this
+from audit.scan.config import DEFAULT, Config
+from audit.scan.probes.base import Family, PlaceFlip, Probe, Sample, Trial, Where, flipped, predict_chunks
+from audit.scan.probes.edits import occlude, paste, transform
 
 
 @dataclass(frozen=True)
@@ -54,12 +52,13 @@ class Recipients:
     keep: np.ndarray | None = None
     hot: np.ndarray | None = None
 
-    def for_class(self, target: int, k: int = RECIPIENTS) -> Recipients | None:
-        """The first ``k`` images not predicted as ``target`` (None when fewer than :data:`MIN_RECIPIENTS`)."""
+    def for_class(self, target: int, cfg: Config = DEFAULT) -> Recipients | None:
+        """The first ``cfg.recipients`` images not predicted as ``target`` (None when fewer than
+        ``cfg.min_recipients``)."""
         base = np.asarray(self.base)
         other = base != target if base.ndim == 1 else ~base[:, int(target)].astype(bool)
-        rows = np.nonzero(other)[0][:k]
-        if len(rows) < MIN_RECIPIENTS:
+        rows = np.nonzero(other)[0][:cfg.recipients]
+        if len(rows) < cfg.min_recipients:
             return None
         return Recipients(self.images[rows], base[rows], None if self.keep is None else self.keep[rows],
                           None if self.hot is None else self.hot[rows])
@@ -92,59 +91,46 @@ def turned_into(base, new, target: int) -> np.ndarray:
     return new[:, t].astype(bool) & ~base[:, t].astype(bool)
 
 
-def paste(images: np.ndarray, donors: np.ndarray, spots: np.ndarray) -> np.ndarray:
-    """Copies of ``images`` whose ``spots[j]`` pixels come from donor ``j % len(donors)`` (in turn)."""
-    out = images.copy()
-    for j in range(len(out)):
-        out[j][spots[j]] = donors[j % len(donors)][spots[j]]
-    return out
-
-
-def candidates(tests: list) -> list:
-    """The place tests worth a transplant: flipped at least :data:`TRANSPLANT_FROM` of a tested sample."""
-    from audit.scan.intervene import MIN_SAMPLE
-
-    found = [t for t in tests if t.test == "region" and len(t.flips) >= MIN_SAMPLE
-             and t.rate() >= TRANSPLANT_FROM]
+def candidates(trials: list, cfg: Config) -> list:
+    """The place trials worth a transplant: flipped at least ``cfg.transplant_from`` of a tested sample."""
+    found = [t for t in trials if len(t.flips) >= cfg.min_rate_n and t.rate() >= cfg.transplant_from]
     found.sort(key=lambda t: (-t.rate(), t.area))
-    return found[:MAX_TRANSPLANT]
+    return found[:cfg.max_transplant]
 
 
-def transplant_places(predict_fn, images: np.ndarray, tests: list, recipients: Recipients | None,
-                      target: int, chunk: int) -> dict:
-    """Transplant each candidate place of one sample into the recipients.
+def transplant_places(predict_fn, trials: list, s: Sample, cfg: Config, chunk: int) -> dict:
+    """Transplant each candidate place of one sample into its recipients.
 
     Args:
         predict_fn: uint8 images -> predictions, as for the other tests.
-        images: the sample (N, H, W, C).
-        tests: the sample's running tests (``_Test`` of :mod:`audit.scan.intervene`), screened and run.
-        recipients: images of other classes (:meth:`Recipients.for_class`), or None.
-        target: the class id of the sample.
+        trials: the sample's place trials, screened and run.
+        s: the sample (``recipients`` and ``target``; nothing is done without them).
+        cfg: ``transplant_from``, ``max_transplant``, ``min_rate_n``.
         chunk: images per ``predict_fn`` call.
 
     Returns:
-        {id(test): :class:`Transplant`} for the candidate places that had donors.
+        {id(trial): :class:`Transplant`} for the candidate places that had donors.
     """
-    from audit.scan.intervene import flipped, occlude, predict_chunks
-
-    if recipients is None:
+    rec = s.recipients
+    if rec is None or s.target is None:
         return {}
     jobs = []
-    for t in candidates(tests):
+    for t in candidates(trials, cfg):
         rows = np.array(sorted(i for i, f in t.flips.items() if f), int)
         if not len(rows):
             continue
-        spots = recipients.spots(t.mask[rows])
-        jobs.append((t, paste(recipients.images, images[rows], spots), occlude(recipients.images, spots, t.fill)))
+        spots = rec.spots(t.mask[rows])
+        jobs.append((t, paste(rec.images, s.images[rows], spots), occlude(rec.images, spots, t.fill)))
     if not jobs:
         return {}
     preds = predict_chunks(predict_fn, [v for _, a, b in jobs for v in (a, b)], chunk)
     out = {}
+    target = int(s.target)
     for j, (t, _, _) in enumerate(jobs):
-        pasted = float(turned_into(recipients.base, preds[2 * j], target).mean())
-        control = float(turned_into(recipients.base, preds[2 * j + 1], target).mean())
-        changed = float(flipped(recipients.base, preds[2 * j + 1], np.full(len(preds[2 * j + 1]), target)).mean())
-        out[id(t)] = Transplant(max(0.0, pasted - control), len(recipients.images), pasted, control, changed)
+        pasted = float(turned_into(rec.base, preds[2 * j], target).mean())
+        control = float(turned_into(rec.base, preds[2 * j + 1], target).mean())
+        changed = float(flipped(rec.base, preds[2 * j + 1], np.full(len(preds[2 * j + 1]), target)).mean())
+        out[id(t)] = Transplant(max(0.0, pasted - control), len(rec.images), pasted, control, changed)
     return out
 
 
@@ -164,8 +150,6 @@ def transplant_background(predict_fn, images: np.ndarray, spare: np.ndarray, rec
     Returns:
         A :class:`Transplant`, or None without recipients or their kept areas.
     """
-    from audit.scan.intervene import predict_chunks, transform
-
     if recipients is None or recipients.hot is None or not len(images):
         return None
     where = recipients.spots(~np.asarray(spare, bool), avoid=recipients.hot)
@@ -175,3 +159,31 @@ def transplant_background(predict_fn, images: np.ndarray, spare: np.ndarray, rec
     p = float(turned_into(recipients.base, got, target).mean())
     c = float(turned_into(recipients.base, ctl, target).mean())
     return Transplant(max(0.0, p - c), len(recipients.images), p, c)
+
+
+class BackgroundTransplant(Probe):
+    """Without masks: the class's backgrounds pasted around other classes' own hot areas, while
+    removing the hot area changed little (at most ``cfg.background_object_max``)."""
+
+    name = "background-transplant"
+    family = Family.TRANSPLANT
+    where = Where.BACKGROUND
+    sufficiency = True
+
+    def follow_up(self, predict_fn, trials: list, s: Sample, cfg: Config, chunk: int) -> list[Trial]:
+        obj = next((t for t in trials if t.probe.removes_object), None)
+        if s.masks is not None or s.spare is None or s.recipients is None or s.target is None or obj is None \
+                or not obj.rate() <= cfg.background_object_max:
+            return []
+        tr = transplant_background(predict_fn, s.images, s.spare, s.recipients, int(s.target), chunk)
+        if tr is None:
+            return []
+        return [Trial(self, "background", None, "pasted", np.zeros(s.n, bool), transplant=tr, where=self.where)]
+
+    def result(self, t: Trial, s: Sample, cfg: Config) -> PlaceFlip:
+        tr = t.transplant
+        return PlaceFlip(self.family.value, t.place, None, t.fill, tr.n, tr.rate, t.area, tr.rate, tr.n,
+                         probe=self.name, where=t.where, k=int(round(tr.rate * tr.n)))
+
+    def words(self, t) -> str:
+        return f"its backgrounds pasted around the hot areas of {t.n} images of other classes"

@@ -1,0 +1,99 @@
+"""Run every probe on one sample: screening, the rest, the follow-ups.
+
+All edits of a stage are stacked and predicted in chunks, so a class's whole
+bank costs one batched pass over ``sample x tests`` images.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from audit.scan.config import DEFAULT, Config
+from audit.scan.probes.base import CausalResult, Sample, flipped, predict_chunks
+
+CHUNK = 256  # images per predict call (a speed setting, not a threshold)
+
+
+class _Runner:
+    """Edits and predicts the selected images of the trials of one sample, stage by stage."""
+
+    def __init__(self, predict_fn, s: Sample, chunk: int):
+        self.predict_fn, self.s, self.chunk = predict_fn, s, chunk
+        self.base = None if s.base_pred is None else np.asarray(s.base_pred)
+        self.known = np.full(s.n, s.base_pred is not None)
+
+    def stage(self, trials: list, selections: list) -> None:
+        """Predict the unmodified images that are needed and not known, then every trial's edits."""
+        need = np.logical_or.reduce(selections) & ~self.known if selections else np.zeros(0, bool)
+        if need.any():
+            pred = np.asarray(self.predict_fn(self.s.images[need]))
+            if self.base is None:
+                self.base = np.zeros((self.s.n, *pred.shape[1:]), pred.dtype)
+            self.base[need] = pred
+            self.known |= need
+        jobs = [(t, np.nonzero(sel)[0]) for t, sel in zip(trials, selections) if sel.any()]
+        if not jobs:
+            return
+        preds = predict_chunks(self.predict_fn, [t.probe.edit(t, self.s, rows) for t, rows in jobs], self.chunk)
+        cls = self.s.classes
+        for (t, rows), pred in zip(jobs, preds):
+            f = flipped(self.base[rows], pred, None if cls is None else cls[rows])
+            t.flips.update(zip(rows.tolist(), f.tolist()))
+
+
+def go_on(trials: list, cfg: Config) -> list[bool]:
+    """Which trials go on to the rest of the sample after the screening: each probe's own rule
+    (:meth:`audit.scan.probes.base.Probe.go_on`); the object test when a background test or a
+    transform goes on (a transform counts only while removing the object changes little)."""
+    go = [None if t.probe.follows_others else t.probe.go_on(t, trials, cfg) for t in trials]
+    others = any(g for t, g in zip(trials, go) if t.probe.replaces_background or t.probe.is_transform)
+    return [others if g is None else g for g in go]
+
+
+def causal_tests(predict_fn, s: Sample, cfg: Config = DEFAULT, probes=None, chunk: int = CHUNK) -> CausalResult:
+    """Run every probe of the registry on one sample.
+
+    Every trial is screened first on the sample's first ``cfg.screen`` images;
+    only a trial that may still matter goes on to the rest (a place that flips
+    nothing on 8 images is no cue, and most places of most classes flip
+    nothing), then the follow-ups (the transplants) run.  A healthy class then
+    costs about ``screen x tests`` forward passes instead of ``sample x tests``.
+
+    Args:
+        predict_fn: uint8 images (N, H, W, C) -> predictions (N,) class ids, or (N, C) bool.
+        s: the :class:`Sample`.
+        cfg: the thresholds (``screen``, ``screen_min``, ``fill``, ``min_rate_n``...).
+        probes: the probes to run (default: the registry, :data:`audit.scan.probes.PROBES`).
+        chunk: images per ``predict_fn`` call.
+
+    Returns:
+        A :class:`CausalResult`; a rate is NaN with fewer than ``cfg.min_rate_n`` testable images.
+    """
+    from audit.scan.probes import PROBES
+
+    probes = list(PROBES.values()) if probes is None else list(probes)
+    s.cfg = cfg
+    trials = [t for p in probes for t in p.trials(s, cfg)]
+    n = s.n
+    first = np.arange(n) < (cfg.screen if 0 < cfg.screen < n else n)
+    run = _Runner(predict_fn, s, chunk)
+    run.stage(trials, [t.sel & first for t in trials])  # stage 1: every trial on the first images
+    rest = [t.sel & ~first if g else np.zeros(n, bool) for t, g in zip(trials, go_on(trials, cfg))]
+    run.stage(trials, rest)  # stage 2: the promising trials on the rest
+    for p in probes:  # stage 3: the follow-ups (do the flipping places carry the class?)
+        trials += p.follow_up(predict_fn, trials, s, cfg, chunk)
+    out = CausalResult(n=n, masked=s.masks is not None, absence=s.masks is not None and not s.has_object.any())
+    out.tests = [t.probe.result(t, s, cfg) for t in trials]
+    return out
+
+
+def extra_forwards(n: int, n_places: int, masked: bool, cfg: Config = DEFAULT, probes=None) -> int:
+    """Forward passes :func:`causal_tests` costs for a sample of ``n``, planned: every probe's trials on
+    the screening images (:meth:`~audit.scan.probes.base.Probe.planned`) and the base, and the base and
+    about ``cfg.promising`` trials on the rest."""
+    from audit.scan.probes import PROBES
+
+    probes = list(PROBES.values()) if probes is None else list(probes)
+    k = min(n, cfg.screen) if cfg.screen > 0 else n
+    per = sum(p.planned(masked, n_places) for p in probes)
+    return k * (1 + per) + (n - k) * (1 + min(cfg.promising, n_places))
