@@ -15,7 +15,7 @@ clustered in four steps:
 2. :func:`affinity`: a symmetric k-nearest-neighbour graph of the
    prototypes (scikit-learn ``NearestNeighbors``; k = sqrt(m) clipped to
    5..15), Gaussian weights with the median neighbour distance as width,
-   weights below :data:`EDGE_FLOOR` dropped, and every prototype its own
+   weights below ``floor`` (``Config.edge_floor``) dropped, and every prototype its own
    neighbour (weight 1), so that a tight group of maps far from the rest is
    a part of its own, even a single prototype.
 3. :func:`laplacian_eigs` and :func:`eigengap_k`: the smallest eigenvalues
@@ -43,8 +43,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-EDGE_FLOOR = 1e-4  # affinities below this are no edge: the parts they would join are apart
-NEAR_ZERO = 1e-3  # a Laplacian eigenvalue below this is a part of the graph barely joined to the rest
+from audit.scan.config import Config
+
 _BATCH = 4096
 
 
@@ -180,11 +180,11 @@ def _prototype_means(X: np.ndarray, assign: np.ndarray, m: int) -> Prototypes:
     return Prototypes(centres.astype(np.float32), w.astype(np.int64), assign)
 
 
-def affinity(C: np.ndarray, n_neighbors: int | None = None):
+def affinity(C: np.ndarray, n_neighbors: int | None = None, floor: float = Config.edge_floor):
     """Symmetric k-nearest-neighbour affinity of the rows of ``C`` (sparse CSR, diagonal 1).
 
     Gaussian weights ``exp(-(d / sigma)^2)`` with ``sigma`` the median
-    distance to the neighbours; weights below :data:`EDGE_FLOOR` dropped.
+    distance to the neighbours; weights below ``floor`` dropped.
     """
     from scipy.sparse import identity
     from sklearn.neighbors import NearestNeighbors
@@ -199,7 +199,7 @@ def affinity(C: np.ndarray, n_neighbors: int | None = None):
     med = float(np.median(d)) if len(d) else 0.0
     sigma = med if med > 0 else 1.0
     G.data = np.exp(-((d / sigma) ** 2))
-    G.data[G.data < EDGE_FLOOR] = 0.0
+    G.data[G.data < floor] = 0.0
     A = G.maximum(G.T).tocsr()
     A.setdiag(1.0)
     A.eliminate_zeros()
@@ -255,19 +255,20 @@ def laplacian_eigs(A, k: int, vectors: bool = False):
     return (lam[order], np.concatenate(vecs, axis=1)[:, order]) if vectors else lam[order]
 
 
-def eigengap_k(eigvals, max_k: int, min_gap: float = 0.1, parts: int = 1) -> int:
+def eigengap_k(eigvals, max_k: int, min_gap: float = 0.1, parts: int = 1,
+               near_zero: float = Config.near_zero) -> int:
     """Number of clusters from the smallest Laplacian eigenvalues (ascending).
 
     The eigengap heuristic: ``k = argmax_{1 <= k <= max_k} (lambda_k -
     lambda_{k-1})`` (0-based), or 1 when that largest gap is below
     ``min_gap``; but never fewer than ``parts``, the graph's (nearly)
     disconnected parts (each has an eigenvalue of (nearly) 0, below
-    :data:`NEAR_ZERO`: a tight minority strategy is one even
+    ``near_zero`` (``Config.near_zero``): a tight minority strategy is one even
     when the rest of the class varies so smoothly that no large gap stands
     out), and never more than ``max_k``.
     """
     lam = np.sort(np.asarray(eigvals, np.float64))
-    parts = max(parts, int((lam[:max_k] < NEAR_ZERO).sum()))
+    parts = max(parts, int((lam[:max_k] < near_zero).sum()))
     top = int(min(max_k, len(lam) - 1))
     if top < 2:
         return max(1, min(parts, max_k))

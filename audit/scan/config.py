@@ -29,6 +29,8 @@ class Config:
     merge_radius: float = 0.1  # clustering: maps closer than this (Hellinger) count as one prototype
     max_prototypes: int = 2000  # clustering: most prototypes per class (all maps join one)
     grid: int = 16  # mean maps are stored at grid x grid; clustering uses grid/2
+    edge_floor: float = 1e-4  # clustering: affinities below this are no edge (the parts they would join are apart)
+    near_zero: float = 1e-3  # clustering: a Laplacian eigenvalue below this is a part barely joined to the rest
     # ---- where the peaks sit (robust.py)
     place_radius: float = 0.05  # a peak this close to the modal place is at it (fraction of the side) ...
     place_radius_cells: float = 0.75  # ... but never less than this many map cells (coarse maps)
