@@ -168,7 +168,7 @@ class CueWorker:
 
     def inputs(self, good) -> CueInputs:
         """The images of ``good`` (records with maps) at the model input, their objects, maps and spared areas."""
-        from audit.scan.intervene import Levels, spare_masks
+        from audit.scan.probes.edits import Levels, spare_masks
 
         size = self.intervener.size
         images, objects = self.intervener.load(good["image_id"].astype(str).tolist())

@@ -86,7 +86,7 @@ def _fill_of(tests_df, class_id: int, place: str) -> str:
 
 def place_pixels(cue: Cue, size, regions=None) -> np.ndarray | None:
     """(H, W) bool pixels of a place cue at ``size`` (the causal test's bank), None for other cues."""
-    from audit.scan.intervene import place_bank
+    from audit.scan.probes.places import place_bank
 
     if cue.kind != "place":
         return None
@@ -107,7 +107,7 @@ def cue_pixels(cue: Cue, size, *, regions=None, objects=None, spare=None, n: int
     A place: its pixels, less each image's object (``objects``) when masks
     are known; ``background``: everything but the object; ``background:*``:
     everything but the spared area (``spare``, see
-    :func:`audit.scan.intervene.spare_masks`); ``image:*``: the whole image.
+    :func:`audit.scan.probes.edits.spare_masks`); ``image:*``: the whole image.
     """
     H, W = int(size[0]), int(size[1])
     n = len(objects) if objects is not None else (len(spare) if spare is not None else n)
@@ -169,27 +169,28 @@ def cue_present(share: np.ndarray, decides: np.ndarray, area) -> np.ndarray:
 def remove_cue(images: np.ndarray, cue: Cue, pixels: np.ndarray, objects=None, levels=None) -> np.ndarray:
     """Copies of ``images`` (N, H, W, C) uint8 with the cue removed by the causal test's own edit.
 
-    A place: :func:`audit.scan.intervene.occlude` with the test's fill; the
-    background (masks): :func:`audit.scan.intervene.replace_background`
-    (neutral); a transform: :func:`audit.scan.intervene.transform` of
+    A place: :func:`audit.scan.probes.edits.occlude` with the test's fill; the
+    background (masks): :func:`audit.scan.probes.edits.replace_background`
+    (neutral); a transform: :func:`audit.scan.probes.edits.transform` of
     ``pixels`` with the test's kind (``levels``: the dataset's typical image).
     """
-    from audit.scan import intervene
+    from audit.scan.probes import PROBES
+    from audit.scan.probes import edits as intervene
 
     if cue.kind == "background":
         if objects is None:
             return np.array(images)
         return intervene.replace_background(images, objects, None)[0]
     if cue.kind == "transform":
-        kind = intervene.TRANSFORMS.get(cue.place, cue.fill)
+        kind = next((p.kind for p in PROBES.values() if p.is_transform and p.place == cue.place), cue.fill)
         return intervene.transform(images, pixels, kind, levels)
     fill = cue.fill if cue.fill in intervene.FILLS else "mean"
     return intervene.occlude(images, pixels, fill)
 
 
 def decides(base_pred, new_pred, classes=None) -> np.ndarray:
-    """(N,) bool: the prediction changed when the cue went (see :func:`audit.scan.intervene.flipped`)."""
-    from audit.scan.intervene import flipped
+    """(N,) bool: the prediction changed when the cue went (see :func:`audit.scan.probes.flipped`)."""
+    from audit.scan.probes import flipped
 
     return flipped(base_pred, new_pred, classes)
 
