@@ -297,7 +297,7 @@ def _pasted(worker, images, cues, target: Target, res: ExportResult, paste_n: in
         dx = worker.inputs(_with_maps(worker, d))
         px = worker.pixels(cue, rx)
         if cue.kind == "background":  # the recipient's object on a carrying image's background
-            from audit.scan.intervene import replace_background
+            from audit.scan.probes.edits import replace_background
 
             new = replace_background(rx.images, rx.objects, dx.images)[0] if rx.objects is not None else None
         else:

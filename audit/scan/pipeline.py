@@ -14,7 +14,7 @@
    (:mod:`audit.scan.cluster`), each described the same way, so that a
    strategy used by a minority of the class shows up;
 5. :func:`audit.scan.causal.run_tests`: the causal tests of every class and
-   of the clusters whose attention is suspect (:mod:`audit.scan.intervene`:
+   of the clusters whose attention is suspect (:mod:`audit.scan.probes`:
    remove the object, replace the background, occlude each place of a bank);
 6. :func:`judge`: the verdicts, from attention and causal evidence together
    (:func:`audit.scan.verdict.assess`); a suspect cluster makes its class
