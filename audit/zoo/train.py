@@ -54,7 +54,7 @@ class Built:
 
 
 def build_model(n_classes: int, binary: bool = False, name: str = "zoo", *, head: str = "",
-                arch: str = "cnn", side: int = 64):
+                arch: str = "cnn", side: int = 64, channels: int = 3):
     """A small classifier: the body ``arch`` (:data:`audit.zoo.cases.ARCHS`), its pooling and the output ``head``.
 
     ``cnn``: Conv-BN-ReLU x 4 (two 2x2 poolings: 16 x 16 maps at 64 x 64); ``shallow``: three of them
@@ -63,11 +63,12 @@ def build_model(n_classes: int, binary: bool = False, name: str = "zoo", *, head
     (4 x 4 maps), then Flatten instead of GAP (the output Dense reads every cell); ``gmp``: the
     ``cnn`` body and global max pooling; ``deep``: the ``cnn`` body with a third pooling and a fifth
     convolution, for larger images (16 x 16 maps at 128 x 128). ``head``: :data:`audit.zoo.cases.HEADS`
-    ("" is softmax, or sigmoid when ``binary``). ``side``: the input's height and width.
+    ("" is softmax, or sigmoid when ``binary``). ``side``: the input's height and width; ``channels``: its
+    channels (1 or 3).
     """
     import keras
 
-    inp = keras.Input((side, side, 3), name="image")
+    inp = keras.Input((side, side, channels), name="image")
     if arch == "mobile":
         x = _mobile_body(inp)
     elif arch == "resnet":
