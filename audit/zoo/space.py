@@ -102,7 +102,7 @@ class DrawnCase:
     object_size: tuple[int, int] = (16, 28)
     n_per_class: int = 100
     n_heldout: int = 30
-    epochs: int = 16
+    epochs: int = 24  # at most
 
     @property
     def name(self) -> str:
