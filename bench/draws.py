@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/draws.py --seeds 100-129       # the score that counts: fresh draws
     .venv/bin/python bench/draws.py --seeds 0-1           # the draws thresholds may be chosen on
+    .venv/bin/python bench/draws.py --seeds 100-129 --rescan    # the same records, the current scan
     .venv/bin/python bench/draws.py --seeds 100-129 --rescore   # score the last run's scans again
 
 For every seed: draw a case (:func:`audit.zoo.space.draw_case`: cue family,
@@ -96,19 +97,33 @@ def job_in_process(spec: dict) -> None:
         lock.release()
 
 
-def audit_case(case, built, out: Path, ray: bool = False):
-    """Run the job (in this process, or ``ray``: on the local Ray) and the scan; the scan's classes table."""
+def audit_case(case, built, out: Path, mode: str = "run"):
+    """Run the job and the scan; the scan's classes table.
+
+    ``mode``: ``run`` (the job in this process), ``ray`` (the job on the local Ray) or ``rescan``
+    (keep the job's records when they are there: only the scan again).
+    """
     from audit.runner.job import run_job
     from audit.scan.pipeline import scan
     from audit.zoo.learned import job_spec
 
-    shutil.rmtree(out, ignore_errors=True)
-    if ray:
-        run_job(job_spec(case, built, out), progress=False)
-    else:
-        job_in_process(job_spec(case, built, out))
+    if mode != "rescan" or not (out / "job.json").is_file():
+        shutil.rmtree(out, ignore_errors=True)
+        if mode == "ray":
+            run_job(job_spec(case, built, out), progress=False)
+        else:
+            job_in_process(job_spec(case, built, out))
     classes, _ = scan(out, quiet=True)
     return classes
+
+
+def start_ray() -> None:
+    """One private local Ray for every job of the run (``--ray``)."""
+    import ray
+
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
+             runtime_env={"env_vars": {"TF_CPP_MIN_LOG_LEVEL": "3"}})
 
 
 def details(o, case, built, classes_df) -> list[str]:
@@ -124,7 +139,7 @@ def details(o, case, built, classes_df) -> list[str]:
     return lines
 
 
-def run_one(seed: int, out_root: Path, rescore: bool, ray: bool = False):
+def run_one(seed: int, out_root: Path, mode: str = "run"):
     """(outcome, case line, detail lines) of one seed; None when it cannot be painted here."""
     import pandas as pd
 
@@ -139,7 +154,10 @@ def run_one(seed: int, out_root: Path, rescore: bool, ray: bool = False):
     t0 = time.time()
     built = ensure(case)
     out = out_root / case.name
-    classes = pd.read_parquet(out / "summary" / "classes.parquet") if rescore else audit_case(case, built, out, ray)
+    if mode == "rescore":
+        classes = pd.read_parquet(out / "summary" / "classes.parquet")
+    else:
+        classes = audit_case(case, built, out, mode)
     o = outcome(case, built, classes)
     verdict = "right" if not o.missed and not o.false_flags else "WRONG"
     line = (f"{case.name:>9}: {verdict:5} planted {','.join(o.planted) or '-'} partial {','.join(o.partial) or '-'} "
@@ -154,21 +172,25 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", default=f"{FRESH}-{FRESH + 29}", help="seeds to draw, e.g. 100-129 or 0-1,7")
     p.add_argument("--out", default=str(ROOT / "results" / "draws"), help="where the job outputs go")
-    p.add_argument("--rescore", action="store_true", help="run nothing: score the scans already under --out")
-    p.add_argument("--ray", action="store_true", help="run each job on a local Ray (as `audit run` does) instead "
-                   "of in this process")
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--rescore", action="store_true", help="run nothing: score the scans already under --out")
+    how.add_argument("--rescan", action="store_true", help="keep the jobs' records under --out, scan them again "
+                     "(after a change to the scan)")
+    how.add_argument("--ray", action="store_true", help="run each job on a local Ray (as `audit run` does) "
+                     "instead of in this process")
     a = p.parse_args(argv)
     try:
         seeds = seed_range(a.seeds)
     except ValueError:
         p.error(f"--seeds: expected e.g. 100-129 or 0-1,7, not {a.seeds!r}")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    if a.ray and not a.rescore:
+    mode = "rescore" if a.rescore else "rescan" if a.rescan else "ray" if a.ray else "run"
+    if a.ray:
         start_ray()
     t0 = time.time()
     outcomes, notes = [], []
     for s in seeds:
-        res = run_one(s, Path(a.out), a.rescore, a.ray)
+        res = run_one(s, Path(a.out), mode)
         if res is not None:
             outcomes.append(res[0])
             notes.extend(res[1])
