@@ -8,28 +8,16 @@ Per case, every class is one of:
 * **healthy**: no cue, or a cue the model ignored: a flag is a false flag.
 
 A case with no planted and no partial class is a *negative control*: any flag there is a false flag on
-a control. Per cue family, the planted classes of that family give its recall and the flags on classes
+a control. Intervals are the scan's own Wilson intervals (:func:`audit.scan.interval.wilson`). Per cue family, the planted classes of that family give its recall and the flags on classes
 of that family its precision (false flags on classes without a cue count under ``none``).
 """
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-Z95 = 1.959963984540054
-
-
-def wilson(k: int, n: int, z: float = Z95) -> tuple[float, float]:
-    """The Wilson score interval of ``k`` successes in ``n`` trials (``(nan, nan)`` when ``n`` is 0)."""
-    if n <= 0:
-        return float("nan"), float("nan")
-    p = k / n
-    den = 1 + z * z / n
-    mid = (p + z * z / (2 * n)) / den
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
-    return max(0.0, mid - half), min(1.0, mid + half)
+from audit.scan.interval import wilson
 
 
 @dataclass
