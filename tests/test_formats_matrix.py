@@ -25,7 +25,7 @@ from audit.engine.stats import stat_columns
 
 CLASSES = ("cat", "dog")
 N_PER_CLASS = 20  # the scan's smallest class (Config.min_images)
-FORMATS = ("folder", "manifest_mask", "manifest_box", "parquet", "tfrecord")
+FORMATS = ("folder", "manifest_mask", "manifest_box", "parquet", "tfrecord", "webdataset")
 
 
 def _images():
@@ -86,13 +86,39 @@ def _tfrecord(root: Path, rows) -> dict:
     return {"format": "tfrecord", "path": str(path)}
 
 
+def _webdataset(root: Path, rows) -> dict:
+    """Tar shards: ``cat/img_000.png`` is the sample ``cat/img_000`` (a key ends at the first dot)."""
+    import io
+    import tarfile
+
+    def add(tf, name, data):
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        tf.addfile(info, io.BytesIO(data))
+
+    (root / "wds").mkdir()
+    for part in range(2):
+        with tarfile.open(root / "wds" / f"part-{part}.tar", "w") as tf:
+            for iid, c, img, mask in rows[part::2]:
+                key = iid[: -len(".png")]
+                add(tf, f"{key}.png", h.encode_png(img))
+                add(tf, f"{key}.cls", CLASSES[c].encode())
+                add(tf, f"{key}.mask.png", h.encode_mask(mask))
+    return {"format": "webdataset", "path": str(root / "wds")}
+
+
+def _id(fmt: str, image_id: str) -> str:
+    """The folder's id of an image (a webdataset key has no extension)."""
+    return image_id + ".png" if fmt == "webdataset" else image_id
+
+
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("matrix")
     rows = _images()
     datasets_ = {"folder": _folder(root, rows), "manifest_mask": _manifest(root, rows, boxes=False),
                  "manifest_box": _manifest(root, rows, boxes=True), "parquet": _parquet(root, rows),
-                 "tfrecord": _tfrecord(root, rows)}
+                 "tfrecord": _tfrecord(root, rows), "webdataset": _webdataset(root, rows)}
     return {"root": root, "rows": rows, "model": h.make_model(root / "model.keras"), "datasets": datasets_}
 
 
@@ -115,7 +141,7 @@ def test_every_format_reads_the_same_items(workspace, fmt):
     for s in p.shards:
         for it in datasets.read_shard(d, s, p.classes):
             img, mask, _ = datasets.load_item(it, (h.SIZE, h.SIZE), 10**8)
-            got.append((it.image_id, it.label, img, mask))
+            got.append((_id(fmt, it.image_id), it.label, img, mask))
     assert p.classes == list(CLASSES) and p.total == len(workspace["rows"])
     want = {r[0]: r for r in workspace["rows"]}
     assert sorted(g[0] for g in got) == sorted(want)
@@ -150,8 +176,9 @@ def outputs(workspace):
     return {fmt: _audit(workspace, fmt) for fmt in FORMATS}
 
 
-def _records(out: Path):
+def _records(out: Path, fmt: str = "folder"):
     df = pq.read_table(out / "records").to_pandas()
+    df["image_id"] = [_id(fmt, i) for i in df.image_id]
     return df.sort_values(["image_id", "layer", "method"]).reset_index(drop=True)
 
 
@@ -165,7 +192,7 @@ def test_the_records_agree(outputs):
     assert len(ref) == 2 * N_PER_CLASS and (ref.status == "ok").all()
     assert ref.energy_object.notna().all() and ref.pointing_hit.notna().all()  # every image has its mask
     for fmt in FORMATS[1:]:
-        df = _records(outputs[fmt])
+        df = _records(outputs[fmt], fmt)
         assert df.image_id.tolist() == ref.image_id.tolist(), fmt
         assert df.label.tolist() == ref.label.tolist() and df.pred.tolist() == ref.pred.tolist(), fmt
         np.testing.assert_allclose(df.score, ref.score, rtol=1e-6, err_msg=fmt)

@@ -9,6 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from audit.data import datasets, identity
+from audit.data.formats import manifest
 from audit.errors import AuditError
 
 
@@ -132,9 +133,9 @@ def test_a_repeated_parquet_key_is_refused(tmp_path):
 
 
 def test_a_uri_manifest_entry_keeps_its_scheme_as_image_id():
-    item = datasets._manifest_item({"path": "s3://bucket/x/a.png", "label": "0"}, "/data", None, "mask")
+    item = manifest._manifest_item({"path": "s3://bucket/x/a.png", "label": "0"}, "/data", None, "mask")
     assert item.image_id == "s3://bucket/x/a.png" and item.file == "s3://bucket/x/a.png"
-    assert datasets._manifest_id("sub//b.png", "") == "sub/b.png"
+    assert manifest._manifest_id("sub//b.png", "") == "sub/b.png"
 
 
 # ----------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from audit.data import datasets, fs, io
+from audit.data import datasets, formats, fs, io
 from audit.data.identity import ShardIdentity, compare, identity_change, shard_identity
 from audit.errors import AuditError
 from audit.runner.job import run_job
@@ -42,7 +42,7 @@ def _ds(fmt, path, size=4, **kw):
 
 
 def _ids(ds):
-    datasets._class_listing.cache_clear()  # as resume does: the folder listing may be cached
+    formats.clear_caches()  # as resume does: the folder listing may be cached
     p = datasets.plan(ds)
     return p, [shard_identity(ds, s, p.classes) for s in p.shards]
 
@@ -197,7 +197,7 @@ def job(finished):
     work = finished["work"]
     shutil.rmtree(work)
     h.copy_tree(finished["copy"], work)
-    datasets._class_listing.cache_clear()  # listings of this folder cached by an earlier test
+    formats.clear_caches()  # listings of this folder cached by an earlier test
     identity.clear_cache()
     return work, finished["spec"], finished["summary"]
 

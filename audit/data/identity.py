@@ -8,7 +8,8 @@ last ``image_id`` and a SHA-256 of the input list.  ``--resume`` recomputes
 it for every committed shard from the new plan and compares
 (:func:`compare`).
 
-The input list hashed, per format (cheap: no image is read or decoded):
+The input list hashed, per format (cheap: no image is read or decoded; each
+format's module computes it, :meth:`audit.data.formats.DatasetFormat.identity`):
 
 * folder, manifest: in row order, each item's ``image_id``, path, label,
   box coordinates and mask file name (a manifest row's label, box or mask
@@ -30,143 +31,18 @@ An entry committed before ``content`` was recorded is checked on the rest.
 
 from __future__ import annotations
 
-import hashlib
-import itertools
-import os
-from dataclasses import asdict, dataclass
-from functools import lru_cache
-
-from audit.data import datasets, fs
-
-
-@dataclass(frozen=True)
-class ShardIdentity:
-    """What one shard holds (stored as ``identity`` in its manifest entry)."""
-
-    count: int
-    first: str | None
-    last: str | None
-    digest: str  # sha256 of the input list, hex
-    content: str | None = None  # sha256 of the (size, mtime) of each file read, hex; None: not recorded
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict | None) -> ShardIdentity | None:
-        if not d:
-            return None
-        return cls(int(d["count"]), d.get("first"), d.get("last"), str(d["digest"]), d.get("content"))
+from audit.data import datasets, formats
+from audit.data.formats.base import ShardIdentity, file_stat, object_stats  # noqa: F401  (public here)
 
 
 def shard_identity(ds: dict, shard: datasets.Shard, classes=None) -> ShardIdentity:
-    """The identity of ``shard`` of dataset ``ds`` (``spec["dataset"]``) as it is now."""
-    fmt = ds["format"]
-    if fmt == "parquet":
-        return _parquet_identity(ds, shard)
-    if fmt == "tfrecord":
-        return _tfrecord_identity(ds, shard)
-    h, files = hashlib.sha256(), hashlib.sha256()
-    n, first, last = 0, None, None
-    for item in datasets.read_shard(ds, shard, classes):
-        # repr: ids from odd file names may hold lone surrogates that .encode() refuses
-        row = (item.image_id, item.path, item.label, item.has_mask, item.error)
-        extra = (item.box, item.mask_file, item.mask_error)
-        # an item without box or mask hashes as before boxes were hashed: older outputs still resume
-        h.update(repr(row + extra if any(x is not None for x in extra) else row).encode())
-        files.update(repr((file_stat(item.file), file_stat(item.mask_file))).encode())
-        first = item.image_id if first is None else first
-        last = item.image_id
-        n += 1
-    return ShardIdentity(n, first, last, h.hexdigest(), files.hexdigest())
-
-
-def file_stat(path: str | None) -> tuple:
-    """(size, modification time in ns) of a local file or an object, without reading it.
-
-    One ``os.stat`` for a local file; for an object, its entry in a cached
-    listing of its folder (one request per folder, not one per object).
-    A file that cannot be stat'ed gives the reason instead (its read makes an
-    error row of it, and its coming back changes the identity).
-    """
-    if path is None:
-        return ()
-    if not fs.is_uri(path):
-        try:
-            st = os.stat(path)
-        except OSError as e:
-            return (type(e).__name__,)
-        return (st.st_size, st.st_mtime_ns)
-    folder, _, name = path.rpartition("/")
-    return _object_stats(folder).get(name, ("missing",))
-
-
-@lru_cache(maxsize=8)  # a shard's images share a folder or a few; a listing may hold 100k names
-def _object_stats(folder: str) -> dict[str, tuple]:
-    """name -> (size, mtime ns) of the objects directly in ``folder`` (one listing)."""
-    from pyarrow import fs as pafs
-
-    fsys, p = fs.resolve(folder)
-    try:
-        infos = fsys.get_file_info(pafs.FileSelector(p, recursive=False, allow_not_found=True))
-    except OSError as e:
-        fs.raise_storage(e, folder)
-    return {i.base_name: (i.size, i.mtime_ns) for i in infos if i.type == pafs.FileType.File}
+    """The identity of ``shard`` of dataset ``ds`` (``spec["dataset"]``) as it is now (its format decides)."""
+    return formats.get(ds["format"]).identity(ds, shard, classes)
 
 
 def clear_cache() -> None:
     """Forget the folder listings of objects (before a resume compares identities)."""
-    _object_stats.cache_clear()
-
-
-def _parquet_identity(ds, shard) -> ShardIdentity:
-
-    schema = datasets.parquet_file(shard.source).schema_arrow
-    cols = [c for c in ("key", "label") if c in schema.names]
-    h = hashlib.sha256()
-    try:
-        t = datasets._parquet_rows(shard.source, shard.start, shard.stop, columns=cols or ["image"])
-    except (OSError, ValueError):  # a damaged row group: the reader makes error rows of its rows
-        t, cols = None, []
-        h.update(b"unreadable")
-    n = t.num_rows if t is not None else shard.size
-    if "key" in cols:
-        keys = [str(k) for k in t.column("key").to_pylist()]
-    else:
-        rel = datasets._rel(shard.source, ds["path"])
-        keys = [f"{rel}#{shard.start + i}" for i in range(n)]
-        h.update(f"size={fs.size(shard.source)}".encode())
-    labels = t.column("label").to_pylist() if "label" in cols else [None] * n
-    for k, lab in zip(keys, labels):
-        h.update(repr((k, lab)).encode())
-    content = hashlib.sha256(repr(file_stat(shard.source)).encode()).hexdigest()
-    return ShardIdentity(n, keys[0] if keys else None, keys[-1] if keys else None, h.hexdigest(), content)
-
-
-def _tfrecord_identity(ds, shard) -> ShardIdentity:
-    """Lengths and stored data CRCs of the shard's entries (12-byte header, data, 4-byte CRC).
-
-    The entries are walked as the reader walks them (:func:`audit.data.tfrecord.frames`:
-    checked headers, a corrupt stretch is one entry), so a damaged file cannot
-    make this fail or disagree with the plan.
-    """
-    from audit.data import tfrecord
-
-    h = hashlib.sha256()
-    rel = datasets._rel(shard.source, ds["path"])
-    n = 0
-    size = fs.size(shard.source)
-    with fs.open_input(shard.source) as f:
-        for frame in itertools.islice(tfrecord.frames(f, size, shard.offset), shard.size):
-            crc = b""
-            if frame.problem is None:
-                f.seek(frame.offset + 12 + frame.length)
-                crc = f.read(4)
-            h.update(repr((frame.length, frame.problem, crc)).encode())
-            n += 1
-    first = f"{rel}#{shard.start}" if n else None
-    last = f"{rel}#{shard.start + n - 1}" if n else None
-    return ShardIdentity(n, first, last, h.hexdigest())
+    object_stats.cache_clear()
 
 
 #: The descriptor fields a committed shard and the new plan must share.

@@ -17,6 +17,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from audit.data import formats, fs, identity, io
 from audit.errors import AuditError
 
 RESUME_MODES = ("check", "replan")
@@ -68,16 +69,11 @@ def reconcile(out, plan, ds: dict, job_id: str, mode: str | None) -> Committed:
     Raises:
         AuditError: (mode "check") a committed shard no longer matches the plan.
     """
-    from audit.data import io
-
     found = Committed()
     if mode is None or not io.has_manifest(out):
         return found
-    from audit.data import datasets, identity
-
     entries = io.committed_shards(out, broken=found.broken)
-    datasets._class_listing.cache_clear()  # a folder listing cached in this process may predate a change
-    datasets._shared_stems.cache_clear()
+    formats.clear_caches()  # a folder listing cached in this process may predate a change
     identity.clear_cache()  # so may a listing of object sizes and times
     by_id = {s.id: s for s in plan.shards}
     for sid in sorted(entries):
@@ -109,8 +105,6 @@ def notes(found: Committed) -> list[str]:
 
 def drop(out, found: Committed) -> None:
     """Take the shards a replan redoes out of the output (after the output lock is held)."""
-    from audit.data import io
-
     if found.dropped:
         io.uncommit(out, found.dropped)
 
@@ -126,8 +120,6 @@ _PART = re.compile(r"part-(\d+)\.(parquet|json)$")
 
 def _strays(out, plan) -> set[int]:
     """Ids of part files or manifest entries beyond the new plan (the dataset shrank)."""
-    from audit.data import fs, io
-
     if fs.is_uri(str(out)):  # record objects no entry names are orphans, removed at the end of the job
         return {sid for sid in io.manifest_entries(out) if sid >= len(plan.shards)}
     out = Path(out)

@@ -19,6 +19,7 @@ import itertools
 import os
 from pathlib import Path
 
+from audit.data import formats
 from audit.errors import AuditError
 
 # keys holding paths, resolved against the spec file's directory
@@ -377,7 +378,7 @@ def load_spec(spec, overrides=(), base_dir=None) -> dict:
     from_cli = {str(o).partition("=")[0].strip() for o in overrides or ()}
     cwd = Path(os.getcwd())
     keys_list = list(_PATH_KEYS)
-    if doc["dataset"]["format"] == "folder":
+    if formats.get(doc["dataset"]["format"]).masks_is_path:
         keys_list.append(("dataset", "masks"))
     for keys in keys_list:
         node = doc
@@ -446,13 +447,7 @@ def _check_dataset(doc: dict) -> None:
     ds = doc["dataset"]
     if not fs.exists(ds["path"]):
         raise AuditError(f"spec error: {fs.not_found(ds['path'], 'dataset.path')}")
-    fmt = ds["format"]
-    if fmt in ("folder",) and not fs.is_dir(ds["path"]):
-        raise AuditError(f"spec error: dataset.path: format 'folder' needs a directory, got {ds['path']}")
-    if fmt == "manifest" and not fs.is_file(ds["path"]):
-        raise AuditError(f"spec error: dataset.path: format 'manifest' needs a CSV file, got {ds['path']}")
-    if fmt == "folder" and ds.get("masks") and not fs.is_dir(ds["masks"]):
-        raise AuditError(f"spec error: dataset.masks: not a directory: {ds['masks']}")
+    formats.get(ds["format"]).check(ds)
     if ds.get("classes"):  # the same rule as the Explainer: class names first, then indices
         from audit.engine.heads import resolve_target
 
