@@ -41,13 +41,14 @@ def _clear(out: Path) -> None:
 
 
 def run_demo(out="tank-sky-demo", *, masks: bool = True, intervene: bool = True, report: bool = True,
-             cache=None, params=None, progress: bool = True, log=print) -> dict:
+             cache=None, params=None, progress: bool = True, log=print, fix: bool = False) -> dict:
     """Run the demo into ``out`` (``out/shortcut`` and ``out/control``); returns the results.
 
     ``masks=False`` audits without the tank masks (the scan then judges from
     the heatmaps alone).  ``cache``: where the data and models are kept
     (default: :func:`audit.tanksky.cache_dir`); ``params``: a
     :class:`audit.tanksky.Params` (dataset size, training), default the demo's.
+    ``fix``: go on with :func:`audit.demofix.run_fix` (DFR, re-audit, compare; ``results["fix"]``).
     """
     from audit import tanksky
     from audit.data.resources import path
@@ -71,8 +72,9 @@ def run_demo(out="tank-sky-demo", *, masks: bool = True, intervene: bool = True,
         for key, spec_name, model_key, story in MODELS:
             dest = out / key
             _clear(dest)
-            overrides = [f"model.path={built[model_key]}", f"dataset.path={built['test']}",
-                         f"dataset.masks={built['test_masks'] if masks else 'null'}", f"output={dest}"]
+            data = [f"dataset.path={built['test']}", f"dataset.masks={built['test_masks'] if masks else 'null'}"]
+            results["dataset_overrides"] = data
+            overrides = [f"model.path={built[model_key]}", *data, f"output={dest}"]
             summary = run_job(str(path("audit.jobs", spec_name)), overrides=overrides, progress=progress)
             classes, clusters = scan(dest, intervene=intervene, quiet=True)
             page = None
@@ -85,11 +87,18 @@ def run_demo(out="tank-sky-demo", *, masks: bool = True, intervene: bool = True,
                     page = str(write_report(dest))
             results["models"][key] = {"story": story, "summary": summary, "classes": classes,
                                       "clusters": clusters, "report": page, "out": str(dest)}
+        if fix:  # on the same Ray, after the verdicts
+            results["seconds"] = round(time.time() - t0, 1)
+            log(format_verdict(results))
+            from audit.demofix import run_fix
+
+            results["fix"] = run_fix(results, out, intervene=intervene, progress=progress, log=log)
     finally:
         if started:
             ray.shutdown()
-    results["seconds"] = round(time.time() - t0, 1)
-    log(format_verdict(results))
+    if not fix:
+        results["seconds"] = round(time.time() - t0, 1)
+        log(format_verdict(results))
     return results
 
 

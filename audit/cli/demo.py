@@ -7,6 +7,7 @@ import argparse
 EXAMPLE = """examples:
   audit demo                        # writes ./tank-sky-demo/shortcut and ./tank-sky-demo/control
   audit demo --out /tmp/demo --no-masks
+  audit demo --fix                  # then DFR on the export's groups, re-audit, compare
 
 The first run generates the tank/sky photos and trains the two small models
 (about 20 s) into the user cache (~/.cache/shortcut-audit, or
@@ -28,6 +29,9 @@ def register(sub) -> None:
     p.add_argument("--no-intervene", action="store_true", help="skip the confirmation by occlusion")
     p.add_argument("--no-report", action="store_true", help="do not write report.html")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--fix", action="store_true",
+                   help="go on: re-train the shortcut model's last layer on group-balanced photos from the export "
+                        "(DFR), re-audit it and compare (OUT/fixed, OUT/fix/compare.html)")
     p.set_defaults(func=run)
 
 
@@ -35,6 +39,6 @@ def run(args) -> int:
     from audit.demo import flagged, run_demo
 
     r = run_demo(args.out, masks=not args.no_masks, intervene=not args.no_intervene,
-                 report=not args.no_report, progress=not args.no_progress)
+                 report=not args.no_report, progress=not args.no_progress, fix=args.fix)
     ok = flagged(r["models"]["shortcut"]["classes"]) and not flagged(r["models"]["control"]["classes"])
     return 0 if ok else 1

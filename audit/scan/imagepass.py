@@ -286,7 +286,7 @@ def read_summary(out, name: str):
 
 
 def run_pass(out, *, cues: list | None = None, address: str | None = None, actors: int | None = None,
-             quiet: bool = False, worker_cls=None) -> PassResult:
+             quiet: bool = False, worker_cls=None, local: bool = False) -> PassResult:
     """Per-image cue evidence for every image of a scanned job; writes ``OUT/summary/images.parquet``.
 
     Args:
@@ -297,6 +297,7 @@ def run_pass(out, *, cues: list | None = None, address: str | None = None, actor
         actors: Ray actors (default: one per two CPUs of the cluster, at most one per shard).
         quiet: print nothing.
         worker_cls: the worker class (tests pass a subclass that fails).
+        local: do the shards here even when Ray runs (small jobs: no actor start-up).
 
     Returns:
         A :class:`PassResult`.
@@ -320,7 +321,7 @@ def run_pass(out, *, cues: list | None = None, address: str | None = None, actor
         done = {s for s, e in io.committed_shards(store_of(out)).items() if (e.get("inputs") or {}).get("sig") == spec.sig}
         todo = [s for s in shards if s not in done]
         res.skipped = len(shards) - len(todo)
-        _execute(spec, todo, res, address, actors, worker_cls or CueWorker)
+        _execute(spec, todo, res, address, actors, worker_cls or CueWorker, local)
     res.rows = merge(out, spec, shards)
     from audit.scan.cost import update_classes
 
@@ -341,14 +342,14 @@ def _prepare_store(out) -> None:
     (st / io.MANIFEST).mkdir(parents=True, exist_ok=True)
 
 
-def _execute(spec: PassSpec, todo: list, res: PassResult, address, actors, worker_cls) -> None:
+def _execute(spec: PassSpec, todo: list, res: PassResult, address, actors, worker_cls, local: bool) -> None:
     """Run the shards left: on Ray actors when Ray is (or can be) joined, else here."""
     if not todo:
         return
     import importlib.util
 
     use_ray = False
-    if importlib.util.find_spec("ray") is not None:
+    if not local and importlib.util.find_spec("ray") is not None:
         import ray
 
         if address and not ray.is_initialized():
