@@ -169,3 +169,17 @@ def test_killed_actor_during_the_pass_loses_and_doubles_nothing(scanned, tmp_pat
     assert os.path.exists(marker) and res.actor_deaths == 1 and res.done_now == 4 and not res.failed
     df = hf.read_images(out)
     assert sorted(df.image_id) == sorted(scanned[1]) and df.image_id.is_unique
+
+
+def test_report_and_scan_show_the_cost(scanned, tmp_path, capsys):
+    from audit.review.report import write_report
+    from audit.scan import scan
+    from audit.scan.imagepass import run_pass
+
+    out = str(hf_copy(scanned[0], tmp_path))
+    run_pass(out, quiet=True)
+    scan(out)  # a rescan keeps the cost of the same cue
+    printed = capsys.readouterr().out
+    assert "cost of dog's cue corner:bottom_right: accuracy 100% with the cue (n=24" in printed
+    html = open(write_report(out), encoding="utf-8").read()
+    assert "What the shortcut costs" in html and "on its 6 without" in html

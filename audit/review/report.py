@@ -40,6 +40,8 @@ _TABLE_COLUMNS = (
     ("flip_rate_cue", "flip: cue", "pct"),
     ("flip_rate_object", "flip: object", "pct"),
     ("flip_rate_background", "flip: background", "pct"),
+    ("accuracy_without_cue", "accuracy without cue", "pct"),
+    ("worst_group_accuracy", "worst group", "pct"),
     ("energy_object", "on object", "pct"),
     ("energy_border", "border", "pct"),
     ("cue", "cue", "text"),
@@ -397,6 +399,8 @@ def _class_column(light):
 
 def _class_table(classes, light, names_by_id):
     """Rows of the class table, suspects first, then by suspicion."""
+    from audit.scan.cost import cost_sentence
+
     rows = []
     if classes is not None and len(classes):
         for _, r in classes.iterrows():
@@ -416,6 +420,7 @@ def _class_table(classes, light, names_by_id):
     for d in rows:
         d.setdefault("class_name", names_by_id.get(d.get("class_id"), str(d.get("class_id"))))
         d["suspect"] = d.get("verdict") == SUSPECT
+        d["cost"] = cost_sentence(d)
         d["bar"] = max(0.0, min(1.0, _num(d.get("suspicion")) or 0.0))
     rows.sort(key=lambda d: (not d["suspect"], -(_num(d.get("suspicion")) or -1.0), str(d.get("class_name"))))
     return rows

@@ -152,6 +152,25 @@ def _count(v) -> int:
     return 0 if v is None or v != v else int(v)
 
 
+def cost_sentence(row: dict) -> str | None:
+    """The cost of one class row (a dict of classes.parquet) in words, or None without one."""
+    n_with, n_without = _count(row.get("n_with_cue")), _count(row.get("n_without_cue"))
+    if n_with + n_without == 0:
+        return None
+
+    def rate(col: str) -> str:
+        return f"{_pct(_f(row.get(col)))} (95% {_pct(_f(row.get(col + '_low')))}-{_pct(_f(row.get(col + '_high')))})"
+
+    return (f"accuracy {rate('accuracy_with_cue')} on its {n_with} images with the cue, "
+            f"{rate('accuracy_without_cue')} on its {n_without} without; worst group {row.get('worst_group') or '-'}: "
+            f"{rate('worst_group_accuracy')} of {_count(row.get('worst_group_n'))}; right for the wrong reason: "
+            f"{rate('wrong_reason_share')} of {_count(row.get('wrong_reason_n'))} correct predictions")
+
+
+def _f(v):
+    return None if v is None else float(v)
+
+
 def cost_lines(classes_df) -> list[str]:
     """One line per class with a cost: accuracy with and without the cue, worst group, wrong reason."""
     lines = []
