@@ -114,13 +114,15 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cases", default="watermark,frame,minority")
     p.add_argument("--n", type=int, default=100, help="images per class")
+    p.add_argument("--keep", metavar="DIR", help="keep the audits in DIR (default: a temporary folder)")
     args = p.parse_args(argv)
     print("| case | images | carry the cue | cue named | cue_present precision | recall | "
           "cue_decides precision | recall |")
     print("|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as d:
+        work = Path(args.keep) if args.keep else Path(d)
         for name in args.cases.split(","):
-            print(one_case(name.strip(), args.n, Path(d)), flush=True)
+            print(one_case(name.strip(), args.n, work), flush=True)
     return 0
 
 
