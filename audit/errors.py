@@ -22,18 +22,50 @@ def os_error_line(e: OSError) -> str:
     return f"{why}: {e.filename}" if e.filename else why
 
 
-def cannot_write(path, e: OSError, hint: str = "") -> AuditError:
+def cannot_write(path, e: OSError, hint: str = "", need: int | None = None) -> AuditError:
     """The :class:`AuditError` for a failed write to ``path``; ``hint`` is added for a read-only or full place.
 
     Args:
         path: what was being written.
         e: the error.
         hint: what to do instead, e.g. ``"write it elsewhere with --out DIR"``.
+        need: bytes the write needed; a full disk's line then says how much is free and needed.
     """
     why = e.strerror or " ".join(str(e).split())[:300] or type(e).__name__
     kind = ""
     if e.errno in _READ_ONLY:
         kind = " (read-only output?)"
-    elif e.errno in _FULL:
-        kind = " (disk full or over quota?)"
+    elif e.errno in _FULL or is_disk_full(e):
+        kind = f" ({free_space(path, need)})"
     return AuditError(f"cannot write {path}: {why}{kind}" + (f"; {hint}" if hint and kind else ""))
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """True for a full disk or quota, also as pyarrow reports it (an OSError without errno)."""
+    if isinstance(e, OSError) and e.errno in _FULL:
+        return True
+    text = str(e)
+    return "No space left on device" in text or "Disk quota exceeded" in text
+
+
+def free_space(path, need: int | None = None) -> str:
+    """``disk full: 12.0 kB free on /mnt/out, about 3.4 MB needed`` (what is known of it)."""
+    import os
+    import shutil
+
+    where = os.path.dirname(os.path.abspath(str(path)))
+    while where and not os.path.isdir(where):
+        where = os.path.dirname(where)
+    try:
+        free = f"{_size(shutil.disk_usage(where).free)} free on {where}"
+    except OSError:
+        free = "disk full or over quota"
+    return f"disk full: {free}" + (f", about {_size(need)} needed" if need else "") + "; free some space"
+
+
+def _size(n: int) -> str:
+    for unit in ("bytes", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n} bytes" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"

@@ -81,6 +81,8 @@ def format_summary(s: dict) -> str:
     lines.append(f"  errors    {s['errors']:,} unreadable (status=error rows)    flat maps {s['flat_maps']:,}")
     if s.get("accuracy") is not None:
         lines.append(f"  accuracy  {100 * s['accuracy']:.1f}% on labelled images")
+    if s.get("model_warning"):
+        lines.append(f"  WARNING   {s['model_warning']}")
     lines.append(
         f"  shards    {s['shards']:,} ({s['shards_skipped']:,} skipped, {s['retries']} retried, "
         f"{len(s['shards_failed'])} failed)    actors {s['actors']} ({s['actor_deaths']} died)"
@@ -91,6 +93,9 @@ def format_summary(s: dict) -> str:
         lines.append(f"  speed     {s['images_per_s']:.1f} images/s over {s['seconds']:.1f} s")
     lines.append(f"  output    {s['output']}  ({s['rows']:,} rows)")
     lines.append(f"  query     python -c \"import audit; print(audit.load('{s['output']}').head())\"")
+    done = s.get("shards_done")
+    if done is not None and done < s["shards"]:
+        lines.append(f"  INCOMPLETE {done:,} of {s['shards']:,} shards committed: continue with --resume")
     if s["shards_failed"]:
         shown = ", ".join(map(str, s["shards_failed"][:10]))
         lines.append(f"  FAILED    shards {shown}{'...' if len(s['shards_failed']) > 10 else ''}: "

@@ -3,7 +3,8 @@
 Every failure is a :class:`DecodeError` with a short human reason that ends up
 in the ``error`` column of the records; nothing here raises anything else on
 bad data.  Before decoding, the header is parsed (PNG, JPEG, GIF, BMP, WebP,
-TIFF) and an image claiming more than ``max_pixels`` pixels is refused, so a
+TIFF, PBM/PGM/PPM/PAM/PFM, Sun raster, Radiance HDR, JPEG 2000) and an image
+claiming more than ``max_pixels`` pixels is refused, so a
 crafted header cannot make a worker allocate gigabytes (OpenCV's own limit,
 ``OPENCV_IO_MAX_IMAGE_PIXELS``, is the second line of defence for formats we
 do not parse).  Grayscale, RGBA and 16-bit images are converted to 8-bit RGB.
@@ -66,9 +67,69 @@ def header_size(data: bytes) -> tuple[str, int, int] | None:
             return ("webp", *_webp_size(b))
         if b[:4] in (b"II*\x00", b"MM\x00*"):
             return ("tiff", *_tiff_size(b))
+        return _other_size(b)
     except struct.error:
         raise DecodeError("truncated image header") from None
     return None
+
+
+_NETPBM = {b"P1": "pbm", b"P2": "pgm", b"P3": "ppm", b"P4": "pbm", b"P5": "pgm", b"P6": "ppm", b"P7": "pam",
+           b"PF": "pfm", b"Pf": "pfm"}
+
+
+def _other_size(b: bytes) -> tuple[str, int, int] | None:
+    """Netpbm (PBM, PGM, PPM, PAM, PFM), Sun raster, Radiance HDR, JPEG 2000: the other formats OpenCV reads."""
+    if b[:2] in _NETPBM and len(b) > 2 and b[2:3].isspace():
+        return (_NETPBM[b[:2]], *_netpbm_size(b))
+    if b[:4] == b"\x59\xa6\x6a\x95":  # Sun raster
+        w, h = struct.unpack(">II", b[4:12])
+        return "ras", w, h
+    if b[:2] == b"#?":  # Radiance HDR: header lines, a blank line, then "-Y h +X w"
+        return ("hdr", *_hdr_size(b))
+    if b[:12] == b"\x00\x00\x00\x0cjP  \r\n\x87\n":  # JP2: the ihdr box holds height, width
+        i = b.find(b"ihdr", 0, 4096)
+        if i < 0:
+            raise DecodeError("corrupt JPEG 2000 header (no ihdr box)")
+        h, w = struct.unpack(">II", b[i + 4:i + 12])
+        return "jp2", w, h
+    if b[:4] == b"\xff\x4f\xff\x51":  # a raw JPEG 2000 codestream: the SIZ segment
+        xs, ys, xo, yo = struct.unpack(">IIII", b[8:24])
+        return "j2k", xs - xo, ys - yo
+    return None
+
+
+def _netpbm_size(b: bytes) -> tuple[int, int]:
+    """Width and height of a Netpbm header (comments allowed); PAM names them WIDTH and HEIGHT."""
+    head = b[:4096]
+    if head[:2] == b"P7":
+        fields = dict(line.split(None, 1) for line in head.splitlines()[1:] if len(line.split(None, 1)) == 2)
+        try:
+            return int(fields[b"WIDTH"]), int(fields[b"HEIGHT"])
+        except (KeyError, ValueError):
+            raise DecodeError("corrupt PAM header (no WIDTH/HEIGHT)") from None
+    words = []
+    for line in head[2:].splitlines():
+        words += line.split(b"#", 1)[0].split()
+        if len(words) >= 2:
+            break
+    try:
+        return int(words[0]), int(words[1])
+    except (IndexError, ValueError):
+        raise DecodeError("truncated or corrupt Netpbm header") from None
+
+
+def _hdr_size(b: bytes) -> tuple[int, int]:
+    lines = b[:8192].split(b"\n")
+    for k, line in enumerate(lines):
+        if not line.strip() and k + 1 < len(lines):
+            parts = lines[k + 1].split()
+            if len(parts) == 4:
+                try:
+                    return int(parts[3]), int(parts[1])
+                except ValueError:
+                    break
+            break
+    raise DecodeError("corrupt Radiance HDR header (no resolution line)")
 
 
 def _jpeg_size(b: bytes) -> tuple[int, int]:
@@ -251,14 +312,22 @@ def decode_image_sized(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, reduce
     try:
         img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED if flags is None else flags)
     except cv2.error as e:
-        msg = " ".join(str(e).split())[-160:]
-        raise DecodeError(f"OpenCV cannot decode it: {msg}") from None
+        raise DecodeError(_cv_error(e, max_pixels)) from None
     if img is None or img.size == 0:
         if head is None:
             raise DecodeError("not an image (unknown format)")
         raise DecodeError(f"corrupt {fmt.upper()} data (OpenCV cannot decode it)")
     full = (head[1], head[2]) if flags is not None else (img.shape[1], img.shape[0])
     return to_rgb8(img), full
+
+
+def _cv_error(e: Exception, max_pixels: int) -> str:
+    """OpenCV's exception as a reason; its size guard (a raw "Assertion failed") as the pixel limit."""
+    msg = " ".join(str(e).split())
+    if "validateInputImageSize" in msg or "CV_IO_MAX_IMAGE_PIXELS" in msg:
+        return (f"the image has more than max_pixels={max_pixels:,} pixels (refused by OpenCV's "
+                "OPENCV_IO_MAX_IMAGE_PIXELS before decoding)")
+    return f"OpenCV cannot decode it: {msg[-160:]}"
 
 
 def decode_mask(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
@@ -274,8 +343,8 @@ def decode_mask(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray
     cv2 = _cv2()
     try:
         m = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
-    except cv2.error:
-        m = None
+    except cv2.error as e:
+        raise DecodeError(f"mask: {_cv_error(e, max_pixels)}") from None
     if m is None:
         raise DecodeError("mask is not a decodable image")
     return (m != 0).any(axis=2) if m.ndim == 3 else m != 0

@@ -478,6 +478,64 @@ def _put_if_none_match(path: str, data: bytes) -> bool | None:
     return None
 
 
+def read_versioned(path: str) -> tuple[bytes, float, str | None]:
+    """(content, seconds since it was last written, its ETag or None) of one small object.
+
+    The ETag comes with S3's conditional writes (:func:`put_if_match`); elsewhere it is None.
+
+    Raises:
+        FileNotFoundError: no such object.
+        AuditError: a refused credential or another storage error.
+    """
+    if conditional_puts(path):
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        loc = split(path)
+        try:
+            r = _boto3_client().get_object(Bucket=loc.bucket, Key=loc.key)
+            data = r["Body"].read()
+        except ClientError as e:
+            if str(e.response.get("Error", {}).get("Code", "")) in ("NoSuchKey", "404"):
+                raise FileNotFoundError(path) from None
+            raise_storage(e, path)
+        except BotoCoreError as e:
+            raise_storage(e, path)
+        return data, time.time() - r["LastModified"].timestamp(), r.get("ETag")
+    st = info(path)
+    from pyarrow import fs as pafs
+
+    if st.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(path)
+    data = read_bytes(path)
+    age = time.time() - st.mtime.timestamp() if st.mtime is not None else 0.0
+    return data, age, None
+
+
+def put_if_match(path: str, data: bytes, etag: str) -> bool | None:
+    """Replace ``path`` only while it is still the version ``etag`` (S3 ``If-Match``).
+
+    Returns True when written, False when the object changed or is gone (412
+    or 404), None when the store does not support the header (then write plainly).
+    """
+    from botocore.exceptions import BotoCoreError, ClientError, ParamValidationError
+
+    loc = split(path)
+    try:
+        _boto3_client().put_object(Bucket=loc.bucket, Key=loc.key, Body=data, IfMatch=etag)
+        return True
+    except ParamValidationError:
+        return None
+    except ClientError as e:
+        code = str(e.response.get("Error", {}).get("Code", ""))
+        if code in ("PreconditionFailed", "412", "NoSuchKey", "404", "ConditionalRequestConflict", "409"):
+            return False
+        if code in ("NotImplemented", "501", "InvalidArgument", "InvalidRequest"):
+            return None
+        raise_storage(e, path, "write")
+    except BotoCoreError as e:
+        raise_storage(e, path, "write")
+
+
 def delete(path: str) -> None:
     """Delete one object or file; a missing one is fine."""
     if not is_uri(path):

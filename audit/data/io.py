@@ -52,7 +52,7 @@ import uuid
 from pathlib import Path
 
 from audit.data import fs
-from audit.errors import AuditError
+from audit.errors import AuditError, cannot_write, is_disk_full
 
 RECORDS = "records"
 MANIFEST = "_manifest"
@@ -90,9 +90,11 @@ def atomic_write_bytes(path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:  # a full disk: leave no half-written temp file behind
+    except BaseException as e:  # a full disk: leave no half-written temp file behind
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(e, OSError) and is_disk_full(e):
+            raise cannot_write(path, e, need=len(data)) from None
         raise
 
 
@@ -308,38 +310,67 @@ def _dictionary_columns(schema) -> list[str]:
 
 
 def write_shard(out, shard: int, table, *, job_id: str, schema_version: str, inputs: dict,
-                counts: dict, identity: dict | None = None) -> dict:
+                counts: dict, identity: dict | None = None, guard=None, generation: int = 0) -> dict:
     """Commit one shard: Parquet (temp file, rename), then its manifest entry. Returns the entry.
 
     ``inputs`` is the shard's descriptor, ``identity`` what it holds
     (:class:`audit.data.identity.ShardIdentity` as a dict): ``--resume``
-    compares both with its new plan.
-    """
-    import pyarrow.parquet as pq
+    compares both with its new plan.  ``guard`` (fencing) is called just
+    before the rename and again before the manifest entry: it raises when this
+    driver's lock (of ``generation``) is no longer held, so a driver that was
+    paused while another took the output over commits nothing.  An entry
+    already committed by a later generation is never replaced.
 
+    Raises:
+        AuditError: the lock was lost (``guard``), a later generation committed
+            the shard, or the disk is full (one line with the free space).
+    """
     table = _with_metadata(table, job_id, schema_version, shard)
+    check = _fence(out, shard, guard, generation)
     if fs.is_uri(str(out)):
         return _write_shard_uri(str(out), shard, table, job_id=job_id, inputs=inputs, counts=counts,
-                                identity=identity)
+                                identity=identity, check=check, generation=generation)
     out = Path(out)
     name = part_name(shard)
     final = out / RECORDS / f"{name}.parquet"
     tmp = out / RECORDS / f".{name}.{uuid.uuid4().hex[:8]}.tmp"
     try:
-        pq.write_table(table, tmp, compression="zstd", row_group_size=max(1, table.num_rows),
-                       use_dictionary=_dictionary_columns(table.schema))
+        _write_parquet(table, tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        check()
         os.replace(tmp, final)
+    except OSError as e:
+        if is_disk_full(e):
+            raise cannot_write(final, e, need=table.nbytes) from None
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()
     _fsync_dir(final.parent)
     entry = {"shard": int(shard), "file": final.name, "rows": table.num_rows, "inputs": inputs,
-             "identity": identity, "job_id": job_id, "bytes": final.stat().st_size, **counts}
+             "identity": identity, "job_id": job_id, "bytes": final.stat().st_size,
+             "generation": int(generation), **counts}
+    check()
     atomic_write_json(out / MANIFEST / f"{name}.json", entry)
     _remove_stale_temps(out, name)
     return entry
+
+
+def _fence(out, shard: int, guard, generation: int):
+    """The check run before each commit step: the lock still ours, no later generation's entry there."""
+    where = fs.join(str(out), MANIFEST, f"{part_name(shard)}.json") if fs.is_uri(str(out)) else \
+        Path(out) / MANIFEST / f"{part_name(shard)}.json"
+
+    def check() -> None:
+        if guard is not None:
+            guard()
+        held = _read_entry(str(where)) if generation else None
+        if held is not None and int(held.get("generation") or 0) > generation:
+            raise AuditError(f"stopped: shard {shard} not committed: generation {held['generation']} committed "
+                             f"it after this run (generation {generation}) started; this run commits nothing more")
+
+    return check
 
 
 def _with_metadata(table, job_id, schema_version, shard):
@@ -359,7 +390,8 @@ def _write_parquet(table, where):
                    use_dictionary=_dictionary_columns(table.schema))
 
 
-def _write_shard_uri(out: str, shard: int, table, *, job_id, inputs, counts, identity) -> dict:
+def _write_shard_uri(out: str, shard: int, table, *, job_id, inputs, counts, identity, check,
+                     generation: int) -> dict:
     """Commit one shard on object storage: an object named for this attempt, then the entry naming it."""
     import pyarrow as pa
 
@@ -368,11 +400,17 @@ def _write_shard_uri(out: str, shard: int, table, *, job_id, inputs, counts, ide
     sink = pa.BufferOutputStream()
     _write_parquet(table, sink)
     data = sink.getvalue()
+    check()
     fs.write_bytes(fs.join(out, RECORDS, file), data.to_pybytes())
     entry = {"shard": int(shard), "file": file, "rows": table.num_rows, "inputs": inputs,
-             "identity": identity, "job_id": job_id, "bytes": data.size, **counts}
+             "identity": identity, "job_id": job_id, "bytes": data.size, "generation": int(generation), **counts}
     where = fs.join(out, MANIFEST, f"{name}.json")
     body = (json.dumps(entry, indent=2, default=str) + "\n").encode()
+    try:
+        check()
+    except AuditError:
+        fs.delete(fs.join(out, RECORDS, file))
+        raise
     if fs.put_if_absent(where, body):
         return entry
     held = _read_entry(where)
@@ -386,7 +424,7 @@ def _write_shard_uri(out: str, shard: int, table, *, job_id, inputs, counts, ide
 def _read_entry(path: str) -> dict | None:
     try:
         return json.loads(fs.read_bytes(path))
-    except (FileNotFoundError, ValueError):
+    except (OSError, ValueError):
         return None
 
 
@@ -414,3 +452,25 @@ def _remove_stale_temps(out: Path, name: str) -> None:
         for p in (out / d).glob(pattern):
             with contextlib.suppress(OSError):
                 p.unlink()
+
+
+def completeness(out) -> str | None:
+    """One sentence when OUT holds only part of its job (``6 of 16 shards committed ...``), else None.
+
+    From ``job.json`` (the plan's shard count and the last run's status) and
+    the manifest entries; an output without ``job.json`` (records written by
+    hand) is taken as it is.
+    """
+    job = read_job(out) or {}
+    total = (job.get("shards") or {}).get("total") or (job.get("dataset") or {}).get("shards")
+    if not total:
+        return None
+    total = int(total)
+    done = sum(1 for sid in committed_shards(out, rows=False) if sid < total)
+    status = job.get("status")
+    if done >= total and status not in ("running", "interrupted", "failed"):
+        return None
+    why = {"running": "its driver is still running, or was stopped",
+           "interrupted": "the job was interrupted", "failed": "the job failed"}.get(status, f"job status {status}")
+    return (f"incomplete output: {done} of {total} shards committed ({why}); the results cover only those "
+            "shards: continue the job with `audit run SPEC --resume`")

@@ -182,8 +182,9 @@ def load_model(path=None, *, application=None, weights=None, input_size=None,
         if "safe_mode" in msg or "Lambda" in msg:
             raise AuditError(
                 f"{p} contains a Lambda layer (arbitrary Python code), which Keras refuses "
-                "to load in safe mode; if you trust this file, set model.trust_code: true "
-                "in the job spec (or --trust-code)"
+                "to load in safe mode; if you trust this file, pass --trust-code (audit layers, "
+                "audit explain) or set model.trust_code: true in the job spec (audit run: "
+                "--set model.trust_code=true)"
             ) from None
         raise AuditError(f"cannot load model {p}: {msg[:300]}") from None
     check_single_input(model, str(p))

@@ -649,7 +649,9 @@ def write_report(out_dir, *, max_examples: int = 12, max_classes: int = 24, seed
     job = _read_json(under("job.json"))
     classes = _read_parquet(under("summary", "classes.parquet"))
     clusters = _read_parquet(under("summary", "clusters.parquet"))
-    notes = []
+    from audit.data.io import completeness
+
+    notes = [f"Warning: {partial}." for partial in [completeness(out)] if partial]
     if classes is None:
         notes.append("No scan summary (summary/classes.parquet): run `audit scan OUT` for verdicts and clusters.")
     layer, method = _primary(ds, job, clusters, layer, method)

@@ -281,6 +281,7 @@ def execute(ctx: JobContext, owned: Owned, *, progress=True, on_event=None) -> d
     from audit.data import io
 
     record = job_record(ctx, owned)
+    owned.lock.check()  # fencing: job.json is written only while this driver holds the lock
     io.atomic_write_json(io.job_path(ctx.out), record)
     state, status, bar = RunState(), "ok", None
     run_t0 = time.perf_counter()
@@ -335,7 +336,8 @@ def job_record(ctx: JobContext, owned: Owned) -> dict:
         "dataset": {"images": ctx.plan.total, "shards": len(ctx.plan.shards)},
         "versions": versions(),
         "timings": {"started": ctx.t_start, "plan_s": ctx.plan_s},
-        "runs": list((now or previous or {}).get("runs", [])),
+        "generation": owned.lock.generation,
+        "runs": history((now or previous or {}).get("runs", []), _run_started(ctx, owned)),
     }
     if previous:
         for k in ("layers", "layer_shapes", "input_size"):
@@ -346,10 +348,42 @@ def job_record(ctx: JobContext, owned: Owned) -> dict:
     return record
 
 
-def finish(ctx: JobContext, owned: Owned, record: dict, state: RunState, status: str, run_s: float) -> dict:
-    """Append this run to job.json's history and write it (unless another driver took OUT); the summary."""
-    from audit.data import io
+def _run_started(ctx: JobContext, owned: Owned) -> dict:
+    """This run's entry in the history while it runs."""
+    info = owned.lock.info
+    return {"generation": info.generation, "started": ctx.t_start, "status": "running", "host": info.host,
+            "pid": info.pid, "resume": ctx.mode}
 
+
+def history(runs: list, run: dict) -> list:
+    """The runs of job.json with ``run`` put in: appended, or replacing its own entry (same generation).
+
+    Earlier runs are never dropped; one still ``running`` with a lower generation
+    lost the output to a later driver (stopped, killed, or paused and taken
+    over): it is marked ``abandoned``.
+    """
+    gen = run.get("generation")
+    out = []
+    for r in runs:
+        if not isinstance(r, dict) or (gen is not None and r.get("generation") == gen):
+            continue
+        if r.get("status") == "running" and gen is not None and int(r.get("generation") or 0) < gen:
+            r = {**r, "status": "abandoned", "taken_over_by": gen}
+        out.append(r)
+    return out + [run]
+
+
+def finish(ctx: JobContext, owned: Owned, record: dict, state: RunState, status: str, run_s: float) -> dict:
+    """Append this run to job.json's history and write it (unless another driver took OUT); the summary.
+
+    Raises:
+        audit.data.lock.LockLost: another driver took the output over (the run ended, but commits nothing).
+    """
+    from audit.data import io
+    from audit.data.lock import LockLost
+
+    with contextlib.suppress(LockLost):
+        owned.lock.check()  # a loss is kept in owned.lock.lost
     known = {s.id for s in ctx.plan.shards}
     if not owned.lock.lost:  # every actor is stopped: an object no entry names is an orphan
         for name in io.remove_orphans(ctx.out):
@@ -361,20 +395,25 @@ def finish(ctx: JobContext, owned: Owned, record: dict, state: RunState, status:
     record["status"] = status
     record["timings"].update({"run_s": round(run_s, 3), "total_s": round(time.time() - ctx.t_start, 3),
                               "first_actor_ready_s": state.first_ready_s, "finished": time.time()})
-    record["runs"] = record["runs"] + [{
-        "started": ctx.t_start, "status": status, "shards": len(owned.todo), "images": state.images,
+    run = {
+        "generation": owned.lock.generation, "started": ctx.t_start, "status": status, "shards": len(owned.todo), "images": state.images,
         "seconds": round(run_s, 3), "host": owned.lock.info.host, "pid": owned.lock.info.pid,
         "resume": ctx.mode, "replanned_from": owned.found.replanned_from,
         "redone_broken": sorted(owned.found.broken), "actors": state.actor_facts,
         "error": record.get("error"),
         "pool": {"requested": state.actors_started, "peak_running": state.peak_running,
-                 "preempted": state.preempted, "released": state.released}}]
+                 "preempted": state.preempted, "released": state.released}}
     record["shards"] = {"total": len(ctx.plan.shards), "committed": len(all_done), "failed": sorted(state.failed)}
     record["failed_shards"] = {str(k): v for k, v in state.failed.items()}
     summary = _summary(ctx, all_done, owned.found.entries, state, run_s, status)
     record["summary"] = summary
     if not owned.lock.lost:
+        now = io.read_job(ctx.out) or {}  # under the lock: the history as it is on disk, never shortened
+        record["runs"] = history(now.get("runs") or record["runs"], run)
         io.atomic_write_json(io.job_path(ctx.out), record)
+    elif status in ("ok", "incomplete"):
+        raise LockLost(f"stopped: {owned.lock.lost}; this run (generation {owned.lock.generation}) "
+                       "commits nothing more")
     return summary
 
 
@@ -417,6 +456,7 @@ def _summary(ctx: JobContext, all_done: dict, skipped: dict, state: RunState, ru
         "rows": tot["rows"],
         "accuracy": (tot["correct"] / tot["labelled"]) if tot["labelled"] else None,
         "shards": len(plan.shards),
+        "shards_done": len(all_done),
         "shards_skipped": len(skipped),
         "shards_failed": sorted(state.failed),
         "retries": state.retries,
@@ -426,4 +466,17 @@ def _summary(ctx: JobContext, all_done: dict, skipped: dict, state: RunState, ru
         "seconds": round(run_s, 2),
         "images_per_s": round(state.images / run_s, 2) if run_s > 0 and state.images else None,
         "classes": plan.classes,
+        "model_warning": _model_warning(ctx, all_done),
     }
+
+
+def _model_warning(ctx: JobContext, all_done: dict) -> str | None:
+    """A model that predicts one class for every image (NaN weights, a collapsed head), in one sentence."""
+    from audit.data.predictions import one_class_warning
+
+    if not all_done:
+        return None
+    try:
+        return one_class_warning(ctx.out, ctx.plan.classes)
+    except (OSError, AuditError):  # the summary is still worth having without it
+        return None

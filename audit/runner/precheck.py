@@ -67,7 +67,8 @@ def check_model_file(spec: dict) -> None:
     if not m.get("trust_code") and any(cls == "Lambda" for _, cls in layers):
         raise AuditError(
             f"{m['path']} contains a Lambda layer (arbitrary Python code), which Keras refuses to load in "
-            "safe mode; if you trust this file, set model.trust_code: true in the job spec (or --trust-code)")
+            "safe mode; if you trust this file, set model.trust_code: true in the job spec (or add "
+            "--set model.trust_code=true to audit run)")
     asked = spec["explain"].get("layers")
     if asked in (None, "auto"):
         return

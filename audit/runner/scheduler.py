@@ -255,7 +255,9 @@ class Scheduler:
         key = uuid.uuid4().hex[:8]
         handle = self.worker_class.options(**self.actor_options()).remote(
             self.spec, out_dir=self.spec["output"], job_id=self.job_id, classes=self.classes,
-            cpus=self.res.cpus_per_actor, largest_shard=self.largest_shard)
+            cpus=self.res.cpus_per_actor, largest_shard=self.largest_shard,
+            lock_token=self.lock.info.token if self.lock else None,
+            generation=self.lock.generation if self.lock else 0)
         actor = self.actors[key] = Actor(key, handle, requested=time.perf_counter())
         actor.setup_ref = handle.setup.remote()
         self.calls[actor.setup_ref] = Call("setup", key)

@@ -125,11 +125,13 @@ class AuditWorker:
     """
 
     def __init__(self, spec: dict, *, out_dir=None, job_id: str = "", classes=None, cpus=None,
-                 largest_shard: int | None = None):
+                 largest_shard: int | None = None, lock_token: str | None = None, generation: int = 0):
         self.spec = spec
         self.largest_shard = largest_shard  # images in the job's largest shard, when the driver knows it
         self.out_dir = out_dir or spec.get("output")
         self.job_id = job_id
+        # fencing: every commit first checks that the driver still holds OUT/_lock.json with this token
+        self.lock_token, self.generation = lock_token, int(generation)
         self.classes = list(classes) if classes else None
         self._plan_classes = self.classes  # as the driver planned them: shard identities use these
         self.cpus = cpus
@@ -336,10 +338,17 @@ class AuditWorker:
                     raise RuntimeError(f"shard {shard.id} not committed: this worker was fenced")
                 io.write_shard(self.out_dir, shard.id, table, job_id=self.job_id,
                                schema_version=self.schema_version, inputs=inputs, counts=counts,
-                               identity=identity)
+                               identity=identity, guard=self._guard(shard.id), generation=self.generation)
             return summary
         summary["table"] = table
         return summary
+
+    def _guard(self, shard_id: int):
+        if not self.lock_token:
+            return None
+        from audit.data.lock import guard
+
+        return guard(self.out_dir, self.lock_token, self.generation, f"shard {shard_id}")
 
     def process_items(self, items, shard_id: int = 0):
         """Rows for a list of :class:`audit.data.datasets.Item` as an Arrow table cast to the schema.

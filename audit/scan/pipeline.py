@@ -272,8 +272,12 @@ def scan(out_dir, *, intervene: bool = True, quiet: bool = False, layer: str | N
     write_tables(view.out, {"classes": classes_df, "clusters": clusters_df, "interventions": tests_df},
                  view.regions)
     if not quiet:
+        from audit.data.io import completeness
+        from audit.data.predictions import one_class_warning
+
         print(format_table(classes_df, clusters_df, layer=view.layer, method=view.method, out=view.out,
-                           errors=view.errors, causal=causal))
+                           errors=view.errors, causal=causal, incomplete=completeness(view.out),
+                           model_warning=one_class_warning(view.out, view.job.get("classes"))))
         for line in cost_lines(classes_df):
             print(line)
     return classes_df, clusters_df

@@ -197,14 +197,19 @@ def _cluster_lines(clusters_df, class_id) -> list[str]:
 
 
 def format_table(classes_df, clusters_df, *, layer="", method="", out="", errors=0, width=None,
-                 causal=None) -> str:
-    """The compact suspects-first table printed by ``audit scan``."""
+                 causal=None, incomplete: str | None = None, model_warning: str | None = None) -> str:
+    """The compact suspects-first table printed by ``audit scan``.
+
+    ``incomplete``: why OUT holds only part of its job; ``model_warning``: a
+    model that predicts one class for everything (both printed as WARNING lines).
+    """
     import shutil
     import textwrap
 
     width = width or min(120, shutil.get_terminal_size((100, 20)).columns)
     lines = [f"scan of {out}: layer {layer}, {method}; {len(classes_df)} classes"
              + (f", {errors} unreadable images" if errors else "")]
+    lines[:0] = [f"WARNING: {w}" for w in (incomplete, model_warning) if w]
     hdr = (f"{'verdict':<19} {'class':<16} {'n':>6} {'acc':>5} {'susp':>5}  {'cue':<20} "
            f"{'flip cue/obj/bg':>15}")
     lines += [hdr, "-" * len(hdr)]
@@ -225,6 +230,7 @@ def format_table(classes_df, clusters_df, *, layer="", method="", out="", errors
 
     n_s = int((classes_df["verdict"] == "shortcut_suspected").sum())
     where = fs.join(str(out), "summary") if fs.is_uri(str(out)) else Path(out) / "summary"  # s3:// kept whole
-    lines.append(f"{n_s} of {len(classes_df)} classes suspected of a shortcut; "
+    partial = f" ({incomplete.split(' (', 1)[0]})" if incomplete else ""  # "incomplete output: 6 of 16 shards committed"
+    lines.append(f"{n_s} of {len(classes_df)} classes suspected of a shortcut{partial}; "
                  f"tables in {where}/classes.parquet, clusters.parquet and interventions.parquet")
     return "\n".join(lines)
