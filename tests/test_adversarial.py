@@ -1,11 +1,19 @@
-"""A driver that wakes up late never overwrites: SIGSTOP, takeover, SIGCONT (issue 22.1).
+"""The adversarial table of issue 22 as tests: each attempt and what must come of it.
 
-Driver A (`audit run` in a subprocess, its own local Ray) is stopped with
-SIGSTOP after a random number of commits and a random pause; its lock is aged
-as if 130 s had passed; driver B takes the output over (``--resume``, or an
-image added and ``--resume=replan``) and finishes; A is continued.  A must
-stop in one line and commit nothing; every current input is in the output
-exactly once; ``job.json`` holds both runs.  For a local disk and for S3 (moto).
+A hostile or unlucky user's attempts, each asserting its one-line error, its
+exactly-once output or its warning.  The quick ones need no Ray; the hostile
+driver tests (marked slow) run ``audit run`` in subprocesses:
+
+* **a paused driver** (issue 22.1): driver A is stopped with SIGSTOP after a
+  random number of commits and a random pause; its lock is aged as if 130 s
+  had passed; driver B takes the output over (``--resume``, or an image added
+  and ``--resume=replan``) and finishes; A is continued.  A must stop in one
+  line and commit nothing; every current input is in the output exactly once;
+  ``job.json`` holds both runs.  For a local disk and for S3 (moto).
+* the rest, one test each, in the order of the issue: spec bombs and bounds,
+  input identity, label types, duplicated rows, locks that heal, a full disk,
+  incomplete outputs, masks by full name, the pixel limit, one-class models,
+  URIs, the Lambda flag.
 """
 
 from __future__ import annotations
@@ -23,10 +31,10 @@ import helpers_jobs as h
 import helpers_s3
 import pytest
 
-from audit.data import fs, io
+from audit.data import datasets, decode, fs, identity, io
 from audit.data import lock as lk
+from audit.errors import AuditError
 
-pytestmark = pytest.mark.slow
 
 METHODS = ("gradcam",)
 N_PER_CLASS = 20  # 2 classes, shards of 4: 10 shards
@@ -73,6 +81,7 @@ def _age_lock(out, seconds):
         Path(path).write_text(json.dumps(d))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("store,mode", [("local", "replan"), ("local", "resume"), ("s3", "replan")])
 def test_a_paused_driver_never_overwrites_the_one_that_took_over(tmp_path, request, store, mode):
     rng = random.Random(f"{store}-{mode}")
@@ -108,3 +117,281 @@ def test_a_paused_driver_never_overwrites_the_one_that_took_over(tmp_path, reque
     assert job["generation"] == 2 and job["status"] == "ok"
     assert lk.read_lock(out) is None  # B released it; A did not write it back
     assert {e.get("generation") for e in io.manifest_entries(out).values()} <= {1, 2}
+
+
+# ----------------------------------------------------------------------------
+# the quick attempts (no Ray)
+# ----------------------------------------------------------------------------
+
+
+def _one_line(exc_info) -> str:
+    msg = str(exc_info.value)
+    assert "\n" not in msg and len(msg) < 600, msg[:300]
+    return msg
+
+
+def _spec_file(tmp_path, extra: str = "") -> Path:
+    (tmp_path / "m.keras").write_bytes(b"not a model")
+    (tmp_path / "data" / "a").mkdir(parents=True, exist_ok=True)
+    p = tmp_path / "job.yaml"
+    p.write_text("name: t\nmodel: {path: m.keras}\ndataset: {format: folder, path: data}\noutput: out\n" + extra)
+    return p
+
+
+def test_a_570_byte_alias_bomb_in_explain_layers_is_one_line_at_once(tmp_path):
+    from audit.runner.spec import load_spec
+
+    levels = ['a0: &a0 ["x", "x", "x", "x", "x", "x", "x", "x", "x"]']
+    levels += [f"a{k}: &a{k} [" + ", ".join([f"*a{k - 1}"] * 9) + "]" for k in range(1, 9)]
+    p = _spec_file(tmp_path, "x-bomb:\n" + "".join(f"  {ln}\n" for ln in levels) + "explain: {layers: *a8}\n")
+    assert p.stat().st_size < 1200
+    t0 = time.perf_counter()
+    with pytest.raises(AuditError) as e:
+        load_spec(str(p))
+    assert "alias" in _one_line(e) and time.perf_counter() - t0 < 30  # 9^9 strings were never built
+
+
+@pytest.mark.parametrize("value", ["1000000000", "1e23"])
+def test_a_huge_batch_size_is_one_line_naming_the_bound(tmp_path, value):
+    from audit.runner.spec import load_spec
+
+    with pytest.raises(AuditError) as e:
+        load_spec(str(_spec_file(tmp_path)), [f"resources.batch_size={value}"])
+    assert "batch_size" in _one_line(e)
+
+
+def test_an_edited_manifest_box_changes_the_shard_identity(tmp_path):
+    h.write_png(tmp_path / "a.png", h.image(1, 0)[0])
+    m = tmp_path / "m.csv"
+    m.write_text("path,label,x0,y0,x1,y1\na.png,0,0,0,2,2\n")
+    d = {"format": "manifest", "path": str(m), "classes": ["x", "y"], "shard_size": 4}
+
+    def ident():
+        p = datasets.plan(d)
+        return identity.shard_identity(d, p.shards[0], p.classes)
+
+    was = ident()
+    m.write_text("path,label,x0,y0,x1,y1\na.png,0,10,10,20,20\n")  # same shard, another box
+    assert "input list changed" in identity.identity_change(was, ident())
+
+
+def test_categorical_and_float_labels_are_labels_not_error_rows(tmp_path):
+    import pandas as pd
+
+    png = h.encode_png(h.image(1, 0)[0])
+    pd.DataFrame({"image": [png] * 3, "label": pd.Categorical(["cat", "dog", "cat"])}).to_parquet(
+        tmp_path / "c.parquet")
+    (tmp_path / "f").mkdir()
+    pd.DataFrame({"image": [png] * 3, "label": [0.0, 1.0, float("nan")]}).to_parquet(tmp_path / "f" / "f.parquet")
+    c = {"format": "parquet", "path": str(tmp_path / "c.parquet"), "shard_size": 4}
+    f = {"format": "parquet", "path": str(tmp_path / "f"), "shard_size": 4, "classes": ["cat", "dog"]}
+    assert [(i.label, i.error) for i in datasets.iter_items(c)] == [(0, None), (1, None), (0, None)]
+    assert [(i.label, i.error) for i in datasets.iter_items(f)] == [(0, None), (1, None), (None, None)]
+
+
+def test_a_duplicated_manifest_row_with_a_bad_label_is_refused_in_one_line(tmp_path):
+    for n in ("a.png", "b.png"):
+        h.write_png(tmp_path / n, h.image(1, 0)[0])
+    (tmp_path / "m.csv").write_text("path,label\na.png,bad\nb.png,1\na.png,0\n")
+    with pytest.raises(AuditError) as e:
+        datasets.plan({"format": "manifest", "path": str(tmp_path / "m.csv"), "shard_size": 4, "classes": ["x", "y"]})
+    assert "line 4: image 'a.png' is listed again (first on line 2)" in _one_line(e)
+
+
+@pytest.mark.parametrize("content", [b"", b'{"host": "h", "pid": 1, "job_'])
+def test_an_empty_or_truncated_lock_heals_once_old(tmp_path, content):
+    (tmp_path / lk.LOCK).write_bytes(content)
+    with pytest.raises(AuditError) as e:
+        lk.OutputLock(tmp_path, "j").acquire()
+    assert "unreadable" in _one_line(e)
+    t = time.time() - lk.STALE_AFTER_S - 5
+    os.utime(tmp_path / lk.LOCK, (t, t))
+    said = []
+    with lk.OutputLock(tmp_path, "j", warn=said.append):
+        pass
+    assert len(said) == 1 and "took over the stale lock" in said[0] and "unreadable" in said[0]
+
+
+def test_a_heartbeat_in_the_future_is_not_believed_forever(tmp_path):
+    d = {"host": "elsewhere", "pid": 1, "job_id": "x", "started": 0, "heartbeat": time.time() + 10**6, "token": "t"}
+    (tmp_path / lk.LOCK).write_text(json.dumps(d))
+    t = time.time() - lk.STALE_AFTER_S - 5
+    os.utime(tmp_path / lk.LOCK, (t, t))
+    said = []
+    with lk.OutputLock(tmp_path, "j", warn=said.append):
+        pass
+    assert "in the future" in said[0]
+
+
+def test_a_full_disk_during_a_shard_write_is_one_line_with_the_free_space(tmp_path, monkeypatch):
+    import errno
+
+    import pyarrow as pa
+
+    (tmp_path / io.RECORDS).mkdir()
+    (tmp_path / io.MANIFEST).mkdir()
+
+    def full(table, where):
+        Path(where).write_bytes(b"PAR1")  # a partial file, as a full disk leaves it
+        raise OSError(errno.ENOSPC, "No space left on device")  # pyarrow raises it this way
+
+    monkeypatch.setattr(io, "_write_parquet", full)
+    with pytest.raises(AuditError) as e:
+        io.write_shard(tmp_path, 3, pa.table({"x": [1]}), job_id="j", schema_version="1", inputs={}, counts={})
+    msg = _one_line(e)
+    assert msg.startswith(f"cannot write {tmp_path / 'records' / 'part-00003.parquet'}: No space left on device")
+    assert "disk full: " in msg and " free on " in msg and "needed" in msg
+    assert list((tmp_path / io.RECORDS).iterdir()) == []  # no temp file left behind
+
+
+def test_a_full_disk_writing_job_json_is_one_line(tmp_path, monkeypatch):
+    import errno
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(AuditError) as e:
+        io.atomic_write_json(tmp_path / "job.json", {"a": 1})
+    assert _one_line(e).startswith(f"cannot write {tmp_path / 'job.json'}: No space left on device (disk full: ")
+    assert list(tmp_path.iterdir()) == []
+
+
+def _fake_output(out: Path, shards: int, total: int, status: str, pred=lambda i: i % 2, score=0.9):
+    import pyarrow as pa
+
+    (out / io.RECORDS).mkdir(parents=True)
+    (out / io.MANIFEST).mkdir()
+    for s in range(shards):
+        ids = [f"img{s}_{k}" for k in range(4)]
+        t = pa.table({"image_id": ids, "status": ["ok"] * 4, "layer": ["conv"] * 4, "method": ["gradcam"] * 4,
+                      "pred": [pred(4 * s + k) for k in range(4)], "score": [score] * 4})
+        io.write_shard(out, s, t, job_id="j", schema_version="1", inputs={"start": 0, "stop": 4}, counts={})
+    io.atomic_write_json(out / io.JOB_JSON, {"job_id": "j", "status": status, "shards": {"total": total},
+                                             "classes": ["cat", "dog"]})
+
+
+def test_an_incomplete_output_says_so_in_the_scan_and_the_summary(tmp_path):
+    from audit.cli.run import format_summary
+    from audit.scan.table import format_table
+
+    _fake_output(tmp_path / "out", 6, 16, "incomplete")
+    line = io.completeness(tmp_path / "out")
+    assert line.startswith("incomplete output: 6 of 16 shards committed (job status incomplete)")
+    import pandas as pd
+
+    classes = pd.DataFrame({"verdict": ["ok"], "class_id": [0], "class_name": ["cat"], "n": [24], "accuracy": [1.0],
+                            "suspicion": [0.1], "cue": [None], "flip_rate_cue": [None], "flip_rate_object": [None],
+                            "flip_rate_background": [None], "evidence": ["fine"]})
+    text = format_table(classes, pd.DataFrame(columns=["class_id"]), out="o", incomplete=line)
+    assert text.splitlines()[0] == f"WARNING: {line}"
+    assert "0 of 1 classes suspected of a shortcut (incomplete output: 6 of 16 shards committed);" in text
+    summary = {"name": "t", "job_id": "j", "status": "incomplete", "images_done": 24, "images": 64,
+               "images_this_run": 24, "shards_skipped": 0, "errors": 0, "flat_maps": 0, "shards": 16,
+               "shards_done": 6, "retries": 0, "shards_failed": [7], "actors": 1, "actor_deaths": 0,
+               "output": "o", "rows": 24}
+    assert "  INCOMPLETE 6 of 16 shards committed: continue with --resume" in format_summary(summary)
+    _fake_output(tmp_path / "done", 2, 2, "ok")
+    assert io.completeness(tmp_path / "done") is None
+
+
+@pytest.mark.parametrize("case", ["nan weights", "collapsed head", "healthy"])
+def test_a_model_that_predicts_one_class_for_everything_is_called_out(tmp_path, case):
+    from audit.data.predictions import one_class_warning
+
+    pred, score = {"nan weights": (lambda i: 0, float("nan")), "collapsed head": (lambda i: 1, 0.99),
+                   "healthy": (lambda i: i % 2, 0.9)}[case]
+    _fake_output(tmp_path, 3, 3, "ok", pred=pred, score=score)
+    said = one_class_warning(tmp_path, ["cat", "dog"])
+    if case == "healthy":
+        assert said is None
+    elif case == "nan weights":
+        assert said.startswith("the model's scores are NaN or infinite for 12 of 12 images")
+    else:
+        assert said.startswith("the model predicts class 1 (dog) for every one of the 12 images")
+
+
+def test_same_stem_images_do_not_share_a_mask(tmp_path):
+    import numpy as np
+
+    for name in ("img.bmp", "img.webp"):
+        h.write_png(tmp_path / "d" / "cat" / name, h.image(1, 0)[0])
+    h.write_png(tmp_path / "m" / "cat" / "img.png", np.full((16, 16), 255, np.uint8))
+    d = {"format": "folder", "path": str(tmp_path / "d"), "masks": str(tmp_path / "m"), "shard_size": 4}
+    assert [(i.image_id, i.mask_file) for i in datasets.iter_items(d)] == [("cat/img.bmp", None),
+                                                                           ("cat/img.webp", None)]
+
+
+def test_explain_refuses_a_12000_by_12000_pbm_before_decoding(tmp_path):
+    from audit.review.explain import read_image
+
+    p = tmp_path / "big.pbm"
+    p.write_bytes(b"P4\n# huge\n12000 12000\n" + bytes(12000 * 12000 // 8))
+    t0 = time.perf_counter()
+    with pytest.raises(AuditError) as e:
+        read_image(p)
+    assert "PBM header claims 12000x12000 = 144,000,000 pixels, more than max_pixels" in _one_line(e)
+    assert time.perf_counter() - t0 < 5
+
+
+def test_opencv_s_own_pixel_guard_is_one_clear_line():
+    """Inside jobs OpenCV's OPENCV_IO_MAX_IMAGE_PIXELS refused with a raw "Assertion failed"."""
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import numpy as np, cv2\n"
+            "from audit.data import decode\n"
+            "ok, buf = cv2.imencode('.png', np.zeros((40, 40, 3), np.uint8))\n"
+            "try:\n    decode.decode_image(buf.tobytes(), max_pixels=10**8)\n"
+            "except decode.DecodeError as e:\n    print(e)\n")
+    env = {**os.environ, "OPENCV_IO_MAX_IMAGE_PIXELS": "100"}
+    r = subprocess.run([sys.executable, "-c", code, str(Path(__file__).parents[1])], env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.stdout.strip().startswith("the image has more than max_pixels=100,000,000 pixels (refused by OpenCV"), \
+        r.stdout + r.stderr[-500:]
+    assert "Assertion" not in r.stdout
+
+
+@pytest.mark.parametrize("fmt,data,size", [
+    ("pgm", b"P5 640 480 255\n", (640, 480)),
+    ("pam", b"P7\nWIDTH 300\nHEIGHT 200\nDEPTH 3\nMAXVAL 255\nENDHDR\n", (300, 200)),
+    ("ras", b"\x59\xa6\x6a\x95" + (70).to_bytes(4, "big") + (50).to_bytes(4, "big"), (70, 50)),
+    ("hdr", b"#?RADIANCE\nFORMAT=32-bit_rle_rgbe\n\n-Y 30 +X 40\n", (40, 30)),
+])
+def test_every_decoder_s_header_is_sized_before_decoding(fmt, data, size):
+    assert decode.header_size(data) == (fmt, *size)
+
+
+def test_an_absolute_s3_manifest_entry_keeps_its_uri_as_image_id():
+    item = datasets._manifest_item({"path": "s3://out/img/a.png", "label": "0"}, "/data", None, "mask")
+    assert item.image_id == "s3://out/img/a.png"
+
+
+def test_the_scan_names_a_bucket_output_with_both_slashes():
+    import pandas as pd
+
+    from audit.scan.table import format_table
+
+    text = format_table(pd.DataFrame(columns=["verdict", "class_id"]), pd.DataFrame(columns=["class_id"]),
+                        out="s3://out/job")
+    assert "tables in s3://out/job/summary/classes.parquet" in text
+
+
+def test_the_lambda_refusal_names_a_flag_that_audit_run_accepts(tmp_path):
+    import zipfile
+
+    from audit.cli import build_parser
+    from audit.runner.precheck import check_model_file
+    from audit.runner.spec import load_spec
+
+    cfg = {"class_name": "Functional", "config": {"layers": [
+        {"class_name": "InputLayer", "config": {"name": "in"}},
+        {"class_name": "Lambda", "config": {"name": "code"}}]}}
+    with zipfile.ZipFile(tmp_path / "m.keras", "w") as z:
+        z.writestr("config.json", json.dumps(cfg))
+    (tmp_path / "data" / "a").mkdir(parents=True)
+    spec = tmp_path / "job.yaml"
+    spec.write_text("name: t\nmodel: {path: m.keras}\ndataset: {format: folder, path: data}\noutput: out\n")
+    with pytest.raises(AuditError) as e:
+        check_model_file(load_spec(str(spec)))
+    msg = _one_line(e)
+    assert "--set model.trust_code=true" in msg and "(or --trust-code)" not in msg
+    args = build_parser().parse_args(["run", str(spec), "--set", "model.trust_code=true"])
+    check_model_file(load_spec(str(spec), args.overrides))  # the flag named exists and is enough
