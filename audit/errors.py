@@ -35,8 +35,10 @@ def cannot_write(path, e: OSError, hint: str = "", need: int | None = None) -> A
     kind = ""
     if e.errno in _READ_ONLY:
         kind = " (read-only output?)"
-    elif e.errno in _FULL or is_disk_full(e):
+    elif e.errno == errno.ENOSPC or (e.errno is None and is_disk_full(e)):
         kind = f" ({free_space(path, need)})"
+    elif e.errno in _FULL:
+        kind = " (disk full or over quota?)"
     return AuditError(f"cannot write {path}: {why}{kind}" + (f"; {hint}" if hint and kind else ""))
 
 
@@ -63,9 +65,12 @@ def free_space(path, need: int | None = None) -> str:
     return f"disk full: {free}" + (f", about {_size(need)} needed" if need else "") + "; free some space"
 
 
-def _size(n: int) -> str:
-    for unit in ("bytes", "kB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n} bytes" if unit == "bytes" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
+def _size(n: float) -> str:
+    if n < 1000:
+        return f"{int(n)} bytes"
+    units = ("kB", "MB", "GB")
+    k = 0
+    n /= 1000
+    while n >= 1000 and k < len(units) - 1:
+        n, k = n / 1000, k + 1
+    return f"{n:.1f} {units[k]}"

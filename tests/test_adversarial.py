@@ -35,7 +35,6 @@ from audit.data import datasets, decode, fs, identity, io
 from audit.data import lock as lk
 from audit.errors import AuditError
 
-
 METHODS = ("gradcam",)
 N_PER_CLASS = 20  # 2 classes, shards of 4: 10 shards
 
@@ -252,7 +251,7 @@ def test_a_full_disk_writing_job_json_is_one_line(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "fsync", full)
     with pytest.raises(AuditError) as e:
-        io.atomic_write_json(tmp_path / "job.json", {"a": 1})
+        io.write_job(tmp_path, {"a": 1})
     assert _one_line(e).startswith(f"cannot write {tmp_path / 'job.json'}: No space left on device (disk full: ")
     assert list(tmp_path.iterdir()) == []
 

@@ -90,16 +90,24 @@ def atomic_write_bytes(path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException as e:  # a full disk: leave no half-written temp file behind
+    except BaseException:  # a full disk: leave no half-written temp file behind
         with contextlib.suppress(OSError):
             os.unlink(tmp)
-        if isinstance(e, OSError) and is_disk_full(e):
-            raise cannot_write(path, e, need=len(data)) from None
         raise
 
 
 def atomic_write_json(path, obj) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n").encode())
+
+
+def write_job(out, record: dict) -> None:
+    """Write ``OUT/job.json``; a full disk or a read-only output is one line naming it (AuditError)."""
+    data = (json.dumps(record, indent=2, sort_keys=False, default=str) + "\n").encode()
+    path = job_path(out)
+    try:
+        atomic_write_bytes(path, data)
+    except OSError as e:
+        raise cannot_write(path, e, need=len(data)) from None
 
 
 def _has_content(out: Path) -> bool:

@@ -282,7 +282,7 @@ def execute(ctx: JobContext, owned: Owned, *, progress=True, on_event=None) -> d
 
     record = job_record(ctx, owned)
     owned.lock.check()  # fencing: job.json is written only while this driver holds the lock
-    io.atomic_write_json(io.job_path(ctx.out), record)
+    io.write_job(ctx.out, record)
     state, status, bar = RunState(), "ok", None
     run_t0 = time.perf_counter()
     try:
@@ -410,7 +410,7 @@ def finish(ctx: JobContext, owned: Owned, record: dict, state: RunState, status:
     if not owned.lock.lost:
         now = io.read_job(ctx.out) or {}  # under the lock: the history as it is on disk, never shortened
         record["runs"] = history(now.get("runs") or record["runs"], run)
-        io.atomic_write_json(io.job_path(ctx.out), record)
+        io.write_job(ctx.out, record)
     elif status in ("ok", "incomplete"):
         raise LockLost(f"stopped: {owned.lock.lost}; this run (generation {owned.lock.generation}) "
                        "commits nothing more")
