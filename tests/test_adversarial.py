@@ -36,7 +36,7 @@ from audit.data import lock as lk
 from audit.errors import AuditError
 
 METHODS = ("gradcam",)
-N_PER_CLASS = 20  # 2 classes, shards of 4: 10 shards
+N_PER_CLASS = 32  # 2 classes, shards of 4: 16 shards
 
 
 @pytest.fixture(scope="module")
@@ -92,8 +92,10 @@ def test_a_paused_driver_never_overwrites_the_one_that_took_over(tmp_path, reque
     a = _driver(ws["spec"], out)
     try:
         _wait_for_commits(out, rng.randint(1, 3), a)
-        time.sleep(rng.uniform(0, 1.0))  # a random point: mid-shard, mid-commit, between shards
+        time.sleep(rng.uniform(0, 0.5))  # a random point: mid-shard, mid-commit, between shards
         os.kill(a.pid, signal.SIGSTOP)
+        paused_at = _entries(out)
+        assert paused_at < 2 * N_PER_CLASS // 4 and a.poll() is None, "A ended before it was paused"
         ids = list(ws["ids"])
         if mode == "replan":  # an image added while A sleeps: only B's plan has it
             h.write_png(tmp_path / "data" / "cat" / "img_000b.png", h.image(77, 0)[0])
@@ -107,7 +109,8 @@ def test_a_paused_driver_never_overwrites_the_one_that_took_over(tmp_path, reque
         os.kill(a.pid, signal.SIGCONT)
     a_out, a_err = a.communicate(timeout=300)
     lines = a_err.strip().splitlines()
-    assert a.returncode == 2 and lines[-1].startswith("audit: error: stopped: "), a_err[-3000:]
+    assert a.returncode == 2 and lines[-1].startswith("audit: error: stopped: "), \
+        (paused_at, a_out[-2000:], a_err[-3000:], b_out[-2000:])
     assert "commits nothing more" in lines[-1]
     h.assert_exactly_once(out, ids, methods=METHODS)
     job = json.loads(fs.read_bytes(io.job_path(out)) if fs.is_uri(out) else Path(io.job_path(out)).read_text())
