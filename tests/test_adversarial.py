@@ -362,7 +362,9 @@ def test_every_decoder_s_header_is_sized_before_decoding(fmt, data, size):
 
 
 def test_an_absolute_s3_manifest_entry_keeps_its_uri_as_image_id():
-    item = datasets._manifest_item({"path": "s3://out/img/a.png", "label": "0"}, "/data", None, "mask")
+    from audit.data.formats import manifest
+
+    item = manifest._manifest_item({"path": "s3://out/img/a.png", "label": "0"}, "/data", None, "mask")
     assert item.image_id == "s3://out/img/a.png"
 
 
