@@ -40,9 +40,18 @@ def _clear(out: Path) -> None:
     shutil.rmtree(out)
 
 
-def run_demo(out="tank-sky-demo", *, masks: bool = True, intervene: bool = True, report: bool = True,
+def default_out() -> Path:
+    """Where the demo writes by default: ``demo/`` in the user cache (never the working tree)."""
+    from audit import tanksky
+
+    return tanksky.cache_dir() / "demo"
+
+
+def run_demo(out=None, *, masks: bool = True, intervene: bool = True, report: bool = True,
              cache=None, params=None, progress: bool = True, log=print, fix: bool = False) -> dict:
     """Run the demo into ``out`` (``out/shortcut`` and ``out/control``); returns the results.
+
+    ``out`` None: :func:`default_out` (``~/.cache/shortcut-audit/demo``).
 
     ``masks=False`` audits without the tank masks (the scan then judges from
     the heatmaps alone).  ``cache``: where the data and models are kept
@@ -57,7 +66,7 @@ def run_demo(out="tank-sky-demo", *, masks: bool = True, intervene: bool = True,
     from audit.scan.pipeline import scan
 
     t0 = time.time()
-    out = Path(out)
+    out = Path(out) if out is not None else default_out()
     for p in (out, *out.parents):
         if p.exists():
             if not p.is_dir():

@@ -39,22 +39,36 @@ def build_parser() -> argparse.ArgumentParser:
     from audit import __version__
 
     parser.add_argument("--version", action="version", version=f"shortcut-audit {__version__}")
+    parser.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
         importlib.import_module(f"audit.cli.{name}").register(sub)
+    for p in sub.choices.values():
+        p.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
     return parser
 
 
-def quiet_tensorflow() -> None:
-    """Silence TensorFlow's C++ start-up chatter for CLI users (before TF is imported)."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+VERBOSE_HELP = "also show TensorFlow's, absl's, CUDA's and Ray's own log lines (hidden by default)"
+
+
+def quiet_tensorflow(verbose: bool = False) -> None:
+    """Keep TensorFlow's, absl's and Ray's start-up lines off stderr (before TF is imported).
+
+    Args:
+        verbose: show them instead (``--verbose``); sets ``AUDIT_VERBOSE=1`` for the
+            processes this one starts (Ray actors, the scan's model).
+    """
+    from audit import quiet
+
+    if verbose:
+        os.environ["AUDIT_VERBOSE"] = "1"
+    quiet.install()
 
 
 def main(argv=None) -> int:
-    quiet_tensorflow()
     parser = build_parser()
     args = parser.parse_args(argv)
+    quiet_tensorflow(bool(getattr(args, "verbose", False)))
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 EXAMPLE = """examples:
-  audit demo                        # writes ./tank-sky-demo/shortcut and ./tank-sky-demo/control
+  audit demo                        # writes ~/.cache/shortcut-audit/demo/{shortcut,control}
   audit demo --out /tmp/demo --no-masks
   audit demo --fix                  # then DFR on the export's groups, re-audit, compare
 
@@ -24,7 +24,9 @@ def register(sub) -> None:
         epilog=EXAMPLE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--out", default="tank-sky-demo", help="output directory (default: ./tank-sky-demo)")
+    p.add_argument("--out", default=None,
+                   help="output directory (default: demo/ in the user cache, ~/.cache/shortcut-audit/demo, "
+                        "or $SHORTCUT_AUDIT_CACHE/demo)")
     p.add_argument("--no-masks", action="store_true", help="audit without the tank masks")
     p.add_argument("--no-intervene", action="store_true", help="skip the confirmation by occlusion")
     p.add_argument("--no-report", action="store_true", help="do not write report.html")

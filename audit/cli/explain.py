@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
+
+USAGE = """audit explain MODEL IMAGE... --out DIR [options]
+       audit explain --job OUT IMAGE_OR_ID... --out DIR [options]
+       audit explain --application NAME IMAGE... --out DIR [options]"""
 
 EXAMPLE = """example:
+  audit explain --job results/tank-sky tank/0001.png --out explain/   # model, preprocessing, classes,
+                                                       # layers and methods of that job; an image id or file
   audit explain models/tank_sky.keras data/tank_sky/tank/0001.png --preprocess scale_0_1 --out explain/
   audit explain --application ResNet50 --weights resnet50.weights.h5 dog.jpg --out explain/ \\
       --layers conv5_block3_3_conv conv5_block3_add conv5_block3_out --methods gradcam gradcam++ guided
@@ -33,12 +40,18 @@ def register(sub) -> None:
 
     p = sub.add_parser(
         "explain",
+        usage=USAGE,
         help="single-image figures: CAM overlays per layer and method, guided backprop, feature maps, filters",
+        description="Explain single images: CAM overlays per target layer and method, guided backpropagation, guided Grad-CAM, feature-map grids and filter patterns, written to DIR/index.html.",
         epilog=EXAMPLE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("paths", nargs="+", metavar="MODEL IMAGE",
-                   help="the model file (.keras/.h5) then one or more images (only images with --application)")
+                   help="the model file (.keras/.h5) then one or more images (only images with --application "
+                        "or --job; with --job also image ids of that job)")
+    p.add_argument("--job", metavar="OUT",
+                   help="a job's output: take its model, preprocessing, classes, layers and methods "
+                        "(options given here override them); images may be its image ids")
     p.add_argument("--out", required=True, help="output folder (created)")
     p.add_argument("--layers", nargs="+", help="target layers (default: automatic + last conv + last merge)")
     p.add_argument("--methods", nargs="+",
@@ -85,7 +98,14 @@ def run(args) -> int:
     from audit.review.explain import explain
 
     paths = list(args.paths)
-    model_path = None if args.application else paths.pop(0)
+    job = None
+    if args.job:
+        from audit.review.from_job import job_inputs, resolve_images
+
+        job = job_inputs(args.job)
+        _take_from_job(args, job)
+        paths = resolve_images(args.job, paths, args.out)
+    model_path = job.model_path if job else None if args.application else paths.pop(0)
     if not paths:
         raise AuditError("give at least one IMAGE after the model")
     from audit.data import fs
@@ -123,5 +143,25 @@ def run(args) -> int:
         steps=args.steps, channels=args.channels, target=args.target, classes=_names(args.classes),
         output=args.output, token_grid=args.token_grid,
     )
+    if job is None and not args.application:  # after the figures: a user mistake stays one line
+        from audit.review.from_job import preprocess_warning
+
+        warning = preprocess_warning(model, model_path, preprocess)
+        if warning:
+            print(warning, file=sys.stderr)
     print(f"wrote {index}")
     return 0
+
+
+def _take_from_job(args, job) -> None:
+    """Fill the options the user left out from the job (``--job OUT``)."""
+    args.application = args.application or job.application
+    args.weights = args.weights or job.weights
+    args.input_size = args.input_size or job.input_size
+    args.trust_code = args.trust_code or job.trust_code
+    args.output = args.output or job.output
+    args.preprocess = args.preprocess or job.preprocess
+    args.classes = args.classes or job.classes
+    args.layers = args.layers or job.layers
+    args.methods = args.methods or job.methods
+    args.token_grid = args.token_grid or job.token_grid

@@ -19,6 +19,7 @@ def register(sub) -> None:
     p = sub.add_parser(
         "layers",
         help="list candidate target layers and mark the automatic choice",
+        description="List the layers of a model that can be target layers (4-D maps, or a vision transformer's patch tokens), with their output shapes, and mark the automatic choice and why.",
         epilog=EXAMPLE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

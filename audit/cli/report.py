@@ -20,6 +20,9 @@ def register(sub) -> None:
     p = sub.add_parser(
         "report",
         help="write OUT/report.html: suspects, mean heatmaps, cluster galleries, doubtful examples, errors",
+        description="Write a self-contained HTML report of a job output: the suspected classes with their "
+                    "evidence, each class's mean heatmap, galleries of overlays per cluster, the doubtful "
+                    "examples and the unreadable images.",
         epilog=EXAMPLE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -119,11 +119,11 @@ def run(args) -> int:
     if args.no_scan:
         return code
     try:
-        from audit.scan.pipeline import scan
+        from audit.scan.pipeline import scan_as_saved
     except ImportError:
         return code
     try:
-        classes, _ = scan(summary["output"])
+        classes, _ = scan_as_saved(summary["output"])  # a resumed job keeps the kind of scan saved in OUT
         found = after_scan(summary["output"], classes, args, address=args.address)
     except Exception as e:  # the records stay valid; `audit scan OUT` can redo it
         msg = " ".join(str(e).split()) or type(e).__name__

@@ -13,8 +13,11 @@ EXAMPLE = """examples:
   audit scan results/tank-sky --per-image --fail-on shortcut   # every image's cue evidence; exit 3 if suspected
 
 Writes OUT/summary/classes.parquet (one row per class) and
-OUT/summary/clusters.parquet (one row per heatmap cluster of a class) and
-prints the classes, suspects first. docs/scan.md explains every number.
+OUT/summary/clusters.parquet (one row per heatmap cluster of a class), records
+how they were made in OUT/summary/scan.json and prints the classes, suspects
+first. A scan with other settings than the saved one (another layer or method,
+--no-intervene after causal tests) is refused unless --force is given.
+docs/scan.md explains every number.
 """
 
 
@@ -38,6 +41,8 @@ def register(sub) -> None:
     p.add_argument("--quiet", action="store_true", help="write the tables, print nothing")
     add_per_image(p, None)
     add_fail_on(p)
+    p.add_argument("--force", action="store_true",
+                   help="replace a saved scan made with other settings (summary/scan.json says how it was made)")
     p.set_defaults(func=run)
 
 
@@ -46,5 +51,5 @@ def run(args) -> int:
 
     cfg = DEFAULT.replace(fill=args.fill)
     classes, _ = scan(args.out, intervene=not args.no_intervene, quiet=args.quiet, layer=args.layer,
-                      method=args.method, use_masks=not args.ignore_masks, cfg=cfg)
+                      method=args.method, use_masks=not args.ignore_masks, cfg=cfg, force=args.force)
     return after_scan(args.out, classes, args, quiet=args.quiet)

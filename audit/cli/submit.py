@@ -32,6 +32,9 @@ def register(sub) -> None:
     p = sub.add_parser(
         "submit",
         help="submit a job to a Ray cluster through the Ray Jobs API",
+        description="Submit a job spec to a Ray cluster through the Ray Jobs API (the job runs on the "
+                    "cluster as `audit run SPEC --address auto`) and print the submission id; --wait "
+                    "follows its logs to the end.",
         epilog=EXAMPLE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

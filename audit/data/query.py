@@ -155,7 +155,65 @@ def load(out, columns=None, filters=None):
                 raise AuditError(f"cannot read the records of {out}: {first}") from None
             raise AuditError(f"bad filter {filters!r}: {first}") from None
         raise
-    return table.to_pandas()
+    df = table.to_pandas()
+    # where the rows came from: heatmap() and overlay() read the columns a row lacks from there
+    df.attrs[SOURCE] = {"out": str(out), "filters": filters}
+    return df
+
+
+SOURCE = "audit.records"  # DataFrame.attrs key set by load()
+MAP_COLUMNS = ("status", "cam", "cam_h", "cam_w")
+IMAGE_COLUMNS = ("path", "path_bytes")  # path_bytes only where the records have it
+KEY_COLUMNS = ("image_id", "layer", "method")
+
+
+def _has(row, key) -> bool:
+    try:
+        return key in (row.index if hasattr(row, "index") and not isinstance(row, dict) else row)
+    except TypeError:
+        return False
+
+
+def with_columns(row, needed):
+    """``row`` with the columns ``needed`` read back from its job output when :func:`load` left them out.
+
+    Args:
+        row: a row of :func:`load`'s DataFrame (or of any frame made from it that
+            kept its index, e.g. ``df[df.energy_object < 0.2]``), or a dict.
+        needed: the column names the caller reads.
+
+    Returns:
+        ``row`` itself when it has them all, else a dict of its values plus the missing ones.
+
+    Raises:
+        AuditError: the row cannot be traced back to its record (a dict, or a
+            frame whose index was reset); the message names the columns to load.
+    """
+    missing = [c for c in needed if not _has(row, c)]
+    if not missing:
+        return row
+    src = getattr(row, "attrs", {}).get(SOURCE)
+    pos = getattr(row, "name", None)
+    hint = (f"the record has no {', '.join(missing)} column; load them too: "
+            f"audit.load(OUT, columns=[..., {', '.join(repr(c) for c in missing)}])")
+    if src is None or not isinstance(pos, (int, np.integer)):
+        raise AuditError(hint)
+    ds = records_dataset(src["out"])
+    keys = ds.to_table(columns=list(KEY_COLUMNS), filter=_expression(src["filters"]))
+    if not 0 <= pos < keys.num_rows:
+        raise AuditError(hint)
+    key = {k: keys.column(k)[int(pos)].as_py() for k in KEY_COLUMNS}
+    if any(_has(row, k) and row[k] != v for k, v in key.items()):  # the frame's index no longer is load()'s
+        raise AuditError(hint)
+    import pyarrow.compute as pc
+
+    where = (pc.field("image_id") == key["image_id"]) & (pc.field("layer") == key["layer"]) & \
+        (pc.field("method") == key["method"])
+    wanted = [c for c in missing if c in ds.schema.names]
+    found = ds.to_table(columns=wanted, filter=where).slice(0, 1).to_pylist()
+    if not found:
+        raise AuditError(hint)
+    return {**dict(row.items()), **key, **found[0]}
 
 
 def _get(row, key, default=None):
@@ -177,6 +235,7 @@ def _size(size):
 
 def raw_map(row) -> np.ndarray:
     """The raw map of a record (``cam`` reshaped to ``cam_h x cam_w``)."""
+    row = with_columns(row, MAP_COLUMNS)
     status = _get(row, "status")
     cam = _get(row, "cam")
     if status == "error" or cam is None:
@@ -189,8 +248,9 @@ def heatmap(row, size=None) -> np.ndarray:
     """The normalised heatmap of a record.
 
     Args:
-        row: one record (a row of :func:`load`'s DataFrame, or a dict) with
-            ``cam``, ``cam_h``, ``cam_w`` and ``status``.
+        row: one record: a row of :func:`load`'s DataFrame (columns it lacks,
+            ``cam``, ``cam_h``, ``cam_w``, ``status``, are read from the output),
+            or a dict with them.
         size: None (the layer's resolution), an int (square) or (H, W).
 
     Returns:
@@ -198,7 +258,8 @@ def heatmap(row, size=None) -> np.ndarray:
         by its maximum (all zero for a flat map), bilinearly resized.
 
     Raises:
-        AuditError: the record has no map (``status=error``).
+        AuditError: the record has no map (``status=error``), or it lacks the
+            map's columns and cannot be traced back to the output.
     """
     m = normalize(raw_map(row))
     s = _size(size)
@@ -207,6 +268,7 @@ def heatmap(row, size=None) -> np.ndarray:
 
 def original_image(row) -> np.ndarray:
     """The original image of a record (uint8 RGB), from its file or its Parquet/TFRecord record."""
+    row = with_columns(row, IMAGE_COLUMNS)
     path = str(_get(row, "path", ""))
     raw = _get(row, "path_bytes")
     if isinstance(raw, bytes) and raw:  # a file name that is not UTF-8: `path` is its escaped text
@@ -240,5 +302,6 @@ def overlay(row, alpha: float = 0.4) -> np.ndarray:
     Raises:
         AuditError: the record has no map, or its image cannot be found or read.
     """
+    row = with_columns(row, (*MAP_COLUMNS, *IMAGE_COLUMNS))
     img = original_image(row)
     return overlay_image(img, heatmap(row), alpha=alpha)

@@ -654,6 +654,10 @@ def write_report(out_dir, *, max_examples: int = 12, max_classes: int = 24, seed
     notes = [f"Warning: {partial}." for partial in [completeness(out)] if partial]
     if classes is None:
         notes.append("No scan summary (summary/classes.parquet): run `audit scan OUT` for verdicts and clusters.")
+    else:
+        from audit.scan import provenance
+
+        notes.append(provenance.report_line(out))
     layer, method = _primary(ds, job, clusters, layer, method)
     light = _read_light(ds, layer, method)
     n_errors, error_rows = _read_errors(ds)

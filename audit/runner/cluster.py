@@ -189,7 +189,10 @@ def ray_init(address, log=None) -> bool:
     if ray.is_initialized():
         return False
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-    kwargs = {"log_to_driver": False, "configure_logging": True, "logging_level": "warning"}
+    from audit import quiet
+
+    kwargs = {"log_to_driver": quiet.verbose(), "configure_logging": True,
+              "logging_level": "info" if quiet.verbose() else "warning"}
     if address:
         check_reachable(address)
         _connect(ray, address, kwargs)

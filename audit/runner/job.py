@@ -138,6 +138,7 @@ class Owned:
     todo: list  # the shards to run
     started_ray: bool
     private: bool = False  # the job's own local Ray: no node can join it
+    local: bool = False  # no --address: a Ray on this machine (the job's own, or one the caller started)
 
 
 def run_job(spec, *, address=None, resume=False, overrides=(), progress=True, on_event=None,
@@ -239,7 +240,8 @@ def own_output(ctx: JobContext, address):
         for line in notes(found):
             _say(line)
         ready = True
-        yield Owned(lock, found, todo, started_ray, private=started_ray and not address)
+        yield Owned(lock, found, todo, started_ray, private=started_ray and not address,
+                    local=not address)
     finally:
         if started_ray:
             import ray
@@ -292,7 +294,7 @@ def execute(ctx: JobContext, owned: Owned, *, progress=True, on_event=None) -> d
             res = plan_resources(ctx.spec, ray.cluster_resources(), ray.nodes(), len(owned.todo),
                                  fixed=owned.private)
             record["resources"] = asdict(res)
-            _note_cpu_fallback(ctx.spec, res, owned.private)
+            _note_cpu_fallback(ctx.spec, res, owned.private or owned.local)
             bar = Progress(ctx.plan.total, owned.found.images, owned.found.errors, progress, ctx.spec["name"])
             Scheduler(ctx.spec, ctx.job_id, ctx.plan.classes, res, state, bar, on_event, owned.lock).run(owned.todo)
         status = "incomplete" if state.failed else "ok"
@@ -312,9 +314,12 @@ def execute(ctx: JobContext, owned: Owned, *, progress=True, on_event=None) -> d
     return summary
 
 
-def _note_cpu_fallback(spec: dict, res: Resources, private: bool) -> None:
-    """On a joined cluster without GPUs now, ``gpus_per_actor: auto`` means CPU actors: say how to ask for GPUs."""
-    if not private and spec["resources"]["gpus_per_actor"] == "auto" and not res.gpus_per_actor:
+def _note_cpu_fallback(spec: dict, res: Resources, local: bool) -> None:
+    """On a joined cluster without GPUs now, ``gpus_per_actor: auto`` means CPU actors: say how to ask for GPUs.
+
+    Not on a Ray of this machine (no ``--address``): no autoscaler adds nodes there.
+    """
+    if not local and spec["resources"]["gpus_per_actor"] == "auto" and not res.gpus_per_actor:
         _say("audit: note: the cluster has no GPU now, so resources.gpus_per_actor auto = 0 (CPU actors); "
              "set it to 1 to have an autoscaler add GPU nodes for the job")
 

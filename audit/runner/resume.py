@@ -85,7 +85,7 @@ def reconcile(out, plan, ds: dict, job_id: str, mode: str | None) -> Committed:
             raise AuditError(
                 f"cannot resume: shard {sid} ({io.RECORDS}/{entries[sid].get('file')}) no longer matches the "
                 f"dataset: {why}. The dataset changed since the job started: audit it into a new output, or "
-                f"rerun with --resume=replan to keep the {len(found.entries)} shards before it and redo the rest")
+                f"rerun with --resume=replan to {_keep(len(found.entries))} and redo the rest")
         found.replanned_from, found.reason = sid, why
         found.dropped = [k for k in sorted(entries) if k >= sid]
         break
@@ -130,3 +130,10 @@ def _strays(out, plan) -> set[int]:
             if m and int(m.group(1)) >= len(plan.shards):
                 stray.add(int(m.group(1)))
     return stray
+
+
+def _keep(n: int) -> str:
+    """What --resume=replan keeps, in words: "keep the 3 shards before it", "keep no shard"."""
+    if n == 0:
+        return "keep no shard (it is the first)"
+    return "keep the shard before it" if n == 1 else f"keep the {n} shards before it"

@@ -36,6 +36,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from audit import quiet
 from audit.errors import AuditError
 from audit.runner.pool import Resources, auto_count, missing
 
@@ -127,6 +128,7 @@ def remote_worker(base=None):
             # behind the decode and row threads while the CPUs (or the GPU) sit idle.
             if sys.getswitchinterval() > SWITCH_INTERVAL_S:
                 sys.setswitchinterval(SWITCH_INTERVAL_S)
+            quiet.install()  # the actor's own TF import: no C++ start-up lines (unless --verbose)
             super().__init__(*args, **kwargs)
 
         def setup(self):
@@ -237,7 +239,8 @@ class Scheduler:
 
     # -- actors -------------------------------------------------------------------
     def actor_options(self) -> dict:
-        env = {"TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "3"),
+        env = {**quiet.quiet_env(), "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "3"),
+               "AUDIT_VERBOSE": os.environ.get("AUDIT_VERBOSE", ""),
                "OPENCV_IO_MAX_IMAGE_PIXELS": str(int(self.spec["dataset"]["max_pixels"]))}
         # max_concurrency: the queued shard starts reading/decoding while the running one computes,
         # and the running one writes while the queued one computes (see audit.runner.worker)

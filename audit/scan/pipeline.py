@@ -236,8 +236,22 @@ def class_verdict(own: Verdict, clusters: list[ClusterResult], n_maps: int) -> V
                                            f"class): " + ev[0].lower() + ev[1:])
 
 
+def scan_as_saved(out_dir, *, quiet: bool = False):
+    """Scan again with the settings of the scan saved in ``out_dir`` (the defaults when there is none).
+
+    What ``audit run`` does at its end, so a resumed job keeps the kind of scan its user chose.
+    """
+    from audit.scan import provenance
+
+    s = provenance.saved_settings(out_dir)
+    if s is None:
+        return scan(out_dir, quiet=quiet)
+    return scan(out_dir, intervene=s.intervene, quiet=quiet, layer=s.layer, method=s.method,
+                use_masks=s.use_masks, cfg=DEFAULT.replace(fill=s.fill))
+
+
 def scan(out_dir, *, intervene: bool = True, quiet: bool = False, layer: str | None = None,
-         method: str | None = None, use_masks: bool = True, cfg: Config = DEFAULT):
+         method: str | None = None, use_masks: bool = True, cfg: Config = DEFAULT, force: bool = False):
     """Scan a job's records; write and return ``(classes_df, clusters_df)``.
 
     Args:
@@ -250,6 +264,7 @@ def scan(out_dir, *, intervene: bool = True, quiet: bool = False, layer: str | N
         use_masks: False ignores object masks (the statistics then come from
             the heatmaps alone).
         cfg: the thresholds (:class:`audit.scan.config.Config`).
+        force: replace a saved scan made with other settings (else refused).
 
     Returns:
         ``(classes_df, clusters_df)``, pandas DataFrames with the columns of
@@ -257,9 +272,19 @@ def scan(out_dir, *, intervene: bool = True, quiet: bool = False, layer: str | N
         ``OUT/summary/interventions.parquet`` holds every causal test.
 
     Raises:
-        AuditError: no such output, no records, or no such layer/method.
+        AuditError: no such output, no records, no such layer/method, or
+            ``summary/`` holds a scan made with other settings (see ``force``).
     """
+    import time
+
+    from audit.scan import provenance
+
+    t0 = time.perf_counter()
     view = read_view(out_dir, layer, method, use_masks)
+    made = provenance.ScanSettings(view.layer, view.method, intervene, use_masks, cfg.fill)
+    note = provenance.check(view.out, made, force)
+    if note and not quiet:
+        print(f"audit: {note}")
     groups = group_classes(view)
     load_class_grids(view, groups, cfg)
     results = [describe_class(g, view, cfg) for g in groups]
@@ -271,6 +296,7 @@ def scan(out_dir, *, intervene: bool = True, quiet: bool = False, layer: str | N
     classes_df = _costs(view.out, classes_df)
     write_tables(view.out, {"classes": classes_df, "clusters": clusters_df, "interventions": tests_df},
                  view.regions)
+    provenance.write(view.out, made, time.perf_counter() - t0)
     if not quiet:
         from audit.data.io import completeness
         from audit.data.predictions import one_class_warning

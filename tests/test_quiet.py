@@ -1,0 +1,114 @@
+"""stderr stays the user's: every command, on success and on a user mistake, prints only
+its own lines (``audit: ...``) there, never TensorFlow's, absl's, CUDA's or Ray's."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers_jobs import folder_workspace, image, write_png
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _env(**extra):
+    env = {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL", "AUDIT_VERBOSE")}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    return {**env, **extra}
+
+
+def audit(*args, cwd, timeout=600, **env):
+    """Run ``python -m audit ARGS`` in a fresh process (a first TensorFlow import, as a user gets)."""
+    return subprocess.run([sys.executable, "-m", "audit", *map(str, args)], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout, env=_env(**env))
+
+
+def own_lines_only(stderr: str) -> list[str]:
+    """The stderr lines, each checked to be the tool's own (``audit: ...``); returns them."""
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    for line in lines:
+        assert line.startswith("audit: "), f"a line on stderr that is not the tool's own: {line!r}"
+    return lines
+
+
+def assert_one_error(res, *words):
+    assert res.returncode == 2, (res.returncode, res.stderr[-2000:])
+    lines = own_lines_only(res.stderr)
+    assert len(lines) == 1 and lines[0].startswith("audit: error: "), lines
+    for w in words:
+        assert w in lines[0], lines[0]
+
+
+def test_tensorflow_import_is_quiet_unless_verbose(tmp_path):
+    """The hook silences the C++ lines at TF's import; AUDIT_VERBOSE=1 shows them (so this test can fail)."""
+    code = "from audit import quiet; quiet.install(); import keras, tensorflow as tf; print(tf.constant(2).numpy())"
+    quiet = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), cwd=tmp_path)
+    assert quiet.returncode == 0, quiet.stderr[-2000:]
+    assert quiet.stdout.strip() == "2"
+    assert quiet.stderr.strip() == ""
+    loud = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=_env(AUDIT_VERBOSE="1"), cwd=tmp_path)
+    assert loud.returncode == 0
+    assert "absl::InitializeLog" in loud.stderr or "cuda" in loud.stderr.lower(), loud.stderr
+
+
+def test_mistakes_before_tensorflow_are_one_line(tmp_path):
+    """Usage and file mistakes that need no model: one line, exit 2."""
+    assert_one_error(audit("run", tmp_path / "missing.yaml", cwd=tmp_path), "missing.yaml")
+    assert_one_error(audit("scan", tmp_path / "nothing", cwd=tmp_path), "nothing")
+    assert_one_error(audit("report", tmp_path / "nothing", cwd=tmp_path), "nothing")
+    assert_one_error(audit("submit", tmp_path / "missing.yaml", "--address", "http://127.0.0.1:1", cwd=tmp_path))
+    assert_one_error(audit("explain", tmp_path / "m.keras", "--out", tmp_path / "o", cwd=tmp_path), "IMAGE")
+    (tmp_path / "file").write_text("x")
+    assert_one_error(audit("demo", "--out", tmp_path / "file", cwd=tmp_path), "file")
+    assert_one_error(audit("nonsense", cwd=tmp_path), "nonsense")
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory):
+    """A tiny job, run through `audit run` (with its scan) as a user would."""
+    tmp = tmp_path_factory.mktemp("quiet")
+    ws = folder_workspace(tmp, 12, ["gradcam", "gradcam++"], {"actors": 1, "batch_size": 8}, shard_size=8)
+    write_png(tmp / "one.png", image(0, 0)[0])
+    res = audit("run", ws["spec"], "--no-progress", cwd=tmp)
+    return {"dir": tmp, "run": res}
+
+
+@pytest.mark.slow
+def test_run_and_scan_success_is_quiet(job):
+    res = job["run"]
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "scan of" in res.stdout
+    assert own_lines_only(res.stderr) == []
+
+
+@pytest.mark.slow
+def test_scan_report_layers_explain_quiet(job):
+    tmp = job["dir"]
+    for args in (("scan", "out"), ("report", "out"), ("layers", "model.keras"),
+                 ("explain", "model.keras", "one.png", "--out", "fig", "--filters", "0",
+                  "--preprocess", "scale_0_1")):
+        res = audit(*args, cwd=tmp)
+        assert res.returncode == 0, (args, res.stderr[-3000:])
+        assert own_lines_only(res.stderr) == [], args
+
+
+@pytest.mark.slow
+def test_mistakes_after_tensorflow_are_one_line(job):
+    tmp = job["dir"]
+    assert_one_error(audit("scan", "out", "--layer", "nope", cwd=tmp), "nope")
+    assert_one_error(audit("layers", "one.png", cwd=tmp), "one.png")
+    assert_one_error(audit("explain", "model.keras", "one.png", "--out", "fig2", "--layers", "nope", cwd=tmp),
+                     "nope")
+    assert_one_error(audit("run", "job.yaml", "--set", "model.preprocess=scale_0_2", "--set", "output=o2",
+                           cwd=tmp), "preprocess")
+
+
+@pytest.mark.slow
+def test_verbose_flag_shows_the_libraries_lines(job):
+    res = audit("layers", "model.keras", "--verbose", cwd=job["dir"])
+    assert res.returncode == 0
+    assert any(not line.startswith("audit: ") for line in res.stderr.splitlines() if line.strip()), res.stderr
