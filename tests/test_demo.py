@@ -78,8 +78,8 @@ def test_demo_without_masks(demo):
     from audit.demo import flagged
     from audit.scan.pipeline import scan
 
-    sc, _ = scan(demo["models"]["shortcut"]["out"], use_masks=False, quiet=True)
-    ct, ctc = scan(demo["models"]["control"]["out"], use_masks=False, quiet=True)
+    sc, _ = scan(demo["models"]["shortcut"]["out"], use_masks=False, quiet=True, force=True)
+    ct, ctc = scan(demo["models"]["control"]["out"], use_masks=False, quiet=True, force=True)
     assert flagged(sc) and not flagged(ct)
     s = sc.set_index("class_name")
     assert s.loc["no_tank", "cue"] == "region:sky" and s.loc["no_tank", "flip_rate_cue"] > 0.5
@@ -101,7 +101,7 @@ def test_demo_writes_the_contract_tables(demo):
         assert set(t.column("verdict").to_pylist()) <= {"shortcut_suspected", "ok", "insufficient_data"}
     from audit.scan import scan
 
-    scan(out, quiet=True)  # with masks again (test_demo_without_masks may have rescanned without)
+    scan(out, quiet=True, force=True)  # with masks again (test_demo_without_masks may have rescanned without)
     t = pq.read_table(f"{out}/summary/interventions.parquet")
     assert t.schema.names == arrow_schema("interventions").names
     df = t.to_pandas()

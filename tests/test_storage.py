@@ -374,7 +374,8 @@ def test_scan_and_report_on_a_bucket_output(s3, ray_s3, data, tmp_path, capsys):
     assert s["status"] == "ok"
     assert main(["scan", out, "--quiet"]) == 0
     keys = s3.keys("scanned", "job/summary/")
-    assert keys == ["job/summary/classes.parquet", "job/summary/clusters.parquet", "job/summary/interventions.parquet"]
+    assert keys == ["job/summary/classes.parquet", "job/summary/clusters.parquet", "job/summary/interventions.parquet",
+                    "job/summary/scan.json"]
     classes = pq.read_table(fs.open_input(f"{out}/summary/classes.parquet")).to_pandas()
     assert sorted(classes.class_name) == ["cat", "dog"] and classes.n.sum() == 12
     # the causal tests read the model and the images from the bucket (12 images are too few to run them)

@@ -16,9 +16,10 @@ import sys
 from audit.errors import AuditError, os_error_line
 
 COMMANDS = ("run", "submit", "scan", "report", "layers", "explain", "demo", "export", "compare")
-# Commands that load a model: TensorFlow is imported up front, quietly.  `run` imports it
-# itself, after the spec and the model file's config were checked (a typo costs no TF import).
-NEEDS_TF = ("layers", "explain", "demo")
+# Commands that import TensorFlow up front.  `run`, `layers` and `explain` import it only after
+# what needs no model was checked (a typo, a PNG given as the model, an unknown layer of a .keras or
+# .h5 file cost no TF import); every import of it is quiet (audit.quiet.install).
+NEEDS_TF = ("demo",)
 
 
 class _Parser(argparse.ArgumentParser):

@@ -130,6 +130,11 @@ def run(args) -> int:
     preprocess = args.preprocess
     if preprocess is None:
         preprocess = _application_preprocess(args.application) if args.application else "none"
+    if model_path and not args.application and not fs.is_uri(model_path):
+        from audit.engine.modelfile import check_layers, check_model_path
+
+        check_model_path(model_path)  # before TensorFlow is imported
+        check_layers(model_path, _names(args.layers), args.trust_code)
     check_preprocess(preprocess)
     if fs.is_uri(model_path):
         if not fs.is_file(model_path):

@@ -46,14 +46,21 @@ def check_input_size(size) -> None:
 
 
 def run(args) -> int:
-    from audit.engine import graph
     from audit.errors import AuditError
 
     if not args.model and not args.application:
         raise AuditError("give a model file or --application NAME")
     check_input_size(args.input_size)
     check_token_grid(args.token_grid)
+    from audit.data import fs
     from audit.engine.models import load_model
+
+    if args.model and not args.application and not fs.is_uri(args.model):
+        from audit.engine.modelfile import check_layers, check_model_path
+
+        check_model_path(args.model)  # before TensorFlow is imported
+        check_layers(args.model, None, args.trust_code)
+    from audit.engine import graph
 
     model = load_model(args.model, application=args.application, weights=args.weights,
                        input_size=args.input_size, trust_code=args.trust_code)

@@ -158,23 +158,15 @@ def load_model(path=None, *, application=None, weights=None, input_size=None,
             weights file or weights that do not fit, or an input size the
             application or model cannot take.
     """
-    import keras
-
     if application:
         return _build_application(application, weights, input_size, num_classes)
     if not path:
         raise AuditError("model: give either 'path' (a .keras or .h5 file) or 'application'")
-    p = Path(path)
-    if not p.exists():
-        raise AuditError(f"model file not found: {p}")
-    if p.is_dir():
-        raise AuditError(
-            f"{p} is a directory (a TensorFlow SavedModel?). Keras 3 can load a SavedModel "
-            "only as an opaque inference layer, which hides the convolutional layers "
-            "Grad-CAM needs; save the model as .keras (model.save('m.keras')) instead"
-        )
-    if p.suffix not in MODEL_SUFFIXES:
-        raise AuditError(f"model file {p} must end in .keras, .h5 or .hdf5")
+    from audit.engine.modelfile import check_model_path
+
+    p = check_model_path(path)  # before TensorFlow: a PNG, a SavedModel folder, weights only
+    import keras
+
     try:
         model = keras.models.load_model(p, compile=False, safe_mode=not trust_code)
     except Exception as e:  # Keras raises bare ValueError/OSError for everything

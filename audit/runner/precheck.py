@@ -3,7 +3,8 @@
 Two stages:
 
 * :func:`check_model_file` needs no TensorFlow: a ``.keras`` file is a zip
-  whose ``config.json`` lists every layer, so layer names asked for in
+  whose ``config.json`` lists every layer (an ``.h5`` file keeps the same in
+  its ``model_config``), so layer names asked for in
   ``explain.layers`` and ``Lambda`` layers (refused unless
   ``model.trust_code``) are checked from it in milliseconds;
 * :func:`check_with_model` loads the model in the driver the way each actor
@@ -16,70 +17,36 @@ Two stages:
 from __future__ import annotations
 
 import contextlib
-import json
-import zipfile
-from pathlib import Path
-
-from audit.errors import AuditError
-
-NESTED = ("Functional", "Sequential", "Model")  # layer classes that hold layers of their own
 
 
 def keras_layers(path) -> list[tuple[str, str]] | None:
-    """(layer path, class name) of every layer in a ``.keras`` file, nested ones as ``outer/inner``.
+    """(layer path, class name) of every layer in a ``.keras`` or ``.h5`` file, nested ones as ``outer/inner``.
 
-    None when the file is not a ``.keras`` zip with a readable ``config.json``
-    (an ``.h5`` file, say): the checks are then left to :func:`check_with_model`.
+    None when the file has no readable model configuration: the checks are
+    then left to :func:`check_with_model`.
     """
-    if Path(path).suffix != ".keras":
-        return None
-    try:
-        with zipfile.ZipFile(path) as z:
-            cfg = json.loads(z.read("config.json"))
-    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
-        return None
-    out: list[tuple[str, str]] = []
-    _walk(cfg, "", out)
-    return out
+    from audit.engine.modelfile import model_layers
 
-
-def _walk(node: dict, prefix: str, out: list) -> None:
-    for layer in (node.get("config") or {}).get("layers") or []:
-        cls = layer.get("class_name", "")
-        name = (layer.get("config") or {}).get("name") or layer.get("name") or ""
-        path = f"{prefix}{name}"
-        out.append((path, cls))
-        if cls in NESTED or (layer.get("config") or {}).get("layers"):
-            _walk(layer, f"{path}/", out)
+    return model_layers(path)
 
 
 def check_model_file(spec: dict) -> None:
-    """What the ``.keras`` file's config tells without TensorFlow: layer names, Lambda layers.
+    """What the model file tells without TensorFlow: what it is, layer names, Lambda layers.
 
     Raises:
-        AuditError: a layer in ``explain.layers`` that the model does not have
+        AuditError: not a Keras model file (a PNG, a SavedModel folder, weights
+            only), a layer in ``explain.layers`` that the model does not have
             (its layers listed), or a Lambda layer without ``model.trust_code``.
     """
+    from audit.data import fs
+    from audit.engine.modelfile import check_layers, check_model_path
+
     m = spec["model"]
-    layers = keras_layers(m["path"]) if m.get("path") else None
-    if layers is None:
+    if not m.get("path") or fs.is_uri(m["path"]):
         return
-    if not m.get("trust_code") and any(cls == "Lambda" for _, cls in layers):
-        raise AuditError(
-            f"{m['path']} contains a Lambda layer (arbitrary Python code), which Keras refuses to load in "
-            "safe mode; if you trust this file, set model.trust_code: true in the job spec (or add "
-            "--set model.trust_code=true to audit run)")
-    asked = spec["explain"].get("layers")
-    if asked in (None, "auto"):
-        return
-    paths = [p for p, cls in layers if cls != "InputLayer"]
-    known = set(paths) | {p.rsplit("/", 1)[-1] for p in paths}
-    for name in [asked] if isinstance(asked, str) else asked:
-        if name != "auto" and name not in known:
-            shown = [p for p, cls in layers if cls not in ("InputLayer", "Dense", "Dropout", "Flatten")
-                     and "Pooling" not in cls]
-            raise AuditError(f"unknown layer {name!r}; the model's layers: {', '.join(shown[-12:])}"
-                             + (" (see `audit layers MODEL` for the candidates)" if len(shown) > 12 else ""))
+    check_model_path(m["path"])
+    check_layers(m["path"], spec["explain"].get("layers"), bool(m.get("trust_code")),
+                 allow="set model.trust_code: true in the job spec (or add --set model.trust_code=true to audit run)")
 
 
 def check_with_model(spec: dict, classes) -> dict:
