@@ -47,7 +47,7 @@ def test_clear_errors_for_bad_files(tmp_path):
         load_model(tmp_path / "nope.keras")
     junk = tmp_path / "junk.keras"
     junk.write_bytes(b"not a zip file at all")
-    with pytest.raises(AuditError, match="cannot load model"):
+    with pytest.raises(AuditError, match="is not a Keras model: a .keras model file is a zip file, this one is a text"):
         load_model(junk)
     (tmp_path / "saved").mkdir()
     with pytest.raises(AuditError, match="SavedModel"):

@@ -41,7 +41,8 @@ def _audit(*args, **env):
 def test_run_without_address_ignores_ray_address(small_job):
     tmp, spec = small_job
     out = tmp / "out_env"
-    r = _audit("run", spec, "--no-progress", "--no-scan", "--set", f"output={out}", RAY_ADDRESS=DEAD)
+    r = _audit("run", spec, "--no-progress", "--no-scan", "--set", f"output={out}", RAY_ADDRESS=DEAD,
+               AUDIT_IN_PROCESS="0")  # a job this small would otherwise run in the driver, without Ray
     assert r.returncode == 0, r.stderr[-3000:]
     assert "8 of 8 audited" in r.stdout
     said = [ln for ln in r.stderr.splitlines() if "RAY_ADDRESS" in ln]

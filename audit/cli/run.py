@@ -89,8 +89,10 @@ def format_summary(s: dict) -> str:
     )
     if s.get("devices"):
         lines.append(f"  devices   {s['devices']}")
+    if s.get("startup_s") is not None:
+        lines.append(f"  start-up  {s['startup_s']:.1f} s (spec, dataset plan, Ray and actors or the model load)")
     if s.get("images_per_s"):
-        lines.append(f"  speed     {s['images_per_s']:.1f} images/s over {s['seconds']:.1f} s")
+        lines.append(f"  speed     {s['images_per_s']:.1f} images/s over {s['compute_s']:.1f} s of compute")
     lines.append(f"  output    {s['output']}  ({s['rows']:,} rows)")
     lines.append(f"  query     python -c \"import audit; print(audit.load('{s['output']}').head())\"")
     done = s.get("shards_done")

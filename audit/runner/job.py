@@ -45,7 +45,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from audit.errors import AuditError
-from audit.runner import pool
+from audit.runner import inprocess, pool
 from audit.runner.cluster import check_reachable, ray_init
 from audit.runner.precheck import check_model_file, check_with_model
 from audit.runner.progress import Progress
@@ -139,6 +139,7 @@ class Owned:
     started_ray: bool
     private: bool = False  # the job's own local Ray: no node can join it
     local: bool = False  # no --address: a Ray on this machine (the job's own, or one the caller started)
+    worker: object = None  # the driver's own worker when the job runs in-process (audit.runner.inprocess)
 
 
 def run_job(spec, *, address=None, resume=False, overrides=(), progress=True, on_event=None,
@@ -224,16 +225,18 @@ def own_output(ctx: JobContext, address):
 
     created = _make_dir(ctx.out)
     lock = OutputLock(ctx.out, ctx.job_id, warn=_say)
-    ready, started_ray = False, False
+    ready, started_ray, worker = False, False, None
     try:
         # a named cluster is joined before the lock: a refused token or a dead head leaves OUT untouched
         started_ray = ray_init(address) if address else False
         lock.acquire()
         found = reconcile(ctx.out, ctx.plan, ctx.spec["dataset"], ctx.job_id, ctx.mode)
         todo = [s for s in ctx.plan.shards if s.id not in found.entries]
-        if todo:  # what an actor's setup would refuse, found before a private Ray or any actor starts
+        if todo and inprocess.runs_in_process(ctx.spec, address, todo):  # a small local job: no Ray
+            worker = inprocess.ready_worker(ctx.spec, ctx.job_id, ctx.plan.classes)
+        elif todo:  # what an actor's setup would refuse, found before a private Ray or any actor starts
             check_with_model(ctx.spec, ctx.plan.classes)
-        if todo and not address:
+        if todo and not address and worker is None:
             started_ray = ray_init(address)
         io.prepare_output(ctx.out, bool(ctx.mode))
         drop(ctx.out, found)
@@ -241,8 +244,10 @@ def own_output(ctx: JobContext, address):
             _say(line)
         ready = True
         yield Owned(lock, found, todo, started_ray, private=started_ray and not address,
-                    local=not address)
+                    local=not address, worker=worker)
     finally:
+        if worker is not None:
+            worker.close()
         if started_ray:
             import ray
 
@@ -286,9 +291,14 @@ def execute(ctx: JobContext, owned: Owned, *, progress=True, on_event=None) -> d
     owned.lock.check()  # fencing: job.json is written only while this driver holds the lock
     io.write_job(ctx.out, record)
     state, status, bar = RunState(), "ok", None
-    run_t0 = time.perf_counter()
+    run_t0, run_wall = time.perf_counter(), time.time()
     try:
-        if owned.todo:
+        if owned.todo and owned.worker is not None:
+            res = inprocess.resources()
+            record["resources"] = {**asdict(res), "in_process": True}
+            bar = Progress(ctx.plan.total, owned.found.images, owned.found.errors, progress, ctx.spec["name"])
+            inprocess.InProcessRunner(owned.worker, ctx.spec, state, bar, on_event, owned.lock).run(owned.todo)
+        elif owned.todo:
             import ray
 
             res = plan_resources(ctx.spec, ray.cluster_resources(), ray.nodes(), len(owned.todo),
@@ -310,6 +320,8 @@ def execute(ctx: JobContext, owned: Owned, *, progress=True, on_event=None) -> d
     finally:
         if bar is not None:
             bar.close()
+        # start-up: from `audit run` to the first worker ready (plan, lock, Ray, actors, model load)
+        record["timings"]["startup_s"] = round(run_wall - ctx.t_start + (state.first_ready_s or 0.0), 3)
         summary = finish(ctx, owned, record, state, status, time.perf_counter() - run_t0)
     return summary
 
@@ -411,6 +423,9 @@ def finish(ctx: JobContext, owned: Owned, record: dict, state: RunState, status:
     record["shards"] = {"total": len(ctx.plan.shards), "committed": len(all_done), "failed": sorted(state.failed)}
     record["failed_shards"] = {str(k): v for k, v in state.failed.items()}
     summary = _summary(ctx, all_done, owned.found.entries, state, run_s, status)
+    summary.update(_speed(record["timings"].get("startup_s"), state, run_s))
+    if (record.get("resources") or {}).get("in_process") and summary.get("devices"):
+        summary["devices"] = summary["devices"].replace("1 actor on", "in the driver (a small local job: no Ray) on")
     record["summary"] = summary
     if not owned.lock.lost:
         now = io.read_job(ctx.out) or {}  # under the lock: the history as it is on disk, never shortened
@@ -420,6 +435,13 @@ def finish(ctx: JobContext, owned: Owned, record: dict, state: RunState, status:
         raise LockLost(f"stopped: {owned.lock.lost}; this run (generation {owned.lock.generation}) "
                        "commits nothing more")
     return summary
+
+
+def _speed(startup_s, state: RunState, run_s: float) -> dict:
+    """Start-up and throughput apart: images/s over the seconds after the first worker was ready."""
+    compute_s = max(0.0, run_s - (state.first_ready_s or 0.0))
+    return {"startup_s": startup_s, "compute_s": round(compute_s, 2),
+            "images_per_s": round(state.images / compute_s, 2) if compute_s > 0 and state.images else None}
 
 
 def describe_devices(facts: list[dict]) -> str | None:

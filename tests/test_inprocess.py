@@ -1,0 +1,79 @@
+"""Small local jobs run in the driver: no Ray, the same records, committed exactly once."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+from helpers_jobs import assert_exactly_once, folder_workspace
+
+
+@pytest.fixture()
+def ws(tmp_path):
+    return folder_workspace(tmp_path, 5, ["gradcam", "gradcam++"], {"actors": "auto", "batch_size": 4})
+
+
+def test_small_job_runs_in_the_driver_exactly_once(ws, monkeypatch):
+    from audit.runner.job import run_job
+
+    monkeypatch.delenv("AUDIT_IN_PROCESS", raising=False)
+    s = run_job(ws["spec"], progress=False, base_dir=ws["dir"])
+    assert s["status"] == "ok" and s["images_done"] == 10 and s["shards"] == 4
+    assert "in the driver" in s["devices"]
+    assert s["startup_s"] > 0 and s["compute_s"] > 0 and s["images_per_s"] == pytest.approx(10 / s["compute_s"], 0.02)
+    ray = sys.modules.get("ray")
+    assert ray is None or not ray.is_initialized()  # no Ray was started
+    assert_exactly_once(ws["dir"] / "out", ws["ids"])
+    job = json.loads((ws["dir"] / "out" / "job.json").read_text())
+    assert job["resources"]["in_process"] is True and job["layers"] == ["conv2"]
+    assert job["timings"]["startup_s"] == s["startup_s"]
+    # a resume finds everything committed: nothing to do, still no Ray
+    s2 = run_job(ws["spec"], resume=True, progress=False, base_dir=ws["dir"])
+    assert s2["images_this_run"] == 0 and s2["shards_skipped"] == 4
+
+
+def test_when_a_job_runs_in_process(ws, monkeypatch):
+    from audit.data.datasets import Shard
+    from audit.runner.inprocess import MAX_IMAGES, runs_in_process
+
+    spec = {"resources": {"actors": "auto"}}
+    small, big = [Shard(0, "a", 0, 100)], [Shard(0, "a", 0, MAX_IMAGES + 1)]
+    monkeypatch.delenv("AUDIT_IN_PROCESS", raising=False)
+    assert runs_in_process(spec, None, small)
+    assert not runs_in_process(spec, None, big)
+    assert not runs_in_process(spec, "auto", small)  # a cluster: actors
+    assert not runs_in_process({"resources": {"actors": 4}}, None, small)  # the user asked for actors
+    monkeypatch.setenv("AUDIT_IN_PROCESS", "0")
+    assert not runs_in_process(spec, None, small)
+    monkeypatch.setenv("AUDIT_IN_PROCESS", "1")
+    assert runs_in_process(spec, None, big)
+
+
+def test_setup_mistake_leaves_no_output(ws):
+    from audit import AuditError
+    from audit.runner.job import run_job
+
+    with pytest.raises(AuditError, match="target"):
+        run_job(ws["spec"], overrides=["explain.target=7"], progress=False, base_dir=ws["dir"])
+    assert not (ws["dir"] / "out").exists()
+
+
+@pytest.mark.slow
+def test_same_records_as_on_ray(ws, tmp_path, monkeypatch):
+    import numpy as np
+
+    import audit
+    from audit.runner.job import run_job
+
+    monkeypatch.setenv("AUDIT_IN_PROCESS", "1")
+    run_job(ws["spec"], progress=False, base_dir=ws["dir"])
+    monkeypatch.setenv("AUDIT_IN_PROCESS", "0")
+    s = run_job(ws["spec"], overrides=[f"output={tmp_path / 'ray'}"], progress=False, base_dir=ws["dir"])
+    assert "in the driver" not in s["devices"]
+    cols = ["image_id", "layer", "method", "pred", "score", "cam", "energy_border", "status"]
+    a = audit.load(ws["dir"] / "out", columns=cols).sort_values(["image_id", "method"]).reset_index(drop=True)
+    b = audit.load(tmp_path / "ray", columns=cols).sort_values(["image_id", "method"]).reset_index(drop=True)
+    assert list(a.image_id) == list(b.image_id) and list(a.pred) == list(b.pred)
+    np.testing.assert_allclose(np.stack(a.cam), np.stack(b.cam), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(a.energy_border, b.energy_border, rtol=1e-4)
