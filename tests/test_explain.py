@@ -294,7 +294,7 @@ def test_cli_bad_input_is_one_line_error(explained, tmp_path, capsys):
     cases = [
         ([str(model_path), str(tmp_path / "missing.png")], "image not found"),
         ([str(model_path), str(bad)], "cannot decode image"),
-        ([str(model_path), img, "--layers", "nope"], "unknown layer 'nope'; candidate layers: c1"),
+        ([str(model_path), img, "--layers", "nope"], "unknown layer 'nope'; the model's layers: c1"),  # from the file, before TF
         ([str(model_path), img, "--methods", "gradcam", "bogus"], "unknown method 'bogus'"),
         ([str(model_path), img, "--methods", "cam", "--layers", "add"], "needs a GlobalAveragePooling2D"),
         ([str(tmp_path / "nomodel.keras"), img], "model file not found"),
