@@ -81,9 +81,8 @@ def resolve_images(out, names, folder) -> list[str]:
 def _files_of_ids(out, ids, inputs: Path) -> dict:
     import cv2
 
-    from audit import load
     from audit.data import fs
-    from audit.data.query import original_image
+    from audit.data.query import load, original_image
 
     rows = load(out, columns=["image_id", "path", "path_bytes"], filters=[("image_id", "in", list(ids))])
     rows = rows.drop_duplicates("image_id").set_index("image_id", drop=False)

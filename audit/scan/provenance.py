@@ -88,13 +88,18 @@ def check(out, new: ScanSettings, force: bool) -> str | None:
 
 def write(out, settings: ScanSettings, seconds: float) -> None:
     """Record how the tables now in ``summary/`` were made."""
-    from audit import __version__
+    from importlib import metadata
+
     from audit.data import fs
     from audit.data.io import atomic_write_bytes
 
+    try:
+        version = metadata.version("shortcut-audit")
+    except metadata.PackageNotFoundError:  # run from a checkout that was never installed
+        version = None
     record = {"settings": asdict(settings), "command": f"audit scan OUT {settings.options()}",
               "made": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "seconds": round(seconds, 1),
-              "version": __version__, "tables": ["classes", "clusters", "interventions"]}
+              "version": version, "tables": ["classes", "clusters", "interventions"]}
     p = _path(out)
     if not fs.is_uri(str(out)):
         p.parent.mkdir(parents=True, exist_ok=True)
