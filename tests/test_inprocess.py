@@ -28,6 +28,8 @@ def test_small_job_runs_in_the_driver_exactly_once(ws, monkeypatch):
     job = json.loads((ws["dir"] / "out" / "job.json").read_text())
     assert job["resources"]["in_process"] is True and job["layers"] == ["conv2"]
     assert job["timings"]["startup_s"] == s["startup_s"]
+    entries = [json.loads(p.read_text()) for p in (ws["dir"] / "out" / "_manifest").glob("part-*.json")]
+    assert len(entries) == 4 and {e["generation"] for e in entries} == {job["runs"][-1]["generation"]} != {0}
     # a resume finds everything committed: nothing to do, still no Ray
     s2 = run_job(ws["spec"], resume=True, progress=False, base_dir=ws["dir"])
     assert s2["images_this_run"] == 0 and s2["shards_skipped"] == 4
@@ -77,3 +79,20 @@ def test_same_records_as_on_ray(ws, tmp_path, monkeypatch):
     assert list(a.image_id) == list(b.image_id) and list(a.pred) == list(b.pred)
     np.testing.assert_allclose(np.stack(a.cam), np.stack(b.cam), rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(a.energy_border, b.energy_border, rtol=1e-4)
+
+
+def test_lock_taken_over_mid_run_commits_nothing_more(ws):
+    """The driver's commits are fenced by its lock, as an actor's: another driver's lock stops the run."""
+    from audit import AuditError
+    from audit.runner.job import run_job
+
+    lock = ws["dir"] / "out" / "_lock.json"
+
+    def steal(kind, payload):
+        if kind == "shard_done":
+            info = json.loads(lock.read_text())
+            lock.write_text(json.dumps({**info, "token": "another-driver", "pid": 1}))
+
+    with pytest.raises(AuditError, match="stopped"):
+        run_job(ws["spec"], progress=False, base_dir=ws["dir"], on_event=steal)
+    assert len(list((ws["dir"] / "out" / "_manifest").glob("part-*.json"))) == 1

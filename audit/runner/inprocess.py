@@ -37,15 +37,22 @@ def runs_in_process(spec: dict, address, todo) -> bool:
     return spec["resources"]["actors"] in ("auto", 1) and sum(s.size for s in todo) <= MAX_IMAGES
 
 
-def ready_worker(spec: dict, job_id: str, classes):
+def ready_worker(spec: dict, job_id: str, classes, lock=None, todo=()):
     """The driver's worker with its model loaded (what an actor's setup checks, raised the same way).
+
+    ``lock``: the output lock the driver holds; each commit is fenced by it, as
+    an actor's is (:func:`audit.data.lock.guard`).  ``todo``: the shards to run
+    (the largest sizes the warm-up batch).
 
     Raises:
         AuditError: an unknown layer, a bad target, classes that do not fit the model, ...
     """
     from audit.runner.worker import AuditWorker
 
-    worker = AuditWorker(spec, out_dir=spec["output"], job_id=job_id, classes=classes, cpus=os.cpu_count())
+    worker = AuditWorker(spec, out_dir=spec["output"], job_id=job_id, classes=classes, cpus=os.cpu_count(),
+                         largest_shard=max((s.size for s in todo), default=None),
+                         lock_token=lock.info.token if lock is not None else None,
+                         generation=lock.generation if lock is not None else 0)
     t0 = time.perf_counter()
     try:
         worker.setup()

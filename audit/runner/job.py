@@ -233,7 +233,7 @@ def own_output(ctx: JobContext, address):
         found = reconcile(ctx.out, ctx.plan, ctx.spec["dataset"], ctx.job_id, ctx.mode)
         todo = [s for s in ctx.plan.shards if s.id not in found.entries]
         if todo and inprocess.runs_in_process(ctx.spec, address, todo):  # a small local job: no Ray
-            worker = inprocess.ready_worker(ctx.spec, ctx.job_id, ctx.plan.classes)
+            worker = inprocess.ready_worker(ctx.spec, ctx.job_id, ctx.plan.classes, lock, todo)
         elif todo:  # what an actor's setup would refuse, found before a private Ray or any actor starts
             check_with_model(ctx.spec, ctx.plan.classes)
         if todo and not address and worker is None:
