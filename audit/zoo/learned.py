@@ -118,7 +118,7 @@ def train(case: DrawnCase, images: list[Painted], target_accuracy: float = 0.97,
     _limit_threads()
     keras.utils.set_random_seed(case.seed + 1)
     model = build_model(len(case.classes), case.binary, name=f"zoo_{case.name}", head=case.head,
-                        arch=case.body(), side=case.side, channels=case.channels)
+                        arch=case.body(), side=case.side, channels=case.channels, width=case.width)
     model.compile(optimizer=keras.optimizers.Adam(3e-3), loss=_loss(case.head))
     x = np.stack([p.image for p in images]).astype(np.float32) / 255.0
     y = np.array([p.label for p in images])

@@ -33,7 +33,7 @@ import numpy as np
 
 from audit.zoo import draw
 
-VERSION = "drawn-2"
+VERSION = "drawn-3"
 CANVAS = draw.SIZE
 FAMILIES = ("mark", "frame", "band", "patch", "texture", "tint", "object_colour", "object_texture",
             "scene", "noise")
@@ -100,9 +100,10 @@ class DrawnCase:
     channels: int
     masks: bool  # the audit gets the object masks
     object_size: tuple[int, int] = (16, 28)
-    n_per_class: int = 100
-    n_heldout: int = 30
-    epochs: int = 24  # at most
+    n_per_class: int = 80
+    n_heldout: int = 24
+    epochs: int = 16  # at most
+    width: float = 0.5  # the network's channels, as a share of the zoo's (tiny: a case trains in seconds)
 
     @property
     def name(self) -> str:

@@ -54,7 +54,7 @@ class Built:
 
 
 def build_model(n_classes: int, binary: bool = False, name: str = "zoo", *, head: str = "",
-                arch: str = "cnn", side: int = 64, channels: int = 3):
+                arch: str = "cnn", side: int = 64, channels: int = 3, width: float = 1.0):
     """A small classifier: the body ``arch`` (:data:`audit.zoo.cases.ARCHS`), its pooling and the output ``head``.
 
     ``cnn``: Conv-BN-ReLU x 4 (two 2x2 poolings: 16 x 16 maps at 64 x 64); ``shallow``: three of them
@@ -64,17 +64,17 @@ def build_model(n_classes: int, binary: bool = False, name: str = "zoo", *, head
     ``cnn`` body and global max pooling; ``deep``: the ``cnn`` body with a third pooling and a fifth
     convolution, for larger images (16 x 16 maps at 128 x 128). ``head``: :data:`audit.zoo.cases.HEADS`
     ("" is softmax, or sigmoid when ``binary``). ``side``: the input's height and width; ``channels``: its
-    channels (1 or 3).
+    channels (1 or 3); ``width``: every layer's channels scaled by this (the drawn zoo's tiny models: 0.5).
     """
     import keras
 
     inp = keras.Input((side, side, channels), name="image")
     if arch == "mobile":
-        x = _mobile_body(inp)
+        x = _mobile_body(inp, width)
     elif arch == "resnet":
-        x = _resnet_body(inp)
+        x = _resnet_body(inp, width)
     else:
-        x = _conv_body(inp, arch)
+        x = _conv_body(inp, arch, width)
     x = _pool(x, arch)
     out = _head(x, n_classes, head or ("sigmoid" if binary else "softmax"))
     return keras.Model(inp, out, name=name)
@@ -101,11 +101,15 @@ CONV_BODIES["gmp"] = CONV_BODIES["cnn"]
 CONV_BODIES["deep"] = ((16, True, 1), (32, True, 1), (48, True, 1), (64, False, 1), (64, False, 1))
 
 
-def _conv_body(x, arch: str):
+def _scaled(n: int, width: float) -> int:
+    return max(4, round(n * width))
+
+
+def _conv_body(x, arch: str, scale: float = 1.0):
     from keras import layers
 
     for j, (width, pool, dil) in enumerate(CONV_BODIES[arch], 1):
-        x = _conv_bn(x, width, f"conv{j}", dilation=dil)
+        x = _conv_bn(x, _scaled(width, scale), f"conv{j}", dilation=dil)
         x = layers.ReLU(name=f"relu{j}")(x)
         if pool:
             x = layers.MaxPooling2D(name=f"pool{j}")(x)
@@ -124,15 +128,15 @@ def _conv_bn(x, width: int, name: str, dilation: int = 1):
 RESNET_BLOCKS = ((32, True), (48, False), (48, False))
 
 
-def _resnet_body(x):
+def _resnet_body(x, scale: float = 1.0):
     """A small ResNet: a Conv-BN-ReLU stem and a pooling, then residual blocks (Conv-BN-ReLU-Conv-BN,
     added to the input, 1 x 1 projected where the width changes, then ReLU)."""
     from keras import layers
 
-    x = layers.ReLU(name="stem_relu")(_conv_bn(x, 16, "conv_stem"))
+    x = layers.ReLU(name="stem_relu")(_conv_bn(x, _scaled(16, scale), "conv_stem"))
     x = layers.MaxPooling2D(name="stem_pool")(x)
     for j, (width, pool) in enumerate(RESNET_BLOCKS, 1):
-        n = f"block{j}"
+        n, width = f"block{j}", _scaled(width, scale)
         y = layers.ReLU(name=f"{n}_relu1")(_conv_bn(x, width, f"conv_{n}a"))
         y = _conv_bn(y, width, f"conv_{n}b")
         skip = x
@@ -148,7 +152,7 @@ def _resnet_body(x):
 MOBILE_BLOCKS = ((1, 16, 1), (4, 24, 2), (4, 24, 1), (4, 32, 2), (4, 32, 1))
 
 
-def _mobile_body(x):
+def _mobile_body(x, scale: float = 1.0):
     """A tiny MobileNetV2: a stride-2 stem, inverted residual blocks (1x1 expand, 3x3 depthwise, 1x1
     linear projection, BatchNorm, ReLU6, a residual add where the shape allows) and a 1x1 head conv."""
     from keras import layers
@@ -157,9 +161,10 @@ def _mobile_body(x):
         y = layers.BatchNormalization(momentum=0.9, name=f"{name}_bn")(y)
         return layers.ReLU(6.0, name=f"{name}_relu")(y) if relu else y
 
-    x = bn_relu6(layers.Conv2D(16, 3, strides=2, padding="same", use_bias=False, name="stem")(x), "stem")
+    x = bn_relu6(layers.Conv2D(_scaled(16, scale), 3, strides=2, padding="same", use_bias=False, name="stem")(x),
+                 "stem")
     for j, (t, c, s) in enumerate(MOBILE_BLOCKS, 1):
-        inp, n = x, f"block{j}"
+        inp, n, c = x, f"block{j}", _scaled(c, scale)
         if t != 1:
             x = bn_relu6(layers.Conv2D(int(inp.shape[-1]) * t, 1, use_bias=False, name=f"{n}_expand")(x),
                          f"{n}_expand")
@@ -168,7 +173,7 @@ def _mobile_body(x):
         x = bn_relu6(layers.Conv2D(c, 1, use_bias=False, name=f"{n}_project")(x), f"{n}_project", relu=False)
         if s == 1 and int(inp.shape[-1]) == c:
             x = layers.Add(name=f"{n}_add")([inp, x])
-    return bn_relu6(layers.Conv2D(96, 1, use_bias=False, name="head_conv")(x), "out")
+    return bn_relu6(layers.Conv2D(_scaled(96, scale), 1, use_bias=False, name="head_conv")(x), "out")
 
 
 def _head(x, n_classes: int, head: str):
