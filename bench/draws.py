@@ -152,12 +152,19 @@ def run_one(seed: int, out_root: Path, mode: str = "run"):
         print(f"{case.name:>9}: skipped ({why})", flush=True)
         return None
     t0 = time.time()
-    built = ensure(case)
     out = out_root / case.name
+    if mode == "rescore" and not (out / "summary" / "classes.parquet").is_file():
+        print(f"{case.name:>9}: skipped (no scan under {out})", flush=True)
+        return None
+    built = ensure(case)
     if mode == "rescore":
         classes = pd.read_parquet(out / "summary" / "classes.parquet")
     else:
-        classes = audit_case(case, built, out, mode)
+        try:
+            classes = audit_case(case, built, out, mode)
+        except Exception as e:  # one broken case is reported, the others still run
+            print(f"{case.name:>9}: ERROR {type(e).__name__}: {' '.join(str(e).split())[:300]}", flush=True)
+            return None
     o = outcome(case, built, classes)
     verdict = "right" if not o.missed and not o.false_flags else "WRONG"
     line = (f"{case.name:>9}: {verdict:5} planted {','.join(o.planted) or '-'} partial {','.join(o.partial) or '-'} "

@@ -111,5 +111,5 @@ def format_tally(t: Tally) -> str:
         lines.append(f"| {f} | {r.text()} | {p.text()} |")
     lines.append(f"| **all** | **{t.recall.text()}** | **{t.precision.text()}** |")
     lines.append("")
-    lines.append(f"negative controls: {t.controls} cases, {t.controls_flagged} with a false flag")
+    lines.append(f"negative controls (no cue learned): {t.controls} case(s), {t.controls_flagged} with a false flag")
     return "\n".join(lines)
