@@ -29,6 +29,8 @@ SKIP_LINES = {  # a shell line holding this is not run: why
     "audit submit": "needs a Ray cluster",
     "--application": "needs a keras.applications model's weights",
     "s3://": "needs a bucket",
+    "audit export": "needs a job with a suspected class (tests/test_export_compare.py exports one)",
+    "audit compare": "needs two outputs of one job (tests/test_export_compare.py compares two)",
 }
 
 
