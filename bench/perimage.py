@@ -10,8 +10,9 @@ not depend on training), as bench/causal.py measures it.  The pass is what
 :class:`audit.scan.imagepass.CueWorker` computes per image for one cue (a
 corner): ``cue_share`` from the job's raw maps (resized to the input), the
 cue removed by the causal test's edit (:func:`audit.scan.perimage.remove_cue`,
-mean-colour occlusion) and one compiled forward pass per image
-(:class:`audit.scan.intervene.CompiledPredict`, batches of 64).  Image
+mean-colour occlusion), the presence detector's pixel features
+(:func:`audit.scan.perimage.pixel_features`) and one compiled forward pass per
+image (:class:`audit.scan.imagepass.FixedPredict`, batches of 32).  Image
 decoding and Parquet I/O are left out of both sides (the pass reads the
 images once more, as the job did).  Target: at most +35% of the job's model
 time for one cue at 10,000 images.
@@ -49,17 +50,19 @@ def pass_time(model, x: np.ndarray, maps: np.ndarray, chunk: int = 256) -> float
     """Seconds of the per-image pass for one corner cue over ``x`` (uint8 images)."""
     from audit.engine.heads import Head
     from audit.scan import perimage
-    from audit.scan.intervene import CompiledPredict
+    from audit.scan.imagepass import FixedPredict
 
-    predict = CompiledPredict(model, Head.of(model))
+    predict = FixedPredict(model, Head.of(model))
     predict(x[:64].astype(np.float32))  # warm-up: the worker loads the model once
     cue = perimage.Cue(0, "c0", "corner:bottom_right", "corner:bottom_right", (2 / 3, 2 / 3, 1, 1))
     px = perimage.cue_pixels(cue, x.shape[1:3], n=1)[0]
     t0 = time.perf_counter()
     for s in range(0, len(x), chunk):
         imgs = x[s:s + chunk]
+        pxn = np.broadcast_to(px, imgs.shape[:3])
         perimage.cue_share(maps[s:s + chunk], px)
-        edited = perimage.remove_cue(imgs, cue, np.broadcast_to(px, imgs.shape[:3]))
+        perimage.pixel_features(imgs, pxn)
+        edited = perimage.remove_cue(imgs, cue, pxn)
         predict(edited.astype(np.float32) / 255)
     return time.perf_counter() - t0
 

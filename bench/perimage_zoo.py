@@ -75,6 +75,7 @@ def one_case(name: str, n: int, work: Path) -> str:
 
     from audit.scan import scan
     from audit.scan.imagepass import run_pass
+    from audit.scan.perimage import decides_for
     from audit.zoo.cases import CASES
     from audit.zoo.train import ensure, job_spec, write_folder
 
@@ -97,9 +98,11 @@ def one_case(name: str, n: int, work: Path) -> str:
     t = df["image_id"].map(truth).to_numpy(bool)
     p1, r1 = prec_rec(df["cue_present"].to_numpy(bool), t)
     p2, r2 = prec_rec(df["cue_decides"].to_numpy(bool), t)
+    took = decides_for(df["pred"].to_numpy(), df["pred_without_cue"].to_numpy(), int(df["cue_class"].iloc[0]))
+    p3, r3 = prec_rec(took, t)
     cues = ", ".join(f"{c.class_name}: {c.name}" for c in res.cues)
-    return (f"| {name} | {len(truth)} | {sum(cued)} | {cues} | {p1:.3f} | {r1:.3f} | {p2:.3f} | {r2:.3f} |"
-            f" <!-- {time.perf_counter() - t0:.0f} s -->")
+    return (f"| {name} | {len(truth)} | {sum(cued)} | {cues} | {p1:.3f} / {r1:.3f} | {p2:.3f} / {r2:.3f} | "
+            f"{p3:.3f} / {r3:.3f} | {time.perf_counter() - t0:.0f} s |")
 
 
 def _counters(samples):
@@ -116,8 +119,8 @@ def main(argv=None) -> int:
     p.add_argument("--n", type=int, default=100, help="images per class")
     p.add_argument("--keep", metavar="DIR", help="keep the audits in DIR (default: a temporary folder)")
     args = p.parse_args(argv)
-    print("| case | images | carry the cue | cue named | cue_present precision | recall | "
-          "cue_decides precision | recall |")
+    print("| case | images | carry the cue | cue named | cue_present precision / recall | "
+          "cue_decides precision / recall | the cue took the prediction to its class: precision / recall | time |")
     print("|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as d:
         work = Path(args.keep) if args.keep else Path(d)

@@ -103,6 +103,7 @@ class CueWorker:
     def __init__(self, spec: PassSpec):
         self.spec = spec
         self._iv = None
+        self._predict = None
         self.forwards = 0
 
     @property
@@ -115,6 +116,16 @@ class CueWorker:
 
     def ping(self) -> int:
         return 1
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        """Predictions of uint8 images at the input size through :class:`FixedPredict` (the job's preprocessing)."""
+        from audit.engine.models import model_input
+
+        iv = self.intervener
+        if self._predict is None:
+            self._predict = FixedPredict(iv.model, iv.head)
+        mode = (iv.spec.get("model") or {}).get("preprocess", "none")
+        return self._predict(model_input(images, iv.model.inputs[0].shape[-1], mode))
 
     def process_shard(self, shard: int) -> dict:
         """Evidence rows of every image of ``shard`` and every cue, committed; returns the manifest entry."""
@@ -184,7 +195,6 @@ class CueWorker:
 
     def cue_columns(self, good) -> dict:
         """{cue: {column: (N,) values}} for the images that decoded in the job."""
-        iv = self.intervener
         x = self.inputs(good)
         images, objects, maps, levels = x.images, x.objects, x.maps, x.levels
         base = good["pred"].to_numpy(dtype=np.int64, na_value=-1)
@@ -192,10 +202,10 @@ class CueWorker:
         for cue in self.spec.cues:
             px = self.pixels(cue, x)
             share = perimage.cue_share(maps, px)
-            new = np.asarray(iv.predict(perimage.remove_cue(images, cue, px, objects, levels)))
+            new = np.asarray(self.predict(perimage.remove_cue(images, cue, px, objects, levels)))
             self.forwards += len(images)
             if new.ndim == 2:  # multi-label: the cue's class label, against the unmodified image's (one more pass)
-                multi = np.asarray(iv.predict(images)) if multi is None else multi
+                multi = np.asarray(self.predict(images)) if multi is None else multi
                 new, cue_base = new[:, cue.class_id].astype(np.int64), multi[:, cue.class_id].astype(np.int64)
             else:
                 new, cue_base = new.astype(np.int64), base
@@ -203,8 +213,34 @@ class CueWorker:
             area = perimage.area_of(px)
             out[cue] = {"cue_area": area, "cue_share": share, "pred_without_cue": new, "cue_decides": dec,
                         "cue_present": perimage.cue_present(share, dec, area),
+                        "cue_pixels": perimage.pixel_features(images, px),
                         "status": good["status"].astype(str).to_numpy()}
         return out
+
+
+class FixedPredict:
+    """A model's predictions through one compiled graph of a fixed batch shape (the last batch padded):
+    on small models a fixed shape runs markedly faster than a graph traced for any batch size."""
+
+    def __init__(self, model, head, batch: int = 32):
+        import tensorflow as tf
+
+        self.head, self.batch = head, int(batch)
+        shape = [self.batch, *[int(d) for d in model.inputs[0].shape[1:]]]
+        self._fn = tf.function(lambda x: model(x, training=False), input_signature=[tf.TensorSpec(shape, tf.float32)])
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        out = []
+        for s in range(0, len(x), self.batch):
+            part = np.asarray(x[s:s + self.batch], np.float32)
+            k = len(part)
+            if k < self.batch:
+                part = np.concatenate([part, np.zeros((self.batch - k, *part.shape[1:]), np.float32)])
+            y = self._fn(part)
+            y = [np.asarray(t)[:k] for t in y] if isinstance(y, (list, tuple)) else \
+                ({n: np.asarray(t)[:k] for n, t in y.items()} if isinstance(y, dict) else np.asarray(y)[:k])
+            out.append(self.head.predict(y))
+        return np.concatenate(out) if out else np.zeros(0, int)
 
 
 def _maps(df) -> np.ndarray:
@@ -245,6 +281,8 @@ def _row(r, shard: int, cue: Cue, cols: dict) -> dict:
             "cue_area": _val(cols.get("cue_area")), "cue_share": _val(cols.get("cue_share")),
             "pred_without_cue": _val(cols.get("pred_without_cue"), int),
             "cue_decides": _val(cols.get("cue_decides"), bool), "cue_present": _val(cols.get("cue_present"), bool),
+            "cue_confidence": None,
+            "cue_pixels": cols["cue_pixels"].tolist() if cols.get("cue_pixels") is not None else None,
             "status": str(cols.get("status", "ok"))}
 
 
@@ -418,12 +456,41 @@ def merge(out, spec: PassSpec, shards: list) -> int:
                 continue
             f = fs.join(str(store_of(out)), io.RECORDS, e["file"])
             parts.append(pq.read_table(fs.open_input(f) if fs.is_uri(f) else f).cast(arrow_schema("images")))
-    table = pa.concat_tables(parts).replace_schema_metadata(schema.metadata) if parts else schema.empty_table()
+    table = detect(pa.concat_tables(parts), spec.cues).replace_schema_metadata(schema.metadata) if parts \
+        else schema.empty_table()
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, compression="zstd")
     target = fs.join(str(_summary(out)), "images.parquet") if fs.is_uri(str(out)) else _summary(out) / "images.parquet"
     io.atomic_write_bytes(target, sink.getvalue().to_pybytes())
     return table.num_rows
+
+
+def detect(table, cues: list):
+    """``cue_present`` and ``cue_confidence`` from the presence detector of each cue
+    (:func:`audit.scan.perimage.presence`), fitted on the whole job's confident images."""
+    import pyarrow as pa
+
+    from audit.data.schema import arrow_schema
+
+    df = table.to_pandas()
+    for cue in cues:
+        sel = ((df["cue"] == cue.name) & (df["status"] != "error") & df["cue_pixels"].notna()).to_numpy()
+        if not sel.any():
+            continue
+        d = df[sel]
+        pred = d["pred"].to_numpy(dtype=np.float64, na_value=np.nan)
+        label = d["label"].to_numpy(dtype=np.float64, na_value=np.nan)
+        took = perimage.decides_for(pred, d["pred_without_cue"].to_numpy(dtype=np.float64, na_value=np.nan),
+                                    cue.class_id)
+        other = np.where(np.isfinite(label), label != cue.class_id, True)
+        negative = other & (pred != cue.class_id) & ~d["cue_decides"].fillna(False).to_numpy(bool)
+        prob = perimage.presence(np.stack(d["cue_pixels"].to_numpy()), took, negative)
+        if prob is None:
+            continue
+        df.loc[sel, "cue_present"] = took | (prob > 0.5)
+        df.loc[sel, "cue_confidence"] = prob.astype(np.float32)
+    df["cue_pixels"] = None  # kept in the per-shard store only (768 floats per image and cue)
+    return pa.Table.from_pandas(df, schema=arrow_schema("images"), preserve_index=False)
 
 
 def describe(res: PassResult, out) -> str:

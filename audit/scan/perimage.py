@@ -166,6 +166,67 @@ def cue_present(share: np.ndarray, decides: np.ndarray, area) -> np.ndarray:
     return dec | np.nan_to_num(hot, nan=False).astype(bool)
 
 
+FEATURE_SIDE = 16  # the cue's pixels are described at this side
+
+
+def pixel_features(images: np.ndarray, pixels: np.ndarray, side: int = FEATURE_SIDE) -> np.ndarray:
+    """(N, side * side * C) float32: each image's colours relative to its own median colour outside the cue,
+    blacked out outside its cue pixels, resized (area) to ``side`` x ``side``: what lies on the cue's place
+    that the rest of the image does not have (a white mark, a magenta frame, a stamp).
+
+    Resizing is linear, so this is ``resize(image x mask) - median x resize(mask)``; the median is taken
+    over the cells of the resized image that the cue does not cover.
+    """
+    import cv2
+
+    imgs = np.asarray(images, np.float32) / 255.0
+    m = np.asarray(pixels, bool)
+    c = imgs.shape[-1]
+    out = np.zeros((len(imgs), side * side * c), np.float32)
+    for i in range(len(imgs)):
+        mf = m[i].astype(np.float32)
+        on = cv2.resize(imgs[i] * mf[..., None], (side, side), interpolation=cv2.INTER_AREA).reshape(side, side, c)
+        cover = cv2.resize(mf, (side, side), interpolation=cv2.INTER_AREA)
+        rest = cv2.resize(imgs[i], (side, side), interpolation=cv2.INTER_AREA).reshape(side, side, c)[cover < 0.5]
+        med = np.median(rest, axis=0) if len(rest) else np.zeros(c, np.float32)
+        out[i] = (on - cover[..., None] * med).reshape(-1)
+    return out
+
+
+def decides_for(pred, pred_without, cue_class: int) -> np.ndarray:
+    """(N,) bool: the cue took the prediction *to its class*: predicted as the cue's class, and not without the cue."""
+    pred, new = np.asarray(pred), np.asarray(pred_without)
+    return (pred == cue_class) & (new != cue_class)
+
+
+MIN_TRAIN = 5  # each side of the presence detector needs at least this many confident images
+MAX_TRAIN = 4000  # ... and uses at most this many of each
+
+
+def presence(features: np.ndarray, positive: np.ndarray, negative: np.ndarray, seed: int = 0):
+    """P(the image carries the cue) from its cue pixels, or None with too few confident images.
+
+    A logistic regression (balanced classes, standardised features) on :func:`pixel_features`,
+    trained on the confident carriers (``positive``: the cue took the
+    prediction to its class) against confident non-carriers (``negative``:
+    images of other labels, not predicted as the cue's class), at most
+    :data:`MAX_TRAIN` of each; applied to every image.
+    """
+    from sklearn.linear_model import LogisticRegression
+
+    pos, neg = np.nonzero(positive)[0], np.nonzero(negative)[0]
+    if len(pos) < MIN_TRAIN or len(neg) < MIN_TRAIN:
+        return None
+    rng = np.random.default_rng(seed)
+    pos = rng.choice(pos, min(len(pos), MAX_TRAIN), replace=False)
+    neg = rng.choice(neg, min(len(neg), MAX_TRAIN), replace=False)
+    x = np.concatenate([features[pos], features[neg]]).astype(np.float64)
+    mean, std = x.mean(axis=0), x.std(axis=0) + 1e-6
+    y = np.r_[np.ones(len(pos)), np.zeros(len(neg))]
+    lr = LogisticRegression(C=1.0, class_weight="balanced", max_iter=5000).fit((x - mean) / std, y)
+    return lr.predict_proba((np.asarray(features, np.float64) - mean) / std)[:, 1]
+
+
 def remove_cue(images: np.ndarray, cue: Cue, pixels: np.ndarray, objects=None, levels=None) -> np.ndarray:
     """Copies of ``images`` (N, H, W, C) uint8 with the cue removed by the causal test's own edit.
 
