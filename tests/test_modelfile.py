@@ -67,7 +67,9 @@ def test_cli_refuses_before_tensorflow(files):
             "print('TF' if 'tensorflow' in sys.modules else 'noTF', rc)")
     cases = [["layers", str(files / "photo.png")], ["layers", str(files / "saved")],
              ["explain", str(files / "m.h5"), str(files / "photo.png"), "--out", str(files / "x"),
-              "--layers", "conv9"]]
+              "--layers", "conv9"],
+             ["explain", str(files / "m.keras"), str(files / "photo.png"), "--out", str(files / "x"),
+              "--preprocess", "scale_0_2"]]
     for argv in cases:
         r = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, cwd=files,
                            env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})

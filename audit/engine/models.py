@@ -123,9 +123,30 @@ def _applications_preprocess(mode: str):
 
 
 def check_preprocess(mode: str) -> None:
-    """Fail early (one line) on an unknown preprocessing mode."""
-    if mode not in PREPROCESS_MODES and mode is not None:
+    """Fail early (one line) on an unknown preprocessing mode (before TensorFlow is imported)."""
+    if mode in PREPROCESS_MODES or mode is None:
+        return
+    known = _application_modules()
+    if known is None:  # keras laid out otherwise: ask keras itself
         _applications_preprocess(mode)
+    elif str(mode) not in known:
+        raise AuditError(
+            f"unknown preprocess {mode!r}; expected one of {', '.join(PREPROCESS_MODES)} "
+            "or a keras.applications module name such as 'resnet50' or 'mobilenet_v2'"
+        )
+
+
+def _application_modules() -> set | None:
+    """The keras.applications modules that have a preprocess_input, read from keras's files (no import)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("keras")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    apps = Path(list(spec.submodule_search_locations)[0]) / "applications"
+    if not apps.is_dir():
+        return None
+    return {p.parent.name for p in apps.glob("*/__init__.py") if "preprocess_input" in p.read_text(errors="ignore")}
 
 
 MODEL_SUFFIXES = (".keras", ".h5", ".hdf5")  # the model files load_model opens
