@@ -58,8 +58,9 @@ def metadata(images_df, cues: list):
     ``place`` is 0 for an image without a cue, else the 1-based index of the
     first cue (in ``cues`` order) it carries (``cue_present``); with one cue,
     0/1 like Waterbirds' ``place``.  ``confidence``: 1 where the cue decides
-    the prediction, else the cue's share of the heatmap for an image placed
-    by attention, and 1 minus the largest cue share for an image without a cue.
+    the prediction, else the presence detector's probability (``cue_confidence``;
+    the cue's share of the heatmap where no detector ran), and 1 minus the
+    largest of those for an image without a cue.
     """
     import pandas as pd
 
@@ -67,6 +68,8 @@ def metadata(images_df, cues: list):
     order = {c.name: k + 1 for k, c in enumerate(cues)}
     df = df.assign(_k=df["cue"].map(order).fillna(len(order) + 1))
     share = df["cue_share"].astype(float).fillna(0.0)
+    if "cue_confidence" in df:  # the presence detector's probability, where it ran
+        share = df["cue_confidence"].astype(float).fillna(share)
     conf = np.where(df["cue_decides"].fillna(False).astype(bool), 1.0, share)
     df = df.assign(_conf=conf, _share=share)
     rows = []
