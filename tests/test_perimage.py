@@ -183,3 +183,33 @@ def test_report_and_scan_show_the_cost(scanned, tmp_path, capsys):
     assert "cost of dog's cue corner:bottom_right: accuracy 100% with the cue (n=24" in printed
     html = open(write_report(out), encoding="utf-8").read()
     assert "What the shortcut costs" in html and "on its 6 without" in html
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["watermark", "frame", "minority"])
+def test_zoo_flags_against_per_image_truth(name, tmp_path):
+    """cue_present reaches precision and recall >= 0.95 on zoo cases whose images' cues are known."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import perimage_zoo as bz
+
+    from audit.scan import scan
+    from audit.scan.imagepass import run_pass
+    from audit.zoo.cases import CASES
+    from audit.zoo.train import ensure, job_spec, write_folder
+
+    case = CASES[name]
+    built = ensure(case, root=tmp_path / "cache", log=lambda *_: None)
+    samples, cued = bz.audit_split(case, 100)
+    write_folder(tmp_path / "audit", case, samples)
+    truth = {f"{case.classes[s.label]}/{i:05d}.png": c for s, i, c in zip(samples, bz._counters(samples), cued)}
+    built.data, built.masks = str(tmp_path / "audit" / "train"), str(tmp_path / "audit" / "train_masks")
+    out = bz.run_in_process(job_spec(case, built, True, tmp_path / "out"))
+    scan(out, quiet=True)
+    res = run_pass(out, quiet=True, local=True)
+    assert len(res.cues) == 1 and res.cues[0].class_id == case.cues[0][0]
+    df = hf.read_images(out)
+    p, r = _prec_rec(df.cue_present.to_numpy(bool), df.image_id.map(truth).to_numpy(bool))
+    assert p >= 0.95 and r >= 0.95, (p, r)
