@@ -181,7 +181,9 @@ def test_report_and_scan_show_the_cost(scanned, tmp_path, capsys):
     scan(out)  # a rescan keeps the cost of the same cue
     printed = capsys.readouterr().out
     assert "cost of dog's cue corner:bottom_right: accuracy 100% with the cue (n=24" in printed
-    html = open(write_report(out), encoding="utf-8").read()
+    from pathlib import Path
+
+    html = Path(write_report(out)).read_text(encoding="utf-8")
     assert "What the shortcut costs" in html and "on its 6 without" in html
 
 
