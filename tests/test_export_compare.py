@@ -116,3 +116,28 @@ def test_compare_counts_images_whose_cue_dependence_changed(evidence, tmp_path):
     c = compare(out, str(dst))
     assert len(c.images) == 5
     assert c.classes.set_index("class_name").loc["dog", "images_cue_lost"] == 5
+
+
+@pytest.mark.slow
+def test_export_and_compare_into_a_bucket(evidence, tmp_path):
+    import helpers_s3
+
+    from audit.data import fs
+
+    out, truth = evidence
+    server = helpers_s3.S3Server()
+    try:
+        server.set_env()
+        server.bucket("exp")
+        assert main(["export", out, "--to", "s3://exp/run"]) == 0
+        names = {rel for rel, _ in fs.list_files("s3://exp/run")}
+        assert "metadata.csv" in names and "counterfactual/manifest.csv" in names
+        assert sum(n.startswith("masks/") for n in names) == sum(m for _, m in truth.values())
+        meta = pd.read_csv(fs.open_input("s3://exp/run/metadata.csv"))
+        assert sorted(meta.img_filename) == sorted(truth)
+        assert main(["export", out, "--to", "s3://exp/run", "--what", "masks"]) == 2  # never overwritten ...
+        assert main(["export", out, "--to", "s3://exp/run", "--what", "masks", "--force"]) == 0  # ... unless asked
+        assert main(["compare", out, out, "--out", "s3://exp/cmp"]) == 0
+        assert {"compare.html", "compare.parquet"} <= {rel for rel, _ in fs.list_files("s3://exp/cmp")}
+    finally:
+        server.stop()
