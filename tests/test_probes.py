@@ -137,3 +137,46 @@ def test_config_holds_every_threshold_of_the_scan():
                 found[name] = path.name
     assert found == {}
     assert Config().replace(sample=8).sample == 8
+
+
+def test_merge_adds_the_counts_of_more_images():
+    from audit.scan.causal import merge
+    from audit.scan.probes import CausalResult, PlaceFlip, Where
+
+    first = CausalResult(32, [PlaceFlip("region", "edge:top", (0, 0, 1, .2), "mean", 32, 18 / 32, probe="place",
+                                        where=Where.EDGE, k=18),
+                              PlaceFlip("transplant", "background", None, "pasted", 16, 0.5, probe="background-transplant",
+                                        k=8)])
+    more = CausalResult(32, [PlaceFlip("region", "edge:top", (0, 0, 1, .2), "mean", 32, 22 / 32, probe="place",
+                                       where=Where.EDGE, k=22)])
+    got = merge(first, more)
+    top = got.at("edge:top")
+    assert (top.n, top.k, top.flip_rate) == (64, 40, 40 / 64) and got.n == 64
+    assert (top.low, top.high) == (pytest.approx(wilson(40, 64)[0]), pytest.approx(wilson(40, 64)[1]))
+    assert got.background_transplant().n == 16  # a transplant is not grown
+
+
+def test_a_screening_of_eight_images_never_vetoes_the_background_tests():
+    """Removing the object flipped 5 of 8 screened images (63%, interval 31-86%): not clearly above
+    object_screen_max (50%), so a promising background test goes on (before, 63% > 50% on 8 images stopped it);
+    8 of 8 (interval 68-100%) is clearly above and stops it."""
+    from audit.scan.probes.base import Trial
+
+    bg_probe, obj_probe = PROBES["background-neutral"], PROBES["object"]
+    sel = np.ones(8, bool)
+    bg = Trial(bg_probe, "background", None, "neutral", sel, flips={i: i < 4 for i in range(8)})
+    for flipped_n, goes_on in ((5, True), (8, False)):
+        obj = Trial(obj_probe, "object", None, "inpaint", sel, flips={i: i < flipped_n for i in range(8)})
+        assert bg_probe.go_on(bg, [obj, bg], DEFAULT) is goes_on
+    assert wilson(5, 8)[0] < DEFAULT.object_screen_max < wilson(8, 8)[0]
+
+
+def test_causal_budget_flag_refuses_a_negative_value():
+    from types import SimpleNamespace
+
+    from audit.cli.scan import causal_budget
+
+    assert causal_budget(SimpleNamespace(causal_budget=None)) == {}
+    assert causal_budget(SimpleNamespace(causal_budget=0.5)) == {"budget": 0.5}
+    with pytest.raises(AuditError):
+        causal_budget(SimpleNamespace(causal_budget=-1.0))

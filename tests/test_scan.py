@@ -242,9 +242,12 @@ CAUSAL_CASES = [
     ("absence class: the sky flips it", "diffuse", True,
      causal({**QUIET, "region:sky": 0.9}, absence=True), {}, {"region:sky": 0.0},
      "shortcut_suspected", "region:sky", "region:sky"),
-    ("texture without masks: the blur flips it, removing the hot area does not", "diffuse", False,
+    ("texture without masks: the blur flips it, removing the hot area does not (62% of 128)", "diffuse", False,
+     causal(QUIET, obj=0.06, masked=False, texture=0.62, colour=0.0, flat=0.6, n=128), {"background:texture": 0.0},
+     None, "shortcut_suspected", "background texture", "background:texture"),
+    ("the same on 32 images: 62% (45-77%) straddles 50%, undecided", "diffuse", False,
      causal(QUIET, obj=0.06, masked=False, texture=0.62, colour=0.0, flat=0.6), {"background:texture": 0.0}, None,
-     "shortcut_suspected", "background texture", "background:texture"),
+     "insufficient_data", "", ""),
     ("a colour cast with masks: grey-world flips it, the object does not matter", "diffuse", True,
      causal(QUIET, obj=0.05, bg=(0.0, 0.9), texture=0.1, colour=0.9, flat=0.2), {"image:colour": 0.05}, None,
      "shortcut_suspected", "colour cast", "image:colour"),
@@ -252,9 +255,9 @@ CAUSAL_CASES = [
      causal(QUIET, obj=1.0, bg=0.0, colour=0.56, flat=0.5), {"image:colour": 0.06}, None, "ok", "object", ""),
     ("default class: a blur with seams flips it, a flat background does not", "diffuse", False,
      causal(QUIET, obj=0.0, masked=False, texture=0.53, flat=0.03), {"background:texture": 0.0}, None, "ok", "", ""),
-    ("default class: the flat background flips it a little more than the others", "diffuse", False,
-     causal(QUIET, obj=0.06, masked=False, texture=0.6, flat=0.41), {"background:texture": 0.0, "background:flat": 0.12},
-     None, "ok", "", ""),
+    ("default class: the flat background flips it a little more than the others (41% of 128)", "diffuse", False,
+     causal(QUIET, obj=0.06, masked=False, texture=0.6, flat=0.41, n=128),
+     {"background:texture": 0.0, "background:flat": 0.12}, None, "ok", "", ""),
     ("default class: a whole-image recolouring flips half of it, short of image_flip_min", "diffuse", False,
      causal(QUIET, obj=0.0, masked=False, colour=0.5, flat=0.55), {"image:colour": 0.0}, None, "ok", "", ""),
     ("a colour cast flips most of its class without masks", "diffuse", False,
@@ -274,16 +277,19 @@ CAUSAL_CASES = [
     ("a thin band flips the class, but pasted elsewhere it carries nothing: the fill did it", "diffuse", False,
      causal({**QUIET, "border:4%": 0.6}, obj=0.12, masked=False, transplant={"border:4%": 0.0}), {}, None,
      "ok", "", ""),
-    ("a thin band flips the class and pasted elsewhere it carries the class", "diffuse", False,
-     causal({**QUIET, "border:4%": 0.6}, obj=0.12, masked=False, transplant={"border:4%": 0.75}), {}, None,
+    ("a thin band flips the class and pasted elsewhere it carries the class (60% of 128)", "diffuse", False,
+     causal({**QUIET, "border:4%": 0.6}, obj=0.12, masked=False, transplant={"border:4%": 0.75}, n=128), {}, None,
      "shortcut_suspected", "border", "border:4%"),
     ("a refuted band does not hide the corner that does carry the class", "healthy", True,
      causal({**QUIET, "border:4%": 0.9, "corner:bottom_right": 0.8}, obj=0.1, bg=0.1,
             transplant={"border:4%": 0.05, "corner:bottom_right": 0.6}), {}, None,
      "shortcut_suspected", "corner:bottom_right", "corner:bottom_right"),
     ("texture without masks: its backgrounds turn other classes' images into it", "diffuse", False,
-     causal(QUIET, obj=0.09, masked=False, texture=0.37, flat=0.31, bgt=0.5), {"background:texture": 0.12},
+     causal(QUIET, obj=0.09, masked=False, texture=0.37, flat=0.31, bgt=0.81), {"background:texture": 0.12},
      None, "shortcut_suspected", "background", "background"),
+    ("... but half of 16 recipients (28-72%) straddles 40%: undecided", "diffuse", False,
+     causal(QUIET, obj=0.09, masked=False, texture=0.37, flat=0.31, bgt=0.5), {"background:texture": 0.12},
+     None, "insufficient_data", "", ""),
     ("default class without masks: removing the hot area changes little, its backgrounds carry nothing",
      "diffuse", False, causal(QUIET, obj=0.09, masked=False, texture=0.0, flat=0.06, bgt=0.0), {}, None,
      "ok", "", ""),
@@ -325,10 +331,11 @@ def test_refuted_place_is_named_in_the_evidence():
     res = causal({**QUIET, "border:4%": 0.6}, obj=0.12, masked=False, transplant={"border:4%": 0.0})
     v = assess(features(make_rows("diffuse", 40, masks=False)), causal=res)
     assert v.verdict == "ok" and v.refuted is not None and v.refuted.place == "border:4%"
-    assert "occluding border:4% (mean-colour fill) changes 60% of 32 predictions, but pasted into 16 images" \
+    assert "occluding border:4% (mean-colour fill) changes 60% of 32 predictions (42-74%), but pasted into 16 images" \
         in v.evidence and "carries no cue" in v.evidence
     kept = assess(features(make_rows("diffuse", 40, masks=False)),
-                  causal=causal({**QUIET, "border:4%": 0.6}, obj=0.12, masked=False, transplant={"border:4%": 0.75}))
+                  causal=causal({**QUIET, "border:4%": 0.6}, obj=0.12, masked=False, transplant={"border:4%": 0.75},
+                                n=128))
     assert kept.refuted is None and "it turns 75% into this class" in kept.evidence
 
 
@@ -360,7 +367,7 @@ def test_default_class_evidence():
     rows["energy_object"], rows["pointing_hit"] = 0.05, 0.0
     v = assess(features(rows), causal=causal(QUIET, obj=0.0, bg=(0.0, 1.0)))
     assert v.verdict == "ok" and v.background_rate() == 0.0
-    assert "a neutral colour 0% or another class's background 100%" in v.evidence
+    assert "a neutral colour 0% (0-11%) or another class's background 100% (89-100%)" in v.evidence
     assert "the model says this class when the other classes' cues are absent" in v.evidence
 
 

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from audit.cli.outcome import add_fail_on, add_per_image, after_scan
+from audit.cli.scan import add_causal_budget, causal_budget
 
 EXAMPLE = """examples:
   audit run jobs/example_folder.yaml                      # embedded local Ray
@@ -66,6 +67,7 @@ def register(sub) -> None:
                    help="override a spec value (YAML), e.g. --set resources.batch_size=32; repeatable")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-scan", action="store_true", help="do not run the scan at the end")
+    add_causal_budget(p)
     add_per_image(p, "flagged")
     add_fail_on(p)
     p.set_defaults(func=run, run_parser=p)
@@ -109,6 +111,7 @@ def run(args) -> int:
     from audit.runner.job import run_job
 
     args.spec = spec_arg(args, args.run_parser)
+    budget = causal_budget(args)  # a bad value is refused before the job starts
     try:
         summary = run_job(args.spec, address=args.address, resume=args.resume, overrides=args.overrides,
                           progress=not args.no_progress)
@@ -125,7 +128,8 @@ def run(args) -> int:
     except ImportError:
         return code
     try:
-        classes, _ = scan_as_saved(summary["output"])  # a resumed job keeps the kind of scan saved in OUT
+        # a resumed job keeps the kind of scan saved in OUT; --causal-budget changes only the budget
+        classes, _ = scan_as_saved(summary["output"], changes=budget)
         found = after_scan(summary["output"], classes, args, address=args.address)
     except Exception as e:  # the records stay valid; `audit scan OUT` can redo it
         msg = " ".join(str(e).split()) or type(e).__name__

@@ -38,6 +38,7 @@ def register(sub) -> None:
                    help="skip the confirmation by occlusion (no model loading, no extra forward passes)")
     p.add_argument("--ignore-masks", action="store_true", help="judge from the heatmaps alone, as if there were no masks")
     p.add_argument("--fill", choices=("mean", "blur"), default="mean", help="occlusion fill (default: image mean)")
+    add_causal_budget(p)
     p.add_argument("--quiet", action="store_true", help="write the tables, print nothing")
     add_per_image(p, None)
     add_fail_on(p)
@@ -49,7 +50,32 @@ def register(sub) -> None:
 def run(args) -> int:
     from audit.scan import DEFAULT, scan
 
-    cfg = DEFAULT.replace(fill=args.fill)
+    cfg = DEFAULT.replace(fill=args.fill, **causal_budget(args))
     classes, _ = scan(args.out, intervene=not args.no_intervene, quiet=args.quiet, layer=args.layer,
                       method=args.method, use_masks=not args.ignore_masks, cfg=cfg, force=args.force)
     return after_scan(args.out, classes, args, quiet=args.quiet)
+
+
+def add_causal_budget(p) -> None:
+    """``--causal-budget X``: extra forward passes per audited image the causal tests may spend."""
+    p.add_argument("--causal-budget", type=float, metavar="X",
+                   help="extra forward passes per audited image that the causal tests may spend (default 0.1, "
+                        "at least 2048 in all); groups left untested or undecided name this flag")
+
+
+def causal_budget(args) -> dict:
+    """The Config change of ``--causal-budget`` ({} when not given).
+
+    Raises:
+        AuditError: a negative or non-finite budget.
+    """
+    import math
+
+    from audit.errors import AuditError
+
+    x = getattr(args, "causal_budget", None)
+    if x is None:
+        return {}
+    if not math.isfinite(x) or x < 0:
+        raise AuditError(f"--causal-budget must be a number >= 0 (extra forward passes per image), got {x}")
+    return {"budget": float(x)}

@@ -14,16 +14,17 @@ an occlusion that disturbs every class alike, and where objects usually sit
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from audit.scan.config import Config
-from audit.scan.probes import CausalResult, Sample, causal_tests, extra_forwards
+from audit.scan.probes import PROBES, CausalResult, Sample, causal_tests, extra_forwards
 from audit.scan.probes.edits import Levels, remove_objects, spare_masks
 from audit.scan.probes.places import place_bank
 from audit.scan.probes.transplant import Recipients
 from audit.scan.read import sample_ids
+from audit.scan.verdict import assess
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,7 @@ class TestPlan:
     cluster: int | None
     ids: tuple  # image ids, sorted
     hot_box: tuple | None = None
+    pool: tuple = ()  # every testable image id of the group (more are drawn from it in this order)
 
 
 @dataclass
@@ -45,6 +47,8 @@ class CausalTests:
     planned: int = 0  # samples planned
     skipped: int = 0  # samples left out by the budget
     forwards: int = 0  # extra forward passes the tests cost
+    budget: int = 0  # extra forward passes allowed
+    extended: int = 0  # samples grown by sequential testing
 
     def get(self, class_id: int, cluster: int | None = None) -> CausalResult | None:
         return self.results.get((class_id, cluster))
@@ -95,7 +99,7 @@ def plan_tests(results, n_images: int, n_places: int, masked: bool, cfg: Config)
             skipped += 1
             continue
         spent += cost
-        plans.append(TestPlan(r.class_id, cluster, chosen, None if hot is None else tuple(hot)))
+        plans.append(TestPlan(r.class_id, cluster, chosen, None if hot is None else tuple(hot), tuple(ids)))
     return plans, skipped
 
 
@@ -223,6 +227,7 @@ def run_tests(intervener, results, view, cfg: Config, use_masks: bool) -> Causal
     start = intervener.forwards
     pool = intervener.call(_pool, intervener, view, use_masks, cfg, results) or Pool()
     out.density = _density_ratios(pool.density, place_bank(size, view.regions, cfg=cfg))
+    out.budget = max(cfg.budget_floor, int(cfg.budget * n_images))
     for plan in plans:
         sample = _sample(intervener, results, plan, pool, size, view.regions, masked, cfg)
         res = None if sample is None else intervener.call(causal_tests, intervener.predict, sample, cfg)
@@ -230,4 +235,78 @@ def run_tests(intervener, results, view, cfg: Config, use_masks: bool) -> Causal
             break
         out.results[(plan.class_id, plan.cluster)] = res
     out.forwards = intervener.forwards - start
+    grow = _Grow(intervener, results, pool, size, view.regions, masked, cfg, out, start)
+    for plan in [p for p in plans if (p.class_id, p.cluster) in out.results]:
+        grow.until_decided(plan)
+    out.forwards = intervener.forwards - start
     return out
+
+
+@dataclass
+class _Grow:
+    """Sequential testing: a group whose verdict is undecided (a rate whose 95% interval straddles its
+    threshold) is tested on more of its images, doubling its sample up to ``cfg.sequential_max`` while
+    the budget lasts."""
+
+    intervener: object
+    results: list
+    pool: Pool
+    size: tuple
+    regions: dict
+    masked: bool
+    cfg: Config
+    out: CausalTests
+    start: int
+
+    def until_decided(self, plan: TestPlan) -> None:
+        key = (plan.class_id, plan.cluster)
+        while True:
+            res = self.out.results[key]
+            v = self._verdict(plan, res)
+            if v is None or v.undecided is None or v.undecided.spec.sufficiency \
+                    or len(plan.ids) >= min(self.cfg.sequential_max, len(plan.pool)):
+                return  # decided, or more images of the group cannot decide (a transplant's recipients)
+            more = [i for i in sample_ids(list(plan.pool), 2 * len(plan.ids)) if i not in set(plan.ids)]
+            keep = {(t.probe, t.place) for t in res.tests if t.n >= self.cfg.min_tested or t is v.undecided}
+            cost = len(more) * (1 + len(keep))
+            if not more or self.intervener.forwards - self.start + cost > self.out.budget:
+                return
+            extra = self._run(replace(plan, ids=tuple(sorted(more))), keep)
+            if extra is None:
+                return
+            self.out.results[key] = merge(res, extra)
+            self.out.extended += 1
+            plan = replace(plan, ids=tuple(sorted(set(plan.ids) | set(more))))
+
+    def _verdict(self, plan: TestPlan, res: CausalResult):
+        r = next((r for r in self.results if r.class_id == plan.class_id), None)
+        if r is None:
+            return None
+        if plan.cluster is None:
+            return assess(r.features, self.cfg, res, self.out.others(plan.class_id), self.out.density)
+        c = next((c for c in r.clusters if c.cluster == plan.cluster), None)
+        return None if c is None else assess(c.features, c.cfg or self.cfg, res, self.out.others(plan.class_id),
+                                             self.out.density)
+
+    def _run(self, plan: TestPlan, keep: set) -> CausalResult | None:
+        """The kept tests (no screening, no transplants) on the new images of ``plan``."""
+        s = _sample(self.intervener, self.results, plan, self.pool, self.size, self.regions, self.masked, self.cfg)
+        if s is None:
+            return None
+        s.places = [p for p in s.places if ("place", p.name) in keep]
+        s.recipients = None
+        probes = [p for p in PROBES.values() if any(k[0] == p.name for k in keep)]
+        return self.intervener.call(causal_tests, self.intervener.predict, s, self.cfg.replace(screen=0), probes)
+
+
+def merge(res: CausalResult, extra: CausalResult) -> CausalResult:
+    """``res`` with the counts of the same tests (probe, place, fill) on more images added."""
+    more = {(t.probe, t.place, t.fill): t for t in extra.tests if t.n}
+    tests = []
+    for t in res.tests:
+        e = more.get((t.probe, t.place, t.fill))
+        if e is not None and t.n:
+            n, k = t.n + e.n, t.k + e.k
+            t = replace(t, n=n, k=k, flip_rate=k / n)
+        tests.append(t)
+    return replace(res, n=res.n + extra.n, tests=tests)

@@ -49,6 +49,8 @@ class Config:
     # ---- causal tests: samples and budget
     sample: int = 32  # images per class (and per tested cluster) for the causal tests
     min_sample: int = 16  # smallest per-class sample when the cost budget is short
+    sequential_max: int = 128  # an undecided group (a rate's 95% interval straddles its threshold) is tested
+    #                            on more images, its sample doubling up to this many, while the budget lasts
     fill: str = "mean"  # fill of the place tests: mean | blur
     budget: float = 0.1  # extra forward passes per audited image at most ...
     budget_floor: int = 2048  # ... but always this many (small jobs)

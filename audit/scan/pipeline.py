@@ -236,18 +236,19 @@ def class_verdict(own: Verdict, clusters: list[ClusterResult], n_maps: int) -> V
                                            f"class): " + ev[0].lower() + ev[1:])
 
 
-def scan_as_saved(out_dir, *, quiet: bool = False):
+def scan_as_saved(out_dir, *, quiet: bool = False, changes: dict | None = None):
     """Scan again with the settings of the scan saved in ``out_dir`` (the defaults when there is none).
 
     What ``audit run`` does at its end, so a resumed job keeps the kind of scan its user chose.
+    ``changes``: Config fields to change besides (``audit run --causal-budget``).
     """
     from audit.scan import provenance
 
     s = provenance.saved_settings(out_dir)
     if s is None:
-        return scan(out_dir, quiet=quiet)
+        return scan(out_dir, quiet=quiet, cfg=DEFAULT.replace(**(changes or {})))
     return scan(out_dir, intervene=s.intervene, quiet=quiet, layer=s.layer, method=s.method,
-                use_masks=s.use_masks, cfg=DEFAULT.replace(fill=s.fill))
+                use_masks=s.use_masks, cfg=DEFAULT.replace(fill=s.fill, **(changes or {})))
 
 
 def scan(out_dir, *, intervene: bool = True, quiet: bool = False, layer: str | None = None,

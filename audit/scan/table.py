@@ -49,12 +49,23 @@ class ClassResult:
 
 def _flip_fields(v: Verdict) -> dict:
     c = v.causal
-    cue = v.cue_flip.flip_rate if v.cue_flip is not None else math.nan
+    cue = v.cue_flip
     # the object column needs masks; without them the own-hot-area removal is in interventions.parquet only
-    obj = v.object_rate() if c is not None and c.masked else math.nan
-    return {"flip_rate_cue": or_none(cue), "flip_rate_object": or_none(obj),
-            "flip_rate_background": or_none(v.background_rate()), "cue_region": v.cue_region,
-            "n_intervened": int(c.n) if c is not None else 0}
+    obj = c.object() if c is not None and c.masked else None
+    bgs = [t for t in c.tests if t.spec.replaces_background and finite(t.flip_rate)] if c is not None else []
+    bg = min(bgs, key=lambda t: t.flip_rate) if bgs else None
+    return {"flip_rate_cue": or_none(cue.flip_rate if cue is not None else math.nan),
+            "flip_rate_object": or_none(obj.flip_rate if obj is not None else math.nan),
+            "flip_rate_background": or_none(v.background_rate()),
+            **_bounds("flip_rate_cue", cue), **_bounds("flip_rate_object", obj), **_bounds("flip_rate_background", bg),
+            "n_cue": int(cue.n) if cue is not None else 0,
+            "cue_region": v.cue_region, "n_intervened": int(c.n) if c is not None else 0}
+
+
+def _bounds(name: str, t) -> dict:
+    """``{name_low, name_high}``: the 95% Wilson interval of a test's rate (None when unknown)."""
+    lo, hi = (t.low, t.high) if t is not None else (math.nan, math.nan)
+    return {f"{name}_low": or_none(lo), f"{name}_high": or_none(hi)}
 
 
 def _stat_means(f: GroupFeatures) -> dict:
@@ -172,7 +183,8 @@ def interventions_table(results: list, causal):
             rows.append({"class_id": class_id, "class_name": names.get(class_id, str(class_id)),
                          "cluster": cluster, "test": t.test, "place": t.place,
                          "box": None if t.box is None else [float(v) for v in t.box], "fill": t.fill,
-                         "n": t.n, "flip_rate": or_none(t.flip_rate),
+                         "n": t.n, "flip_rate": or_none(t.flip_rate), "n_flipped": int(t.k),
+                         "flip_rate_low": or_none(t.low), "flip_rate_high": or_none(t.high),
                          "flip_rate_others": or_none(others_rate(t, others)) if t.spec.is_place or t.spec.is_transform else None,
                          "area": or_none(t.area), "transplant_rate": or_none(t.transplant),
                          "transplant_n": t.transplant_n})
@@ -225,7 +237,9 @@ def format_table(classes_df, clusters_df, *, layer="", method="", out="", errors
         lines.append(f"... and {len(classes_df) - len(shown)} classes not suspected (see summary/classes.parquet)")
     if causal is not None and causal.results:
         lines.append(f"causal tests: {len(causal.results)} samples, {causal.forwards} extra forward passes"
-                     + (f"; {causal.skipped} samples left out by the cost budget" if causal.skipped else ""))
+                     + (f"; {causal.extended} grown to decide a rate near its threshold" if causal.extended else "")
+                     + (f"; {causal.skipped} samples left out by the cost budget (--causal-budget)"
+                        if causal.skipped else ""))
     from audit.data import fs
 
     n_s = int((classes_df["verdict"] == "shortcut_suspected").sum())

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 from audit.scan.config import BORDER_AREA, DEFAULT, Config
 from audit.scan.features import GroupFeatures, Place
+from audit.scan.interval import side
 from audit.scan.probes import CausalResult, PlaceFlip, Where
 from audit.scan.probes.background import OtherBackground
 from audit.scan.robust import fixed_place_score
@@ -48,6 +49,7 @@ class Verdict:
     refuted: PlaceFlip | None = None  # a place that flipped the class but whose transplant turned nothing
     evidence: str = ""
     untested: bool = False  # causal tests ran for the scan but not for this group (cost budget)
+    undecided: PlaceFlip | None = None  # a test whose 95% interval straddles its threshold: insufficient_data
 
     def object_rate(self) -> float:
         """Flip rate of the object test, or NaN."""
@@ -204,7 +206,20 @@ def fixed_mark(t: PlaceFlip, cfg: Config, fixed_hot: bool) -> bool:
         and t.area <= cfg.hot_cue_max_area
 
 
-def transforms_count(causal: CausalResult, others: dict, cfg: Config = DEFAULT) -> list:
+def toward(t: PlaceFlip | None, mode: int = 0) -> float:
+    """A test's flip rate at the end of its 95% Wilson interval that favours a flag.
+
+    ``mode`` 0: the observed rate; -1: the lower end (a flag must hold there: the decision is clear);
+    +1: the upper end (could the test still flag?).  NaN when the test did not run.
+    """
+    if t is None:
+        return math.nan
+    if mode == 0 or not (finite(t.low) and finite(t.high)):
+        return t.flip_rate
+    return t.low if mode < 0 else t.high
+
+
+def transforms_count(causal: CausalResult, others: dict, cfg: Config = DEFAULT, mode: int = 0) -> list:
     """The transforms that may be a cue: only when the object does not decide.
 
     Removing the object (its mask, or each image's own hot area without
@@ -219,15 +234,17 @@ def transforms_count(causal: CausalResult, others: dict, cfg: Config = DEFAULT) 
     without masks it also cuts into an object larger than the spared area.
     The whole-image colour transform has no seams and counts by itself.
 
+    ``mode``: which end of each interval (:func:`toward`; the object's rate from the other end).
+
     Returns:
         The :class:`PlaceFlip` s of the transforms that count.
     """
-    fo = causal.object_rate()
+    fo = toward(causal.object(), -mode)
     if not (finite(fo) and fo <= cfg.object_flip_max):
         return []
     flat = causal.first("control")
     flat_ok = flat is not None and flat.n >= max(cfg.min_rate_n, cfg.min_tested) and \
-        place_flip_score(flat.flip_rate, others.get(flat.place, math.nan), cfg) >= 0.5
+        place_flip_score(toward(flat, mode), others.get(flat.place, math.nan), cfg) >= 0.5
     # the flat background is a control, never a cue: it also cuts into an object larger than the spared area
     return [t for t in causal.transforms if not t.spec.control and (flat_ok or not t.spec.background_only)]
 
@@ -253,7 +270,7 @@ def others_rate(t: PlaceFlip, others: dict) -> float:
 
 
 def causal_cue(causal: CausalResult | None, others: dict | None = None, cfg: Config = DEFAULT,
-               density: dict | None = None, fixed_hot: bool = False) -> CueFinding:
+               density: dict | None = None, fixed_hot: bool = False, mode: int = 0) -> CueFinding:
     """The place whose occlusion flips the class, not the other classes alike.
 
     Among the eligible places and background transforms (:func:`place_eligible`)
@@ -264,14 +281,15 @@ def causal_cue(causal: CausalResult | None, others: dict | None = None, cfg: Con
     single edge), else the thinnest border band, else the hot area, else a
     background transform (texture, colour, then the flat background);
     without one, the highest score (for the evidence).
-    ``others``: {place: median flip rate of the same place on the other classes}.
+    ``others``: {place: median flip rate of the same place on the other classes}; ``mode``: which end
+    of each rate's interval is scored (:func:`toward`).
     """
     if causal is None:
         return CueFinding(0.0)
     others = others or {}
-    tests = causal.places + transforms_count(causal, others, cfg)
+    tests = causal.places + transforms_count(causal, others, cfg, mode)
     whole = cfg.replace(cue_flip_min=cfg.image_flip_min)  # an edit of the object too needs more flips
-    cands = [(place_flip_score(t.flip_rate, others_rate(t, others), whole if t.spec.whole_image else cfg), t)
+    cands = [(place_flip_score(toward(t, mode), others_rate(t, others), whole if t.spec.whole_image else cfg), t)
              for t in tests if place_eligible(t, causal, cfg, density, fixed_hot)]
     refuted = [c for c in cands if c[0] >= 0.5 and transplant_refutes(c[1], cfg)]
     cands = [c for c in cands if not transplant_refutes(c[1], cfg)]
@@ -288,21 +306,22 @@ def causal_cue(causal: CausalResult | None, others: dict | None = None, cfg: Con
     return CueFinding(s, t, others_rate(t, others), strongest_refuted)
 
 
-def background_score(causal: CausalResult | None, cfg: Config = DEFAULT) -> float:
+def background_score(causal: CausalResult | None, cfg: Config = DEFAULT, mode: int = 0) -> float:
     """The object does not decide, the background does: 0.5 x min((1 - object) / (1 - object_flip_max),
     background / background_flip_min), clipped to 0..1; 0 when either test is missing.
 
     Without masks ``object`` is each image's own hot area removed and ``background`` the background
     transplant (the class's backgrounds pasted around other classes' own hot areas turn them into the
-    class), against ``background_transplant_min``.
+    class), against ``background_transplant_min``.  ``mode``: which end of each interval (:func:`toward`;
+    the object's rate from the other end).
     """
     if causal is None:
         return 0.0
-    fo, fb = causal.object_rate(), causal.background_rate()
-    need = cfg.background_flip_min
+    fo = toward(causal.object(), -mode)
+    bgs = [toward(t, mode) for t in causal.tests if t.spec.replaces_background and finite(t.flip_rate)]
+    fb, need = (min(bgs) if bgs else math.nan), cfg.background_flip_min
     if not causal.masked:
-        tb = causal.background_transplant()
-        fb, need = (tb.flip_rate if tb is not None else math.nan), cfg.background_transplant_min
+        fb, need = toward(causal.background_transplant(), mode), cfg.background_transplant_min
     if not (finite(fo) and finite(fb)):
         return 0.0
     return clip01(0.5 * min((1.0 - fo) / (1.0 - cfg.object_flip_max), fb / need))
@@ -372,21 +391,50 @@ def assess(f: GroupFeatures, cfg: Config = DEFAULT, causal: CausalResult | None 
                   untested=not attention_decides and not has_causal(causal))
     if not has_causal(causal):
         res.suspicion = att.score if attention_decides else min(att.score, cfg.threshold - 0.01)
+        res.verdict = "shortcut_suspected" if res.suspicion >= cfg.threshold else "ok"
     else:
-        fixed_hot = f.peak_place.share_low >= cfg.place_share_low
-        finding = causal_cue(causal, others, cfg, density, fixed_hot)
-        s_bg = background_score(causal, cfg)
-        res.cue_flip, res.cue_others, res.refuted = finding.flip, finding.others, finding.refuted
-        res.suspicion = max(finding.score, s_bg)
-        if finding.score >= cfg.threshold and not _background_place(finding.flip, s_bg, cfg, fixed_hot):
-            t = finding.flip
-            res.cue, res.cue_kind, res.cue_region = _cue_name(t), "place", t.place
-            res.cue_box = list(t.box) if t.box is not None else None
-        elif s_bg >= cfg.threshold:
-            res.cue, res.cue_kind, res.cue_region, res.cue_box = "background", "background", "background", None
-    res.verdict = "shortcut_suspected" if res.suspicion >= cfg.threshold else "ok"
+        res.verdict = _causal_verdict(res, f, causal, others, density, cfg)
     res.evidence = evidence(f, att, res, cfg)
     return res
+
+
+def _causal_verdict(res: Verdict, f: GroupFeatures, causal: CausalResult, others, density, cfg: Config) -> str:
+    """The verdict from the causal tests, each rate judged by its 95% interval: a flag only where the
+    rules hold at the interval's end least favourable to it (mode -1), ``ok`` only where they fail even
+    at the most favourable end (+1), ``insufficient_data`` in between (``res.undecided`` names the test)."""
+    fixed_hot = f.peak_place.share_low >= cfg.place_share_low
+    judged = {m: (causal_cue(causal, others, cfg, density, fixed_hot, m), background_score(causal, cfg, m))
+              for m in (-1, 0, 1)}
+    finding, s_bg = judged[0]
+    clear, clear_bg = judged[-1]
+    res.suspicion = max(finding.score, s_bg)
+    res.cue_flip, res.cue_others, res.refuted = finding.flip, finding.others, finding.refuted
+    if clear.score >= cfg.threshold and not _background_place(clear.flip, clear_bg, cfg, fixed_hot):
+        t = clear.flip
+        res.cue_flip, res.cue_others = t, clear.others
+        res.cue, res.cue_kind, res.cue_region = _cue_name(t), "place", t.place
+        res.cue_box = list(t.box) if t.box is not None else None
+        return "shortcut_suspected"
+    if clear_bg >= cfg.threshold:
+        res.cue, res.cue_kind, res.cue_region, res.cue_box = "background", "background", "background", None
+        return "shortcut_suspected"
+    maybe, maybe_bg = judged[1]
+    if maybe.score >= cfg.threshold:
+        res.undecided = maybe.flip
+    elif maybe_bg >= cfg.threshold:
+        res.undecided = _undecided_background(causal, cfg)
+    return "ok" if res.undecided is None else "insufficient_data"
+
+
+def _undecided_background(causal: CausalResult, cfg: Config) -> PlaceFlip | None:
+    """The object or background test whose interval straddles its threshold."""
+    o = causal.object()
+    if o is not None and side(o.low, o.high, cfg.object_flip_max) == 0:
+        return o
+    if not causal.masked:
+        return causal.background_transplant()
+    bgs = [t for t in causal.tests if t.spec.replaces_background and finite(t.flip_rate)]
+    return min(bgs, key=lambda t: t.flip_rate) if bgs else o
 
 
 # ----------------------------------------------------------------------------
@@ -444,7 +492,7 @@ def causal_text(res: Verdict, cfg: Config = DEFAULT) -> str:
         parts.append(_object_words(c, o))
     t = res.cue_flip
     if t is not None and finite(t.flip_rate) and (res.cue_kind == "place" or t.flip_rate >= cfg.mention_flip):
-        s = f"{t.spec.words(t)} changes {pct(t.flip_rate)} of {t.n} predictions"
+        s = f"{t.spec.words(t)} changes {changes(t)}"
         if finite(res.cue_others):
             s += f" ({pct(res.cue_others)} for the other classes)"
         if finite(t.transplant):
@@ -452,28 +500,43 @@ def causal_text(res: Verdict, cfg: Config = DEFAULT) -> str:
         parts.append(s)
     r = res.refuted
     if r is not None and (t is None or r.place != t.place):
-        parts.append(f"{r.spec.words(r)} changes {pct(r.flip_rate)} of {r.n} predictions, "
+        parts.append(f"{r.spec.words(r)} changes {changes(r)}, "
                      f"but pasted into {r.transplant_n} images of other classes it turns {pct(r.transplant)} into "
                      f"this class: the fill changed them, the place carries no cue")
     return "; ".join(parts)
 
 
+def _span(t: PlaceFlip) -> str:
+    """`` (76-97%)``: the 95% interval of a test's rate, or nothing when unknown."""
+    return f" ({round(100 * t.low)}-{round(100 * t.high)}%)" if finite(t.low) and finite(t.high) else ""
+
+
+def changes(t: PlaceFlip) -> str:
+    """``"91% of 32 predictions (76-97%)"``: a test's rate, its count and its 95% interval."""
+    return f"{pct(t.flip_rate)} of {t.n} predictions{_span(t)}"
+
+
 def _object_words(c: CausalResult, o: PlaceFlip) -> str:
     """The object test, the background tests beside it, and (without masks) the background transplant."""
-    s = f"{o.spec.words(o)} changes {pct(o.flip_rate)} of {o.n} predictions"
+    s = f"{o.spec.words(o)} changes {changes(o)}"
     bgs = [t for t in c.tests if t.spec.replaces_background and finite(t.flip_rate)]
     if bgs:
-        s += ", replacing the background by " + " or ".join(f"{b.spec.fill_text} {pct(b.flip_rate)}" for b in bgs)
+        s += ", replacing the background by " + " or ".join(f"{b.spec.fill_text} {pct(b.flip_rate)}{_span(b)}"
+                                                            for b in bgs)
     tb = c.background_transplant()
     if tb is not None and finite(tb.flip_rate):
         s += (f", and its backgrounds pasted around the hot areas of {tb.n} images of other classes turn "
-              f"{pct(tb.flip_rate)} of them into this class")
+              f"{pct(tb.flip_rate)}{_span(tb)} of them into this class")
     return s
 
 
 def _conclusion(res: Verdict, att: Attention, cfg: Config) -> str:
     if res.untested:
         return " - not tested by intervention (cost budget), and attention alone is not a verdict"
+    if res.verdict == "insufficient_data" and res.undecided is not None:
+        u = res.undecided
+        return (f" - undecided: {u.spec.words(u)} changes {changes(u)}, an interval that straddles the "
+                f"threshold of its rule after all the images the cost budget allowed (raise --causal-budget)")
     if not has_causal(res.causal):
         return " - attention only, no causal test was run" if res.suspected else ""
     if res.suspected and res.cue_kind == "place" and res.cue_flip.spec.is_transform:

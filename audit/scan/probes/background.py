@@ -27,10 +27,10 @@ class _Replace(Probe):
         return True
 
     def go_on(self, t: Trial, trials: list, cfg: Config) -> bool:
-        """Only while the object test could still come out low (the background rule needs both)."""
+        """Only while the object test could still come out low (the background rule needs both): not when
+        removing the object already flipped clearly more than ``object_screen_max`` (its interval's lower end)."""
         obj = next((x for x in trials if x.probe.removes_object), None)
-        low = obj is None or len(obj.flips) < cfg.min_rate_n or obj.rate() <= cfg.object_screen_max
-        return low and t.promising(cfg)
+        return not (obj is not None and obj.clearly_above(cfg.object_screen_max)) and t.promising(cfg)
 
     def planned(self, masked: bool, n_places: int) -> int:
         return 1 if masked else 0

@@ -193,6 +193,15 @@ class Trial:
     def rate(self) -> float:
         return float(np.mean(list(self.flips.values()))) if self.flips else math.nan
 
+    def bounds(self) -> tuple[float, float]:
+        """The 95% Wilson interval of the flips so far."""
+        return wilson(int(sum(self.flips.values())), len(self.flips))
+
+    def clearly_above(self, threshold: float) -> bool:
+        """The flips so far put the rate above ``threshold`` even at their interval's lower end: only such
+        a clear result may stop another test (a screening of 8 images never vetoes)."""
+        return len(self.flips) > 0 and self.bounds()[0] > threshold
+
     def promising(self, cfg: Config) -> bool:
         if len(self.flips) < cfg.min_rate_n:  # too few screened: test the rest
             return True

@@ -162,8 +162,8 @@ def transplant_background(predict_fn, images: np.ndarray, spare: np.ndarray, rec
 
 
 class BackgroundTransplant(Probe):
-    """Without masks: the class's backgrounds pasted around other classes' own hot areas, while
-    removing the hot area changed little (at most ``cfg.background_object_max``)."""
+    """Without masks: the class's backgrounds pasted around other classes' own hot areas, unless removing
+    the hot area flipped clearly more than ``cfg.background_object_max`` (its interval's lower end)."""
 
     name = "background-transplant"
     family = Family.TRANSPLANT
@@ -173,7 +173,7 @@ class BackgroundTransplant(Probe):
     def follow_up(self, predict_fn, trials: list, s: Sample, cfg: Config, chunk: int) -> list[Trial]:
         obj = next((t for t in trials if t.probe.removes_object), None)
         if s.masks is not None or s.spare is None or s.recipients is None or s.target is None or obj is None \
-                or not obj.rate() <= cfg.background_object_max:
+                or len(obj.flips) < cfg.min_rate_n or obj.clearly_above(cfg.background_object_max):
             return []
         tr = transplant_background(predict_fn, s.images, s.spare, s.recipients, int(s.target), chunk)
         if tr is None:
