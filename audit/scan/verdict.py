@@ -239,14 +239,16 @@ def transforms_count(causal: CausalResult, others: dict, cfg: Config = DEFAULT, 
     Returns:
         The :class:`PlaceFlip` s of the transforms that count.
     """
+    kept = [t for t in causal.transforms if t.spec.keeps_identity]  # shapes kept: whatever the object does
     fo = toward(causal.object(), -mode)
     if not (finite(fo) and fo <= cfg.object_flip_max):
-        return []
+        return kept
     flat = causal.first("control")
     flat_ok = flat is not None and flat.n >= max(cfg.min_rate_n, cfg.min_tested) and \
         place_flip_score(toward(flat, mode), others.get(flat.place, math.nan), cfg) >= 0.5
     # the flat background is a control, never a cue: it also cuts into an object larger than the spared area
-    return [t for t in causal.transforms if not t.spec.control and (flat_ok or not t.spec.background_only)]
+    return kept + [t for t in causal.transforms if not t.spec.keeps_identity and not t.spec.control
+                   and (flat_ok or not t.spec.background_only)]
 
 
 def place_flip_score(flip: float, others: float, cfg: Config = DEFAULT) -> float:
@@ -539,6 +541,8 @@ def _conclusion(res: Verdict, att: Attention, cfg: Config) -> str:
                 f"threshold of its rule after all the images the cost budget allowed (raise --causal-budget)")
     if not has_causal(res.causal):
         return " - attention only, no causal test was run" if res.suspected else ""
+    if res.suspected and res.cue_kind == "place" and res.cue_flip.spec.keeps_identity:
+        return f" - the decision rests on the {res.cue}, not on the shapes"
     if res.suspected and res.cue_kind == "place" and res.cue_flip.spec.is_transform:
         return f" - the decision rests on the {res.cue}, not on the object"
     if res.suspected and res.cue_kind == "place":

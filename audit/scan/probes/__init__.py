@@ -28,6 +28,7 @@ from audit.scan.probes.base import (
     flipped,
     predict_chunks,
 )
+from audit.scan.probes.identity import identity_probes
 from audit.scan.probes.object import HotAreaRemoval, ObjectRemoval
 from audit.scan.probes.place import PlaceOcclusion
 from audit.scan.probes.transform import BackgroundTexture, FlatBackground, ImageColour
@@ -42,6 +43,7 @@ PROBES: dict[str, Probe] = {p.name: p for p in (
     BackgroundTexture(),
     FlatBackground(),
     ImageColour(),
+    *identity_probes(),  # greyscale, channel rotation, contrast, brightness, texture of object/background/image
     PlaceOcclusion(),
     BackgroundTransplant(),
 )}
@@ -89,10 +91,11 @@ def remove_cue(images, cue_region: str, *, cue_box=None, masks=None, spare=None,
         cue_region = FlatBackground.place
     for p in PROBES.values():
         if p.is_transform and getattr(p, "place", None) == cue_region:
-            if spare is None:
-                raise AuditError(f"removing the cue {cue_region!r} needs object masks or spared areas")
-            t = p.trials(s, cfg)[0]
-            return p.edit(t, s, rows)
+            trials = p.trials(s, cfg)
+            if not trials:
+                raise AuditError(f"removing the cue {cue_region!r} needs object masks or spared areas "
+                                 "(or colour images)")
+            return p.edit(trials[0], s, rows)
     spot = spot_named(cue_region, imgs.shape[1:3], cue_box, cfg=cfg)
     if spot is None:
         raise AuditError(f"cannot remove the cue {cue_region!r}: not a place, transform or background of the scan")

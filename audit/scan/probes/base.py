@@ -218,7 +218,8 @@ class Probe:
     removes_object = False  # the object test (masks, or the own hot area without)
     replaces_background = False  # the object kept, the background replaced (masks)
     is_place = False  # one place of the bank filled
-    is_transform = False  # an attribute edit that keeps the object's identity
+    is_transform = False  # an attribute edit (a transform)
+    keeps_identity = False  # ... that keeps every shape: counts whatever removing the object does
     whole_image = False  # edits the object too: needs Config.image_flip_min
     background_only = False  # edits the background with the object spared
     control = False  # a control: reported, never a cue

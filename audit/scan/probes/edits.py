@@ -217,3 +217,44 @@ def paste(images: np.ndarray, donors: np.ndarray, spots: np.ndarray) -> np.ndarr
     for j in range(len(out)):
         out[j][spots[j]] = donors[j % len(donors)][spots[j]]
     return out
+
+
+ATTRIBUTE_KINDS = ("greyscale", "permute", "contrast", "darken", "blur")
+
+
+def attribute(images: np.ndarray, edit: np.ndarray, kind: str, sigma: float = Config.texture_sigma) -> np.ndarray:
+    """Copies of ``images`` (N, H, W, C) uint8 whose ``edit`` (N, H, W) pixels change one attribute that a
+    model reading shapes should ignore, keeping what the object is.
+
+    ``greyscale``: the luma (ITU-R BT.601) to every channel (colour goes; a one-channel image is unchanged);
+    ``permute``: the channels rotated (R, G, B) -> (G, B, R) (every hue moves by a third of the circle,
+    brightness patterns stay); ``contrast``: the edited pixels' spread around their mean halved;
+    ``darken``: every value times 0.6; ``blur``: a Gaussian blur of ``sigma`` of the side (texture goes).
+
+    Raises:
+        AuditError: an unknown kind.
+    """
+    import cv2
+
+    if kind not in ATTRIBUTE_KINDS:
+        raise AuditError(f"unknown attribute edit {kind!r}; expected one of {', '.join(ATTRIBUTE_KINDS)}")
+    imgs = np.asarray(images)
+    m = np.asarray(edit, bool)
+    out = imgs.copy()
+    for i in range(len(imgs)):
+        if not m[i].any():
+            continue
+        img = imgs[i].astype(np.float32)
+        if kind == "greyscale":
+            new = np.repeat(luminance(img)[..., None], img.shape[-1], axis=-1)
+        elif kind == "permute":
+            new = img[..., [1, 2, 0]] if img.shape[-1] >= 3 else img
+        elif kind == "contrast":
+            mean = img[m[i]].mean(axis=0)
+            new = (img - mean) * 0.5 + mean
+        elif kind == "darken":
+            new = img * 0.6
+        else:
+            new = cv2.GaussianBlur(img, (0, 0), sigma * max(imgs.shape[1], imgs.shape[2])).reshape(img.shape)
+        out[i][m[i]] = np.clip(np.rint(new[m[i]]), 0, 255).astype(imgs.dtype)
+    return out

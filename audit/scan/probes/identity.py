@@ -1,0 +1,91 @@
+"""Edits that keep the object's identity: does the class hang on an attribute a shape-based model ignores?
+
+Each probe changes one attribute (:func:`audit.scan.probes.edits.attribute`) of the object alone (its
+dilated mask, or without masks the image's own heatmap hot area), of the background alone, or of the
+whole image, and keeps every shape.  A class whose predictions flip under such an edit far more than
+the other classes' do (:func:`audit.scan.verdict.causal_cue`: at least ``cue_flip_min`` of the class,
+``image_flip_min`` for a whole-image edit, and ``cue_specific_min`` more than the other classes, each at
+its interval's end least favourable to a flag) depends on that attribute: the cue is named after it
+(``colour of the object``, ``colour``, ``contrast``...).  An edit that every class survives, or that
+every class fails alike, is no cue.  Unlike the background transforms these count whatever removing the
+object does: a colour carried by the object goes with the object.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from audit.scan.config import Config
+from audit.scan.probes.base import Family, Probe, Sample, Trial, Where
+from audit.scan.probes.edits import attribute
+
+
+class IdentityEdit(Probe):
+    """One attribute edit on one part of the image; subclasses set ``kind``, ``part`` and the words."""
+
+    family = Family.TRANSFORM
+    is_transform = True
+    keeps_identity = True
+    kind = ""  # the attribute edit
+    part = "image"  # object | background | image
+    attribute_words = ""  # "colour", "contrast"...
+    verb = ""
+    needs_colour = False  # no-op on one-channel images
+
+    @property
+    def place(self) -> str:
+        return f"{self.part}:{self.name.split('-')[-1]}"
+
+    @property
+    def where(self) -> Where:
+        return {"object": Where.OBJECT, "background": Where.BACKGROUND, "image": Where.IMAGE}[self.part]
+
+    @property
+    def whole_image(self) -> bool:
+        return self.part == "image"
+
+    @property
+    def cue(self) -> str:
+        return {"object": f"{self.attribute_words} of the object", "background": f"background {self.attribute_words}",
+                "image": self.attribute_words}[self.part]
+
+    def trials(self, s: Sample, cfg: Config) -> list[Trial]:
+        if self.needs_colour and s.images.shape[-1] < 3:
+            return []
+        if self.part != "image" and s.spare is None:
+            return []
+        m = np.ones((s.n, *s.images.shape[1:3]), bool) if self.part == "image" else \
+            (s.spare if self.part == "object" else ~s.spare)
+        return [Trial(self, self.place, None, self.kind, m.reshape(s.n, -1).any(axis=1), m, float(m.mean()),
+                      self.where)]
+
+    def edit(self, t: Trial, s: Sample, rows: np.ndarray) -> np.ndarray:
+        return attribute(s.images[rows], t.mask[rows], self.kind, s.cfg.texture_sigma)
+
+    def planned(self, masked: bool, n_places: int) -> int:
+        return 1
+
+    def words(self, t) -> str:
+        what = {"object": "the object's", "background": "the background's", "image": "the image's"}[self.part]
+        return f"{self.verb.format(what=what)} (shapes kept)"
+
+
+def _edit(name: str, kind: str, part: str, attribute_words: str, verb: str, needs_colour: bool = False) -> IdentityEdit:
+    cls = type(f"IdentityEdit_{name}", (IdentityEdit,), {
+        "name": name, "kind": kind, "part": part, "attribute_words": attribute_words, "verb": verb,
+        "needs_colour": needs_colour, "__doc__": f"{verb.format(what='the ' + part + chr(39) + 's')}."})
+    return cls()
+
+
+def identity_probes() -> list[IdentityEdit]:
+    """The identity-keeping probes of the registry, in order."""
+    return [
+        _edit("object-greyscale", "greyscale", "object", "colour", "turning {what} colours grey", True),
+        _edit("background-greyscale", "greyscale", "background", "colour", "turning {what} colours grey", True),
+        _edit("image-greyscale", "greyscale", "image", "colour", "turning {what} colours grey", True),
+        _edit("object-hue", "permute", "object", "colour", "rotating {what} colour channels", True),
+        _edit("image-hue", "permute", "image", "colour", "rotating {what} colour channels", True),
+        _edit("image-contrast", "contrast", "image", "contrast", "halving {what} contrast"),
+        _edit("image-brightness", "darken", "image", "brightness", "darkening {what} values by 40%"),
+        _edit("object-texture", "blur", "object", "texture", "blurring {what} texture"),
+    ]
