@@ -1,8 +1,8 @@
 """Edits that keep the object's identity: does the class hang on an attribute a shape-based model ignores?
 
 Each probe changes one attribute (:func:`audit.scan.probes.edits.attribute`) of the object alone (its
-dilated mask, or without masks the image's own heatmap hot area), of the background alone, or of the
-whole image, and keeps every shape.  A class whose predictions flip under such an edit far more than
+dilated mask), of the background alone (both only with masks: a heatmap's hot area is no outline of the
+object), or of the whole image, and keeps every shape.  A class whose predictions flip under such an edit far more than
 the other classes' do (:func:`audit.scan.verdict.causal_cue`: at least ``cue_flip_min`` of the class,
 ``image_flip_min`` for a whole-image edit, and ``cue_specific_min`` more than the other classes, each at
 its interval's end least favourable to a flag) depends on that attribute: the cue is named after it
@@ -52,8 +52,8 @@ class IdentityEdit(Probe):
     def trials(self, s: Sample, cfg: Config) -> list[Trial]:
         if self.needs_colour and s.images.shape[-1] < 3:
             return []
-        if self.part != "image" and s.spare is None:
-            return []
+        if self.part != "image" and (s.spare is None or s.masks is None):
+            return []  # the object's own pixels need its mask: a heatmap's hot area is no object outline
         m = np.ones((s.n, *s.images.shape[1:3]), bool) if self.part == "image" else \
             (s.spare if self.part == "object" else ~s.spare)
         return [Trial(self, self.place, None, self.kind, m.reshape(s.n, -1).any(axis=1), m, float(m.mean()),
@@ -87,5 +87,4 @@ def identity_probes() -> list[IdentityEdit]:
         _edit("image-hue", "permute", "image", "colour", "rotating {what} colour channels", True),
         _edit("image-contrast", "contrast", "image", "contrast", "halving {what} contrast"),
         _edit("image-brightness", "darken", "image", "brightness", "darkening {what} values by 40%"),
-        _edit("object-texture", "blur", "object", "texture", "blurring {what} texture"),
     ]
