@@ -63,18 +63,18 @@ def _correct(out) -> dict:
 
 def fit_dfr(short_out: str, meta, fix_dir: Path, log=print):
     """Re-train the shortcut model's last layer on split 0 of the export, group-balanced; the new model's path."""
-    from audit.data import io
     from audit.data.datasets import load_images
-    from audit.engine.models import load_model
+    from audit.data.jobspec import load_job_model, read_job_record
     from audit.scan.dfr import retrain
 
-    spec = io.read_job(short_out)["spec"]
+    record = read_job_record(short_out)
+    spec = record.spec
     train = meta[(meta["split"] == 0) & (meta["y"] >= 0)]
-    size = tuple(spec["model"].get("input_size") or (64, 64))
+    size = record.size or (64, 64)
     images, _, _ = load_images(spec, train["img_filename"].tolist(), size)
-    model = load_model(spec["model"]["path"])
+    model = load_job_model(spec.model)
     res = retrain(model, images, train["y"].to_numpy(), train["place"].to_numpy(),
-                  preprocess=spec["model"].get("preprocess", "none"))
+                  preprocess=spec.model.preprocess)
     path = fix_dir / "dfr.keras"
     res.model.save(path)
     log(f"DFR: last layer re-fitted on {sum(res.groups.values())} photos of split 0, "

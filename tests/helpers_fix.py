@@ -77,7 +77,8 @@ def run_in_process(spec_path) -> str:
     for s in plan.shards:
         w.process_shard(s)
     info = w.setup()
-    io.atomic_write_json(io.job_path(out), {"job_id": "jfix", "name": spec["name"], "status": "ok", "spec": spec,
+    io.atomic_write_json(io.job_path(out), {"job_id": "jfix", "name": spec.name, "status": "ok",
+                                            "spec": spec.to_dict(),
                                             "classes": plan.classes, "layers": info.get("layers"),
                                             "input_size": info.get("input_size")})
     return str(out)

@@ -165,7 +165,7 @@ def _audit(ws, fmt) -> Path:
     for s in p.shards:
         pq.write_table(w.process_shard(s, commit=False)["table"], out / "records" / f"part-{s.id:05d}.parquet")
     w.close()
-    job = {"spec": spec, "classes": p.classes, "layers": info["layers"], "input_size": info["input_size"]}
+    job = {"spec": spec.to_dict(), "classes": p.classes, "layers": info["layers"], "input_size": info["input_size"]}
     (out / "job.json").write_text(json.dumps(job))
     scan(out, quiet=True)
     return out

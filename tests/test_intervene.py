@@ -263,7 +263,7 @@ def test_intervener_reads_job_model_and_dataset(tmp_path, head):
                       "dataset": {"format": "folder", "path": "data", "masks": "masks"},
                       "output": "out"}, base_dir=tmp_path)
     (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "job.json").write_text(json.dumps({"spec": spec, "input_size": [H, W]}))
+    (tmp_path / "out" / "job.json").write_text(json.dumps({"spec": spec.to_dict(), "input_size": [H, W]}))
     iv = Intervener(tmp_path / "out")
     ids = [f"no_tank/{i}.png" for i in range(8)]
     np.testing.assert_array_equal(iv.predict(imgs), sky_model(imgs))

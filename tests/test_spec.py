@@ -6,11 +6,13 @@ import copy
 import json
 from dataclasses import asdict
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
 
 from audit.data import resources
+from audit.data.jobspec import ResourcesSpec
 from audit.errors import AuditError
 from audit.runner.job import _check_resumable, plan_resources
 from audit.runner.spec import apply_overrides, fill_defaults, load_spec
@@ -57,13 +59,13 @@ def test_defaults_and_relative_paths(ws, monkeypatch):
     assert spec["dataset"]["path"] == str(tmp / "data")
     assert spec["output"] == str(tmp / "out")
     assert spec["dataset"]["shard_size"] == 512
-    assert spec["explain"] == {"methods": ["gradcam", "gradcam++"], "layers": "auto",
-                               "target": "predicted", "regions": {}, "token_grid": None}
+    assert spec.explain.to_dict() == {"methods": ["gradcam", "gradcam++"], "layers": "auto",
+                                      "target": "predicted", "regions": {}, "token_grid": None}
     assert spec["resources"]["batch_size"] == 64 and spec["resources"]["actors"] == "auto"
     assert spec["model"]["trust_code"] is False and spec["model"]["preprocess"] == "none"
-    json.dumps(spec)  # goes to job.json as is
-    # idempotent on an already resolved spec (job.json["spec"])
-    assert load_spec(spec) == spec
+    assert json.loads(json.dumps(spec.to_dict())) == spec.to_dict()  # what job.json holds
+    # idempotent on an already resolved spec (job.json["spec"], or the JobSpec itself)
+    assert load_spec(spec.to_dict()) == spec and load_spec(spec) == spec
 
 
 def test_paths_from_the_command_line_are_relative_to_the_cwd(ws, monkeypatch, tmp_path_factory):
@@ -146,9 +148,8 @@ def test_fill_defaults_keeps_given_values():
 
 
 def _res(**kw):
-    r = {"actors": "auto", "gpus_per_actor": "auto", "cpus_per_actor": "auto"}
-    r.update(kw)
-    return {"resources": r}
+    """A spec holding only its resources (what plan_resources reads)."""
+    return SimpleNamespace(resources=ResourcesSpec(**kw))
 
 
 @pytest.mark.parametrize("res, cluster, shards, expected", [
@@ -164,7 +165,7 @@ def test_plan_resources(res, cluster, shards, expected):
     nodes = [{"Alive": True, "Resources": {"CPU": cluster["CPU"]}}]
     got = asdict(plan_resources(res, cluster, nodes, shards))
     assert {k: got[k] for k in expected} == expected
-    assert got["min_actors"] == 1 and got["grows"] == (res["resources"]["actors"] == "auto")
+    assert got["min_actors"] == 1 and got["grows"] == (res.resources.actors == "auto")
 
 
 def test_plan_resources_refuses_impossible():
@@ -229,17 +230,18 @@ def test_pool_spec_mistakes_are_one_line(ws, override, words):
 def test_resume_needs_the_same_spec(ws):
     tmp, doc = ws
     spec = load_spec(write(tmp, doc))
-    _check_resumable(spec, {"spec": spec, "model": {"sha256": "a"}}, "a")
+    written = spec.to_dict()  # what job.json holds
+    _check_resumable(spec, {"spec": written, "model": {"sha256": "a"}}, "a")
     other = load_spec(write(tmp, doc), ["dataset.shard_size=7"])
     with pytest.raises(AuditError, match=r"dataset.shard_size is 7 now but 512"):
-        _check_resumable(other, {"spec": spec}, None)
+        _check_resumable(other, {"spec": written}, None)
     with pytest.raises(AuditError, match="model file .* changed"):
-        _check_resumable(spec, {"spec": spec, "model": {"sha256": "a"}}, "b")
+        _check_resumable(spec, {"spec": written, "model": {"sha256": "a"}}, "b")
     # resources may change between runs
     more = load_spec(write(tmp, doc), ["resources.actors=4"])
-    _check_resumable(more, {"spec": spec}, None)
+    _check_resumable(more, {"spec": written}, None)
     # a job written before a key joined the schema: the missing key is its default, not a change
-    older = copy.deepcopy(spec)
+    older = copy.deepcopy(written)
     del older["dataset"]["max_image_bytes"], older["dataset"]["resize_masks"]
     _check_resumable(spec, {"spec": older}, None)
     with pytest.raises(AuditError, match=r"dataset.resize_masks is True now but False"):

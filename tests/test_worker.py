@@ -280,7 +280,7 @@ def test_a_model_that_takes_any_size_is_audited_at_model_input_size(tmp_path):
     spec = _spec(tmp_path, str(tmp_path / "any.keras"), ds, layers=["conv"])
     with pytest.raises(AuditError, match="accepts any image size; set model.input_size"):
         _run(spec)
-    spec["model"]["input_size"] = [h.SIZE, h.SIZE]
+    spec = load_spec({**spec.to_dict(), "model": {**spec.model.to_dict(), "input_size": [h.SIZE, h.SIZE]}})
     _, got, _ = _run(spec)
     _, ref, _ = _run(_spec(tmp_path, str(tmp_path / "fixed.keras"), ds, layers=["conv"]))
     assert (got.status == "ok").all() and got.image_id.tolist() == ref.image_id.tolist()

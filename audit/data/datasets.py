@@ -26,24 +26,27 @@ from audit.data.formats.base import IMAGE_EXTENSIONS, Item, Plan, Shard  # noqa:
 from audit.data.formats.manifest import BOX_COLUMNS  # noqa: F401
 from audit.data.formats.parquet import parquet_file  # noqa: F401
 from audit.data.formats.tfrecord import TF_KEY_FEATURES, TFRECORD_EXTENSIONS  # noqa: F401
+from audit.data.jobspec import DatasetSpec, JobSpec
 from audit.errors import AuditError
 
 
-def plan(ds: dict) -> Plan:
-    """Shard descriptors of a dataset (``spec["dataset"]``), in order.
+def plan(ds: DatasetSpec | dict) -> Plan:
+    """Shard descriptors of a dataset (``spec.dataset``; a dict of it is taken too), in order.
 
     Raises:
         AuditError: the dataset is missing, empty or malformed (one line).
     """
-    if not fs.exists(ds["path"]):
-        raise fs.not_found(ds["path"], "dataset.path")
-    shards, total, classes = formats.get(ds["format"]).plan(ds)
+    ds = DatasetSpec.coerce(ds)
+    if not fs.exists(ds.path):
+        raise fs.not_found(ds.path, "dataset.path")
+    shards, total, classes = formats.get(ds.format).plan(ds)
     return Plan(shards=shards, total=total, classes=list(classes) if classes else None)
 
 
-def read_shard(ds: dict, shard: Shard, classes=None):
+def read_shard(ds: DatasetSpec | dict, shard: Shard, classes=None):
     """The :class:`Item` s of one shard, in order."""
-    return formats.get(ds["format"]).read(ds, shard, classes)
+    ds = DatasetSpec.coerce(ds)
+    return formats.get(ds.format).read(ds, shard, classes)
 
 
 def fetch(item: Item, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> bytes:
@@ -154,21 +157,23 @@ def iter_items(ds: dict, classes=None):
         yield from read_shard(ds, s, classes if classes is not None else p.classes)
 
 
-def load_images(spec: dict, image_ids, size):
-    """Read images back by ``image_id`` from the dataset of a resolved spec (``job.json["spec"]``).
+def load_images(spec, image_ids, size):
+    """Read images back by ``image_id`` from the dataset of a job spec (or of its ``dataset`` section).
 
     Returns ``(images (N, H, W, 3) uint8 RGB at size, masks (N, H, W) bool or None,
     has_mask (N,) bool)`` in the order of ``image_ids``.  Used by the scan's
     intervention step.  An id that is not in the dataset, or an image that no
     longer decodes, is an :class:`AuditError`.
     """
-    ds = spec.get("dataset", spec)
-    if not fs.exists(ds["path"]):
-        raise AuditError(f"dataset not found: {ds['path']} (moved since the job ran?)")
+    if not isinstance(spec, (JobSpec, DatasetSpec)) and "dataset" in spec:  # a spec dict
+        spec = JobSpec.coerce(spec)
+    ds = spec.dataset if isinstance(spec, JobSpec) else DatasetSpec.coerce(spec)
+    if not fs.exists(ds.path):
+        raise AuditError(f"dataset not found: {ds.path} (moved since the job ran?)")
     try:
         return _load_images(ds, image_ids, size)
     except OSError as e:
-        raise AuditError(f"cannot read the dataset {ds['path']}: {e.strerror or e}") from None
+        raise AuditError(f"cannot read the dataset {ds.path}: {e.strerror or e}") from None
 
 
 def _load_images(ds, image_ids, size):
@@ -186,9 +191,8 @@ def _load_images(ds, image_ids, size):
         if k is None or item.image_id in found:
             continue
         try:
-            img, m, _ = load_item(item, (H, W), ds.get("max_pixels", 100_000_000),
-                                  max_bytes=ds.get("max_image_bytes") or DEFAULT_MAX_IMAGE_BYTES,
-                                  resize_masks=bool(ds.get("resize_masks")))
+            img, m, _ = load_item(item, (H, W), ds.max_pixels, max_bytes=ds.max_image_bytes,
+                                  resize_masks=bool(ds.resize_masks))
         except DecodeError as e:
             raise AuditError(f"cannot load image {item.image_id}: {e}") from None
         images[k] = img
@@ -199,14 +203,15 @@ def _load_images(ds, image_ids, size):
             break
     missing = [i for i in ids if i not in found]
     if missing:
-        raise AuditError(f"image_id {missing[0]!r} is not in the dataset {ds['path']} ({len(missing)} missing)")
+        raise AuditError(f"image_id {missing[0]!r} is not in the dataset {ds.path} ({len(missing)} missing)")
     return images, (masks if has.any() else None), has
 
 
 
 def _items_by_id(ds, ids):
     """Items for the given ids, through the format (direct access where the id says where)."""
-    return formats.get(ds["format"]).items_by_id(ds, ids)
+    ds = DatasetSpec.coerce(ds)
+    return formats.get(ds.format).items_by_id(ds, ids)
 
 
 def indexed_image_bytes(file: str, index: int) -> bytes:

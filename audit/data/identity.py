@@ -33,11 +33,13 @@ from __future__ import annotations
 
 from audit.data import datasets, formats
 from audit.data.formats.base import ShardIdentity, file_stat, object_stats  # noqa: F401  (public here)
+from audit.data.jobspec import DatasetSpec
 
 
 def shard_identity(ds: dict, shard: datasets.Shard, classes=None) -> ShardIdentity:
-    """The identity of ``shard`` of dataset ``ds`` (``spec["dataset"]``) as it is now (its format decides)."""
-    return formats.get(ds["format"]).identity(ds, shard, classes)
+    """The identity of ``shard`` of dataset ``ds`` (``spec.dataset``) as it is now (its format decides)."""
+    ds = DatasetSpec.coerce(ds)
+    return formats.get(ds.format).identity(ds, shard, classes)
 
 
 def clear_cache() -> None:

@@ -24,8 +24,8 @@ _TYPES = {
 
 def arrow_schema(name: str, extra: dict | None = None) -> pa.Schema:
     """The Arrow schema of ``schemas/<name>.schema.json`` plus ``extra`` columns."""
-    spec = resources.schema(name)
-    fields = [pa.field(c["name"], _TYPES[c["type"]]) for c in spec["columns"]]
+    table = resources.schema(name)
+    fields = [pa.field(c["name"], _TYPES[c["type"]]) for c in table["columns"]]
     for col, typ in (extra or {}).items():
         fields.append(pa.field(col, _TYPES[typ]))
     return pa.schema(fields)

@@ -41,22 +41,21 @@ def job_inputs(out) -> JobInputs:
     Raises:
         AuditError: ``out`` has no readable ``job.json``.
     """
-    from audit.data import io
+    from audit.data.jobspec import JobSpec, read_job_record
 
-    job = io.read_job(out)
-    if job is None:
+    record = read_job_record(out)
+    if record is None:
         raise AuditError(f"--job {out}: no job.json there (give the `output` folder of an audit job)")
-    spec = job.get("spec") or {}
-    model = spec.get("model") or {}
-    explain = spec.get("explain") or {}
-    size = model.get("input_size")
-    grid = explain.get("token_grid")
+    spec = record.spec or JobSpec()
+    model, explain = spec.model, spec.explain
+    grid = explain.token_grid
     return JobInputs(
-        out=str(out), model_path=model.get("path"), application=model.get("application"),
-        weights=model.get("weights"), input_size=tuple(size) if size else None,
-        trust_code=bool(model.get("trust_code")), output=model.get("output"),
-        preprocess=model.get("preprocess") or "none", classes=job.get("classes") or None,
-        layers=job.get("layers") or None, methods=list(explain.get("methods") or []) or None,
+        out=str(out), model_path=model.path, application=model.application,
+        weights=model.weights, input_size=model.size,
+        trust_code=bool(model.trust_code), output=model.output,
+        preprocess=model.preprocess or "none", classes=record.classes or None,
+        layers=record.layers or None,
+        methods=(list(explain.methods or []) or None) if record.spec is not None else None,
         token_grid=tuple(grid) if grid else None)
 
 

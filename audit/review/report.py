@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from audit.data.jobspec import JobRecord, read_job_record
 from audit.errors import AuditError, cannot_write
 from audit.review import viz
 
@@ -55,15 +55,6 @@ MAX_GALLERIES = 4  # suspect-cluster galleries per class (the largest suspect cl
 # ----------------------------------------------------------------------------
 
 
-def _read_json(p) -> dict:
-    from audit.data import fs
-
-    try:
-        return json.loads(fs.read_bytes(p) if isinstance(p, str) else p.read_text())
-    except (OSError, ValueError):
-        return {}
-
-
 def _read_parquet(p):
     """A small summary table as pandas, or None when it is absent or unreadable (a Path or a URI)."""
     import pyarrow.parquet as pq
@@ -84,7 +75,7 @@ def _field(name):
     return pc.field(name)
 
 
-def _primary(ds, job: dict, clusters, layer=None, method=None) -> tuple[str | None, str | None]:
+def _primary(ds, record: JobRecord, clusters, layer=None, method=None) -> tuple[str | None, str | None]:
     """The (layer, method) the report shows: given > the scan's > the job's first > the data's first."""
     import pyarrow.compute as pc
 
@@ -96,11 +87,11 @@ def _primary(ds, job: dict, clusters, layer=None, method=None) -> tuple[str | No
         layer = clusters["layer"].dropna().iloc[0] if clusters["layer"].notna().any() else None
     if method is None and clusters is not None and "method" in clusters and len(clusters):
         method = clusters["method"].dropna().iloc[0] if clusters["method"].notna().any() else None
-    spec_methods = ((job.get("spec") or {}).get("explain") or {}).get("methods") or []
+    spec_methods = list(record.spec.explain.methods) if record.spec is not None else []
     if method is None and spec_methods:
         method = spec_methods[0]
-    if layer is None and job.get("layers"):
-        layer = job["layers"][0]
+    if layer is None and record.layers:
+        layer = record.layers[0]
     # check against the data (first fragment with rows is enough to find a default)
     pairs = set()
     for frag in ds.get_fragments():
@@ -646,7 +637,7 @@ def write_report(out_dir, *, max_examples: int = 12, max_classes: int = 24, seed
     ds = query.records_dataset(out)
     if "image_id" not in ds.schema.names:
         raise AuditError(f"{out}/records has no image_id column: not an audit job output")
-    job = _read_json(under("job.json"))
+    record = read_job_record(out) or JobRecord(spec=None)
     classes = _read_parquet(under("summary", "classes.parquet"))
     clusters = _read_parquet(under("summary", "clusters.parquet"))
     from audit.data.io import completeness
@@ -658,16 +649,16 @@ def write_report(out_dir, *, max_examples: int = 12, max_classes: int = 24, seed
         from audit.scan import provenance
 
         notes.append(provenance.report_line(out))
-    layer, method = _primary(ds, job, clusters, layer, method)
+    layer, method = _primary(ds, record, clusters, layer, method)
     light = _read_light(ds, layer, method)
     n_errors, error_rows = _read_errors(ds)
-    spec = job.get("spec") or {}
-    names_by_id = _class_names(job, light)
+    names_by_id = _class_names(record, light)
     if light is None:
         table, sections, doubtful = _class_table(classes, None, names_by_id), [], []
     else:
         light = light.reset_index(drop=True)
-        bases = [(spec.get("dataset") or {}).get("path"), None if isinstance(out, str) else out.parent, Path.cwd()]
+        bases = [record.spec.dataset.path if record.spec is not None else None,
+                 None if isinstance(out, str) else out.parent, Path.cwd()]
         ctx = _Ctx(ds, light, layer, method, _Images(bases), np.random.default_rng(seed), names_by_id)
         table = _class_table(classes, light, names_by_id)
         sections = _class_sections(ctx, table, clusters, _table_maps(classes, ("class_id",)),
@@ -678,7 +669,7 @@ def write_report(out_dir, *, max_examples: int = 12, max_classes: int = 24, seed
         if any(it["no_image"] for g in galleries for it in g["items"]):
             notes.append("Some original images could not be read (moved, or not on this machine): "
                          "their heatmaps are shown alone.")
-    header = _header(job, out, ds, light, table, n_errors, layer, method)
+    header = _header(record, out, ds, light, table, n_errors, layer, method)
     if len(table) > max_classes:
         notes.append(f"Pictures for the first {max_classes} of {len(table)} classes (suspects first); "
                      "`audit report OUT --max-classes N` shows more.")
@@ -704,20 +695,18 @@ def _output_location(out_dir):
     return out, under
 
 
-def _class_names(job: dict, light) -> dict:
+def _class_names(record: JobRecord, light) -> dict:
     """Class id -> name: the job's classes, then any label names the records carry."""
-    spec = job.get("spec") or {}
-    names = job.get("classes") or (spec.get("dataset") or {}).get("classes") or []
-    names_by_id = dict(enumerate(names))
+    names_by_id = dict(enumerate(record.class_names))
     if light is not None and "label" in light and "label_name" in light:
         for cid, nm in light[["label", "label_name"]].dropna().drop_duplicates("label").itertuples(index=False):
             names_by_id.setdefault(int(cid), nm)
     return names_by_id
 
 
-def _header(job, out, ds, light, table, n_errors, layer, method) -> dict:
+def _header(record: JobRecord, out, ds, light, table, n_errors, layer, method) -> dict:
     """The report's job header: model, dataset, counts, the view shown, timings, versions."""
-    spec = job.get("spec") or {}
+    job, spec = record.raw, record.spec
     summary = job.get("summary") or {}
     flat = int(light["status"].eq("flat").sum()) if light is not None and "status" in light else None
     acc = None
@@ -725,19 +714,21 @@ def _header(job, out, ds, light, table, n_errors, layer, method) -> dict:
         acc = float(light["correct"].dropna().astype(float).mean())
     model = job.get("model") or {}
     return {
-        "name": job.get("name") or spec.get("name") or (out.name if isinstance(out, Path) else str(out)),
-        "model": model.get("path") or model.get("application") or (spec.get("model") or {}).get("path") or "?",
+        "name": job.get("name") or (spec.name if spec is not None else None)
+        or (out.name if isinstance(out, Path) else str(out)),
+        "model": model.get("path") or model.get("application") or (spec.model.path if spec is not None else None)
+        or "?",
         "sha256": (model.get("sha256") or "")[:12],
-        "dataset": (spec.get("dataset") or {}).get("path") or "?",
-        "format": (spec.get("dataset") or {}).get("format"),
+        "dataset": (spec.dataset.path if spec is not None else None) or "?",
+        "format": spec.dataset.format if spec is not None else None,
         "images": summary.get("images") or ((0 if light is None else len(light)) + n_errors),
         "rows": ds.count_rows(),
         "errors": n_errors,
         "flat": flat,
         "accuracy": acc if acc is not None else summary.get("accuracy"),
         "layer": layer, "method": method,
-        "layers": job.get("layers") or ([layer] if layer else []),
-        "methods": (spec.get("explain") or {}).get("methods") or ([method] if method else []),
+        "layers": record.layers or ([layer] if layer else []),
+        "methods": (list(spec.explain.methods) if spec is not None else []) or ([method] if method else []),
         "status": job.get("status"),
         "started": _fmt_time((job.get("timings") or {}).get("started")),
         "seconds": (job.get("timings") or {}).get("run_s"),

@@ -17,6 +17,7 @@ import os
 import sys
 import time
 
+from audit.data.jobspec import JobSpec
 from audit.errors import AuditError
 from audit.runner.pool import Resources
 from audit.runner.scheduler import ACTOR_FACTS, RunState
@@ -24,7 +25,7 @@ from audit.runner.scheduler import ACTOR_FACTS, RunState
 MAX_IMAGES = 2000  # more: the actors' parallelism pays for their start
 
 
-def runs_in_process(spec: dict, address, todo) -> bool:
+def runs_in_process(spec: JobSpec, address, todo) -> bool:
     """Whether the shards ``todo`` of this job run in the driver (see the module's docstring)."""
     forced = os.environ.get("AUDIT_IN_PROCESS", "")
     if address or not todo or forced == "0":
@@ -34,10 +35,10 @@ def runs_in_process(spec: dict, address, todo) -> bool:
         return False
     if forced == "1":
         return True
-    return spec["resources"]["actors"] in ("auto", 1) and sum(s.size for s in todo) <= MAX_IMAGES
+    return spec.resources.actors in ("auto", 1) and sum(s.size for s in todo) <= MAX_IMAGES
 
 
-def ready_worker(spec: dict, job_id: str, classes, lock=None, todo=()):
+def ready_worker(spec: JobSpec, job_id: str, classes, lock=None, todo=()):
     """The driver's worker with its model loaded (what an actor's setup checks, raised the same way).
 
     ``lock``: the output lock the driver holds; each commit is fenced by it, as
@@ -49,7 +50,7 @@ def ready_worker(spec: dict, job_id: str, classes, lock=None, todo=()):
     """
     from audit.runner.worker import AuditWorker
 
-    worker = AuditWorker(spec, out_dir=spec["output"], job_id=job_id, classes=classes, cpus=os.cpu_count(),
+    worker = AuditWorker(spec, out_dir=spec.output, job_id=job_id, classes=classes, cpus=os.cpu_count(),
                          largest_shard=max((s.size for s in todo), default=None),
                          lock_token=lock.info.token if lock is not None else None,
                          generation=lock.generation if lock is not None else 0)
@@ -78,7 +79,7 @@ class InProcessRunner:
 
     def __init__(self, worker, spec, state: RunState, bar, on_event=None, lock=None):
         self.worker, self.state, self.bar, self.on_event, self.lock = worker, state, bar, on_event, lock
-        self.max_retries = int(spec["resources"]["max_retries"])
+        self.max_retries = int(spec.resources.max_retries)
 
     def run(self, shards) -> RunState:
         """Process ``shards`` in order; returns the run state."""

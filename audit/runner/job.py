@@ -44,6 +44,7 @@ import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from audit.data.jobspec import JobSpec, record_of
 from audit.errors import AuditError
 from audit.runner import inprocess, pool
 from audit.runner.cluster import check_reachable, ray_init
@@ -86,24 +87,23 @@ def _first_difference(a, b, path=""):
     return (path, a, b) if a != b else None
 
 
-def _check_resumable(spec: dict, previous: dict, sha: str | None) -> None:
-    from audit.runner.spec import fill_defaults
-
-    # a key added to the schema since the job started compares as its default
-    old = fill_defaults(previous.get("spec") or {})
+def _check_resumable(spec: JobSpec, previous: dict, sha: str | None) -> None:
+    # a key added to the schema since the job started compares as its default (record_of fills it)
+    was = record_of(previous)
+    old = was.spec.to_dict() if was.spec is not None else {}
     for section in ("dataset", "explain", "model"):
-        d = _first_difference(old.get(section), spec.get(section), section)
+        d = _first_difference(old.get(section), getattr(spec, section).to_dict(), section)
         if d:
             raise AuditError(
-                f"cannot resume: {d[0]} is {d[2]!r} now but {d[1]!r} in the job in {spec['output']}; "
+                f"cannot resume: {d[0]} is {d[2]!r} now but {d[1]!r} in the job in {spec.output}; "
                 "resume needs the same dataset, model and explain settings"
             )
-    old_sha = (previous.get("model") or {}).get("sha256")
+    old_sha = was.model_sha256
     if old_sha and sha and old_sha != sha:
-        raise AuditError(f"cannot resume: the model file {spec['model']['path']} changed since the job started")
+        raise AuditError(f"cannot resume: the model file {spec.model.path} changed since the job started")
 
 
-def plan_resources(spec: dict, cluster: dict, nodes: list[dict], n_shards: int, fixed: bool = True) -> Resources:
+def plan_resources(spec: JobSpec, cluster: dict, nodes: list[dict], n_shards: int, fixed: bool = True) -> Resources:
     """Actors, CPUs and GPUs per actor from the spec and the cluster (a pure function).
 
     ``actors: auto`` is one actor per GPU when the cluster has GPUs, else one
@@ -118,7 +118,7 @@ def plan_resources(spec: dict, cluster: dict, nodes: list[dict], n_shards: int, 
 class JobContext:
     """What :func:`prepare` found out, before anything is written."""
 
-    spec: dict
+    spec: JobSpec
     out: Path | str  # a local folder, or a URI (s3://...)
     mode: str | None  # None (fresh), "check" or "replan" (see audit.runner.resume)
     previous: dict | None  # job.json of the job being resumed
@@ -193,20 +193,19 @@ def prepare(spec, *, overrides=(), base_dir=None, resume=False) -> JobContext:
     spec = load_spec(spec, overrides, base_dir)
     check_model_file(spec)  # layer names and Lambda layers from the .keras config: no TensorFlow yet
     mode = resume_mode(resume)
-    out = spec["output"] if fs.is_uri(spec["output"]) else Path(spec["output"])
+    out = spec.output if fs.is_uri(spec.output) else Path(spec.output)
     check_free(out)  # a running driver is named before "not empty" is said
     previous = io.read_job(out) if mode else None
     io.check_output(out, bool(mode))
-    sha = fs.sha256(spec["model"]["path"]) if fs.is_uri(spec["model"].get("path")) else \
-        fingerprint(spec["model"].get("path"))
+    sha = fs.sha256(spec.model.path) if fs.is_uri(spec.model.path) else fingerprint(spec.model.path)
     if previous:
         _check_resumable(spec, previous, sha)
     job_id = previous["job_id"] if previous else uuid.uuid4().hex[:12]
     t0 = time.perf_counter()
-    plan = datasets.plan(spec["dataset"])
+    plan = datasets.plan(spec.dataset)
     plan_s = time.perf_counter() - t0
     if plan.total == 0:
-        raise AuditError(f"dataset {spec['dataset']['path']} has no images")
+        raise AuditError(f"dataset {spec.dataset.path} has no images")
     return JobContext(spec, out, mode, previous, sha, job_id, plan, round(plan_s, 3), t_start)
 
 
@@ -230,7 +229,7 @@ def own_output(ctx: JobContext, address):
         # a named cluster is joined before the lock: a refused token or a dead head leaves OUT untouched
         started_ray = ray_init(address) if address else False
         lock.acquire()
-        found = reconcile(ctx.out, ctx.plan, ctx.spec["dataset"], ctx.job_id, ctx.mode)
+        found = reconcile(ctx.out, ctx.plan, ctx.spec.dataset, ctx.job_id, ctx.mode)
         todo = [s for s in ctx.plan.shards if s.id not in found.entries]
         if todo and inprocess.runs_in_process(ctx.spec, address, todo):  # a small local job: no Ray
             worker = inprocess.ready_worker(ctx.spec, ctx.job_id, ctx.plan.classes, lock, todo)
@@ -296,7 +295,7 @@ def execute(ctx: JobContext, owned: Owned, *, progress=True, on_event=None) -> d
         if owned.todo and owned.worker is not None:
             res = inprocess.resources()
             record["resources"] = {**asdict(res), "in_process": True}
-            bar = Progress(ctx.plan.total, owned.found.images, owned.found.errors, progress, ctx.spec["name"])
+            bar = Progress(ctx.plan.total, owned.found.images, owned.found.errors, progress, ctx.spec.name)
             inprocess.InProcessRunner(owned.worker, ctx.spec, state, bar, on_event, owned.lock).run(owned.todo)
         elif owned.todo:
             import ray
@@ -305,7 +304,7 @@ def execute(ctx: JobContext, owned: Owned, *, progress=True, on_event=None) -> d
                                  fixed=owned.private)
             record["resources"] = asdict(res)
             _note_cpu_fallback(ctx.spec, res, owned.private or owned.local)
-            bar = Progress(ctx.plan.total, owned.found.images, owned.found.errors, progress, ctx.spec["name"])
+            bar = Progress(ctx.plan.total, owned.found.images, owned.found.errors, progress, ctx.spec.name)
             Scheduler(ctx.spec, ctx.job_id, ctx.plan.classes, res, state, bar, on_event, owned.lock).run(owned.todo)
         status = "incomplete" if state.failed else "ok"
     except KeyboardInterrupt:
@@ -326,12 +325,12 @@ def execute(ctx: JobContext, owned: Owned, *, progress=True, on_event=None) -> d
     return summary
 
 
-def _note_cpu_fallback(spec: dict, res: Resources, local: bool) -> None:
+def _note_cpu_fallback(spec: JobSpec, res: Resources, local: bool) -> None:
     """On a joined cluster without GPUs now, ``gpus_per_actor: auto`` means CPU actors: say how to ask for GPUs.
 
     Not on a Ray of this machine (no ``--address``): no autoscaler adds nodes there.
     """
-    if not local and spec["resources"]["gpus_per_actor"] == "auto" and not res.gpus_per_actor:
+    if not local and spec.resources.gpus_per_actor == "auto" and not res.gpus_per_actor:
         _say("audit: note: the cluster has no GPU now, so resources.gpus_per_actor auto = 0 (CPU actors); "
              "set it to 1 to have an autoscaler add GPU nodes for the job")
 
@@ -344,10 +343,10 @@ def job_record(ctx: JobContext, owned: Owned) -> dict:
     now = io.read_job(ctx.out) if ctx.mode else None  # read under the lock: no run of another driver is lost
     record = {
         "job_id": ctx.job_id,
-        "name": spec["name"],
+        "name": spec.name,
         "status": "running",
-        "spec": spec,
-        "model": {"path": spec["model"].get("path"), "application": spec["model"].get("application"),
+        "spec": spec.to_dict(),
+        "model": {"path": spec.model.path, "application": spec.model.application,
                   "sha256": ctx.sha},
         "classes": ctx.plan.classes,
         "dataset": {"images": ctx.plan.total, "shards": len(ctx.plan.shards)},
@@ -472,7 +471,7 @@ def _summary(ctx: JobContext, all_done: dict, skipped: dict, state: RunState, ru
     plan = ctx.plan
     return {
         "job_id": ctx.job_id,
-        "name": ctx.spec["name"],
+        "name": ctx.spec.name,
         "output": str(ctx.out),
         "status": status,
         "images": plan.total,

@@ -106,7 +106,7 @@ def auto_count(cluster: dict, gpa: float, custom: dict) -> int:
     return max(1, int(float(cluster.get("CPU", 0)) // 2))
 
 
-def plan(spec: dict, cluster: dict, nodes: list[dict], n_shards: int, fixed: bool = True) -> Resources:
+def plan(spec, cluster: dict, nodes: list[dict], n_shards: int, fixed: bool = True) -> Resources:
     """Actors, CPUs and GPUs per actor from the spec and the cluster (a pure function).
 
     Args:
@@ -123,24 +123,24 @@ def plan(spec: dict, cluster: dict, nodes: list[dict], n_shards: int, fixed: boo
     Raises:
         AuditError: on a fixed cluster, actors that no node can hold.
     """
-    res = spec["resources"]
+    res = spec.resources
     gpus = float(cluster.get("GPU", 0))
-    gpa = res["gpus_per_actor"]
+    gpa = res.gpus_per_actor
     gpa = (1.0 if gpus >= 1 else 0.0) if gpa == "auto" else float(gpa)
-    custom = {str(k): float(v) for k, v in (res.get("custom") or {}).items()}
-    lo, hi = actor_bounds(res["actors"])
+    custom = {str(k): float(v) for k, v in (res.custom or {}).items()}
+    lo, hi = actor_bounds(res.actors)
     if hi is None:
         hi = auto_count(cluster, gpa, custom)
     hi = max(1, min(hi, max(1, n_shards)))
     lo = min(lo or 1, hi)
-    cpa = res["cpus_per_actor"]
+    cpa = res.cpus_per_actor
     if cpa == "auto":
         cpus = float(cluster.get("CPU", 0))
         cpa = 1.0 if (gpa > 0 or custom) else max(1.0, float(int(cpus // hi)) if cpus else 1.0)
         cpa = min(cpa, max(1.0, _largest_node_cpus(nodes, cpa)))  # an actor fits on one node
     out = Resources(actors=hi, cpus_per_actor=float(cpa), gpus_per_actor=gpa, min_actors=lo, custom=custom,
-                    accelerator_type=res.get("accelerator_type"), grows=res["actors"] == "auto",
-                    start_timeout_s=float(res.get("start_timeout_s", DEFAULT_START_TIMEOUT_S)))
+                    accelerator_type=res.accelerator_type, grows=res.actors == "auto",
+                    start_timeout_s=float(res.start_timeout_s))
     if fixed:
         refuse_impossible(out, cluster, nodes)
     return out

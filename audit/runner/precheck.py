@@ -18,6 +18,9 @@ from __future__ import annotations
 
 import contextlib
 
+from audit.data import fs
+from audit.data.jobspec import JobSpec
+
 
 def keras_layers(path) -> list[tuple[str, str]] | None:
     """(layer path, class name) of every layer in a ``.keras`` or ``.h5`` file, nested ones as ``outer/inner``.
@@ -30,7 +33,7 @@ def keras_layers(path) -> list[tuple[str, str]] | None:
     return model_layers(path)
 
 
-def check_model_file(spec: dict) -> None:
+def check_model_file(spec: JobSpec) -> None:
     """What the model file tells without TensorFlow: what it is, layer names, Lambda layers.
 
     Raises:
@@ -38,18 +41,18 @@ def check_model_file(spec: dict) -> None:
             only), a layer in ``explain.layers`` that the model does not have
             (its layers listed), or a Lambda layer without ``model.trust_code``.
     """
-    from audit.data import fs
     from audit.engine.modelfile import check_layers, check_model_path
 
-    m = spec["model"]
-    if not m.get("path") or fs.is_uri(m["path"]):
+    spec = JobSpec.coerce(spec)
+    m = spec.model
+    if not m.path or fs.is_uri(m.path):
         return
-    check_model_path(m["path"])
-    check_layers(m["path"], spec["explain"].get("layers"), bool(m.get("trust_code")),
+    check_model_path(m.path)
+    check_layers(m.path, spec.explain.layers, bool(m.trust_code),
                  allow="set model.trust_code: true in the job spec (or add --set model.trust_code=true to audit run)")
 
 
-def check_with_model(spec: dict, classes) -> dict:
+def check_with_model(spec: JobSpec, classes) -> dict:
     """Load the model and build the Explainer in the driver, as each actor will; returns its facts.
 
     Raises:

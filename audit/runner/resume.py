@@ -59,7 +59,7 @@ def reconcile(out, plan, ds: dict, job_id: str, mode: str | None) -> Committed:
     Args:
         out: the output directory.
         plan: the new :class:`audit.data.datasets.Plan`.
-        ds: ``spec["dataset"]`` (to compute identities).
+        ds: ``spec.dataset`` (to compute identities).
         job_id: the job's id (an entry of another job never matches).
         mode: None (a fresh output), "check" or "replan".
 

@@ -186,7 +186,7 @@ class Scheduler:
         self.ray = ray
         self.spec, self.job_id, self.classes, self.res = spec, job_id, classes, res
         self.state, self.bar, self.on_event, self.lock = state, bar, on_event, lock
-        self.max_retries = int(spec["resources"]["max_retries"])
+        self.max_retries = int(spec.resources.max_retries)
         self.queue: collections.deque = collections.deque()
         self.attempts: collections.Counter = collections.Counter()
         self.actors: dict[str, Actor] = {}
@@ -241,7 +241,7 @@ class Scheduler:
     def actor_options(self) -> dict:
         env = {**quiet.quiet_env(), "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "3"),
                "AUDIT_VERBOSE": os.environ.get("AUDIT_VERBOSE", ""),
-               "OPENCV_IO_MAX_IMAGE_PIXELS": str(int(self.spec["dataset"]["max_pixels"]))}
+               "OPENCV_IO_MAX_IMAGE_PIXELS": str(int(self.spec.dataset.max_pixels))}
         # max_concurrency: the queued shard starts reading/decoding while the running one computes,
         # and the running one writes while the queued one computes (see audit.runner.worker)
         opts = {"num_cpus": self.res.cpus_per_actor, "num_gpus": self.res.gpus_per_actor, "max_restarts": 0,
@@ -257,7 +257,7 @@ class Scheduler:
     def start_actor(self) -> None:
         key = uuid.uuid4().hex[:8]
         handle = self.worker_class.options(**self.actor_options()).remote(
-            self.spec, out_dir=self.spec["output"], job_id=self.job_id, classes=self.classes,
+            self.spec, out_dir=self.spec.output, job_id=self.job_id, classes=self.classes,
             cpus=self.res.cpus_per_actor, largest_shard=self.largest_shard,
             lock_token=self.lock.info.token if self.lock else None,
             generation=self.lock.generation if self.lock else 0)

@@ -20,6 +20,7 @@ import os
 from pathlib import Path
 
 from audit.data import formats
+from audit.data.jobspec import DatasetSpec, JobSpec
 from audit.errors import AuditError
 
 # keys holding paths, resolved against the spec file's directory
@@ -352,15 +353,21 @@ def _resolve(p, base: Path) -> str:
     return str(q if q.is_absolute() else (base / q).resolve())
 
 
-def load_spec(spec, overrides=(), base_dir=None) -> dict:
+def load_spec(spec, overrides=(), base_dir=None) -> JobSpec:
     """Read, override, validate, default and resolve a job spec.
 
     ``spec`` is a path to a YAML file or a dict (then relative paths resolve
     against ``base_dir``, default the current directory).  Relative paths in
     the file resolve against the file's directory; a path given in
-    ``overrides`` (``--set output=results/x``) against the current directory.  Returns a plain
-    dict (JSON-serialisable) with absolute paths and every default filled in.
+    ``overrides`` (``--set output=results/x``) against the current directory.  Returns a
+    :class:`audit.data.jobspec.JobSpec` (validated once, absolute paths, every default
+    filled in); ``spec.to_dict()`` is what ``job.json`` holds.
+
+    Raises:
+        AuditError: the first mistake, as one line naming its key.
     """
+    if isinstance(spec, JobSpec):
+        spec = spec.to_dict()
     if isinstance(spec, dict):
         doc = copy.deepcopy(spec)
         base = Path(base_dir or os.getcwd()).resolve()
@@ -392,7 +399,7 @@ def load_spec(spec, overrides=(), base_dir=None) -> dict:
         if len(str(e)) > MAX_MESSAGE:  # a path or name of any length: the line stays one line
             raise AuditError(_cut(str(e), MAX_MESSAGE)) from None
         raise
-    return doc
+    return JobSpec.from_dict(doc)
 
 
 def check(doc: dict) -> None:
@@ -447,7 +454,7 @@ def _check_dataset(doc: dict) -> None:
     ds = doc["dataset"]
     if not fs.exists(ds["path"]):
         raise AuditError(f"spec error: {fs.not_found(ds['path'], 'dataset.path')}")
-    formats.get(ds["format"]).check(ds)
+    formats.get(ds["format"]).check(DatasetSpec.coerce(ds))
     if ds.get("classes"):  # the same rule as the Explainer: class names first, then indices
         from audit.engine.heads import resolve_target
 

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from audit.data.jobspec import DatasetSpec, JobSpec, load_job_model
 from audit.errors import AuditError
 
 BATCHES_AHEAD = 2  # prepared input batches queued for the model thread
@@ -121,14 +122,14 @@ class AuditWorker:
 
     >>> w = AuditWorker(spec, classes=["cat", "dog"])
     >>> table = w.process_items(items)           # in-process, no Ray
-    >>> w.process_shard(shard_descriptor)        # reads, explains, commits to spec["output"]
+    >>> w.process_shard(shard_descriptor)        # reads, explains, commits to spec.output
     """
 
     def __init__(self, spec: dict, *, out_dir=None, job_id: str = "", classes=None, cpus=None,
                  largest_shard: int | None = None, lock_token: str | None = None, generation: int = 0):
-        self.spec = spec
+        self.spec = JobSpec.coerce(spec)
         self.largest_shard = largest_shard  # images in the job's largest shard, when the driver knows it
-        self.out_dir = out_dir or spec.get("output")
+        self.out_dir = out_dir or self.spec.output or None
         self.job_id = job_id
         # fencing: every commit first checks that the driver still holds OUT/_lock.json with this token
         self.lock_token, self.generation = lock_token, int(generation)
@@ -165,15 +166,15 @@ class AuditWorker:
 
         from audit.data import fs
 
-        m = self.spec["model"]
-        paths = [("model.path", m.get("path")), ("model.weights", m.get("weights")),
-                 ("dataset.path", self.spec["dataset"].get("path")),
+        m = self.spec.model
+        paths = [("model.path", m.path), ("model.weights", m.weights),
+                 ("dataset.path", self.spec.dataset.path),
                  ("output", self.out_dir and os.path.join(self.out_dir, "records"))]
         # a URI is the same object from every node: only local paths need a shared filesystem
         missing = [f"{key} {p}" for key, p in paths if p and not fs.is_uri(p) and not os.path.exists(p)]
         node = _node_id()
         where = f"on {socket.gethostname()}{f' (Ray node {node[:12]})' if node else ''}"
-        uri = self.spec["dataset"].get("path")
+        uri = self.spec.dataset.path
         if fs.is_uri(uri):  # this node's credentials: one request now, not an error row per image
             try:
                 fs.info(uri)
@@ -186,8 +187,8 @@ class AuditWorker:
 
     def _setup(self) -> None:
         t0 = time.perf_counter()
-        m, res = self.spec["model"], self.spec["resources"]
-        tfinfo = _configure_tensorflow(self.cpus, gpu=True, mixed_precision=res.get("mixed_precision", False))
+        m, res = self.spec.model, self.spec.resources
+        tfinfo = _configure_tensorflow(self.cpus, gpu=True, mixed_precision=res.mixed_precision)
         import cv2
 
         cv2.setNumThreads(1)
@@ -197,15 +198,15 @@ class AuditWorker:
         identity.clear_cache()  # object listings of an earlier job in this process may be stale
 
         model = self._load_model(tfinfo)
-        head = Head.of(model, m.get("output"))
+        head = Head.of(model, m.output)
         self._check_classes(head)
         self._build_explainer(model)
         from audit.data.schema import SCHEMA_VERSION, records_schema
 
-        self.regions = dict(self.spec["explain"].get("regions") or {})
+        self.regions = dict(self.spec.explain.regions or {})
         self.schema = records_schema(list(self.regions))
         self.schema_version = SCHEMA_VERSION
-        self.pool = ThreadPoolExecutor(max_workers=res.get("decode_threads", 4), thread_name_prefix="decode")
+        self.pool = ThreadPoolExecutor(max_workers=res.decode_threads, thread_name_prefix="decode")
         self.post = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rows")
         self._warm_up()
         self.info = {
@@ -224,15 +225,10 @@ class AuditWorker:
 
     def _load_model(self, tfinfo: dict):
         """The job's model (a local copy of one in a bucket), rebuilt for mixed precision if asked."""
-        from audit.data import fs
-        from audit.engine.models import check_preprocess, load_model
+        from audit.engine.models import check_preprocess
 
-        m = self.spec["model"]
-        check_preprocess(m["preprocess"])
-        path = fs.local_copy(m["path"]) if fs.is_uri(m.get("path")) else m.get("path")  # Keras opens local files
-        model = load_model(path, application=m.get("application"), weights=m.get("weights"),
-                           input_size=m.get("input_size"), num_classes=m.get("num_classes"),
-                           trust_code=m.get("trust_code", False))
+        check_preprocess(self.spec.model.preprocess)
+        model = load_job_model(self.spec.model)
         if tfinfo["mixed_precision"]:
             model = to_mixed_precision(model)
             tfinfo["mixed_precision"] = runs_mixed(model)  # what the model runs, not what was asked
@@ -256,20 +252,17 @@ class AuditWorker:
         from audit.engine.explainer import Explainer
         from audit.engine.models import check_channels, input_size_of, model_input
 
-        m, ex, res = self.spec["model"], self.spec["explain"], self.spec["resources"]
-        self.explainer = Explainer(model, layers=ex["layers"], methods=tuple(ex["methods"]),
-                                   target=ex["target"], batch_size=res["batch_size"], classes=self.classes,
-                                   output=m.get("output"), token_grid=ex.get("token_grid"))
-        if m.get("input_size"):
-            size = tuple(int(v) for v in m["input_size"])
-        else:
-            size = input_size_of(model)
+        m, ex, res = self.spec.model, self.spec.explain, self.spec.resources
+        self.explainer = Explainer(model, layers=ex.layers, methods=tuple(ex.methods),
+                                   target=ex.target, batch_size=res.batch_size, classes=self.classes,
+                                   output=m.output, token_grid=ex.token_grid)
+        size = m.size or input_size_of(model)
         if tuple(self.explainer.input_shape[:2]) != size:
             raise AuditError(f"model input is {self.explainer.input_shape[:2]}, model.input_size says {list(size)}")
         self.size = size
         self.channels = int(self.explainer.input_shape[2])
         check_channels(self.channels)  # images are converted by models.to_channels
-        model_input(np.zeros((1, 1, 1, 3), np.uint8), self.channels, m["preprocess"])  # fails here, not per batch
+        model_input(np.zeros((1, 1, 1, 3), np.uint8), self.channels, m.preprocess)  # fails here, not per batch
 
     def _warm_up(self) -> None:
         """Trace the compiled step for a full batch now, not on the first shard."""
@@ -282,8 +275,8 @@ class AuditWorker:
 
     def warm_up_size(self) -> int:
         """Images in the warm-up batch: a full batch, but never more than a shard of the data can hold."""
-        ds = self.spec["dataset"]
-        bounds = [self.spec["resources"]["batch_size"], ds["shard_size"], ds.get("limit"), self.largest_shard]
+        ds = self.spec.dataset
+        bounds = [self.spec.resources.batch_size, ds.shard_size, ds.limit, self.largest_shard]
         return max(1, min(int(b) for b in bounds if b))
 
     def ping(self) -> int:
@@ -324,8 +317,8 @@ class AuditWorker:
 
         t0 = time.perf_counter()
         # before the images are read: a file replaced while they are read then differs on --resume
-        identity = shard_identity(self.spec["dataset"], shard, self._plan_classes).to_dict() if commit else None
-        items = list(datasets.read_shard(self.spec["dataset"], shard, self.classes))
+        identity = shard_identity(self.spec.dataset, shard, self._plan_classes).to_dict() if commit else None
+        items = list(datasets.read_shard(self.spec.dataset, shard, self.classes))
         table, counts = self.process_items(items, shard_id=shard.id)
         summary = {"shard": shard.id, "images": len(items), "rows": table.num_rows, **counts,
                    "seconds": round(time.perf_counter() - t0, 3), "pid": os.getpid(),
@@ -368,7 +361,7 @@ class AuditWorker:
         max_bytes = self._max_image_bytes()
         # objects in a bucket: fetched a bounded window ahead on their own threads
         prefetch = Prefetcher(self._fetch_pool(), items, max_bytes) if wants_prefetch(items) else None
-        load = _Loader.of(self.spec["dataset"], self.size, max_bytes, prefetch)
+        load = _Loader.of(self.spec.dataset, self.size, max_bytes, prefetch)
         out = _Collected()
         try:
             pending = self._model_passes(items, load, shard_id, out)
@@ -384,9 +377,7 @@ class AuditWorker:
         return table.take(pa.array(order)), out.counts
 
     def _max_image_bytes(self) -> int:
-        from audit.data.files import DEFAULT_MAX_IMAGE_BYTES
-
-        return int(self.spec["dataset"].get("max_image_bytes") or DEFAULT_MAX_IMAGE_BYTES)
+        return int(self.spec.dataset.max_image_bytes)
 
     def _model_passes(self, items, load, shard_id, out: _Collected) -> list:
         """Run the model on every batch the producer prepares; returns the row futures.
@@ -395,8 +386,8 @@ class AuditWorker:
         preprocesses; this thread only runs the model.  The producer starts now, so
         the next shard's first batches are ready while it waits for its turn.
         """
-        bs = int(self.spec["resources"]["batch_size"])
-        window = 2 * bs + int(self.spec["resources"].get("decode_threads", 4))
+        bs = int(self.spec.resources.batch_size)
+        window = 2 * bs + int(self.spec.resources.decode_threads)
         ready: queue.Queue = queue.Queue(maxsize=BATCHES_AHEAD)
         stop = threading.Event()
         producer = threading.Thread(target=self._produce, args=(items, load, bs, window, shard_id, ready, stop),
@@ -534,7 +525,7 @@ class AuditWorker:
                     return msgs
         labels = [b[1].label for b in batch]
         imgs = np.stack([b[2][0] for b in batch])
-        x = model_input(imgs, self.channels, self.spec["model"]["preprocess"])
+        x = model_input(imgs, self.channels, self.spec.model.preprocess)
         lab = np.array([-1 if v is None else v for v in labels], np.int32)
         msgs.append(("batch", (batch, x, np.maximum(lab, 0) if ex.target == "label" else None)))
         return msgs
@@ -663,9 +654,8 @@ class _Loader:
     prefetch: object = None  # audit.data.prefetch.Prefetcher, or None
 
     @classmethod
-    def of(cls, ds: dict, size, max_bytes: int, prefetch) -> _Loader:
-        return cls(size, int(ds.get("max_pixels", 100_000_000)), max_bytes, bool(ds.get("resize_masks", False)),
-                   prefetch)
+    def of(cls, ds: DatasetSpec, size, max_bytes: int, prefetch) -> _Loader:
+        return cls(size, int(ds.max_pixels), max_bytes, bool(ds.resize_masks), prefetch)
 
     def __call__(self, item):
         """The decoded item, or the DecodeError that makes it an error row."""

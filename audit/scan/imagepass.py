@@ -294,18 +294,19 @@ def _row(r, shard: int, cue: Cue, cols: dict) -> dict:
 def pass_spec(out, cues: list, grid: int = 16) -> PassSpec:
     """The pass's :class:`PassSpec` for a scanned job output (the scan's view, from classes.parquet)."""
     from audit.data import io
+    from audit.data.jobspec import read_job_record
     from audit.scan.read import _regions
 
     classes = read_summary(out, "classes")
     if classes is None:
         raise AuditError(f"{out} has no summary/classes.parquet: run `audit scan {out}` first")
-    job = io.read_job(out) or {}
-    if not job.get("spec"):
+    record = read_job_record(out)
+    if record is None or record.spec is None:
         raise AuditError(f"{io.job_path(out)} not found: the per-image pass needs the job's model and dataset")
     layer = str(classes["layer"].dropna().iloc[0]) if classes["layer"].notna().any() else ""
     method = str(classes["method"].dropna().iloc[0]) if classes["method"].notna().any() else ""
-    job_id = str(job.get("job_id", ""))
-    regions = _regions(job["spec"], [f"energy_{r}" for r in ((job["spec"].get("explain") or {}).get("regions") or {})])
+    job_id = record.job_id
+    regions = _regions(record.spec, [f"energy_{r}" for r in (record.spec.explain.regions or {})])
     return PassSpec(str(out), layer, method, tuple(cues), signature(cues, layer, method, job_id), job_id,
                     regions, grid)
 

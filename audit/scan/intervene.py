@@ -11,6 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
+from audit.data import fs, io
+from audit.data.datasets import load_images
+from audit.data.jobspec import load_job_model, read_job_record
 from audit.errors import AuditError
 
 BATCH = 64  # images per model call (larger batches run no faster on a CPU; a speed setting)
@@ -28,14 +31,12 @@ class Intervener:
     """
 
     def __init__(self, out_dir, *, fill: str = "mean", batch_size: int = BATCH):
-        from audit.data import fs, io
-
         self.out = str(out_dir) if fs.is_uri(str(out_dir)) else Path(out_dir)
-        job = io.read_job(self.out)
-        if job is None:
+        record = read_job_record(self.out)
+        if record is None or record.spec is None:
             raise AuditError(f"{io.job_path(self.out)} not found: intervention needs the job's model and dataset")
-        self.job = job
-        self.spec = self.job.get("spec") or {}
+        self.record = record
+        self.spec = record.spec
         self.fill = fill
         self.batch_size = batch_size
         self._model = None
@@ -47,11 +48,9 @@ class Intervener:
     @property
     def size(self) -> tuple[int, int]:
         if self._size is None:
-            size = self.job.get("input_size") or (self.spec.get("model") or {}).get("input_size")
-            if size:
-                self._size = (int(size[0]), int(size[1]))
-            else:
-                from audit.engine.models import input_size_of
+            self._size = self.record.size
+            if self._size is None:  # a job.json without it: the model says
+                from audit.engine.models import input_size_of  # deferred: Keras
 
                 self._size = input_size_of(self.model)
         return self._size
@@ -59,15 +58,7 @@ class Intervener:
     @property
     def model(self):
         if self._model is None:
-            from audit.data import fs
-            from audit.engine.models import load_model
-
-            m = self.spec.get("model") or {}
-            path = fs.local_copy(m["path"]) if fs.is_uri(m.get("path")) else m.get("path")
-            self._model = load_model(path, application=m.get("application"),
-                                     weights=m.get("weights"), input_size=m.get("input_size"),
-                                     num_classes=m.get("num_classes"),
-                                     trust_code=bool(m.get("trust_code")))
+            self._model = load_job_model(self.spec.model)  # as the job's actors loaded it
         return self._model
 
     @property
@@ -76,7 +67,7 @@ class Intervener:
         if self._head is None:
             from audit.engine.heads import Head
 
-            self._head = Head.of(self.model, (self.spec.get("model") or {}).get("output"))
+            self._head = Head.of(self.model, self.spec.model.output)
         return self._head
 
     def predict(self, images: np.ndarray) -> np.ndarray:
@@ -85,14 +76,12 @@ class Intervener:
 
         if self._predict is None:
             self._predict = CompiledPredict(self.model, self.head, self.batch_size)
-        mode = (self.spec.get("model") or {}).get("preprocess", "none")
+        mode = self.spec.model.preprocess
         self.forwards += len(images)
         return self._predict(model_input(images, self.model.inputs[0].shape[-1], mode))
 
     def load(self, image_ids):
         """(images, object masks or None) of the sample at the model input size."""
-        from audit.data.datasets import load_images
-
         images, masks, has_mask = load_images(self.spec, list(image_ids), self.size)
         if masks is not None:
             masks = masks & np.asarray(has_mask, bool)[:, None, None]

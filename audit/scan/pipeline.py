@@ -119,7 +119,7 @@ def crc_order(ids) -> np.ndarray:
 def make_intervener(view: ScanView, cfg: Config, quiet: bool):
     """The job's model and data for interventions, or None when the job does not name them."""
     spec = view.spec
-    if not ((spec.get("model") or {}) and spec.get("dataset")):
+    if spec is None or not (spec.model.path or spec.model.application) or not spec.dataset.path:
         return None
     from audit.scan.intervene import Intervener, SafeIntervener
 

@@ -7,11 +7,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pyarrow.compute as pc
 
+from audit.data import fs
+from audit.data.jobspec import JobRecord, JobSpec, read_job_record
+from audit.data.query import records_dataset
 from audit.errors import AuditError
 from audit.scan.config import METHOD_PREFERENCE
 
 OBJECT_COLUMNS = ("energy_object", "pointing_hit", "object_x", "object_y")
+UNKNOWN_SIZE = (224, 224)  # records without a job.json: region areas are taken at this input size
 
 
 @dataclass
@@ -24,16 +29,17 @@ class ScanView:
     df: object  # pandas DataFrame: the view's records without the cam column
     layer: str
     method: str
-    job: dict = field(default_factory=dict)
+    record: JobRecord | None = None  # OUT/job.json (None: records without one)
     regions: dict = field(default_factory=dict)  # {name: box}
     names: dict = field(default_factory=dict)  # {class id: class name}
-    size: tuple = (224, 224)  # model input (H, W)
+    size: tuple = UNKNOWN_SIZE  # model input (H, W): the job's, as its actors found it
     errors: int = 0  # unreadable images in the records
     masked: bool = False  # some image of the view has an object mask (whatever the dataset format)
 
     @property
-    def spec(self) -> dict:
-        return self.job.get("spec") or {}
+    def spec(self) -> JobSpec | None:
+        """The job's spec (None when the output has no usable job.json)."""
+        return self.record.spec if self.record is not None else None
 
 
 def choose_view(pairs, auto_layers=None, layer=None, method=None) -> tuple[str, str]:
@@ -64,13 +70,6 @@ def choose_view(pairs, auto_layers=None, layer=None, method=None) -> tuple[str, 
     return layer, method
 
 
-def read_job(out: Path) -> dict:
-    """``OUT/job.json``, or {} when missing or unreadable."""
-    from audit.data import io
-
-    return io.read_job(out) or {}
-
-
 def sample_ids(ids, k: int) -> set:
     """A deterministic sample of at most ``k`` ids (smallest CRC32)."""
     ids = list(ids)
@@ -79,10 +78,10 @@ def sample_ids(ids, k: int) -> set:
     return set(sorted(ids, key=lambda s: (zlib.crc32(str(s).encode()), str(s)))[:k])
 
 
-def class_names(job: dict, df) -> dict:
+def class_names(record: JobRecord | None, df) -> dict:
     """{class id: name} from job.json, else from the records' pred/label names."""
     names = {}
-    for k, v in enumerate(job.get("classes") or (job.get("spec") or {}).get("dataset", {}).get("classes") or []):
+    for k, v in enumerate(record.class_names if record is not None else []):
         names[k] = str(v)
     for idcol, ncol in (("pred", "pred_name"), ("label", "label_name")):
         if idcol in df and ncol in df:
@@ -92,9 +91,9 @@ def class_names(job: dict, df) -> dict:
     return names
 
 
-def _regions(spec: dict, columns) -> dict:
+def _regions(spec: JobSpec | None, columns) -> dict:
     """Named regions of the job that the records hold, plus ``energy_*`` columns of a job without job.json."""
-    regions = dict((spec.get("explain") or {}).get("regions") or {})
+    regions = dict(spec.explain.regions or {}) if spec is not None else {}
     names_in = set(columns)
     regions = {r: b for r, b in regions.items() if f"energy_{r}" in names_in}
     for c in columns:
@@ -119,20 +118,15 @@ def read_view(out_dir, layer: str | None = None, method: str | None = None, use_
     Raises:
         AuditError: no such directory, no records, or no such layer/method.
     """
-    import pyarrow.compute as pc
-
-    from audit.data import fs
-    from audit.data.query import records_dataset
-
     out = str(out_dir) if fs.is_uri(str(out_dir)) else Path(out_dir)  # a URI: the job output in a bucket
     if not fs.exists(str(out)):
         raise AuditError(f"{out} does not exist")
     ds = records_dataset(out)
-    job = read_job(out)
-    spec = job.get("spec") or {}
+    record = read_job_record(out)
+    spec = record.spec if record is not None else None
     pairs_t = ds.to_table(columns=["layer", "method"], filter=pc.field("layer").is_valid())
     pairs = set(zip(pairs_t.column("layer").to_pylist(), pairs_t.column("method").to_pylist()))
-    layer, method = choose_view(pairs, job.get("layers"), layer, method)
+    layer, method = choose_view(pairs, record.layers if record is not None else None, layer, method)
     flt = (pc.field("layer") == layer) & (pc.field("method") == method)
     df = ds.to_table(columns=[c for c in ds.schema.names if c != "cam"], filter=flt).to_pandas()
     errors = ds.count_rows(filter=pc.field("status") == "error") if "status" in ds.schema.names else 0
@@ -141,7 +135,7 @@ def read_view(out_dir, layer: str | None = None, method: str | None = None, use_
             if c in df:
                 df[c] = np.nan
     masked = bool(any(c in df and df[c].notna().any() for c in OBJECT_COLUMNS))
-    size = tuple(job.get("input_size") or (spec.get("model") or {}).get("input_size") or (224, 224))
-    return ScanView(out=out, dataset=ds, filter=flt, df=df, layer=layer, method=method, job=job,
-                    regions=_regions(spec, ds.schema.names), names=class_names(job, df), size=size,
+    size = (record.size if record is not None else None) or UNKNOWN_SIZE
+    return ScanView(out=out, dataset=ds, filter=flt, df=df, layer=layer, method=method, record=record,
+                    regions=_regions(spec, ds.schema.names), names=class_names(record, df), size=size,
                     errors=errors, masked=masked)

@@ -5,7 +5,7 @@ line in :data:`_CLASSES`; the job schema's ``dataset.format`` enum is checked
 against :data:`FORMATS` by the tests, and docs/jobs.md describes each.
 
 >>> from audit.data import formats
->>> formats.get("folder").plan(spec["dataset"])
+>>> formats.get("folder").plan(spec.dataset)
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import ClassVar
@@ -28,6 +28,7 @@ import numpy as np
 
 from audit.data import fs
 from audit.data.files import escape_text, raw_bytes
+from audit.data.jobspec import DatasetSpec
 from audit.errors import AuditError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm",
@@ -149,7 +150,7 @@ class DatasetFormat:
 
     def items_by_id(self, ds: dict, ids: list[str]) -> Iterator[Item]:
         """Items for ``ids`` (others may come too): by default every item of the dataset, in order."""
-        ds = {**ds, "limit": None}
+        ds = replace(DatasetSpec.coerce(ds), limit=None)
         shards, _, classes = self.plan(ds)
         for s in shards:
             yield from self.read(ds, s, classes)
@@ -258,7 +259,7 @@ def check_classes(found: list[str], classes, what: str) -> list[str]:
 
 def indexed_ids(ds: dict, ids) -> list[tuple[str, int]] | None:
     """[(file, index)] when every id is ``<file relative to the dataset>#<index>`` of a file that exists."""
-    root = ds["path"]
+    root = ds.path
     base = fs.dirname(root) if fs.is_file(root) else root
     direct = []
     for i in ids:

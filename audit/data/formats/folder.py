@@ -25,23 +25,23 @@ class Folder(DatasetFormat):
     masks_is_path = True
 
     def check(self, ds: dict) -> None:
-        if not fs.is_dir(ds["path"]):
-            raise AuditError(f"spec error: dataset.path: format 'folder' needs a directory, got {ds['path']}")
-        if ds.get("masks") and not fs.is_dir(ds["masks"]):
-            raise AuditError(f"spec error: dataset.masks: not a directory: {ds['masks']}")
+        if not fs.is_dir(ds.path):
+            raise AuditError(f"spec error: dataset.path: format 'folder' needs a directory, got {ds.path}")
+        if ds.masks and not fs.is_dir(ds.masks):
+            raise AuditError(f"spec error: dataset.masks: not a directory: {ds.masks}")
 
     def plan(self, ds: dict):
         shards, total, classes = _plan_folder(ds)
-        return (*_limited(shards, total, ds.get("limit")), classes)
+        return (*_limited(shards, total, ds.limit), classes)
 
     def read(self, ds: dict, shard: Shard, classes):
         return _read_folder(ds, shard, classes)
 
     def items_by_id(self, ds: dict, ids):
         """Direct: an id is the image's path under the dataset folder."""
-        root = ds["path"]
+        root = ds.path
         found = _class_dirs(root)
-        classes = list(ds.get("classes") or [escape_text(c) for c in found])
+        classes = list(ds.classes or [escape_text(c) for c in found])
         for i in ids:
             cls = i.split("/", 1)[0]
             if fs.is_uri(root):
@@ -49,11 +49,11 @@ class Folder(DatasetFormat):
             else:
                 rel = i if os.path.lexists(os.path.join(root, i)) else unescape_path(i)  # a non-UTF-8 name
             path = fs.join(root, rel)
-            shared = ds.get("masks") and "/" in rel and \
+            shared = ds.masks and "/" in rel and \
                 os.path.splitext(rel.split("/", 1)[1])[0] in _shared_stems(root, rel.split("/", 1)[0])
             yield Item(image_id=i, path=path, file=path,
                        label=classes.index(cls) if cls in classes else None,
-                       mask_file=_mask_for(ds.get("masks"), rel, bool(shared)))
+                       mask_file=_mask_for(ds.masks, rel, bool(shared)))
 
     def clear_caches(self) -> None:
         _class_listing.cache_clear()
@@ -107,15 +107,15 @@ def _class_listing(root: str, cls: str) -> tuple[str, ...]:
 
 
 def _plan_folder(ds):
-    root = ds["path"]
+    root = ds.path
     found = _class_dirs(root)
     if not found:
         raise AuditError(f"dataset: no class subfolders in {root} (format 'folder' expects one folder per class)")
-    classes = check_classes([escape_text(c) for c in found], ds.get("classes"), "folder")
+    classes = check_classes([escape_text(c) for c in found], ds.classes, "folder")
     shards, total, sid = [], 0, 0
     for cls in found:
         n = sum(1 for _ in _walk_images(fs.join(root, cls)))
-        for a, b in chunks(n, ds["shard_size"]):
+        for a, b in chunks(n, ds.shard_size):
             shards.append(Shard(sid, cls, a, b))
             sid += 1
         total += n
@@ -163,13 +163,13 @@ def _mask_listing(masks_root: str) -> frozenset:
 
 
 def _read_folder(ds, shard: Shard, classes):
-    root = ds["path"]
+    root = ds.path
     names = _class_listing(root, shard.source)
     cls = escape_text(shard.source)  # a class folder named in bytes that are not UTF-8
     label = classes.index(cls) if classes and cls in classes else None
-    shared = _shared_stems(root, shard.source) if ds.get("masks") else frozenset()
+    shared = _shared_stems(root, shard.source) if ds.masks else frozenset()
     for name in names[shard.start:shard.stop]:
         rel = f"{shard.source}/{name}"
         path = fs.join(root, shard.source, name)
         yield Item(image_id=rel, path=path, label=label, file=path,
-                   mask_file=_mask_for(ds.get("masks"), rel, os.path.splitext(name)[0] in shared))
+                   mask_file=_mask_for(ds.masks, rel, os.path.splitext(name)[0] in shared))

@@ -31,8 +31,8 @@ class Manifest(DatasetFormat):
     name = "manifest"
 
     def check(self, ds: dict) -> None:
-        if not fs.is_file(ds["path"]):
-            raise AuditError(f"spec error: dataset.path: format 'manifest' needs a CSV file, got {ds['path']}")
+        if not fs.is_file(ds.path):
+            raise AuditError(f"spec error: dataset.path: format 'manifest' needs a CSV file, got {ds.path}")
 
     def plan(self, ds: dict):
         return _plan_manifest(ds)
@@ -136,9 +136,9 @@ def _manifest_id(path_text: str, key_text: str) -> str:
 
 
 def _plan_manifest(ds):
-    path = ds["path"]
+    path = ds.path
     cols, offset = _csv_header(path)
-    size, limit = ds["shard_size"], ds.get("limit")
+    size, limit = ds.shard_size, ds.limit
     names: set[str] = set()
     ids = array.array("q")  # 8 bytes per row: hashes of the image ids, to refuse a repeated one
     shards, n, first_off, first_row, sid = [], 0, offset, 0, 0
@@ -164,7 +164,7 @@ def _plan_manifest(ds):
             shards.append(Shard(sid, path, first_row, n, first_off, end))
     _refuse_repeats(path, cols, offset, ids)
     # explicit classes win; an unknown label name is then an error row of that image
-    classes = ds.get("classes") or (sorted(names) if names else None)
+    classes = ds.classes or (sorted(names) if names else None)
     return shards, n, classes
 
 
@@ -224,7 +224,7 @@ def _read_manifest(ds, shard: Shard, classes):
     path = shard.source
     cols, _ = _csv_header(path)
     base = fs.dirname(path)
-    mask_col = ds.get("masks") or "mask"
+    mask_col = ds.masks or "mask"
     with fs.open_input(path) as f:  # only this shard's byte range
         f.seek(shard.offset)
         blob = f.read(shard.end - shard.offset)

@@ -52,7 +52,7 @@ class Parquet(DatasetFormat):
             yield from super().items_by_id(ds, ids)
             return
         for file, idx in direct:
-            yield from _read_parquet(ds, Shard(0, file, idx, idx + 1), ds.get("classes"))
+            yield from _read_parquet(ds, Shard(0, file, idx, idx + 1), ds.classes)
 
     def record_bytes(self, file: str, index: int) -> bytes:
         t = _parquet_rows(file, index, index + 1, columns=["image"])
@@ -73,10 +73,10 @@ def parquet_file(file: str):
 def _plan_parquet(ds):
     import pyarrow.compute as pc
 
-    files = list_files(ds["path"], (".parquet", ".pq"))
+    files = list_files(ds.path, (".parquet", ".pq"))
     if not files:
-        raise AuditError(f"dataset: no .parquet files in {ds['path']}")
-    size, limit = ds["shard_size"], ds.get("limit")
+        raise AuditError(f"dataset: no .parquet files in {ds.path}")
+    size, limit = ds.shard_size, ds.limit
     shards, total, sid = [], 0, 0
     names: set[str] = set()
     keys: dict[str, str] = {}
@@ -104,7 +104,7 @@ def _plan_parquet(ds):
         total += n
         if limit and total >= limit:
             break
-    classes = ds.get("classes") or (sorted(names) if names else None)
+    classes = ds.classes or (sorted(names) if names else None)
     return shards, total, classes
 
 
@@ -175,8 +175,8 @@ def _parquet_groups(file: str, start: int, stop: int):
 
 
 def _read_parquet(ds, shard: Shard, classes):
-    rel = rel_path(shard.source, ds["path"])
-    mask_col = ds.get("masks") or "mask"
+    rel = rel_path(shard.source, ds.path)
+    mask_col = ds.masks or "mask"
     for first, t, n, problem in _parquet_groups(shard.source, shard.start, shard.stop):
         if problem:
             for idx in range(first, first + n):
@@ -214,7 +214,7 @@ def _parquet_identity(ds, shard) -> ShardIdentity:
     if "key" in cols:
         keys = [str(k) for k in t.column("key").to_pylist()]
     else:
-        rel = rel_path(shard.source, ds["path"])
+        rel = rel_path(shard.source, ds.path)
         keys = [f"{rel}#{shard.start + i}" for i in range(n)]
         h.update(f"size={fs.size(shard.source)}".encode())
     labels = t.column("label").to_pylist() if "label" in cols else [None] * n

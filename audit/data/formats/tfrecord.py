@@ -26,6 +26,7 @@ from audit.data.formats.base import (
     list_files,
     rel_path,
 )
+from audit.data.jobspec import DatasetSpec
 from audit.errors import AuditError
 
 TFRECORD_EXTENSIONS = (".tfrecord", ".tfrecords", ".tfrec")
@@ -55,10 +56,10 @@ class TFRecord(DatasetFormat):
             return
         for file, idx in direct:
             for off in _record_offset(file, idx):
-                yield from _read_tfrecord(ds, Shard(0, file, idx, idx + 1, off), ds.get("classes"))
+                yield from _read_tfrecord(ds, Shard(0, file, idx, idx + 1, off), ds.classes)
 
     def record_bytes(self, file: str, index: int) -> bytes:
-        ds = {"format": self.name, "path": file}
+        ds = DatasetSpec(format=self.name, path=file)
         for off in _record_offset(file, index):
             for item in _read_tfrecord(ds, Shard(0, file, index, index + 1, off), None):
                 return item.data
@@ -81,10 +82,10 @@ def _tfrecord_frames(file: str, start: int = 0):
 
 
 def _plan_tfrecord(ds):
-    files = list_files(ds["path"], TFRECORD_EXTENSIONS)
+    files = list_files(ds.path, TFRECORD_EXTENSIONS)
     if not files:
-        raise AuditError(f"dataset: no TFRecord files (.tfrecord, .tfrecords, .tfrec) in {ds['path']}")
-    size, limit = ds["shard_size"], ds.get("limit")
+        raise AuditError(f"dataset: no TFRecord files (.tfrecord, .tfrecords, .tfrec) in {ds.path}")
+    size, limit = ds.shard_size, ds.limit
     shards, total, sid = [], 0, 0
     for file in files:
         k, first_off = 0, 0
@@ -103,7 +104,7 @@ def _plan_tfrecord(ds):
         total += k
         if limit and total >= limit:
             break
-    return shards, total, ds.get("classes")
+    return shards, total, ds.classes
 
 
 def _example_parser():
@@ -123,8 +124,8 @@ def _feature(ex, key):
 
 def _read_tfrecord(ds, shard: Shard, classes):
     parse = _example_parser()
-    rel = rel_path(shard.source, ds["path"])
-    max_bytes = int(ds.get("max_image_bytes") or DEFAULT_MAX_IMAGE_BYTES)
+    rel = rel_path(shard.source, ds.path)
+    max_bytes = int(ds.max_image_bytes or DEFAULT_MAX_IMAGE_BYTES)
     size = fs.size(shard.source)
     with fs.open_input(shard.source) as f:
         done = 0
@@ -156,7 +157,7 @@ def _example_item(parse, data: bytes, ds, classes, default_id: str, path: str) -
     enc = _feature(ex, "image/encoded")
     lab = _feature(ex, "image/class/label")
     label, err = label_index(lab[0] if lab else None, classes)
-    masks = _feature(ex, ds.get("masks") or "image/object/mask") or []
+    masks = _feature(ex, ds.masks or "image/object/mask") or []
     item = Item(image_id=key or default_id, path=path, label=label, data=enc[0] if enc else b"", error=err)
     if not enc:
         item.error = item.error or "no image/encoded feature"
@@ -174,7 +175,7 @@ def _tfrecord_identity(ds, shard) -> ShardIdentity:
     make this fail or disagree with the plan.
     """
     h = hashlib.sha256()
-    rel = rel_path(shard.source, ds["path"])
+    rel = rel_path(shard.source, ds.path)
     n = 0
     size = fs.size(shard.source)
     with fs.open_input(shard.source) as f:

@@ -124,10 +124,10 @@ def _label_text(tf: tarfile.TarFile, sample: Sample) -> str | None:
 
 
 def _plan(ds: dict):
-    files = list_files(ds["path"], TAR_EXTENSIONS)
+    files = list_files(ds.path, TAR_EXTENSIONS)
     if not files:
-        raise AuditError(f"dataset: no .tar files in {ds['path']} (format 'webdataset' expects tar shards)")
-    size, limit = ds["shard_size"], ds.get("limit")
+        raise AuditError(f"dataset: no .tar files in {ds.path} (format 'webdataset' expects tar shards)")
+    size, limit = ds.shard_size, ds.limit
     shards, total, sid = [], 0, 0
     names: set[str] = set()
     keys = array.array("q")
@@ -157,7 +157,7 @@ def _plan(ds: dict):
         if limit and total >= limit:
             break
     _refuse_repeated_keys(ds, files, keys)
-    classes = ds.get("classes") or (sorted(names) if names else None)
+    classes = ds.classes or (sorted(names) if names else None)
     return shards, total, classes
 
 
@@ -181,8 +181,8 @@ def _refuse_repeated_keys(ds: dict, files: list[str], keys) -> None:
 
 
 def _read(ds: dict, shard: Shard, classes) -> Iterator[Item]:
-    max_bytes = int(ds.get("max_image_bytes") or DEFAULT_MAX_IMAGE_BYTES)
-    mask_ext = (ds.get("masks") or "mask.png").lower().lstrip(".")
+    max_bytes = int(ds.max_image_bytes or DEFAULT_MAX_IMAGE_BYTES)
+    mask_ext = (ds.masks or "mask.png").lower().lstrip(".")
     done = 0
     with fs.open_input(shard.source) as f:
         try:
