@@ -51,14 +51,15 @@ def run_in_process(spec: dict) -> str:
     from audit.runner.worker import AuditWorker
 
     spec = load_spec(spec, ())
-    plan = datasets.plan(spec["dataset"])
-    out = Path(spec["output"])
+    plan = datasets.plan(spec.dataset)
+    out = Path(spec.output)
     io.prepare_output(out, False)
     w = AuditWorker(spec, out_dir=out, job_id="bench", classes=plan.classes)
     for s in plan.shards:
         w.process_shard(s)
     info = w.setup()
-    io.atomic_write_json(io.job_path(out), {"job_id": "bench", "name": spec["name"], "status": "ok", "spec": spec,
+    io.atomic_write_json(io.job_path(out), {"job_id": "bench", "name": spec.name, "status": "ok",
+                                            "spec": spec.to_dict(),
                                             "classes": plan.classes, "layers": info.get("layers"),
                                             "input_size": info.get("input_size")})
     return str(out)

@@ -302,9 +302,9 @@ def test_original_image_of_a_parquet_or_tfrecord_record(tmp_path):
     from audit.data import query
 
     pq = h.make_parquet(tmp_path / "pq", n=4, files=1, keys=False, masks=False)
-    got = query.original_image({"path": f"{pq}/part-0.parquet#2"})
+    got = query.original_image({"path": f"{pq}/part-0.parquet#2", "path_bytes": None})
     assert np.array_equal(got, h.image(3002, 0)[0])
     tfr = h.make_tfrecord(tmp_path / "t.tfrecord", n=3)
-    assert np.array_equal(query.original_image({"path": f"{tfr}#1"}), h.image(4001, 1)[0])
+    assert np.array_equal(query.original_image({"path": f"{tfr}#1", "path_bytes": None}), h.image(4001, 1)[0])
     with pytest.raises(AuditError, match="record 9 not found"):
-        query.original_image({"path": f"{pq}/part-0.parquet#9"})
+        query.original_image({"path": f"{pq}/part-0.parquet#9", "path_bytes": None})

@@ -119,9 +119,9 @@ def test_identity_follows_labels_and_content(tmp_path):
 
 def test_original_image_and_load_by_id(tmp_path):
     root = make_tars(tmp_path / "wds", n=6, per_tar=3)
-    np.testing.assert_array_equal(query.original_image({"path": f"{root}/shard-1.tar#1"}), h.image(5004, 0)[0])
+    np.testing.assert_array_equal(query.original_image({"path": f"{root}/shard-1.tar#1", "path_bytes": None}), h.image(5004, 0)[0])
     with pytest.raises(AuditError, match="record 9 not found"):
-        query.original_image({"path": f"{root}/shard-1.tar#9"})
+        query.original_image({"path": f"{root}/shard-1.tar#9", "path_bytes": None})
     images, masks, has = datasets.load_images({"dataset": ds(root)}, ["sample-0005", "sample-0000"], (16, 16))
     np.testing.assert_array_equal(images[0], h.image(5005, 1)[0])
     np.testing.assert_array_equal(masks[1], h.image(5000, 0)[1] > 0)

@@ -304,7 +304,7 @@ def scan(out_dir, *, intervene: bool = True, quiet: bool = False, layer: str | N
 
         print(format_table(classes_df, clusters_df, layer=view.layer, method=view.method, out=view.out,
                            errors=view.errors, causal=causal, incomplete=completeness(view.out),
-                           model_warning=one_class_warning(view.out, view.job.get("classes"))))
+                           model_warning=one_class_warning(view.out, view.record.classes if view.record else None)))
         for line in cost_lines(classes_df):
             print(line)
     return classes_df, clusters_df
