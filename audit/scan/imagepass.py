@@ -124,7 +124,7 @@ class CueWorker:
         iv = self.intervener
         if self._predict is None:
             self._predict = FixedPredict(iv.model, iv.head)
-        mode = (iv.spec.get("model") or {}).get("preprocess", "none")
+        mode = iv.spec.model.preprocess
         return self._predict(model_input(images, iv.model.inputs[0].shape[-1], mode))
 
     def process_shard(self, shard: int) -> dict:
