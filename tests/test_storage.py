@@ -355,7 +355,9 @@ def test_actor_killed_mid_upload_then_resumed_exactly_once(s3, data, tmp_path):
     objects = [k for k in s3.keys("killed", "job/records/") if not k.endswith("/")]  # not the folder marker
     assert objects == named  # the orphan is gone, every named object is there
     runs = io.read_job(out)["runs"]
-    assert [r["status"] for r in runs] == ["ok"] and runs[0]["resume"]  # the killed run recorded nothing
+    # the killed run stays in the history, marked abandoned by the run that took its stale lock over
+    assert [r["status"] for r in runs] == ["abandoned", "ok"] and runs[1]["resume"]
+    assert [r["generation"] for r in runs] == [1, 2] and runs[0]["taken_over_by"] == 2
 
 
 @pytest.mark.slow
