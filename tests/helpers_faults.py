@@ -116,14 +116,34 @@ def kill_in_upload(marks: str, mid_object: int, after_object: int, driver_pid: i
     fs.write_bytes = faulty_write
 
 
+def slow_commits(seconds: float) -> None:
+    """Each shard commit of this actor waits ``seconds`` first (a slow disk: a driver paused at
+    random then lands mid-run, and often mid-commit)."""
+    import time
+
+    from audit.data import io
+
+    write = io.write_shard
+
+    def slow_write(*a, **kw):
+        time.sleep(seconds)
+        return write(*a, **kw)
+
+    io.write_shard = slow_write
+
+
 def _driver_main(argv) -> int:
-    """``audit ARGS`` whose actors run ``kill_in_upload(marks, mid, after, <this pid>)``."""
+    """``audit ARGS`` whose actors run ``kill_in_upload(marks, mid, after, <this pid>)``, or
+    ``slow_commits(s)`` when the fault is ``{"slow_commits": s}``."""
     from audit.cli import main
     from audit.runner import scheduler
 
     fault, args = json.loads(argv[0]), argv[1:]
-    scheduler.remote_worker = worker_with(kill_in_upload, fault["marks"], fault["mid_object"],
-                                          fault["after_object"], os.getpid())
+    if "slow_commits" in fault:
+        scheduler.remote_worker = worker_with(slow_commits, fault["slow_commits"])
+    else:
+        scheduler.remote_worker = worker_with(kill_in_upload, fault["marks"], fault["mid_object"],
+                                              fault["after_object"], os.getpid())
     return main(args)
 
 

@@ -47,12 +47,14 @@ def s3():
     server.stop()
 
 
-def _driver(spec, out, *extra):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env["PYTHONPATH"] = str(Path(__file__).parents[1])
-    return subprocess.Popen([sys.executable, "-m", "audit", "run", spec, "--no-progress", "--no-scan",
-                             "--set", f"output={out}", "--set", "resources.actors=1", *extra],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def _driver(spec, out, *extra, slow: float | None = None):
+    """``audit run`` in a subprocess with its private Ray; ``slow``: its actors wait that long before
+    each commit (so that a pause at a random moment lands mid-run)."""
+    import helpers_faults
+
+    args = ["run", spec, "--no-progress", "--no-scan", "--set", f"output={out}", "--set", "resources.actors=1",
+            *extra]
+    return helpers_faults.driver(args, {"slow_commits": slow} if slow else None)
 
 
 def _entries(out) -> int:
@@ -89,10 +91,10 @@ def test_a_paused_driver_never_overwrites_the_one_that_took_over(tmp_path, reque
     if store == "s3":
         request.getfixturevalue("s3")
         out = f"s3://fence/{store}-{mode}"
-    a = _driver(ws["spec"], out)
+    a = _driver(ws["spec"], out, slow=0.4)
     try:
         _wait_for_commits(out, rng.randint(1, 3), a)
-        time.sleep(rng.uniform(0, 0.5))  # a random point: mid-shard, mid-commit, between shards
+        time.sleep(rng.uniform(0, 1.0))  # a random point: mid-shard, mid-commit, between shards
         os.kill(a.pid, signal.SIGSTOP)
         paused_at = _entries(out)
         assert paused_at < 2 * N_PER_CLASS // 4 and a.poll() is None, "A ended before it was paused"
