@@ -261,6 +261,24 @@ def test_a_full_disk_writing_job_json_is_one_line(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_full_disk_writing_the_scan_summary_is_one_line(tmp_path, monkeypatch):
+    import errno
+
+    from audit.data.schema import arrow_schema
+    from audit.scan import table
+
+    def full(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(io, "atomic_write_bytes", full)
+    with pytest.raises(AuditError) as e:
+        table.write_tables(tmp_path, {"interventions": arrow_schema("interventions", {}).empty_table().to_pandas()},
+                           {})
+    msg = _one_line(e)
+    assert msg.startswith(f"cannot write {tmp_path / 'summary' / 'interventions.parquet'}: No space left on device "
+                          "(disk full: ") and "needed; free some space); the scan writes OUT/summary/" in msg
+
+
 def _fake_output(out: Path, shards: int, total: int, status: str, pred=lambda i: i % 2, score=0.9):
     import pyarrow as pa
 

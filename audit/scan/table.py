@@ -159,14 +159,14 @@ def write_tables(out: Path, frames: dict, regions) -> None:
         table = pa.Table.from_pandas(frame, schema=schema, preserve_index=False)
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink)
+        data = sink.getvalue().to_pybytes()
         try:
             if not remote:
                 d.mkdir(parents=True, exist_ok=True)
-            atomic_write_bytes(fs.join(d, f"{name}.parquet") if remote else d / f"{name}.parquet",
-                               sink.getvalue().to_pybytes())
-        except OSError as e:  # a read-only or full OUT: one line, not a traceback
+            atomic_write_bytes(fs.join(d, f"{name}.parquet") if remote else d / f"{name}.parquet", data)
+        except OSError as e:  # a read-only or full OUT: one line (with the free space), not a traceback
             raise cannot_write(d / f"{name}.parquet", e, "the scan writes OUT/summary/: scan a writable "
-                               "copy of OUT") from None
+                               "copy of OUT", need=len(data)) from None
 
 
 def interventions_table(results: list, causal):
