@@ -279,7 +279,8 @@ def test_a_full_disk_writing_the_scan_summary_is_one_line(tmp_path, monkeypatch)
                           "(disk full: ") and "needed; free some space); the scan writes OUT/summary/" in msg
 
 
-def _fake_output(out: Path, shards: int, total: int, status: str, pred=lambda i: i % 2, score=0.9):
+def _fake_output(out: Path, shards: int, total: int, status: str, pred=lambda i: i % 2, score=0.9,
+                 label=lambda i: i % 2):
     import pyarrow as pa
 
     (out / io.RECORDS).mkdir(parents=True)
@@ -287,7 +288,8 @@ def _fake_output(out: Path, shards: int, total: int, status: str, pred=lambda i:
     for s in range(shards):
         ids = [f"img{s}_{k}" for k in range(4)]
         t = pa.table({"image_id": ids, "status": ["ok"] * 4, "layer": ["conv"] * 4, "method": ["gradcam"] * 4,
-                      "pred": [pred(4 * s + k) for k in range(4)], "score": [score] * 4})
+                      "pred": [pred(4 * s + k) for k in range(4)], "score": [score] * 4,
+                      "label": [label(4 * s + k) for k in range(4)]})
         io.write_shard(out, s, t, job_id="j", schema_version="1", inputs={"start": 0, "stop": 4}, counts={})
     io.atomic_write_json(out / io.JOB_JSON, {"job_id": "j", "status": status, "shards": {"total": total},
                                              "classes": ["cat", "dog"]})
@@ -317,15 +319,17 @@ def test_an_incomplete_output_says_so_in_the_scan_and_the_summary(tmp_path):
     assert io.completeness(tmp_path / "done") is None
 
 
-@pytest.mark.parametrize("case", ["nan weights", "collapsed head", "healthy"])
+@pytest.mark.parametrize("case", ["nan weights", "collapsed head", "healthy", "one-class data"])
 def test_a_model_that_predicts_one_class_for_everything_is_called_out(tmp_path, case):
     from audit.data.predictions import one_class_warning
 
-    pred, score = {"nan weights": (lambda i: 0, float("nan")), "collapsed head": (lambda i: 1, 0.99),
-                   "healthy": (lambda i: i % 2, 0.9)}[case]
-    _fake_output(tmp_path, 3, 3, "ok", pred=pred, score=score)
+    pred, score, label = {"nan weights": (lambda i: 0, float("nan"), lambda i: i % 2),
+                          "collapsed head": (lambda i: 1, 0.99, lambda i: i % 2),
+                          "healthy": (lambda i: i % 2, 0.9, lambda i: i % 2),
+                          "one-class data": (lambda i: 1, 0.9, lambda i: 1)}[case]
+    _fake_output(tmp_path, 3, 3, "ok", pred=pred, score=score, label=label)
     said = one_class_warning(tmp_path, ["cat", "dog"])
-    if case == "healthy":
+    if case in ("healthy", "one-class data"):  # all tanks, all predicted tank: nothing wrong
         assert said is None
     elif case == "nan weights":
         assert said.startswith("the model's scores are NaN or infinite for 12 of 12 images")
@@ -419,3 +423,31 @@ def test_the_lambda_refusal_names_a_flag_that_audit_run_accepts(tmp_path):
     assert "--set model.trust_code=true" in msg and "(or --trust-code)" not in msg
     args = build_parser().parse_args(["run", str(spec), "--set", "model.trust_code=true"])
     check_model_file(load_spec(str(spec), args.overrides))  # the flag named exists and is enough
+
+
+def test_a_model_with_nan_weights_is_called_out_from_its_real_records(tmp_path):
+    """The issue's case end to end without Ray: NaN weights, the worker's own rows, the warning."""
+    import keras
+    import numpy as np
+
+    from audit.data.predictions import one_class_warning
+    from audit.runner.spec import load_spec
+    from audit.runner.worker import AuditWorker
+
+    path = h.make_model(tmp_path / "nan.keras")
+    m = keras.models.load_model(path)
+    m.get_layer("head").set_weights([np.full_like(w, np.nan) for w in m.get_layer("head").get_weights()])
+    m.save(path)
+    h.make_folder(tmp_path / "data", 5, masks=False)
+    spec = load_spec({"model": {"path": path, "preprocess": "scale_0_1"},
+                      "dataset": {"format": "folder", "path": str(tmp_path / "data"), "shard_size": 8},
+                      "explain": {"methods": ["gradcam"]}, "resources": {"batch_size": 4},
+                      "output": str(tmp_path / "out")})
+    p = datasets.plan(spec["dataset"])
+    (tmp_path / "out" / io.RECORDS).mkdir(parents=True)
+    (tmp_path / "out" / io.MANIFEST).mkdir()
+    w = AuditWorker(spec, out_dir=str(tmp_path / "out"), job_id="j", classes=p.classes)
+    for s in p.shards:
+        w.process_shard(s)
+    said = one_class_warning(tmp_path / "out", p.classes)
+    assert said is not None and said.startswith("the model's scores are NaN or infinite for 10 of 10 images"), said
