@@ -18,6 +18,13 @@ Per shard, three stages run at once so the model is never kept waiting:
 ONE row with ``status=error``, ``error=<reason>`` and null
 ``layer``/``method``/``cam``/statistics: every input appears in the output.
 
+The worker is put together from named collaborators: the model holder
+(:class:`audit.runner.model_holder.ModelHolder`: TensorFlow set up, model,
+head, Explainer, input size and channels), the decode pipeline (the producer
+and its thread pool, below), the row builder
+(:class:`audit.runner.rows.RowBuilder`: statistics and Arrow rows) and the
+committer (:meth:`AuditWorker._process_shard`: fenced write of the shard).
+
 Shards pipeline inside one worker: the job runs each actor with two calls in
 flight (``max_concurrency=2``), and only the model passes take turns (a lock
 held from a shard's first batch to its last).  So the next shard is read and
@@ -41,80 +48,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from audit.data.jobspec import DatasetSpec, JobSpec, load_job_model
+from audit.data.jobspec import DatasetSpec, JobSpec
 from audit.errors import AuditError
+from audit.runner.model_holder import ModelHolder, runs_mixed, to_mixed_precision  # noqa: F401  (public here)
+from audit.runner.rows import RowBuilder
 
 BATCHES_AHEAD = 2  # prepared input batches queued for the model thread
-
-
-def _configure_tensorflow(cpus: float | None, gpu: bool, mixed_precision: bool) -> dict:
-    """TF threads = this worker's CPU share; GPU memory growth on. Call before any TF op runs."""
-    from audit.quiet import import_tensorflow
-
-    tf = import_tensorflow()
-
-    info = {"gpus": 0, "threads": None, "mixed_precision": False, "memory_growth": [],
-            "visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}  # Ray sets it per actor
-    gpus = tf.config.list_physical_devices("GPU")
-    for g in gpus:
-        with contextlib.suppress(RuntimeError, ValueError):  # already initialised (in-process use)
-            tf.config.experimental.set_memory_growth(g, True)
-        info["memory_growth"].append(bool(tf.config.experimental.get_memory_growth(g)))
-    info["gpus"] = len(gpus)
-    if cpus:
-        n = max(1, int(round(cpus)))
-        try:
-            tf.config.threading.set_intra_op_parallelism_threads(n)
-            tf.config.threading.set_inter_op_parallelism_threads(min(2, n))
-            info["threads"] = n
-        except RuntimeError:  # TF already running in this process (tests): keep its setting
-            pass
-    if mixed_precision and gpus:
-        import keras
-
-        keras.mixed_precision.set_global_policy("mixed_float16")
-        info["mixed_precision"] = True
-    return info
-
-
-def _strip_dtypes(cfg):
-    """A model config with every layer's dtype policy removed (inputs keep theirs)."""
-    if isinstance(cfg, dict):
-        out = {}
-        is_input = cfg.get("class_name") == "InputLayer"
-        for k, v in cfg.items():
-            if k == "config" and isinstance(v, dict) and not is_input:
-                v = {kk: _strip_dtypes(vv) for kk, vv in v.items() if kk != "dtype"}
-            else:
-                v = _strip_dtypes(v)
-            out[k] = v
-        return out
-    if isinstance(cfg, list):
-        return [_strip_dtypes(v) for v in cfg]
-    return cfg
-
-
-def to_mixed_precision(model):
-    """Rebuild a Functional/Sequential model under the global mixed_float16 policy."""
-    import keras
-
-    try:
-        cfg = _strip_dtypes(model.get_config())
-        new = model.__class__.from_config(cfg)
-        new.set_weights(model.get_weights())
-        return new
-    except Exception:  # subclassed or exotic models: stay in float32
-        keras.mixed_precision.set_global_policy("float32")
-        return model
-
-
-def runs_mixed(model) -> bool:
-    """Does any layer of ``model`` compute in float16 (a ``mixed_float16`` policy)?"""
-    for layer in getattr(model, "layers", ()):
-        policy = getattr(layer, "dtype_policy", None)
-        if getattr(policy, "compute_dtype", None) == "float16":
-            return True
-    return False
 
 
 class AuditWorker:
@@ -186,27 +125,19 @@ class AuditWorker:
                              "the same path")
 
     def _setup(self) -> None:
-        t0 = time.perf_counter()
-        m, res = self.spec.model, self.spec.resources
-        tfinfo = _configure_tensorflow(self.cpus, gpu=True, mixed_precision=res.mixed_precision)
-        import cv2
-
-        cv2.setNumThreads(1)
+        """The collaborators: the model holder (model, head, Explainer), the row builder, the thread pools."""
         from audit.data import identity
-        from audit.engine.heads import Head
-
-        identity.clear_cache()  # object listings of an earlier job in this process may be stale
-
-        model = self._load_model(tfinfo)
-        head = Head.of(model, m.output)
-        self._check_classes(head)
-        self._build_explainer(model)
         from audit.data.schema import SCHEMA_VERSION, records_schema
 
+        t0 = time.perf_counter()
+        identity.clear_cache()  # object listings of an earlier job in this process may be stale
+        held = self.held = ModelHolder.load(self.spec, self.classes, self.cpus)
+        self.classes, self.explainer, self.size, self.channels = held.classes, held.explainer, held.size, held.channels
         self.regions = dict(self.spec.explain.regions or {})
         self.schema = records_schema(list(self.regions))
         self.schema_version = SCHEMA_VERSION
-        self.pool = ThreadPoolExecutor(max_workers=res.decode_threads, thread_name_prefix="decode")
+        self.rows = RowBuilder(self.classes, self.schema, self.size, self.regions)
+        self.pool = ThreadPoolExecutor(max_workers=self.spec.resources.decode_threads, thread_name_prefix="decode")
         self.post = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rows")
         self._warm_up()
         self.info = {
@@ -215,54 +146,13 @@ class AuditWorker:
             "layers": list(self.explainer.layers),
             "layer_shapes": {k: list(v) for k, v in self.explainer.layer_shapes.items()},
             "input_size": list(self.size),
-            "num_outputs": head.units,
+            "num_outputs": held.head.units,
             "classes": self.classes,
             "setup_s": round(time.perf_counter() - t0, 3),
             "process_cpu_s": time.process_time(),  # CPU seconds of this process so far (monitoring)
-            **tfinfo,
+            **held.tfinfo,
         }
         self._ready = True
-
-    def _load_model(self, tfinfo: dict):
-        """The job's model (a local copy of one in a bucket), rebuilt for mixed precision if asked."""
-        from audit.engine.models import check_preprocess
-
-        check_preprocess(self.spec.model.preprocess)
-        model = load_job_model(self.spec.model)
-        if tfinfo["mixed_precision"]:
-            model = to_mixed_precision(model)
-            tfinfo["mixed_precision"] = runs_mixed(model)  # what the model runs, not what was asked
-        return model
-
-    def _check_classes(self, head) -> None:
-        """The dataset's classes match the head (numbered 0..n-1 when the dataset has none)."""
-        n_out = head.units
-        if self.classes is None:
-            self.classes = [str(i) for i in range(head.num_classes)]
-        elif len(self.classes) != head.num_classes:
-            raise AuditError(
-                f"the dataset has {len(self.classes)} classes ({', '.join(self.classes[:6])}"
-                f"{'...' if len(self.classes) > 6 else ''}) but the model has {n_out} outputs"
-                f"{' (one unit: 2 classes)' if head.num_classes != n_out else ''}; "
-                "set dataset.classes to the model's classes in output order"
-            )
-
-    def _build_explainer(self, model) -> None:
-        """The Explainer, the input size and channels, checked against the spec and preprocessing."""
-        from audit.engine.explainer import Explainer
-        from audit.engine.models import check_channels, input_size_of, model_input
-
-        m, ex, res = self.spec.model, self.spec.explain, self.spec.resources
-        self.explainer = Explainer(model, layers=ex.layers, methods=tuple(ex.methods),
-                                   target=ex.target, batch_size=res.batch_size, classes=self.classes,
-                                   output=m.output, token_grid=ex.token_grid)
-        size = m.size or input_size_of(model)
-        if tuple(self.explainer.input_shape[:2]) != size:
-            raise AuditError(f"model input is {self.explainer.input_shape[:2]}, model.input_size says {list(size)}")
-        self.size = size
-        self.channels = int(self.explainer.input_shape[2])
-        check_channels(self.channels)  # images are converted by models.to_channels
-        model_input(np.zeros((1, 1, 1, 3), np.uint8), self.channels, m.preprocess)  # fails here, not per batch
 
     def _warm_up(self) -> None:
         """Trace the compiled step for a full batch now, not on the first shard."""
@@ -409,7 +299,7 @@ class AuditWorker:
                     res = self.explainer(x, labels=labels)
                     self._count(shard_id, len(batch))
                     # statistics and rows overlap with the next batch's model pass
-                    pending.append(self.post.submit(self._rows, batch, res, shard_id))
+                    pending.append(self.post.submit(self.rows.rows, batch, res, shard_id, self.explainer.layers, self.explainer.methods))
         finally:
             stop.set()
             while producer.is_alive():  # unblock a producer waiting on a full queue
@@ -440,7 +330,7 @@ class AuditWorker:
                 if stop.is_set():
                     return
                 if isinstance(res, Exception):
-                    if not put(("errors", (self._error_rows([(idx, item, str(res), None)], shard_id),
+                    if not put(("errors", (self.rows.error_rows([(idx, item, str(res), None)], shard_id),
                                            np.array([idx * 1000], np.int64), 1))):
                         return
                     continue
@@ -479,33 +369,6 @@ class AuditWorker:
         return results()
 
     # -- rows ---------------------------------------------------------------------
-    def _name(self, i):
-        if i is None:
-            return None
-        return self.classes[i] if 0 <= i < len(self.classes) else str(i)
-
-    def _error_rows(self, bad, shard_id):
-        import pyarrow as pa
-
-        from audit.data.files import escape_text
-
-        n = len(bad)
-        cols = {name: pa.nulls(n, self.schema.field(name).type) for name in self.schema.names}
-        cols["image_id"] = pa.array([b[1].image_id for b in bad], pa.string())
-        cols["path"] = pa.array([b[1].path for b in bad], pa.string())
-        cols["path_bytes"] = pa.array([b[1].path_bytes for b in bad], pa.binary())
-        cols["mask_error"] = pa.array([b[1].mask_error for b in bad], pa.string())
-        cols["shard"] = pa.array([shard_id] * n, pa.int32())
-        cols["label"] = pa.array([b[1].label for b in bad], pa.int32())
-        cols["label_name"] = pa.array([self._name(b[1].label) for b in bad], pa.string())
-        cols["status"] = pa.array(["error"] * n, pa.string())
-        cols["error"] = pa.array([escape_text(b[2]) for b in bad], pa.string())
-        cols["has_mask"] = pa.array([b[1].has_mask for b in bad], pa.bool_())
-        sizes = [b[3] for b in bad]
-        cols["width"] = pa.array([s[0] if s else None for s in sizes], pa.int32())
-        cols["height"] = pa.array([s[1] if s else None for s in sizes], pa.int32())
-        return pa.table(cols, schema=self.schema)
-
     def _prepare(self, batch, shard_id) -> list:
         """Messages for the model thread: error rows for bad labels, then the batch's input array."""
         from audit.engine.models import model_input
@@ -516,7 +379,7 @@ class AuditWorker:
             n_cls = len(self.classes)
             bad = [b for b in batch if b[1].label is None or not 0 <= b[1].label < n_cls]
             if bad:
-                table = self._error_rows(
+                table = self.rows.error_rows(
                     [(i, it, "target=label but the image has no valid label", r[2]) for i, it, r in bad], shard_id)
                 msgs.append(("errors", (table, np.array([i * 1000 for i, _, _ in bad], np.int64), len(bad))))
                 gone = {b[0] for b in bad}
@@ -529,88 +392,6 @@ class AuditWorker:
         lab = np.array([-1 if v is None else v for v in labels], np.int32)
         msgs.append(("batch", (batch, x, np.maximum(lab, 0) if ex.target == "label" else None)))
         return msgs
-
-    def _rows(self, batch, res, shard_id):
-        """Statistics and Arrow rows of an explained batch (post-processing thread)."""
-        ex = self.explainer
-        parts, keys = [], []
-        counts = {"flat": 0, "correct": 0, "labelled": 0}
-        correct, counts["labelled"], counts["correct"] = _correct(batch, res)
-        # one row per explained row: several per image for a multi-label head
-        batch = [batch[i] for i in res.image]
-        has_mask, masks = self._masks(batch)
-        common = self._common_columns(batch, res, correct, has_mask, shard_id)
-        n_blocks = 0
-        for layer in ex.layers:
-            for method in ex.methods:
-                table, n_flat = self._block(common, layer, method, res.maps[(layer, method)], masks, has_mask)
-                counts["flat"] += n_flat
-                parts.append(table)
-                keys.append(np.array([b[0] * 1000 + n_blocks for b in batch], np.int64))
-                n_blocks += 1
-        return parts, keys, counts
-
-    def _masks(self, batch):
-        """(has_mask per row, (n, H, W) bool masks or None when no row has one)."""
-        has_mask = np.array([b[2][1] is not None for b in batch])
-        if not has_mask.any():
-            return has_mask, None
-        masks = np.zeros((len(batch), *self.size), bool)
-        for k, b in enumerate(batch):
-            if b[2][1] is not None:
-                masks[k] = b[2][1]
-        return has_mask, masks
-
-    def _common_columns(self, batch, res, correct, has_mask, shard_id) -> dict:
-        """The columns every layer x method block of these rows shares."""
-        import pyarrow as pa
-
-        labels = [b[1].label for b in batch]
-        n = len(batch)
-        pred = res.pred.astype(np.int32)
-        return {
-            "image_id": pa.array([b[1].image_id for b in batch], pa.string()),
-            "path": pa.array([b[1].path for b in batch], pa.string()),
-            "path_bytes": pa.array([b[1].path_bytes for b in batch], pa.binary()),
-            "mask_error": pa.array([b[1].mask_error for b in batch], pa.string()),
-            "shard": pa.array(np.full(n, shard_id, np.int32)),
-            "label": pa.array([None if v is None else int(v) for v in labels], pa.int32()),
-            "label_name": pa.array([self._name(v) for v in labels], pa.string()),
-            "pred": pa.array([None if p < 0 else int(p) for p in pred], pa.int32()),  # -1: no label above 0.5
-            "pred_name": pa.array([None if p < 0 else self._name(int(p)) for p in pred], pa.string()),
-            "score": pa.array(res.score.astype(np.float32)),
-            "correct": pa.array([correct[i] for i in res.image], pa.bool_()),
-            "target": pa.array(res.target.astype(np.int32)),
-            "width": pa.array([b[2][2][0] for b in batch], pa.int32()),
-            "height": pa.array([b[2][2][1] for b in batch], pa.int32()),
-            "has_mask": pa.array(has_mask),
-            "error": pa.nulls(n, pa.string()),
-        }
-
-    def _block(self, common, layer, method, maps, masks, has_mask):
-        """(the rows of one layer x method, cast to the schema; how many of its maps are flat)."""
-        import pyarrow as pa
-
-        from audit.engine.stats import map_stats, to_arrow_columns
-
-        n, h, w = maps.shape
-        st = map_stats(maps, self.size, masks=masks, has_mask=has_mask, regions=self.regions)
-        # the engine zeroes the maps it flags as degenerate, so map_stats already
-        # reports them flat with null statistics
-        status = st["status"].astype(str)
-        offsets = pa.array(np.arange(n + 1, dtype=np.int32) * (h * w))
-        cols = {
-            **common,
-            "layer": pa.array([layer] * n, pa.string()),
-            "method": pa.array([method] * n, pa.string()),
-            "cam": pa.ListArray.from_arrays(offsets, pa.array(maps.reshape(-1).astype(np.float32))),
-            "cam_h": pa.array(np.full(n, h, np.int32)),
-            "cam_w": pa.array(np.full(n, w, np.int32)),
-            "status": pa.array(status.tolist(), pa.string()),
-            **to_arrow_columns(st),
-        }
-        table = pa.table({name: cols[name] for name in self.schema.names}, schema=self.schema)
-        return table, int((status == "flat").sum())
 
     def _fetch_pool(self) -> ThreadPoolExecutor:
         """The actor's pool for object fetches (made on the first shard read from a bucket)."""
@@ -674,20 +455,6 @@ class _Loader:
         finally:
             if self.prefetch is not None:
                 self.prefetch.release(item)
-
-
-def _correct(batch, res):
-    """(per image: label predicted or None when unlabelled, labelled count, correct count).
-
-    Single-label heads: the label is the predicted class.  Multi-label heads:
-    the label is among the labels above 0.5.
-    """
-    predicted = [set() for _ in batch]
-    for i, p in zip(res.image, res.pred):
-        if p >= 0:
-            predicted[i].add(int(p))
-    correct = [None if b[1].label is None else int(b[1].label) in s for b, s in zip(batch, predicted)]
-    return correct, sum(c is not None for c in correct), sum(bool(c) for c in correct)
 
 
 def _node_id() -> str | None:
