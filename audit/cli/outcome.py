@@ -7,14 +7,25 @@ asked for failure.
 
 from __future__ import annotations
 
+import argparse
+
 EXIT_SHORTCUT = 3
 PER_IMAGE = ("flagged", "none")
+
+
+class _PerImage(argparse.Action):
+    """Stores the value and that the user asked for it (``args.per_image_asked``)."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        namespace.per_image = value
+        namespace.per_image_asked = value == "flagged"
 
 
 def add_per_image(p, default: str | None) -> None:
     """``--per-image [flagged|none]``: the per-image cue pass after the scan (``flagged``: the cues of the
     suspected classes; a bare ``--per-image`` means ``flagged``)."""
     p.add_argument("--per-image", nargs="?", const="flagged", default=default, choices=PER_IMAGE,
+                   action=_PerImage,
                    metavar="flagged|none",
                    help="per-image cue evidence for every image (summary/images.parquet) after the scan: "
                         "'flagged' (the bare flag) for the cues of the suspected classes, 'none' to skip it"
@@ -41,6 +52,8 @@ def after_scan(out, classes_df, args, *, address=None, quiet=False) -> int:
         from audit.scan.imagepass import run_pass
 
         run_pass(out, address=address, quiet=quiet)
+    elif getattr(args, "per_image_asked", False) and not quiet:
+        print("per-image pass: no class is suspected, nothing to do")
     if getattr(args, "fail_on", None) == "shortcut" and suspected(classes_df):
         return EXIT_SHORTCUT
     return 0
