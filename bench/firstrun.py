@@ -76,12 +76,17 @@ def job_breakdown(out: Path, wall: float, imports: float) -> dict:
     actor = (run.get("actors") or [{}])[0]
     startup = t.get("startup_s") or 0.0
     ready = t.get("first_actor_ready_s") or 0.0
-    return {"wall": wall, "imports (TensorFlow)": imports,
-            "before the run (spec, plan, lock, model check or load, Ray start)": startup - ready,
-            "actor start and model load (Ray only)": ready,
-            "model load and compile in the worker": actor.get("setup_s"),
-            "compute (first worker ready to last commit)": job["summary"].get("compute_s"),
-            "in process": bool((job.get("resources") or {}).get("in_process"))}
+    check = t.get("model_check_s") or t.get("model_load_s") or 0.0
+    ray = t.get("ray_start_s") or 0.0
+    return {"wall (the command)": wall,
+            "a TensorFlow import alone (measured before)": imports,
+            "driver: TensorFlow import + model load and compile (its check, or its worker)": check,
+            "driver: Ray start": ray,
+            "driver: the rest before the run (Python imports, spec, plan, lock)": startup - ready - check - ray,
+            "actor start, its TensorFlow import, model load and compile (Ray only)": ready,
+            "  of which the actor's setup (TF import, model, compile)": actor.get("setup_s") if ready else 0.0,
+            "compute (first worker ready to last commit)": job["summary"].get("compute_s") or 0.0,
+            "after the run (job.json, exit)": wall - startup - (job["summary"].get("compute_s") or 0.0)}
 
 
 def show(name: str, seconds: float, tf: float, target: float | None = None) -> None:

@@ -140,6 +140,7 @@ class Owned:
     private: bool = False  # the job's own local Ray: no node can join it
     local: bool = False  # no --address: a Ray on this machine (the job's own, or one the caller started)
     worker: object = None  # the driver's own worker when the job runs in-process (audit.runner.inprocess)
+    timings: dict = None  # seconds of the driver's steps before the run: model_check_s or model_load_s, ray_start_s
 
 
 def run_job(spec, *, address=None, resume=False, overrides=(), progress=True, on_event=None,
@@ -231,19 +232,24 @@ def own_output(ctx: JobContext, address):
         lock.acquire()
         found = reconcile(ctx.out, ctx.plan, ctx.spec.dataset, ctx.job_id, ctx.mode)
         todo = [s for s in ctx.plan.shards if s.id not in found.entries]
+        steps, t0 = {}, time.perf_counter()
         if todo and inprocess.runs_in_process(ctx.spec, address, todo):  # a small local job: no Ray
             worker = inprocess.ready_worker(ctx.spec, ctx.job_id, ctx.plan.classes, lock, todo)
+            steps["model_load_s"] = round(time.perf_counter() - t0, 3)
         elif todo:  # what an actor's setup would refuse, found before a private Ray or any actor starts
             check_with_model(ctx.spec, ctx.plan.classes)
+            steps["model_check_s"] = round(time.perf_counter() - t0, 3)
         if todo and not address and worker is None:
+            t0 = time.perf_counter()
             started_ray = ray_init(address)
+            steps["ray_start_s"] = round(time.perf_counter() - t0, 3)
         io.prepare_output(ctx.out, bool(ctx.mode))
         drop(ctx.out, found)
         for line in notes(found):
             _say(line)
         ready = True
         yield Owned(lock, found, todo, started_ray, private=started_ray and not address,
-                    local=not address, worker=worker)
+                    local=not address, worker=worker, timings=steps)
     finally:
         if worker is not None:
             worker.close()
@@ -287,6 +293,7 @@ def execute(ctx: JobContext, owned: Owned, *, progress=True, on_event=None) -> d
     from audit.data import io
 
     record = job_record(ctx, owned)
+    record["timings"].update(owned.timings or {})
     owned.lock.check()  # fencing: job.json is written only while this driver holds the lock
     io.write_job(ctx.out, record)
     state, status, bar = RunState(), "ok", None
