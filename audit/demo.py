@@ -1,4 +1,4 @@
-"""``audit demo``: the tank/sky story, end to end, on a local Ray.
+"""``audit demo``: the tank/sky story, end to end, on this machine (small jobs: no Ray is started).
 
 1. Get the tank/sky data and its two models from the user cache (built once
    by :mod:`audit.tanksky`: a shortcut model trained where every tank photo
@@ -61,7 +61,6 @@ def run_demo(out=None, *, masks: bool = True, intervene: bool = True, report: bo
     """
     from audit import tanksky
     from audit.data.resources import path
-    from audit.runner.cluster import ray_init
     from audit.runner.job import run_job
     from audit.scan.pipeline import scan
 
@@ -74,37 +73,31 @@ def run_demo(out=None, *, masks: bool = True, intervene: bool = True, report: bo
             break
     built = tanksky.ensure(params or tanksky.Params(), root=cache, log=log)
     results = {"out": str(out), "models": {}}
-    import ray
+    # no Ray of its own: each job of 200 images runs in this process (audit.runner.inprocess)
+    for key, spec_name, model_key, story in MODELS:
+        dest = out / key
+        _clear(dest)
+        data = [f"dataset.path={built['test']}", f"dataset.masks={built['test_masks'] if masks else 'null'}"]
+        results["dataset_overrides"] = data
+        overrides = [f"model.path={built[model_key]}", *data, f"output={dest}"]
+        summary = run_job(str(path("audit.jobs", spec_name)), overrides=overrides, progress=progress)
+        classes, clusters = scan(dest, intervene=intervene, quiet=True)
+        page = None
+        if report:
+            try:
+                from audit.review.report import write_report
+            except ImportError:
+                write_report = None
+            if write_report is not None:
+                page = str(write_report(dest))
+        results["models"][key] = {"story": story, "summary": summary, "classes": classes,
+                                  "clusters": clusters, "report": page, "out": str(dest)}
+    if fix:  # after the verdicts
+        results["seconds"] = round(time.time() - t0, 1)
+        log(format_verdict(results))
+        from audit.demofix import run_fix
 
-    started = ray_init(None, log=log)
-    try:
-        for key, spec_name, model_key, story in MODELS:
-            dest = out / key
-            _clear(dest)
-            data = [f"dataset.path={built['test']}", f"dataset.masks={built['test_masks'] if masks else 'null'}"]
-            results["dataset_overrides"] = data
-            overrides = [f"model.path={built[model_key]}", *data, f"output={dest}"]
-            summary = run_job(str(path("audit.jobs", spec_name)), overrides=overrides, progress=progress)
-            classes, clusters = scan(dest, intervene=intervene, quiet=True)
-            page = None
-            if report:
-                try:
-                    from audit.review.report import write_report
-                except ImportError:
-                    write_report = None
-                if write_report is not None:
-                    page = str(write_report(dest))
-            results["models"][key] = {"story": story, "summary": summary, "classes": classes,
-                                      "clusters": clusters, "report": page, "out": str(dest)}
-        if fix:  # on the same Ray, after the verdicts
-            results["seconds"] = round(time.time() - t0, 1)
-            log(format_verdict(results))
-            from audit.demofix import run_fix
-
-            results["fix"] = run_fix(results, out, intervene=intervene, progress=progress, log=log)
-    finally:
-        if started:
-            ray.shutdown()
+        results["fix"] = run_fix(results, out, intervene=intervene, progress=progress, log=log)
     if not fix:
         results["seconds"] = round(time.time() - t0, 1)
         log(format_verdict(results))

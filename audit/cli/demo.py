@@ -1,4 +1,4 @@
-"""``audit demo``: the tank/sky shortcut, found end to end on a local Ray."""
+"""``audit demo``: the tank/sky shortcut, found end to end on this machine."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ def register(sub) -> None:
     p = sub.add_parser(
         "demo",
         help="run the tank/sky demo: a detector that learned the weather, and its control",
-        description="Build the tank/sky data and models (cached), audit both models on a local Ray, "
+        description="Build the tank/sky data and models (cached), audit both models (in this process: small jobs start no Ray), "
                     "scan, write the reports and print the verdicts.",
         epilog=EXAMPLE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
