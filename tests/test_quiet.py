@@ -86,6 +86,16 @@ def test_run_and_scan_success_is_quiet(job):
 
 
 @pytest.mark.slow
+def test_run_on_ray_is_quiet(job):
+    """The same job on a private Ray (actors import TensorFlow too): still only the tool's lines."""
+    res = audit("run", "job.yaml", "--no-progress", "--no-scan", "--set", "output=out-ray", cwd=job["dir"],
+                AUDIT_IN_PROCESS="0")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "in the driver" not in res.stdout and "actor on CPU" in res.stdout
+    assert own_lines_only(res.stderr) == []
+
+
+@pytest.mark.slow
 def test_scan_report_layers_explain_quiet(job):
     tmp = job["dir"]
     for args in (("scan", "out"), ("report", "out"), ("layers", "model.keras"),
