@@ -9,9 +9,11 @@ from audit.runner.pool import Resources
 
 @pytest.mark.parametrize("local, said", [(True, False), (False, True)])
 def test_cluster_gpu_note_only_on_a_joined_cluster(local, said, capsys):
+    from audit.data.jobspec import JobSpec
     from audit.runner.job import _note_cpu_fallback
 
-    _note_cpu_fallback({"resources": {"gpus_per_actor": "auto"}}, Resources(1, 2.0, 0.0), local)
+    spec = JobSpec.coerce({"resources": {"gpus_per_actor": "auto"}})
+    _note_cpu_fallback(spec, Resources(1, 2.0, 0.0), local)
     err = capsys.readouterr().err
     assert ("autoscaler" in err) is said
 
