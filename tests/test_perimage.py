@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import shutil
+from pathlib import Path
 
 import helpers_fix as hf
 import numpy as np
@@ -215,3 +216,21 @@ def test_zoo_flags_against_per_image_truth(name, tmp_path):
     df = hf.read_images(out)
     p, r = _prec_rec(df.cue_present.to_numpy(bool), df.image_id.map(truth).to_numpy(bool))
     assert p >= 0.95 and r >= 0.95, (p, r)
+
+
+def test_audit_run_fail_on_shortcut_and_the_pass_at_its_end(scanned, tmp_path, capsys):
+    """`audit run` (a small job runs in the driver): scan, the per-image pass when flagged, exit 3 with --fail-on."""
+    import yaml
+
+    from audit.cli import main
+
+    spec = yaml.safe_load((Path(scanned[0]).parent / "job.yaml").read_text())
+    spec["output"] = str(tmp_path / "run")
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+    assert main(["run", str(tmp_path / "job.yaml"), "--no-progress", "--fail-on", "shortcut"]) == 3
+    assert "per-image pass: 60 rows" in capsys.readouterr().out
+    assert len(hf.read_images(tmp_path / "run")) == 60
+    spec["output"] = str(tmp_path / "run2")
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+    assert main(["run", str(tmp_path / "job.yaml"), "--no-progress", "--per-image", "none"]) == 0
+    assert not (tmp_path / "run2" / "summary" / "images.parquet").exists()
