@@ -237,7 +237,7 @@ def test_cli_run_summary_scan_and_queries(ray_local, ws, capsys, monkeypatch):
         calls.append(str(out_dir))
         raise RuntimeError("boom")
 
-    fake.scan = fake_scan
+    fake.scan = fake.scan_as_saved = fake_scan
     monkeypatch.setitem(sys.modules, "audit.scan.pipeline", fake)
     out = ws["dir"] / "out_cli"
     code = main(["run", ws["spec"], "--no-progress", "--set", f"output={out}", "--set", "dataset.limit=20",

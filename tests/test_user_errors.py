@@ -97,6 +97,7 @@ MISTAKES = [
     ("run {bad_manifest}", ["man/manifest.csv line 3: a quote is never closed"]),
     ("run {unknown_key}", ["unknown key 'dataset.shardsize'"]),
     ("run {binary_manifest}", ["random.csv is not a CSV text file"]),
+    ("run {ok_spec} --no-scan --fail-on shortcut", ["--fail-on needs the scan's verdicts", "drop --no-scan"]),
     # scan
     ("scan {ws}/pqdata --no-intervene", ["is not a job output", "no 'image_id' column (a dataset folder?)"]),
     ("scan {ws}/data --no-intervene", ["is not a job output (no records/ folder)"]),

@@ -7,6 +7,7 @@ import sys
 
 from audit.cli.outcome import add_fail_on, add_per_image, after_scan
 from audit.cli.scan import add_causal_budget, causal_budget
+from audit.errors import AuditError
 
 EXAMPLE = """examples:
   audit run jobs/example_folder.yaml                      # embedded local Ray
@@ -112,6 +113,9 @@ def run(args) -> int:
 
     args.spec = spec_arg(args, args.run_parser)
     budget = causal_budget(args)  # a bad value is refused before the job starts
+    if args.no_scan and args.fail_on:
+        raise AuditError("--fail-on needs the scan's verdicts: drop --no-scan, or run `audit scan OUT --fail-on "
+                         "shortcut` after the job")
     try:
         summary = run_job(args.spec, address=args.address, resume=args.resume, overrides=args.overrides,
                           progress=not args.no_progress)
@@ -123,10 +127,8 @@ def run(args) -> int:
     code = 0 if summary["status"] == "ok" else 1
     if args.no_scan:
         return code
-    try:
-        from audit.scan.pipeline import scan_as_saved
-    except ImportError:
-        return code
+    from audit.scan.pipeline import scan_as_saved
+
     try:
         # a resumed job keeps the kind of scan saved in OUT; --causal-budget changes only the budget
         classes, _ = scan_as_saved(summary["output"], changes=budget)
