@@ -47,3 +47,16 @@ def test_correct_counts_multi_label_rows():
     batch = [(0, Item("a", "a", label=1), None), (1, Item("b", "b", label=None), None)]
     res = SimpleNamespace(image=np.array([0, 0, 1]), pred=np.array([0, 1, 0]))
     assert correct(batch, res) == ([True, None], 1, 1)
+
+
+def test_shard_queue_retries_at_the_head_until_the_budget_is_spent():
+    from audit.data.datasets import Shard
+    from audit.runner.scheduler import ShardQueue
+
+    q = ShardQueue(max_retries=1)
+    q.load([Shard(0, "a", 0, 4), Shard(1, "a", 4, 10), Shard(2, "b", 0, 3)])
+    assert (len(q), q.total, q.largest) == (3, 3, 6)
+    first = q.popleft()
+    assert q.retry(first) and q.popleft() is first  # back at the head
+    assert q.retry(first, counted=False) and q.popleft() is first  # a drained node: not counted
+    assert not q.retry(first) and len(q) == 2 and q.attempts[0] == 2  # the budget is spent

@@ -21,6 +21,11 @@
   ``resources.start_timeout_s`` with fewer than ``actors.min`` actors running;
 * :meth:`~Scheduler.stop` fences and kills every actor when the run ends.
 
+Two collaborators hold their own state: :class:`ShardQueue` (the shards
+waiting, their attempts, the run's size) and :class:`ProgressPoller` (the
+images inside the shards in flight, asked of the actors about once a second);
+the pool of actors is the scheduler's own (``resize``, ``retire``, ``stop``).
+
 The driver holds shard descriptors, refs and counters only: its memory does
 not grow with the dataset.
 """
@@ -164,6 +169,76 @@ def _one_line(cause) -> str:
     return f"{type(cause).__name__}: {text.splitlines()[-1] if text else ''}"
 
 
+@dataclass
+class ShardQueue:
+    """The shards waiting for an actor, and how often each was tried."""
+
+    max_retries: int
+    waiting: collections.deque = field(default_factory=collections.deque)
+    attempts: collections.Counter = field(default_factory=collections.Counter)
+    total: int = 0  # shards of the run
+    largest: int | None = None  # images in the largest shard (the actors' warm-up batch)
+
+    def load(self, shards) -> None:
+        self.waiting.extend(shards)
+        self.total = len(self.waiting)
+        self.largest = max((s.size for s in self.waiting), default=None)
+
+    def __len__(self) -> int:
+        return len(self.waiting)
+
+    def popleft(self):
+        return self.waiting.popleft()
+
+    def retry(self, shard, counted: bool = True) -> bool:
+        """Back to the head of the queue (True), or False once ``max_retries`` counted attempts are spent."""
+        self.attempts[shard.id] += int(counted)
+        if self.attempts[shard.id] > self.max_retries:
+            return False
+        self.waiting.appendleft(shard)
+        return True
+
+
+class ProgressPoller:
+    """About once a second, asks the busy actors how far their shards are and shows it on the bar."""
+
+    def __init__(self, ray, bar, emit):
+        self.ray, self.bar, self.emit = ray, bar, emit
+        self.polls: dict = {}  # progress ref -> actor key
+        self.last_poll = 0.0
+        self.live: dict = {}  # actor key -> {shard id: images done, not yet committed}
+
+    def show(self, actors: dict) -> None:
+        """Poll (at most once per ``PROGRESS_POLL_S``) and show the images inside the shards in flight."""
+        if not self.bar.enabled or time.perf_counter() - self.last_poll < PROGRESS_POLL_S:
+            return
+        self.last_poll = time.perf_counter()
+        self.poll(actors)
+        inside = 0
+        for key, done in self.live.items():  # images inside the shards each actor still holds
+            held = {sh.id for sh in actors[key].inflight.values()}  # (live holds live actors only)
+            inside += sum(n for sid, n in done.items() if sid in held)
+        self.bar.show(inside)
+        self.emit("progress", {"committed": self.bar.committed, "inside_shards": inside})
+
+    def poll(self, actors: dict) -> None:
+        """Collect the answers to earlier progress polls; poll every busy actor not asked yet."""
+        if self.polls:
+            done, _ = self.ray.wait(list(self.polls), num_returns=len(self.polls), timeout=0)
+            for ref in done:
+                key = self.polls.pop(ref)
+                try:
+                    self.live[key] = self.ray.get(ref)
+                except Exception:  # the actor died: its shards are requeued elsewhere
+                    self.live.pop(key, None)
+        asked = set(self.polls.values())
+        for key, a in actors.items():
+            if a.ready and a.inflight and key not in asked:
+                self.polls[a.handle.progress.remote()] = key
+        for key in [k for k in self.live if k not in actors]:
+            del self.live[key]
+
+
 class Scheduler:
     """Runs shards on actors until each is committed or has failed ``max_retries`` times.
 
@@ -187,29 +262,22 @@ class Scheduler:
         self.spec, self.job_id, self.classes, self.res = spec, job_id, classes, res
         self.state, self.bar, self.on_event, self.lock = state, bar, on_event, lock
         self.max_retries = int(spec.resources.max_retries)
-        self.queue: collections.deque = collections.deque()
-        self.attempts: collections.Counter = collections.Counter()
+        self.queue = ShardQueue(self.max_retries)  # the shards waiting for an actor
         self.actors: dict[str, Actor] = {}
         self.calls: dict = {}  # ref -> Call
         self.replacements = res.actors * max(1, self.max_retries) + 2  # actors started after crashes
         self.ceiling = res.actors  # the most actors at once (an ``auto`` pool raises it as nodes join)
-        self.total_shards = 0
-        self.largest_shard = None
         self.t0 = self.floor_met = self.last_grow = time.perf_counter()
         self.pool_shown = None  # (running, starting, pending) last shown while actors wait for a node
         self.last_placing, self.waiting_ids = 0.0, set()
-        self.polls: dict = {}  # progress ref -> actor key
-        self.last_poll = 0.0
-        self.live: dict = {}  # actor key -> {shard id: images done, not yet committed}
+        self.progress = ProgressPoller(ray, bar, self.emit)  # images inside the shards in flight
         self.worker_class = remote_worker()
         self.tracebacks_shown: set = set()  # one-line forms of the errors whose traceback was printed
 
     # -- the loop -----------------------------------------------------------------
     def run(self, shards) -> RunState:
         """Process ``shards``; returns the run state (also ``self.state``)."""
-        self.queue.extend(shards)
-        self.total_shards = len(self.queue)
-        self.largest_shard = max((s.size for s in self.queue), default=None)  # the actors' warm-up batch
+        self.queue.load(shards)
         try:
             while self.busy():
                 self.hand_out()
@@ -258,7 +326,7 @@ class Scheduler:
         key = uuid.uuid4().hex[:8]
         handle = self.worker_class.options(**self.actor_options()).remote(
             self.spec, out_dir=self.spec.output, job_id=self.job_id, classes=self.classes,
-            cpus=self.res.cpus_per_actor, largest_shard=self.largest_shard,
+            cpus=self.res.cpus_per_actor, largest_shard=self.queue.largest,
             lock_token=self.lock.info.token if self.lock else None,
             generation=self.lock.generation if self.lock else 0)
         actor = self.actors[key] = Actor(key, handle, requested=time.perf_counter())
@@ -311,7 +379,7 @@ class Scheduler:
             cluster = self.ray.cluster_resources()
         except Exception:  # noqa: BLE001 - a GCS hiccup: look again next time
             return
-        n = min(auto_count(cluster, self.res.gpus_per_actor, self.res.custom), self.total_shards)
+        n = min(auto_count(cluster, self.res.gpus_per_actor, self.res.custom), self.queue.total)
         if n > self.ceiling:
             self.bar.write(f"audit: the cluster grew: up to {n} {self.res.kind()} actors (was {self.ceiling})")
             self.ceiling = n
@@ -358,13 +426,11 @@ class Scheduler:
         A shard lost with a drained or preempted node is not counted: that
         costs time only.
         """
-        self.attempts[shard.id] += int(counted)
-        if self.attempts[shard.id] > self.max_retries:
-            self.state.failed[shard.id] = why
-            self.bar.write(f"shard {shard.id} failed after {self.attempts[shard.id]} attempts: {why}")
-        else:
+        if self.queue.retry(shard, counted):
             self.state.retries += 1
-            self.queue.appendleft(shard)
+        else:
+            self.state.failed[shard.id] = why
+            self.bar.write(f"shard {shard.id} failed after {self.queue.attempts[shard.id]} attempts: {why}")
 
     def collect(self, ref) -> None:
         """One finished call: dispatch on what it was and how it ended."""
@@ -502,33 +568,7 @@ class Scheduler:
 
     def show_progress(self) -> None:
         """About once a second: ask busy actors how far their shards are; show it."""
-        if not self.bar.enabled or time.perf_counter() - self.last_poll < PROGRESS_POLL_S:
-            return
-        self.last_poll = time.perf_counter()
-        self.poll_actors()
-        inside = 0
-        for key, done in self.live.items():  # images inside the shards each actor still holds
-            held = {sh.id for sh in self.actors[key].inflight.values()}  # (live holds live actors only)
-            inside += sum(n for sid, n in done.items() if sid in held)
-        self.bar.show(inside)
-        self.emit("progress", {"committed": self.bar.committed, "inside_shards": inside})
-
-    def poll_actors(self) -> None:
-        """Collect the answers to earlier progress polls; poll every busy actor not asked yet."""
-        if self.polls:
-            done, _ = self.ray.wait(list(self.polls), num_returns=len(self.polls), timeout=0)
-            for ref in done:
-                key = self.polls.pop(ref)
-                try:
-                    self.live[key] = self.ray.get(ref)
-                except Exception:  # the actor died: its shards are requeued elsewhere
-                    self.live.pop(key, None)
-        asked = set(self.polls.values())
-        for key, a in self.actors.items():
-            if a.ready and a.inflight and key not in asked:
-                self.polls[a.handle.progress.remote()] = key
-        for key in [k for k in self.live if k not in self.actors]:
-            del self.live[key]
+        self.progress.show(self.actors)
 
     # -- the end ------------------------------------------------------------------
     def stop(self) -> None:
