@@ -166,6 +166,10 @@ def run_one(seed: int, out_root: Path, mode: str = "run"):
             print(f"{case.name:>9}: ERROR {type(e).__name__}: {' '.join(str(e).split())[:300]}", flush=True)
             return None
     o = outcome(case, built, classes)
+    if not built.fitted:
+        print(f"{case.name:>9}: not counted: the model fits {built.train_accuracy:.0%} of its training images "
+              f"(flagged {','.join(o.flagged) or '-'})", flush=True)
+        return None
     verdict = "right" if not o.missed and not o.false_flags else "WRONG"
     line = (f"{case.name:>9}: {verdict:5} planted {','.join(o.planted) or '-'} partial {','.join(o.partial) or '-'} "
             f"flagged {','.join(o.flagged) or '-'}  ({time.time() - t0:.0f} s)")

@@ -9,7 +9,10 @@ cue's pull.  At least :data:`LEARNED_MIN`: the cue was learned, the class
 must be flagged; at most :data:`IGNORED_MAX`: the model ignored it, the class
 is a negative control that must not be flagged; in between, or on fewer than
 :data:`MIN_PAIRS` pairs, the check says ``partial`` and the class counts
-neither way.
+neither way.  A model that fits less than :data:`FIT_MIN` of its own
+training images (in inference mode) learned neither the task nor, by any
+measure here, its cue: such a case is not counted at all (the benchmark
+lists it with whatever the scan said).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from audit.zoo.space import VERSION, DrawnCase
 
 LEARNED_MIN = 0.5
 IGNORED_MAX = 0.1
+FIT_MIN = 0.9  # a model that fits less of its own training images (inference mode) is not counted
 MIN_PAIRS = 10  # fewer pairs (the model already calls most other images the class) decide nothing
 
 
@@ -71,6 +75,11 @@ class BuiltDraw:
     def with_status(self, status: str) -> list[str]:
         """Names of the cued classes whose check says ``status``."""
         return [c.class_name for c in self.checks if c.status == status]
+
+    @property
+    def fitted(self) -> bool:
+        """The model fits its training images (:data:`FIT_MIN`): what it learned can be said."""
+        return self.train_accuracy >= FIT_MIN
 
     @property
     def negative_control(self) -> bool:
