@@ -193,3 +193,19 @@ def test_the_learned_check_tells_a_learned_cue_from_an_ignored_one(tmp_path):
     model, _, _ = train(blind, split_of(blind, "train", blind.n_per_class))
     ignored = cue_moves(case, model)[0]
     assert ignored.n >= 10 and ignored.status == "ignored", ignored
+
+
+def test_cue_check_statuses_and_what_counts():
+    from audit.zoo.learned import BuiltDraw, CueCheck
+
+    def check(moved, n):
+        return CueCheck(1, "cross", "patch", moved, n)
+
+    assert [check(m, n).status for m, n in ((5, 10), (1, 10), (2, 10), (9, 9), (0, 0))] == \
+        ["learned", "ignored", "partial", "partial", "partial"]
+    built = BuiltDraw("r", "d", "m", "k", train_accuracy=0.95, checks=[check(1, 20), check(12, 20)])
+    assert built.with_status("learned") == ["cross"] and built.fitted and not built.negative_control
+    built.checks = [check(1, 20)]
+    assert built.negative_control
+    built.train_accuracy = 0.8
+    assert not built.fitted
