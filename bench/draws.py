@@ -30,6 +30,7 @@ import os
 import shutil
 import sys
 import time
+from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 
@@ -140,7 +141,12 @@ def details(o, case, built, classes_df) -> list[str]:
 
 
 def run_one(seed: int, out_root: Path, mode: str = "run"):
-    """(outcome, case line, detail lines) of one seed; None when it cannot be painted here."""
+    """``(status, outcome, detail lines)`` of one seed.
+
+    ``status``: ``counted``, ``skipped`` (cannot be painted here, or no scan to rescore), ``unfit`` (the
+    model does not fit its training images: not counted) or ``error`` (the audit failed); the outcome is
+    None unless counted.
+    """
     import pandas as pd
 
     from audit.zoo.learned import ensure
@@ -150,12 +156,12 @@ def run_one(seed: int, out_root: Path, mode: str = "run"):
     why = case.paintable()
     if why:
         print(f"{case.name:>9}: skipped ({why})", flush=True)
-        return None
+        return "skipped", None, []
     t0 = time.time()
     out = out_root / case.name
     if mode == "rescore" and not (out / "summary" / "classes.parquet").is_file():
         print(f"{case.name:>9}: skipped (no scan under {out})", flush=True)
-        return None
+        return "skipped", None, []
     built = ensure(case)
     if mode == "rescore":
         classes = pd.read_parquet(out / "summary" / "classes.parquet")
@@ -164,17 +170,17 @@ def run_one(seed: int, out_root: Path, mode: str = "run"):
             classes = audit_case(case, built, out, mode)
         except Exception as e:  # one broken case is reported, the others still run
             print(f"{case.name:>9}: ERROR {type(e).__name__}: {' '.join(str(e).split())[:300]}", flush=True)
-            return None
+            return "error", None, []
     o = outcome(case, built, classes)
     if not built.fitted:
         print(f"{case.name:>9}: not counted: the model fits {built.train_accuracy:.0%} of its training images "
               f"(flagged {','.join(o.flagged) or '-'})", flush=True)
-        return None
+        return "unfit", None, []
     verdict = "right" if not o.missed and not o.false_flags else "WRONG"
     line = (f"{case.name:>9}: {verdict:5} planted {','.join(o.planted) or '-'} partial {','.join(o.partial) or '-'} "
             f"flagged {','.join(o.flagged) or '-'}  ({time.time() - t0:.0f} s)")
     print(line, flush=True)
-    return o, details(o, case, built, classes)
+    return "counted", o, details(o, case, built, classes)
 
 
 def main(argv=None) -> int:
@@ -199,14 +205,16 @@ def main(argv=None) -> int:
     if a.ray:
         start_ray()
     t0 = time.time()
-    outcomes, notes = [], []
+    outcomes, notes, counts = [], [], Counter()
     for s in seeds:
-        res = run_one(s, Path(a.out), mode)
-        if res is not None:
-            outcomes.append(res[0])
-            notes.extend(res[1])
+        status, o, lines = run_one(s, Path(a.out), mode)
+        counts[status] += 1
+        if o is not None:
+            outcomes.append(o)
+            notes.extend(lines)
     fresh = "fresh draws" if min(seeds) >= FRESH else "includes seeds < 100 (thresholds may be chosen on them)"
-    print(f"\nseeds {a.seeds} ({fresh}): {len(outcomes)} cases\n")
+    others = ", ".join(f"{n} {k}" for k, n in sorted(counts.items()) if k != "counted")
+    print(f"\nseeds {a.seeds} ({fresh}): {len(outcomes)} cases counted{'; ' + others if others else ''}\n")
     print(format_tally(tally(outcomes)))
     print("\n".join(notes))
     Path(a.out).mkdir(parents=True, exist_ok=True)

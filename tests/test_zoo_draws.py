@@ -170,6 +170,7 @@ def test_tally_counts_hits_misses_and_false_flags():
     assert (t.by_family["mark"][0].k, t.by_family["mark"][0].n) == (1, 2)
     assert (t.by_family["none"][1].k, t.by_family["none"][1].n) == (0, 2)
     assert "band" not in t.by_family and "frame" not in t.by_family
+    assert t.ignored == {"frame": 1, "patch": 1}
     lo, hi = t.recall.interval
     assert (lo, hi) == pytest.approx(wilson(2, 3)) and 0.2 < lo < 0.67 < hi < 1
 

@@ -82,6 +82,7 @@ class Tally:
     controls: int  # negative-control cases
     controls_flagged: int  # of them, cases with at least one flag
     by_family: dict[str, tuple[Rate, Rate]]  # family -> (recall, precision)
+    ignored: dict[str, int] = field(default_factory=dict)  # family -> cues the models ignored (healthy classes)
 
 
 def tally(outcomes: list[CaseOutcome]) -> Tally:
@@ -99,8 +100,13 @@ def tally(outcomes: list[CaseOutcome]) -> Tally:
             fam[o.families.get(c, "none")][2] += 1
     by_family = {f: (Rate(h, p), Rate(h, h + x)) for f, (h, p, x) in sorted(fam.items())}
     controls = [o for o in outcomes if o.control]
+    ignored: dict[str, int] = defaultdict(int)
+    for o in outcomes:
+        for c in o.healthy:
+            if o.families.get(c, "none") != "none":
+                ignored[o.families[c]] += 1
     return Tally(Rate(hits, planted), Rate(hits, hits + false), len(controls),
-                 sum(bool(o.flagged) for o in controls), by_family)
+                 sum(bool(o.flagged) for o in controls), by_family, dict(sorted(ignored.items())))
 
 
 def format_tally(t: Tally) -> str:
@@ -112,4 +118,7 @@ def format_tally(t: Tally) -> str:
     lines.append(f"| **all** | **{t.recall.text()}** | **{t.precision.text()}** |")
     lines.append("")
     lines.append(f"negative controls (no cue learned): {t.controls} case(s), {t.controls_flagged} with a false flag")
+    if t.ignored:
+        lines.append("cues the models ignored (their classes count as healthy): "
+                     + ", ".join(f"{f} {n}" for f, n in t.ignored.items()))
     return "\n".join(lines)
