@@ -9,9 +9,9 @@ For every seed: draw a case (:func:`audit.zoo.space.draw_case`: cue family,
 size, place, opacity, share, classes, distractors, network, head, side,
 channels, masks), build it (paint the training split, train a tiny model,
 check with the paired counterfactual which cues it learned; cached under the
-zoo cache), audit the training split in this process (:func:`job_in_process`:
-the records, manifest and job.json an ``audit run`` writes, without the Ray
-actor; ``--ray`` runs ``audit.runner.job.run_job`` on one local Ray instead),
+zoo cache), audit the training split with ``audit.runner.job.run_job`` in
+this process (``AUDIT_IN_PROCESS=1``: the records, manifest and job.json of
+``audit run`` without a Ray actor; ``--ray``: on one local Ray instead),
 scan it (``audit.scan.pipeline.scan``) and score the flagged classes
 (:mod:`audit.zoo.tally`).  A draw that needs scikit-image's photographs is
 skipped, and said so, where scikit-image is missing.
@@ -62,42 +62,6 @@ def outcome(case, built, classes_df):
     return CaseOutcome(case.name, planted, partial, healthy, flagged, families)
 
 
-def job_in_process(spec: dict) -> None:
-    """Run a job with one :class:`audit.runner.worker.AuditWorker` in this process, no Ray.
-
-    The same steps as ``audit run`` (:func:`audit.runner.job.run_job`): the
-    spec checked, the output locked, every shard explained and committed by
-    the worker (records and manifest, exactly once), ``job.json`` written
-    with the model's facts; only the Ray actor is left out, so the scan reads
-    the records a job writes.  Costs one TensorFlow start less per case.
-    """
-    from audit.data import io
-    from audit.data.lock import OutputLock
-    from audit.runner.job import Owned, finish, job_record, prepare
-    from audit.runner.resume import reconcile
-    from audit.runner.scheduler import RunState
-    from audit.runner.worker import AuditWorker
-
-    ctx = prepare(spec)
-    Path(ctx.out).mkdir(parents=True, exist_ok=True)
-    lock = OutputLock(ctx.out, ctx.job_id)
-    lock.acquire()
-    try:
-        found = reconcile(ctx.out, ctx.plan, ctx.spec["dataset"], ctx.job_id, ctx.mode)
-        io.prepare_output(ctx.out, False)
-        owned = Owned(lock, found, list(ctx.plan.shards), False)
-        record = job_record(ctx, owned)
-        io.atomic_write_json(io.job_path(ctx.out), record)
-        state, t0 = RunState(), time.perf_counter()
-        worker = AuditWorker(ctx.spec, out_dir=ctx.out, job_id=ctx.job_id, classes=ctx.plan.classes)
-        state.model_info = worker.setup()
-        for shard in owned.todo:
-            state.add_shard(worker.process_shard(shard))
-        finish(ctx, owned, record, state, "ok", time.perf_counter() - t0)
-    finally:
-        lock.release()
-
-
 def audit_case(case, built, out: Path, mode: str = "run"):
     """Run the job and the scan; the scan's classes table.
 
@@ -110,10 +74,9 @@ def audit_case(case, built, out: Path, mode: str = "run"):
 
     if mode != "rescan" or not (out / "job.json").is_file():
         shutil.rmtree(out, ignore_errors=True)
-        if mode == "ray":
-            run_job(job_spec(case, built, out), progress=False)
-        else:
-            job_in_process(job_spec(case, built, out))
+        # in this process (audit.runner.inprocess) unless --ray started the local Ray
+        os.environ["AUDIT_IN_PROCESS"] = "0" if mode == "ray" else "1"
+        run_job(job_spec(case, built, out), progress=False)
     classes, _ = scan(out, quiet=True)
     return classes
 
