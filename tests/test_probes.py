@@ -180,3 +180,41 @@ def test_causal_budget_flag_refuses_a_negative_value():
     assert causal_budget(SimpleNamespace(causal_budget=0.5)) == {"budget": 0.5}
     with pytest.raises(AuditError):
         causal_budget(SimpleNamespace(causal_budget=-1.0))
+
+
+def _group(n, attention, peak):
+    import pandas as pd
+
+    from types import SimpleNamespace
+
+    from audit.scan.robust import PeakPlace
+
+    ids = [f"img{i}" for i in range(n)]
+    rows = pd.DataFrame({"image_id": ids, "status": "ok"})
+    feats = SimpleNamespace(n=n, hot_box=None, peak_place=PeakPlace(*peak, n=n))
+    return ids, rows, feats, SimpleNamespace(attention_suspicion=attention, verdict="ok")
+
+
+def test_suspects_are_planned_first_and_never_cut_off_by_the_budget():
+    """A minority cluster whose peaks sit at one corner (a BadNets trigger on a third of a class) is tested
+    before ten unsuspected classes, at a full sample, even when the budget cannot test every class."""
+    from types import SimpleNamespace
+
+    from audit.scan.causal import plan_tests, priority
+
+    results = []
+    for c in range(10):
+        ids, rows, feats, own = _group(300, 0.1, (0.5, 0.5, 0.3))
+        clusters = []
+        if c == 7:  # a third of class 7 peaks at the top-right corner
+            cl_feats = SimpleNamespace(n=100, hot_box=None, peak_place=_group(100, 0, (0.9, 0.1, 0.97))[2].peak_place)
+            clusters = [SimpleNamespace(cluster=0, members=ids[100:], features=feats, verdict=own),
+                        SimpleNamespace(cluster=1, members=ids[:100], features=cl_feats,
+                                        verdict=SimpleNamespace(attention_suspicion=0.2, verdict="ok"))]
+        results.append(SimpleNamespace(class_id=c, features=feats, rows=rows, own=own, clusters=clusters))
+    cfg = DEFAULT.replace(budget=0.0, budget_floor=600)
+    assert priority(results[7].clusters[1].features, results[7].clusters[1].verdict, cfg) >= 0.5
+    plans, skipped = plan_tests(results, 3000, 17, False, cfg)
+    assert (plans[0].class_id, plans[0].cluster) == (7, 1) and len(plans[0].ids) == cfg.sample
+    assert skipped > 0  # the unsuspected classes did not all fit ...
+    assert all(p.cluster is None for p in plans[1:])  # ... the suspect was never among those left out

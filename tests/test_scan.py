@@ -526,3 +526,31 @@ def test_cli_scan(tmp_path, capsys):
     assert main(["scan", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("audit: error:") and len(err.strip().splitlines()) == 1
+
+
+def test_default_class_depends_on_the_flagged_class_cue_and_gets_no_invented_cue():
+    """Two classes: every circle carries a band along the top (flagged, its band carries the class); the
+    model says 'square' when there is no band: removing the square changes nothing, and a whole-image
+    recolouring that flips it would be an invented cue."""
+    from audit.scan.verdict import as_default, default_class
+
+    circle = assess(features(make_rows("healthy", 40, masks=False)),
+                    causal=causal({**QUIET, "edge:bottom": 0.95}, obj=0.1, masked=False,
+                                  transplant={"edge:bottom": 0.9}, n=64), others={"edge:bottom": 0.0})
+    assert circle.suspected and circle.cue == "edge:bottom"
+    f = features(make_rows("diffuse", 40, masks=False))
+    square = assess(f, causal=causal(QUIET, obj=0.0, masked=False, colour=0.97, flat=0.1, n=64),
+                    others={"image:colour": 0.0})
+    assert square.suspected and square.cue == "colour cast"  # the invented cue, before the treatment
+    from dataclasses import replace
+
+    circle.cue_flip = replace(circle.cue_flip, to_class=0)  # without its band a circle becomes a square (0)
+    of = default_class(square, 0, [("circle", circle)])
+    assert of == ("circle",)
+    treated = as_default(square, of, f)
+    assert treated.verdict == "ok" and treated.cue == "" and treated.default_of == ("circle",)
+    assert "a default class: the model says it when the cue of 'circle' is absent" in treated.evidence
+    healthy = assess(f, causal=causal(QUIET, obj=0.9, masked=False, n=64))
+    assert default_class(healthy, 0, [("circle", circle)]) == ()  # its object decides: not a default class
+    assert default_class(square, 0, []) == ()  # nothing flagged: no cue to depend on
+    assert default_class(square, 2, [("circle", circle)]) == ()  # circles without their band are not class 2

@@ -24,6 +24,7 @@ from audit.scan.probes.edits import Levels, remove_objects, spare_masks
 from audit.scan.probes.places import place_bank
 from audit.scan.probes.transplant import Recipients
 from audit.scan.read import sample_ids
+from audit.scan.robust import fixed_place_score
 from audit.scan.verdict import assess
 
 
@@ -69,8 +70,46 @@ def _ok_ids(rows) -> list:
     return rows.loc[rows["status"] == "ok", "image_id"].tolist()
 
 
+def priority(features, verdict, cfg: Config) -> float:
+    """How suspect a group is before any causal test (0..1): its attention suspicion (with masks: little
+    attention on its object), or its peaks sitting at one place away from the centre (a pasted mark)."""
+    s = verdict.attention_suspicion if verdict is not None and math.isfinite(verdict.attention_suspicion) else 0.0
+    return max(s, fixed_place_score(features.peak_place, cfg))
+
+
+@dataclass(frozen=True, eq=False)
+class _Wanted:
+    result: object  # the ClassResult
+    cluster: int | None
+    ids: list
+    hot: object
+    priority: float
+
+
+def _wanted(results, cfg: Config) -> list:
+    """Every class with a verdict and every cluster worth testing, suspects first (most suspect first),
+    then the rest (classes before clusters)."""
+    classes = [r for r in results if r.features.n >= cfg.min_images]
+    out = [_Wanted(r, None, _ok_ids(r.rows), r.features.hot_box, priority(r.features, r.own, cfg)) for r in classes]
+    for r in classes:
+        for c in r.clusters if len(r.clusters) > 1 else ():
+            if c.verdict is None or c.verdict.verdict == "insufficient_data":
+                continue
+            p = priority(c.features, c.verdict, cfg)
+            if p >= cfg.cluster_attention_min:
+                out.append(_Wanted(r, c.cluster, list(c.members), c.features.hot_box, p))
+    return sorted(out, key=lambda w: (w.priority < cfg.cluster_attention_min, w.cluster is not None, -w.priority))
+
+
 def plan_tests(results, n_images: int, n_places: int, masked: bool, cfg: Config) -> tuple[list, int]:
-    """Samples for every class (most suspect attention first) and suspect clusters, within the budget.
+    """Samples for every class and suspect cluster within the budget, the suspects first.
+
+    The budget is ``cfg.budget`` extra forward passes per audited image (at least ``cfg.budget_floor``),
+    plus a full sample for every suspect group (a cluster whose peaks sit at one place away from the
+    centre, a class with little attention on its object: :func:`priority` at least
+    ``cfg.cluster_attention_min``): suspects are never cut off by the number of classes.  When the rest
+    does not fit at ``cfg.sample`` images, their sample drops to ``cfg.min_sample``; what still does not
+    fit is left out (its evidence says so and names ``--causal-budget``).
 
     Args:
         results: the :class:`audit.scan.table.ClassResult` s (attention verdicts only).
@@ -82,25 +121,28 @@ def plan_tests(results, n_images: int, n_places: int, masked: bool, cfg: Config)
     Returns:
         (plans, number of samples left out by the budget).
     """
-    budget = max(cfg.budget_floor, int(cfg.budget * n_images))
-    classes = sorted((r for r in results if r.features.n >= cfg.min_images),
-                     key=lambda r: -(r.own.attention_suspicion if math.isfinite(r.own.attention_suspicion) else 0))
-    need = sum(extra_forwards(min(cfg.sample, r.features.n), n_places, masked, cfg) for r in classes)
-    sample = cfg.sample if need <= budget else cfg.min_sample
+    wanted = _wanted(results, cfg)
+    suspects = [w for w in wanted if w.priority >= cfg.cluster_attention_min]
+    budget = budget_of(n_images, len(suspects), n_places, masked, cfg)
+    need = sum(extra_forwards(min(cfg.sample, len(w.ids)), n_places, masked, cfg) for w in wanted)
+    rest = cfg.sample if need <= budget else cfg.min_sample
     plans, skipped, spent = [], 0, 0
-    wanted = [(r, None, _ok_ids(r.rows), r.features.hot_box) for r in classes]
-    wanted += [(r, c.cluster, list(c.members), c.features.hot_box) for r in classes for c in r.clusters
-               if len(r.clusters) > 1 and c.verdict is not None and c.verdict.verdict != "insufficient_data"
-               and c.verdict.attention_suspicion >= cfg.cluster_attention_min]
-    for r, cluster, ids, hot in wanted:
-        chosen = tuple(sorted(sample_ids(ids, sample)))
+    for w in wanted:
+        chosen = tuple(sorted(sample_ids(w.ids, cfg.sample if w in suspects else rest)))
         cost = extra_forwards(len(chosen), n_places, masked, cfg)
         if spent + cost > budget:
             skipped += 1
             continue
         spent += cost
-        plans.append(TestPlan(r.class_id, cluster, chosen, None if hot is None else tuple(hot), tuple(ids)))
+        plans.append(TestPlan(w.result.class_id, w.cluster, chosen, None if w.hot is None else tuple(w.hot),
+                              tuple(w.ids)))
     return plans, skipped
+
+
+def budget_of(n_images: int, n_suspects: int, n_places: int, masked: bool, cfg: Config) -> int:
+    """The extra forward passes the causal tests may spend (see :func:`plan_tests`)."""
+    return max(cfg.budget_floor, int(cfg.budget * n_images)) + \
+        extra_forwards(cfg.sample, n_places, masked, cfg) * n_suspects
 
 
 @dataclass
@@ -227,7 +269,8 @@ def run_tests(intervener, results, view, cfg: Config, use_masks: bool) -> Causal
     start = intervener.forwards
     pool = intervener.call(_pool, intervener, view, use_masks, cfg, results) or Pool()
     out.density = _density_ratios(pool.density, place_bank(size, view.regions, cfg=cfg))
-    out.budget = max(cfg.budget_floor, int(cfg.budget * n_images))
+    out.budget = budget_of(n_images, sum(w.priority >= cfg.cluster_attention_min for w in _wanted(results, cfg)),
+                           n_places, masked, cfg)
     for plan in plans:
         sample = _sample(intervener, results, plan, pool, size, view.regions, masked, cfg)
         res = None if sample is None else intervener.call(causal_tests, intervener.predict, sample, cfg)

@@ -55,7 +55,7 @@ from audit.scan.table import (
     write_tables,
 )
 from audit.scan.values import pct
-from audit.scan.verdict import Verdict, assess
+from audit.scan.verdict import Verdict, as_default, assess, default_class
 
 __all__ = ["DEFAULT", "Config", "scan"]
 
@@ -220,6 +220,16 @@ def judge(results: list[ClassResult], causal: CausalTests, cfg: Config) -> None:
                 c.verdict = assess(c.features, c.cfg or cfg, causal.get(r.class_id, c.cluster), others,
                                    causal.density, attention_decides=untested_flags)
         r.final = class_verdict(r.own, r.clusters, r.n_maps)
+    _default_classes(results, cfg)
+
+
+def _default_classes(results: list[ClassResult], cfg: Config) -> None:
+    """Give every default class (:func:`audit.scan.verdict.default_class`) its one treatment."""
+    flagged = [(r.name, r.final) for r in results if r.final.suspected]
+    for r in results:
+        of = default_class(r.final, r.class_id, [x for x in flagged if x[0] != r.name], cfg)
+        if of and r.final is r.own:
+            r.own = r.final = as_default(r.own, of, r.features, cfg)
 
 
 def class_verdict(own: Verdict, clusters: list[ClusterResult], n_maps: int) -> Verdict:

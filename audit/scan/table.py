@@ -94,6 +94,7 @@ def class_row(r: ClassResult, layer: str, method: str, grid: int) -> dict:
         "spurious_gap": or_none(r.gap), "suspicion": or_none(final.suspicion),
         "attention_suspicion": or_none(r.own.attention_suspicion),
         "verdict": final.verdict, "evidence": final.evidence, "cue": final.cue, "cue_box": final.cue_box,
+        "default_of": ", ".join(final.default_of) or None,
         **_flip_fields(final),
         "n_clusters": len(r.clusters), "n_suspect_clusters": sum(c.verdict.suspected for c in r.clusters),
         **_peak_fields(f), "layer": layer, "method": method,

@@ -50,6 +50,7 @@ class Verdict:
     evidence: str = ""
     untested: bool = False  # causal tests ran for the scan but not for this group (cost budget)
     undecided: PlaceFlip | None = None  # a test whose 95% interval straddles its threshold: insufficient_data
+    default_of: tuple = ()  # a default class: the flagged classes whose cues' absence makes the model say it
 
     def object_rate(self) -> float:
         """Flip rate of the object test, or NaN."""
@@ -428,6 +429,39 @@ def _causal_verdict(res: Verdict, f: GroupFeatures, causal: CausalResult, others
     return "ok" if res.undecided is None else "insufficient_data"
 
 
+def default_class(v: Verdict, class_id: int, flagged: list, cfg: Config = DEFAULT) -> tuple:
+    """The flagged classes whose cue's absence makes the model say this class (a *default class*), or ().
+
+    A class is a default class of a flagged class F when F's cue, taken away from F's images, turns most
+    of them into this class (``to_class`` of F's cue test), removing this class's own object (its mask,
+    or its own hot area) changes at most ``object_flip_max`` of its predictions even at the interval's
+    lower end (the model does not look at the object), and it has no cue of its own that is a place or
+    its background, nor an identity-keeping edit (those are cues of its own).
+    ``flagged``: ``(name, Verdict)`` of the other flagged classes.
+    """
+    c = v.causal
+    o = c.object() if c is not None else None
+    if o is None or not (finite(o.low) and o.low <= cfg.object_flip_max):
+        return ()
+    if v.suspected and (v.cue_kind == "background" or (v.cue_flip is not None and (
+            not v.cue_flip.spec.is_transform or v.cue_flip.spec.keeps_identity))):
+        return ()  # a cue of its own
+    of = [(name, f) for name, f in flagged if f.cue_flip is not None and f.cue_flip.to_class == class_id
+          and f.cue_kind == "place"]
+    return tuple(name for name, _ in sorted(of, key=lambda x: -x[1].suspicion))
+
+
+def as_default(v: Verdict, of: tuple, f: GroupFeatures, cfg: Config = DEFAULT) -> Verdict:
+    """The one treatment of a default class: verdict ``ok`` (its own images carry no cue; an edit that
+    flipped it brought in another class's evidence, so a cue named from it would be invented), ``cue``
+    empty, ``default_of`` the classes whose cues it depends on, and the evidence says so."""
+    from dataclasses import replace
+
+    res = replace(v, verdict="ok", cue="", cue_kind="", cue_region="", cue_box=None, default_of=tuple(of))
+    res.evidence = evidence(f, attention(f, cfg), res, cfg)
+    return res
+
+
 def _undecided_background(causal: CausalResult, cfg: Config) -> PlaceFlip | None:
     """The object or background test whose interval straddles its threshold."""
     o = causal.object()
@@ -533,8 +567,13 @@ def _object_words(c: CausalResult, o: PlaceFlip) -> str:
 
 
 def _conclusion(res: Verdict, att: Attention, cfg: Config) -> str:
+    if res.default_of:
+        names = " and ".join(f"'{n}'" for n in res.default_of)
+        return (f" - a default class: the model says it when the cue of {names} is absent, so its answer depends"
+                f" on that cue (see {names}), not on its own object")
     if res.untested:
-        return " - not tested by intervention (cost budget), and attention alone is not a verdict"
+        return (" - not tested by intervention (cost budget: raise --causal-budget to test it), and attention alone"
+                " is not a verdict")
     if res.verdict == "insufficient_data" and res.undecided is not None:
         u = res.undecided
         return (f" - undecided: {u.spec.words(u)} changes {changes(u)}, an interval that straddles the "

@@ -61,6 +61,7 @@ class PlaceFlip:
     probe: str = ""  # the registry name of the probe that made it
     where: Where | None = None
     k: int = 0  # flipped images of n
+    to_class: int = -1  # the class most of the flipped images went to (single-label predictions), else -1
 
     @property
     def spec(self):
@@ -188,6 +189,7 @@ class Trial:
     area: float = math.nan
     where: Where | None = None
     flips: dict = field(default_factory=dict)  # image index -> flipped
+    to: dict = field(default_factory=dict)  # image index -> new class, for the flipped images (single-label)
     transplant: object = None  # a Transplant, for the places that flipped the sample
 
     def rate(self) -> float:
@@ -253,11 +255,12 @@ class Probe:
         k = len(f)
         enough = k >= cfg.min_rate_n
         tr = t.transplant
+        went = list(t.to.values())
         return PlaceFlip(self.family.value, t.place, t.box, t.fill, k if enough else 0,
                          float(f.mean()) if enough else math.nan, self.area(t, s),
                          tr.rate if tr is not None else math.nan, tr.n if tr is not None else 0,
                          tr.occluded if tr is not None else math.nan, self.name, t.where,
-                         int(f.sum()) if enough else 0)
+                         int(f.sum()) if enough else 0, max(set(went), key=went.count) if went else -1)
 
     def area(self, t: Trial, s: Sample) -> float:
         return t.area

@@ -39,6 +39,8 @@ class _Runner:
         for (t, rows), pred in zip(jobs, preds):
             f = flipped(self.base[rows], pred, None if cls is None else cls[rows])
             t.flips.update(zip(rows.tolist(), f.tolist()))
+            if np.asarray(pred).ndim == 1:
+                t.to.update((int(r), int(p)) for r, p, x in zip(rows, pred, f) if x)
 
 
 def go_on(trials: list, cfg: Config) -> list[bool]:
