@@ -3,10 +3,10 @@
 Each probe changes one attribute (:func:`audit.scan.probes.edits.attribute`) of the object alone (its
 dilated mask), of the background alone (both only with masks: a heatmap's hot area is no outline of the
 object), or of the whole image, and keeps every shape.  A class whose predictions flip under such an edit far more than
-the other classes' do (:func:`audit.scan.verdict.causal_cue`: at least ``cue_flip_min`` of the class,
-``image_flip_min`` for a whole-image edit, and ``cue_specific_min`` more than the other classes, each at
-its interval's end least favourable to a flag) depends on that attribute: the cue is named after it
-(``colour of the object``, ``colour``, ``contrast``...).  An edit that every class survives, or that
+the other classes' do (:func:`audit.scan.verdict.causal_cue`: at least ``identity_flip_min`` of the class
+and ``identity_specific_min`` more than the other classes, each at its interval's end least favourable to
+a flag) depends on that attribute: the cue is named after it
+(``colour of the object``, ``background colour``, ``colour``).  An edit that every class survives, or that
 every class fails alike, is no cue.  Unlike the background transforms these count whatever removing the
 object does: a colour carried by the object goes with the object.
 """
@@ -85,6 +85,4 @@ def identity_probes() -> list[IdentityEdit]:
         _edit("image-greyscale", "greyscale", "image", "colour", "turning {what} colours grey", True),
         _edit("object-hue", "permute", "object", "colour", "rotating {what} colour channels", True),
         _edit("image-hue", "permute", "image", "colour", "rotating {what} colour channels", True),
-        _edit("image-contrast", "contrast", "image", "contrast", "halving {what} contrast"),
-        _edit("image-brightness", "darken", "image", "brightness", "darkening {what} values by 40%"),
     ]
