@@ -579,7 +579,8 @@ def _conclusion(res: Verdict, att: Attention, cfg: Config) -> str:
     if res.verdict == "insufficient_data" and res.undecided is not None:
         u = res.undecided
         return (f" - undecided: {u.spec.words(u)} changes {changes(u)}, an interval that straddles the "
-                f"threshold of its rule after all the images the cost budget allowed (raise --causal-budget)")
+                f"threshold of its rule; more images decide it (sequential testing stops at sequential_max or "
+                f"when the cost budget is spent: raise --causal-budget)")
     if not has_causal(res.causal):
         return " - attention only, no causal test was run" if res.suspected else ""
     if res.suspected and res.cue_kind == "place" and res.cue_flip.spec.keeps_identity:
