@@ -183,9 +183,9 @@ def test_causal_budget_flag_refuses_a_negative_value():
 
 
 def _group(n, attention, peak):
-    import pandas as pd
-
     from types import SimpleNamespace
+
+    import pandas as pd
 
     from audit.scan.robust import PeakPlace
 
