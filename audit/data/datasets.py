@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from audit.data import formats, fs
-from audit.data.files import DEFAULT_MAX_IMAGE_BYTES, escape_text
+from audit.data import decode, formats, fs
+from audit.data.decode import DecodeError
+from audit.data.files import DEFAULT_MAX_IMAGE_BYTES, check_size, escape_text, read_regular_file
 from audit.data.formats.base import IMAGE_EXTENSIONS, Item, Plan, Shard  # noqa: F401  (the public names)
 from audit.data.formats.manifest import BOX_COLUMNS  # noqa: F401
 from audit.data.formats.parquet import parquet_file  # noqa: F401
@@ -55,14 +56,10 @@ def fetch(item: Item, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> bytes:
     Raises:
         DecodeError: the file is missing, not a regular file, or larger than ``max_bytes``.
     """
-    from audit.data.files import check_size, read_regular_file
-
     if item.data is not None:
         check_size(len(item.data), max_bytes)
         return item.data
     if item.file is None:
-        from audit.data.decode import DecodeError
-
         raise DecodeError("no image data")
     if fs.is_uri(item.file):
         return read_object(item.file, max_bytes)
@@ -75,9 +72,6 @@ def read_object(uri: str, max_bytes: int, what: str = "file") -> bytes:
     Raises:
         DecodeError: missing, refused, or larger than ``max_bytes``; the text names why.
     """
-    from audit.data.decode import DecodeError
-    from audit.data.files import check_size
-
     try:
         return fs.read_bytes(uri, max_bytes)
     except FileNotFoundError:
@@ -107,8 +101,6 @@ def load_item(item: Item, size, max_pixels: int, *, max_bytes: int = DEFAULT_MAX
     Raises:
         audit.data.decode.DecodeError: the image cannot be audited; ``str(e)`` is the reason.
     """
-    from audit.data import decode
-
     if item.error:
         raise decode.DecodeError(item.error)
     data = fetch(item, max_bytes)
@@ -123,9 +115,6 @@ def load_item(item: Item, size, max_pixels: int, *, max_bytes: int = DEFAULT_MAX
 
 def _load_mask(item: Item, image_hw, size, max_pixels: int, max_bytes: int, resize_masks: bool):
     """The item's object region as an (H, W) bool mask at ``size``, or None; DecodeError if unusable."""
-    from audit.data import decode
-    from audit.data.files import check_size, read_regular_file
-
     if item.mask_data is not None or item.extra.get("masks"):
         parts = [item.mask_data] if item.mask_data is not None else list(item.extra["masks"])
         for part in parts:
@@ -177,8 +166,6 @@ def load_images(spec, image_ids, size):
 
 
 def _load_images(ds, image_ids, size):
-    from audit.data.decode import DecodeError
-
     ids = [str(i) for i in image_ids]
     want = {i: k for k, i in enumerate(ids)}
     H, W = int(size[0]), int(size[1])

@@ -19,8 +19,13 @@ import itertools
 import os
 from pathlib import Path
 
-from audit.data import formats
+import jsonschema
+import yaml
+
+from audit.data import formats, fs, resources
 from audit.data.jobspec import DatasetSpec, JobSpec
+from audit.engine.heads import resolve_target
+from audit.engine.models import MODEL_SUFFIXES, PREPROCESS_MODES, check_preprocess
 from audit.errors import AuditError
 
 # keys holding paths, resolved against the spec file's directory
@@ -32,8 +37,6 @@ MAX_MESSAGE = 400  # characters of a whole spec error
 
 
 def job_schema() -> dict:
-    from audit.data import resources
-
     return resources.schema("job")
 
 
@@ -57,8 +60,6 @@ def _short(value, limit: int = MAX_SHOWN) -> str:
 
 def _expanded_nodes(node, memo: dict, budget: int) -> int:
     """Nodes of ``node`` with every alias expanded, stopping at ``budget`` + 1 (no expansion is built)."""
-    import yaml
-
     key = id(node)
     if key in memo:
         return memo[key]
@@ -79,8 +80,6 @@ def _expanded_nodes(node, memo: dict, budget: int) -> int:
 
 
 def _unique_nodes(node, seen: set) -> int:
-    import yaml
-
     if id(node) in seen:
         return 0
     seen.add(id(node))
@@ -105,8 +104,6 @@ def safe_yaml(text: str, what: str):
         NotYaml: not valid YAML (an :class:`AuditError`).
         AuditError: nested too deep, or too many aliased nodes.
     """
-    import yaml
-
     loader = yaml.SafeLoader(text)
     try:
         node = loader.get_single_node()
@@ -279,8 +276,6 @@ def _message(err) -> str:
 
 def validate(doc: dict) -> None:
     """Raise :class:`AuditError` naming the first problem (key path and what was expected)."""
-    import jsonschema
-
     validator = jsonschema.Draft202012Validator(job_schema())
     errors = list(itertools.islice(validator.iter_errors(doc), 200))  # a long bad list: the first ones do
     if not errors:
@@ -345,8 +340,6 @@ def fill_defaults(doc: dict, schema: dict | None = None) -> dict:
 
 
 def _resolve(p, base: Path) -> str:
-    from audit.data import fs
-
     if fs.is_uri(str(p)):  # s3://, gs://, abfs://: as written
         return str(p)
     q = Path(os.path.expanduser(str(p)))
@@ -421,12 +414,8 @@ def check(doc: dict) -> None:
 def _check_model(m: dict) -> None:
     if bool(m.get("path")) == bool(m.get("application")):
         raise AuditError("spec error: model: give exactly one of 'path' (a .keras or .h5 file) or 'application'")
-    from audit.data import fs
-
     if m.get("path") and not fs.exists(m["path"]):
         raise AuditError(f"spec error: model.path: model file not found: {m['path']}")
-    from audit.engine.models import MODEL_SUFFIXES, PREPROCESS_MODES
-
     if m.get("path") and fs.is_uri(m["path"]):
         if Path(m["path"]).suffix not in MODEL_SUFFIXES:
             raise AuditError(f"spec error: model.path: expected a .keras or .h5 file, got {m['path']}")
@@ -440,8 +429,6 @@ def _check_model(m: dict) -> None:
         raise AuditError(f"spec error: model.weights: file not found: {m['weights']}")
 
     if m["preprocess"] not in PREPROCESS_MODES:
-        from audit.engine.models import check_preprocess
-
         try:
             check_preprocess(m["preprocess"])
         except AuditError as e:
@@ -449,15 +436,11 @@ def _check_model(m: dict) -> None:
 
 
 def _check_dataset(doc: dict) -> None:
-    from audit.data import fs
-
     ds = doc["dataset"]
     if not fs.exists(ds["path"]):
         raise AuditError(f"spec error: {fs.not_found(ds['path'], 'dataset.path')}")
     formats.get(ds["format"]).check(DatasetSpec.coerce(ds))
     if ds.get("classes"):  # the same rule as the Explainer: class names first, then indices
-        from audit.engine.heads import resolve_target
-
         try:
             resolve_target(doc["explain"]["target"], list(ds["classes"]), len(ds["classes"]))
         except AuditError as e:
@@ -474,8 +457,6 @@ def _check_explain(explain: dict) -> None:
 
 
 def _check_output(output) -> None:
-    from audit.data import fs
-
     if fs.is_uri(str(output)):
         return  # a bucket: checked by the job before anything is written (audit.data.io.check_output)
     out = Path(output)

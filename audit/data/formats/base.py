@@ -324,7 +324,7 @@ def file_stat(path: str | None) -> tuple:
 @lru_cache(maxsize=8)  # a shard's images share a folder or a few; a listing may hold 100k names
 def object_stats(folder: str) -> dict[str, tuple]:
     """name -> (size, mtime ns) of the objects directly in ``folder`` (one listing)."""
-    from pyarrow import fs as pafs
+    from pyarrow import fs as pafs  # deferred: only for objects in a bucket
 
     fsys, p = fs.resolve(folder)
     try:

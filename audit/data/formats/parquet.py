@@ -63,7 +63,7 @@ class Parquet(DatasetFormat):
 
 def parquet_file(file: str):
     """A ``pyarrow.parquet.ParquetFile`` of a local file or an object (read by ranges, not downloaded)."""
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # deferred (as below): the registry imports every format, most jobs need none
 
     if fs.is_uri(file):
         return pq.ParquetFile(fs.open_input(file))

@@ -108,7 +108,7 @@ def _plan_tfrecord(ds):
 
 
 def _example_parser():
-    from tensorflow.core.example import example_pb2
+    from tensorflow.core.example import example_pb2  # deferred: TensorFlow, only for TFRecord datasets
 
     return example_pb2.Example.FromString
 
