@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -92,6 +93,7 @@ class CueInputs:
     spare: np.ndarray | None  # (N, H, W) bool: where each object is taken to be
     levels: object  # intervene.Levels of the batch
     size: tuple
+    ref: np.ndarray | None = None  # multi-label: predictions of the unmodified images, once computed
 
 
 class CueWorker:
@@ -196,26 +198,49 @@ class CueWorker:
     def cue_columns(self, good) -> dict:
         """{cue: {column: (N,) values}} for the images that decoded in the job."""
         x = self.inputs(good)
-        images, objects, maps, levels = x.images, x.objects, x.maps, x.levels
         base = good["pred"].to_numpy(dtype=np.int64, na_value=-1)
-        out, multi = {}, None
+        out = {}
         for cue in self.spec.cues:
             px = self.pixels(cue, x)
-            share = perimage.cue_share(maps, px)
-            new = np.asarray(self.predict(perimage.remove_cue(images, cue, px, objects, levels)))
-            self.forwards += len(images)
-            if new.ndim == 2:  # multi-label: the cue's class label, against the unmodified image's (one more pass)
-                multi = np.asarray(self.predict(images)) if multi is None else multi
-                new, cue_base = new[:, cue.class_id].astype(np.int64), multi[:, cue.class_id].astype(np.int64)
-            else:
-                new, cue_base = new.astype(np.int64), base
-            dec = perimage.decides(cue_base, new)
+            share = perimage.cue_share(x.maps, px)
+            new, dec = self.without_cue(cue, x, px, base)
             area = perimage.area_of(px)
             out[cue] = {"cue_area": area, "cue_share": share, "pred_without_cue": new, "cue_decides": dec,
                         "cue_present": perimage.cue_present(share, dec, area),
-                        "cue_pixels": perimage.pixel_features(images, px),
+                        "cue_pixels": perimage.pixel_features(x.images, px),
                         "status": good["status"].astype(str).to_numpy()}
         return out
+
+    def without_cue(self, cue: Cue, x: CueInputs, px: np.ndarray, base: np.ndarray):
+        """(pred_without_cue, cue_decides) of every image for ``cue``.
+
+        Single-label: the extra forward pass runs only on the images predicted
+        as the cue's class (:func:`audit.scan.perimage.candidates`); the others
+        keep their prediction and the cue does not decide it.  Multi-label:
+        every image, its cue-class label against the unmodified image's.
+        """
+        if self.multi_label:
+            new = np.asarray(self.predict(perimage.remove_cue(x.images, cue, px, x.objects, x.levels)))
+            if x.ref is None:  # the unmodified images, once for every cue
+                x.ref = np.asarray(self.predict(x.images))
+                self.forwards += len(x.images)
+            ref = x.ref
+            self.forwards += len(x.images)
+            new, ref = new[:, cue.class_id].astype(np.int64), ref[:, cue.class_id].astype(np.int64)
+            return new, perimage.decides(ref, new)
+        idx = np.nonzero(perimage.candidates(base, cue.class_id))[0]
+        new = base.copy()
+        if len(idx):
+            sub = CueInputs(x.images[idx], None if x.objects is None else x.objects[idx], x.maps[idx],
+                            None if x.spare is None else x.spare[idx], x.levels, x.size)
+            edited = perimage.remove_cue(sub.images, cue, px[idx], sub.objects, sub.levels)
+            new[idx] = np.asarray(self.predict(edited)).astype(np.int64)
+            self.forwards += len(idx)
+        return new, perimage.decides(base, new)
+
+    @property
+    def multi_label(self) -> bool:
+        return self.intervener.head.kind == "multilabel"
 
 
 class FixedPredict:
@@ -439,55 +464,186 @@ def _on_ray(spec: PassSpec, todo: list, res: PassResult, actors, worker_cls) -> 
 
 
 def merge(out, spec: PassSpec, shards: list) -> int:
-    """Concatenate the committed shards of the store (each once) into ``summary/images.parquet``."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    """Stream the committed shards of the store (each once) into ``summary/images.parquet``.
 
-    from audit.data import fs, io
+    Two reads of the store, one shard at a time: the first draws the presence
+    detectors' bounded training sample (:class:`Sample`), the second applies
+    them and writes each shard's rows, cast to the declared schema, into one
+    Parquet writer.  The driver holds one shard and the samples, whatever
+    the size of the dataset.
+    """
     from audit.data.schema import SCHEMA_VERSION, arrow_schema
 
     schema = arrow_schema("images").with_metadata({"schema_version": SCHEMA_VERSION, "table": "images",
                                                    "signature": spec.sig})
-    parts = []
-    if spec.cues:
-        entries = io.committed_shards(store_of(out))
-        for s in shards:
-            e = entries.get(s)
-            if e is None or (e.get("inputs") or {}).get("sig") != spec.sig:
-                continue
-            f = fs.join(str(store_of(out)), io.RECORDS, e["file"])
-            parts.append(pq.read_table(fs.open_input(f) if fs.is_uri(f) else f).cast(arrow_schema("images")))
-    table = detect(pa.concat_tables(parts), spec.cues).replace_schema_metadata(schema.metadata) if parts \
-        else schema.empty_table()
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression="zstd")
-    target = fs.join(str(_summary(out)), "images.parquet") if fs.is_uri(str(out)) else _summary(out) / "images.parquet"
-    io.atomic_write_bytes(target, sink.getvalue().to_pybytes())
-    return table.num_rows
+    files = _committed_files(out, spec, shards)
+    detectors = fit_detectors(files, spec.cues)
+    rows = 0
+    with _parquet_sink(_target(out), schema) as writer:
+        for f in files:
+            table = detect(_read_part(f), spec.cues, detectors)
+            writer.write_table(table.replace_schema_metadata(schema.metadata))
+            rows += table.num_rows
+    return rows
 
 
-def detect(table, cues: list):
-    """``cue_present`` and ``cue_confidence`` from the presence detector of each cue
-    (:func:`audit.scan.perimage.presence`), fitted on the whole job's confident images."""
+def _target(out):
+    from audit.data import fs
+
+    return fs.join(str(_summary(out)), "images.parquet") if fs.is_uri(str(out)) else _summary(out) / "images.parquet"
+
+
+def _committed_files(out, spec: PassSpec, shards: list) -> list:
+    """The store's files committed for ``spec`` (its signature), by shard."""
+    from audit.data import fs, io
+
+    if not spec.cues:
+        return []
+    entries = io.committed_shards(store_of(out))
+    return [fs.join(str(store_of(out)), io.RECORDS, entries[s]["file"]) for s in shards
+            if s in entries and (entries[s].get("inputs") or {}).get("sig") == spec.sig]
+
+
+def _read_part(f, columns=None):
+    import pyarrow.parquet as pq
+
+    from audit.data import fs
+    from audit.data.schema import arrow_schema
+
+    schema = arrow_schema("images")
+    t = pq.read_table(fs.open_input(str(f)) if fs.is_uri(str(f)) else f, columns=columns)
+    return t.cast(_schema_of(schema, t.schema.names))
+
+
+def _schema_of(schema, names):
+    import pyarrow as pa
+
+    return pa.schema([schema.field(n) for n in names])
+
+
+class _parquet_sink:
+    """A context manager: a ``pq.ParquetWriter`` into a temp file, put in place (rename, or one upload of a
+    bucket object, visible only when complete) when the block ends without an error."""
+
+    def __init__(self, target, schema):
+        self.target, self.schema = target, schema
+
+    def __enter__(self):
+        import tempfile
+
+        import pyarrow.parquet as pq
+
+        from audit.data import fs
+
+        where = None if fs.is_uri(str(self.target)) else str(Path(self.target).parent)
+        fd, self.tmp = tempfile.mkstemp(prefix=".images.", suffix=".tmp", dir=where)
+        os.close(fd)
+        self.writer = pq.ParquetWriter(self.tmp, self.schema, compression="zstd")
+        return self.writer
+
+    def __exit__(self, kind, err, tb):
+        from audit.data import fs
+
+        try:
+            self.writer.close()
+            if kind is None:
+                if fs.is_uri(str(self.target)):
+                    _upload(self.tmp, str(self.target))
+                else:
+                    with open(self.tmp, "rb+") as f:
+                        os.fsync(f.fileno())
+                    os.replace(self.tmp, self.target)
+        finally:
+            if os.path.exists(self.tmp):
+                os.unlink(self.tmp)
+        return False
+
+
+def _upload(local: str, uri: str) -> None:
+    """Copy a local file to one bucket object, in chunks (a multipart upload, complete only at the end)."""
+    from audit.data import fs
+
+    fsys, p = fs.resolve(uri)
+    try:
+        with open(local, "rb") as src, fsys.open_output_stream(p) as dst:
+            while chunk := src.read(8 << 20):
+                dst.write(chunk)
+    except OSError as e:
+        fs.raise_storage(e, uri, "write")
+
+
+SAMPLE_COLUMNS = ["cue", "status", "pred", "label", "pred_without_cue", "cue_decides", "cue_pixels"]
+
+
+@dataclass
+class Sample:
+    """A bounded uniform sample (at most ``cap``) of feature rows seen one shard at a time: each row gets a
+    random key and the ``cap`` smallest keys are kept (reservoir sampling by keys)."""
+
+    cap: int
+    rng: np.random.Generator
+    keys: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    rows: np.ndarray | None = None
+
+    def add(self, x: np.ndarray) -> None:
+        if not len(x):
+            return
+        keys = np.concatenate([self.keys, self.rng.random(len(x))])
+        rows = x if self.rows is None else np.concatenate([self.rows, x])
+        keep = np.argsort(keys)[:self.cap]
+        self.keys, self.rows = keys[keep], rows[keep]
+
+    @property
+    def features(self) -> np.ndarray:
+        return np.zeros((0, 0), np.float32) if self.rows is None else self.rows
+
+
+def _confident(d, cue: Cue):
+    """(features, took, negative) of the rows ``d`` (one cue, ok, with features) of a shard."""
+    pred = d["pred"].to_numpy(dtype=np.float64, na_value=np.nan)
+    label = d["label"].to_numpy(dtype=np.float64, na_value=np.nan)
+    took = perimage.decides_for(pred, d["pred_without_cue"].to_numpy(dtype=np.float64, na_value=np.nan),
+                                cue.class_id)
+    other = np.where(np.isfinite(label), label != cue.class_id, True)
+    negative = other & (pred != cue.class_id) & ~d["cue_decides"].fillna(False).to_numpy(bool)
+    return np.stack(d["cue_pixels"].to_numpy()).astype(np.float32), took, negative
+
+
+def _rows_of(df, cue: Cue) -> np.ndarray:
+    return ((df["cue"] == cue.name) & (df["status"] != "error") & df["cue_pixels"].notna()).to_numpy()
+
+
+def fit_detectors(files: list, cues, seed: int = 0) -> dict:
+    """{cue: :class:`audit.scan.perimage.Detector` or None}, fitted on a bounded sample of each cue's confident
+    carriers and non-carriers (at most :data:`audit.scan.perimage.MAX_TRAIN` of each) over the shards."""
+    rng = np.random.default_rng(seed)
+    samples = {c: (Sample(perimage.MAX_TRAIN, rng), Sample(perimage.MAX_TRAIN, rng)) for c in cues}
+    for f in files:
+        df = _read_part(f, SAMPLE_COLUMNS).to_pandas()
+        for cue, (pos, neg) in samples.items():
+            sel = _rows_of(df, cue)
+            if sel.any():
+                x, took, negative = _confident(df[sel], cue)
+                pos.add(x[took])
+                neg.add(x[negative])
+    return {c: perimage.fit_presence(p.features, n.features) for c, (p, n) in samples.items()}
+
+
+def detect(table, cues: list, detectors: dict):
+    """One shard's rows with ``cue_present`` and ``cue_confidence`` from each cue's presence detector
+    (``detectors``, from :func:`fit_detectors`), ``cue_pixels`` dropped, cast to the ``images`` schema."""
     import pyarrow as pa
 
     from audit.data.schema import arrow_schema
 
     df = table.to_pandas()
     for cue in cues:
-        sel = ((df["cue"] == cue.name) & (df["status"] != "error") & df["cue_pixels"].notna()).to_numpy()
-        if not sel.any():
+        det = detectors.get(cue)
+        sel = _rows_of(df, cue)
+        if det is None or not sel.any():
             continue
-        d = df[sel]
-        pred = d["pred"].to_numpy(dtype=np.float64, na_value=np.nan)
-        label = d["label"].to_numpy(dtype=np.float64, na_value=np.nan)
-        took = perimage.decides_for(pred, d["pred_without_cue"].to_numpy(dtype=np.float64, na_value=np.nan),
-                                    cue.class_id)
-        other = np.where(np.isfinite(label), label != cue.class_id, True)
-        negative = other & (pred != cue.class_id) & ~d["cue_decides"].fillna(False).to_numpy(bool)
-        prob = perimage.presence(np.stack(d["cue_pixels"].to_numpy()), took, negative)
-        if prob is None:
-            continue
+        x, took, _ = _confident(df[sel], cue)
+        prob = det(x)
         df.loc[sel, "cue_present"] = took | (prob > 0.5)
         df.loc[sel, "cue_confidence"] = prob.astype(np.float32)
     df["cue_pixels"] = None  # kept in the per-shard store only (768 floats per image and cue)

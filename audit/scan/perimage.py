@@ -9,8 +9,9 @@ module says, for every image of the dataset and every named cue:
 * ``cue_decides`` / ``pred_without_cue``: the prediction after the cue is
   removed with the same edit the causal test used (:func:`remove_cue`: the
   place occluded with the test's fill, the background replaced, or the
-  background transform), and whether it changed (one forward pass per image
-  and cue);
+  background transform), and whether it changed: one forward pass per image
+  and cue, for the images predicted as the cue's class only (:func:`candidates`;
+  any other image keeps its prediction and the cue does not decide it);
 * ``cue_present``: the estimate that the image carries the cue
   (:func:`cue_present`): the cue decides its prediction, or the heatmap puts
   at least :data:`PRESENT_SHARE` of its energy on the cue's pixels (and
@@ -142,10 +143,12 @@ def cue_share(maps: np.ndarray, pixels: np.ndarray) -> np.ndarray:
         return np.zeros(0)
     H, W = px.shape[-2:]
     raw = np.where(np.isfinite(maps), maps, np.float32(0))
-    e = np.maximum(resize_maps(raw, (H, W)), 0).astype(np.float64)
-    px = np.broadcast_to(px, e.shape)
-    tot = e.sum(axis=(1, 2))
-    inside = (e * px).sum(axis=(1, 2))
+    e = np.maximum(resize_maps(raw, (H, W)), 0)
+    tot = e.sum(axis=(1, 2), dtype=np.float64)
+    if px.ndim == 2:  # one place for every image: sum its pixels only
+        inside = e[:, px].sum(axis=1, dtype=np.float64)
+    else:
+        inside = np.where(px, e, np.float32(0)).sum(axis=(1, 2), dtype=np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(tot > 0, inside / np.where(tot > 0, tot, 1.0), np.nan)
 
@@ -177,20 +180,52 @@ def pixel_features(images: np.ndarray, pixels: np.ndarray, side: int = FEATURE_S
     Resizing is linear, so this is ``resize(image x mask) - median x resize(mask)``; the median is taken
     over the cells of the resized image that the cue does not cover.
     """
-    import cv2
-
     imgs = np.asarray(images, np.float32) / 255.0
     m = np.asarray(pixels, bool)
-    c = imgs.shape[-1]
-    out = np.zeros((len(imgs), side * side * c), np.float32)
-    for i in range(len(imgs)):
-        mf = m[i].astype(np.float32)
-        on = cv2.resize(imgs[i] * mf[..., None], (side, side), interpolation=cv2.INTER_AREA).reshape(side, side, c)
-        cover = cv2.resize(mf, (side, side), interpolation=cv2.INTER_AREA)
-        rest = cv2.resize(imgs[i], (side, side), interpolation=cv2.INTER_AREA).reshape(side, side, c)[cover < 0.5]
-        med = np.median(rest, axis=0) if len(rest) else np.zeros(c, np.float32)
-        out[i] = (on - cover[..., None] * med).reshape(-1)
+    n, c = len(imgs), imgs.shape[-1]
+    if n == 0:
+        return np.zeros((0, side * side * c), np.float32)
+    m = np.broadcast_to(m, imgs.shape[:3])
+    on = area_resize(imgs * m[..., None], side)  # (N, side, side, C)
+    cover = area_resize(m.astype(np.float32)[..., None], side)[..., 0]  # (N, side, side)
+    med = _median_outside(area_resize(imgs, side).reshape(n, -1, c), (cover >= 0.5).reshape(n, -1))
+    return (on - cover[..., None] * med[:, None, None, :]).reshape(n, -1)
+
+
+def _median_outside(cells: np.ndarray, covered: np.ndarray) -> np.ndarray:
+    """(N, C) median of each image's cells (N, K, C) that its cue does not cover (0 where it covers all)."""
+    vals = np.sort(np.where(covered[..., None], np.inf, cells), axis=1)  # covered cells sort last
+    k = (~covered).sum(axis=1)  # (N,)
+    lo, hi = np.maximum((k - 1) // 2, 0), np.maximum(k // 2, 0)
+    rows = np.arange(len(cells))
+    med = (vals[rows, lo] + vals[rows, hi]) / 2
+    return np.where((k > 0)[:, None], med, 0).astype(np.float32)
+
+
+def area_resize(x: np.ndarray, side: int) -> np.ndarray:
+    """(N, H, W, C) float32 -> (N, side, side, C): OpenCV's area resize of each image, many images per call."""
+    import cv2
+
+    from audit.engine.stats import _CV_MAX_CHANNELS
+
+    n, H, W, c = x.shape
+    per = max(1, _CV_MAX_CHANNELS // c)
+    out = np.empty((n, side, side, c), np.float32)
+    for s in range(0, n, per):
+        part = x[s:s + per]
+        k = len(part)
+        stack = np.ascontiguousarray(part.transpose(1, 2, 0, 3).reshape(H, W, k * c), dtype=np.float32)
+        r = cv2.resize(stack, (side, side), interpolation=cv2.INTER_AREA)
+        out[s:s + k] = r.reshape(side, side, k, c).transpose(2, 0, 1, 3)
     return out
+
+
+def candidates(pred, cue_class: int) -> np.ndarray:
+    """(N,) bool: the images whose prediction the cue of ``cue_class`` can decide, those predicted as that
+    class (single-label).  Only these get the extra forward pass: the cue of a class can only have taken an
+    image's prediction *to* that class, so for every other image ``cue_decides`` is False and
+    ``pred_without_cue`` is its prediction."""
+    return np.asarray(pred) == int(cue_class)
 
 
 def decides_for(pred, pred_without, cue_class: int) -> np.ndarray:
@@ -203,28 +238,49 @@ MIN_TRAIN = 5  # each side of the presence detector needs at least this many con
 MAX_TRAIN = 4000  # ... and uses at most this many of each
 
 
+@dataclass
+class Detector:
+    """A fitted presence detector: standardisation and a logistic regression on :func:`pixel_features`."""
+
+    mean: np.ndarray
+    std: np.ndarray
+    model: object
+
+    def __call__(self, features: np.ndarray) -> np.ndarray:
+        """(N,) P(the image carries the cue)."""
+        x = (np.asarray(features, np.float64) - self.mean) / self.std
+        return self.model.predict_proba(x)[:, 1]
+
+
+def fit_presence(pos_features: np.ndarray, neg_features: np.ndarray) -> Detector | None:
+    """A :class:`Detector` from confident carriers and non-carriers, or None with fewer than
+    :data:`MIN_TRAIN` of either (balanced classes, standardised features)."""
+    from sklearn.linear_model import LogisticRegression
+
+    if len(pos_features) < MIN_TRAIN or len(neg_features) < MIN_TRAIN:
+        return None
+    x = np.concatenate([pos_features, neg_features]).astype(np.float64)
+    mean, std = x.mean(axis=0), x.std(axis=0) + 1e-6
+    y = np.r_[np.ones(len(pos_features)), np.zeros(len(neg_features))]
+    lr = LogisticRegression(C=1.0, class_weight="balanced", max_iter=5000).fit((x - mean) / std, y)
+    return Detector(mean, std, lr)
+
+
 def presence(features: np.ndarray, positive: np.ndarray, negative: np.ndarray, seed: int = 0):
     """P(the image carries the cue) from its cue pixels, or None with too few confident images.
 
-    A logistic regression (balanced classes, standardised features) on :func:`pixel_features`,
+    A logistic regression (:func:`fit_presence`) on :func:`pixel_features`,
     trained on the confident carriers (``positive``: the cue took the
     prediction to its class) against confident non-carriers (``negative``:
     images of other labels, not predicted as the cue's class), at most
     :data:`MAX_TRAIN` of each; applied to every image.
     """
-    from sklearn.linear_model import LogisticRegression
-
     pos, neg = np.nonzero(positive)[0], np.nonzero(negative)[0]
-    if len(pos) < MIN_TRAIN or len(neg) < MIN_TRAIN:
-        return None
     rng = np.random.default_rng(seed)
     pos = rng.choice(pos, min(len(pos), MAX_TRAIN), replace=False)
     neg = rng.choice(neg, min(len(neg), MAX_TRAIN), replace=False)
-    x = np.concatenate([features[pos], features[neg]]).astype(np.float64)
-    mean, std = x.mean(axis=0), x.std(axis=0) + 1e-6
-    y = np.r_[np.ones(len(pos)), np.zeros(len(neg))]
-    lr = LogisticRegression(C=1.0, class_weight="balanced", max_iter=5000).fit((x - mean) / std, y)
-    return lr.predict_proba((np.asarray(features, np.float64) - mean) / std)[:, 1]
+    det = fit_presence(features[pos], features[neg])
+    return None if det is None else det(features)
 
 
 def remove_cue(images: np.ndarray, cue: Cue, pixels: np.ndarray, objects=None, levels=None) -> np.ndarray:
