@@ -180,16 +180,34 @@ def pixel_features(images: np.ndarray, pixels: np.ndarray, side: int = FEATURE_S
     Resizing is linear, so this is ``resize(image x mask) - median x resize(mask)``; the median is taken
     over the cells of the resized image that the cue does not cover.
     """
-    imgs = np.asarray(images, np.float32) / 255.0
-    m = np.asarray(pixels, bool)
+    imgs = np.asarray(images)  # uint8 stays uint8 here: area_resize converts a few images at a time
     n, c = len(imgs), imgs.shape[-1]
     if n == 0:
         return np.zeros((0, side * side * c), np.float32)
-    m = np.broadcast_to(m, imgs.shape[:3])
-    on = area_resize(imgs * m[..., None], side)  # (N, side, side, C)
+    m = np.broadcast_to(np.asarray(pixels, bool), imgs.shape[:3])
+    scale = np.float32(255.0 if imgs.dtype == np.uint8 else 1.0)
     cover = area_resize(m.astype(np.float32)[..., None], side)[..., 0]  # (N, side, side)
-    med = _median_outside(area_resize(imgs, side).reshape(n, -1, c), (cover >= 0.5).reshape(n, -1))
+    on = _area_on(imgs, m, cover, side) / scale  # (N, side, side, C)
+    med = _median_outside(area_resize(imgs, side).reshape(n, -1, c) / scale, (cover >= 0.5).reshape(n, -1))
     return (on - cover[..., None] * med[:, None, None, :]).reshape(n, -1)
+
+
+def _area_on(imgs: np.ndarray, m: np.ndarray, cover: np.ndarray, side: int) -> np.ndarray:
+    """Area resize of the images blacked out outside ``m``: zero in every cell the cue does not touch, so with
+    a whole number of pixels per cell only the cells' bounding box of the cue is resized (exactly the same
+    block means; a small place costs a small crop)."""
+    n, H, W, c = imgs.shape
+    out = np.zeros((n, side, side, c), np.float32)
+    rows, cols = np.nonzero((cover > 0).any(axis=0))
+    if not len(rows):
+        return out
+    if H % side or W % side:
+        return area_resize(imgs * m[..., None].astype(imgs.dtype), side)
+    fy, fx = H // side, W // side
+    r0, r1, c0, c1 = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
+    crop = imgs[:, r0 * fy:r1 * fy, c0 * fx:c1 * fx] * m[:, r0 * fy:r1 * fy, c0 * fx:c1 * fx, None].astype(imgs.dtype)
+    out[:, r0:r1, c0:c1] = area_resize(crop, (r1 - r0, c1 - c0))
+    return out
 
 
 def _median_outside(cells: np.ndarray, covered: np.ndarray) -> np.ndarray:
@@ -202,21 +220,24 @@ def _median_outside(cells: np.ndarray, covered: np.ndarray) -> np.ndarray:
     return np.where((k > 0)[:, None], med, 0).astype(np.float32)
 
 
-def area_resize(x: np.ndarray, side: int) -> np.ndarray:
-    """(N, H, W, C) float32 -> (N, side, side, C): OpenCV's area resize of each image, many images per call."""
+def area_resize(x: np.ndarray, side) -> np.ndarray:
+    """(N, H, W, C) -> (N, h, w, C) float32 (``side``: h = w, or (h, w)): OpenCV's area resize of each image,
+    many images per call (converted to float32 a call's worth at a time)."""
     import cv2
 
     from audit.engine.stats import _CV_MAX_CHANNELS
 
+    h, w = (side, side) if np.isscalar(side) else (int(side[0]), int(side[1]))
     n, H, W, c = x.shape
-    per = max(1, _CV_MAX_CHANNELS // c)
-    out = np.empty((n, side, side, c), np.float32)
+    many = H % h == 0 and W % w == 0  # OpenCV takes more than 4 channels at a whole-number scale only
+    per = max(1, (_CV_MAX_CHANNELS if many else 4) // c)
+    out = np.empty((n, h, w, c), np.float32)
     for s in range(0, n, per):
         part = x[s:s + per]
         k = len(part)
         stack = np.ascontiguousarray(part.transpose(1, 2, 0, 3).reshape(H, W, k * c), dtype=np.float32)
-        r = cv2.resize(stack, (side, side), interpolation=cv2.INTER_AREA)
-        out[s:s + k] = r.reshape(side, side, k, c).transpose(2, 0, 1, 3)
+        r = cv2.resize(stack, (w, h), interpolation=cv2.INTER_AREA)
+        out[s:s + k] = r.reshape(h, w, k, c).transpose(2, 0, 1, 3)
     return out
 
 
