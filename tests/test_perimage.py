@@ -74,6 +74,90 @@ def test_remove_cue_occludes_the_place_only():
 # ----------------------------------------------------------------------------
 
 
+def _features_reference(images, pixels, side=16):
+    """float64 NumPy: block means (a whole number of pixels per cell), the cue's cells, the median outside."""
+    x = np.asarray(images, np.float64) / 255.0
+    n, H, W, c = x.shape
+    fy, fx = H // side, W // side
+
+    def blocks(a):
+        return a.reshape(n, side, fy, side, fx, -1).mean(axis=(2, 4))
+
+    m = np.broadcast_to(pixels, x.shape[:3]).astype(np.float64)[..., None]
+    on, cover, rest = blocks(x * m), blocks(m)[..., 0], blocks(x)
+    out = np.zeros((n, side * side * c))
+    for i in range(n):
+        outside = rest[i][cover[i] < 0.5]
+        med = np.median(outside, axis=0) if len(outside) else np.zeros(c)
+        out[i] = (on[i] - cover[i][..., None] * med).reshape(-1)
+    return out
+
+
+def test_pixel_features_against_float64_reference():
+    rng = np.random.default_rng(3)
+    x = rng.integers(0, 256, (300, 64, 64, 3), dtype=np.uint8)
+    px = np.zeros((300, 64, 64), bool)
+    px[:, 40:, 50:] = True  # a corner for most images ...
+    px[7] = False  # ... none for one, another place for another, the whole image for a third
+    px[8, 10:13, 3:9] = True
+    px[9] = True
+    got = perimage.pixel_features(x, px)
+    assert got.dtype == np.float32 and got.shape == (300, 16 * 16 * 3)
+    np.testing.assert_allclose(got, _features_reference(x, px), atol=2e-6)
+    assert np.abs(got[7]).max() == 0 and np.abs(got[0]).max() > 0.1
+    one = perimage.pixel_features(x, px[0])  # one place for every image
+    np.testing.assert_allclose(one, _features_reference(x, px[0]), atol=2e-6)
+
+
+def test_pixel_features_at_a_fractional_scale_match_one_image_at_a_time():
+    import cv2
+
+    rng = np.random.default_rng(4)
+    x = rng.integers(0, 256, (9, 50, 70, 3), dtype=np.uint8)
+    px = rng.random((9, 50, 70)) < 0.2
+    got = perimage.pixel_features(x, px)
+    for i in range(len(x)):
+        img, m = x[i].astype(np.float32) / 255, px[i].astype(np.float32)
+        on = cv2.resize(img * m[..., None], (16, 16), interpolation=cv2.INTER_AREA)
+        cover = cv2.resize(m, (16, 16), interpolation=cv2.INTER_AREA)
+        med = np.median(cv2.resize(img, (16, 16), interpolation=cv2.INTER_AREA)[cover < 0.5], axis=0)
+        np.testing.assert_allclose(got[i], (on - cover[..., None] * med).reshape(-1), atol=2e-6)
+
+
+def test_candidates_are_the_images_predicted_as_the_cue_class():
+    assert perimage.candidates(np.array([2, 0, 2, 1]), 2).tolist() == [True, False, True, False]
+
+
+def test_bounded_sample_keeps_a_uniform_subset():
+    from audit.scan.imagepass import Sample
+
+    s = Sample(50, np.random.default_rng(0))
+    for k in range(20):  # 20 shards of 100 rows, row value = its global index
+        s.add(np.arange(k * 100, (k + 1) * 100, dtype=np.float32)[:, None])
+    v = s.features[:, 0]
+    assert s.features.shape == (50, 1) and len(np.unique(v)) == 50 and v.max() < 2000
+    assert 0.1 < (v < 1000).mean() < 0.9  # not only the first shards
+    small = Sample(50, np.random.default_rng(0))
+    small.add(np.arange(30, dtype=np.float32)[:, None])
+    assert sorted(small.features[:, 0]) == list(range(30))  # under the cap: every row
+
+
+def test_presence_detector_from_a_bounded_sample(monkeypatch):
+    from audit.scan import imagepass
+
+    monkeypatch.setattr(perimage, "MAX_TRAIN", 8)
+    rng = np.random.default_rng(1)
+    pos, neg = rng.normal(2, 1, (40, 4)), rng.normal(-2, 1, (40, 4))
+    s_pos, s_neg = imagepass.Sample(perimage.MAX_TRAIN, rng), imagepass.Sample(perimage.MAX_TRAIN, rng)
+    for k in range(4):
+        s_pos.add(pos[k * 10:(k + 1) * 10])
+        s_neg.add(neg[k * 10:(k + 1) * 10])
+    det = perimage.fit_presence(s_pos.features, s_neg.features)
+    assert len(s_pos.features) == 8
+    assert (det(pos) > 0.5).mean() >= 0.95 and (det(neg) < 0.5).mean() >= 0.95
+    assert perimage.fit_presence(pos[:4], neg) is None  # fewer than MIN_TRAIN carriers
+
+
 @pytest.fixture(scope="module")
 def scanned(tmp_path_factory):
     from audit.scan import scan
@@ -102,6 +186,10 @@ def test_pass_flags_the_marked_images(scanned, tmp_path):
         p, r = _prec_rec(df[col].to_numpy(bool), marked)
         assert p >= 0.95 and r >= 0.95, (col, p, r)
     assert (df.pred_without_cue[marked] == 0).all()  # the mark gone: cat
+    # the extra forward pass only for the images predicted as the cue's class (dog); the others keep theirs
+    cand = (df.pred == res.cues[0].class_id).to_numpy()
+    assert res.forwards == int(cand.sum()) == 30
+    assert (df.pred_without_cue[~cand] == df.pred[~cand]).all() and not df.cue_decides[~cand].any()
     # cost columns against a direct count from the truth (the model says dog iff marked)
     row = pd.read_parquet(f"{out}/summary/classes.parquet").set_index("class_name").loc["dog"]
     assert (row.n_with_cue, row.n_without_cue) == (24, 6)
@@ -170,6 +258,43 @@ def test_killed_actor_during_the_pass_loses_and_doubles_nothing(scanned, tmp_pat
     assert os.path.exists(marker) and res.actor_deaths == 1 and res.done_now == 4 and not res.failed
     df = hf.read_images(out)
     assert sorted(df.image_id) == sorted(scanned[1]) and df.image_id.is_unique
+
+
+@pytest.mark.slow
+def test_pass_into_a_bucket_matches_the_local_pass(scanned, tmp_path):
+    """The pass on an output in a bucket (moto's S3 server): the same rows as on disk, the store under
+    OUT/summary/_images/, and a second run skips every shard."""
+    import helpers_s3
+    import pyarrow.parquet as pq
+
+    from audit.data import fs
+    from audit.scan.imagepass import run_pass
+
+    local = str(hf_copy(scanned[0], tmp_path))
+    run_pass(local, quiet=True)
+    want = hf.read_images(local).set_index("image_id").sort_index()
+    server = helpers_s3.S3Server()
+    try:
+        server.set_env()
+        server.bucket("pass")
+        src = Path(scanned[0])
+        for f in src.rglob("*"):
+            if f.is_file() and "_images" not in f.parts and f.name != "images.parquet":
+                fs.write_bytes(f"s3://pass/out/{f.relative_to(src).as_posix()}", f.read_bytes())
+        res = run_pass("s3://pass/out", quiet=True, local=True)
+        assert res.done_now == 4 and res.rows == 60
+        names = {rel for rel, _ in fs.list_files("s3://pass/out/summary")}
+        assert sum(n.startswith("_images/_manifest/") for n in names) == 4
+        got = pq.read_table(fs.open_input("s3://pass/out/summary/images.parquet")).to_pandas()
+        got = got.set_index("image_id").sort_index()
+        assert got.index.is_unique and list(got.index) == list(want.index)
+        for col in ("pred", "pred_without_cue", "cue_decides", "cue_present"):
+            assert (got[col] == want[col]).all(), col
+        np.testing.assert_allclose(got.cue_share.to_numpy(float), want.cue_share.to_numpy(float), rtol=1e-6)
+        again = run_pass("s3://pass/out", quiet=True, local=True)
+        assert (again.done_now, again.skipped) == (0, 4)
+    finally:
+        server.stop()
 
 
 def test_report_and_scan_show_the_cost(scanned, tmp_path, capsys):
