@@ -141,16 +141,19 @@ def _driver_main(argv) -> int:
     fault, args = json.loads(argv[0]), argv[1:]
     if "slow_commits" in fault:
         scheduler.remote_worker = worker_with(slow_commits, fault["slow_commits"])
+        slow_commits(fault["slow_commits"])  # a job run in the driver itself (audit.runner.inprocess)
     else:
         scheduler.remote_worker = worker_with(kill_in_upload, fault["marks"], fault["mid_object"],
                                               fault["after_object"], os.getpid())
     return main(args)
 
 
-def driver(args, fault: dict | None = None) -> subprocess.Popen:
+def driver(args, fault: dict | None = None, env_extra: dict | None = None) -> subprocess.Popen:
     """``audit ARGS`` in a subprocess with its private local Ray; with ``fault``, actors armed by
-    :func:`kill_in_upload` (``fault``: its ``marks``, ``mid_object``, ``after_object``)."""
+    :func:`kill_in_upload` (``fault``: its ``marks``, ``mid_object``, ``after_object``) or slowed by
+    :func:`slow_commits` (``{"slow_commits": seconds}``); ``env_extra``: more environment variables."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(env_extra or {})
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests")])
     if fault is None:
         cmd = [sys.executable, "-m", "audit", *args]

@@ -9,7 +9,9 @@ driver tests (marked slow) run ``audit run`` in subprocesses:
   had passed; driver B takes the output over (``--resume``, or an image added
   and ``--resume=replan``) and finishes; A is continued.  A must stop in one
   line and commit nothing; every current input is in the output exactly once;
-  ``job.json`` holds both runs.  For a local disk and for S3 (moto).
+  ``job.json`` holds both runs.  For a local disk and for S3 (moto); with A's
+  shards on Ray actors (which go on computing, and try to commit, while A is
+  stopped) and with A's job run in the driver itself (a small local job).
 * the rest, one test each, in the order of the issue: spec bombs and bounds,
   input identity, label types, duplicated rows, locks that heal, a full disk,
   incomplete outputs, masks by full name, the pixel limit, one-class models,
@@ -47,14 +49,16 @@ def s3():
     server.stop()
 
 
-def _driver(spec, out, *extra, slow: float | None = None):
-    """``audit run`` in a subprocess with its private Ray; ``slow``: its actors wait that long before
-    each commit (so that a pause at a random moment lands mid-run)."""
+def _driver(spec, out, *extra, slow: float | None = None, ray: bool = False):
+    """``audit run`` in a subprocess; ``slow``: each commit waits that long first (so that a pause at a
+    random moment lands mid-run); ``ray``: on actors of its private Ray (which go on computing while
+    the driver is stopped), else in the driver itself (a small local job)."""
     import helpers_faults
 
     args = ["run", spec, "--no-progress", "--no-scan", "--set", f"output={out}", "--set", "resources.actors=1",
             *extra]
-    return helpers_faults.driver(args, {"slow_commits": slow} if slow else None)
+    return helpers_faults.driver(args, {"slow_commits": slow} if slow else None,
+                                 {"AUDIT_IN_PROCESS": "0" if ray else "1"})
 
 
 def _entries(out) -> int:
@@ -83,15 +87,16 @@ def _age_lock(out, seconds):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("store,mode", [("local", "replan"), ("local", "resume"), ("s3", "replan")])
-def test_a_paused_driver_never_overwrites_the_one_that_took_over(tmp_path, request, store, mode):
+@pytest.mark.parametrize("store,mode,ray", [("local", "replan", True), ("local", "resume", False),
+                                            ("s3", "replan", True), ("s3", "resume", False)])
+def test_a_paused_driver_never_overwrites_the_one_that_took_over(tmp_path, request, store, mode, ray):
     rng = random.Random(f"{store}-{mode}")
     ws = h.folder_workspace(tmp_path, N_PER_CLASS, METHODS, {"actors": 1, "batch_size": 4, "max_retries": 1})
     out = str(tmp_path / "out")
     if store == "s3":
         request.getfixturevalue("s3")
         out = f"s3://fence/{store}-{mode}"
-    a = _driver(ws["spec"], out, slow=0.4)
+    a = _driver(ws["spec"], out, slow=0.4, ray=ray)
     try:
         _wait_for_commits(out, rng.randint(1, 3), a)
         time.sleep(rng.uniform(0, 1.0))  # a random point: mid-shard, mid-commit, between shards
