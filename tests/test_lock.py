@@ -215,3 +215,24 @@ def test_a_guarded_commit_is_refused_once_the_lock_is_another_s(tmp_path):
     (tmp_path / io.MANIFEST / "part-00000.json").write_text(json.dumps(later))
     with pytest.raises(AuditError, match="generation 3 committed it after this run"):
         io.write_shard(tmp_path, 0, table, generation=2, **kw)
+
+
+def test_a_store_that_does_not_answer_is_not_a_lost_lock(tmp_path, monkeypatch):
+    """A flaky read (a frozen server) neither stops the driver nor refuses its commits; a real loss does."""
+    monkeypatch.setattr(lk, "HEARTBEAT_S", 0.05)
+    real = lk._inspect_path
+
+    def flaky(path, tolerant=False):
+        if tolerant:
+            return lk.LockFile(True, error="cannot read: timed out")
+        return real(path, tolerant)
+
+    with lk.OutputLock(tmp_path, "j") as held:
+        monkeypatch.setattr(lk, "_inspect_path", flaky)
+        time.sleep(0.3)  # several heartbeats that could not read the lock
+        assert held.lost is None
+        held.guard("shard 0")()  # let through: the commit goes to the same store
+        monkeypatch.setattr(lk, "_inspect_path", real)
+        (tmp_path / lk.LOCK).unlink()
+        with pytest.raises(lk.LockLost, match="is gone"):
+            held.guard("shard 1")()

@@ -18,7 +18,9 @@ finds, within one heartbeat, its lock missing, unreadable or another's: it
 stops with one line (``stopped: ...; this run (generation 1) commits
 nothing more``), its actors refuse to commit, and it never recreates the
 lock.  What is left is the instant between the check and the rename (local
-disk) or the PUT (a bucket without conditional writes).
+disk) or the PUT (a bucket without conditional writes), and a check that
+cannot read the store at that moment (a frozen server: the commit is let
+through, since it goes to the same store, and the heartbeat looks again).
 
 **Stale locks**, taken over with a one-line warning: its pid is not running
 on this host (same host name); its heartbeat is older than
@@ -101,6 +103,7 @@ class LockFile:
     info: LockInfo | None = None
     age: float | None = None  # seconds since the file was last written
     etag: str | None = None  # object storage with conditional writes: the version read
+    error: str | None = None  # the store could not be read just now (tolerant reads only)
 
 
 def read_lock(out) -> LockInfo | None:
@@ -108,16 +111,25 @@ def read_lock(out) -> LockInfo | None:
     return inspect(out).info
 
 
-def inspect(out) -> LockFile:
-    """The lock file of ``out`` as it is now (:class:`LockFile`)."""
-    return _inspect_path(_lock_path(out))
+def inspect(out, tolerant: bool = False) -> LockFile:
+    """The lock file of ``out`` as it is now (:class:`LockFile`).
+
+    Args:
+        out: the output.
+        tolerant: a store that cannot be read just now gives ``error`` instead of raising
+            (the heartbeat and the commit checks then try again rather than give up the output).
+
+    Raises:
+        AuditError: the store cannot be read (a refused credential, a missing bucket), unless ``tolerant``.
+    """
+    return _inspect_path(_lock_path(out), tolerant)
 
 
 def _lock_path(out):
     return fs.join(str(out), LOCK) if fs.is_uri(str(out)) else Path(out) / LOCK
 
 
-def _inspect_path(path) -> LockFile:
+def _inspect_path(path, tolerant: bool = False) -> LockFile:
     try:
         if isinstance(path, str):
             data, age, etag = fs.read_versioned(path)
@@ -127,8 +139,12 @@ def _inspect_path(path) -> LockFile:
                 data, age = f.read(), time.time() - os.fstat(f.fileno()).st_mtime
     except FileNotFoundError:
         return LockFile(False)
-    except (OSError, AuditError):  # unreadable for now (a flaky store): judged as unreadable content
-        return LockFile(True, None, 0.0)
+    except (OSError, AuditError) as e:
+        if tolerant:
+            return LockFile(True, error=" ".join(str(e).split())[:200] or type(e).__name__)
+        if isinstance(e, AuditError):
+            raise
+        return LockFile(True, None, 0.0)  # a local file that cannot be read: judged as unreadable content
     return LockFile(True, _parse(data), age, etag)
 
 
@@ -190,7 +206,7 @@ def holder_problem(out, token: str) -> str | None:
 
     Actors call it (through :func:`guard`) just before each commit step.
     """
-    return _not_ours(inspect(out), token, _lock_path(out))
+    return _not_ours(inspect(out, tolerant=True), token, _lock_path(out))
 
 
 def guard(out, token: str, generation: int, what: str):
@@ -361,7 +377,9 @@ class OutputLock:
     def _beat(self) -> None:
         """Every HEARTBEAT_S: stop at once when the lock is gone, unreadable or another's; else renew it."""
         while not self._stop.wait(HEARTBEAT_S):
-            state = inspect(self.out)
+            state = inspect(self.out, tolerant=True)
+            if state.error is not None:  # a store that does not answer now: the next beat looks again
+                continue
             why = _not_ours(state, self.info.token, self.path)
             if why is not None:
                 self.lost = why
@@ -376,7 +394,7 @@ class OutputLock:
                 continue
 
     def _renew(self, state: LockFile) -> None:
-        if self.remote:
+        if self.remote:  # state: what this beat read (its etag is the version we hold)
             if state.etag is not None and fs.conditional_puts(self.path):
                 written = fs.put_if_match(self.path, self._body(), state.etag)
                 if written is False:
@@ -391,7 +409,7 @@ class OutputLock:
 
     def check(self) -> None:
         """Raise :class:`LockLost` (one line) when this driver no longer holds the output."""
-        why = self.lost or _not_ours(inspect(self.out), self.info.token, self.path)
+        why = self.lost or _not_ours(inspect(self.out, tolerant=True), self.info.token, self.path)
         if why is not None:
             self.lost = why
             raise LockLost(f"stopped: {why}; this run (generation {self.info.generation}) commits nothing more")
@@ -408,6 +426,9 @@ class OutputLock:
 
 
 def _not_ours(state: LockFile, token: str, path) -> str | None:
+    """Why the lock is not (any longer) ``token``'s, or None; None too when the store did not answer."""
+    if state.error is not None:  # cannot tell: the write that follows goes to the same store
+        return None
     if not state.exists:
         return f"{path} is gone (another driver took the output over and finished?)"
     if state.info is None:
