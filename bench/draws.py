@@ -107,7 +107,7 @@ def run_one(seed: int, out_root: Path, mode: str = "run"):
     """``(status, outcome, detail lines)`` of one seed.
 
     ``status``: ``counted``, ``skipped`` (cannot be painted here, or no scan to rescore), ``unfit`` (the
-    model does not fit its training images: not counted) or ``error`` (the audit failed); the outcome is
+    model does not fit its training images: not counted, not audited) or ``error`` (the audit failed); the outcome is
     None unless counted.
     """
     import pandas as pd
@@ -126,6 +126,10 @@ def run_one(seed: int, out_root: Path, mode: str = "run"):
         print(f"{case.name:>9}: skipped (no scan under {out})", flush=True)
         return "skipped", None, []
     built = ensure(case)
+    if not built.fitted:  # nothing to score: the audit is not run
+        print(f"{case.name:>9}: not counted: the model fits {built.train_accuracy:.0%} of its training images",
+              flush=True)
+        return "unfit", None, []
     if mode == "rescore":
         classes = pd.read_parquet(out / "summary" / "classes.parquet")
     else:
@@ -135,10 +139,6 @@ def run_one(seed: int, out_root: Path, mode: str = "run"):
             print(f"{case.name:>9}: ERROR {type(e).__name__}: {' '.join(str(e).split())[:300]}", flush=True)
             return "error", None, []
     o = outcome(case, built, classes)
-    if not built.fitted:
-        print(f"{case.name:>9}: not counted: the model fits {built.train_accuracy:.0%} of its training images "
-              f"(flagged {','.join(o.flagged) or '-'})", flush=True)
-        return "unfit", None, []
     verdict = "right" if not o.missed and not o.false_flags else "WRONG"
     line = (f"{case.name:>9}: {verdict:5} planted {','.join(o.planted) or '-'} partial {','.join(o.partial) or '-'} "
             f"flagged {','.join(o.flagged) or '-'}  ({time.time() - t0:.0f} s)")
