@@ -1,7 +1,9 @@
 """--resume checks what each committed shard holds; --resume=replan; broken part files.
 
-Identities are pure functions of the dataset (tested without Ray); the jobs
-run on one module-scoped local Ray.
+Identities are pure functions of the dataset (tested without Ray).  The jobs
+are small, so they run in the driver (:mod:`audit.runner.inprocess`): resume
+checks and commits are the driver's in both paths, and tests/test_inprocess.py
+shows the driver's records equal to the actors'; no Ray or actor start here.
 """
 
 from __future__ import annotations
@@ -30,11 +32,13 @@ def s3():
     server.stop()
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    ray = h.ray_init_local(num_cpus=2)
-    yield ray
-    ray.shutdown()
+@pytest.fixture(scope="module", autouse=True)
+def in_the_driver():
+    """Every job of this module runs in the driver (asserted by :func:`finished`)."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("AUDIT_IN_PROCESS", "1")
+    yield
+    mp.undo()
 
 
 def _ds(fmt, path, size=4, **kw):
@@ -179,13 +183,14 @@ def _workspace(tmp):
 
 
 @pytest.fixture(scope="module")
-def finished(ray_local, tmp_path_factory):
+def finished(tmp_path_factory):
     """The workspace with its job run to the end, once per module, and a copy of it as it was then."""
     root = tmp_path_factory.mktemp("resume")
     work = root / "job"
     work.mkdir()
     spec = _workspace(work)
     summary = run_job(spec, progress=False)
+    assert "in the driver" in summary["devices"]
     return {"work": work, "copy": h.copy_tree(work, root / "as_finished"), "spec": spec, "summary": summary}
 
 
@@ -208,7 +213,7 @@ def fresh_job(tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_after_an_image_was_added_is_refused_then_replanned(ray_local, job, capsys):
+def test_resume_after_an_image_was_added_is_refused_then_replanned(job, capsys):
     tmp, spec, s = job
     assert s["status"] == "ok" and s["images_done"] == 24
     entry = json.loads((tmp / "out" / "_manifest" / "part-00001.json").read_text())
@@ -232,7 +237,7 @@ def test_resume_after_an_image_was_added_is_refused_then_replanned(ray_local, jo
 
 
 @pytest.mark.slow
-def test_resume_after_an_image_was_replaced_in_place_is_refused_then_replanned(ray_local, job, capsys):
+def test_resume_after_an_image_was_replaced_in_place_is_refused_then_replanned(job, capsys):
     import audit
 
     tmp, spec, s = job
@@ -257,7 +262,7 @@ def test_resume_after_an_image_was_replaced_in_place_is_refused_then_replanned(r
 
 
 @pytest.mark.slow
-def test_replan_after_the_dataset_shrank_removes_the_extra_shards(ray_local, fresh_job):
+def test_replan_after_the_dataset_shrank_removes_the_extra_shards(fresh_job):
     tmp, spec = fresh_job
     run_job(spec, progress=False, overrides=["dataset.classes=[cat, dog]"])
     shutil.rmtree(tmp / "data" / "dog")  # the plan loses shards 3-5
@@ -270,7 +275,7 @@ def test_replan_after_the_dataset_shrank_removes_the_extra_shards(ray_local, fre
 
 
 @pytest.mark.slow
-def test_truncated_part_file_is_named_by_load_and_redone_on_resume(ray_local, job, capsys):
+def test_truncated_part_file_is_named_by_load_and_redone_on_resume(job, capsys):
     import audit
 
     tmp, spec, _ = job
