@@ -368,11 +368,13 @@ def test_detection_bench_refuses_a_negative_seed(capsys):
 
 
 def _e2e(tmp_path, case: Case, masks: bool):
-    """Build ``case`` in a temporary cache, audit its training split on a local Ray, scan; the score."""
-    import ray
+    """Build ``case`` in a temporary cache, audit its training split with ``audit run``'s job, scan; the score.
+
+    The split is small, so the job runs in the driver (:mod:`audit.runner.inprocess`; its records
+    equal the actors', tests/test_inprocess.py): no Ray and no actor to start per case.
+    """
     import yaml
 
-    from audit.runner.cluster import ray_init
     from audit.runner.job import run_job
     from audit.scan.pipeline import scan
     from audit.zoo.train import ensure, job_spec
@@ -381,12 +383,9 @@ def _e2e(tmp_path, case: Case, masks: bool):
     built = ensure(case, root=tmp_path / "cache", log=lambda *_: None)
     spec = tmp_path / f"spec-{masks}.yaml"
     spec.write_text(yaml.safe_dump(job_spec(case, built, masks, tmp_path / f"out-{masks}")))
-    ray_init(None)  # a private local Ray, whatever else runs on the machine
-    try:
-        run_job(str(spec), progress=False)
-        classes, _ = scan(tmp_path / f"out-{masks}", quiet=True)
-    finally:
-        ray.shutdown()
+    summary = run_job(str(spec), progress=False)
+    assert summary["status"] == "ok" and "in the driver" in summary["devices"]
+    classes, _ = scan(tmp_path / f"out-{masks}", quiet=True)
     return built, score(case, classes)
 
 
