@@ -25,7 +25,7 @@ def outs(tmp_path_factory):
 
 
 def verdicts(out, use_masks):
-    classes, clusters = scan(out, intervene=False, quiet=True, use_masks=use_masks)
+    classes, clusters = scan(out, intervene=False, quiet=True, use_masks=use_masks, force=True)  # one output, scanned both ways
     return classes.set_index("class_name"), clusters
 
 
