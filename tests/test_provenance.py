@@ -71,3 +71,21 @@ def test_report_says_how_the_scan_was_made(out):
     line = provenance.report_line(out)
     assert line.startswith(f"Verdicts from `audit scan` on layer {LAYER}, {METHOD}, attention only")
     assert "run `audit scan OUT` to confirm them" in line
+
+
+def test_the_causal_budget_is_recorded_never_refused_and_kept_on_rescan(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    settings = provenance.ScanSettings("conv4", "gradcam++", True, True, "mean")
+    provenance.write(Path(tmp_path), settings, 1.0, budget=0.5)
+    made = json.loads((tmp_path / "summary" / "scan.json").read_text())
+    assert made["causal_budget"] == 0.5 and made["command"].endswith("--causal-budget 0.5")
+    assert provenance.saved_budget(tmp_path) == 0.5
+    assert "causal budget 0.5 forward passes per image" in provenance.report_line(tmp_path)
+    assert provenance.check(tmp_path, settings, force=False) is None  # another budget is no other scan
+    seen = {}
+    monkeypatch.setattr("audit.scan.pipeline.scan", lambda out, **kw: seen.update(kw["cfg"].__dict__))
+    scan_as_saved(tmp_path, quiet=True)
+    assert seen["budget"] == 0.5  # a budget raised by hand stays raised when `audit run` rescans
+    scan_as_saved(tmp_path, quiet=True, changes={"budget": 2.0})
+    assert seen["budget"] == 2.0  # ...unless this run gives one

@@ -255,6 +255,9 @@ def scan_as_saved(out_dir, *, quiet: bool = False, changes: dict | None = None):
     from audit.scan import provenance
 
     s = provenance.saved_settings(out_dir)
+    saved_budget = provenance.saved_budget(out_dir)
+    if saved_budget is not None:  # a budget raised by hand stays raised on the rescan
+        changes = {"budget": saved_budget, **(changes or {})}
     if s is None:
         return scan(out_dir, quiet=quiet, cfg=DEFAULT.replace(**(changes or {})))
     return scan(out_dir, intervene=s.intervene, quiet=quiet, layer=s.layer, method=s.method,
@@ -307,7 +310,7 @@ def scan(out_dir, *, intervene: bool = True, quiet: bool = False, layer: str | N
     classes_df = _costs(view.out, classes_df)
     write_tables(view.out, {"classes": classes_df, "clusters": clusters_df, "interventions": tests_df},
                  view.regions)
-    provenance.write(view.out, made, time.perf_counter() - t0)
+    provenance.write(view.out, made, time.perf_counter() - t0, budget=cfg.budget)
     if not quiet:
         from audit.data.io import completeness
         from audit.data.predictions import one_class_warning

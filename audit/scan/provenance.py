@@ -86,8 +86,12 @@ def check(out, new: ScanSettings, force: bool) -> str | None:
         f"it: add --force to replace it (or scan a copy of OUT)")
 
 
-def write(out, settings: ScanSettings, seconds: float) -> None:
-    """Record how the tables now in ``summary/`` were made."""
+def write(out, settings: ScanSettings, seconds: float, budget: float | None = None) -> None:
+    """Record how the tables now in ``summary/`` were made.
+
+    ``budget`` (``--causal-budget``) is recorded but never refuses a rescan: a larger budget is how a user
+    settles the groups the last scan left untested or undecided.
+    """
     from importlib import metadata
 
     from audit.data import fs
@@ -97,7 +101,10 @@ def write(out, settings: ScanSettings, seconds: float) -> None:
         version = metadata.version("shortcut-audit")
     except metadata.PackageNotFoundError:  # run from a checkout that was never installed
         version = None
-    record = {"settings": asdict(settings), "command": f"audit scan OUT {settings.options()}",
+    command = f"audit scan OUT {settings.options()}"
+    if budget is not None and settings.intervene:
+        command += f" --causal-budget {budget:g}"
+    record = {"settings": asdict(settings), "causal_budget": budget, "command": command,
               "made": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "seconds": round(seconds, 1),
               "version": version, "tables": ["classes", "clusters", "interventions"]}
     p = _path(out)
@@ -112,6 +119,13 @@ def saved_settings(out) -> ScanSettings | None:
     return None if saved is None else saved["settings"]
 
 
+def saved_budget(out) -> float | None:
+    """The ``--causal-budget`` of the scan saved in ``out``, or None (not recorded)."""
+    saved = read(out)
+    value = None if saved is None else saved.get("causal_budget")
+    return float(value) if isinstance(value, int | float) else None
+
+
 def report_line(out) -> str:
     """What the report says about the verdicts it shows: how and when that scan was made."""
     saved = read(out)
@@ -119,4 +133,6 @@ def report_line(out) -> str:
         return "How the scan in summary/ was made is not recorded (it predates summary/scan.json)."
     s = saved["settings"]
     tail = "" if s.intervene else " The verdicts rest on the heatmaps alone: run `audit scan OUT` to confirm them."
-    return f"Verdicts from `audit scan` on {s.describe()}, {saved.get('made', '')}.{tail}"
+    budget = saved.get("causal_budget")
+    spent = f", causal budget {budget:g} forward passes per image" if s.intervene and budget is not None else ""
+    return f"Verdicts from `audit scan` on {s.describe()}{spent}, {saved.get('made', '')}.{tail}"
