@@ -2,11 +2,11 @@
 
 :class:`Scheduler` runs one job's shards on Ray actors in named steps:
 
-* :meth:`~Scheduler.resize` keeps the pool as large as the work: it requests
-  actors up to the pool's ceiling while shards wait, even when no node can
-  hold them yet (an autoscaler adds nodes for pending actors), grows the
-  ceiling of an ``actors: auto`` pool as nodes join, and releases the actors
-  still pending once no shard waits (so the cluster can scale down);
+* :meth:`~Scheduler.resize` keeps the pool as large as the work: it has the
+  pool request actors up to its ceiling while shards wait, even when no node
+  can hold them yet (an autoscaler adds nodes for pending actors; an
+  ``actors: auto`` pool raises its ceiling as nodes join), and release the
+  actors still pending once no shard waits (so the cluster can scale down);
 * :meth:`~Scheduler.hand_out` gives queued shards to ready actors, one each
   first, then a second one queued on an actor while there is enough work for
   the actors still idle or starting (an actor that becomes ready late gets
@@ -19,12 +19,15 @@
   dead actor (the pool shrinks; :meth:`~Scheduler.resize` requests another);
 * :meth:`~Scheduler.check_floor` stops the job when shards have waited
   ``resources.start_timeout_s`` with fewer than ``actors.min`` actors running;
-* :meth:`~Scheduler.stop` fences and kills every actor when the run ends.
+* the pool fences and kills every actor when the run ends.
 
-Two collaborators hold their own state: :class:`ShardQueue` (the shards
-waiting, their attempts, the run's size) and :class:`ProgressPoller` (the
-images inside the shards in flight, asked of the actors about once a second);
-the pool of actors is the scheduler's own (``resize``, ``retire``, ``stop``).
+Three collaborators hold their own state: :class:`ShardQueue` (the shards
+waiting, their attempts, the run's size), the actor pool
+(:class:`audit.runner.actor_pool.ActorPool`: the actors, ready, starting or
+waiting for a node, the pool's ceiling, the replacement budget) and
+:class:`ProgressPoller` (the images inside the shards in flight, asked of the
+actors about once a second).  The scheduler keeps the calls in flight and
+what to do when each ends.
 
 The driver holds shard descriptors, refs and counters only: its memory does
 not grow with the dataset.
@@ -33,28 +36,20 @@ not grow with the dataset.
 from __future__ import annotations
 
 import collections
-import contextlib
-import os
 import sys
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
 from audit import quiet
 from audit.errors import AuditError
-from audit.runner.pool import Resources, auto_count, missing
+from audit.runner.actor_pool import QUEUE_DEPTH, Actor, ActorPool
+from audit.runner.pool import Resources
 
 __all__ = ["Scheduler", "Resources", "RunState", "remote_worker", "QUEUE_DEPTH", "SWITCH_INTERVAL_S"]
 
-QUEUE_DEPTH = 2  # shards in flight per actor: the next one is queued while one runs
 SWITCH_INTERVAL_S = 0.001  # GIL hand-over in actors (Python's default: 5 ms)
 PROGRESS_POLL_S = 1.0  # the progress bar counts images inside shards at least this often
-KILL_WAIT_S = 10.0  # how long the driver waits for killed actors to be gone
-GROW_POLL_S = 5.0  # how often an ``actors: auto`` pool looks for capacity that joined
-#: An actor Ray has not created this long after it was asked for counts as pending (waiting for a
-#: node); before that it may just be a worker process starting, which is not worth a line.
-PENDING_NOTICE_S = 10.0
 
 #: What each actor reports on start-up, kept per run in job.json (``runs[-1].actors``).
 ACTOR_FACTS = ("pid", "node", "gpus", "visible_devices", "memory_growth", "threads", "mixed_precision", "setup_s")
@@ -86,18 +81,6 @@ class RunState:
     def add_shard(self, result: dict) -> None:
         for k in SHARD_COUNTS:
             setattr(self, k, getattr(self, k) + int(result.get(k, 0)))
-
-
-@dataclass
-class Actor:
-    """One worker actor as the driver sees it."""
-
-    key: str
-    handle: Any
-    ready: bool = False
-    inflight: dict = field(default_factory=dict)  # ref -> Shard
-    setup_ref: Any = None
-    requested: float = 0.0  # perf_counter() when it was asked for
 
 
 @dataclass(frozen=True)
@@ -155,13 +138,6 @@ def remote_worker(base=None):
 
 def _cause(e):
     return getattr(e, "cause", None) or e
-
-
-def _actor_hex(handle) -> str | None:
-    try:
-        return handle._actor_id.hex()
-    except Exception:  # noqa: BLE001 - a handle type without it (Ray Client, a newer Ray): not known
-        return None
 
 
 def _one_line(cause) -> str:
@@ -256,23 +232,23 @@ class Scheduler:
     """
 
     def __init__(self, spec, job_id, classes, res: Resources, state: RunState, bar, on_event=None, lock=None):
-        import ray
+        import ray  # the driver's Ray, started by the job (see the module head of audit.runner.job)
 
         self.ray = ray
         self.spec, self.job_id, self.classes, self.res = spec, job_id, classes, res
         self.state, self.bar, self.on_event, self.lock = state, bar, on_event, lock
         self.max_retries = int(spec.resources.max_retries)
         self.queue = ShardQueue(self.max_retries)  # the shards waiting for an actor
-        self.actors: dict[str, Actor] = {}
         self.calls: dict = {}  # ref -> Call
-        self.replacements = res.actors * max(1, self.max_retries) + 2  # actors started after crashes
-        self.ceiling = res.actors  # the most actors at once (an ``auto`` pool raises it as nodes join)
-        self.t0 = self.floor_met = self.last_grow = time.perf_counter()
-        self.pool_shown = None  # (running, starting, pending) last shown while actors wait for a node
-        self.last_placing, self.waiting_ids = 0.0, set()
+        self.t0 = self.floor_met = time.perf_counter()
         self.progress = ProgressPoller(ray, bar, self.emit)  # images inside the shards in flight
         self.worker_class = remote_worker()
+        self.pool = ActorPool(ray, spec, res, state, bar, self.new_handle)
         self.tracebacks_shown: set = set()  # one-line forms of the errors whose traceback was printed
+
+    @property
+    def actors(self) -> dict[str, Actor]:
+        return self.pool.actors
 
     # -- the loop -----------------------------------------------------------------
     def run(self, shards) -> RunState:
@@ -295,44 +271,33 @@ class Scheduler:
                 for ref in ready:
                     self.collect(ref)
         finally:
-            self.stop()
+            self.pool.stop()
         return self.state
 
     def busy(self) -> bool:
-        return bool(self.queue) or any(a.inflight for a in self.actors.values())
+        return bool(self.queue) or self.pool.inflight() > 0
 
     def emit(self, kind, payload) -> None:
         if self.on_event is not None:
             self.on_event(kind, payload)
 
     # -- actors -------------------------------------------------------------------
-    def actor_options(self) -> dict:
-        env = {**quiet.quiet_env(), "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "3"),
-               "AUDIT_VERBOSE": os.environ.get("AUDIT_VERBOSE", ""),
-               "OPENCV_IO_MAX_IMAGE_PIXELS": str(int(self.spec.dataset.max_pixels))}
-        # max_concurrency: the queued shard starts reading/decoding while the running one computes,
-        # and the running one writes while the queued one computes (see audit.runner.worker)
-        opts = {"num_cpus": self.res.cpus_per_actor, "num_gpus": self.res.gpus_per_actor, "max_restarts": 0,
-                "max_task_retries": 0, "max_concurrency": QUEUE_DEPTH, "runtime_env": {"env_vars": env}}
-        if self.res.custom:
-            opts["resources"] = dict(self.res.custom)
-        if self.res.accelerator_type:
-            opts["accelerator_type"] = self.res.accelerator_type
-        if self.ceiling > 1:
-            opts["scheduling_strategy"] = "SPREAD"
-        return opts
-
-    def start_actor(self) -> None:
-        key = uuid.uuid4().hex[:8]
-        handle = self.worker_class.options(**self.actor_options()).remote(
+    def new_handle(self, options: dict):
+        """One worker actor with these Ray options (the pool's ``new_handle``)."""
+        return self.worker_class.options(**options).remote(
             self.spec, out_dir=self.spec.output, job_id=self.job_id, classes=self.classes,
             cpus=self.res.cpus_per_actor, largest_shard=self.queue.largest,
             lock_token=self.lock.info.token if self.lock else None,
             generation=self.lock.generation if self.lock else 0)
-        actor = self.actors[key] = Actor(key, handle, requested=time.perf_counter())
-        actor.setup_ref = handle.setup.remote()
-        self.calls[actor.setup_ref] = Call("setup", key)
-        self.state.actors_started += 1
+
+    def resize(self) -> None:
+        """Actors up to the pool's ceiling while shards wait (pending ones included); none waiting: release."""
+        if not self.queue:
+            for a in self.pool.release_pending():
+                self.calls.pop(a.setup_ref, None)
+            return
+        for a in self.pool.fill(len(self.queue) + self.pool.inflight(), self.queue.total):
+            self.calls[a.setup_ref] = Call("setup", a.key)
 
     def retire(self, key: str, why: str, preempted: bool = False) -> None:
         """An actor died: its shards go back to the queue and the pool shrinks.
@@ -341,74 +306,18 @@ class Scheduler:
         while the replacement budget lasts; after a drained or preempted node
         always (that is the cluster's doing, not the job's).
         """
-        actor = self.actors.pop(key, None)
+        actor = self.pool.drop(key, preempted)
         if actor is None:
             return
-        self.state.actor_deaths += 1
-        if preempted:
-            self.state.preempted += 1
-        else:
-            self.replacements -= 1
         for ref, shard in actor.inflight.items():
             self.calls.pop(ref, None)
             self.retry(shard, why, counted=not preempted)
-        with contextlib.suppress(Exception):
-            self.ray.kill(actor.handle, no_restart=True)
-
-    # -- the pool -----------------------------------------------------------------
-    def running(self) -> int:
-        return sum(1 for a in self.actors.values() if a.ready)
-
-    def resize(self) -> None:
-        """Actors up to the ceiling while shards wait (pending ones included); none waiting: release."""
-        if not self.queue:
-            self.release_pending()
-            return
-        self.grow()
-        want = min(self.ceiling, len(self.queue) + sum(len(a.inflight) for a in self.actors.values()))
-        while len(self.actors) < want and self.replacements >= 0:
-            self.start_actor()
-
-    def grow(self) -> None:
-        """``actors: auto``: about every ``GROW_POLL_S``, count again what the cluster holds now."""
-        now = time.perf_counter()
-        if not self.res.grows or now - self.last_grow < GROW_POLL_S:
-            return
-        self.last_grow = now
-        try:
-            cluster = self.ray.cluster_resources()
-        except Exception:  # noqa: BLE001 - a GCS hiccup: look again next time
-            return
-        n = min(auto_count(cluster, self.res.gpus_per_actor, self.res.custom), self.queue.total)
-        if n > self.ceiling:
-            self.bar.write(f"audit: the cluster grew: up to {n} {self.res.kind()} actors (was {self.ceiling})")
-            self.ceiling = n
-
-    def release_pending(self) -> None:
-        """No shard waits: kill the actors not ready yet, so their requests stop holding (or adding) nodes.
-
-        Said in a line only when some of them were waiting for a node: one
-        still loading the model at the end of a small job is not news.
-        """
-        released = [a for a in self.actors.values() if not a.ready]
-        if not released:
-            return
-        waited = len(self.pending())
-        for a in released:
-            del self.actors[a.key]
-            self.calls.pop(a.setup_ref, None)
-            with contextlib.suppress(Exception):
-                self.ray.kill(a.handle, no_restart=True)
-        self.state.released += len(released)
-        if waited:
-            self.bar.write(f"audit: released {waited} actor request{'s' if waited > 1 else ''} still waiting for "
-                           "a node: no shard left to hand out")
 
     # -- shards -------------------------------------------------------------------
     def hand_out(self) -> None:
         """Queued shards to ready actors: one each first, then a second where work is left over."""
         # ready or still starting; not those waiting for a node, which may never come
-        idle = sum(1 for a in self.actors.values() if not a.inflight) - (len(self.pending()) if self.queue else 0)
+        idle = sum(1 for a in self.actors.values() if not a.inflight) - (len(self.pool.pending()) if self.queue else 0)
         for actor in self.actors.values():
             while actor.ready and self.queue and len(actor.inflight) < QUEUE_DEPTH:
                 if actor.inflight and len(self.queue) <= idle:
@@ -434,7 +343,7 @@ class Scheduler:
 
     def collect(self, ref) -> None:
         """One finished call: dispatch on what it was and how it ended."""
-        from ray import exceptions as rex
+        from ray import exceptions as rex  # Ray: the driver's, imported already (see __init__)
 
         call = self.calls.pop(ref, None)
         if call is None:
@@ -501,99 +410,17 @@ class Scheduler:
     def check_floor(self) -> None:
         """Stop when shards have waited ``start_timeout_s`` with fewer than ``actors.min`` actors running."""
         now = time.perf_counter()
-        if not self.queue or self.running() >= min(self.res.min_actors, self.ceiling):
+        if not self.queue or self.pool.running() >= min(self.res.min_actors, self.pool.ceiling):
             self.floor_met = now
         elif now - self.floor_met > self.res.start_timeout_s:
-            raise AuditError(self.timeout_line())
-
-    def timeout_line(self) -> str:
-        """One line naming the resource that never appeared (or that stayed busy)."""
-        try:
-            absent = missing(self.res.needs(), self.ray.nodes())
-        except Exception:  # noqa: BLE001 - the line is still worth saying without it
-            absent = []
-        # the most specific first: a custom resource or accelerator type, then GPU; CPU only when alone
-        absent = sorted((k for k in absent if k != "CPU"), key=lambda k: k == "GPU") or absent
-        running, need = self.running(), self.res.describe()
-        what = (f"{' and '.join(absent)} never appeared: no node with {need} joined" if absent
-                else f"the nodes with {need} stayed busy")
-        return (f"{what} within resources.start_timeout_s = {self.res.start_timeout_s:g} s "
-                f"({running} actor{'s' if running != 1 else ''} running, {self.res.min_actors} needed, "
-                f"{len(self.actors) - running} pending); the committed shards are kept: continue later with --resume")
+            raise AuditError(self.pool.timeout_line())
 
     def show_pool(self) -> None:
-        """A line when the pool changes while actors wait for a node (an autoscaling cluster adds them)."""
-        running = self.running()
-        self.state.peak_running = max(self.state.peak_running, running)
-        pending = len(self.pending()) if self.queue else 0
-        starting = len(self.actors) - running - pending
-        shown = (running, starting, pending) if pending else None
-        if shown == self.pool_shown:
-            return
-        kind, n = self.res.kind(), len(self.actors)
-        if shown:
-            also = f"{starting} starting, " if starting else ""
-            self.bar.pool(f"waiting for {n} {kind} actor{'s' if n != 1 else ''}: {running} running, {also}"
-                          f"{pending} pending", waiting=True)
-        else:
-            also = f", {starting} starting" if starting else ""
-            self.bar.pool(f"{n} {kind} actor{'s' if n != 1 else ''} on nodes: {running} running{also}, none pending",
-                          waiting=False)
-        self.pool_shown = shown
-        self.emit("pool", {"running": running, "starting": starting, "pending": pending, "ceiling": self.ceiling})
-
-    def pending(self) -> list[Actor]:
-        """Actors still not created ``PENDING_NOTICE_S`` after they were asked for: waiting for a node."""
-        now = time.perf_counter()
-        old = [a for a in self.actors.values() if not a.ready and now - a.requested >= PENDING_NOTICE_S]
-        if not old:
-            return []
-        waiting = self.placing()
-        return [a for a in old if _actor_hex(a.handle) in waiting]
-
-    def placing(self) -> set:
-        """Ids of this job's actors that wait for a node (Ray's ``PENDING_CREATION``), asked about once a second."""
-        now = time.perf_counter()
-        if now - self.last_placing >= PROGRESS_POLL_S:
-            self.last_placing = now
-            try:
-                from ray._private.state import state
-
-                job = self.ray.get_runtime_context().get_job_id()
-                self.waiting_ids = set(state.actor_table(None, job_id=self.ray.JobID.from_hex(job),
-                                                         actor_state_name="PENDING_CREATION"))
-            except Exception:  # noqa: BLE001 - Ray Client, or Ray changed: say nothing rather than guess
-                self.waiting_ids = set()
-        return self.waiting_ids
+        """A line when the pool changes while actors wait for a node (an autoscaler adds them)."""
+        shown = self.pool.show(queued=bool(self.queue))
+        if shown is not None:
+            self.emit("pool", shown)
 
     def show_progress(self) -> None:
         """About once a second: ask busy actors how far their shards are; show it."""
         self.progress.show(self.actors)
-
-    # -- the end ------------------------------------------------------------------
-    def stop(self) -> None:
-        """Fence every busy actor, then kill them all.
-
-        ``ray.kill`` fails the calls in flight at once, but the actor's process
-        may live on a moment and could still commit a shard after the run
-        returned (an interrupted job must not change its output behind a
-        ``--resume`` that has already planned).  A fenced actor commits nothing
-        more, and its ``fence`` call returns only once no commit is in
-        progress.  It runs in the actors' control group, so it is answered
-        while both shard slots are busy.  Waits are bounded by ``KILL_WAIT_S``.
-        """
-        if not self.actors:
-            return
-        ray = self.ray
-        inflight = [ref for a in self.actors.values() for ref in a.inflight]
-        fences = [a.handle.fence.remote() for a in self.actors.values() if a.ready and a.inflight]
-        if fences:
-            with contextlib.suppress(Exception):
-                ray.wait(fences, num_returns=len(fences), timeout=KILL_WAIT_S)
-        for a in list(self.actors.values()):
-            with contextlib.suppress(Exception):
-                ray.kill(a.handle, no_restart=True)
-        if inflight:
-            with contextlib.suppress(Exception):
-                ray.wait(inflight, num_returns=len(inflight), timeout=KILL_WAIT_S)
-        self.actors.clear()

@@ -20,10 +20,12 @@ ONE row with ``status=error``, ``error=<reason>`` and null
 
 The worker is put together from named collaborators: the model holder
 (:class:`audit.runner.model_holder.ModelHolder`: TensorFlow set up, model,
-head, Explainer, input size and channels), the decode pipeline (the producer
-and its thread pool, below), the row builder
-(:class:`audit.runner.rows.RowBuilder`: statistics and Arrow rows) and the
-committer (:meth:`AuditWorker._process_shard`: fenced write of the shard).
+head, Explainer, input size and channels), the decode pipeline
+(:class:`audit.runner.pipeline.DecodePipeline`: the producer thread, its
+decode and fetch pools), the row builder (:class:`audit.runner.rows.RowBuilder`:
+statistics and Arrow rows) and the committer
+(:class:`audit.runner.committer.ShardCommitter`: the fenced exactly-once write
+of a shard).  The worker itself only runs the model passes and counts progress.
 
 Shards pipeline inside one worker: the job runs each actor with two calls in
 flight (``max_concurrency=2``), and only the model passes take turns (a lock
@@ -36,24 +38,26 @@ returns.
 
 from __future__ import annotations
 
-import collections
-import contextlib
-import itertools
 import os
-import queue
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
+import pyarrow as pa
 
-from audit.data.jobspec import DatasetSpec, JobSpec
+from audit.data import datasets, fs, identity
+from audit.data.identity import shard_identity
+from audit.data.jobspec import JobSpec
+from audit.data.schema import SCHEMA_VERSION, records_schema
+from audit.engine.methods import METHODS
 from audit.errors import AuditError
+from audit.runner.committer import ShardCommitter
 from audit.runner.model_holder import ModelHolder, runs_mixed, to_mixed_precision  # noqa: F401  (public here)
+from audit.runner.pipeline import BATCHES_AHEAD, DecodePipeline  # noqa: F401  (public here)
 from audit.runner.rows import RowBuilder
-
-BATCHES_AHEAD = 2  # prepared input batches queued for the model thread
 
 
 class AuditWorker:
@@ -80,8 +84,8 @@ class AuditWorker:
         self._setup_lock = threading.Lock()
         self._turn = threading.Lock()  # the model passes of one shard at a time
         self._live: dict[int, int] = {}  # shard id -> images done so far, for shards in progress
-        self._commit_lock = threading.Lock()  # held for a whole commit; see fence()
-        self._fenced = False
+        self.committer = ShardCommitter(self.out_dir, job_id, lock_token, generation)
+        self.pipeline = self.post = None  # made by setup()
 
     # -- setup ------------------------------------------------------------------
     def setup(self) -> dict:
@@ -101,10 +105,6 @@ class AuditWorker:
         dataset would turn every image into an error row, and one that lacks
         the output would fail every shard.
         """
-        import socket
-
-        from audit.data import fs
-
         m = self.spec.model
         paths = [("model.path", m.path), ("model.weights", m.weights),
                  ("dataset.path", self.spec.dataset.path),
@@ -126,9 +126,6 @@ class AuditWorker:
 
     def _setup(self) -> None:
         """The collaborators: the model holder (model, head, Explainer), the row builder, the thread pools."""
-        from audit.data import identity
-        from audit.data.schema import SCHEMA_VERSION, records_schema
-
         t0 = time.perf_counter()
         identity.clear_cache()  # object listings of an earlier job in this process may be stale
         held = self.held = ModelHolder.load(self.spec, self.classes, self.cpus)
@@ -137,7 +134,10 @@ class AuditWorker:
         self.schema = records_schema(list(self.regions))
         self.schema_version = SCHEMA_VERSION
         self.rows = RowBuilder(self.classes, self.schema, self.size, self.regions)
-        self.pool = ThreadPoolExecutor(max_workers=self.spec.resources.decode_threads, thread_name_prefix="decode")
+        res = self.spec.resources
+        self.pipeline = DecodePipeline(self.spec.dataset, self.size, self.channels, self.spec.model.preprocess,
+                                       res.batch_size, res.decode_threads, self.rows, self.explainer.target)
+        self.pool = self.pipeline.pool  # the decode threads
         self.post = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rows")
         self._warm_up()
         self.info = {
@@ -156,8 +156,6 @@ class AuditWorker:
 
     def _warm_up(self) -> None:
         """Trace the compiled step for a full batch now, not on the first shard."""
-        from audit.engine.methods import METHODS
-
         ex = self.explainer
         n_warm = 1 if any(METHODS[m].needs.own_pass for m in ex.methods) else self.warm_up_size()
         ex(np.zeros((n_warm, *ex.input_shape), np.float32),
@@ -183,15 +181,11 @@ class AuditWorker:
         in flight at once, but the process may live on a moment and could still
         commit a shard behind a ``--resume`` that has already planned.
         """
-        with self._commit_lock:
-            self._fenced = True
-        return os.getpid()
+        return self.committer.fence()
 
     # -- one shard ----------------------------------------------------------------
     def process_shard(self, shard, commit: bool = True) -> dict:
         """Read, explain and (with ``commit``) write one shard; returns its counts."""
-        from audit.data import datasets
-
         self.setup()
         if isinstance(shard, dict):
             shard = datasets.Shard(**shard)
@@ -202,9 +196,6 @@ class AuditWorker:
             self._live.pop(shard.id, None)
 
     def _process_shard(self, shard, commit) -> dict:
-        from audit.data import datasets, io
-        from audit.data.identity import shard_identity
-
         t0 = time.perf_counter()
         # before the images are read: a file replaced while they are read then differs on --resume
         identity = shard_identity(self.spec.dataset, shard, self._plan_classes).to_dict() if commit else None
@@ -214,24 +205,10 @@ class AuditWorker:
                    "seconds": round(time.perf_counter() - t0, 3), "pid": os.getpid(),
                    "process_cpu_s": time.process_time()}
         if commit:
-            inputs = {**shard.to_dict(), "first": items[0].image_id if items else None,
-                      "last": items[-1].image_id if items else None}
-            with self._commit_lock:
-                if self._fenced:
-                    raise RuntimeError(f"shard {shard.id} not committed: this worker was fenced")
-                io.write_shard(self.out_dir, shard.id, table, job_id=self.job_id,
-                               schema_version=self.schema_version, inputs=inputs, counts=counts,
-                               identity=identity, guard=self._guard(shard.id), generation=self.generation)
+            self.committer.commit(shard, table, items, counts, identity)
             return summary
         summary["table"] = table
         return summary
-
-    def _guard(self, shard_id: int):
-        if not self.lock_token:
-            return None
-        from audit.data.lock import guard
-
-        return guard(self.out_dir, self.lock_token, self.generation, f"shard {shard_id}")
 
     def process_items(self, items, shard_id: int = 0):
         """Rows for a list of :class:`audit.data.datasets.Item` as an Arrow table cast to the schema.
@@ -243,21 +220,11 @@ class AuditWorker:
         Returns:
             (table sorted by item then layer x method block, counts: errors, flat, correct, labelled).
         """
-        import pyarrow as pa
-
-        from audit.data.prefetch import Prefetcher, wants_prefetch
-
         self.setup()
-        max_bytes = self._max_image_bytes()
-        # objects in a bucket: fetched a bounded window ahead on their own threads
-        prefetch = Prefetcher(self._fetch_pool(), items, max_bytes) if wants_prefetch(items) else None
-        load = _Loader.of(self.spec.dataset, self.size, max_bytes, prefetch)
         out = _Collected()
-        try:
-            pending = self._model_passes(items, load, shard_id, out)
-        finally:
-            if prefetch is not None:
-                prefetch.cancel()
+        # the producer starts now, so the next shard's first batches are ready while it waits for its turn
+        with self.pipeline.batches(items, shard_id) as batches:
+            pending = self._model_passes(batches, shard_id, out)
         for fut in pending:
             out.merge(*fut.result())
         if not out.parts:
@@ -266,147 +233,33 @@ class AuditWorker:
         order = np.argsort(np.concatenate(out.keys), kind="stable")
         return table.take(pa.array(order)), out.counts
 
-    def _max_image_bytes(self) -> int:
-        return int(self.spec.dataset.max_image_bytes)
-
-    def _model_passes(self, items, load, shard_id, out: _Collected) -> list:
-        """Run the model on every batch the producer prepares; returns the row futures.
-
-        A producer thread decodes (on the pool, a bounded window ahead), batches and
-        preprocesses; this thread only runs the model.  The producer starts now, so
-        the next shard's first batches are ready while it waits for its turn.
-        """
-        bs = int(self.spec.resources.batch_size)
-        window = 2 * bs + int(self.spec.resources.decode_threads)
-        ready: queue.Queue = queue.Queue(maxsize=BATCHES_AHEAD)
-        stop = threading.Event()
-        producer = threading.Thread(target=self._produce, args=(items, load, bs, window, shard_id, ready, stop),
-                                    name="batches", daemon=True)
-        producer.start()
+    def _model_passes(self, batches, shard_id, out: _Collected) -> list:
+        """Run the model on every batch the decode pipeline prepares; returns the row futures."""
         pending = []
-        try:
-            with self._turn:  # model passes: one shard at a time; its rows/commit overlap the next one's
-                while (msg := ready.get()) is not None:
-                    kind, payload = msg
-                    if kind == "raise":
-                        raise payload
-                    if kind == "errors":
-                        table, key, n_bad = payload
-                        out.merge([table], [key], {"errors": n_bad})
-                        self._count(shard_id, n_bad)
-                        continue
-                    batch, x, labels = payload
-                    res = self.explainer(x, labels=labels)
-                    self._count(shard_id, len(batch))
-                    # statistics and rows overlap with the next batch's model pass
-                    pending.append(self.post.submit(self.rows.rows, batch, res, shard_id, self.explainer.layers, self.explainer.methods))
-        finally:
-            stop.set()
-            while producer.is_alive():  # unblock a producer waiting on a full queue
-                with contextlib.suppress(queue.Empty):
-                    ready.get(timeout=0.05)
-            producer.join()
+        with self._turn:  # model passes: one shard at a time; its rows/commit overlap the next one's
+            for kind, payload in batches:
+                if kind == "errors":
+                    table, key, n_bad = payload
+                    out.merge([table], [key], {"errors": n_bad})
+                    self._count(shard_id, n_bad)
+                    continue
+                batch, x, labels = payload
+                res = self.explainer(x, labels=labels)
+                self._count(shard_id, len(batch))
+                # statistics and rows overlap with the next batch's model pass
+                pending.append(self.post.submit(self.rows.rows, batch, res, shard_id, self.explainer.layers,
+                                                self.explainer.methods))
         return pending
 
     def _count(self, shard_id, n):
         if shard_id in self._live:  # a shard of process_shard (not a bare process_items call)
             self._live[shard_id] += n
 
-    def _produce(self, items, load, bs, window, shard_id, ready, stop):
-        """Producer thread of :meth:`process_items`: ("errors", ...) and ("batch", ...) messages, then None."""
-
-        def put(msg):
-            while not stop.is_set():
-                try:
-                    ready.put(msg, timeout=0.1)
-                    return True
-                except queue.Full:
-                    continue
-            return False
-
-        try:
-            batch = []
-            for idx, (item, res) in enumerate(zip(items, self._ahead(load, items, window))):
-                if stop.is_set():
-                    return
-                if isinstance(res, Exception):
-                    if not put(("errors", (self.rows.error_rows([(idx, item, str(res), None)], shard_id),
-                                           np.array([idx * 1000], np.int64), 1))):
-                        return
-                    continue
-                batch.append((idx, item, res))
-                if len(batch) == bs:
-                    if not all(put(m) for m in self._prepare(batch, shard_id)):
-                        return
-                    batch = []
-            if batch and not all(put(m) for m in self._prepare(batch, shard_id)):
-                return
-        except BaseException as e:  # re-raised by the model thread
-            put(("raise", e))
-            return
-        put(None)
-
-    def _ahead(self, fn, items, window):
-        """``map(fn, items)`` on the decode pool, at most ``window`` results ahead.
-
-        The first window is submitted before this returns; the iterator keeps
-        ``window`` items in flight as results are taken, in order.
-        """
-        it = iter(items)
-        inflight = collections.deque(self.pool.submit(fn, x) for x in itertools.islice(it, max(1, window)))
-
-        def results():
-            try:
-                while inflight:
-                    fut = inflight.popleft()
-                    for x in itertools.islice(it, 1):
-                        inflight.append(self.pool.submit(fn, x))
-                    yield fut.result()
-            finally:
-                for fut in inflight:
-                    fut.cancel()
-
-        return results()
-
-    # -- rows ---------------------------------------------------------------------
-    def _prepare(self, batch, shard_id) -> list:
-        """Messages for the model thread: error rows for bad labels, then the batch's input array."""
-        from audit.engine.models import model_input
-
-        ex = self.explainer
-        msgs = []
-        if ex.target == "label":
-            n_cls = len(self.classes)
-            bad = [b for b in batch if b[1].label is None or not 0 <= b[1].label < n_cls]
-            if bad:
-                table = self.rows.error_rows(
-                    [(i, it, "target=label but the image has no valid label", r[2]) for i, it, r in bad], shard_id)
-                msgs.append(("errors", (table, np.array([i * 1000 for i, _, _ in bad], np.int64), len(bad))))
-                gone = {b[0] for b in bad}
-                batch = [b for b in batch if b[0] not in gone]  # the rest: a short batch of its own
-                if not batch:
-                    return msgs
-        labels = [b[1].label for b in batch]
-        imgs = np.stack([b[2][0] for b in batch])
-        x = model_input(imgs, self.channels, self.spec.model.preprocess)
-        lab = np.array([-1 if v is None else v for v in labels], np.int32)
-        msgs.append(("batch", (batch, x, np.maximum(lab, 0) if ex.target == "label" else None)))
-        return msgs
-
-    def _fetch_pool(self) -> ThreadPoolExecutor:
-        """The actor's pool for object fetches (made on the first shard read from a bucket)."""
-        from audit.data.prefetch import FETCH_DEPTH
-
-        with self._setup_lock:
-            if getattr(self, "fetch", None) is None:
-                self.fetch = ThreadPoolExecutor(max_workers=FETCH_DEPTH, thread_name_prefix="fetch")
-        return self.fetch
-
     def close(self) -> None:
-        for name in ("pool", "post", "fetch"):
-            pool = getattr(self, name, None)
-            if pool is not None:
-                pool.shutdown(wait=False)
+        if getattr(self, "pipeline", None) is not None:
+            self.pipeline.close()
+        if getattr(self, "post", None) is not None:
+            self.post.shutdown(wait=False)
 
 
 @dataclass
@@ -422,39 +275,6 @@ class _Collected:
         self.keys += keys
         for name, v in counts.items():
             self.counts[name] += v
-
-
-@dataclass
-class _Loader:
-    """Reads and decodes one item on a decode thread (its object prefetched first, if from a bucket)."""
-
-    size: tuple  # (H, W) of the model input
-    max_px: int
-    max_bytes: int
-    resize_masks: bool
-    prefetch: object = None  # audit.data.prefetch.Prefetcher, or None
-
-    @classmethod
-    def of(cls, ds: DatasetSpec, size, max_bytes: int, prefetch) -> _Loader:
-        return cls(size, int(ds.max_pixels), max_bytes, bool(ds.resize_masks), prefetch)
-
-    def __call__(self, item):
-        """The decoded item, or the DecodeError that makes it an error row."""
-        from audit.data import datasets
-        from audit.data.decode import DecodeError
-
-        # Only a fault in the user's data becomes an error row; anything else is a bug
-        # of ours and fails the shard with its traceback.
-        try:
-            if self.prefetch is not None:
-                self.prefetch.fill(item)
-            return datasets.load_item(item, self.size, self.max_px, max_bytes=self.max_bytes,
-                                      resize_masks=self.resize_masks)
-        except DecodeError as e:
-            return e
-        finally:
-            if self.prefetch is not None:
-                self.prefetch.release(item)
 
 
 def _node_id() -> str | None:
