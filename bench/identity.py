@@ -18,6 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from audit.data.jobspec import DatasetSpec
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from audit.data import datasets, identity  # noqa: E402
@@ -51,7 +53,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "d"
         _make(root, a.images, a.classes)
-        ds = {"format": "folder", "path": str(root), "shard_size": a.shard_size}
+        ds = DatasetSpec.from_partial({"format": "folder", "path": str(root), "shard_size": a.shard_size})
         plan = datasets.plan(ds)
         _time(ds, plan, 1)  # warm
         with_stat = _time(ds, plan, a.reps)

@@ -190,11 +190,12 @@ def hwm():  # peak RSS of this process image (VmHWM; ru_maxrss would include the
 
 import audit.runner.job  # the driver's imports (Ray is imported when the job starts Ray, after planning)
 from audit.data import datasets
+from audit.data.jobspec import DatasetSpec
 base = hwm()
 tracemalloc.start()
 t0 = time.perf_counter()
-p = datasets.plan({"format": "manifest", "path": sys.argv[1], "classes": None, "masks": None,
-                   "shard_size": 512, "limit": None, "max_pixels": 10**8})
+p = datasets.plan(DatasetSpec.from_partial({"format": "manifest", "path": sys.argv[1], "shard_size": 512,
+                                           "max_pixels": 10**8}))
 dt = time.perf_counter() - t0
 heap = tracemalloc.get_traced_memory()[1]
 print(p.total, len(p.shards), base, hwm(), heap / 2**20, dt)

@@ -70,8 +70,8 @@ def run_in_process(spec_path) -> str:
     from audit.runner.worker import AuditWorker
 
     spec = load_spec(str(spec_path), ())
-    plan = datasets.plan(spec["dataset"])
-    out = Path(spec["output"])
+    plan = datasets.plan(spec.dataset)
+    out = Path(spec.output)
     io.prepare_output(out, False)
     w = AuditWorker(spec, out_dir=out, job_id="jfix", classes=plan.classes)
     for s in plan.shards:

@@ -35,6 +35,7 @@ import pytest
 
 from audit.data import datasets, decode, fs, identity, io
 from audit.data import lock as lk
+from audit.data.jobspec import DatasetSpec
 from audit.errors import AuditError
 
 METHODS = ("gradcam",)
@@ -173,7 +174,7 @@ def test_an_edited_manifest_box_changes_the_shard_identity(tmp_path):
     h.write_png(tmp_path / "a.png", h.image(1, 0)[0])
     m = tmp_path / "m.csv"
     m.write_text("path,label,x0,y0,x1,y1\na.png,0,0,0,2,2\n")
-    d = {"format": "manifest", "path": str(m), "classes": ["x", "y"], "shard_size": 4}
+    d = DatasetSpec.from_partial({"format": "manifest", "path": str(m), "classes": ["x", "y"], "shard_size": 4})
 
     def ident():
         p = datasets.plan(d)
@@ -192,8 +193,9 @@ def test_categorical_and_float_labels_are_labels_not_error_rows(tmp_path):
         tmp_path / "c.parquet")
     (tmp_path / "f").mkdir()
     pd.DataFrame({"image": [png] * 3, "label": [0.0, 1.0, float("nan")]}).to_parquet(tmp_path / "f" / "f.parquet")
-    c = {"format": "parquet", "path": str(tmp_path / "c.parquet"), "shard_size": 4}
-    f = {"format": "parquet", "path": str(tmp_path / "f"), "shard_size": 4, "classes": ["cat", "dog"]}
+    c = DatasetSpec.from_partial({"format": "parquet", "path": str(tmp_path / "c.parquet"), "shard_size": 4})
+    f = DatasetSpec.from_partial({"format": "parquet", "path": str(tmp_path / "f"), "shard_size": 4,
+                                  "classes": ["cat", "dog"]})
     assert [(i.label, i.error) for i in datasets.iter_items(c)] == [(0, None), (1, None), (0, None)]
     assert [(i.label, i.error) for i in datasets.iter_items(f)] == [(0, None), (1, None), (None, None)]
 
@@ -203,7 +205,8 @@ def test_a_duplicated_manifest_row_with_a_bad_label_is_refused_in_one_line(tmp_p
         h.write_png(tmp_path / n, h.image(1, 0)[0])
     (tmp_path / "m.csv").write_text("path,label\na.png,bad\nb.png,1\na.png,0\n")
     with pytest.raises(AuditError) as e:
-        datasets.plan({"format": "manifest", "path": str(tmp_path / "m.csv"), "shard_size": 4, "classes": ["x", "y"]})
+        datasets.plan(DatasetSpec.from_partial({"format": "manifest", "path": str(tmp_path / "m.csv"), "shard_size": 4,
+                                                "classes": ["x", "y"]}))
     assert "line 4: image 'a.png' is listed again (first on line 2)" in _one_line(e)
 
 
@@ -348,7 +351,8 @@ def test_same_stem_images_do_not_share_a_mask(tmp_path):
     for name in ("img.bmp", "img.webp"):
         h.write_png(tmp_path / "d" / "cat" / name, h.image(1, 0)[0])
     h.write_png(tmp_path / "m" / "cat" / "img.png", np.full((16, 16), 255, np.uint8))
-    d = {"format": "folder", "path": str(tmp_path / "d"), "masks": str(tmp_path / "m"), "shard_size": 4}
+    d = DatasetSpec.from_partial({"format": "folder", "path": str(tmp_path / "d"), "masks": str(tmp_path / "m"),
+                                  "shard_size": 4})
     assert [(i.image_id, i.mask_file) for i in datasets.iter_items(d)] == [("cat/img.bmp", None),
                                                                            ("cat/img.webp", None)]
 
@@ -448,7 +452,7 @@ def test_a_model_with_nan_weights_is_called_out_from_its_real_records(tmp_path):
                       "dataset": {"format": "folder", "path": str(tmp_path / "data"), "shard_size": 8},
                       "explain": {"methods": ["gradcam"]}, "resources": {"batch_size": 4},
                       "output": str(tmp_path / "out")})
-    p = datasets.plan(spec["dataset"])
+    p = datasets.plan(spec.dataset)
     (tmp_path / "out" / io.RECORDS).mkdir(parents=True)
     (tmp_path / "out" / io.MANIFEST).mkdir()
     w = AuditWorker(spec, out_dir=str(tmp_path / "out"), job_id="j", classes=p.classes)

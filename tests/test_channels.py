@@ -155,7 +155,7 @@ def test_worker_rows_for_gray_and_rgba_models(tmp_path, channels):
     model.save(tmp_path / "m.keras")
     rgb = write_dataset(tmp_path / "data")
     spec = load_spec(spec_doc(tmp_path, tmp_path / "m.keras"))
-    plan = datasets.plan(spec["dataset"])
+    plan = datasets.plan(spec.dataset)
     w = AuditWorker(spec, classes=plan.classes)
     import pyarrow as pa
 

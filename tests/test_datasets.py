@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 
 from audit.data import datasets, decode
+from audit.data.jobspec import DatasetSpec
 from audit.errors import AuditError
 
 
@@ -18,7 +20,7 @@ def ds(fmt, path, **kw):
     d = {"format": fmt, "path": str(path), "classes": None, "masks": None, "shard_size": 4,
          "limit": None, "max_pixels": 100_000_000}
     d.update(kw)
-    return d
+    return DatasetSpec.from_partial(d)
 
 
 def loaded(d, classes=None):
@@ -128,7 +130,7 @@ def test_folder_shards_labels_masks(tmp_path):
     # deterministic: planning twice gives the same shards
     assert datasets.plan(d).shards == p.shards
     # limit
-    lim = datasets.plan({**d, "limit": 6})
+    lim = datasets.plan(replace(d, limit=6))
     assert lim.total == 6 and sum(s.size for s in lim.shards) == 6
 
 
@@ -269,32 +271,32 @@ def test_tfrecord_keys(tmp_path):
 
 def test_load_images_every_format(tmp_path):
     root, mroot = h.make_folder(tmp_path / "data", 3)
-    images, masks, has = datasets.load_images({"dataset": ds("folder", root, masks=mroot)},
+    images, masks, has = datasets.load_images(ds("folder", root, masks=mroot),
                                               ["dog/img_002.png", "cat/img_000.png"], (16, 16))
     assert np.array_equal(images[0], h.image(1002, 1)[0]) and np.array_equal(images[1], h.image(0, 0)[0])
     assert has.tolist() == [True, True] and np.array_equal(masks[0], h.image(1002, 1)[1] > 0)
 
     man = h.make_manifest(tmp_path / "man", n=6, boxes=True)
-    images, masks, has = datasets.load_images({"dataset": ds("manifest", man)}, ["images/im004.png"], (8, 8))
+    images, masks, has = datasets.load_images(ds("manifest", man), ["images/im004.png"], (8, 8))
     assert images.shape == (1, 8, 8, 3) and has.tolist() == [True]
     assert np.array_equal(images[0], cv2.resize(h.image(2004, 0)[0], (8, 8), interpolation=cv2.INTER_AREA))
 
     pq = h.make_parquet(tmp_path / "pq", n=6, files=2)
-    images, masks, has = datasets.load_images({"dataset": ds("parquet", pq)}, ["rec-0004", "rec-0001"], (16, 16))
+    images, masks, has = datasets.load_images(ds("parquet", pq), ["rec-0004", "rec-0001"], (16, 16))
     assert np.array_equal(images[0], h.image(3004, 0)[0]) and np.array_equal(images[1], h.image(3001, 1)[0])
     pq2 = h.make_parquet(tmp_path / "pq2", n=4, files=1, keys=False, masks=False)
-    images, masks, has = datasets.load_images({"dataset": ds("parquet", pq2)}, ["part-0.parquet#3"], (16, 16))
+    images, masks, has = datasets.load_images(ds("parquet", pq2), ["part-0.parquet#3"], (16, 16))
     assert np.array_equal(images[0], h.image(3003, 1)[0]) and masks is None and has.tolist() == [False]
 
     tfr = h.make_tfrecord(tmp_path / "t.tfrecord", n=5)
-    images, masks, has = datasets.load_images({"dataset": ds("tfrecord", tfr)}, ["t.tfrecord#3"], (16, 16))
+    images, masks, has = datasets.load_images(ds("tfrecord", tfr), ["t.tfrecord#3"], (16, 16))
     assert np.array_equal(images[0], h.image(4003, 1)[0]) and np.array_equal(masks[0], h.image(4003, 1)[1] > 0)
 
     with pytest.raises(AuditError, match="'nope' is not in the dataset"):
-        datasets.load_images({"dataset": ds("parquet", pq)}, ["nope"], (16, 16))
+        datasets.load_images(ds("parquet", pq), ["nope"], (16, 16))
     # a dataset moved since the job ran: one line (the scan then skips its intervention)
     with pytest.raises(AuditError, match="dataset not found: .*moved since the job ran"):
-        datasets.load_images({"dataset": ds("folder", tmp_path / "gone")}, ["cat/img_000.png"], (16, 16))
+        datasets.load_images(ds("folder", tmp_path / "gone"), ["cat/img_000.png"], (16, 16))
 
 
 def test_original_image_of_a_parquet_or_tfrecord_record(tmp_path):

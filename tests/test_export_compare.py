@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 
 from audit.cli import main
+from audit.data.jobspec import DatasetSpec
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +50,8 @@ def test_export_three_outputs_read_back(evidence, tmp_path):
         assert cv2.imread(str(to / "counterfactual" / path))[corner, corner].max() < 200
     for path in pasted.path:
         assert (cv2.imread(str(to / "counterfactual" / path))[corner, corner] == 255).all()
-    ds = {"format": "manifest", "path": str(to / "counterfactual" / "manifest.csv"), "classes": ["cat", "dog"],
-          "shard_size": 64}
+    ds = DatasetSpec.from_partial({"format": "manifest", "path": str(to / "counterfactual" / "manifest.csv"),
+                                   "classes": ["cat", "dog"], "shard_size": 64})
     assert datasets.plan(ds).total == len(man)  # a dataset `audit run` reads
 
 

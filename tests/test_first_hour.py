@@ -12,7 +12,7 @@ def test_cluster_gpu_note_only_on_a_joined_cluster(local, said, capsys):
     from audit.data.jobspec import JobSpec
     from audit.runner.job import _note_cpu_fallback
 
-    spec = JobSpec.coerce({"resources": {"gpus_per_actor": "auto"}})
+    spec = JobSpec.from_partial({"resources": {"gpus_per_actor": "auto"}})
     _note_cpu_fallback(spec, Resources(1, 2.0, 0.0), local)
     err = capsys.readouterr().err
     assert ("autoscaler" in err) is said

@@ -135,7 +135,7 @@ def _spec(ws, fmt):
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_every_format_reads_the_same_items(workspace, fmt):
     spec = _spec(workspace, fmt)
-    d = spec["dataset"]
+    d = spec.dataset
     p = datasets.plan(d)
     got = []
     for s in p.shards:
@@ -157,10 +157,10 @@ def _audit(ws, fmt) -> Path:
     from audit.scan.pipeline import scan
 
     spec = _spec(ws, fmt)
-    p = datasets.plan(spec["dataset"])
+    p = datasets.plan(spec.dataset)
     w = AuditWorker(spec, classes=p.classes)
     info = w.setup()
-    out = Path(spec["output"])
+    out = Path(spec.output)
     (out / "records").mkdir(parents=True)
     for s in p.shards:
         pq.write_table(w.process_shard(s, commit=False)["table"], out / "records" / f"part-{s.id:05d}.parquet")

@@ -8,6 +8,8 @@ import sys
 import pytest
 from helpers_jobs import assert_exactly_once, folder_workspace
 
+from audit.data.jobspec import JobSpec
+
 
 @pytest.fixture()
 def ws(tmp_path):
@@ -45,7 +47,7 @@ def test_when_a_job_runs_in_process(ws, monkeypatch):
     assert runs_in_process(spec, None, small)
     assert not runs_in_process(spec, None, big)
     assert not runs_in_process(spec, "auto", small)  # a cluster: actors
-    assert not runs_in_process({"resources": {"actors": 4}}, None, small)  # the user asked for actors
+    assert not runs_in_process(JobSpec.from_partial({"resources": {"actors": 4}}), None, small)  # the user asked for actors
     monkeypatch.setenv("AUDIT_IN_PROCESS", "0")
     assert not runs_in_process(spec, None, small)
     monkeypatch.setenv("AUDIT_IN_PROCESS", "1")

@@ -10,6 +10,7 @@ import pytest
 
 from audit.data import datasets, identity
 from audit.data.formats import manifest
+from audit.data.jobspec import DatasetSpec
 from audit.errors import AuditError
 
 
@@ -17,7 +18,7 @@ def ds(fmt, path, **kw):
     d = {"format": fmt, "path": str(path), "classes": None, "masks": None, "shard_size": 4,
          "limit": None, "max_pixels": 100_000_000}
     d.update(kw)
-    return d
+    return DatasetSpec.from_partial(d)
 
 
 def labels_of(d, classes=None):

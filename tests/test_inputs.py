@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from audit.data import datasets, decode, files, io, tfrecord
+from audit.data.jobspec import DatasetSpec
 from audit.errors import AuditError
 from audit.runner.spec import fill_defaults, load_spec
 from audit.runner.worker import AuditWorker, runs_mixed
@@ -25,7 +26,7 @@ def ds(fmt, path, **kw):
     d = {"format": fmt, "path": str(path), "classes": None, "masks": None, "shard_size": 4,
          "limit": None, "max_pixels": 100_000_000}
     d.update(kw)
-    return d
+    return DatasetSpec.from_partial(d)
 
 
 def items_of(d):
@@ -65,7 +66,7 @@ def run_worker(tmp_path, model, dataset):
     spec = load_spec({"model": {"path": model, "preprocess": "scale_0_1"}, "dataset": dataset,
                       "explain": {"methods": ["gradcam"]}, "resources": {"batch_size": 4, "decode_threads": 2},
                       "output": str(tmp_path / "out")})
-    p = datasets.plan(spec["dataset"])
+    p = datasets.plan(spec.dataset)
     w = AuditWorker(spec, classes=p.classes)
     table = pa.concat_tables([w.process_shard(s, commit=False)["table"] for s in p.shards])
     # the table must survive a Parquet round trip (non-UTF-8 text would fail here)
@@ -101,7 +102,7 @@ def test_non_utf8_file_names_are_escaped_and_kept_exactly(tmp_path, model):
 
     assert np.array_equal(query.original_image(row), img)  # overlays find the file by its exact bytes
     # read back by its id (the scan's intervention step)
-    images, _, _ = datasets.load_images({"dataset": ds("folder", root)}, ["cat/caf\\xe9-\\xff.png"], (16, 16))
+    images, _, _ = datasets.load_images(ds("folder", root), ["cat/caf\\xe9-\\xff.png"], (16, 16))
     assert np.array_equal(images[0], img)
 
 
@@ -184,7 +185,7 @@ def test_files_over_max_image_bytes_are_refused_unread(tmp_path):
     assert all("more than dataset.max_image_bytes=100" in it.error for it in its)
     # the spec has the key, with its default
     spec = fill_defaults({"model": {"path": "m.keras"}, "dataset": {"format": "folder", "path": "d"}, "output": "o"})
-    assert spec["dataset"]["max_image_bytes"] == 256 * 2**20 and spec["dataset"]["resize_masks"] is False
+    assert spec.dataset.max_image_bytes == 256 * 2**20 and spec.dataset.resize_masks is False
 
 
 # ----------------------------------------------------------------------------
@@ -305,9 +306,9 @@ def test_damaged_files_commit_through_the_worker(tmp_path, model):
                       "dataset": {"format": "tfrecord", "path": str(junk), "shard_size": 4},
                       "explain": {"methods": ["gradcam"]}, "resources": {"batch_size": 4},
                       "output": str(tmp_path / "out")})
-    io.prepare_output(spec["output"], resume=False)
-    p = datasets.plan(spec["dataset"])
-    w = AuditWorker(spec, out_dir=spec["output"], classes=["a", "b"])
+    io.prepare_output(spec.output, resume=False)
+    p = datasets.plan(spec.dataset)
+    w = AuditWorker(spec, out_dir=spec.output, classes=["a", "b"])
     for s in p.shards:
         w.process_shard(s)
     df = pq.read_table(tmp_path / "out" / "records").to_pandas()

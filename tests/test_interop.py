@@ -29,14 +29,14 @@ def out(tmp_path_factory):
         "resources": {"batch_size": 4, "decode_threads": 2},
         "output": str(tmp / "out"),
     })
-    plan = datasets.plan(spec["dataset"])
+    plan = datasets.plan(spec.dataset)
     assert len(plan.shards) == 2
-    io.prepare_output(spec["output"], resume=False)
+    io.prepare_output(spec.output, resume=False)
     w = AuditWorker(spec, job_id="interop", classes=plan.classes)
     for s in plan.shards:
         w.process_shard(s)
     w.close()
-    return spec["output"]
+    return spec.output
 
 
 def test_duckdb_reads_records_as_is(out):

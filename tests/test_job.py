@@ -87,7 +87,7 @@ def test_two_actors_kill_one_mid_job(ray_local, ws):
     assert s["status"] == "ok" and s["images"] == ws["n"] == s["images_done"]
     assert s["actor_deaths"] == 1 and s["retries"] >= 1 and s["actors"] == 3
     assert s["errors"] == len(ws["bad"])
-    plan = datasets.plan(load_spec(ws["spec"])["dataset"])
+    plan = datasets.plan(load_spec(ws["spec"]).dataset)
     assert s["shards"] == len(plan.shards) == len(io.committed_shards(out))
     assert len(set(done_by)) >= 2  # two actors did work (the killed one and another)
     df = _check_output(out, ws["n"], ws["bad"])
@@ -180,7 +180,7 @@ def test_interrupt_then_resume(ray_local, ws, capsys):
     assert not set(redone) & set(first)  # committed shards were skipped...
     for k, e in first.items():  # ...and not rewritten
         assert (out / "records" / e["file"]).stat().st_mtime_ns == stamps[k]
-    sizes = {sh.id: sh.size for sh in datasets.plan(load_spec(ws["spec"])["dataset"]).shards}
+    sizes = {sh.id: sh.size for sh in datasets.plan(load_spec(ws["spec"]).dataset).shards}
     assert s["images_done"] == ws["n"]
     assert s["images_this_run"] == ws["n"] - sum(sizes[k] for k in first) > 0
     _check_output(out, ws["n"], ws["bad"])
@@ -306,8 +306,8 @@ def test_progress_poll_is_answered_while_shards_are_held(ray_local, ws, tmp_path
                       "explain": {"methods": ["gradcam"]},
                       "resources": {"batch_size": 2, "decode_threads": 2},
                       "output": str(tmp_path / "out")})
-    plan = datasets.plan(spec["dataset"])
-    io.prepare_output(spec["output"], resume=False)  # as the driver does before starting actors
+    plan = datasets.plan(spec.dataset)
+    io.prepare_output(spec.output, resume=False)  # as the driver does before starting actors
     actor = job.remote_worker().options(max_concurrency=job.QUEUE_DEPTH, num_cpus=0).remote(
         spec, classes=plan.classes)
     try:

@@ -341,7 +341,7 @@ def test_worker_writes_a_row_per_label_and_keeps_every_image(tmp_path):
                       "dataset": {"format": "folder", "path": root},
                       "explain": {"methods": ["gradcam", "cam"]},
                       "resources": {"batch_size": 4, "decode_threads": 2}, "output": str(tmp_path / "out")})
-    plan = datasets.plan(spec["dataset"])
+    plan = datasets.plan(spec.dataset)
     w = AuditWorker(spec, classes=plan.classes)
     df = pa.concat_tables([w.process_shard(s, commit=False)["table"] for s in plan.shards]).to_pandas()
     ids = [f"{p.parent.name}/{p.name}" for p in files]

@@ -349,13 +349,13 @@ def test_audit_run_fail_on_shortcut_and_the_pass_at_its_end(scanned, tmp_path, c
 
     from audit.cli import main
 
-    spec = yaml.safe_load((Path(scanned[0]).parent / "job.yaml").read_text())
-    spec["output"] = str(tmp_path / "run")
-    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+    doc = yaml.safe_load((Path(scanned[0]).parent / "job.yaml").read_text())
+    doc["output"] = str(tmp_path / "run")
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(doc))
     assert main(["run", str(tmp_path / "job.yaml"), "--no-progress", "--fail-on", "shortcut"]) == 3
     assert "per-image pass: 60 rows" in capsys.readouterr().out
     assert len(hf.read_images(tmp_path / "run")) == 60
-    spec["output"] = str(tmp_path / "run2")
-    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+    doc["output"] = str(tmp_path / "run2")
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(doc))
     assert main(["run", str(tmp_path / "job.yaml"), "--no-progress", "--per-image", "none"]) == 0
     assert not (tmp_path / "run2" / "summary" / "images.parquet").exists()

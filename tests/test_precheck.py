@@ -11,6 +11,7 @@ from pathlib import Path
 import helpers_jobs as h
 import pytest
 
+from audit.data.jobspec import JobSpec
 from audit.errors import AuditError
 from audit.runner.precheck import check_model_file, keras_layers
 
@@ -36,7 +37,7 @@ def models(tmp_path_factory):
 
 
 def _spec(path, layers="auto", trust=False):
-    return {"model": {"path": path, "trust_code": trust}, "explain": {"layers": layers}}
+    return JobSpec.from_partial({"model": {"path": path, "trust_code": trust}, "explain": {"layers": layers}})
 
 
 def test_layers_from_the_keras_config(models):

@@ -21,6 +21,7 @@ import pytest
 
 from audit.data import datasets, formats, fs, io
 from audit.data.identity import ShardIdentity, compare, identity_change, shard_identity
+from audit.data.jobspec import DatasetSpec
 from audit.errors import AuditError
 from audit.runner.job import run_job
 
@@ -42,7 +43,7 @@ def in_the_driver():
 
 
 def _ds(fmt, path, size=4, **kw):
-    return {"format": fmt, "path": str(path), "shard_size": size, **kw}
+    return DatasetSpec.from_partial({"format": fmt, "path": str(path), "shard_size": size, **kw})
 
 
 def _ids(ds):

@@ -55,14 +55,14 @@ def test_defaults_and_relative_paths(ws, monkeypatch):
     tmp, doc = ws
     monkeypatch.chdir("/")
     spec = load_spec(write(tmp, doc))
-    assert spec["model"]["path"] == str(tmp / "m.keras")
-    assert spec["dataset"]["path"] == str(tmp / "data")
-    assert spec["output"] == str(tmp / "out")
-    assert spec["dataset"]["shard_size"] == 512
+    assert spec.model.path == str(tmp / "m.keras")
+    assert spec.dataset.path == str(tmp / "data")
+    assert spec.output == str(tmp / "out")
+    assert spec.dataset.shard_size == 512
     assert spec.explain.to_dict() == {"methods": ["gradcam", "gradcam++"], "layers": "auto",
                                       "target": "predicted", "regions": {}, "token_grid": None}
-    assert spec["resources"]["batch_size"] == 64 and spec["resources"]["actors"] == "auto"
-    assert spec["model"]["trust_code"] is False and spec["model"]["preprocess"] == "none"
+    assert spec.resources.batch_size == 64 and spec.resources.actors == "auto"
+    assert spec.model.trust_code is False and spec.model.preprocess == "none"
     assert json.loads(json.dumps(spec.to_dict())) == spec.to_dict()  # what job.json holds
     # idempotent on an already resolved spec (job.json["spec"], or the JobSpec itself)
     assert load_spec(spec.to_dict()) == spec and load_spec(spec) == spec
@@ -74,9 +74,9 @@ def test_paths_from_the_command_line_are_relative_to_the_cwd(ws, monkeypatch, tm
     (elsewhere / "other.keras").write_bytes(b"x")
     monkeypatch.chdir(elsewhere)
     spec = load_spec(write(tmp, doc), ["model.path=other.keras", "output=res/o"])
-    assert spec["model"]["path"] == str(elsewhere / "other.keras")
-    assert spec["output"] == str(elsewhere / "res" / "o")
-    assert spec["dataset"]["path"] == str(tmp / "data")  # from the file: relative to the file
+    assert spec.model.path == str(elsewhere / "other.keras")
+    assert spec.output == str(elsewhere / "res" / "o")
+    assert spec.dataset.path == str(tmp / "data")  # from the file: relative to the file
 
 
 def test_name_defaults_to_file_stem(ws):
@@ -90,10 +90,10 @@ def test_overrides_are_yaml(ws):
     spec = load_spec(write(tmp, doc), ["dataset.shard_size=64", "explain.layers=[conv1, conv2]",
                                        "explain.regions.sky=[0, 0, 1, 0.4]", "resources.actors=3",
                                        "explain.target=1", "name=other"])
-    assert spec["dataset"]["shard_size"] == 64
-    assert spec["explain"]["layers"] == ["conv1", "conv2"]
-    assert spec["explain"]["regions"] == {"sky": [0, 0, 1, 0.4]}
-    assert spec["resources"]["actors"] == 3 and spec["explain"]["target"] == 1
+    assert spec.dataset.shard_size == 64
+    assert spec.explain.layers == ["conv1", "conv2"]
+    assert spec.explain.regions == {"sky": [0, 0, 1, 0.4]}
+    assert spec.resources.actors == 3 and spec.explain.target == 1
     assert spec["name"] == "other"
     assert apply_overrides({"a": {"b": 1}}, ["a.c=x"]) == {"a": {"b": 1, "c": "x"}}
 

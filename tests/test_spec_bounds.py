@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import yaml
 
+from audit.data.jobspec import JobSpec
 from audit.errors import AuditError
 from audit.runner import spec as S
 from audit.runner.spec import load_spec, numeric_bounds
@@ -62,7 +64,7 @@ def test_a_few_aliases_are_fine(ws):
     tmp, _ = ws
     text = BASE + "explain:\n  regions:\n    sky: &top [0, 0, 1, 0.4]\n    top: *top\n"
     spec = load_spec(write_text(tmp, text))
-    assert spec["explain"]["regions"] == {"sky": [0, 0, 1, 0.4], "top": [0, 0, 1, 0.4]}
+    assert spec.explain.regions == {"sky": [0, 0, 1, 0.4], "top": [0, 0, 1, 0.4]}
 
 
 def test_alias_budget_counts_expanded_nodes_not_aliases():
@@ -144,10 +146,10 @@ def test_cli_refuses_a_huge_batch_size_in_one_line(ws, capsys):
 def test_the_warm_up_batch_is_at_most_the_data():
     from audit.runner.worker import AuditWorker
 
-    spec = {"dataset": {"shard_size": 512, "limit": None}, "resources": {"batch_size": 4096}}
+    spec = JobSpec.from_partial({"dataset": {"shard_size": 512, "limit": None}, "resources": {"batch_size": 4096}})
     assert AuditWorker(spec).warm_up_size() == 512
     assert AuditWorker(spec, largest_shard=3).warm_up_size() == 3
-    spec["dataset"]["limit"] = 7
+    spec = replace(spec, dataset=replace(spec.dataset, limit=7))
     assert AuditWorker(spec).warm_up_size() == 7
-    spec["resources"]["batch_size"] = 2
+    spec = replace(spec, resources=replace(spec.resources, batch_size=2))
     assert AuditWorker(spec, largest_shard=3).warm_up_size() == 2

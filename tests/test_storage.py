@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from audit.data import datasets, fs
+from audit.data.jobspec import DatasetSpec, JobSpec
 from audit.errors import AuditError
 
 
@@ -59,7 +60,7 @@ def _dataset(fmt, where, shard_size=4):
     ds = {"format": fmt, "path": where[fmt], "shard_size": shard_size, "max_pixels": 10**8}
     if fmt == "folder":
         ds["masks"] = where["masks"]
-    return ds
+    return DatasetSpec.from_partial(ds)
 
 
 def _items(ds):
@@ -111,13 +112,13 @@ def test_wrong_credential_is_one_line_naming_bucket_and_variable(s3, data):
 
 def test_missing_bucket_is_one_line(s3):
     with pytest.raises(AuditError) as e:
-        datasets.plan({"format": "folder", "path": "s3://no-such-bucket/data", "shard_size": 4})
+        datasets.plan(DatasetSpec.from_partial({"format": "folder", "path": "s3://no-such-bucket/data", "shard_size": 4}))
     msg = str(e.value)
     assert "\n" not in msg and "bucket s3://no-such-bucket does not exist" in msg
     with pytest.raises(AuditError, match="bucket s3://no-such-bucket does not exist"):
         fs.write_bytes("s3://no-such-bucket/x.json", b"{}")
     with pytest.raises(AuditError, match="dataset.path: not found: s3://data/nothing-here"):
-        datasets.plan({"format": "folder", "path": "s3://data/nothing-here", "shard_size": 4})
+        datasets.plan(DatasetSpec.from_partial({"format": "folder", "path": "s3://data/nothing-here", "shard_size": 4}))
 
 
 def test_one_filesystem_per_bucket(s3, data):
@@ -159,9 +160,9 @@ def test_spec_keeps_uris(data, tmp_path):
                       "dataset": {"format": "folder", "path": data["remote"]["folder"],
                                   "masks": data["remote"]["masks"]},
                       "output": "s3://results/t"}, base_dir=tmp_path)
-    assert spec["model"]["path"] == data["remote"]["model"]
-    assert spec["dataset"]["path"] == data["remote"]["folder"] and spec["output"] == "s3://results/t"
-    assert spec["dataset"]["masks"] == data["remote"]["masks"]
+    assert spec.model.path == data["remote"]["model"]
+    assert spec.dataset.path == data["remote"]["folder"] and spec.output == "s3://results/t"
+    assert spec.dataset.masks == data["remote"]["masks"]
     with pytest.raises(AuditError, match="model.path: model file not found: s3://data/models/none.keras"):
         load_spec({"name": "t", "model": {"path": "s3://data/models/none.keras", "preprocess": "none"},
                    "dataset": {"format": "folder", "path": data["remote"]["folder"]}, "output": "o"},
@@ -180,7 +181,7 @@ def test_worker_from_bucket_equals_local(data):
                           "dataset": {"format": "folder", "path": d["folder"], "masks": d["masks"], "shard_size": 4},
                           "resources": {"batch_size": 4, "decode_threads": 2}, "output": str(data["dir"] / "o")},
                          base_dir=data["dir"])
-        p = datasets.plan(spec["dataset"])
+        p = datasets.plan(spec.dataset)
         w = AuditWorker(spec, classes=p.classes)
         tables.append(w.process_shard(p.shards[0], commit=False)["table"])
         w.close()
@@ -469,8 +470,8 @@ def test_actor_start_up_checks_its_credentials_and_output_bucket(s3, data):
     from audit.data import io
     from audit.runner.worker import AuditWorker
 
-    spec = {"model": {"path": data["remote"]["model"]}, "dataset": {"path": data["remote"]["folder"]},
-            "output": "s3://results-nowhere/x"}
+    spec = JobSpec.from_partial({"model": {"path": data["remote"]["model"]},
+                                 "dataset": {"path": data["remote"]["folder"]}, "output": "s3://results-nowhere/x"})
     AuditWorker(spec).check_paths()  # only URIs: nothing local to find
     s3.set_env(secret="wrong")
     with pytest.raises(AuditError) as e:

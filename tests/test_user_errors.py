@@ -57,8 +57,8 @@ def ws(tmp_path_factory):
                       "output": str(tmp / "out")})
     (tmp / "out" / "records").mkdir(parents=True)
     (tmp / "out" / "_manifest").mkdir()
-    w = AuditWorker(spec, out_dir=str(tmp / "out"), classes=datasets.plan(spec["dataset"]).classes)
-    for s in datasets.plan(spec["dataset"]).shards:
+    w = AuditWorker(spec, out_dir=str(tmp / "out"), classes=datasets.plan(spec.dataset).classes)
+    for s in datasets.plan(spec.dataset).shards:
         w.process_shard(s)
     assert main(["scan", str(tmp / "out"), "--no-intervene", "--quiet"]) == 0
     (tmp / "empty_out").mkdir()

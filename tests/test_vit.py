@@ -260,7 +260,7 @@ def test_worker_rows_of_a_vit_with_token_grid_in_the_spec(vit, tmp_path):
         "resources": {"batch_size": 4, "decode_threads": 1},
         "output": str(tmp_path / "out"),
     })
-    plan = datasets.plan(spec["dataset"])
+    plan = datasets.plan(spec.dataset)
     w = AuditWorker(spec, classes=plan.classes)
     df = pa.concat_tables([w.process_shard(s, commit=False)["table"] for s in plan.shards]).to_pandas()
     assert (df.status == "ok").all(), df.error.tolist()

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from audit.data import datasets, formats, identity, query, resources
+from audit.data.jobspec import DatasetSpec
 from audit.errors import AuditError
 
 
@@ -42,7 +43,7 @@ def ds(path, **kw):
     d = {"format": "webdataset", "path": str(path), "classes": None, "masks": None, "shard_size": 3,
          "limit": None, "max_pixels": 10**8}
     d.update(kw)
-    return d
+    return DatasetSpec.from_partial(d)
 
 
 def test_the_format_is_registered_and_in_the_schema():
@@ -122,7 +123,7 @@ def test_original_image_and_load_by_id(tmp_path):
     np.testing.assert_array_equal(query.original_image({"path": f"{root}/shard-1.tar#1", "path_bytes": None}), h.image(5004, 0)[0])
     with pytest.raises(AuditError, match="record 9 not found"):
         query.original_image({"path": f"{root}/shard-1.tar#9", "path_bytes": None})
-    images, masks, has = datasets.load_images({"dataset": ds(root)}, ["sample-0005", "sample-0000"], (16, 16))
+    images, masks, has = datasets.load_images(ds(root), ["sample-0005", "sample-0000"], (16, 16))
     np.testing.assert_array_equal(images[0], h.image(5005, 1)[0])
     np.testing.assert_array_equal(masks[1], h.image(5000, 0)[1] > 0)
     assert has.tolist() == [True, True]
@@ -136,4 +137,4 @@ def test_a_spec_takes_the_format(tmp_path):
     spec = load_spec({"model": {"path": "m.keras"}, "dataset": {"format": "webdataset", "path": "wds",
                                                                "masks": "seg.png"}, "output": "out"},
                      base_dir=tmp_path)
-    assert spec["dataset"]["path"] == root and spec["dataset"]["masks"] == "seg.png"  # a member name, not a path
+    assert spec.dataset.path == root and spec.dataset.masks == "seg.png"  # a member name, not a path

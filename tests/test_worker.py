@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import helpers_jobs as h
@@ -31,7 +32,7 @@ def _spec(tmp_path, model, dataset, **explain):
 
 
 def _run(spec):
-    p = datasets.plan(spec["dataset"])
+    p = datasets.plan(spec.dataset)
     w = AuditWorker(spec, classes=p.classes)
     tables = [w.process_shard(s, commit=False)["table"] for s in p.shards]
     import pyarrow as pa
@@ -136,7 +137,7 @@ def test_degenerate_maps_become_flat_rows_with_null_statistics(tmp_path):
     m.save(path)
     ds = {"format": "manifest", "path": h.make_manifest(tmp_path, n=4, boxes=True), "shard_size": 4}
     spec = _spec(tmp_path, str(path), ds, regions={"left": [0, 0, 0.5, 1]})
-    plan = datasets.plan(spec["dataset"])
+    plan = datasets.plan(spec.dataset)
     w = AuditWorker(spec, classes=plan.classes)
     out = w.process_shard(plan.shards[0], commit=False)
     df = out["table"].to_pandas()
@@ -153,7 +154,7 @@ def test_progress_counts_images_inside_a_shard_and_producer_errors_surface(tmp_p
     root, _ = h.make_folder(tmp_path / "data", 6, masks=False)
     (Path(root) / "cat" / "zero.png").write_bytes(b"")  # first in the shard: an error row
     spec = _spec(tmp_path, model, {"format": "folder", "path": root, "shard_size": 100})
-    p = datasets.plan(spec["dataset"])
+    p = datasets.plan(spec.dataset)
     w = AuditWorker(spec, classes=p.classes)
     real = w.setup() and w.explainer
     gate, calls = threading.Event(), []
@@ -201,10 +202,10 @@ def test_a_fenced_worker_commits_nothing_and_fence_waits_for_a_commit_in_progres
 
     manifest = h.make_manifest(tmp_path, n=6, boxes=True)
     spec = _spec(tmp_path, model, {"format": "manifest", "path": manifest, "shard_size": 3})
-    io.prepare_output(spec["output"], resume=False)
-    p = datasets.plan(spec["dataset"])
+    io.prepare_output(spec.output, resume=False)
+    p = datasets.plan(spec.dataset)
     w = AuditWorker(spec, classes=p.classes)
-    out = Path(spec["output"])
+    out = Path(spec.output)
 
     # a commit in progress when fence() is called: fence returns only after it landed
     entered, release, order = threading.Event(), threading.Event(), []
@@ -245,12 +246,12 @@ def test_paths_missing_on_the_actors_node_are_one_clear_error(tmp_path, model):
 
     manifest = h.make_manifest(tmp_path, n=2)
     spec = _spec(tmp_path, model, {"format": "manifest", "path": manifest, "shard_size": 2})
-    io.prepare_output(spec["output"], resume=False)
+    io.prepare_output(spec.output, resume=False)
     AuditWorker(spec).check_paths()  # all there: no error
 
     # as on a node without the shared filesystem: output and dataset missing, the model there
     gone = tmp_path / "elsewhere"
-    spec2 = {**spec, "dataset": {**spec["dataset"], "path": str(gone / "m.csv")}}
+    spec2 = replace(spec, dataset=replace(spec.dataset, path=str(gone / "m.csv")))
     with pytest.raises(AuditError) as e:
         AuditWorker(spec2, out_dir=str(gone / "out")).check_paths()
     msg = str(e.value)

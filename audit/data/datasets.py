@@ -27,26 +27,27 @@ from audit.data.formats.base import IMAGE_EXTENSIONS, Item, Plan, Shard  # noqa:
 from audit.data.formats.manifest import BOX_COLUMNS  # noqa: F401
 from audit.data.formats.parquet import parquet_file  # noqa: F401
 from audit.data.formats.tfrecord import TF_KEY_FEATURES, TFRECORD_EXTENSIONS  # noqa: F401
-from audit.data.jobspec import DatasetSpec, JobSpec
+from audit.data.jobspec import DatasetSpec, dataset_of
 from audit.errors import AuditError
 
 
-def plan(ds: DatasetSpec | dict) -> Plan:
-    """Shard descriptors of a dataset (``spec.dataset``; a dict of it is taken too), in order.
+def plan(ds: DatasetSpec) -> Plan:
+    """Shard descriptors of a dataset (``spec.dataset``), in order.
 
     Raises:
         AuditError: the dataset is missing, empty or malformed (one line).
+        TypeError: ``ds`` is not a :class:`DatasetSpec` (or a :class:`JobSpec`).
     """
-    ds = DatasetSpec.coerce(ds)
+    ds = dataset_of(ds)
     if not fs.exists(ds.path):
         raise fs.not_found(ds.path, "dataset.path")
     shards, total, classes = formats.get(ds.format).plan(ds)
     return Plan(shards=shards, total=total, classes=list(classes) if classes else None)
 
 
-def read_shard(ds: DatasetSpec | dict, shard: Shard, classes=None):
+def read_shard(ds: DatasetSpec, shard: Shard, classes=None):
     """The :class:`Item` s of one shard, in order."""
-    ds = DatasetSpec.coerce(ds)
+    ds = dataset_of(ds)
     return formats.get(ds.format).read(ds, shard, classes)
 
 
@@ -139,7 +140,7 @@ def _load_mask(item: Item, image_hw, size, max_pixels: int, max_bytes: int, resi
     return m
 
 
-def iter_items(ds: dict, classes=None):
+def iter_items(ds: DatasetSpec, classes=None):
     """Every item of the dataset, shard by shard (for small tools and tests)."""
     p = plan(ds)
     for s in p.shards:
@@ -147,16 +148,14 @@ def iter_items(ds: dict, classes=None):
 
 
 def load_images(spec, image_ids, size):
-    """Read images back by ``image_id`` from the dataset of a job spec (or of its ``dataset`` section).
+    """Read images back by ``image_id`` from the dataset of a :class:`JobSpec` (or of its :class:`DatasetSpec`).
 
     Returns ``(images (N, H, W, 3) uint8 RGB at size, masks (N, H, W) bool or None,
     has_mask (N,) bool)`` in the order of ``image_ids``.  Used by the scan's
     intervention step.  An id that is not in the dataset, or an image that no
     longer decodes, is an :class:`AuditError`.
     """
-    if not isinstance(spec, (JobSpec, DatasetSpec)) and "dataset" in spec:  # a spec dict
-        spec = JobSpec.coerce(spec)
-    ds = spec.dataset if isinstance(spec, JobSpec) else DatasetSpec.coerce(spec)
+    ds = dataset_of(spec)
     if not fs.exists(ds.path):
         raise AuditError(f"dataset not found: {ds.path} (moved since the job ran?)")
     try:
@@ -197,7 +196,7 @@ def _load_images(ds, image_ids, size):
 
 def _items_by_id(ds, ids):
     """Items for the given ids, through the format (direct access where the id says where)."""
-    ds = DatasetSpec.coerce(ds)
+    ds = dataset_of(ds)
     return formats.get(ds.format).items_by_id(ds, ids)
 
 

@@ -33,12 +33,12 @@ from __future__ import annotations
 
 from audit.data import datasets, formats
 from audit.data.formats.base import ShardIdentity, file_stat, object_stats  # noqa: F401  (public here)
-from audit.data.jobspec import DatasetSpec
+from audit.data.jobspec import dataset_of
 
 
 def shard_identity(ds: dict, shard: datasets.Shard, classes=None) -> ShardIdentity:
     """The identity of ``shard`` of dataset ``ds`` (``spec.dataset``) as it is now (its format decides)."""
-    ds = DatasetSpec.coerce(ds)
+    ds = dataset_of(ds)
     return formats.get(ds.format).identity(ds, shard, classes)
 
 

@@ -8,9 +8,10 @@ holds ``spec.to_dict()``; :func:`read_job_record` reads it back into a
 size), the one reader the scan, the report, ``audit explain --job`` and
 ``audit.load`` share.
 
-The sections also answer ``section["key"]`` and ``section.get("key")`` (and
-``**section``), so scripts and tests written against the plain dict of
-earlier versions keep working; the package itself uses attributes.
+The sections are not mappings: ``spec.dataset["path"]`` and
+``spec.dataset.get("path")`` fail.  A script or test holding a plain dict
+builds the typed spec once with :meth:`JobSpec.from_partial` (defaults for
+the keys it lacks) or validates it with :func:`audit.runner.spec.load_spec`.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from audit.errors import AuditError
 
 
 class _Section:
-    """Read-only mapping access to a section's fields (for code written against the spec dict)."""
+    """What every spec section does: to and from the plain dict ``job.json`` holds."""
 
     def to_dict(self) -> dict:
         """The section as the plain JSON-able dict ``job.json`` holds (nested sections included)."""
@@ -46,33 +47,16 @@ class _Section:
         return cls(**{k: copy.deepcopy(v) for k, v in d.items()})
 
     @classmethod
-    def coerce(cls, value):
-        """``value`` itself, or the section of a dict of it (keys it lacks at their defaults).
+    def from_partial(cls, d: dict):
+        """The section of a dict holding some of its keys (the rest at their defaults; unknown keys ignored).
 
-        For callers that hold a plain dict (scripts, tests, a ``job.json`` of
-        an older version); unknown keys are ignored.
+        For scripts and tests that build a spec by hand, and a ``job.json`` of
+        an older version; not validated (see :func:`audit.runner.spec.load_spec`).
         """
-        if isinstance(value, cls):
-            return value
+        if not isinstance(d, dict):
+            raise TypeError(f"{cls.__name__}.from_partial takes a dict, not {type(d).__name__}")
         names = {f.name for f in fields(cls)}
-        return cls(**{k: copy.deepcopy(v) for k, v in dict(value).items() if k in names})
-
-    def keys(self):
-        return [f.name for f in fields(self)]
-
-    def __getitem__(self, key):
-        if key not in self.keys():
-            raise KeyError(key)
-        return getattr(self, key)
-
-    def get(self, key, default=None):
-        return getattr(self, key) if key in self.keys() else default
-
-    def __contains__(self, key) -> bool:
-        return key in self.keys()
-
-    def items(self):
-        return [(k, getattr(self, k)) for k in self.keys()]
+        return cls(**{k: copy.deepcopy(v) for k, v in d.items() if k in names})
 
 
 @dataclass(frozen=True)
@@ -167,17 +151,29 @@ class JobSpec(_Section):
                    explain=d["explain"], resources=d["resources"], output=str(d["output"]))
 
     @classmethod
-    def coerce(cls, value) -> JobSpec:
-        """``value`` itself, or the :class:`JobSpec` of a (possibly partial) spec dict, defaults filled.
+    def from_partial(cls, d: dict) -> JobSpec:
+        """The :class:`JobSpec` of a (possibly partial) spec dict, defaults filled, not validated.
 
-        For scripts and tests holding a dict; :func:`audit.runner.spec.load_spec`
-        is the way in that validates.
+        For scripts and tests that build a spec by hand; :func:`audit.runner.spec.load_spec`
+        is the way in that validates (and resolves paths).
         """
-        if isinstance(value, cls):
-            return value
-        d = dict(value)
+        if not isinstance(d, dict):
+            raise TypeError(f"JobSpec.from_partial takes a dict, not {type(d).__name__}")
         return cls(name=str(d.get("name") or "job"), output=str(d.get("output") or ""),
-                   **{k: sec.coerce(d.get(k) or {}) for k, sec in _SECTIONS.items()})
+                   **{k: sec.from_partial(d.get(k) or {}) for k, sec in _SECTIONS.items()})
+
+
+def dataset_of(spec) -> DatasetSpec:
+    """The :class:`DatasetSpec` of a :class:`JobSpec`, or the section itself.
+
+    Raises:
+        TypeError: anything else (a plain dict: build it with ``from_partial`` first).
+    """
+    if isinstance(spec, JobSpec):
+        return spec.dataset
+    if isinstance(spec, DatasetSpec):
+        return spec
+    raise TypeError(f"a JobSpec or DatasetSpec, not {type(spec).__name__} (a dict: DatasetSpec.from_partial(d))")
 
 
 def load_job_model(model: ModelSpec):
@@ -231,7 +227,7 @@ def record_of(doc: dict | None) -> JobRecord | None:
             spec = JobSpec.from_dict(_with_defaults(doc["spec"]))
         except (AuditError, KeyError, TypeError):  # hand-written or partial: what it has, defaults for the rest
             try:
-                spec = JobSpec.coerce(doc["spec"])
+                spec = JobSpec.from_partial(doc["spec"])
             except (TypeError, ValueError, AttributeError):
                 spec = None
     size = doc.get("input_size")

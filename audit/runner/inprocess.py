@@ -35,7 +35,7 @@ def runs_in_process(spec: JobSpec, address, todo) -> bool:
         return False
     if forced == "1":
         return True
-    return JobSpec.coerce(spec).resources.actors in ("auto", 1) and sum(s.size for s in todo) <= MAX_IMAGES
+    return spec.resources.actors in ("auto", 1) and sum(s.size for s in todo) <= MAX_IMAGES
 
 
 def ready_worker(spec: JobSpec, job_id: str, classes, lock=None, todo=()):

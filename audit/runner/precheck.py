@@ -43,7 +43,6 @@ def check_model_file(spec: JobSpec) -> None:
     """
     from audit.engine.modelfile import check_layers, check_model_path
 
-    spec = JobSpec.coerce(spec)
     m = spec.model
     if not m.path or fs.is_uri(m.path):
         return

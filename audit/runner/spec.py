@@ -439,7 +439,7 @@ def _check_dataset(doc: dict) -> None:
     ds = doc["dataset"]
     if not fs.exists(ds["path"]):
         raise AuditError(f"spec error: {fs.not_found(ds['path'], 'dataset.path')}")
-    formats.get(ds["format"]).check(DatasetSpec.coerce(ds))
+    formats.get(ds["format"]).check(DatasetSpec.from_partial(ds))
     if ds.get("classes"):  # the same rule as the Explainer: class names first, then indices
         try:
             resolve_target(doc["explain"]["target"], list(ds["classes"]), len(ds["classes"]))

@@ -68,9 +68,11 @@ class AuditWorker:
     >>> w.process_shard(shard_descriptor)        # reads, explains, commits to spec.output
     """
 
-    def __init__(self, spec: dict, *, out_dir=None, job_id: str = "", classes=None, cpus=None,
+    def __init__(self, spec: JobSpec, *, out_dir=None, job_id: str = "", classes=None, cpus=None,
                  largest_shard: int | None = None, lock_token: str | None = None, generation: int = 0):
-        self.spec = JobSpec.coerce(spec)
+        if not isinstance(spec, JobSpec):
+            raise TypeError(f"AuditWorker takes a JobSpec, not {type(spec).__name__} (a dict: JobSpec.from_partial(d))")
+        self.spec = spec
         self.largest_shard = largest_shard  # images in the job's largest shard, when the driver knows it
         self.out_dir = out_dir or self.spec.output or None
         self.job_id = job_id

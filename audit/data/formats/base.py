@@ -28,7 +28,7 @@ import numpy as np
 
 from audit.data import fs
 from audit.data.files import escape_text, raw_bytes
-from audit.data.jobspec import DatasetSpec
+from audit.data.jobspec import dataset_of
 from audit.errors import AuditError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm",
@@ -150,7 +150,7 @@ class DatasetFormat:
 
     def items_by_id(self, ds: dict, ids: list[str]) -> Iterator[Item]:
         """Items for ``ids`` (others may come too): by default every item of the dataset, in order."""
-        ds = replace(DatasetSpec.coerce(ds), limit=None)
+        ds = replace(dataset_of(ds), limit=None)
         shards, _, classes = self.plan(ds)
         for s in shards:
             yield from self.read(ds, s, classes)
