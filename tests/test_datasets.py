@@ -29,7 +29,7 @@ def loaded(d, classes=None):
     out = []
     for s in p.shards:
         for it in datasets.read_shard(d, s, classes if classes is not None else p.classes):
-            img, m, wh = datasets.load_item(it, (h.SIZE, h.SIZE), d["max_pixels"])
+            img, m, wh = datasets.load_item(it, (h.SIZE, h.SIZE), d.max_pixels)
             out.append((it.image_id, it.label, img, m, wh))
     return p, out
 

@@ -129,6 +129,28 @@ def test_original_image_and_load_by_id(tmp_path):
     assert has.tolist() == [True, True]
 
 
+def test_a_loaded_row_reads_its_image_by_the_job_s_format(tmp_path):
+    """audit.load's rows find their original through job.json (read_job_record): a tar not named .tar."""
+    import pandas as pd
+
+    from audit.data import io as audit_io
+    from audit.data.jobspec import JobSpec
+
+    root = Path(make_tars(tmp_path / "wds", n=6, per_tar=3))
+    odd = root / "shard-1.bin"
+    (root / "shard-1.tar").rename(odd)
+    row = {"path": f"{odd}#1", "path_bytes": None}
+    with pytest.raises(AuditError, match="image not found"):  # a dict row: the name tells no format
+        query.original_image(row)
+    out = tmp_path / "out"
+    out.mkdir()
+    spec = JobSpec.from_partial({"dataset": {"format": "webdataset", "path": str(root)}, "output": str(out)})
+    audit_io.atomic_write_json(audit_io.job_path(out), {"job_id": "j", "spec": spec.to_dict()})
+    df = pd.DataFrame([row])
+    df.attrs[query.SOURCE] = {"out": str(out), "filters": None}  # as audit.load marks its frames
+    np.testing.assert_array_equal(query.original_image(df.iloc[0]), h.image(5004, 0)[0])
+
+
 def test_a_spec_takes_the_format(tmp_path):
     from audit.runner.spec import load_spec
 

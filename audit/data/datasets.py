@@ -200,13 +200,19 @@ def _items_by_id(ds, ids):
     return formats.get(ds.format).items_by_id(ds, ids)
 
 
-def indexed_image_bytes(file: str, index: int) -> bytes:
+def indexed_image_bytes(file: str, index: int, format_name: str | None = None) -> bytes:
     """The encoded image of record ``index`` of a Parquet, TFRecord or tar file (``path`` ``file#index``).
+
+    Args:
+        file, index: the record.
+        format_name: the job's ``dataset.format`` when known (it reads its own
+            files whatever their names); None: the format is told by the file name.
 
     Raises:
         AuditError: the file has no such record, or is of no format that stores records so.
     """
-    fmt = formats.of_record_file(file)
+    known = formats.FORMATS.get(format_name) if format_name else None
+    fmt = known if known is not None and known.record_extensions else formats.of_record_file(file)
     if fmt is None:
         raise AuditError(f"image not found: {file}#{index}")
     return fmt.record_bytes(file, index)

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from audit.data import datasets, decode, fs, io
+from audit.data.jobspec import read_job_record
 from audit.engine.overlay import overlay_image
 from audit.engine.stats import normalize, resize_map
 from audit.errors import AuditError
@@ -266,9 +267,25 @@ def heatmap(row, size=None) -> np.ndarray:
     return resize_map(m, s) if s else m
 
 
+def _job_format(row) -> str | None:
+    """The ``dataset.format`` of the job a row of :func:`load` came from (its ``job.json``), else None."""
+    src = getattr(row, "attrs", {}).get(SOURCE)
+    if src is None:
+        return None
+    rec = read_job_record(src["out"])
+    return rec.spec.dataset.format if rec is not None and rec.spec is not None else None
+
+
 def original_image(row) -> np.ndarray:
-    """The original image of a record (uint8 RGB), from its file or its Parquet/TFRecord record."""
-    row = with_columns(row, IMAGE_COLUMNS)
+    """The original image of a record (uint8 RGB), from its file or its Parquet/TFRecord/tar record.
+
+    A row of :func:`load` reads a record of its job's dataset format (from the
+    job's ``job.json``); a dict row is read by the format its file name tells.
+    """
+    return _original(with_columns(row, IMAGE_COLUMNS), _job_format(row))
+
+
+def _original(row, format_name: str | None) -> np.ndarray:
     path = str(_get(row, "path", ""))
     raw = _get(row, "path_bytes")
     if isinstance(raw, bytes) and raw:  # a file name that is not UTF-8: `path` is its escaped text
@@ -281,7 +298,7 @@ def original_image(row) -> np.ndarray:
         file, sep, idx = path.rpartition("#")
         if not (sep and idx.isdigit() and fs.is_file(file)):
             raise AuditError(f"image not found: {path}")
-        data = datasets.indexed_image_bytes(file, int(idx))
+        data = datasets.indexed_image_bytes(file, int(idx), format_name)
     try:
         return decode.decode_image(data)
     except decode.DecodeError as e:
@@ -302,6 +319,7 @@ def overlay(row, alpha: float = 0.4) -> np.ndarray:
     Raises:
         AuditError: the record has no map, or its image cannot be found or read.
     """
+    job_format = _job_format(row)  # before with_columns: the dict it may return has no source
     row = with_columns(row, (*MAP_COLUMNS, *IMAGE_COLUMNS))
-    img = original_image(row)
+    img = _original(row, job_format)
     return overlay_image(img, heatmap(row), alpha=alpha)
