@@ -185,7 +185,7 @@ def test_files_over_max_image_bytes_are_refused_unread(tmp_path):
     assert all("more than dataset.max_image_bytes=100" in it.error for it in its)
     # the spec has the key, with its default
     spec = fill_defaults({"model": {"path": "m.keras"}, "dataset": {"format": "folder", "path": "d"}, "output": "o"})
-    assert spec.dataset.max_image_bytes == 256 * 2**20 and spec.dataset.resize_masks is False
+    assert spec["dataset"]["max_image_bytes"] == 256 * 2**20 and spec["dataset"]["resize_masks"] is False
 
 
 # ----------------------------------------------------------------------------

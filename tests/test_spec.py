@@ -82,7 +82,7 @@ def test_paths_from_the_command_line_are_relative_to_the_cwd(ws, monkeypatch, tm
 def test_name_defaults_to_file_stem(ws):
     tmp, doc = ws
     doc.pop("name")
-    assert load_spec(write(tmp, doc, "my-audit.yaml"))["name"] == "my-audit"
+    assert load_spec(write(tmp, doc, "my-audit.yaml")).name == "my-audit"
 
 
 def test_overrides_are_yaml(ws):
@@ -94,7 +94,7 @@ def test_overrides_are_yaml(ws):
     assert spec.explain.layers == ["conv1", "conv2"]
     assert spec.explain.regions == {"sky": [0, 0, 1, 0.4]}
     assert spec.resources.actors == 3 and spec.explain.target == 1
-    assert spec["name"] == "other"
+    assert spec.name == "other"
     assert apply_overrides({"a": {"b": 1}}, ["a.c=x"]) == {"a": {"b": 1, "c": "x"}}
 
 

@@ -96,7 +96,7 @@ def test_set_values_obey_the_same_rules(ws):
     p = write_text(tmp, yaml.safe_dump(doc))
     assert "alias" in err(p, ["explain.layers=" + "{" + bomb(5).replace("\n", ", ") + "}"])
     spec = load_spec(p, ["name=[unclosed"])  # not YAML: taken as the string it is
-    assert spec["name"] == "[unclosed"
+    assert spec.name == "[unclosed"
 
 
 @pytest.mark.parametrize("overrides, shown", [
