@@ -41,13 +41,14 @@ def test_when_a_job_runs_in_process(ws, monkeypatch):
     from audit.data.datasets import Shard
     from audit.runner.inprocess import MAX_IMAGES, runs_in_process
 
-    spec = {"resources": {"actors": "auto"}}
+    spec = JobSpec.from_partial({"resources": {"actors": "auto"}})
     small, big = [Shard(0, "a", 0, 100)], [Shard(0, "a", 0, MAX_IMAGES + 1)]
     monkeypatch.delenv("AUDIT_IN_PROCESS", raising=False)
     assert runs_in_process(spec, None, small)
     assert not runs_in_process(spec, None, big)
     assert not runs_in_process(spec, "auto", small)  # a cluster: actors
-    assert not runs_in_process(JobSpec.from_partial({"resources": {"actors": 4}}), None, small)  # the user asked for actors
+    four = JobSpec.from_partial({"resources": {"actors": 4}})
+    assert not runs_in_process(four, None, small)  # the user asked for actors
     monkeypatch.setenv("AUDIT_IN_PROCESS", "0")
     assert not runs_in_process(spec, None, small)
     monkeypatch.setenv("AUDIT_IN_PROCESS", "1")
