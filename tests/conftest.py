@@ -9,7 +9,38 @@ that inherit this environment).  A spawned ``audit run`` keeps Ray's default.
 
 from __future__ import annotations
 
+import contextlib
 import os
+
+import pytest
 
 os.environ.setdefault("RAY_enable_worker_prestart", "0")
 os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
+
+
+class SharedCache:
+    """A folder that the test processes of one run share (under ``-n 2`` both xdist workers).
+
+    For what several modules build the same way (the tank/sky demo's models): the
+    first test to need it builds it while holding :meth:`lock`, the others wait
+    and read it instead of training again.  Each run starts with an empty one.
+    """
+
+    def __init__(self, root):
+        self.root = root
+
+    @contextlib.contextmanager
+    def lock(self, name):
+        import filelock  # a dependency of Ray's
+
+        with filelock.FileLock(str(self.root / f".{name}.lock")):
+            yield self.root / name
+
+
+@pytest.fixture(scope="session")
+def shared_cache(tmp_path_factory, request) -> SharedCache:
+    base = tmp_path_factory.getbasetemp()
+    xdist_worker = hasattr(request.config, "workerinput")  # its basetemp is a folder of the run's
+    root = (base.parent if xdist_worker else base) / "shared-cache"
+    root.mkdir(exist_ok=True)
+    return SharedCache(root)

@@ -1,7 +1,8 @@
 """End to end: the tank/sky demo's shortcut model is flagged (sky as the cue), the control is not.
 
-Builds a small tank/sky set and trains both models in a temporary cache,
-runs both jobs on one local Ray (through run_job and the packaged specs),
+Builds a small tank/sky set and trains both models in the run's shared cache
+(once per test run, for this module and test_demo_fix.py), runs both jobs in
+the driver (through run_job and the packaged specs, as ``audit demo`` does),
 scans with intervention, with masks and without.
 """
 
@@ -16,14 +17,15 @@ PARAMS = tanksky.Params(n_train=320, n_test=120, epochs=40, seed=7)
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
+def demo(tmp_path_factory, shared_cache):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     from audit.demo import run_demo
 
     root = tmp_path_factory.mktemp("demo")
     lines = []
-    r = run_demo(root / "out", cache=root / "cache", params=PARAMS, report=False, progress=False,
-                 log=lines.append)
+    with shared_cache.lock("tanksky") as cache:  # trained once per run (test_demo_fix.py uses the same)
+        tanksky.ensure(PARAMS, root=cache, log=lines.append)
+    r = run_demo(root / "out", cache=cache, params=PARAMS, report=False, progress=False, log=lines.append)
     r["log"] = "\n".join(lines)
     return r
 

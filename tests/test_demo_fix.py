@@ -12,13 +12,15 @@ PARAMS = tanksky.Params(n_train=320, n_test=120, epochs=40, seed=7)
 
 
 @pytest.mark.slow
-def test_demo_fix_reports_verdicts_and_worst_group_from_the_data(tmp_path):
+def test_demo_fix_reports_verdicts_and_worst_group_from_the_data(tmp_path, shared_cache):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     from audit.demo import run_demo
     from audit.demofix import worst_group
 
     lines = []
-    r = run_demo(tmp_path / "out", cache=tmp_path / "cache", params=PARAMS, report=False, progress=False,
+    with shared_cache.lock("tanksky") as cache:  # trained once per run (test_demo.py uses the same)
+        tanksky.ensure(PARAMS, root=cache, log=lines.append)
+    r = run_demo(tmp_path / "out", cache=cache, params=PARAMS, report=False, progress=False,
                  log=lines.append, fix=True)
     log = "\n".join(lines)
     fix = r["fix"]
