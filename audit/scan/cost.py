@@ -141,7 +141,8 @@ def update_classes(out) -> None:
     if classes is None:
         return
     regions = [c[7:] for c in classes.columns if c.startswith("energy_") and c not in ("energy_object", "energy_border")]
-    write_tables(out, {"classes": with_costs(classes, read_summary(out, "images"))}, regions)
+    cols = ["cue_class", "cue", "status", "label", "pred", "correct", "cue_present", "cue_decides"]
+    write_tables(out, {"classes": with_costs(classes, read_summary(out, "images", cols))}, regions)
 
 
 def _pct(v) -> str:

@@ -336,8 +336,8 @@ def pass_spec(out, cues: list, grid: int = 16) -> PassSpec:
                     regions, grid)
 
 
-def read_summary(out, name: str):
-    """``OUT/summary/<name>.parquet`` as pandas, or None when missing."""
+def read_summary(out, name: str, columns: list | None = None):
+    """``OUT/summary/<name>.parquet`` as pandas (only ``columns`` when given), or None when missing."""
     import pyarrow.parquet as pq
 
     from audit.data import fs
@@ -346,7 +346,7 @@ def read_summary(out, name: str):
     if not fs.exists(str(path)):
         return None
     src = fs.open_input(str(path)) if fs.is_uri(str(out)) else path
-    return pq.read_table(src).to_pandas()
+    return pq.read_table(src, columns=columns).to_pandas()
 
 
 def run_pass(out, *, cues: list | None = None, address: str | None = None, actors: int | None = None,
@@ -654,7 +654,7 @@ def describe(res: PassResult, out) -> str:
     """One paragraph: what the pass found per cue."""
     if not res.cues:
         return "per-image pass: no class is suspected, nothing to do"
-    df = read_summary(out, "images")
+    df = read_summary(out, "images", ["cue_class", "status", "cue_present", "cue_decides"])
     lines = [f"per-image pass: {res.rows:,} rows ({len(res.cues)} cue(s) x images) in {res.seconds:.1f} s, "
              f"{res.done_now} shards done, {res.skipped} already committed, {res.forwards:,} extra forward passes"
              + (f", {res.actor_deaths} actors died" if res.actor_deaths else "")
