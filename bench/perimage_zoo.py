@@ -71,12 +71,12 @@ def prec_rec(flag, truth) -> tuple[float, float]:
     return tp / max(1, int(flag.sum())), tp / max(1, int(truth.sum()))
 
 
-def one_case(name: str, n: int, work: Path) -> str:
+def one_case(name: str, n: int, work: Path, planted: bool = False) -> str:
     import pandas as pd
 
     from audit.scan import scan
     from audit.scan.imagepass import run_pass
-    from audit.scan.perimage import decides_for
+    from audit.scan.perimage import Cue, decides_for
     from audit.zoo.cases import CASES
     from audit.zoo.train import ensure, job_spec, write_folder
 
@@ -92,6 +92,12 @@ def one_case(name: str, n: int, work: Path) -> str:
     out = run_in_process(job_spec(case, built, True, root / "out"))
     scan(out, quiet=True)
     res = run_pass(out, quiet=True, local=True)
+    note = ""
+    if not res.cues and planted:  # the scan flagged nothing: the pass on the planted corner, to measure the flags
+        k, cue = case.cues[0]
+        place = f"corner:{cue.corner}"
+        res = run_pass(out, quiet=True, local=True, cues=[Cue(k, case.classes[k], place, place)])
+        note = " (not flagged; planted corner given)"
     df = pd.read_parquet(Path(out) / "summary" / "images.parquet")
     if not res.cues:
         return f"| {name} | {len(truth)} | {sum(cued)} | (no class flagged) | | | | |"
@@ -101,7 +107,7 @@ def one_case(name: str, n: int, work: Path) -> str:
     p2, r2 = prec_rec(df["cue_decides"].to_numpy(bool), t)
     took = decides_for(df["pred"].to_numpy(), df["pred_without_cue"].to_numpy(), int(df["cue_class"].iloc[0]))
     p3, r3 = prec_rec(took, t)
-    cues = ", ".join(f"{c.class_name}: {c.name}" for c in res.cues)
+    cues = ", ".join(f"{c.class_name}: {c.name}" for c in res.cues) + note
     return (f"| {name} | {len(truth)} | {sum(cued)} | {cues} | {p1:.3f} / {r1:.3f} | {p2:.3f} / {r2:.3f} | "
             f"{p3:.3f} / {r3:.3f} | {time.perf_counter() - t0:.0f} s |")
 
@@ -118,6 +124,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cases", default="watermark,frame,minority")
     p.add_argument("--n", type=int, default=100, help="images per class")
+    p.add_argument("--planted", action="store_true",
+                   help="when the scan flags nothing, run the pass on the case's planted corner")
     p.add_argument("--keep", metavar="DIR", help="keep the audits in DIR (default: a temporary folder)")
     args = p.parse_args(argv)
     print("| case | images | carry the cue | cue named | cue_present precision / recall | "
@@ -126,7 +134,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as d:
         work = Path(args.keep) if args.keep else Path(d)
         for name in args.cases.split(","):
-            print(one_case(name.strip(), args.n, work), flush=True)
+            print(one_case(name.strip(), args.n, work, args.planted), flush=True)
     return 0
 
 
