@@ -31,6 +31,22 @@ def test_cue_share_against_float64_reference():
     assert math.isnan(got[2])
 
 
+def test_cue_share_of_resized_maps_against_float64_reference():
+    """Non-negative maps take the linear path, maps with negative values the full one: both as the reference."""
+    from audit.engine.stats import resize_maps
+
+    rng = np.random.default_rng(5)
+    maps = rng.random((6, 8, 8)).astype(np.float32)
+    maps[3:] -= 0.4  # three maps with negative values
+    px = np.zeros((32, 32), bool)
+    px[20:, 4:15] = True
+    e = np.maximum(resize_maps(maps, (32, 32)).astype(np.float64), 0)
+    want = (e * px).sum(axis=(1, 2)) / e.sum(axis=(1, 2))
+    np.testing.assert_allclose(perimage.cue_share(maps, px), want, rtol=1e-5)
+    per_image = np.broadcast_to(px, (6, 32, 32))  # one mask per image: the full path
+    np.testing.assert_allclose(perimage.cue_share(maps, per_image), want, rtol=1e-5)
+
+
 def test_wilson_known_values():
     # Wilson 95% for 8 of 10: 0.4902 .. 0.9433; 0 of 5: 0 .. 0.4345
     p, lo, hi = cost.wilson(8, 10)

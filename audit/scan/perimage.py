@@ -143,14 +143,31 @@ def cue_share(maps: np.ndarray, pixels: np.ndarray) -> np.ndarray:
         return np.zeros(0)
     H, W = px.shape[-2:]
     raw = np.where(np.isfinite(maps), maps, np.float32(0))
-    e = np.maximum(resize_maps(raw, (H, W)), 0)
-    tot = e.sum(axis=(1, 2), dtype=np.float64)
-    if px.ndim == 2:  # one place for every image: sum its pixels only
-        inside = e[:, px].sum(axis=1, dtype=np.float64)
-    else:
-        inside = np.where(px, e, np.float32(0)).sum(axis=(1, 2), dtype=np.float64)
+    inside, tot = np.zeros(len(raw)), np.zeros(len(raw))
+    todo = np.ones(len(raw), bool)
+    if px.ndim == 2 and raw.shape[1:] != (H, W):
+        # A map without negative values stays >= 0 resized (bilinear weights are >= 0), so the ReLU does
+        # nothing and both sums are linear in the map: dot products with the resize's weights.
+        todo = (raw < 0).any(axis=(1, 2))
+        w_in, w_tot = _resize_weights(raw.shape[1:], (H, W), px)
+        flat = raw[~todo].reshape(int((~todo).sum()), -1).astype(np.float64)
+        inside[~todo], tot[~todo] = flat @ w_in, flat @ w_tot
+    if todo.any():
+        e = np.maximum(resize_maps(raw[todo], (H, W)), 0)
+        tot[todo] = e.sum(axis=(1, 2), dtype=np.float64)
+        inside[todo] = (e[:, px].sum(axis=1, dtype=np.float64) if px.ndim == 2
+                        else np.where(px[todo], e, np.float32(0)).sum(axis=(1, 2), dtype=np.float64))
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(tot > 0, inside / np.where(tot > 0, tot, 1.0), np.nan)
+
+
+def _resize_weights(shape, size, px: np.ndarray):
+    """(h*w,) float64 weights of each map cell in the resized map's sum over ``px`` and over the whole image."""
+    from audit.engine.stats import resize_maps
+
+    h, w = int(shape[0]), int(shape[1])
+    basis = resize_maps(np.eye(h * w, dtype=np.float32).reshape(h * w, h, w), size)
+    return basis[:, px].sum(axis=1, dtype=np.float64), basis.sum(axis=(1, 2), dtype=np.float64)
 
 
 def cue_present(share: np.ndarray, decides: np.ndarray, area) -> np.ndarray:
@@ -230,6 +247,8 @@ def area_resize(x: np.ndarray, side) -> np.ndarray:
     h, w = (side, side) if np.isscalar(side) else (int(side[0]), int(side[1]))
     n, H, W, c = x.shape
     many = H % h == 0 and W % w == 0  # OpenCV takes more than 4 channels at a whole-number scale only
+    if many and x.dtype == np.uint8 and (H // h) * (W // w) * 255 < 2 ** 16:
+        return _block_mean_u8(x, h, w)
     per = max(1, (_CV_MAX_CHANNELS if many else 4) // c)
     out = np.empty((n, h, w, c), np.float32)
     for s in range(0, n, per):
@@ -239,6 +258,15 @@ def area_resize(x: np.ndarray, side) -> np.ndarray:
         r = cv2.resize(stack, (w, h), interpolation=cv2.INTER_AREA)
         out[s:s + k] = r.reshape(h, w, k, c).transpose(2, 0, 1, 3)
     return out
+
+
+def _block_mean_u8(x: np.ndarray, h: int, w: int) -> np.ndarray:
+    """Area resize of uint8 images at a whole-number scale: exact integer block sums (uint16), then the means."""
+    n, H, W, c = x.shape
+    fy, fx = H // h, W // w
+    rows = x.reshape(n * h, fy, W * c).sum(axis=1, dtype=np.uint16)  # (n*h, W*c)
+    cells = rows.reshape(n * h, w, fx, c).sum(axis=2, dtype=np.uint16)  # (n*h, w, c)
+    return (cells.astype(np.float32) / np.float32(fy * fx)).reshape(n, h, w, c)
 
 
 def candidates(pred, cue_class: int) -> np.ndarray:
