@@ -20,6 +20,7 @@ import copy
 from dataclasses import dataclass, field, fields
 
 from audit.data import fs, io, resources
+from audit.engine.models import load_model
 from audit.errors import AuditError
 
 
@@ -183,8 +184,6 @@ def load_job_model(model: ModelSpec):
     Raises:
         AuditError: the file cannot be read or is not a model (see :func:`audit.engine.models.load_model`).
     """
-    from audit.engine.models import load_model  # deferred: it imports Keras (seconds)
-
     path = fs.local_copy(model.path) if fs.is_uri(model.path) else model.path  # Keras opens local files
     return load_model(path, application=model.application, weights=model.weights, input_size=model.input_size,
                       num_classes=model.num_classes, trust_code=bool(model.trust_code))

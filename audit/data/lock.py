@@ -63,7 +63,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from audit.data import fs
-from audit.data.io import LOCK
+from audit.data.io import LOCK, read_job
 from audit.errors import AuditError, cannot_write
 
 HEARTBEAT_S = 10.0  # how often the holder rewrites its heartbeat
@@ -223,8 +223,6 @@ def guard(out, token: str, generation: int, what: str):
 
 def next_generation(out, *seen: LockInfo | None) -> int:
     """One more than every generation this output has seen: earlier locks and the runs in job.json."""
-    from audit.data.io import read_job
-
     gens = [i.generation for i in seen if i is not None]
     job = read_job(out) or {}
     gens.append(int(job.get("generation") or 0))

@@ -13,6 +13,8 @@ from __future__ import annotations
 import collections
 import math
 
+from audit.data.query import records_dataset
+
 MIN_IMAGES = 8  # fewer audited images than this say nothing about the model
 
 
@@ -22,8 +24,6 @@ def prediction_counts(out) -> tuple[collections.Counter, int, int, set]:
     Over the committed records, one row per image: the rows of one (layer, method) view.
     """
     import pyarrow.compute as pc
-
-    from audit.data.query import records_dataset
 
     ds = records_dataset(out)
     names = ds.schema.names

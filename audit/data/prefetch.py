@@ -17,6 +17,8 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from audit.data import fs
+from audit.data.datasets import read_object
+from audit.data.decode import DecodeError
 
 FETCH_DEPTH = 32  # objects in flight (and held) per actor
 
@@ -51,9 +53,6 @@ class Prefetcher:
                 self.next += 1
 
     def _fetch(self, item):
-        from audit.data.datasets import read_object
-        from audit.data.decode import DecodeError
-
         data = mask = None
         if item.error is None and item.data is None and fs.is_uri(item.file or ""):
             try:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from audit.engine.modelfile import check_model_path
 from audit.errors import AuditError
 
 PREPROCESS_MODES = ("none", "scale_0_1", "scale_-1_1", "caffe", "torch")
@@ -183,7 +184,6 @@ def load_model(path=None, *, application=None, weights=None, input_size=None,
         return _build_application(application, weights, input_size, num_classes)
     if not path:
         raise AuditError("model: give either 'path' (a .keras or .h5 file) or 'application'")
-    from audit.engine.modelfile import check_model_path
 
     p = check_model_path(path)  # before TensorFlow: a PNG, a SavedModel folder, weights only
     import keras

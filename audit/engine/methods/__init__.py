@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib
 
 from audit.engine.methods.base import Method, Needs, OwnPassMethod  # noqa: F401
+from audit.errors import AuditError
 
 # module -> class; one line per method
 _MODULES = (
@@ -57,8 +58,6 @@ def get(names_) -> tuple[Method, ...]:
     Raises:
         AuditError: an unknown name or an empty list (the message lists the known ones).
     """
-    from audit.errors import AuditError
-
     if isinstance(names_, str):
         names_ = (names_,)
     names_ = list(dict.fromkeys(names_ or ()))
