@@ -301,6 +301,7 @@ def test_progress_poll_is_answered_while_shards_are_held(ray_local, ws, tmp_path
             return real(path, *a, **k)
 
         files.read_regular_file = held
+        datasets.read_regular_file = held  # imported at the top of datasets.py
     spec = load_spec({"model": {"path": str(ws["dir"] / "model.keras"), "preprocess": "scale_0_1"},
                       "dataset": {"format": "manifest", "path": str(man), "shard_size": 5},
                       "explain": {"methods": ["gradcam"]},
