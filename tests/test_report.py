@@ -340,3 +340,13 @@ def test_multilabel_rows_show_their_own_class_map_and_no_label_caption(tmp_path)
         np.testing.assert_array_equal(got[_row_key(light, i)], maps[int(light.at[i, "target"])])
     html = write_report(out, max_examples=40).read_text()
     assert "none above 0.5 (top no_tank)" in html and ">nan " not in html
+
+
+def test_an_incomplete_output_is_named_in_the_report(tmp_path):
+    out = make_out(tmp_path, n_per_class=6)
+    assert "incomplete output" not in write_report(out, max_examples=4).read_text()
+    job = json.loads((out / "job.json").read_text())
+    (out / "job.json").write_text(json.dumps({**job, "status": "interrupted", "shards": {"total": 16}}))
+    html = write_report(out, max_examples=4).read_text()
+    assert "Warning: incomplete output: 0 of 16 shards committed (the job was interrupted)" in html
+    assert "audit run SPEC --resume" in html
