@@ -14,7 +14,9 @@ import os
 import sys
 import time
 
+from audit import quiet
 from audit.errors import AuditError
+from audit.quiet import stderr_to
 
 REACH_TIMEOUT_S = 5.0  # how long a TCP connect to --address may take before it counts as dead
 
@@ -82,8 +84,6 @@ def _connect(ray, address, kwargs, attempts=CLIENT_CONNECT_ATTEMPTS):
     ``attempts`` times.
     """
     import tempfile
-
-    from audit.quiet import stderr_to
 
     for attempt in range(1, attempts + 1):
         failure = None
@@ -189,7 +189,6 @@ def ray_init(address, log=None) -> bool:
     if ray.is_initialized():
         return False
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-    from audit import quiet
 
     kwargs = {"log_to_driver": quiet.verbose(), "configure_logging": True,
               "logging_level": "info" if quiet.verbose() else "warning"}

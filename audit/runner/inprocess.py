@@ -21,6 +21,7 @@ from audit.data.jobspec import JobSpec
 from audit.errors import AuditError
 from audit.runner.pool import Resources
 from audit.runner.scheduler import ACTOR_FACTS, RunState
+from audit.runner.worker import AuditWorker
 
 MAX_IMAGES = 2000  # more: the actors' parallelism pays for their start
 
@@ -48,8 +49,6 @@ def ready_worker(spec: JobSpec, job_id: str, classes, lock=None, todo=()):
     Raises:
         AuditError: an unknown layer, a bad target, classes that do not fit the model, ...
     """
-    from audit.runner.worker import AuditWorker
-
     worker = AuditWorker(spec, out_dir=spec.output, job_id=job_id, classes=classes, cpus=os.cpu_count(),
                          largest_shard=max((s.size for s in todo), default=None),
                          lock_token=lock.info.token if lock is not None else None,

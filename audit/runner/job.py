@@ -44,7 +44,11 @@ import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from audit.data import datasets, fs, io
 from audit.data.jobspec import JobSpec, record_of
+from audit.data.lock import LockLost, OutputLock, check_free
+from audit.data.predictions import one_class_warning
+from audit.engine.models import fingerprint
 from audit.errors import AuditError
 from audit.runner import inprocess, pool
 from audit.runner.cluster import check_reachable, ray_init
@@ -59,6 +63,7 @@ from audit.runner.scheduler import (
     Scheduler,
     remote_worker,
 )
+from audit.runner.spec import load_spec
 
 __all__ = ["run_job", "prepare", "own_output", "execute", "finish", "plan_resources", "describe_devices",
            "QUEUE_DEPTH", "SWITCH_INTERVAL_S", "remote_worker"]
@@ -185,11 +190,6 @@ def prepare(spec, *, overrides=(), base_dir=None, resume=False) -> JobContext:
         AuditError: a spec mistake, a busy or non-empty output, a model file
             whose config lacks a requested layer, a dataset with no images.
     """
-    from audit.data import datasets, fs, io
-    from audit.data.lock import check_free
-    from audit.engine.models import fingerprint
-    from audit.runner.spec import load_spec
-
     t_start = time.time()
     spec = load_spec(spec, overrides, base_dir)
     check_model_file(spec)  # layer names and Lambda layers from the .keras config: no TensorFlow yet
@@ -220,9 +220,6 @@ def own_output(ctx: JobContext, address):
     joined or the output not prepared, an output this call created is removed
     again (a rerun does not find a "non-empty" output).
     """
-    from audit.data import io
-    from audit.data.lock import OutputLock
-
     created = _make_dir(ctx.out)
     lock = OutputLock(ctx.out, ctx.job_id, warn=_say)
     ready, started_ray, worker = False, False, None
@@ -281,8 +278,6 @@ def _make_dir(out: Path) -> bool:
 
 def _remove_if_empty(out: Path) -> None:
     """Remove an output this run created and left empty (rmdir only: another driver's files stay)."""
-    from audit.data import io
-
     for p in (out / io.RECORDS, out / io.MANIFEST, out):
         with contextlib.suppress(OSError):
             p.rmdir()
@@ -290,8 +285,6 @@ def _remove_if_empty(out: Path) -> None:
 
 def execute(ctx: JobContext, owned: Owned, *, progress=True, on_event=None) -> dict:
     """Run the shards left to do; record the run in job.json whatever happens. Returns the summary."""
-    from audit.data import io
-
     record = job_record(ctx, owned)
     record["timings"].update(owned.timings or {})
     owned.lock.check()  # fencing: job.json is written only while this driver holds the lock
@@ -344,8 +337,6 @@ def _note_cpu_fallback(spec: JobSpec, res: Resources, local: bool) -> None:
 
 def job_record(ctx: JobContext, owned: Owned) -> dict:
     """job.json at the start of a run (status ``running``); history from the file as it is now."""
-    from audit.data import io
-
     spec, previous = ctx.spec, ctx.previous
     now = io.read_job(ctx.out) if ctx.mode else None  # read under the lock: no run of another driver is lost
     record = {
@@ -402,9 +393,6 @@ def finish(ctx: JobContext, owned: Owned, record: dict, state: RunState, status:
     Raises:
         audit.data.lock.LockLost: another driver took the output over (the run ended, but commits nothing).
     """
-    from audit.data import io
-    from audit.data.lock import LockLost
-
     with contextlib.suppress(LockLost):
         owned.lock.check()  # a loss is kept in owned.lock.lost
     known = {s.id for s in ctx.plan.shards}
@@ -505,8 +493,6 @@ def _summary(ctx: JobContext, all_done: dict, skipped: dict, state: RunState, ru
 
 def _model_warning(ctx: JobContext, all_done: dict) -> str | None:
     """A model that predicts one class for every image (NaN weights, a collapsed head), in one sentence."""
-    from audit.data.predictions import one_class_warning
-
     if not all_done:
         return None
     try:

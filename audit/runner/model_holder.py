@@ -14,7 +14,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from audit.data.jobspec import JobSpec, load_job_model
+from audit.engine.heads import Head
+from audit.engine.models import check_channels, check_preprocess, input_size_of, model_input
 from audit.errors import AuditError
+from audit.quiet import import_tensorflow
 
 
 @dataclass
@@ -38,8 +41,6 @@ class ModelHolder:
         """
         import cv2  # deferred, like TensorFlow below: the driver imports this module before Ray starts
 
-        from audit.engine.heads import Head
-
         tfinfo = _configure_tensorflow(cpus, gpu=True, mixed_precision=spec.resources.mixed_precision)
         cv2.setNumThreads(1)
         model = _load_model(spec, tfinfo)
@@ -51,8 +52,6 @@ class ModelHolder:
 
 def _load_model(spec: JobSpec, tfinfo: dict):
     """The job's model (a local copy of one in a bucket), rebuilt for mixed precision if asked."""
-    from audit.engine.models import check_preprocess
-
     check_preprocess(spec.model.preprocess)
     model = load_job_model(spec.model)
     if tfinfo["mixed_precision"]:
@@ -79,7 +78,6 @@ def check_classes(classes, head) -> list:
 def _build_explainer(spec: JobSpec, model, classes):
     """(the Explainer, the input size, the channels), checked against the spec and preprocessing."""
     from audit.engine.explainer import Explainer
-    from audit.engine.models import check_channels, input_size_of, model_input
 
     m, ex, res = spec.model, spec.explain, spec.resources
     explainer = Explainer(model, layers=ex.layers, methods=tuple(ex.methods), target=ex.target,
@@ -95,8 +93,6 @@ def _build_explainer(spec: JobSpec, model, classes):
 
 def _configure_tensorflow(cpus: float | None, gpu: bool, mixed_precision: bool) -> dict:
     """TF threads = this worker's CPU share; GPU memory growth on. Call before any TF op runs."""
-    from audit.quiet import import_tensorflow
-
     tf = import_tensorflow()
 
     info = {"gpus": 0, "threads": None, "mixed_precision": False, "memory_growth": [],

@@ -20,6 +20,9 @@ import contextlib
 
 from audit.data import fs
 from audit.data.jobspec import JobSpec
+from audit.engine.modelfile import check_layers, check_model_path, model_layers
+from audit.quiet import import_tensorflow
+from audit.runner.worker import AuditWorker
 
 
 def keras_layers(path) -> list[tuple[str, str]] | None:
@@ -28,8 +31,6 @@ def keras_layers(path) -> list[tuple[str, str]] | None:
     None when the file has no readable model configuration: the checks are
     then left to :func:`check_with_model`.
     """
-    from audit.engine.modelfile import model_layers
-
     return model_layers(path)
 
 
@@ -41,8 +42,6 @@ def check_model_file(spec: JobSpec) -> None:
             only), a layer in ``explain.layers`` that the model does not have
             (its layers listed), or a Lambda layer without ``model.trust_code``.
     """
-    from audit.engine.modelfile import check_layers, check_model_path
-
     m = spec.model
     if not m.path or fs.is_uri(m.path):
         return
@@ -58,13 +57,10 @@ def check_with_model(spec: JobSpec, classes) -> dict:
         AuditError: whatever an actor's setup would raise (unknown layer, bad
             target, classes that do not fit the model, unusable input).
     """
-    from audit.quiet import import_tensorflow
-
     tf = import_tensorflow()
     # the driver needs no GPU: leave them to the actors (RuntimeError: TensorFlow already runs here)
     with contextlib.suppress(RuntimeError, ValueError):
         tf.config.set_visible_devices([], "GPU")
-    from audit.runner.worker import AuditWorker
 
     worker = AuditWorker(spec, classes=classes)
     try:

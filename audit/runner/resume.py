@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from audit.data import formats, fs, identity, io
+from audit.data.identity import compare, shard_identity
 from audit.errors import AuditError
 
 RESUME_MODES = ("check", "replan")
@@ -110,8 +111,6 @@ def drop(out, found: Committed) -> None:
 
 
 def _change(entry, shard, ds, classes, job_id) -> str | None:
-    from audit.data.identity import compare, shard_identity
-
     return compare(entry, shard, lambda: shard_identity(ds, shard, classes), job_id)
 
 

@@ -45,6 +45,7 @@ from audit import quiet
 from audit.errors import AuditError
 from audit.runner.actor_pool import QUEUE_DEPTH, Actor, ActorPool
 from audit.runner.pool import Resources
+from audit.runner.worker import AuditWorker
 
 __all__ = ["Scheduler", "Resources", "RunState", "remote_worker", "QUEUE_DEPTH", "SWITCH_INTERVAL_S"]
 
@@ -106,8 +107,6 @@ def remote_worker(base=None):
         The ``ray.remote`` actor class, named ``AuditWorker``.
     """
     import ray
-
-    from audit.runner.worker import AuditWorker
 
     class Worker(base or AuditWorker):
         def __init__(self, *args, **kwargs):

@@ -29,6 +29,7 @@ import numpy as np
 
 from audit.zoo.paint import Painted, paint, split_of
 from audit.zoo.space import VERSION, DrawnCase
+from audit.zoo.train import _limit_threads, _loss, build_model, cache_root
 
 LEARNED_MIN = 0.5
 IGNORED_MAX = 0.1
@@ -122,8 +123,6 @@ def train(case: DrawnCase, images: list[Painted], target_accuracy: float = 0.97,
     """
     import keras
 
-    from audit.zoo.train import _limit_threads, _loss, build_model
-
     _limit_threads()
     keras.utils.set_random_seed(case.seed + 1)
     model = build_model(len(case.classes), case.binary, name=f"zoo_{case.name}", head=case.head,
@@ -189,8 +188,6 @@ def _load(final: Path) -> BuiltDraw:
 
 def ensure(case: DrawnCase, root: Path | None = None) -> BuiltDraw:
     """The built draw from the cache (``<zoo cache>/drawn``), built on first use and renamed into place."""
-    from audit.zoo.train import cache_root
-
     root = Path(root) if root else cache_root() / "drawn"
     final = root / f"{case.name}-{key(case)}"
     if not (final / "built.json").is_file():

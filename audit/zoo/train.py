@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from audit.tanksky import stop_when_accurate
+from audit.tanksky import cache_dir, stop_when_accurate
 from audit.zoo.cases import Case, Sample, make_split
 
 VERSION = "zoo-1"
@@ -328,8 +328,6 @@ def key(case: Case) -> str:
 
 
 def cache_root() -> Path:
-    from audit.tanksky import cache_dir
-
     return cache_dir() / "zoo"
 
 
