@@ -122,14 +122,14 @@ def run_one(seed: int, out_root: Path, mode: str = "run"):
         return "skipped", None, []
     t0 = time.time()
     out = out_root / case.name
-    if mode == "rescore" and not (out / "summary" / "classes.parquet").is_file():
-        print(f"{case.name:>9}: skipped (no scan under {out})", flush=True)
-        return "skipped", None, []
     built = ensure(case)
     if not built.fitted:  # nothing to score: the audit is not run
         print(f"{case.name:>9}: not counted: the model fits {built.train_accuracy:.0%} of its training images",
               flush=True)
         return "unfit", None, []
+    if mode == "rescore" and not (out / "summary" / "classes.parquet").is_file():
+        print(f"{case.name:>9}: skipped (no scan under {out})", flush=True)
+        return "skipped", None, []
     if mode == "rescore":
         classes = pd.read_parquet(out / "summary" / "classes.parquet")
     else:
