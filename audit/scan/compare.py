@@ -14,8 +14,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from audit.data.schema import arrow_schema
 from audit.errors import AuditError
 from audit.scan.cost import wilson
+from audit.scan.imagepass import read_summary
 
 SUSPECTED = "shortcut_suspected"
 PAIRED = ("verdict", "cue", "suspicion", "attention_suspicion", "accuracy", "flip_rate_cue", "n")
@@ -118,9 +120,6 @@ def compare(a, b) -> Comparison:
         AuditError: either has no ``summary/classes.parquet``.
     """
     import pandas as pd
-
-    from audit.data.schema import arrow_schema
-    from audit.scan.imagepass import read_summary
 
     ca, cb = read_summary(a, "classes"), read_summary(b, "classes")
     for out, c in ((a, ca), (b, cb)):

@@ -24,6 +24,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from audit.scan.imagepass import read_summary
+from audit.scan.table import write_tables
+
 Z95 = 1.959963984540054  # the two-sided 95% normal quantile
 
 
@@ -134,9 +137,6 @@ def with_costs(classes_df, images_df):
 
 def update_classes(out) -> None:
     """Rewrite ``OUT/summary/classes.parquet`` with the cost columns from ``images.parquet``."""
-    from audit.scan.imagepass import read_summary
-    from audit.scan.table import write_tables
-
     classes = read_summary(out, "classes")
     if classes is None:
         return

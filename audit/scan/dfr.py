@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from audit.engine.models import model_input
 from audit.errors import AuditError
 
 
@@ -100,8 +101,6 @@ def retrain(model, images: np.ndarray, y, place, *, preprocess: str = "none", C:
         A :class:`DfrResult` with the new model.
     """
     import keras
-
-    from audit.engine.models import model_input
 
     head = final_dense(model)
     idx = balanced(y, place, per_group, seed)

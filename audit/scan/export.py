@@ -24,8 +24,11 @@ from pathlib import PurePosixPath
 
 import numpy as np
 
+from audit.data import fs
 from audit.errors import AuditError
 from audit.scan import perimage
+from audit.scan.imagepass import CueWorker, pass_spec, read_summary
+from audit.scan.probes.edits import replace_background
 
 WHAT = ("groups", "masks", "counterfactual")
 PASTE = 64  # other classes' images per cue that receive it in the counterfactual set
@@ -118,19 +121,13 @@ class Target:
     """The export folder (local or a bucket): refuses to overwrite without ``force``."""
 
     def __init__(self, to: str, force: bool):
-        from audit.data import fs
-
         self.to, self.force, self.remote = str(to), force, fs.is_uri(str(to))
 
     def path(self, rel: str) -> str:
-        from audit.data import fs
-
         return fs.join(self.to, rel) if self.remote else str(PurePosixPath(self.to) / rel)
 
     def claim(self, what) -> None:
         """Refuse (or, with force, clear) what the export would overwrite."""
-        from audit.data import fs
-
         for w in what:
             p = self.path(TARGETS[w])
             if not fs.exists(p):
@@ -141,8 +138,6 @@ class Target:
 
     def _remove(self, p: str) -> None:
         import shutil
-
-        from audit.data import fs
 
         if not self.remote:
             shutil.rmtree(p) if fs.exists(p) and not fs.is_file(p) else fs.delete(p)
@@ -155,8 +150,6 @@ class Target:
 
     def write(self, rel: str, data: bytes) -> None:
         import os
-
-        from audit.data import fs
 
         p = self.path(rel)
         if not self.remote:
@@ -187,8 +180,6 @@ def export(out, to, what=WHAT, *, force: bool = False, paste_n: int = PASTE, qui
     Raises:
         AuditError: no per-image evidence, an unknown item, or an existing file without ``force``.
     """
-    from audit.scan.imagepass import read_summary
-
     what = tuple(what)
     bad = [w for w in what if w not in WHAT]
     if bad or not what:
@@ -214,8 +205,6 @@ def export(out, to, what=WHAT, *, force: bool = False, paste_n: int = PASTE, qui
 
 def _cues(out, images) -> list:
     """The cues of the images table, in the order of the scan (classes.parquet), with their edits."""
-    from audit.scan.imagepass import read_summary
-
     cues = perimage.cues_of(read_summary(out, "classes"), read_summary(out, "interventions"))
     named = set(images["cue"].dropna())
     cues = [c for c in cues if c.name in named]
@@ -227,8 +216,6 @@ def _cues(out, images) -> list:
 
 def _images_out(out, images, cues, target: Target, what, res: ExportResult, paste_n: int) -> None:
     """Masks and cue-removed images shard by shard, then the pasted sample; the counterfactual manifest."""
-    from audit.scan.imagepass import CueWorker, pass_spec
-
     worker = CueWorker(pass_spec(out, cues))
     present = images[images["cue_present"].fillna(False).astype(bool) & (images["status"] != "error")]
     rows = []
@@ -300,7 +287,6 @@ def _pasted(worker, images, cues, target: Target, res: ExportResult, paste_n: in
         dx = worker.inputs(_with_maps(worker, d))
         px = worker.pixels(cue, rx)
         if cue.kind == "background":  # the recipient's object on a carrying image's background
-            from audit.scan.probes.edits import replace_background
 
             new = replace_background(rx.images, rx.objects, dx.images)[0] if rx.objects is not None else None
         else:

@@ -14,6 +14,8 @@ import numpy as np
 from audit.data import fs, io
 from audit.data.datasets import load_images
 from audit.data.jobspec import load_job_model, read_job_record
+from audit.engine.heads import Head
+from audit.engine.models import input_size_of, model_input
 from audit.errors import AuditError
 
 BATCH = 64  # images per model call (larger batches run no faster on a CPU; a speed setting)
@@ -50,7 +52,6 @@ class Intervener:
         if self._size is None:
             self._size = self.record.size
             if self._size is None:  # a job.json without it: the model says
-                from audit.engine.models import input_size_of  # deferred: Keras
 
                 self._size = input_size_of(self.model)
         return self._size
@@ -65,15 +66,11 @@ class Intervener:
     def head(self):
         """The model's classifier head: how its outputs become class ids (binary and multi-label too)."""
         if self._head is None:
-            from audit.engine.heads import Head
-
             self._head = Head.of(self.model, self.spec.model.output)
         return self._head
 
     def predict(self, images: np.ndarray) -> np.ndarray:
         """Predictions for uint8 RGB images at the input size: (N,) ids, or (N, C) bool (multi-label)."""
-        from audit.engine.models import model_input
-
         if self._predict is None:
             self._predict = CompiledPredict(self.model, self.head, self.batch_size)
         mode = self.spec.model.preprocess

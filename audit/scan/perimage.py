@@ -28,6 +28,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from audit.engine.stats import _CV_MAX_CHANNELS, box_mask, resize_maps
+from audit.scan.probes import PROBES, flipped
+from audit.scan.probes import edits as intervene
+from audit.scan.probes.places import place_bank
+
 PRESENT_SHARE = 0.4  # heatmap energy on the cue's pixels that marks an image as carrying it ...
 PRESENT_OVER_AREA = 2.0  # ... when also at least this many times the cue's share of the image
 
@@ -87,8 +92,6 @@ def _fill_of(tests_df, class_id: int, place: str) -> str:
 
 def place_pixels(cue: Cue, size, regions=None) -> np.ndarray | None:
     """(H, W) bool pixels of a place cue at ``size`` (the causal test's bank), None for other cues."""
-    from audit.scan.probes.places import place_bank
-
     if cue.kind != "place":
         return None
     hot = cue.box if cue.place == "hot area" else None
@@ -97,7 +100,6 @@ def place_pixels(cue: Cue, size, regions=None) -> np.ndarray | None:
         return spot.mask
     if cue.box is None:
         return None
-    from audit.engine.stats import box_mask
 
     return box_mask(cue.box, size)
 
@@ -135,8 +137,6 @@ def cue_share(maps: np.ndarray, pixels: np.ndarray) -> np.ndarray:
         float64 shares: the ReLU of the map resized (bilinear) to (H, W),
         summed over the cue pixels, over its sum.
     """
-    from audit.engine.stats import resize_maps
-
     maps = np.asarray(maps, np.float32)
     px = np.asarray(pixels, bool)
     if len(maps) == 0:
@@ -163,8 +163,6 @@ def cue_share(maps: np.ndarray, pixels: np.ndarray) -> np.ndarray:
 
 def _resize_weights(shape, size, px: np.ndarray):
     """(h*w,) float64 weights of each map cell in the resized map's sum over ``px`` and over the whole image."""
-    from audit.engine.stats import resize_maps
-
     h, w = int(shape[0]), int(shape[1])
     basis = resize_maps(np.eye(h * w, dtype=np.float32).reshape(h * w, h, w), size)
     return basis[:, px].sum(axis=1, dtype=np.float64), basis.sum(axis=(1, 2), dtype=np.float64)
@@ -241,8 +239,6 @@ def area_resize(x: np.ndarray, side) -> np.ndarray:
     """(N, H, W, C) -> (N, h, w, C) float32 (``side``: h = w, or (h, w)): OpenCV's area resize of each image,
     many images per call (converted to float32 a call's worth at a time)."""
     import cv2
-
-    from audit.engine.stats import _CV_MAX_CHANNELS
 
     h, w = (side, side) if np.isscalar(side) else (int(side[0]), int(side[1]))
     n, H, W, c = x.shape
@@ -340,9 +336,6 @@ def remove_cue(images: np.ndarray, cue: Cue, pixels: np.ndarray, objects=None, l
     (neutral); a transform: :func:`audit.scan.probes.edits.transform` of
     ``pixels`` with the test's kind (``levels``: the dataset's typical image).
     """
-    from audit.scan.probes import PROBES
-    from audit.scan.probes import edits as intervene
-
     if cue.kind == "background":
         if objects is None:
             return np.array(images)
@@ -356,8 +349,6 @@ def remove_cue(images: np.ndarray, cue: Cue, pixels: np.ndarray, objects=None, l
 
 def decides(base_pred, new_pred, classes=None) -> np.ndarray:
     """(N,) bool: the prediction changed when the cue went (see :func:`audit.scan.probes.flipped`)."""
-    from audit.scan.probes import flipped
-
     return flipped(base_pred, new_pred, classes)
 
 

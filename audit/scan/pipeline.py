@@ -39,12 +39,17 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from audit.data.io import completeness
+from audit.data.predictions import one_class_warning
+from audit.scan import provenance
 from audit.scan.causal import CausalTests, run_tests
 from audit.scan.cluster import ClusterParams, cluster_maps, map_features, min_cluster_size
 from audit.scan.config import DEFAULT, Config
 from audit.scan.cost import cost_lines, with_costs
 from audit.scan.features import gap_scores, group_features, spurious_gap
 from audit.scan.grids import read_class_maps
+from audit.scan.imagepass import read_summary
+from audit.scan.intervene import Intervener, SafeIntervener
 from audit.scan.read import ScanView, read_view
 from audit.scan.table import (
     ClassResult,
@@ -121,7 +126,6 @@ def make_intervener(view: ScanView, cfg: Config, quiet: bool):
     spec = view.spec
     if spec is None or not (spec.model.path or spec.model.application) or not spec.dataset.path:
         return None
-    from audit.scan.intervene import Intervener, SafeIntervener
 
     return SafeIntervener(Intervener(view.out, fill=cfg.fill), quiet)
 
@@ -252,8 +256,6 @@ def scan_as_saved(out_dir, *, quiet: bool = False, changes: dict | None = None):
     What ``audit run`` does at its end, so a resumed job keeps the kind of scan its user chose.
     ``changes``: Config fields to change besides (``audit run --causal-budget``).
     """
-    from audit.scan import provenance
-
     s = provenance.saved_settings(out_dir)
     saved_budget = provenance.saved_budget(out_dir)
     if saved_budget is not None:  # a budget raised by hand stays raised on the rescan
@@ -291,8 +293,6 @@ def scan(out_dir, *, intervene: bool = True, quiet: bool = False, layer: str | N
     """
     import time
 
-    from audit.scan import provenance
-
     t0 = time.perf_counter()
     view = read_view(out_dir, layer, method, use_masks)
     made = provenance.ScanSettings(view.layer, view.method, intervene, use_masks, cfg.fill)
@@ -312,9 +312,6 @@ def scan(out_dir, *, intervene: bool = True, quiet: bool = False, layer: str | N
                  view.regions)
     provenance.write(view.out, made, time.perf_counter() - t0, budget=cfg.budget)
     if not quiet:
-        from audit.data.io import completeness
-        from audit.data.predictions import one_class_warning
-
         print(format_table(classes_df, clusters_df, layer=view.layer, method=view.method, out=view.out,
                            errors=view.errors, causal=causal, incomplete=completeness(view.out),
                            model_warning=one_class_warning(view.out, view.record.classes if view.record else None)))
@@ -325,6 +322,4 @@ def scan(out_dir, *, intervene: bool = True, quiet: bool = False, layer: str | N
 
 def _costs(out, classes_df):
     """The cost columns from an earlier per-image pass whose cues are still named (:mod:`audit.scan.cost`)."""
-    from audit.scan.imagepass import read_summary
-
     return with_costs(classes_df, read_summary(out, "images"))

@@ -14,6 +14,7 @@ import json
 import time
 from dataclasses import asdict, dataclass, fields
 
+from audit.data import fs, io
 from audit.errors import AuditError
 
 FILE = "scan.json"
@@ -46,15 +47,11 @@ class ScanSettings:
 def _path(out):
     from pathlib import Path
 
-    from audit.data import fs
-
     return fs.join(str(out), "summary", FILE) if fs.is_uri(str(out)) else Path(out) / "summary" / FILE
 
 
 def read(out) -> dict | None:
     """``summary/scan.json`` as a dict (``settings`` a :class:`ScanSettings`), or None when absent or unreadable."""
-    from audit.data import fs
-
     p = _path(out)
     try:
         raw = json.loads(fs.read_bytes(str(p)).decode() if fs.is_uri(str(out)) else p.read_text())
@@ -94,9 +91,6 @@ def write(out, settings: ScanSettings, seconds: float, budget: float | None = No
     """
     from importlib import metadata
 
-    from audit.data import fs
-    from audit.data.io import atomic_write_bytes
-
     try:
         version = metadata.version("shortcut-audit")
     except metadata.PackageNotFoundError:  # run from a checkout that was never installed
@@ -110,7 +104,7 @@ def write(out, settings: ScanSettings, seconds: float, budget: float | None = No
     p = _path(out)
     if not fs.is_uri(str(out)):
         p.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(p, (json.dumps(record, indent=1) + "\n").encode())
+    io.atomic_write_bytes(p, (json.dumps(record, indent=1) + "\n").encode())
 
 
 def saved_settings(out) -> ScanSettings | None:

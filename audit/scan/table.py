@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from audit.data import fs, io
+from audit.data.schema import SCHEMA_VERSION, arrow_schema
 from audit.errors import cannot_write
 from audit.scan.features import GroupFeatures
 from audit.scan.values import finite, or_none, pct
@@ -121,8 +123,6 @@ def to_frame(rows: list, name: str, regions):
     """Rows -> a DataFrame with the columns of ``schemas/<name>.schema.json`` in order."""
     import pandas as pd
 
-    from audit.data.schema import arrow_schema
-
     schema = arrow_schema(name, {f"energy_{r}": "float32" for r in regions})
     if not rows:
         return schema.empty_table().to_pandas()
@@ -148,10 +148,6 @@ def write_tables(out: Path, frames: dict, regions) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from audit.data import fs
-    from audit.data.io import atomic_write_bytes
-    from audit.data.schema import SCHEMA_VERSION, arrow_schema
-
     remote = fs.is_uri(str(out))
     d = fs.join(str(out), "summary") if remote else Path(out) / "summary"
     for name, frame in frames.items():
@@ -164,7 +160,7 @@ def write_tables(out: Path, frames: dict, regions) -> None:
         try:
             if not remote:
                 d.mkdir(parents=True, exist_ok=True)
-            atomic_write_bytes(fs.join(d, f"{name}.parquet") if remote else d / f"{name}.parquet", data)
+            io.atomic_write_bytes(fs.join(d, f"{name}.parquet") if remote else d / f"{name}.parquet", data)
         except OSError as e:  # a read-only or full OUT: one line (with the free space), not a traceback
             raise cannot_write(d / f"{name}.parquet", e, "the scan writes OUT/summary/: scan a writable "
                                "copy of OUT", need=len(data)) from None
@@ -173,8 +169,6 @@ def write_tables(out: Path, frames: dict, regions) -> None:
 def interventions_table(results: list, causal):
     """Every causal test as a row of ``summary/interventions.parquet``."""
     import pandas as pd
-
-    from audit.data.schema import arrow_schema
 
     names = {r.class_id: r.name for r in results}
     rows = []
@@ -241,7 +235,6 @@ def format_table(classes_df, clusters_df, *, layer="", method="", out="", errors
                      + (f"; {causal.extended} grown to decide a rate near its threshold" if causal.extended else "")
                      + (f"; {causal.skipped} samples left out by the cost budget (--causal-budget)"
                         if causal.skipped else ""))
-    from audit.data import fs
 
     n_s = int((classes_df["verdict"] == "shortcut_suspected").sum())
     where = fs.join(str(out), "summary") if fs.is_uri(str(out)) else Path(out) / "summary"  # s3:// kept whole

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from audit.errors import AuditError
 from audit.scan.config import DEFAULT, Config
 from audit.scan.probes.background import NeutralBackground, OtherBackground
 from audit.scan.probes.base import (
@@ -28,9 +29,11 @@ from audit.scan.probes.base import (
     flipped,
     predict_chunks,
 )
+from audit.scan.probes.edits import spare_masks
 from audit.scan.probes.identity import identity_probes
 from audit.scan.probes.object import HotAreaRemoval, ObjectRemoval
 from audit.scan.probes.place import PlaceOcclusion
+from audit.scan.probes.places import spot_named
 from audit.scan.probes.transform import BackgroundTexture, FlatBackground, ImageColour
 from audit.scan.probes.transplant import BackgroundTransplant
 
@@ -76,10 +79,6 @@ def remove_cue(images, cue_region: str, *, cue_box=None, masks=None, spare=None,
     Raises:
         AuditError: a cue this function cannot remove (or a transform without ``masks`` or ``spare``).
     """
-    from audit.errors import AuditError
-    from audit.scan.probes.edits import spare_masks
-    from audit.scan.probes.places import spot_named
-
     imgs = np.asarray(images)
     if spare is None and masks is not None:
         spare = spare_masks(imgs.shape[1:3], masks)

@@ -12,6 +12,7 @@ import numpy as np
 from audit.scan.config import Config
 from audit.scan.probes.base import Family, Probe, Sample, Trial, Where
 from audit.scan.probes.edits import occlude
+from audit.scan.probes.transplant import transplant_places
 
 
 class PlaceOcclusion(Probe):
@@ -46,8 +47,6 @@ class PlaceOcclusion(Probe):
 
     def follow_up(self, predict_fn, trials: list, s: Sample, cfg: Config, chunk: int) -> list[Trial]:
         """Transplant the places that flipped the sample (their results go into those trials)."""
-        from audit.scan.probes.transplant import transplant_places
-
         found = transplant_places(predict_fn, [t for t in trials if t.probe is self], s, cfg, chunk)
         for t in trials:
             if id(t) in found:
