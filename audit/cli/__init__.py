@@ -13,6 +13,7 @@ import importlib
 import os
 import sys
 
+from audit import __version__
 from audit.errors import AuditError, os_error_line
 
 COMMANDS = ("run", "submit", "scan", "report", "layers", "explain", "demo", "export", "compare")
@@ -37,7 +38,6 @@ def build_parser() -> argparse.ArgumentParser:
         description="Find image classifiers that learned a shortcut: distributed Grad-CAM audits on Ray.",
         epilog="Start with `audit demo`; `audit COMMAND --help` shows an example for each command.",
     )
-    from audit import __version__
 
     parser.add_argument("--version", action="version", version=f"shortcut-audit {__version__}")
     parser.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)

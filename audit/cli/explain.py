@@ -6,6 +6,9 @@ import argparse
 import os
 import sys
 
+from audit.cli.layers import check_input_size, check_token_grid
+from audit.errors import AuditError
+
 USAGE = """audit explain MODEL IMAGE... --out DIR [options]
        audit explain --job OUT IMAGE_OR_ID... --out DIR [options]
        audit explain --application NAME IMAGE... --out DIR [options]"""
@@ -91,10 +94,8 @@ def _application_preprocess(name: str) -> str:
 def run(args) -> int:
     from pathlib import Path
 
-    from audit.cli.layers import check_input_size, check_token_grid
     from audit.engine.backprop import all_methods
     from audit.engine.models import check_preprocess, load_model
-    from audit.errors import AuditError
     from audit.review.explain import explain
 
     paths = list(args.paths)

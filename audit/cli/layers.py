@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from audit.errors import AuditError
+
 EXAMPLE = """example:
   audit layers models/tank_sky.keras
   audit layers --application ResNet50 --input-size 224 224
@@ -39,15 +41,11 @@ def register(sub) -> None:
 
 
 def check_input_size(size) -> None:
-    from audit.errors import AuditError
-
     if size is not None and min(size) < 1:
         raise AuditError(f"--input-size must be two integers >= 1 (H W), got {size[0]} {size[1]}")
 
 
 def run(args) -> int:
-    from audit.errors import AuditError
-
     if not args.model and not args.application:
         raise AuditError("give a model file or --application NAME")
     check_input_size(args.input_size)
@@ -80,8 +78,6 @@ def run(args) -> int:
 
 
 def check_token_grid(grid) -> None:
-    from audit.errors import AuditError
-
     if grid is not None and min(grid) < 1:
         raise AuditError(f"--token-grid must be two integers >= 1 (h w), got {grid[0]} {grid[1]}")
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from audit.errors import AuditError
+
 EXAMPLE = """example:
   audit report results/tank-sky
   audit report results/imagenet-audit --max-examples 24 --max-classes 50 --method gradcam++
@@ -41,7 +43,6 @@ def register(sub) -> None:
 def run(args) -> int:
     import time
 
-    from audit.errors import AuditError
     from audit.review.report import write_report
 
     if args.max_examples < 1 or args.max_classes < 0:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from audit.cli.outcome import add_fail_on, add_per_image, after_scan
+from audit.errors import AuditError
 
 EXAMPLE = """examples:
   audit scan results/tank-sky
@@ -70,8 +71,6 @@ def causal_budget(args) -> dict:
         AuditError: a negative or non-finite budget.
     """
     import math
-
-    from audit.errors import AuditError
 
     x = getattr(args, "causal_budget", None)
     if x is None:

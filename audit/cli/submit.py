@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from audit.cli.run import add_resume, spec_arg
+from audit.errors import AuditError
 
 EXAMPLE = """examples:
   audit submit jobs/example_folder.yaml --address http://head:8265
@@ -56,8 +57,6 @@ def register(sub) -> None:
 
 def auth_headers(token_file=None) -> dict:
     """Authorization header for token authentication, from the places Ray reads it."""
-    from audit.errors import AuditError
-
     token = None
     path = token_file or os.environ.get("RAY_AUTH_TOKEN_PATH")
     if token_file and not os.path.isfile(token_file):
@@ -89,8 +88,6 @@ def entrypoint(spec: str, python: str, resume: bool | str, overrides) -> str:
 
 
 def _runtime_env(args) -> dict:
-    from audit.errors import AuditError
-
     env: dict = {}
     if args.runtime_env:
         import yaml
@@ -112,7 +109,6 @@ def _runtime_env(args) -> dict:
 
 
 def submit(args) -> tuple[object, str]:
-    from audit.errors import AuditError
     from audit.runner.spec import apply_overrides, read_yaml, validate
 
     args.spec = spec_arg(args, args.submit_parser)
@@ -154,8 +150,6 @@ def _submit(client, kwargs: dict, address, wait_s: float = AGENT_WAIT_S, pause: 
     Raises:
         AuditError: the submission failed (one line), or no agent came up within ``wait_s``.
     """
-    from audit.errors import AuditError
-
     deadline = time.monotonic() + wait_s
     while True:
         try:
