@@ -367,8 +367,8 @@ def test_detection_bench_refuses_a_negative_seed(capsys):
 # ----------------------------------------------------------------------------
 
 
-def _e2e(tmp_path, case: Case, masks: bool):
-    """Build ``case`` in a temporary cache, audit its training split with ``audit run``'s job, scan; the score.
+def _e2e(tmp_path, case: Case, masks: bool, shared_cache):
+    """Build ``case`` in the run's shared cache, audit its training split with ``audit run``'s job, scan; the score.
 
     The split is small, so the job runs in the driver (:mod:`audit.runner.inprocess`; its records
     equal the actors', tests/test_inprocess.py): no Ray and no actor to start per case.
@@ -380,7 +380,8 @@ def _e2e(tmp_path, case: Case, masks: bool):
     from audit.zoo.train import ensure, job_spec
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    built = ensure(case, root=tmp_path / "cache", log=lambda *_: None)
+    with shared_cache.lock(f"zoo-{case.name}") as cache:  # test_perimage.py trains the same watermark case
+        built = ensure(case, root=cache, log=lambda *_: None)
     spec = tmp_path / f"spec-{masks}.yaml"
     spec.write_text(yaml.safe_dump(job_spec(case, built, masks, tmp_path / f"out-{masks}")))
     summary = run_job(str(spec), progress=False)
@@ -396,9 +397,9 @@ def _said(s) -> dict:
 @pytest.mark.slow
 @pytest.mark.parametrize("name,masks", [
     ("stamp", True), ("clean", True), ("watermark", False), ("logit", False)])
-def test_small_zoo_case_end_to_end(tmp_path, name, masks):
+def test_small_zoo_case_end_to_end(tmp_path, name, masks, shared_cache):
     case = replace(CASES[name], n_per_class=120, n_heldout=30)
-    built, s = _e2e(tmp_path, case, masks)
+    built, s = _e2e(tmp_path, case, masks, shared_cache)
     assert built.train_accuracy >= 0.9
     for with_cue, without in built.heldout["planted"].values():
         assert with_cue - without > 0.5  # the model learned the cue
