@@ -16,7 +16,10 @@ import shutil
 import time
 from pathlib import Path
 
+from audit import tanksky
+from audit.data.resources import path
 from audit.errors import AuditError
+from audit.runner.job import run_job
 
 MODELS = (
     ("shortcut", "tank_sky.yaml", "shortcut_model",
@@ -42,8 +45,6 @@ def _clear(out: Path) -> None:
 
 def default_out() -> Path:
     """Where the demo writes by default: ``demo/`` in the user cache (never the working tree)."""
-    from audit import tanksky
-
     return tanksky.cache_dir() / "demo"
 
 
@@ -59,9 +60,6 @@ def run_demo(out=None, *, masks: bool = True, intervene: bool = True, report: bo
     :class:`audit.tanksky.Params` (dataset size, training), default the demo's.
     ``fix``: go on with :func:`audit.demofix.run_fix` (DFR, re-audit, compare; ``results["fix"]``).
     """
-    from audit import tanksky
-    from audit.data.resources import path
-    from audit.runner.job import run_job
     from audit.scan.pipeline import scan
 
     t0 = time.time()
@@ -95,7 +93,7 @@ def run_demo(out=None, *, masks: bool = True, intervene: bool = True, report: bo
     if fix:  # after the verdicts
         results["seconds"] = round(time.time() - t0, 1)
         log(format_verdict(results))
-        from audit.demofix import run_fix
+        from audit.demofix import run_fix  # a cycle: demofix imports this module
 
         results["fix"] = run_fix(results, out, intervene=intervene, progress=progress, log=log)
     if not fix:

@@ -23,6 +23,19 @@ from pathlib import Path
 
 import numpy as np
 
+import audit
+from audit.data.datasets import load_images
+from audit.data.jobspec import load_job_model, read_job_record
+from audit.data.resources import path
+from audit.demo import _clear
+from audit.review.compare import write
+from audit.runner.job import run_job
+from audit.scan.compare import compare
+from audit.scan.cost import wilson
+from audit.scan.dfr import retrain
+from audit.scan.export import export
+from audit.scan.imagepass import run_pass
+
 
 @dataclass
 class Worst:
@@ -37,8 +50,6 @@ class Worst:
 
 def worst_group(y, place, correct, names=None) -> Worst:
     """The lowest accuracy over the groups ``(y, place)`` (groups of at least one image)."""
-    from audit.scan.cost import wilson
-
     y, place, correct = np.asarray(y), np.asarray(place), np.asarray(correct, bool)
     best = Worst(math.nan, math.nan, math.nan, 0, "")
     for a in np.unique(y):
@@ -54,8 +65,6 @@ def worst_group(y, place, correct, names=None) -> Worst:
 
 def _correct(out) -> dict:
     """{image_id: correct} from a job's records (one view)."""
-    import audit
-
     df = audit.load(out, columns=["image_id", "correct", "status"])
     df = df[df["status"] != "error"].drop_duplicates("image_id")
     return dict(zip(df["image_id"], df["correct"].fillna(False).astype(bool)))
@@ -63,10 +72,6 @@ def _correct(out) -> dict:
 
 def fit_dfr(short_out: str, meta, fix_dir: Path, log=print):
     """Re-train the shortcut model's last layer on split 0 of the export, group-balanced; the new model's path."""
-    from audit.data.datasets import load_images
-    from audit.data.jobspec import load_job_model, read_job_record
-    from audit.scan.dfr import retrain
-
     record = read_job_record(short_out)
     spec = record.spec
     train = meta[(meta["split"] == 0) & (meta["y"] >= 0)]
@@ -87,12 +92,6 @@ def run_fix(results: dict, out: Path, *, intervene: bool, progress: bool, log=pr
     """Steps 1-4 above after :func:`audit.demo.run_demo`'s audits; returns what happened."""
     import pandas as pd
 
-    from audit.data.resources import path
-    from audit.review.compare import write
-    from audit.runner.job import run_job
-    from audit.scan.compare import compare
-    from audit.scan.export import export
-    from audit.scan.imagepass import run_pass
     from audit.scan.pipeline import scan
 
     t0 = time.time()
@@ -104,7 +103,6 @@ def run_fix(results: dict, out: Path, *, intervene: bool, progress: bool, log=pr
     export(short, fix_dir / "export", ("groups",), force=True, quiet=True)
     meta = pd.read_csv(fix_dir / "export" / "metadata.csv")
     model = fit_dfr(short, meta, fix_dir, log)
-    from audit.demo import _clear
 
     _clear(fixed)
     run_job(str(path("audit.jobs", "tank_sky.yaml")),

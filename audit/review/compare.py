@@ -5,11 +5,13 @@ from __future__ import annotations
 import math
 import re
 
+from audit.data import fs, resources
+from audit.data.schema import arrow_schema
+from audit.errors import cannot_write
+
 
 def _style() -> str:
     """The report's own style sheet (its template's ``<style>`` block), so both pages look alike."""
-    from audit.data import resources
-
     text = resources.path("audit.templates", "report.html.j2").read_text(encoding="utf-8")
     m = re.search(r"<style>(.*?)</style>", text, re.S)
     return m.group(1) if m else ""
@@ -26,8 +28,6 @@ def _num(v):
 def render(c) -> str:
     """The page of a :class:`audit.scan.compare.Comparison`."""
     import jinja2
-
-    from audit.data import resources
 
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(resources.path("audit.templates", ""))),
                              autoescape=jinja2.select_autoescape(["html", "j2"]), undefined=jinja2.ChainableUndefined)
@@ -49,10 +49,7 @@ def write(c, out_dir) -> list[str]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from audit.data import fs
     from audit.data.io import atomic_write_bytes
-    from audit.data.schema import arrow_schema
-    from audit.errors import cannot_write
 
     remote = fs.is_uri(str(out_dir))
     paths = [fs.join(str(out_dir), n) if remote else f"{out_dir}/{n}"

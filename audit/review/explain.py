@@ -29,8 +29,12 @@ from pathlib import Path
 
 import numpy as np
 
+from audit.data import fs, resources
+from audit.data.decode import DecodeError, decode_image, resize_image
+from audit.data.files import read_regular_file
 from audit.engine import backprop
 from audit.engine.backprop import affine_of, all_methods, cam_methods, filter_patterns  # noqa: F401
+from audit.engine.models import check_channels, input_size_of, preprocess, to_channels
 from audit.errors import AuditError
 from audit.review import viz
 
@@ -50,11 +54,6 @@ def read_image(path, size=None, channels: int = 3) -> np.ndarray:
     Decoding is the job's (:mod:`audit.data.decode`): grayscale, RGBA and 16-bit
     images work, and a header claiming too many pixels is refused before decoding.
     """
-    from audit.data import fs
-    from audit.data.decode import DecodeError, decode_image, resize_image
-    from audit.data.files import read_regular_file
-    from audit.engine.models import to_channels
-
     p = str(path) if fs.is_uri(str(path)) else Path(path)
     try:
         if isinstance(p, str):  # an object in a bucket
@@ -278,7 +277,6 @@ def _setup(model, t, layers, feature_layers, methods, target, classes, output, n
     """Resolve layers and methods and build the Explainers (they check the target and classes)."""
     from audit.engine import graph
     from audit.engine.explainer import Explainer, cam_dense
-    from audit.engine.models import check_channels, input_size_of
 
     explicit_cam = methods is not None and "cam" in methods  # asked for: fail if the head has no GAP
     methods = list(dict.fromkeys(methods or DEFAULT_METHODS))
@@ -400,8 +398,6 @@ class _Inputs:
 
 def _read_inputs(sources, st: _Setup, preprocess_mode) -> _Inputs:
     """Read and preprocess the images at the model's size and channels."""
-    from audit.engine.models import preprocess, to_channels
-
     images = np.stack([read_image(p, st.size, st.channels) for p in sources])
     x = preprocess(images, preprocess_mode)
     affine = affine_of(lambda a: preprocess(a, preprocess_mode), st.channels)
@@ -573,8 +569,6 @@ def _activations(model, x, layers, output=None, token_grid=None):
 
 def _render_index(pages, figures, info) -> str:
     import jinja2
-
-    from audit.data import resources
 
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(resources.path("audit.templates", ""))),

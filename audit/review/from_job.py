@@ -12,6 +12,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from audit.data import fs
+from audit.data.jobspec import JobSpec, read_job_record
+from audit.data.query import load, original_image, records_dataset
 from audit.errors import AuditError
 
 RESCALING_LAYERS = ("Rescaling", "Normalization")  # a model that takes 0-255 pixels itself
@@ -41,8 +44,6 @@ def job_inputs(out) -> JobInputs:
     Raises:
         AuditError: ``out`` has no readable ``job.json``.
     """
-    from audit.data.jobspec import JobSpec, read_job_record
-
     record = read_job_record(out)
     if record is None:
         raise AuditError(f"--job {out}: no job.json there (give the `output` folder of an audit job)")
@@ -68,8 +69,6 @@ def resolve_images(out, names, folder) -> list[str]:
     Raises:
         AuditError: a name is neither a file nor an image id of the job.
     """
-    from audit.data import fs
-
     files = {n: n for n in names if fs.is_file(n)}
     ids = [n for n in names if n not in files]
     if ids:
@@ -79,9 +78,6 @@ def resolve_images(out, names, folder) -> list[str]:
 
 def _files_of_ids(out, ids, inputs: Path) -> dict:
     import cv2
-
-    from audit.data import fs
-    from audit.data.query import load, original_image
 
     rows = load(out, columns=["image_id", "path", "path_bytes"], filters=[("image_id", "in", list(ids))])
     rows = rows.drop_duplicates("image_id").set_index("image_id", drop=False)
@@ -103,8 +99,6 @@ def _files_of_ids(out, ids, inputs: Path) -> dict:
 
 
 def _example_id(out) -> str:
-    from audit.data.query import records_dataset
-
     t = records_dataset(out).head(1, columns=["image_id"])
     return t.column("image_id")[0].as_py() if t.num_rows else ""
 

@@ -24,9 +24,13 @@ from pathlib import Path
 
 import numpy as np
 
+from audit.data import fs, query, resources
+from audit.data.io import completeness
 from audit.data.jobspec import JobRecord, read_job_record
 from audit.errors import AuditError, cannot_write
 from audit.review import viz
+from audit.scan import provenance
+from audit.scan.cost import cost_sentence
 
 SUSPECT = "shortcut_suspected"
 _LIGHT = ("image_id", "path", "label", "label_name", "pred", "pred_name", "target", "score", "correct", "status",
@@ -58,8 +62,6 @@ MAX_GALLERIES = 4  # suspect-cluster galleries per class (the largest suspect cl
 def _read_parquet(p):
     """A small summary table as pandas, or None when it is absent or unreadable (a Path or a URI)."""
     import pyarrow.parquet as pq
-
-    from audit.data import fs
 
     if not fs.is_file(str(p)):
         return None
@@ -208,8 +210,6 @@ class _Images:
     """Original images by record path, cached, with a fallback search next to the dataset."""
 
     def __init__(self, bases):
-        from audit.data import fs
-
         self.bases = [Path(b) for b in bases if b and not fs.is_uri(str(b))]  # record paths in a bucket are URIs
         self.cache = {}
 
@@ -220,7 +220,6 @@ class _Images:
         if path in self.cache:
             return self.cache[path]
         img = None
-        from audit.data import fs, query
 
         relative = not fs.is_uri(path) and not Path(path).is_absolute()
         candidates = [path] + [str(b / path) for b in self.bases if relative]
@@ -390,8 +389,6 @@ def _class_column(light):
 
 def _class_table(classes, light, names_by_id):
     """Rows of the class table, suspects first, then by suspicion."""
-    from audit.scan.cost import cost_sentence
-
     rows = []
     if classes is not None and len(classes):
         for _, r in classes.iterrows():
@@ -631,8 +628,6 @@ def write_report(out_dir, *, max_examples: int = 12, max_classes: int = 24, seed
         AuditError: not a job output, an unknown layer or method, or the
             report cannot be written (read-only or full destination).
     """
-    from audit.data import query
-
     out, under = _output_location(out_dir)
     ds = query.records_dataset(out)
     if "image_id" not in ds.schema.names:
@@ -640,14 +635,11 @@ def write_report(out_dir, *, max_examples: int = 12, max_classes: int = 24, seed
     record = read_job_record(out) or JobRecord(spec=None)
     classes = _read_parquet(under("summary", "classes.parquet"))
     clusters = _read_parquet(under("summary", "clusters.parquet"))
-    from audit.data.io import completeness
 
     notes = [f"Warning: {partial}." for partial in [completeness(out)] if partial]
     if classes is None:
         notes.append("No scan summary (summary/classes.parquet): run `audit scan OUT` for verdicts and clusters.")
     else:
-        from audit.scan import provenance
-
         notes.append(provenance.report_line(out))
     layer, method = _primary(ds, record, clusters, layer, method)
     light = _read_light(ds, layer, method)
@@ -682,8 +674,6 @@ def write_report(out_dir, *, max_examples: int = 12, max_classes: int = 24, seed
 
 def _output_location(out_dir):
     """(OUT as a Path or URI string, a function joining parts under it); a missing OUT is one line."""
-    from audit.data import fs
-
     remote = fs.is_uri(str(out_dir))
     out = str(out_dir) if remote else Path(out_dir)
     if not (fs.exists(out) if remote else out.is_dir()):
@@ -744,8 +734,6 @@ def _write_html(html: str, folder):
 
     ``folder`` may be a URI: the report is then one PUT into the bucket.
     """
-    from audit.data import fs
-
     if isinstance(folder, str) and fs.is_uri(folder):
         path = fs.join(folder, "report.html")
         fs.write_bytes(path, html.encode("utf-8"))
@@ -765,8 +753,6 @@ def _write_html(html: str, folder):
 
 def _render(ctx) -> str:
     import jinja2
-
-    from audit.data import resources
 
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(resources.path("audit.templates", ""))),
