@@ -20,6 +20,7 @@ from audit import tanksky
 from audit.data.resources import path
 from audit.errors import AuditError
 from audit.runner.job import run_job
+from audit.scan import pipeline
 
 MODELS = (
     ("shortcut", "tank_sky.yaml", "shortcut_model",
@@ -60,8 +61,6 @@ def run_demo(out=None, *, masks: bool = True, intervene: bool = True, report: bo
     :class:`audit.tanksky.Params` (dataset size, training), default the demo's.
     ``fix``: go on with :func:`audit.demofix.run_fix` (DFR, re-audit, compare; ``results["fix"]``).
     """
-    from audit.scan.pipeline import scan
-
     t0 = time.time()
     out = Path(out) if out is not None else default_out()
     for p in (out, *out.parents):
@@ -79,11 +78,11 @@ def run_demo(out=None, *, masks: bool = True, intervene: bool = True, report: bo
         results["dataset_overrides"] = data
         overrides = [f"model.path={built[model_key]}", *data, f"output={dest}"]
         summary = run_job(str(path("audit.jobs", spec_name)), overrides=overrides, progress=progress)
-        classes, clusters = scan(dest, intervene=intervene, quiet=True)
+        classes, clusters = pipeline.scan(dest, intervene=intervene, quiet=True)
         page = None
         if report:
             try:
-                from audit.review.report import write_report
+                from audit.review.report import write_report  # optional: the demo goes on without a report
             except ImportError:
                 write_report = None
             if write_report is not None:

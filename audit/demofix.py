@@ -30,6 +30,7 @@ from audit.data.resources import path
 from audit.demo import _clear
 from audit.review.compare import write
 from audit.runner.job import run_job
+from audit.scan import pipeline
 from audit.scan.compare import compare
 from audit.scan.cost import wilson
 from audit.scan.dfr import retrain
@@ -92,8 +93,6 @@ def run_fix(results: dict, out: Path, *, intervene: bool, progress: bool, log=pr
     """Steps 1-4 above after :func:`audit.demo.run_demo`'s audits; returns what happened."""
     import pandas as pd
 
-    from audit.scan.pipeline import scan
-
     t0 = time.time()
     short = results["models"]["shortcut"]["out"]
     out = Path(out)
@@ -108,7 +107,7 @@ def run_fix(results: dict, out: Path, *, intervene: bool, progress: bool, log=pr
     run_job(str(path("audit.jobs", "tank_sky.yaml")),
             overrides=[f"model.path={model}", *results["dataset_overrides"], f"output={fixed}"],
             progress=progress)
-    classes, _ = scan(fixed, intervene=intervene, quiet=True)
+    classes, _ = pipeline.scan(fixed, intervene=intervene, quiet=True)
     c = compare(short, str(fixed))
     write(c, fix_dir)
     before, after = _correct(short), _correct(str(fixed))

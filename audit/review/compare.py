@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import re
 
-from audit.data import fs, resources
+from audit.data import fs, io, resources
 from audit.data.schema import arrow_schema
 from audit.errors import cannot_write
 
@@ -49,8 +49,6 @@ def write(c, out_dir) -> list[str]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from audit.data.io import atomic_write_bytes
-
     remote = fs.is_uri(str(out_dir))
     paths = [fs.join(str(out_dir), n) if remote else f"{out_dir}/{n}"
              for n in ("compare.html", "compare.parquet", "compare_images.parquet")]
@@ -67,7 +65,7 @@ def write(c, out_dir) -> list[str]:
 
             os.makedirs(out_dir, exist_ok=True)
         for p, b in zip(paths, blobs):
-            atomic_write_bytes(p, b)
+            io.atomic_write_bytes(p, b)
     except OSError as e:
         raise cannot_write(out_dir, e, "write the comparison elsewhere with --out DIR") from None
     return paths

@@ -30,8 +30,9 @@ from pathlib import Path
 import numpy as np
 
 from audit.data import fs, resources
+from audit.data.datasets import read_object
 from audit.data.decode import DecodeError, decode_image, resize_image
-from audit.data.files import read_regular_file
+from audit.data.files import DEFAULT_MAX_IMAGE_BYTES, read_regular_file
 from audit.engine import backprop
 from audit.engine.backprop import affine_of, all_methods, cam_methods, filter_patterns  # noqa: F401
 from audit.engine.models import check_channels, input_size_of, preprocess, to_channels
@@ -57,9 +58,6 @@ def read_image(path, size=None, channels: int = 3) -> np.ndarray:
     p = str(path) if fs.is_uri(str(path)) else Path(path)
     try:
         if isinstance(p, str):  # an object in a bucket
-            from audit.data.datasets import read_object
-            from audit.data.files import DEFAULT_MAX_IMAGE_BYTES
-
             data = read_object(p, DEFAULT_MAX_IMAGE_BYTES)
         else:
             data = read_regular_file(str(p))  # never a FIFO or a device; bounded

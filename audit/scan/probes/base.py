@@ -66,7 +66,7 @@ class PlaceFlip:
     @property
     def spec(self):
         """The :class:`Probe` that made this result."""
-        from audit.scan.probes import PROBES
+        from audit.scan.probes import PROBES  # a cycle: the registry imports this module first
 
         return PROBES[self.probe]
 

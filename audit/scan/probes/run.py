@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from audit.scan.config import DEFAULT, Config
+from audit.scan.probes import PROBES  # defined before the package imports this module
 from audit.scan.probes.base import CausalResult, Sample, flipped, predict_chunks
 
 CHUNK = 256  # images per predict call (a speed setting, not a threshold)
@@ -71,8 +72,6 @@ def causal_tests(predict_fn, s: Sample, cfg: Config = DEFAULT, probes=None, chun
     Returns:
         A :class:`CausalResult`; a rate is NaN with fewer than ``cfg.min_rate_n`` testable images.
     """
-    from audit.scan.probes import PROBES
-
     probes = list(PROBES.values()) if probes is None else list(probes)
     s.cfg = cfg
     trials = [t for p in probes for t in p.trials(s, cfg)]
@@ -93,8 +92,6 @@ def extra_forwards(n: int, n_places: int, masked: bool, cfg: Config = DEFAULT, p
     """Forward passes :func:`causal_tests` costs for a sample of ``n``, planned: every probe's trials on
     the screening images (:meth:`~audit.scan.probes.base.Probe.planned`) and the base, and the base and
     about ``cfg.promising`` trials on the rest."""
-    from audit.scan.probes import PROBES
-
     probes = list(PROBES.values()) if probes is None else list(probes)
     k = min(n, cfg.screen) if cfg.screen > 0 else n
     per = sum(p.planned(masked, n_places) for p in probes)
