@@ -428,7 +428,8 @@ def test_a_stray_quote_in_a_manifest_is_one_line_naming_file_and_line(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_bug_in_our_code_fails_the_job_with_its_traceback_not_error_rows(tmp_path):
+@pytest.mark.parametrize("in_process", ["1", "0"], ids=["in-driver", "on-ray"])
+def test_a_bug_in_our_code_fails_the_job_with_its_traceback_not_error_rows(tmp_path, in_process):
     """End to end (`audit run` in a subprocess, its own Ray): a TypeError inside the per-image
     loading, planted in every process by a sitecustomize, fails the shards (exit 1, incomplete)
     with the traceback printed once; no image becomes an error row."""
@@ -453,7 +454,8 @@ def test_a_bug_in_our_code_fails_the_job_with_its_traceback_not_error_rows(tmp_p
         "explain": {"methods": ["gradcam"]},
         "resources": {"actors": 1, "batch_size": 2, "max_retries": 0}, "output": "out"}))
     repo = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(stub), str(repo)]), "RAY_ADDRESS": ""}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(stub), str(repo)]), "RAY_ADDRESS": "",
+           "AUDIT_IN_PROCESS": in_process}  # a job this small runs in the driver unless told otherwise
     r = subprocess.run([sys.executable, "-m", "audit", "run", str(spec), "--no-progress", "--no-scan"],
                        capture_output=True, text=True, env=env, timeout=400, cwd=tmp_path)
     assert r.returncode == 1, r.stderr[-3000:]

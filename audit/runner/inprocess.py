@@ -16,11 +16,12 @@ from __future__ import annotations
 import os
 import sys
 import time
+import traceback
 
 from audit.data.jobspec import JobSpec
 from audit.errors import AuditError
 from audit.runner.pool import Resources
-from audit.runner.scheduler import ACTOR_FACTS, RunState
+from audit.runner.scheduler import ACTOR_FACTS, RunState, bug_message
 from audit.runner.worker import AuditWorker
 
 MAX_IMAGES = 2000  # more: the actors' parallelism pays for their start
@@ -79,6 +80,7 @@ class InProcessRunner:
     def __init__(self, worker, spec, state: RunState, bar, on_event=None, lock=None):
         self.worker, self.state, self.bar, self.on_event, self.lock = worker, state, bar, on_event, lock
         self.max_retries = int(spec.resources.max_retries)
+        self.tracebacks_shown: set[str] = set()
 
     def run(self, shards) -> RunState:
         """Process ``shards`` in order; returns the run state."""
@@ -110,7 +112,9 @@ class InProcessRunner:
                 raise
             except Exception as e:  # noqa: BLE001 - a bug, not a fault in the data (those are error rows)
                 why = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
-                self.bar.write(f"shard {shard.id} raised {why} (retried up to resources.max_retries times)")
+                if why not in self.tracebacks_shown:  # the traceback once per distinct error, as from actors
+                    self.tracebacks_shown.add(why)
+                    self.bar.write(bug_message(shard.id, why, traceback.format_exc()))
         self.state.failed[shard.id] = why
         return None
 

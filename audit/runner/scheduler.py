@@ -144,6 +144,12 @@ def _one_line(cause) -> str:
     return f"{type(cause).__name__}: {text.splitlines()[-1] if text else ''}"
 
 
+def bug_message(shard_id: int, why: str, traceback_text: str) -> str:
+    """What a shard that raised prints, once per distinct error, on actors and in the driver alike."""
+    return (f"shard {shard_id} raised {why} (a bug of shortcut-audit, not a fault in the data; retried up to "
+            f"resources.max_retries times):\n{traceback_text.rstrip()}")
+
+
 @dataclass
 class ShardQueue:
     """The shards waiting for an actor, and how often each was tried."""
@@ -381,8 +387,7 @@ class Scheduler:
         why = _one_line(cause)
         if remote_traceback and why not in self.tracebacks_shown:
             self.tracebacks_shown.add(why)
-            self.bar.write(f"shard {call.shard.id} raised {why} (a bug of shortcut-audit, not a fault in the "
-                           f"data; retried up to resources.max_retries times):\n{remote_traceback.rstrip()}")
+            self.bar.write(bug_message(call.shard.id, why, remote_traceback))
         self.retry(call.shard, why)
 
     def on_ready(self, actor: Actor | None, info: dict) -> None:
