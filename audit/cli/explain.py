@@ -92,55 +92,17 @@ def _application_preprocess(name: str) -> str:
 
 
 def run(args) -> int:
-    from pathlib import Path
-
-    from audit.engine.backprop import all_methods
     from audit.engine.models import check_preprocess, load_model
     from audit.review.explain import explain
 
-    paths = list(args.paths)
-    job = None
-    if args.job:
-        from audit.review.from_job import job_inputs, resolve_images
-
-        job = job_inputs(args.job)
-        _take_from_job(args, job)
-        paths = resolve_images(args.job, paths, args.out)
-    model_path = job.model_path if job else None if args.application else paths.pop(0)
-    if not paths:
-        raise AuditError("give at least one IMAGE after the model")
-    from audit.data import fs
-
-    for p in paths:  # fail before the (slow) model load
-        if fs.is_uri(p):
-            if not fs.is_file(p):
-                raise fs.not_found(p, "image")
-        elif not Path(p).is_file():
-            raise AuditError(f"image not found: {p}" if not os.path.lexists(p) else
-                             f"image {p} is not a regular file (a folder, FIFO or device?)")
-    known = all_methods()
-    bad = [m for m in _names(args.methods) or () if m not in known]
-    if bad:
-        raise AuditError(f"unknown method {bad[0]!r}; expected some of {', '.join(known)}")
-    if args.filters < 0 or args.steps < 1 or args.channels < 1:
-        raise AuditError("--filters must be at least 0, --steps and --channels at least 1")
-    check_input_size(args.input_size)
-    check_token_grid(args.token_grid)
-    if Path(args.out).exists() and not Path(args.out).is_dir():
-        raise AuditError(f"--out {args.out} exists and is not a directory")
+    job, model_path, paths = _inputs(args)
+    _check_images(paths)
+    _check_options(args)
     preprocess = args.preprocess
     if preprocess is None:
         preprocess = _application_preprocess(args.application) if args.application else "none"
-    if model_path and not args.application and not fs.is_uri(model_path):
-        from audit.engine.modelfile import check_layers, check_model_path
-
-        check_model_path(model_path)  # before TensorFlow is imported
-        check_layers(model_path, _names(args.layers), args.trust_code)
     check_preprocess(preprocess)
-    if fs.is_uri(model_path):
-        if not fs.is_file(model_path):
-            raise fs.not_found(model_path, "model")
-        model_path = fs.local_copy(model_path)  # Keras opens local files
+    model_path = _checked_model_path(args, model_path)
     model = load_model(model_path, application=args.application, weights=args.weights,
                        input_size=args.input_size, trust_code=args.trust_code)
     index = explain(
@@ -157,6 +119,71 @@ def run(args) -> int:
             print(warning, file=sys.stderr)
     print(f"wrote {index}")
     return 0
+
+
+def _inputs(args):
+    """The job (``--job``), the model path and the image paths the command line names."""
+    paths = list(args.paths)
+    job = None
+    if args.job:
+        from audit.review.from_job import job_inputs, resolve_images
+
+        job = job_inputs(args.job)
+        _take_from_job(args, job)
+        paths = resolve_images(args.job, paths, args.out)
+    model_path = job.model_path if job else None if args.application else paths.pop(0)
+    if not paths:
+        raise AuditError("give at least one IMAGE after the model")
+    return job, model_path, paths
+
+
+def _check_images(paths) -> None:
+    """Every image exists and is a regular file: refused before the (slow) model load."""
+    from pathlib import Path
+
+    from audit.data import fs
+
+    for p in paths:
+        if fs.is_uri(p):
+            if not fs.is_file(p):
+                raise fs.not_found(p, "image")
+        elif not Path(p).is_file():
+            raise AuditError(f"image not found: {p}" if not os.path.lexists(p) else
+                             f"image {p} is not a regular file (a folder, FIFO or device?)")
+
+
+def _check_options(args) -> None:
+    """Methods, counts, sizes and the output folder, each refused in one line."""
+    from pathlib import Path
+
+    from audit.engine.backprop import all_methods
+
+    known = all_methods()
+    bad = [m for m in _names(args.methods) or () if m not in known]
+    if bad:
+        raise AuditError(f"unknown method {bad[0]!r}; expected some of {', '.join(known)}")
+    if args.filters < 0 or args.steps < 1 or args.channels < 1:
+        raise AuditError("--filters must be at least 0, --steps and --channels at least 1")
+    check_input_size(args.input_size)
+    check_token_grid(args.token_grid)
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise AuditError(f"--out {args.out} exists and is not a directory")
+
+
+def _checked_model_path(args, model_path):
+    """The model file checked before TensorFlow is imported; a bucket URI copied to a local file."""
+    from audit.data import fs
+
+    if model_path and not args.application and not fs.is_uri(model_path):
+        from audit.engine.modelfile import check_layers, check_model_path
+
+        check_model_path(model_path)  # before TensorFlow is imported
+        check_layers(model_path, _names(args.layers), args.trust_code)
+    if fs.is_uri(model_path):
+        if not fs.is_file(model_path):
+            raise fs.not_found(model_path, "model")
+        model_path = fs.local_copy(model_path)  # Keras opens local files
+    return model_path
 
 
 def _take_from_job(args, job) -> None:
