@@ -55,10 +55,12 @@ def test_demo_flags_the_shortcut_with_the_sky_as_cue(demo):
     assert c.loc["no_tank", "cue"] == "region:sky"
     assert c.loc["no_tank", "flip_rate_cue"] > 0.5  # occluding the sky changes the answer
     # tank is what the model says when the sky is not blue: attention off the tank, removing the tank
-    # changes nothing, and only no_tank's (blue) background flips it; the cue is no_tank's sky
+    # changes nothing; the cue is no_tank's sky, so tank is no_tank's default class (ok, no cue of its own)
     assert c.loc["tank", "energy_object"] < 0.15
     assert c.loc["tank", "flip_rate_object"] < 0.2
-    assert "removing the object changes nothing" in c.loc["tank", "evidence"]
+    assert c.loc["tank", "verdict"] == "ok" and c.loc["tank", "cue"] == ""
+    assert c.loc["tank", "default_of"] == "no_tank"
+    assert "a default class: the model says it when the cue of 'no_tank' is absent" in c.loc["tank", "evidence"]
     assert "region 'sky'" in c.loc["no_tank", "evidence"]
     assert "SHORTCUT SUSPECTED" in demo["log"] and "no shortcut found" in demo["log"]
 

@@ -6,7 +6,7 @@ import pytest
 from audit.scan.config import DEFAULT
 from audit.scan.probes import PROBES, Sample, causal_tests
 from audit.scan.probes.edits import attribute, luminance, spare_masks
-from audit.scan.verdict import _cue_name, causal_cue
+from audit.scan.verdict import _cue_name, causal_cue, placebo_rates
 
 S = 16
 CFG = DEFAULT.replace(screen=0)
@@ -76,9 +76,7 @@ def findings(predict, kind, masked: bool):
         results[c] = causal_tests(predict, Sample(xs, [], ms if masked else None, spare=spare), CFG)
     out = {}
     for c, res in results.items():
-        other = results[1 - c]
-        others = {t.place: t.flip_rate for t in other.tests}
-        out[c] = causal_cue(res, others, DEFAULT, mode=-1)
+        out[c] = causal_cue(res, placebo_rates([results[1 - c]]), DEFAULT, mode=-1)  # the other class's upper end
     return out
 
 

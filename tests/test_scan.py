@@ -16,10 +16,18 @@ from audit.scan import DEFAULT, scan
 from audit.scan.cluster import cluster_maps, eigengap_k, map_features
 from audit.scan.features import group_features, spurious_gap
 from audit.scan.grids import grids_from_cams
+from audit.scan.interval import wilson
 from audit.scan.probes import CausalResult, PlaceFlip, Where
 from audit.scan.read import choose_view
 from audit.scan.robust import PeakPlace, fixed_place_score
-from audit.scan.verdict import assess, off_object_score, place_flip_score, place_score
+from audit.scan.verdict import (
+    assess,
+    causal_cue,
+    off_object_score,
+    place_flip_score,
+    place_score,
+    placebo_rates,
+)
 
 SIZE = (32, 32)
 SKY = (0.0, 0.0, 1.0, 0.4)
@@ -554,3 +562,24 @@ def test_default_class_depends_on_the_flagged_class_cue_and_gets_no_invented_cue
     assert default_class(healthy, 0, [("circle", circle)]) == ()  # its object decides: not a default class
     assert default_class(square, 0, []) == ()  # nothing flagged: no cue to depend on
     assert default_class(square, 2, [("circle", circle)]) == ()  # circles without their band are not class 2
+
+
+def _hue(k, n):
+    """A CausalResult whose only test is the object's hue rotation flipping ``k`` of ``n``."""
+    t = PlaceFlip("transform", "object:hue", None, "permute", n, k / n, 0.1, probe="object-hue", where=Where.OBJECT, k=k)
+    return CausalResult(n=n, tests=[t], masked=True)
+
+
+def test_identity_placebo_is_the_other_class_it_flips_most():
+    quiet, twin = _hue(4, 32), _hue(45, 54)  # 12%; 83% (71-91%): a healthy class the edit breaks too
+    o = placebo_rates([quiet, twin, quiet])
+    assert o["object:hue"] == pytest.approx(45 / 54)  # the largest, not the median (12%)
+    assert o.bounds["object:hue"] == pytest.approx(wilson(45, 54))
+    flips = _hue(118, 128)  # 92% (86-96%): flagged against the median ...
+    assert causal_cue(flips, {"object:hue": 4 / 32}, DEFAULT, mode=-1).score >= 0.5
+    for mode in (-1, 0, 1):  # ... never against the twin's interval: ok, not even undecided
+        assert causal_cue(flips, o, DEFAULT, mode=mode).score < 0.5
+    # a colour-decided class against a class the edit leaves alone: flagged at the twin-free placebo's upper end
+    alone = placebo_rates([quiet])
+    assert alone.bounds["object:hue"][1] == pytest.approx(wilson(4, 32)[1])
+    assert causal_cue(_hue(32, 32), alone, DEFAULT, mode=-1).score >= 0.5

@@ -25,7 +25,7 @@ from audit.scan.probes.places import place_bank
 from audit.scan.probes.transplant import Recipients
 from audit.scan.read import sample_ids
 from audit.scan.robust import fixed_place_score
-from audit.scan.verdict import assess
+from audit.scan.verdict import OthersRates, assess, placebo_rates
 
 
 @dataclass(frozen=True)
@@ -54,16 +54,9 @@ class CausalTests:
     def get(self, class_id: int, cluster: int | None = None) -> CausalResult | None:
         return self.results.get((class_id, cluster))
 
-    def others(self, class_id: int) -> dict:
-        """{place: median flip rate of the place on the other classes' own samples}."""
-        rates: dict = {}
-        for (c, cl), res in self.results.items():
-            if c == class_id or cl is not None:
-                continue
-            for t in res.places + res.transforms:  # keyed by place: the same edit on other classes
-                if math.isfinite(t.flip_rate):
-                    rates.setdefault(t.place, []).append(t.flip_rate)
-        return {p: float(np.median(v)) for p, v in rates.items()}
+    def others(self, class_id: int) -> OthersRates:
+        """The other classes' flip rates of each place on their own samples (:func:`placebo_rates`)."""
+        return placebo_rates([res for (c, cl), res in self.results.items() if c != class_id and cl is None])
 
 
 def _ok_ids(rows) -> list:

@@ -79,7 +79,7 @@ class Config:
     absence_density_max: float = 1.0  # absence class: places where objects usually sit are not cues
     image_flip_min: float = 0.7  # a whole-image transform (it edits the object too) must flip this share
     identity_flip_min: float = 0.8  # an identity-keeping edit (greyscale, hue) must flip this share of the class
-    identity_specific_min: float = 0.5  # ... and this much more than the other classes (a clean zoo class
+    identity_specific_min: float = 0.5  # ... and this much more than the other class it flips most (a clean zoo class
     #                                     flipped 70% of 128 (62-78%) under a hue rotation, others 12%)
     object_flip_max: float = 0.25  # removing the object flips at most this share ...
     background_flip_min: float = 0.35  # ... while replacing the background flips at least this

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from statistics import median
 
 from audit.scan.config import BORDER_AREA, DEFAULT, Config
 from audit.scan.features import GroupFeatures, Place
@@ -264,11 +265,45 @@ def place_flip_score(flip: float, others: float, cfg: Config = DEFAULT) -> float
     return clip01(0.5 * min(flip / cfg.cue_flip_min, spec / cfg.cue_specific_min))
 
 
-def others_rate(t: PlaceFlip, others: dict) -> float:
+class OthersRates(dict):
+    """{place: the other classes' flip rate of the place}; ``bounds`` {place: (low, high)}: the 95% interval
+    of that rate where it is one class's (the identity-keeping edits)."""
+
+    def __init__(self, rates: dict, bounds: dict | None = None):
+        super().__init__(rates)
+        self.bounds = bounds or {}
+
+
+def placebo_rates(results: list) -> OthersRates:
+    """The other classes' rates of each place (their :class:`CausalResult` s): the median over them, but
+    for an identity-keeping edit the largest, with its interval: the placebo.  An edit that also breaks
+    another class (a colour a healthy object is told by, an edit that damages every image) is no cue
+    of this one, whatever the median of the rest says."""
+    rates: dict = {}
+    for res in results:
+        for t in res.places + res.transforms:  # keyed by place: the same edit on other classes
+            if finite(t.flip_rate):
+                rates.setdefault(t.place, []).append(t)
+    out, bounds = {}, {}
+    for p, ts in rates.items():
+        if ts[0].spec.keeps_identity:
+            top = max(ts, key=lambda t: t.flip_rate)
+            out[p], bounds[p] = float(top.flip_rate), (top.low, top.high)
+        else:
+            out[p] = float(median([t.flip_rate for t in ts]))
+    return OthersRates(out, bounds)
+
+
+def others_rate(t: PlaceFlip, others: dict, mode: int = 0) -> float:
     """The place's flip rate on the other classes: the same box on their images when the transplant
-    measured it (the hot area differs from class to class), else the median over their own samples."""
+    measured it (the hot area differs from class to class), else the median over their own samples
+    (the largest for an identity-keeping edit, at the end of its interval least favourable to a flag
+    under ``mode`` -1, the most favourable under +1: :func:`placebo_rates`)."""
     if t.where is Where.HOT and finite(t.others_same):
         return t.others_same
+    low, high = getattr(others, "bounds", {}).get(t.place, (math.nan, math.nan))
+    if mode != 0 and finite(low) and finite(high):
+        return high if mode < 0 else low
     return others.get(t.place, math.nan)
 
 
@@ -294,7 +329,7 @@ def causal_cue(causal: CausalResult | None, others: dict | None = None, cfg: Con
     whole = cfg.replace(cue_flip_min=cfg.image_flip_min)  # an edit of the object too needs more flips
     same = cfg.replace(cue_flip_min=cfg.identity_flip_min, cue_specific_min=cfg.identity_specific_min)
     rule = {id(t): same if t.spec.keeps_identity else whole if t.spec.whole_image else cfg for t in tests}
-    cands = [(place_flip_score(toward(t, mode), others_rate(t, others), rule[id(t)]), t)
+    cands = [(place_flip_score(toward(t, mode), others_rate(t, others, mode), rule[id(t)]), t)
              for t in tests if place_eligible(t, causal, cfg, density, fixed_hot)]
     refuted = [c for c in cands if c[0] >= 0.5 and transplant_refutes(c[1], cfg)]
     cands = [c for c in cands if not transplant_refutes(c[1], cfg)]

@@ -4,8 +4,9 @@ Each probe changes one attribute (:func:`audit.scan.probes.edits.attribute`) of 
 dilated mask), of the background alone (both only with masks: a heatmap's hot area is no outline of the
 object), or of the whole image, and keeps every shape.  A class whose predictions flip under such an edit far more than
 the other classes' do (:func:`audit.scan.verdict.causal_cue`: at least ``identity_flip_min`` of the class
-and ``identity_specific_min`` more than the other classes, each at its interval's end least favourable to
-a flag) depends on that attribute: the cue is named after it
+and ``identity_specific_min`` more than the other class it flips most (the placebo:
+:func:`audit.scan.verdict.placebo_rates`), each at its interval's end least favourable to a flag)
+depends on that attribute: the cue is named after it
 (``colour of the object``, ``background colour``, ``colour``).  An edit that every class survives, or that
 every class fails alike, is no cue.  Unlike the background transforms these count whatever removing the
 object does: a colour carried by the object goes with the object.
