@@ -25,9 +25,19 @@ from pathlib import Path
 
 import numpy as np
 
+from audit.data import fs, io
+from audit.data.jobspec import read_job_record
+from audit.data.query import records_dataset
+from audit.data.schema import SCHEMA_VERSION, arrow_schema
+from audit.engine.models import model_input
 from audit.errors import AuditError
+from audit.runner.cluster import ray_init
 from audit.scan import perimage
+from audit.scan.grids import grids_from_raw
+from audit.scan.intervene import Intervener
 from audit.scan.perimage import Cue
+from audit.scan.probes.edits import Levels, spare_masks
+from audit.scan.read import _regions
 
 STORE = "_images"  # OUT/summary/_images: the per-shard store of the pass
 MAX_TRIES = 3  # attempts per shard before the pass gives up on it
@@ -49,15 +59,11 @@ class PassResult:
 
 
 def _summary(out):
-    from audit.data import fs
-
     return fs.join(str(out), "summary") if fs.is_uri(str(out)) else Path(out) / "summary"
 
 
 def store_of(out):
     """The pass's per-shard store, ``OUT/summary/_images``."""
-    from audit.data import fs
-
     s = _summary(out)
     return fs.join(str(s), STORE) if fs.is_uri(str(out)) else s / STORE
 
@@ -111,8 +117,6 @@ class CueWorker:
     @property
     def intervener(self):
         if self._iv is None:
-            from audit.scan.intervene import Intervener
-
             self._iv = Intervener(self.spec.out)
         return self._iv
 
@@ -121,8 +125,6 @@ class CueWorker:
 
     def predict(self, images: np.ndarray) -> np.ndarray:
         """Predictions of uint8 images at the input size through :class:`FixedPredict` (the job's preprocessing)."""
-        from audit.engine.models import model_input
-
         iv = self.intervener
         if self._predict is None:
             self._predict = FixedPredict(iv.model, iv.head)
@@ -131,9 +133,6 @@ class CueWorker:
 
     def process_shard(self, shard: int) -> dict:
         """Evidence rows of every image of ``shard`` and every cue, committed; returns the manifest entry."""
-        from audit.data import io
-        from audit.data.schema import SCHEMA_VERSION
-
         table = self.shard_table(shard)
         return io.write_shard(store_of(self.spec.out), shard, table, job_id=self.spec.job_id,
                               schema_version=SCHEMA_VERSION, inputs={"sig": self.spec.sig},
@@ -144,8 +143,6 @@ class CueWorker:
         """The shard's rows as an Arrow table with the ``images`` schema."""
         import pyarrow as pa
 
-        from audit.data.schema import arrow_schema
-
         recs = self.read_records(shard)
         rows = self.evidence(recs, shard)
         return pa.Table.from_pylist(rows, schema=arrow_schema("images"))
@@ -153,8 +150,6 @@ class CueWorker:
     def read_records(self, shard: int):
         """The shard's records of the view (one row per image), with their maps."""
         import pyarrow.compute as pc
-
-        from audit.data.query import records_dataset
 
         ds = records_dataset(self.spec.out)
         flt = (pc.field("shard") == int(shard)) & (
@@ -181,8 +176,6 @@ class CueWorker:
 
     def inputs(self, good) -> CueInputs:
         """The images of ``good`` (records with maps) at the model input, their objects, maps and spared areas."""
-        from audit.scan.probes.edits import Levels, spare_masks
-
         size = self.intervener.size
         images, objects = self.intervener.load(good["image_id"].astype(str).tolist())
         maps = _maps(good)
@@ -279,8 +272,6 @@ def _maps(df) -> np.ndarray:
 
 
 def _grids(maps: np.ndarray, grid: int) -> np.ndarray:
-    from audit.scan.grids import grids_from_raw
-
     return grids_from_raw(maps, grid)
 
 
@@ -318,10 +309,6 @@ def _row(r, shard: int, cue: Cue, cols: dict) -> dict:
 
 def pass_spec(out, cues: list, grid: int = 16) -> PassSpec:
     """The pass's :class:`PassSpec` for a scanned job output (the scan's view, from classes.parquet)."""
-    from audit.data import io
-    from audit.data.jobspec import read_job_record
-    from audit.scan.read import _regions
-
     classes = read_summary(out, "classes")
     if classes is None:
         raise AuditError(f"{out} has no summary/classes.parquet: run `audit scan {out}` first")
@@ -339,8 +326,6 @@ def pass_spec(out, cues: list, grid: int = 16) -> PassSpec:
 def read_summary(out, name: str, columns: list | None = None):
     """``OUT/summary/<name>.parquet`` as pandas (only ``columns`` when given), or None when missing."""
     import pyarrow.parquet as pq
-
-    from audit.data import fs
 
     path = fs.join(str(_summary(out)), f"{name}.parquet") if fs.is_uri(str(out)) else _summary(out) / f"{name}.parquet"
     if not fs.exists(str(path)):
@@ -371,8 +356,6 @@ def run_pass(out, *, cues: list | None = None, address: str | None = None, actor
     """
     import time
 
-    from audit.data import io
-
     t0 = time.perf_counter()
     if cues is None:
         cues = perimage.cues_of(read_summary(out, "classes"), read_summary(out, "interventions"))
@@ -387,7 +370,7 @@ def run_pass(out, *, cues: list | None = None, address: str | None = None, actor
         res.skipped = len(shards) - len(todo)
         _execute(spec, todo, res, address, actors, worker_cls or CueWorker, local)
     res.rows = merge(out, spec, shards)
-    from audit.scan.cost import update_classes
+    from audit.scan.cost import update_classes  # a cycle: the cost lines read this pass's summary
 
     update_classes(out)
     res.seconds = time.perf_counter() - t0
@@ -397,8 +380,6 @@ def run_pass(out, *, cues: list | None = None, address: str | None = None, actor
 
 
 def _prepare_store(out) -> None:
-    from audit.data import fs, io
-
     if fs.is_uri(str(out)):
         return
     st = Path(store_of(out))
@@ -417,8 +398,6 @@ def _execute(spec: PassSpec, todo: list, res: PassResult, address, actors, worke
         import ray
 
         if address and not ray.is_initialized():
-            from audit.runner.cluster import ray_init
-
             ray_init(address)
         use_ray = ray.is_initialized()
     if not use_ray:
@@ -472,8 +451,6 @@ def merge(out, spec: PassSpec, shards: list) -> int:
     Parquet writer.  The driver holds one shard and the samples, whatever
     the size of the dataset.
     """
-    from audit.data.schema import SCHEMA_VERSION, arrow_schema
-
     schema = arrow_schema("images").with_metadata({"schema_version": SCHEMA_VERSION, "table": "images",
                                                    "signature": spec.sig})
     files = _committed_files(out, spec, shards)
@@ -488,15 +465,11 @@ def merge(out, spec: PassSpec, shards: list) -> int:
 
 
 def _target(out):
-    from audit.data import fs
-
     return fs.join(str(_summary(out)), "images.parquet") if fs.is_uri(str(out)) else _summary(out) / "images.parquet"
 
 
 def _committed_files(out, spec: PassSpec, shards: list) -> list:
     """The store's files committed for ``spec`` (its signature), by shard."""
-    from audit.data import fs, io
-
     if not spec.cues:
         return []
     entries = io.committed_shards(store_of(out))
@@ -506,9 +479,6 @@ def _committed_files(out, spec: PassSpec, shards: list) -> list:
 
 def _read_part(f, columns=None):
     import pyarrow.parquet as pq
-
-    from audit.data import fs
-    from audit.data.schema import arrow_schema
 
     schema = arrow_schema("images")
     t = pq.read_table(fs.open_input(str(f)) if fs.is_uri(str(f)) else f, columns=columns)
@@ -533,8 +503,6 @@ class _parquet_sink:
 
         import pyarrow.parquet as pq
 
-        from audit.data import fs
-
         where = None if fs.is_uri(str(self.target)) else str(Path(self.target).parent)
         fd, self.tmp = tempfile.mkstemp(prefix=".images.", suffix=".tmp", dir=where)
         os.close(fd)
@@ -542,8 +510,6 @@ class _parquet_sink:
         return self.writer
 
     def __exit__(self, kind, err, tb):
-        from audit.data import fs
-
         try:
             self.writer.close()
             if kind is None:
@@ -561,8 +527,6 @@ class _parquet_sink:
 
 def _upload(local: str, uri: str) -> None:
     """Copy a local file to one bucket object, in chunks (a multipart upload, complete only at the end)."""
-    from audit.data import fs
-
     fsys, p = fs.resolve(uri)
     try:
         with open(local, "rb") as src, fsys.open_output_stream(p) as dst:
@@ -633,8 +597,6 @@ def detect(table, cues: list, detectors: dict):
     """One shard's rows with ``cue_present`` and ``cue_confidence`` from each cue's presence detector
     (``detectors``, from :func:`fit_detectors`), ``cue_pixels`` dropped, cast to the ``images`` schema."""
     import pyarrow as pa
-
-    from audit.data.schema import arrow_schema
 
     df = table.to_pandas()
     for cue in cues:
