@@ -98,7 +98,7 @@ def test_pool_grows_as_nodes_join(fake, ws, monkeypatch):
     hand_out = Scheduler.hand_out
 
     def held_for_three(self):  # after the first commit, the queue waits for all 3 actors (no timing race)
-        if self.state.images and self.running() < 3:
+        if self.state.images and self.pool.running() < 3:
             return
         hand_out(self)
 

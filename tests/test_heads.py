@@ -182,7 +182,7 @@ def test_spec_check_uses_the_same_class_rule(tmp_path):
                 "dataset": {"format": "folder", "path": str(tmp_path / "data"), "classes": classes},
                 "explain": {"target": target}, "output": str(tmp_path / "out")}
 
-    assert load_spec(spec("0002", ["0002", "0001"]))["explain"]["target"] == "0002"
+    assert load_spec(spec("0002", ["0002", "0001"])).explain.target == "0002"
     load_spec(spec("1", ["0002", "0001"]))  # no class named "1": index 1
     with pytest.raises(AuditError, match=r"^spec error: explain.target: target 'x' is not a class name; classes: a, b$"):
         load_spec(spec("x", ["a", "b"]))
