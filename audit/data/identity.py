@@ -31,12 +31,17 @@ An entry committed before ``content`` was recorded is checked on the rest.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from audit.data import datasets, formats
 from audit.data.formats.base import ShardIdentity, file_stat, object_stats  # noqa: F401  (public here)
 from audit.data.jobspec import dataset_of
 
+if TYPE_CHECKING:  # the spec module loads the model code; only the type is needed here
+    from audit.data.jobspec import DatasetSpec
 
-def shard_identity(ds: dict, shard: datasets.Shard, classes=None) -> ShardIdentity:
+
+def shard_identity(ds: DatasetSpec, shard: datasets.Shard, classes=None) -> ShardIdentity:
     """The identity of ``shard`` of dataset ``ds`` (``spec.dataset``) as it is now (its format decides)."""
     ds = dataset_of(ds)
     return formats.get(ds.format).identity(ds, shard, classes)

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 
@@ -30,6 +30,9 @@ from audit.data import fs
 from audit.data.files import escape_text, raw_bytes
 from audit.data.jobspec import dataset_of
 from audit.errors import AuditError
+
+if TYPE_CHECKING:  # the spec module loads the model code; only the type is needed here
+    from audit.data.jobspec import DatasetSpec
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm",
                     ".pbm", ".jp2")
@@ -129,26 +132,26 @@ class DatasetFormat:
     #: file name endings whose records are stored as ``file#index`` paths (see :meth:`record_bytes`)
     record_extensions: ClassVar[tuple] = ()
 
-    def check(self, ds: dict) -> None:
+    def check(self, ds: DatasetSpec) -> None:
         """Checks of ``ds`` the schema cannot express (the path exists: already checked).
 
         Raises:
             AuditError: one line starting ``spec error: dataset...``.
         """
 
-    def plan(self, ds: dict) -> tuple[list[Shard], int, list | None]:
+    def plan(self, ds: DatasetSpec) -> tuple[list[Shard], int, list | None]:
         """(shards in order, number of images, class names or None); deterministic for the same data."""
         raise NotImplementedError
 
-    def read(self, ds: dict, shard: Shard, classes) -> Iterator[Item]:
+    def read(self, ds: DatasetSpec, shard: Shard, classes) -> Iterator[Item]:
         """The items of one shard, in order (one per input: an unreadable input is an item with ``error``)."""
         raise NotImplementedError
 
-    def identity(self, ds: dict, shard: Shard, classes) -> ShardIdentity:
+    def identity(self, ds: DatasetSpec, shard: Shard, classes) -> ShardIdentity:
         """What ``shard`` holds now: by default a hash of its items and the (size, mtime) of their files."""
         return items_identity(self.read(ds, shard, classes))
 
-    def items_by_id(self, ds: dict, ids: list[str]) -> Iterator[Item]:
+    def items_by_id(self, ds: DatasetSpec, ids: list[str]) -> Iterator[Item]:
         """Items for ``ids`` (others may come too): by default every item of the dataset, in order."""
         ds = replace(dataset_of(ds), limit=None)
         shards, _, classes = self.plan(ds)
@@ -257,7 +260,7 @@ def check_classes(found: list[str], classes, what: str) -> list[str]:
     return list(classes)
 
 
-def indexed_ids(ds: dict, ids) -> list[tuple[str, int]] | None:
+def indexed_ids(ds: DatasetSpec, ids) -> list[tuple[str, int]] | None:
     """[(file, index)] when every id is ``<file relative to the dataset>#<index>`` of a file that exists."""
     root = ds.path
     base = fs.dirname(root) if fs.is_file(root) else root

@@ -11,11 +11,15 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from audit.data import fs
 from audit.data.files import escape_text, unescape_path
 from audit.data.formats.base import DatasetFormat, Item, Shard, check_classes, chunks, is_image
 from audit.errors import AuditError
+
+if TYPE_CHECKING:  # the spec module loads the model code; only the type is needed here
+    from audit.data.jobspec import DatasetSpec
 
 
 class Folder(DatasetFormat):
@@ -24,20 +28,20 @@ class Folder(DatasetFormat):
     name = "folder"
     masks_is_path = True
 
-    def check(self, ds: dict) -> None:
+    def check(self, ds: DatasetSpec) -> None:
         if not fs.is_dir(ds.path):
             raise AuditError(f"spec error: dataset.path: format 'folder' needs a directory, got {ds.path}")
         if ds.masks and not fs.is_dir(ds.masks):
             raise AuditError(f"spec error: dataset.masks: not a directory: {ds.masks}")
 
-    def plan(self, ds: dict):
+    def plan(self, ds: DatasetSpec):
         shards, total, classes = _plan_folder(ds)
         return (*_limited(shards, total, ds.limit), classes)
 
-    def read(self, ds: dict, shard: Shard, classes):
+    def read(self, ds: DatasetSpec, shard: Shard, classes):
         return _read_folder(ds, shard, classes)
 
-    def items_by_id(self, ds: dict, ids):
+    def items_by_id(self, ds: DatasetSpec, ids):
         """Direct: an id is the image's path under the dataset folder."""
         root = ds.path
         found = _class_dirs(root)

@@ -14,6 +14,7 @@ import csv
 import io
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -21,6 +22,9 @@ from audit.data import fs
 from audit.data.files import escape_text
 from audit.data.formats.base import DatasetFormat, Item, Shard, is_number, label_index
 from audit.errors import AuditError
+
+if TYPE_CHECKING:  # the spec module loads the model code; only the type is needed here
+    from audit.data.jobspec import DatasetSpec
 
 BOX_COLUMNS = ("x0", "y0", "x1", "y1")
 
@@ -30,14 +34,14 @@ class Manifest(DatasetFormat):
 
     name = "manifest"
 
-    def check(self, ds: dict) -> None:
+    def check(self, ds: DatasetSpec) -> None:
         if not fs.is_file(ds.path):
             raise AuditError(f"spec error: dataset.path: format 'manifest' needs a CSV file, got {ds.path}")
 
-    def plan(self, ds: dict):
+    def plan(self, ds: DatasetSpec):
         return _plan_manifest(ds)
 
-    def read(self, ds: dict, shard: Shard, classes):
+    def read(self, ds: DatasetSpec, shard: Shard, classes):
         return _read_manifest(ds, shard, classes)
 
 

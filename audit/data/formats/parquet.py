@@ -9,6 +9,7 @@ range of one file, read by row groups (a damaged one costs only its rows).
 from __future__ import annotations
 
 import hashlib
+from typing import TYPE_CHECKING
 
 from audit.data import fs
 from audit.data.files import escape_text
@@ -27,6 +28,9 @@ from audit.data.formats.base import (
 )
 from audit.errors import AuditError
 
+if TYPE_CHECKING:  # the spec module loads the model code; only the type is needed here
+    from audit.data.jobspec import DatasetSpec
+
 EXTENSIONS = (".parquet", ".pq")
 
 
@@ -36,16 +40,16 @@ class Parquet(DatasetFormat):
     name = "parquet"
     record_extensions = EXTENSIONS
 
-    def plan(self, ds: dict):
+    def plan(self, ds: DatasetSpec):
         return _plan_parquet(ds)
 
-    def read(self, ds: dict, shard: Shard, classes):
+    def read(self, ds: DatasetSpec, shard: Shard, classes):
         return _read_parquet(ds, shard, classes)
 
-    def identity(self, ds: dict, shard: Shard, classes) -> ShardIdentity:
+    def identity(self, ds: DatasetSpec, shard: Shard, classes) -> ShardIdentity:
         return _parquet_identity(ds, shard)
 
-    def items_by_id(self, ds: dict, ids):
+    def items_by_id(self, ds: DatasetSpec, ids):
         """Direct where every id is ``file#row``; else every row, in order."""
         direct = indexed_ids(ds, ids)
         if direct is None:

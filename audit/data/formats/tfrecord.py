@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+from typing import TYPE_CHECKING
 
 from audit.data import fs
 from audit.data import tfrecord as framing
@@ -29,6 +30,9 @@ from audit.data.formats.base import (
 from audit.data.jobspec import DatasetSpec
 from audit.errors import AuditError
 
+if TYPE_CHECKING:  # the spec module loads the model code; only the type is needed here
+    from audit.data.jobspec import DatasetSpec
+
 TFRECORD_EXTENSIONS = (".tfrecord", ".tfrecords", ".tfrec")
 TF_KEY_FEATURES = ("image/key/sha256", "image/source_id", "image/filename")
 
@@ -39,16 +43,16 @@ class TFRecord(DatasetFormat):
     name = "tfrecord"
     record_extensions = TFRECORD_EXTENSIONS
 
-    def plan(self, ds: dict):
+    def plan(self, ds: DatasetSpec):
         return _plan_tfrecord(ds)
 
-    def read(self, ds: dict, shard: Shard, classes):
+    def read(self, ds: DatasetSpec, shard: Shard, classes):
         return _read_tfrecord(ds, shard, classes)
 
-    def identity(self, ds: dict, shard: Shard, classes) -> ShardIdentity:
+    def identity(self, ds: DatasetSpec, shard: Shard, classes) -> ShardIdentity:
         return _tfrecord_identity(ds, shard)
 
-    def items_by_id(self, ds: dict, ids):
+    def items_by_id(self, ds: DatasetSpec, ids):
         """Direct where every id is ``file#index``; else every record, in order."""
         direct = indexed_ids(ds, ids)
         if direct is None:

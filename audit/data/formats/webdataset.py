@@ -21,6 +21,7 @@ import hashlib
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -39,6 +40,9 @@ from audit.data.formats.base import (
     list_files,
 )
 from audit.errors import AuditError
+
+if TYPE_CHECKING:  # the spec module loads the model code; only the type is needed here
+    from audit.data.jobspec import DatasetSpec
 
 TAR_EXTENSIONS = (".tar",)
 IMAGE_SUFFIXES = tuple(e.lstrip(".") for e in IMAGE_EXTENSIONS)
@@ -60,13 +64,13 @@ class WebDataset(DatasetFormat):
     name = "webdataset"
     record_extensions = TAR_EXTENSIONS
 
-    def plan(self, ds: dict):
+    def plan(self, ds: DatasetSpec):
         return _plan(ds)
 
-    def read(self, ds: dict, shard: Shard, classes):
+    def read(self, ds: DatasetSpec, shard: Shard, classes):
         return _read(ds, shard, classes)
 
-    def identity(self, ds: dict, shard: Shard, classes) -> ShardIdentity:
+    def identity(self, ds: DatasetSpec, shard: Shard, classes) -> ShardIdentity:
         """The items' hash, and the tar file's (size, mtime) as the content (the items have no files)."""
         ident = items_identity(self.read(ds, shard, classes))
         content = hashlib.sha256(repr(file_stat(shard.source)).encode()).hexdigest()
@@ -123,7 +127,7 @@ def _label_text(tf: tarfile.TarFile, sample: Sample) -> str | None:
     return tf.extractfile(m).read().decode("utf-8", "replace").strip()
 
 
-def _plan(ds: dict):
+def _plan(ds: DatasetSpec):
     files = list_files(ds.path, TAR_EXTENSIONS)
     if not files:
         raise AuditError(f"dataset: no .tar files in {ds.path} (format 'webdataset' expects tar shards)")
@@ -161,7 +165,7 @@ def _plan(ds: dict):
     return shards, total, classes
 
 
-def _refuse_repeated_keys(ds: dict, files: list[str], keys) -> None:
+def _refuse_repeated_keys(ds: DatasetSpec, files: list[str], keys) -> None:
     """One line naming a key that two samples share (every reader must mean one sample by an id)."""
     h = np.frombuffer(keys, np.int64) if len(keys) else np.zeros(0, np.int64)
     srt = np.sort(h)
@@ -180,7 +184,7 @@ def _refuse_repeated_keys(ds: dict, files: list[str], keys) -> None:
                 seen[sample.key] = file
 
 
-def _read(ds: dict, shard: Shard, classes) -> Iterator[Item]:
+def _read(ds: DatasetSpec, shard: Shard, classes) -> Iterator[Item]:
     max_bytes = int(ds.max_image_bytes or DEFAULT_MAX_IMAGE_BYTES)
     mask_ext = (ds.masks or "mask.png").lower().lstrip(".")
     done = 0
