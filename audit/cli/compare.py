@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import argparse
+from audit.cli.audits import add_audit, add_command, add_destination
 
 EXAMPLE = """examples:
   audit compare results/before results/after                       # printed, per class
@@ -16,20 +16,18 @@ Exit status: 0 done, 2 a user mistake, 3 what --fail-on names was found.
 
 
 def register(sub) -> None:
-    p = sub.add_parser(
-        "compare",
+    p = add_command(
+        sub, "compare",
         help="compare two audits (before/after a fix, two checkpoints, two datasets)",
         description="Compare two scanned audits class by class: verdict changes, flip rates, attention and "
                     "cost with their intervals, and the images whose cue dependence changed.",
-        epilog=EXAMPLE,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        example=EXAMPLE, func=run,
     )
-    p.add_argument("a", help="the first audit's output (before)")
-    p.add_argument("b", help="the second audit's output (after)")
-    p.add_argument("--out", metavar="DIR", help="write DIR/compare.html and DIR/compare.parquet")
+    add_audit(p, "a", "the first audit's output (before)")
+    add_audit(p, "b", "the second audit's output (after)")
+    add_destination(p, "--out", "write DIR/compare.html and DIR/compare.parquet")
     p.add_argument("--fail-on", choices=("new", "any"), default=None,
                    help="exit 3 when a class gained a shortcut in B (new) or B has any suspected class (any)")
-    p.set_defaults(func=run)
 
 
 def run(args) -> int:

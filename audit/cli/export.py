@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import argparse
+from audit.cli.audits import add_audit, add_command, add_destination, items
 
 EXAMPLE = """examples:
   audit export results/my-job --to exports/my-job                      # all three
@@ -20,27 +20,24 @@ shows how each method reads them.
 
 
 def register(sub) -> None:
-    p = sub.add_parser(
-        "export",
+    p = add_command(
+        sub, "export",
         help="write group labels, cue masks and a counterfactual dataset for re-training",
         description="Export the per-image cue evidence of an audit for fixing the model: group labels "
                     "(metadata.csv), cue masks, and a dataset with the cue removed or pasted in.",
-        epilog=EXAMPLE,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        example=EXAMPLE, func=run,
     )
-    p.add_argument("out", help="job output directory (or bucket URI) whose per-image pass ran")
-    p.add_argument("--to", required=True, metavar="DIR", help="export folder or bucket URI")
+    add_audit(p, "out", "job output directory (or bucket URI) whose per-image pass ran")
+    add_destination(p, "--to", "export folder or bucket URI", required=True)
     p.add_argument("--what", default="groups,masks,counterfactual", metavar="ITEMS",
                    help="comma-separated: groups, masks, counterfactual (default: all three)")
     p.add_argument("--paste", type=int, default=64, metavar="N",
                    help="other classes' images per cue that get it pasted in (default: 64)")
     p.add_argument("--force", action="store_true", help="replace what an earlier export left in DIR")
-    p.set_defaults(func=run)
 
 
 def run(args) -> int:
     from audit.scan.export import export
 
-    what = tuple(w.strip() for w in args.what.split(",") if w.strip())
-    export(args.out, args.to, what, force=args.force, paste_n=max(0, args.paste))
+    export(args.out, args.to, items(args.what), force=args.force, paste_n=max(0, args.paste))
     return 0

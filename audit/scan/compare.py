@@ -12,10 +12,13 @@ changed (same image id and cue) are counted per class.
 from __future__ import annotations
 
 import math
+import zlib
 from dataclasses import dataclass
 
+import numpy as np
+
 from audit.data.schema import arrow_schema
-from audit.errors import AuditError
+from audit.scan import imagetable
 from audit.scan.cost import wilson
 from audit.scan.imagepass import read_summary
 
@@ -101,16 +104,88 @@ def class_rows(ca, cb) -> list[dict]:
     return rows
 
 
+CHANGE_COLUMNS = ["image_id", "cue", "cue_class", "cue_decides"]
+JOIN_ROWS = 1_000_000  # rows of each side's evidence joined in memory at once, at most (else partitioned)
+
+
 def image_changes(ia, ib):
-    """Images (same id and cue) whose ``cue_decides`` differs between the audits."""
+    """Images (same id and cue) whose ``cue_decides`` differs between two tables of evidence in memory."""
     import pandas as pd
 
-    cols = ["image_id", "cue", "cue_class", "cue_decides"]
     if ia is None or ib is None or not len(ia) or not len(ib):
         return pd.DataFrame(columns=["image_id", "cue", "cue_class", "cue_decides_a", "cue_decides_b"])
-    m = ia[cols].merge(ib[cols], on=["image_id", "cue", "cue_class"], suffixes=("_a", "_b"))
+    m = ia[CHANGE_COLUMNS].merge(ib[CHANGE_COLUMNS], on=["image_id", "cue", "cue_class"], suffixes=("_a", "_b"))
     m = m[m["cue_decides_a"].notna() & m["cue_decides_b"].notna()]
     return m[m["cue_decides_a"].astype(bool) != m["cue_decides_b"].astype(bool)].reset_index(drop=True)
+
+
+def stored_image_changes(a, b, max_rows: int = JOIN_ROWS):
+    """:func:`image_changes` of two job outputs' ``images.parquet``, in bounded memory.
+
+    Only :data:`CHANGE_COLUMNS` of the rows with a ``cue_decides`` are read,
+    a batch at a time.  When a side has more than ``max_rows`` rows, both are
+    first split by a hash of the image id into parts of about ``max_rows``
+    rows (spilled to temporary Parquet files, a batch at a time) and the
+    parts are joined one pair at a time: an image's rows fall in the same
+    part on both sides.
+    """
+    import tempfile
+
+    import pandas as pd
+
+    parts = max(1, -(-max(imagetable.rows(a), imagetable.rows(b)) // max(1, int(max_rows))))
+    if parts == 1:
+        return image_changes(_evidence(a), _evidence(b))
+    with tempfile.TemporaryDirectory(prefix="audit-compare-") as tmp:
+        fa, fb = _spill(a, tmp, "a", parts), _spill(b, tmp, "b", parts)
+        found = [image_changes(_read(x), _read(y)) for x, y in zip(fa, fb)]
+    found = [f for f in found if len(f)]
+    return pd.concat(found, ignore_index=True) if found else image_changes(None, None)
+
+
+def _decided_rows():
+    import pyarrow.compute as pc
+
+    return pc.field("cue_decides").is_valid()
+
+
+def _evidence(out):
+    import pandas as pd
+
+    got = list(imagetable.batches(out, CHANGE_COLUMNS, _decided_rows()))
+    return pd.concat(got, ignore_index=True) if got else None
+
+
+def _part_of(ids, parts: int) -> np.ndarray:
+    """(N,) the part (0 .. parts - 1) of each image id: CRC32 of the id (the same on both sides)."""
+    return np.fromiter((zlib.crc32(str(i).encode()) % parts for i in ids), np.int64, len(ids))
+
+
+def _spill(out, tmp: str, side: str, parts: int) -> list:
+    """The evidence of ``out`` split into ``parts`` Parquet files by :func:`_part_of`; their paths."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    paths = [f"{tmp}/{side}-{k:04d}.parquet" for k in range(parts)]
+    writers: dict = {}
+    try:
+        for df in imagetable.batches(out, CHANGE_COLUMNS, _decided_rows()):
+            part = _part_of(df["image_id"].to_numpy(), parts)
+            for k in np.unique(part):
+                t = pa.Table.from_pandas(df[part == k], preserve_index=False)
+                if k not in writers:
+                    writers[k] = pq.ParquetWriter(paths[k], t.schema)
+                writers[k].write_table(t.cast(writers[k].schema))
+    finally:
+        for w in writers.values():
+            w.close()
+    return [p if k in writers else None for k, p in enumerate(paths)]
+
+
+def _read(path):
+    import pyarrow.parquet as pq
+
+    return None if path is None else pq.read_table(path).to_pandas()
 
 
 def compare(a, b) -> Comparison:
@@ -121,11 +196,10 @@ def compare(a, b) -> Comparison:
     """
     import pandas as pd
 
+    for out in (a, b):
+        imagetable.require(out, "classes")
     ca, cb = read_summary(a, "classes"), read_summary(b, "classes")
-    for out, c in ((a, ca), (b, cb)):
-        if c is None:
-            raise AuditError(f"{out} has no summary/classes.parquet: run `audit scan {out}` first")
-    imgs = image_changes(read_summary(a, "images"), read_summary(b, "images"))
+    imgs = stored_image_changes(a, b)
     df = pd.DataFrame(class_rows(ca, cb))
     names = dict(zip(cb["class_id"], cb["class_name"])) | {k: v for k, v in zip(ca["class_id"], ca["class_name"])}
     counts = imgs.assign(class_name=imgs["cue_class"].map(names)) if len(imgs) else imgs.assign(class_name=None)

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from audit.scan import imagetable
 from audit.scan.imagepass import read_summary
 from audit.scan.table import write_tables
 
@@ -70,6 +71,37 @@ RATE_COLUMNS = {"accuracy_with_cue": ("with_cue", "n_with_cue"),
                 "wrong_reason_share": ("wrong_reason", "wrong_reason_n")}
 
 
+TALLY_KEYS = ["label", "present", "correct", "to_class", "decides"]
+
+
+def tally(label, pred, correct, present, decides, class_id: int):
+    """Counts of images of one class's cue per (label, present, correct, to_class, decides): all that
+    :func:`cost_of_tally` needs, so tallies of parts of a dataset add up (column ``n``).
+
+    Args:
+        label, pred: (N,) class ids (label -1 or NaN: unlabelled, tallied as -1).
+        correct, present, decides: (N,) bool.
+        class_id: the suspected class (``to_class``: predicted as it).
+    """
+    import pandas as pd
+
+    label = np.asarray(label, np.float64)
+    known = np.isfinite(label) & (label >= 0)
+    df = pd.DataFrame({"label": np.where(known, label, -1).astype(np.int64),
+                       "present": np.asarray(present, bool), "correct": np.asarray(correct, bool),
+                       "to_class": np.asarray(pred, np.float64) == class_id, "decides": np.asarray(decides, bool)})
+    return df.groupby(TALLY_KEYS).size().rename("n").reset_index()
+
+
+def add_tallies(parts: list):
+    """The sum of tallies (of parts of the same class's cue)."""
+    import pandas as pd
+
+    if not parts:
+        return pd.DataFrame(columns=[*TALLY_KEYS, "n"])
+    return pd.concat(parts, ignore_index=True).groupby(TALLY_KEYS)["n"].sum().reset_index()
+
+
 def class_cost(label, pred, correct, present, decides, class_id: int, names=None) -> Cost:
     """The :class:`Cost` of class ``class_id`` from per-image arrays (one entry per image, its cue).
 
@@ -79,24 +111,27 @@ def class_cost(label, pred, correct, present, decides, class_id: int, names=None
         class_id: the suspected class.
         names: {class id: name} for ``worst_group``.
     """
-    label = np.asarray(label, np.float64)
-    pred = np.asarray(pred, np.float64)
-    correct, present, decides = (np.asarray(a, bool) for a in (correct, present, decides))
-    known = np.isfinite(label) & (label >= 0)
-    own = known & (label == class_id)
-    with_cue = Rate(int((correct & own & present).sum()), int((own & present).sum()))
-    without = Rate(int((correct & own & ~present).sum()), int((own & ~present).sum()))
+    return cost_of_tally(tally(label, pred, correct, present, decides, class_id), class_id, names)
+
+
+def cost_of_tally(t, class_id: int, names=None) -> Cost:
+    """The :class:`Cost` of class ``class_id``'s cue from its :func:`tally`."""
+    def count(sel) -> int:
+        return int(t.loc[sel, "n"].sum())
+
+    own = t["label"] == int(class_id)
+    with_cue = Rate(count(own & t["correct"] & t["present"]), count(own & t["present"]))
+    without = Rate(count(own & t["correct"] & ~t["present"]), count(own & ~t["present"]))
     worst, group = Rate(0, 0), ""
-    for lab in np.unique(label[known]).astype(int):
+    for lab in sorted(int(v) for v in t.loc[t["label"] >= 0, "label"].unique()):
         for has in (True, False):
-            g = known & (label == lab) & (present == has)
-            r = Rate(int((correct & g).sum()), int(g.sum()))
+            g = (t["label"] == lab) & (t["present"] == has)
+            r = Rate(count(g & t["correct"]), count(g))
             if r.n and (not worst.n or r.k / r.n < worst.k / worst.n):
                 worst = r
                 group = f"label={(names or {}).get(lab, lab)}, cue={'yes' if has else 'no'}"
-    right = correct & (pred == class_id)
-    wrong_reason = Rate(int((right & decides).sum()), int(right.sum()))
-    return Cost(with_cue, without, worst, group, wrong_reason)
+    right = t["correct"] & t["to_class"]
+    return Cost(with_cue, without, worst, group, Rate(count(right & t["decides"]), count(right)))
 
 
 def cost_fields(c: Cost | None) -> dict:
@@ -110,29 +145,55 @@ def cost_fields(c: Cost | None) -> dict:
     return out
 
 
-def costs_of(images_df, names=None) -> dict:
-    """{(class id, cue): :class:`Cost`} from ``summary/images.parquet``."""
-    out = {}
-    if images_df is None or not len(images_df):
-        return out
-    df = images_df[images_df["status"] != "error"]
-    for (cid, cue), d in df.groupby(["cue_class", "cue"]):
-        out[(int(cid), str(cue))] = class_cost(
-            d["label"].to_numpy(dtype=np.float64, na_value=np.nan), d["pred"].to_numpy(dtype=np.float64, na_value=np.nan),
-            d["correct"].fillna(False).to_numpy(bool), d["cue_present"].fillna(False).to_numpy(bool),
-            d["cue_decides"].fillna(False).to_numpy(bool), int(cid), names)
+COST_COLUMNS = ["cue_class", "cue", "label", "pred", "correct", "cue_present", "cue_decides"]
+
+
+def tallies_of(frames) -> dict:
+    """{(class id, cue): :func:`tally`} of rows of ``images.parquet`` with evidence, given in parts
+    (DataFrames with :data:`COST_COLUMNS`), each part's tallies added as it comes."""
+    out: dict = {}
+    for df in frames:
+        for (cid, cue), d in df.groupby(["cue_class", "cue"]):
+            t = tally(d["label"].to_numpy(dtype=np.float64, na_value=np.nan),
+                      d["pred"].to_numpy(dtype=np.float64, na_value=np.nan),
+                      d["correct"].fillna(False).to_numpy(bool), d["cue_present"].fillna(False).to_numpy(bool),
+                      d["cue_decides"].fillna(False).to_numpy(bool), int(cid))
+            key = (int(cid), str(cue))
+            out[key] = add_tallies([out[key], t]) if key in out else t
     return out
 
 
-def with_costs(classes_df, images_df):
-    """``classes_df`` with the cost columns filled for the classes whose cue the images table holds."""
-    names = dict(zip(classes_df["class_id"].astype(int), classes_df["class_name"].astype(str))) if len(classes_df) else {}
-    costs = costs_of(images_df, names)
+def costs_of(images_df, names=None) -> dict:
+    """{(class id, cue): :class:`Cost`} from a table of ``images.parquet`` rows in memory."""
+    if images_df is None or not len(images_df):
+        return {}
+    return _costs(tallies_of([images_df[images_df["status"] != "error"]]), names)
+
+
+def stored_costs(out, names=None) -> dict:
+    """{(class id, cue): :class:`Cost`} from ``OUT/summary/images.parquet``, read a batch at a time
+    (:data:`COST_COLUMNS` of the rows with evidence only); {} without the table."""
+    return _costs(tallies_of(imagetable.batches(out, COST_COLUMNS, imagetable.ok_rows())), names)
+
+
+def _costs(tallies: dict, names) -> dict:
+    return {k: cost_of_tally(t, k[0], names) for k, t in tallies.items()}
+
+
+def with_costs(classes_df, costs: dict):
+    """``classes_df`` with the cost columns filled from ``costs`` ({(class id, cue): :class:`Cost`})."""
     rows = [cost_fields(costs.get((int(r.class_id), str(r.cue)))) for r in classes_df.itertuples()]
     df = classes_df.copy()
     for col in cost_fields(None):
         df[col] = [r[col] for r in rows]
     return df
+
+
+def class_names(classes_df) -> dict:
+    """{class id: name} of ``classes.parquet``."""
+    if not len(classes_df):
+        return {}
+    return dict(zip(classes_df["class_id"].astype(int), classes_df["class_name"].astype(str)))
 
 
 def update_classes(out) -> None:
@@ -141,8 +202,8 @@ def update_classes(out) -> None:
     if classes is None:
         return
     regions = [c[7:] for c in classes.columns if c.startswith("energy_") and c not in ("energy_object", "energy_border")]
-    cols = ["cue_class", "cue", "status", "label", "pred", "correct", "cue_present", "cue_decides"]
-    write_tables(out, {"classes": with_costs(classes, read_summary(out, "images", cols))}, regions)
+    costs = stored_costs(out, class_names(classes))
+    write_tables(out, {"classes": with_costs(classes, costs)}, regions)
 
 
 def _pct(v) -> str:

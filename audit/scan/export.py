@@ -26,13 +26,14 @@ import numpy as np
 
 from audit.data import fs
 from audit.errors import AuditError
-from audit.scan import perimage
+from audit.scan import imagetable, perimage
 from audit.scan.imagepass import CueWorker, pass_spec, read_summary
 from audit.scan.probes.edits import replace_background
 
 WHAT = ("groups", "masks", "counterfactual")
 PASTE = 64  # other classes' images per cue that receive it in the counterfactual set
 SPLITS = (60, 80)  # crc32(image_id) % 100 below 60: split 0 (train), below 80: 1 (val), else 2 (test)
+META_HEADER = ["img_filename", "y", "split", "place", "cue", "confidence"]
 TARGETS = {"groups": "metadata.csv", "masks": "masks", "counterfactual": "counterfactual"}
 
 
@@ -67,25 +68,27 @@ def metadata(images_df, cues: list):
     """
     import pandas as pd
 
-    df = images_df[images_df["status"] != "error"]
+    if images_df is None or not len(images_df):
+        return pd.DataFrame(columns=META_HEADER)
+    df = images_df[images_df["status"] != "error"] if "status" in images_df else images_df
     order = {c.name: k + 1 for k, c in enumerate(cues)}
     df = df.assign(_k=df["cue"].map(order).fillna(len(order) + 1))
     share = df["cue_share"].astype(float).fillna(0.0)
     if "cue_confidence" in df:  # the presence detector's probability, where it ran
         share = df["cue_confidence"].astype(float).fillna(share)
     conf = np.where(df["cue_decides"].fillna(False).astype(bool), 1.0, share)
-    df = df.assign(_conf=conf, _share=share)
-    rows = []
-    for image_id, g in df.sort_values(["image_id", "_k"]).groupby("image_id", sort=True):
-        pres = g[g["cue_present"].fillna(False).astype(bool)]
-        first = g.iloc[0]
-        y = int(first["label"]) if pd.notna(first["label"]) else -1
-        if len(pres):
-            p = pres.iloc[0]
-            rows.append((image_id, y, split_of(image_id), int(p["_k"]), str(p["cue"]), float(p["_conf"])))
-        else:
-            rows.append((image_id, y, split_of(image_id), 0, "", float(1.0 - g["_share"].max())))
-    return pd.DataFrame(rows, columns=["img_filename", "y", "split", "place", "cue", "confidence"])
+    df = df.assign(_conf=conf, _share=share).sort_values(["image_id", "_k"], kind="stable")
+    first = df.drop_duplicates("image_id").set_index("image_id")
+    pres = df[df["cue_present"].fillna(False).astype(bool)].drop_duplicates("image_id").set_index("image_id")
+    ids = first.index
+    has = ids.isin(pres.index)
+    p = pres.reindex(ids)
+    out = pd.DataFrame({
+        "img_filename": ids, "y": first["label"].astype("Float64").fillna(-1).astype(int).to_numpy(),
+        "split": [split_of(i) for i in ids], "place": np.where(has, p["_k"].fillna(0), 0).astype(int),
+        "cue": np.where(has, p["cue"].astype(object).fillna("").astype(str), ""),
+        "confidence": np.where(has, p["_conf"], 1.0 - df.groupby("image_id")["_share"].max().reindex(ids)).astype(float)})
+    return out.reset_index(drop=True)[META_HEADER]
 
 
 def file_name(image_id: str, suffix: str = ".png") -> str:
@@ -156,10 +159,21 @@ class Target:
             os.makedirs(os.path.dirname(p), exist_ok=True)
         fs.write_bytes(p, data)
 
+    def stream(self, rel: str):
+        """A binary output stream of ``rel`` (a local file, or one bucket object complete when closed)."""
+        import os
 
-def csv_bytes(df) -> bytes:
+        p = self.path(rel)
+        if not self.remote:
+            os.makedirs(os.path.dirname(p), exist_ok=True)
+            return open(p, "wb")
+        fsys, key = fs.resolve(p)
+        return fsys.open_output_stream(key)
+
+
+def csv_bytes(df, header: bool = True) -> bytes:
     buf = _io.StringIO()
-    df.to_csv(buf, index=False)
+    df.to_csv(buf, index=False, header=header)
     return buf.getvalue().encode()
 
 
@@ -184,29 +198,40 @@ def export(out, to, what=WHAT, *, force: bool = False, paste_n: int = PASTE, qui
     bad = [w for w in what if w not in WHAT]
     if bad or not what:
         raise AuditError(f"unknown export item {bad[0] if bad else ''!r}; expected some of {', '.join(WHAT)}")
-    images = read_summary(out, "images")
-    if images is None or not len(images):
-        raise AuditError(f"{out} has no per-image evidence (summary/images.parquet): run "
-                         f"`audit scan {out} --per-image` first")
-    cues = _cues(out, images)
+    imagetable.require(out, "images")
+    cues = _cues(out)
     target = Target(to, force)
     target.claim(what)
     res = ExportResult(str(to), what)
     if "groups" in what:
-        meta = metadata(images, cues)
-        target.write(TARGETS["groups"], csv_bytes(meta))
-        res.rows = len(meta)
+        res.rows = write_metadata(out, cues, target)
     if "masks" in what or "counterfactual" in what:
-        _images_out(out, images, cues, target, what, res, paste_n)
+        _images_out(out, cues, target, what, res, paste_n)
     if not quiet:
         print(describe(res))
     return res
 
 
-def _cues(out, images) -> list:
+META_COLUMNS = ["image_id", "label", "cue", "cue_share", "cue_confidence", "cue_decides", "cue_present"]
+
+
+def write_metadata(out, cues: list, target: Target) -> int:
+    """``metadata.csv`` (:func:`metadata`) written one shard at a time (an image's rows for every cue lie in
+    its shard), images by id within a shard; returns its rows."""
+    n = 0
+    with target.stream(TARGETS["groups"]) as f:
+        f.write(csv_bytes(metadata(None, cues)))
+        for _, df in imagetable.by_shard(out, META_COLUMNS, imagetable.ok_rows()):
+            meta = metadata(df, cues)
+            f.write(csv_bytes(meta, header=False))
+            n += len(meta)
+    return n
+
+
+def _cues(out) -> list:
     """The cues of the images table, in the order of the scan (classes.parquet), with their edits."""
     cues = perimage.cues_of(read_summary(out, "classes"), read_summary(out, "interventions"))
-    named = set(images["cue"].dropna())
+    named = imagetable.cue_names(out)
     cues = [c for c in cues if c.name in named]
     if not cues:
         raise AuditError(f"the cues of {out}/summary/images.parquet are no longer the scan's: rerun "
@@ -214,18 +239,21 @@ def _cues(out, images) -> list:
     return cues
 
 
-def _images_out(out, images, cues, target: Target, what, res: ExportResult, paste_n: int) -> None:
+def _images_out(out, cues, target: Target, what, res: ExportResult, paste_n: int) -> None:
     """Masks and cue-removed images shard by shard, then the pasted sample; the counterfactual manifest."""
+    import pyarrow.compute as pc
+
     worker = CueWorker(pass_spec(out, cues))
-    present = images[images["cue_present"].fillna(False).astype(bool) & (images["status"] != "error")]
     rows = []
-    for shard, ids in present.groupby("shard")["image_id"]:
+    carriers = imagetable.ok_rows() & (pc.field("cue_present") == True)  # noqa: E712 (an Arrow expression)
+    for shard, present in imagetable.by_shard(out, ["image_id", "cue"], carriers):
         recs = worker.read_records(int(shard))
-        recs = recs[recs["image_id"].isin(set(ids)) & (recs["status"] != "error")].reset_index(drop=True)
+        recs = recs[recs["image_id"].isin(set(present["image_id"])) & (recs["status"] != "error")]
+        recs = recs.reset_index(drop=True)
         if len(recs):
             rows += _shard_images(worker, recs, present, cues, target, what, res)
     if "counterfactual" in what:
-        rows += _pasted(worker, images, cues, target, res, paste_n)
+        rows += _pasted(worker, out, cues, target, res, paste_n)
         _manifest(target, rows)
 
 
@@ -269,25 +297,19 @@ def _label(r) -> int:
     return int(v) if v is not None and v == v else -1
 
 
-def _pasted(worker, images, cues, target: Target, res: ExportResult, paste_n: int) -> list:
+def _pasted(worker, out, cues, target: Target, res: ExportResult, paste_n: int) -> list:
     """A sample of other classes' images without the cue, with the cue of a carrying image pasted in."""
     rows = []
-    ok = images[images["status"] != "error"]
     for cue in cues:
         if cue.kind == "transform":  # a recolouring or texture has no pixels to carry over
             continue
-        d = ok[(ok["cue"] == cue.name) & ok["cue_present"].fillna(False).astype(bool) & (ok["label"] == cue.class_id)]
-        r = ok[(ok["cue"] == cue.name) & ~ok["cue_present"].fillna(False).astype(bool) & (ok["label"] != cue.class_id)
-               & ok["label"].notna()]
+        d, r = _paste_pairs(out, cue, paste_n)
         if not len(d) or not len(r):
             continue
-        r = r.iloc[np.argsort([zlib.crc32(str(i).encode()) for i in r["image_id"]], kind="stable")[:paste_n]]
-        d = d.iloc[np.argsort([zlib.crc32(str(i).encode()) for i in d["image_id"]], kind="stable")[:len(r)]]
         rx = worker.inputs(_with_maps(worker, r))
         dx = worker.inputs(_with_maps(worker, d))
         px = worker.pixels(cue, rx)
         if cue.kind == "background":  # the recipient's object on a carrying image's background
-
             new = replace_background(rx.images, rx.objects, dx.images)[0] if rx.objects is not None else None
         else:
             new = paste(rx.images, dx.images, px)
@@ -299,6 +321,47 @@ def _pasted(worker, images, cues, target: Target, res: ExportResult, paste_n: in
             res.pasted += 1
             rows.append((name, int(lab), str(rid), f"cue pasted from {did}", cue.name))
     return rows
+
+
+def _paste_pairs(out, cue, paste_n: int):
+    """(donors, recipients) of ``cue``: images of its class that carry it, and images of other labels that do
+    not, the ``paste_n`` of each with the smallest CRC32 of their id (file order breaks ties), donors cut to
+    the recipients' number; read a batch at a time."""
+    import pyarrow.compute as pc
+
+    donors, recipients = _Smallest(paste_n), _Smallest(paste_n)
+    where = imagetable.ok_rows() & (pc.field("cue") == cue.name)
+    for df in imagetable.batches(out, ["image_id", "shard", "label", "cue_present"], where):
+        has = df["cue_present"].fillna(False).astype(bool)
+        donors.add(df[has & (df["label"] == cue.class_id)])
+        recipients.add(df[~has & (df["label"] != cue.class_id) & df["label"].notna()])
+    r = recipients.rows()
+    return donors.rows().iloc[:len(r)].reset_index(drop=True), r
+
+
+class _Smallest:
+    """The ``k`` rows with the smallest CRC32 of ``image_id`` seen so far, ties in the order seen."""
+
+    def __init__(self, k: int):
+        self.k, self.seen, self.kept = int(k), 0, None
+
+    def add(self, df) -> None:
+        import pandas as pd
+
+        if not len(df):
+            return
+        df = df.assign(_crc=[zlib.crc32(str(i).encode()) for i in df["image_id"]],
+                       _seq=np.arange(self.seen, self.seen + len(df)))
+        self.seen += len(df)
+        both = df if self.kept is None else pd.concat([self.kept, df], ignore_index=True)
+        self.kept = both.sort_values(["_crc", "_seq"], kind="stable").iloc[:self.k]
+
+    def rows(self):
+        import pandas as pd
+
+        if self.kept is None:
+            return pd.DataFrame(columns=["image_id", "shard", "label"])
+        return self.kept.drop(columns=["_crc", "_seq"]).reset_index(drop=True)
 
 
 def _with_maps(worker, sel):

@@ -32,7 +32,7 @@ from audit.data.schema import SCHEMA_VERSION, arrow_schema
 from audit.engine.models import model_input
 from audit.errors import AuditError
 from audit.runner.cluster import ray_init
-from audit.scan import perimage
+from audit.scan import imagetable, perimage
 from audit.scan.grids import grids_from_raw
 from audit.scan.intervene import Intervener
 from audit.scan.perimage import Cue
@@ -309,9 +309,8 @@ def _row(r, shard: int, cue: Cue, cols: dict) -> dict:
 
 def pass_spec(out, cues: list, grid: int = 16) -> PassSpec:
     """The pass's :class:`PassSpec` for a scanned job output (the scan's view, from classes.parquet)."""
+    imagetable.require(out, "classes")
     classes = read_summary(out, "classes")
-    if classes is None:
-        raise AuditError(f"{out} has no summary/classes.parquet: run `audit scan {out}` first")
     record = read_job_record(out)
     if record is None or record.spec is None:
         raise AuditError(f"{io.job_path(out)} not found: the per-image pass needs the job's model and dataset")
@@ -616,21 +615,32 @@ def describe(res: PassResult, out) -> str:
     """One paragraph: what the pass found per cue."""
     if not res.cues:
         return "per-image pass: no class is suspected, nothing to do"
-    df = read_summary(out, "images", ["cue_class", "status", "cue_present", "cue_decides"])
+    counts = _present_counts(out)
     lines = [f"per-image pass: {res.rows:,} rows ({len(res.cues)} cue(s) x images) in {res.seconds:.1f} s, "
              f"{res.done_now} shards done, {res.skipped} already committed, {res.forwards:,} extra forward passes"
              + (f", {res.actor_deaths} actors died" if res.actor_deaths else "")
              + (f"; FAILED shards {res.failed}" if res.failed else "")]
     for c in res.cues:
-        d = df[(df["cue_class"] == c.class_id) & (df["status"] != "error")]
-        lines.append(f"  {c.class_name}, cue {c.name}: present on {int(d['cue_present'].sum()):,} of {len(d):,} "
-                     f"images, decides {int(d['cue_decides'].sum()):,} predictions")
+        n, present, dec = counts.get(c.class_id, (0, 0, 0))
+        lines.append(f"  {c.class_name}, cue {c.name}: present on {present:,} of {n:,} "
+                     f"images, decides {dec:,} predictions")
     from audit.scan.cost import cost_lines
 
     classes = read_summary(out, "classes")
     lines += cost_lines(classes) if classes is not None else []
     lines.append(f"  table {_summary(out)}/images.parquet")
     return "\n".join(lines)
+
+
+def _present_counts(out) -> dict:
+    """{cue class: (images, cue_present, cue_decides)} of ``images.parquet``, read a batch at a time."""
+    out_: dict = {}
+    for df in imagetable.batches(out, ["cue_class", "cue_present", "cue_decides"], imagetable.ok_rows()):
+        for cid, d in df.groupby("cue_class"):
+            n, p, k = out_.get(int(cid), (0, 0, 0))
+            out_[int(cid)] = (n + len(d), p + int(d["cue_present"].fillna(False).sum()),
+                              k + int(d["cue_decides"].fillna(False).sum()))
+    return out_
 
 
 def say(msg: str) -> None:

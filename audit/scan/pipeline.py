@@ -45,10 +45,9 @@ from audit.scan import provenance
 from audit.scan.causal import CausalTests, run_tests
 from audit.scan.cluster import ClusterParams, cluster_maps, map_features, min_cluster_size
 from audit.scan.config import DEFAULT, Config
-from audit.scan.cost import cost_lines, with_costs
+from audit.scan.cost import class_names, cost_lines, stored_costs, with_costs
 from audit.scan.features import gap_scores, group_features, spurious_gap
 from audit.scan.grids import read_class_maps
-from audit.scan.imagepass import read_summary
 from audit.scan.intervene import Intervener, SafeIntervener
 from audit.scan.read import ScanView, read_view
 from audit.scan.table import (
@@ -322,4 +321,4 @@ def scan(out_dir, *, intervene: bool = True, quiet: bool = False, layer: str | N
 
 def _costs(out, classes_df):
     """The cost columns from an earlier per-image pass whose cues are still named (:mod:`audit.scan.cost`)."""
-    return with_costs(classes_df, read_summary(out, "images"))
+    return with_costs(classes_df, stored_costs(out, class_names(classes_df)))
