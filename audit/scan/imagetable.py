@@ -48,20 +48,15 @@ def require(out, name: str) -> None:
                          f"`audit scan {out} --per-image` first")
 
 
-def open_file(out, name: str = "images"):
-    """A ``pyarrow.parquet.ParquetFile`` of the summary table, or None when it is missing."""
-    import pyarrow.parquet as pq
-
-    path = summary_path(out, name)
-    if not fs.exists(str(path)):
-        return None
-    return pq.ParquetFile(fs.open_input(str(path)) if fs.is_uri(str(out)) else str(path))
-
-
 def rows(out) -> int:
     """Rows of ``images.parquet`` from its footer (0 when missing); reads no data."""
-    f = open_file(out)
-    return 0 if f is None else int(f.metadata.num_rows)
+    import pyarrow.parquet as pq
+
+    path = summary_path(out, "images")
+    if not fs.exists(str(path)):
+        return 0
+    with fs.open_input(str(path)) as src:
+        return int(pq.ParquetFile(src).metadata.num_rows)
 
 
 def ok_rows():
