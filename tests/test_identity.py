@@ -5,7 +5,7 @@ import pytest
 
 from audit.scan.config import DEFAULT
 from audit.scan.probes import PROBES, Sample, causal_tests
-from audit.scan.probes.edits import attribute, luminance, spare_masks
+from audit.scan.probes.edits import attribute, colour_transfer, luminance, spare_masks
 from audit.scan.verdict import _cue_name, causal_cue, placebo_rates
 
 S = 16
@@ -113,4 +113,100 @@ def test_a_shape_model_survives_every_identity_edit(models, masked):
 
 def test_identity_probes_are_registered_with_their_places():
     places = {p.place for p in PROBES.values() if p.keeps_identity}
-    assert {"object:greyscale", "image:greyscale", "object:hue", "background:greyscale", "image:hue"} == places
+    assert {"object:greyscale", "image:greyscale", "object:hue", "background:greyscale", "image:hue",
+            "object:smooth", "background:smooth", "image:smooth", "image:shift", "image:colour-transplant"} == places
+
+
+def stripes_on_plain(n=2, side=32):
+    """A striped square object (period 4 px, red/blue) on a flat green background, with its mask."""
+    imgs = np.zeros((n, side, side, 3), np.uint8)
+    imgs[...] = (30, 200, 30)
+    masks = np.zeros((n, side, side), bool)
+    masks[:, 8:24, 8:24] = True
+    cols = np.arange(side) % 4 < 2
+    obj = np.where(cols[None, :, None], np.array([220, 20, 20]), np.array([20, 20, 220]))
+    for i in range(n):
+        imgs[i][masks[i]] = np.broadcast_to(obj, (side, side, 3))[masks[i]]
+    return imgs, masks
+
+
+def test_smooth_takes_the_texture_off_the_object_and_keeps_its_mean_colour_and_the_background():
+    imgs, masks = stripes_on_plain()
+    out = attribute(imgs, masks, "smooth").astype(np.float64)
+    inner = out[0, 12:20, 12:20]  # away from the object's edge
+    ref = imgs[0][masks[0]].astype(np.float64).mean(axis=0)  # float64 reference: the object's mean colour
+    assert np.abs(inner - ref).max() <= 6  # the stripes are gone: every inner pixel near the mean
+    np.testing.assert_array_equal(out[0][~masks[0]], imgs[0][~masks[0]])  # the background untouched
+    edge = out[0, 8:24, 8].astype(np.float64)  # at the edge: no green from the background bleeds in
+    assert edge[:, 1].max() < 40
+    assert imgs[0, 12:20, 12:20].std(axis=(0, 1)).max() > 90  # (the stripes were there)
+
+
+def test_shift_moves_the_content_by_an_eighth_and_repeats_the_edge():
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (1, 16, 16, 3), dtype=np.uint8)
+    out = attribute(img, np.ones((1, 16, 16), bool), "shift")
+    np.testing.assert_array_equal(out[0, 2:, 2:], img[0, :-2, :-2])
+    np.testing.assert_array_equal(out[0, 0, 2:], img[0, 0, :-2])  # the top row repeated
+    np.testing.assert_array_equal(out[0, 5, 0], img[0, 3, 0])  # the left column repeated
+    one = img[..., :1]
+    np.testing.assert_array_equal(attribute(one, np.ones((1, 16, 16), bool), "shift")[0, 2:, 2:, 0], one[0, :-2, :-2, 0])
+
+
+def test_colour_transfer_gives_each_channel_the_donors_mean_and_spread():
+    rng = np.random.default_rng(1)
+    x = rng.integers(60, 200, (3, 16, 16, 3)).astype(np.uint8)
+    donors = np.clip(rng.normal((200, 120, 40), (20, 10, 5), (3, 16, 16, 3)), 0, 255).astype(np.uint8)
+    out = colour_transfer(x, donors).astype(np.float64)
+    d = donors.astype(np.float64)
+    np.testing.assert_allclose(out.mean(axis=(1, 2)), d.mean(axis=(1, 2)), atol=0.6)
+    np.testing.assert_allclose(out.std(axis=(1, 2)), d.std(axis=(1, 2)), atol=0.6)
+    xs = x.astype(np.float64)
+    corr = np.corrcoef(out[0, ..., 0].ravel(), xs[0, ..., 0].ravel())[0, 1]
+    assert corr > 0.99  # the pattern stays, only its colours move
+
+
+def _transplant(predict, images, recipients_imgs):
+    from audit.scan.probes.transplant import Recipients
+
+    rec = Recipients(recipients_imgs, predict(recipients_imgs))
+    s = Sample(images, [], recipients=rec.for_class(1, CFG), target=1)
+    res = causal_tests(predict, s, CFG, probes=[PROBES["colour-transplant"]])
+    return res.tests[0]
+
+
+def test_colour_transplant_turns_other_classes_by_a_tint_and_not_a_shape_class():
+    rng = np.random.default_rng(2)
+    grey = rng.integers(80, 160, (16, S, S, 3)).astype(np.uint8)
+    tinted = np.clip(grey * 0.6 + np.array([255, 140, 40]) * 0.4, 0, 255).astype(np.uint8)
+
+    def by_tint(x):  # class 1 when the image is orange
+        x = np.asarray(x, np.float64)
+        return (x[..., 0].mean(axis=(1, 2)) - x[..., 2].mean(axis=(1, 2)) > 40).astype(int)
+
+    t = _transplant(by_tint, tinted, grey)
+    assert (t.test, t.place, t.n, t.k) == ("transplant", "image:colour-transplant", 16, 16)
+    assert t.flip_rate == 1.0 and t.to_class == 1
+    x, masks, y = dataset("shape", 64, 3)
+
+    def by_shape(imgs):  # class 1 when the object is a vertical bar: colours never matter
+        b = np.asarray(imgs).max(axis=-1) > 0
+        return (b.sum(axis=1).max(axis=1) > b.sum(axis=2).max(axis=1)).astype(int)
+
+    t = _transplant(by_shape, x[y == 1][:16], x[y == 0][:16])
+    assert t.n == 16 and t.flip_rate == 0.0
+
+
+def test_colour_transplant_is_judged_by_its_own_rule_and_removed_by_the_colour_transform():
+    from audit.scan.probes import remove_cue
+
+    p = PROBES["colour-transplant"]
+    rule = p.rule(DEFAULT)
+    assert (rule.cue_flip_min, rule.cue_specific_min) == (DEFAULT.colour_transplant_min,
+                                                          DEFAULT.colour_transplant_specific)
+    assert not p.grows and p.keeps_identity and p.cue == "colour"
+    rng = np.random.default_rng(4)
+    imgs = rng.integers(0, 256, (2, S, S, 3), dtype=np.uint8)
+    spare = np.zeros((2, S, S), bool)
+    np.testing.assert_array_equal(remove_cue(imgs, "image:colour-transplant", spare=spare),
+                                  remove_cue(imgs, "image:colour", spare=spare))

@@ -299,7 +299,7 @@ class _Grow:
         while True:
             res = self.out.results[key]
             v = self._verdict(plan, res)
-            if v is None or v.undecided is None or v.undecided.spec.sufficiency \
+            if v is None or v.undecided is None or v.undecided.spec.sufficiency or not v.undecided.spec.grows \
                     or len(plan.ids) >= min(self.cfg.sequential_max, len(plan.pool)):
                 return  # decided, or more images of the group cannot decide (a transplant's recipients)
             more = [i for i in sample_ids(list(plan.pool), 2 * len(plan.ids)) if i not in set(plan.ids)]

@@ -81,6 +81,9 @@ class Config:
     identity_flip_min: float = 0.8  # an identity-keeping edit (greyscale, hue) must flip this share of the class
     identity_specific_min: float = 0.5  # ... and this much more than the other class it flips most (a clean zoo class
     #                                     flipped 70% of 128 (62-78%) under a hue rotation, others 12%)
+    identity_shift: float = 0.125  # the shift edit moves the image by this share of its side (8 px at 64)
+    colour_transplant_min: float = 0.5  # a class's colours given to other classes' images turn this share ...
+    colour_transplant_specific: float = 0.3  # ... and this much more than another class's colours do
     object_flip_max: float = 0.25  # removing the object flips at most this share ...
     background_flip_min: float = 0.35  # ... while replacing the background flips at least this
     mention_flip: float = 0.2  # a place that flips less than this is not worth a mention in the evidence

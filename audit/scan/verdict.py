@@ -328,7 +328,8 @@ def causal_cue(causal: CausalResult | None, others: dict | None = None, cfg: Con
     tests = causal.places + transforms_count(causal, others, cfg, mode)
     whole = cfg.replace(cue_flip_min=cfg.image_flip_min)  # an edit of the object too needs more flips
     same = cfg.replace(cue_flip_min=cfg.identity_flip_min, cue_specific_min=cfg.identity_specific_min)
-    rule = {id(t): same if t.spec.keeps_identity else whole if t.spec.whole_image else cfg for t in tests}
+    rule = {id(t): t.spec.rule(cfg) or (same if t.spec.keeps_identity else whole if t.spec.whole_image else cfg)
+            for t in tests}
     cands = [(place_flip_score(toward(t, mode), others_rate(t, others, mode), rule[id(t)]), t)
              for t in tests if place_eligible(t, causal, cfg, density, fixed_hot)]
     refuted = [c for c in cands if c[0] >= 0.5 and transplant_refutes(c[1], cfg)]

@@ -113,13 +113,20 @@ def cue_moves(case: DrawnCase, model) -> list[CueCheck]:
     return out
 
 
-def train(case: DrawnCase, images: list[Painted], target_accuracy: float = 0.97, chunk: int = 2):
+BATCH = 16  # small batches: a draw has a few hundred images, and steps (not epochs) fit it
+CHECK_STEPS = 40  # gradient steps between two checks of the fit
+PATIENCE = 2  # checks without a gain of FIT_GAIN before the learning rate halves
+FIT_GAIN = 0.01
+
+
+def train(case: DrawnCase, images: list[Painted], target_accuracy: float = 0.97):
     """A tiny :func:`audit.zoo.train.build_model` network fitted to ``images``; (model, accuracy, epochs).
 
-    Fits ``chunk`` epochs at a time until the accuracy on the training images *in inference mode*
-    (BatchNorm's moving statistics, as the audit will run it) reaches ``target_accuracy``, or
-    ``case.epochs`` have run: Keras' running training accuracy reaches 100% long before the moving
-    statistics catch up on a few hundred images, and the model then calls every image one class.
+    Fits a few epochs (about :data:`CHECK_STEPS` gradient steps) at a time until the accuracy on the
+    training images *in inference mode* (BatchNorm's moving statistics, as the audit will run it)
+    reaches ``target_accuracy``, or ``case.max_steps`` steps have run; the learning rate halves after
+    :data:`PATIENCE` checks without progress.  A budget of steps rather than epochs: two classes of 80
+    images made 80 steps in 16 epochs, and such models fitted half their images.
     """
     import keras
 
@@ -130,11 +137,17 @@ def train(case: DrawnCase, images: list[Painted], target_accuracy: float = 0.97,
     model.compile(optimizer=keras.optimizers.Adam(3e-3), loss=_loss(case.head))
     x = np.stack([p.image for p in images]).astype(np.float32) / 255.0
     y = np.array([p.label for p in images])
-    epochs, acc = 0, 0.0
-    while epochs < case.epochs and acc < target_accuracy:
-        model.fit(x, y, batch_size=32, epochs=chunk, shuffle=True, verbose=0)
+    per_epoch = -(-len(x) // BATCH)
+    chunk = max(1, round(CHECK_STEPS / per_epoch))
+    epochs, acc, best, stall = 0, 0.0, 0.0, 0
+    while epochs * per_epoch < case.max_steps and acc < target_accuracy:
+        model.fit(x, y, batch_size=BATCH, epochs=chunk, shuffle=True, verbose=0)
         epochs += chunk
         acc = float((predict(model, images, case.head) == y).mean())
+        best, stall = (acc, 0) if acc >= best + FIT_GAIN else (best, stall + 1)
+        if stall >= PATIENCE:
+            model.optimizer.learning_rate.assign(float(model.optimizer.learning_rate) / 2)
+            stall = 0
     return model, acc, epochs
 
 

@@ -33,7 +33,7 @@ import numpy as np
 
 from audit.zoo import draw
 
-VERSION = "drawn-3"
+VERSION = "drawn-4"
 CANVAS = draw.SIZE
 FAMILIES = ("mark", "frame", "band", "patch", "texture", "tint", "object_colour", "object_texture",
             "scene", "noise")
@@ -102,7 +102,7 @@ class DrawnCase:
     object_size: tuple[int, int] = (16, 28)
     n_per_class: int = 80
     n_heldout: int = 24
-    epochs: int = 16  # at most
+    max_steps: int = 1200  # gradient steps at most (audit.zoo.learned.train)
     width: float = 0.5  # the network's channels, as a share of the zoo's (tiny: a case trains in seconds)
 
     @property

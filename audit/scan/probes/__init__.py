@@ -29,6 +29,7 @@ from audit.scan.probes.base import (
     flipped,
     predict_chunks,
 )
+from audit.scan.probes.colour import ColourTransplant
 from audit.scan.probes.edits import spare_masks
 from audit.scan.probes.identity import identity_probes
 from audit.scan.probes.object import HotAreaRemoval, ObjectRemoval
@@ -46,7 +47,8 @@ PROBES: dict[str, Probe] = {p.name: p for p in (
     BackgroundTexture(),
     FlatBackground(),
     ImageColour(),
-    *identity_probes(),  # greyscale, channel rotation, contrast, brightness, texture of object/background/image
+    *identity_probes(),  # greyscale, channel rotation, texture of object/background/image, a shift
+    ColourTransplant(),
     PlaceOcclusion(),
     BackgroundTransplant(),
 )}
@@ -90,6 +92,7 @@ def remove_cue(images, cue_region: str, *, cue_box=None, masks=None, spare=None,
         cue_region = FlatBackground.place
     for p in PROBES.values():
         if p.is_transform and getattr(p, "place", None) == cue_region:
+            p = PROBES.get(p.removed_by, p)
             trials = p.trials(s, cfg)
             if not trials:
                 raise AuditError(f"removing the cue {cue_region!r} needs object masks or spared areas "

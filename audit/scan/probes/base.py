@@ -227,6 +227,12 @@ class Probe:
     control = False  # a control: reported, never a cue
     sufficiency = False  # its rate is a transplant's (other classes' images turned into the class)
     follows_others = False  # screening: goes on when any background test or transform goes on
+    grows = True  # sequential testing may grow its sample (not a rate on other classes' recipients)
+    removed_by = ""  # the registry name of the probe whose edit takes its cue away ("": its own)
+
+    def rule(self, cfg: Config) -> Config | None:
+        """Its own thresholds (``cue_flip_min``, ``cue_specific_min``) where the verdict's are not its own."""
+        return None
 
     def trials(self, s: Sample, cfg: Config) -> list[Trial]:
         """The trials of this probe on a sample (none when it does not apply)."""

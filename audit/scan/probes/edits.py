@@ -104,20 +104,30 @@ def transform(images: np.ndarray, edit: np.ndarray, kind: str, levels: Levels | 
 
     if kind not in TRANSFORM_KINDS:
         raise AuditError(f"unknown transform {kind!r}; expected one of {', '.join(TRANSFORM_KINDS)}")
+    side = max(np.shape(images)[1], np.shape(images)[2])
+
+    def new(img, m):
+        if kind == "fine-blur":
+            return cv2.GaussianBlur(img, (0, 0), sigma * side).reshape(img.shape)
+        if kind == "colour-levels":
+            return _colour_levels(img, m, levels)
+        return np.full_like(img, img[m].mean())
+
+    return each_image(images, edit, new)
+
+
+def each_image(images: np.ndarray, edit: np.ndarray, new) -> np.ndarray:
+    """Copies of ``images`` (N, H, W, C) uint8 whose ``edit`` (N, H, W) pixels come from
+    ``new(image, mask)`` (a float32 (H, W, C) image and its (H, W) bool mask -> a float image of the
+    same shape), rounded and clipped to 0..255; images with nothing to edit stay as they are."""
     imgs = np.asarray(images)
     m = np.asarray(edit, bool)
     out = imgs.copy()
     for i in range(len(imgs)):
         if not m[i].any():
             continue
-        img = imgs[i].astype(np.float32)
-        if kind == "fine-blur":
-            new = cv2.GaussianBlur(img, (0, 0), sigma * max(imgs.shape[1], imgs.shape[2])).reshape(img.shape)
-        elif kind == "colour-levels":
-            new = _colour_levels(img, m[i], levels)
-        else:
-            new = np.full_like(img, img[m[i]].mean())
-        out[i][m[i]] = np.clip(np.rint(new[m[i]]), 0, 255).astype(imgs.dtype)
+        img = new(imgs[i].astype(np.float32), m[i])
+        out[i][m[i]] = np.clip(np.rint(img[m[i]]), 0, 255).astype(imgs.dtype)
     return out
 
 
@@ -219,42 +229,62 @@ def paste(images: np.ndarray, donors: np.ndarray, spots: np.ndarray) -> np.ndarr
     return out
 
 
-ATTRIBUTE_KINDS = ("greyscale", "permute", "contrast", "darken", "blur")
+ATTRIBUTE_KINDS = ("greyscale", "permute", "contrast", "darken", "blur", "smooth", "shift")
 
 
-def attribute(images: np.ndarray, edit: np.ndarray, kind: str, sigma: float = Config.texture_sigma) -> np.ndarray:
+def attribute(images: np.ndarray, edit: np.ndarray, kind: str, sigma: float = Config.texture_sigma,
+              shift: float = Config.identity_shift) -> np.ndarray:
     """Copies of ``images`` (N, H, W, C) uint8 whose ``edit`` (N, H, W) pixels change one attribute that a
     model reading shapes should ignore, keeping what the object is.
 
     ``greyscale``: the luma (ITU-R BT.601) to every channel (colour goes; a one-channel image is unchanged);
     ``permute``: the channels rotated (R, G, B) -> (G, B, R) (every hue moves by a third of the circle,
     brightness patterns stay); ``contrast``: the edited pixels' spread around their mean halved;
-    ``darken``: every value times 0.6; ``blur``: a Gaussian blur of ``sigma`` of the side (texture goes).
+    ``darken``: every value times 0.6; ``blur``: a Gaussian blur of ``sigma`` of the side (texture goes);
+    ``smooth``: the same blur taken over the edited pixels alone (a normalised convolution: stripes or
+    grain inside the object, or inside the background, go, and nothing from the other part bleeds in);
+    ``shift``: the image moved right and down by ``shift`` of the side, its edges repeated.
 
     Raises:
         AuditError: an unknown kind.
     """
-    import cv2
-
     if kind not in ATTRIBUTE_KINDS:
         raise AuditError(f"unknown attribute edit {kind!r}; expected one of {', '.join(ATTRIBUTE_KINDS)}")
-    imgs = np.asarray(images)
-    m = np.asarray(edit, bool)
-    out = imgs.copy()
-    for i in range(len(imgs)):
-        if not m[i].any():
-            continue
-        img = imgs[i].astype(np.float32)
-        if kind == "greyscale":
-            new = np.repeat(luminance(img)[..., None], img.shape[-1], axis=-1)
-        elif kind == "permute":
-            new = img[..., [1, 2, 0]] if img.shape[-1] >= 3 else img
-        elif kind == "contrast":
-            mean = img[m[i]].mean(axis=0)
-            new = (img - mean) * 0.5 + mean
-        elif kind == "darken":
-            new = img * 0.6
-        else:
-            new = cv2.GaussianBlur(img, (0, 0), sigma * max(imgs.shape[1], imgs.shape[2])).reshape(img.shape)
-        out[i][m[i]] = np.clip(np.rint(new[m[i]]), 0, 255).astype(imgs.dtype)
-    return out
+    side = max(np.shape(images)[1], np.shape(images)[2])
+    return each_image(images, edit, lambda img, m: _attribute(img, m, kind, sigma * side, shift))
+
+
+def _attribute(img: np.ndarray, m: np.ndarray, kind: str, sigma_px: float, shift: float) -> np.ndarray:
+    """One image with ``kind`` (:func:`attribute`) applied everywhere; the caller keeps the ``m`` pixels."""
+    import cv2
+
+    if kind == "greyscale":
+        return np.repeat(luminance(img)[..., None], img.shape[-1], axis=-1)
+    if kind == "permute":
+        return img[..., [1, 2, 0]] if img.shape[-1] >= 3 else img
+    if kind == "contrast":
+        mean = img[m].mean(axis=0)
+        return (img - mean) * 0.5 + mean
+    if kind == "darken":
+        return img * 0.6
+    if kind == "blur":
+        return cv2.GaussianBlur(img, (0, 0), sigma_px).reshape(img.shape)
+    if kind == "smooth":
+        w = cv2.GaussianBlur(m.astype(np.float32), (0, 0), sigma_px)[..., None]
+        num = cv2.GaussianBlur(img * m[..., None], (0, 0), sigma_px).reshape(img.shape)
+        return num / np.maximum(w, 1e-6)
+    d = max(1, int(round(shift * max(img.shape[:2]))))
+    moved = cv2.copyMakeBorder(img, d, 0, d, 0, cv2.BORDER_REPLICATE)[:img.shape[0], :img.shape[1]]
+    return moved.reshape(img.shape)
+
+
+def colour_transfer(images: np.ndarray, donors: np.ndarray) -> np.ndarray:
+    """Copies of ``images`` (N, H, W, C) uint8 given the colours of ``donors`` (N, H, W, C): each channel's
+    mean and standard deviation over the whole image moved to the donor's (Reinhard et al. 2001, in the
+    image's own channels); shapes and texture stay."""
+    x = np.asarray(images, np.float32)
+    d = np.asarray(donors, np.float32)
+    mx, sx = x.mean(axis=(1, 2), keepdims=True), x.std(axis=(1, 2), keepdims=True)
+    md, sd = d.mean(axis=(1, 2), keepdims=True), d.std(axis=(1, 2), keepdims=True)
+    out = (x - mx) * (sd / np.maximum(sx, 1.0)) + md
+    return np.clip(np.rint(out), 0, 255).astype(np.asarray(images).dtype)

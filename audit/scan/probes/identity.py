@@ -7,7 +7,10 @@ the other classes' do (:func:`audit.scan.verdict.causal_cue`: at least ``identit
 and ``identity_specific_min`` more than the other class it flips most (the placebo:
 :func:`audit.scan.verdict.placebo_rates`), each at its interval's end least favourable to a flag)
 depends on that attribute: the cue is named after it
-(``colour of the object``, ``background colour``, ``colour``).  An edit that every class survives, or that
+(``colour of the object``, ``background colour``, ``colour``, ``texture of the object``, ``background
+texture``, ``texture``, ``position``).  The attributes: colour (greyscale, a rotation of the colour
+channels), texture (a smoothing inside the object's own mask or inside the background, a fine blur of the
+whole image) and position (the whole image shifted by an eighth of its side).  An edit that every class survives, or that
 every class fails alike, is no cue.  Unlike the background transforms these count whatever removing the
 object does: a colour carried by the object goes with the object.
 """
@@ -56,12 +59,17 @@ class IdentityEdit(Probe):
         if self.part != "image" and (s.spare is None or s.masks is None):
             return []  # the object's own pixels need its mask: a heatmap's hot area is no object outline
         m = np.ones((s.n, *s.images.shape[1:3]), bool) if self.part == "image" else \
-            (s.spare if self.part == "object" else ~s.spare)
+            (self.object_pixels(s) if self.part == "object" else ~s.spare)
         return [Trial(self, self.place, None, self.kind, m.reshape(s.n, -1).any(axis=1), m, float(m.mean()),
                       self.where)]
 
+    def object_pixels(self, s: Sample) -> np.ndarray:
+        """The object's pixels this edit changes: its mask grown (:func:`audit.scan.probes.edits.spare_masks`),
+        so that an anti-aliased outline changes with it."""
+        return s.spare
+
     def edit(self, t: Trial, s: Sample, rows: np.ndarray) -> np.ndarray:
-        return attribute(s.images[rows], t.mask[rows], self.kind, s.cfg.texture_sigma)
+        return attribute(s.images[rows], t.mask[rows], self.kind, s.cfg.texture_sigma, s.cfg.identity_shift)
 
     def planned(self, masked: bool, n_places: int) -> int:
         return 1
@@ -71,8 +79,17 @@ class IdentityEdit(Probe):
         return f"{self.verb.format(what=what)} (shapes kept)"
 
 
+class TextureEdit(IdentityEdit):
+    """A smoothing taken inside the object's own mask (not grown: the ring of background a grown mask holds
+    would blend into the object's colour), or inside the background."""
+
+    def object_pixels(self, s: Sample) -> np.ndarray:
+        return s.masks
+
+
 def _edit(name: str, kind: str, part: str, attribute_words: str, verb: str, needs_colour: bool = False) -> IdentityEdit:
-    cls = type(f"IdentityEdit_{name}", (IdentityEdit,), {
+    base = TextureEdit if kind == "smooth" else IdentityEdit
+    cls = type(f"IdentityEdit_{name}", (base,), {
         "name": name, "kind": kind, "part": part, "attribute_words": attribute_words, "verb": verb,
         "needs_colour": needs_colour, "__doc__": f"{verb.format(what='the ' + part + chr(39) + 's')}."})
     return cls()
@@ -86,4 +103,8 @@ def identity_probes() -> list[IdentityEdit]:
         _edit("image-greyscale", "greyscale", "image", "colour", "turning {what} colours grey", True),
         _edit("object-hue", "permute", "object", "colour", "rotating {what} colour channels", True),
         _edit("image-hue", "permute", "image", "colour", "rotating {what} colour channels", True),
+        _edit("object-smooth", "smooth", "object", "texture", "smoothing {what} texture"),
+        _edit("background-smooth", "smooth", "background", "texture", "smoothing {what} texture"),
+        _edit("image-smooth", "blur", "image", "texture", "blurring {what} fine texture"),
+        _edit("image-shift", "shift", "image", "position", "shifting {what} content by an eighth of its side"),
     ]
