@@ -211,3 +211,19 @@ def test_colour_transplant_is_judged_by_its_own_rule_and_removed_by_the_colour_t
     spare = np.zeros((2, S, S), bool)
     np.testing.assert_array_equal(remove_cue(imgs, "image:colour-transplant", spare=spare),
                                   remove_cue(imgs, "image:colour", spare=spare))
+
+
+@pytest.mark.parametrize("k, placebo, flagged", [(16, 1, True), (12, 0, True), (12, 1, False), (8, 0, False)])
+def test_a_colour_transplant_flags_by_its_own_rule_against_the_placebo(k, placebo, flagged):
+    from audit.scan.probes import CausalResult, PlaceFlip, Where
+
+    def row(turned):
+        return PlaceFlip("transplant", "image:colour-transplant", None, "colour-transfer", 16, turned / 16,
+                         1.0, turned / 16, 16, probe="colour-transplant", where=Where.IMAGE, k=turned)
+
+    others = placebo_rates([CausalResult(n=32, tests=[row(0)]), CausalResult(n=32, tests=[row(placebo)])])
+    assert others["image:colour-transplant"] == placebo / 16  # the placebo: the largest of the others
+    found = causal_cue(CausalResult(n=32, tests=[row(k)]), others, DEFAULT, mode=-1)
+    assert (found.score >= 0.5) == flagged, found.score
+    if flagged:
+        assert _cue_name(found.flip) == "colour"
