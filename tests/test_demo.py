@@ -109,7 +109,9 @@ def test_demo_writes_the_contract_tables(demo):
     t = pq.read_table(f"{out}/summary/interventions.parquet")
     assert t.schema.names == arrow_schema("interventions").names
     df = t.to_pandas()
-    assert set(df["test"]) == {"object", "background", "transform", "region"}  # every class tested, with masks
+    # every class tested, with masks; the only transplant with masks is the colour transplant
+    assert set(df["test"]) == {"object", "background", "transform", "region", "transplant"}
+    assert set(df.loc[df["test"] == "transplant", "place"]) == {"image:colour-transplant"}
     sky = df[(df["class_name"] == "no_tank") & (df["place"] == "region:sky") & df["cluster"].isna()].iloc[0]
     assert sky["flip_rate"] > 0.5 and sky["fill"] == "mean" and sky["n"] >= 16
     assert (df.loc[df["test"] == "object", "fill"] == "inpaint").all()
