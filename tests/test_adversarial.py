@@ -2,12 +2,13 @@
 
 A hostile or unlucky user's attempts, each asserting its one-line error, its
 exactly-once output or its warning.  The quick ones need no Ray; the hostile
-driver tests (marked slow) run ``audit run`` in subprocesses:
+driver tests (marked slow) run driver A as ``audit run`` in a subprocess:
 
 * **a paused driver** (issue 22.1): driver A is stopped with SIGSTOP after a
   random number of commits and a random pause; its lock is aged as if 130 s
-  had passed; driver B takes the output over (``--resume``, or an image added
-  and ``--resume=replan``) and finishes; A is continued.  A must stop in one
+  had passed; driver B (``audit run`` through ``main()`` in the test's process)
+  takes the output over (``--resume``, or an image added and ``--resume=replan``)
+  and finishes; A is continued.  A must stop in one
   line and commit nothing; every current input is in the output exactly once;
   ``job.json`` holds both runs.  For a local disk and for S3 (moto); with A's
   shards on Ray actors (which go on computing, and try to commit, while A is
@@ -62,6 +63,18 @@ def _driver(spec, out, *extra, slow: float | None = None, ray: bool = False):
                                  {"AUDIT_IN_PROCESS": "0" if ray else "1"})
 
 
+def _driver_here(spec, out, *extra) -> int:
+    """Driver B, ``audit run`` through the CLI's ``main()`` in this process: the job its subprocess
+    would run (a small local job, in the driver; no Ray here while it runs), the same lock file
+    read and taken over.  The takeover is decided from what A left in the lock (its pid, alive and
+    stopped, its aged heartbeat), never from B's process, so a fresh process proves nothing more;
+    A stays a subprocess, being the one stopped and continued.  Returns the exit status."""
+    from audit.cli import main
+
+    return main(["run", spec, "--no-progress", "--no-scan", "--set", f"output={out}", "--set",
+                 "resources.actors=1", *extra])
+
+
 def _entries(out) -> int:
     return len(io.manifest_entries(out)) if (fs.is_uri(out) or Path(out).is_dir()) else 0
 
@@ -90,7 +103,7 @@ def _age_lock(out, seconds):
 @pytest.mark.slow
 @pytest.mark.parametrize("store,mode,ray", [("local", "replan", True), ("local", "resume", False),
                                             ("s3", "replan", True), ("s3", "resume", False)])
-def test_a_paused_driver_never_overwrites_the_one_that_took_over(tmp_path, request, store, mode, ray):
+def test_a_paused_driver_never_overwrites_the_one_that_took_over(tmp_path, request, capsys, store, mode, ray):
     rng = random.Random(f"{store}-{mode}")
     ws = h.folder_workspace(tmp_path, N_PER_CLASS, METHODS, {"actors": 1, "batch_size": 4, "max_retries": 1})
     out = str(tmp_path / "out")
@@ -109,9 +122,9 @@ def test_a_paused_driver_never_overwrites_the_one_that_took_over(tmp_path, reque
             h.write_png(tmp_path / "data" / "cat" / "img_000b.png", h.image(77, 0)[0])
             ids = h.folder_ids(tmp_path / "data")
         _age_lock(out, 130)
-        b = _driver(ws["spec"], out, f"--resume={mode}" if mode == "replan" else "--resume")
-        b_out, b_err = b.communicate(timeout=600)
-        assert b.returncode == 0, b_err[-3000:]
+        b_code = _driver_here(ws["spec"], out, f"--resume={mode}" if mode == "replan" else "--resume")
+        b_out, b_err = capsys.readouterr()
+        assert b_code == 0, b_err[-3000:]
         assert "took over the stale lock" in b_err
     finally:
         os.kill(a.pid, signal.SIGCONT)
