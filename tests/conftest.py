@@ -2,9 +2,11 @@
 
 Ray starts one idle worker process per CPU when a driver connects, for tasks.
 The jobs here run actors with a runtime_env of their own, which never use
-those processes (each costs a Python start and a Ray import), so the tests
-turn that off for the Ray instances they start in-process (and the clusters
-that inherit this environment).  A spawned ``audit run`` keeps Ray's default.
+those processes (each costs a Python start and a Ray import, about 0.8 s of
+CPU), so the tests turn that off for the Ray instances they start in-process,
+the clusters that inherit this environment, and the children whose other
+``RAY_*`` variables they clear (:func:`helpers_jobs.env_without_ray`: a spawned
+``audit run``'s private Ray, a fake autoscaling cluster's nodes).
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ import os
 
 import pytest
 
-os.environ.setdefault("RAY_enable_worker_prestart", "0")
-os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
+PRESTART_OFF = {"RAY_enable_worker_prestart": "0", "RAY_prestart_worker_first_driver": "0"}
+for _key, _value in PRESTART_OFF.items():
+    os.environ.setdefault(_key, _value)
 
 
 class SharedCache:

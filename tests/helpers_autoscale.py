@@ -110,7 +110,9 @@ class FakeAutoscalingCluster:
 
         self.address = f"{get_node_ip_address()}:{self.port}"
         self.write_config()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_") or k.startswith("RAY_AUTH_TOKEN")}
+        from helpers_jobs import env_without_ray
+
+        env = env_without_ray(**{k: v for k, v in os.environ.items() if k.startswith("RAY_AUTH_TOKEN")})
         env.update({"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1", "RAY_USAGE_STATS_ENABLED": "0",
                     # the driver's mode: a new head with a token in ~/.ray would switch to token mode on its own,
                     # and a driver that started a local Ray before is in token mode (Ray set RAY_AUTH_MODE)

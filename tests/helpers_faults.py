@@ -152,7 +152,9 @@ def driver(args, fault: dict | None = None, env_extra: dict | None = None) -> su
     """``audit ARGS`` in a subprocess with its private local Ray; with ``fault``, actors armed by
     :func:`kill_in_upload` (``fault``: its ``marks``, ``mid_object``, ``after_object``) or slowed by
     :func:`slow_commits` (``{"slow_commits": seconds}``); ``env_extra``: more environment variables."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    from helpers_jobs import env_without_ray
+
+    env = env_without_ray()
     if fault is not None and "marks" in fault:  # the kills are armed in actors: never a job run in the driver
         env["AUDIT_IN_PROCESS"] = "0"
     env.update(env_extra or {})

@@ -205,6 +205,16 @@ def copy_tree(src, dst):
     return dst
 
 
+def env_without_ray(**extra) -> dict:
+    """This process's environment for a child, without its ``RAY_*`` variables (no address, token
+    or mode of a Ray this process joined) except the idle-worker settings of tests/conftest.py
+    (Ray's idle workers are never used by the jobs' actors); ``extra`` on top."""
+    keep = ("RAY_enable_worker_prestart", "RAY_prestart_worker_first_driver")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_") or k in keep}
+    env.update(extra)
+    return env
+
+
 def ray_init_local(num_cpus=2):
     import ray
 

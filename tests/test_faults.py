@@ -172,8 +172,7 @@ def test_disk_full_during_write(cluster, ws, monkeypatch):
 
 
 def _driver(ws, out, *extra):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env["PYTHONPATH"] = str(Path(__file__).parents[1])
+    env = h.env_without_ray(PYTHONPATH=str(Path(__file__).parents[1]))
     return subprocess.Popen([sys.executable, "-m", "audit", "run", ws["spec"], "--no-progress", "--no-scan",
                              "--set", f"output={out}", "--set", "resources.actors=1", *extra],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
