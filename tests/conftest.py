@@ -47,3 +47,29 @@ def shared_cache(tmp_path_factory, request) -> SharedCache:
     root = (base.parent if xdist_worker else base) / "shared-cache"
     root.mkdir(exist_ok=True)
     return SharedCache(root)
+
+
+# A test marked slow counts as this many quick ones when the modules are ordered (below): the slow
+# ones take 20 s to 3 min each on 2 cores, the quick ones about a second.
+SLOW_WEIGHT = 40
+
+
+@pytest.hookimpl(trylast=True)  # after -m has deselected
+def pytest_collection_modifyitems(config, items):
+    """The heaviest modules first, each module's tests kept together and in their order.
+
+    With ``-n 2`` (``--dist loadfile --no-loadscope-reorder``, pyproject.toml) each worker takes
+    the next whole module in this order when it is nearly done with its last: a module's fixtures
+    (a Ray cluster, an S3 server, a trained model) start once, and the run ends on short modules,
+    not with one worker alone on a long end-to-end test (longest first: each worker's last module
+    is a light one).
+    """
+    modules: dict[str, list] = {}
+    for item in items:
+        modules.setdefault(item.nodeid.split("::", 1)[0], []).append(item)
+
+    def weight(tests) -> int:
+        return sum(SLOW_WEIGHT if t.get_closest_marker("slow") else 1 for t in tests)
+
+    ordered = sorted(modules.values(), key=weight, reverse=True)  # stable: ties keep the file order
+    items[:] = [t for tests in ordered for t in tests]
