@@ -4,9 +4,9 @@ output exactly once.
 In-process faults run on one module-scoped local cluster (a head without CPUs
 and two 1-CPU worker nodes, as in tests/test_cluster.py): an actor SIGKILLed,
 a worker node killed, a part file truncated, a manifest entry deleted, the disk
-full during a write (RLIMIT_FSIZE in the actors).  Driver faults run ``audit
-run`` in subprocesses, each with its private local Ray: SIGINT and SIGKILL then
-``--resume``, and two drivers racing for one output.
+full during a write (RLIMIT_FSIZE in the actors).  The driver's own faults
+(SIGINT, SIGKILL, two drivers racing) are in tests/test_faults_driver.py: their
+resume runs in the test's process, which must not have joined this cluster.
 """
 
 from __future__ import annotations
@@ -15,10 +15,6 @@ import contextlib
 import json
 import os
 import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import helpers_faults
 import helpers_jobs as h
@@ -166,67 +162,3 @@ def test_disk_full_during_write(cluster, ws, monkeypatch):
     s = _run(ws, out, resume=True)
     assert s["status"] == "ok" and s["images_this_run"] == len(ws["ids"])
     _exactly_once(ws, out)
-
-
-# -- driver faults: `audit run` in subprocesses, each with its private Ray ---------------------------
-
-
-def _driver(ws, out, *extra):
-    env = h.env_without_ray(PYTHONPATH=str(Path(__file__).parents[1]))
-    return subprocess.Popen([sys.executable, "-m", "audit", "run", ws["spec"], "--no-progress", "--no-scan",
-                             "--set", f"output={out}", "--set", "resources.actors=1", *extra],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def _wait_for_commits(out, n, proc, timeout=300):
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        if len(list((out / "_manifest").glob("part-*.json"))) >= n if (out / "_manifest").is_dir() else False:
-            return
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
-        time.sleep(0.02)
-    raise AssertionError("no commits")
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
-def test_driver_killed_then_resume(ws, sig):
-    out = ws["dir"] / f"out_driver_{sig.name}"
-    proc = _driver(ws, out)
-    _wait_for_commits(out, 2, proc)
-    proc.send_signal(sig)
-    _, err = proc.communicate(timeout=120)
-    if sig == signal.SIGINT:
-        assert proc.returncode == 130 and "continue with: audit run" in err
-        assert json.loads((out / "job.json").read_text())["status"] == "interrupted"
-        assert not (out / "_lock.json").exists()  # released on the way out
-    else:
-        assert proc.returncode == -signal.SIGKILL and (out / "_lock.json").exists()  # left behind
-    done = len(io.committed_shards(out))
-    assert 2 <= done < 12, "the fault came too late to interrupt anything"
-    again = _driver(ws, out, "--resume")
-    outs, err = again.communicate(timeout=600)
-    assert again.returncode == 0, err[-3000:]
-    if sig == signal.SIGKILL:  # a dead pid on this host: the lock is stale
-        assert "took over the stale lock" in err and "is not running on" in err
-    assert f"{len(ws['ids'])} of {len(ws['ids'])} audited" in outs
-    _exactly_once(ws, out)
-    runs = json.loads((out / "job.json").read_text())["runs"]
-    # the killed run stays in the history: marked abandoned by the run that took its stale lock
-    assert [r["status"] for r in runs] == ["interrupted" if sig == signal.SIGINT else "abandoned", "ok"]
-    assert [r["generation"] for r in runs] == [1, 2]
-
-
-@pytest.mark.slow
-def test_two_drivers_race_for_one_output(ws):
-    out = ws["dir"] / "out_race"
-    procs = [_driver(ws, out), _driver(ws, out)]
-    results = [(p.wait(timeout=600), *p.communicate()) for p in procs]
-    codes = sorted(r[0] for r in results)
-    assert codes == [0, 2], [r[2][-2000:] for r in results]
-    loser = next(r for r in results if r[0] == 2)[2].strip().splitlines()
-    assert len(loser) == 1 and loser[0].startswith("audit: error: output ")
-    assert "is in use by driver pid" in loser[0] or "is not empty" in loser[0]
-    _exactly_once(ws, out)
-    runs = json.loads((out / "job.json").read_text())["runs"]
-    assert [r["status"] for r in runs] == ["ok"]
