@@ -6,6 +6,7 @@ import os
 import socket
 import struct
 import threading
+import types
 from pathlib import Path
 
 import cv2
@@ -427,24 +428,26 @@ def test_a_stray_quote_in_a_manifest_is_one_line_naming_file_and_line(tmp_path):
         datasets.plan(ds("manifest", path))
 
 
+def _planted_bug(*a, **k):
+    return 1 + "x"  # our bug
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("in_process", ["1", "0"], ids=["in-driver", "on-ray"])
-def test_a_bug_in_our_code_fails_the_job_with_its_traceback_not_error_rows(tmp_path, in_process):
-    """End to end (`audit run` in a subprocess, its own Ray): a TypeError inside the per-image
-    loading, planted in every process by a sitecustomize, fails the shards (exit 1, incomplete)
-    with the traceback printed once; no image becomes an error row."""
+def test_a_bug_in_our_code_fails_the_job_with_its_traceback_not_error_rows(tmp_path, in_process, monkeypatch,
+                                                                           capsys):
+    """End to end: a TypeError inside the per-image loading fails the shards (exit 1, incomplete)
+    with the traceback printed once; no image becomes an error row.
+
+    On Ray (`audit run` in a subprocess, its own Ray) the bug is planted in every process by a
+    sitecustomize, the actors included.  In the driver there is no other process: the bug is
+    planted here and `audit run` runs through the CLI's ``main()`` in this process (the same
+    in-driver job, its traceback printed by the same code), which saves a TensorFlow start."""
     import subprocess
     import sys
 
     import yaml
 
-    stub = tmp_path / "stub"
-    stub.mkdir()
-    (stub / "sitecustomize.py").write_text(
-        "from audit.data import decode\n"
-        "def broken(*a, **k):\n"
-        "    return 1 + 'x'  # our bug\n"
-        "decode.decode_image_sized = broken\n")
     h.make_model(tmp_path / "model.keras")
     h.make_folder(tmp_path / "data", 2, masks=False)
     spec = tmp_path / "job.yaml"
@@ -453,15 +456,33 @@ def test_a_bug_in_our_code_fails_the_job_with_its_traceback_not_error_rows(tmp_p
         "dataset": {"format": "folder", "path": "data", "shard_size": 2},
         "explain": {"methods": ["gradcam"]},
         "resources": {"actors": 1, "batch_size": 2, "max_retries": 0}, "output": "out"}))
-    repo = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(stub), str(repo)]), "RAY_ADDRESS": "",
-           "AUDIT_IN_PROCESS": in_process}  # a job this small runs in the driver unless told otherwise
-    r = subprocess.run([sys.executable, "-m", "audit", "run", str(spec), "--no-progress", "--no-scan"],
-                       capture_output=True, text=True, env=env, timeout=400, cwd=tmp_path)
+    if in_process == "1":
+        from audit.cli import main
+
+        monkeypatch.setattr(decode, "decode_image_sized", _planted_bug)
+        monkeypatch.setenv("AUDIT_IN_PROCESS", "1")
+        monkeypatch.chdir(tmp_path)
+        code = main(["run", str(spec), "--no-progress", "--no-scan"])
+        r = types.SimpleNamespace(returncode=code, **dict(zip(("stdout", "stderr"), capsys.readouterr())))
+        at_fault = f'{Path(__file__).name}", line {_planted_bug.__code__.co_firstlineno + 1}, in _planted_bug'
+    else:
+        stub = tmp_path / "stub"
+        stub.mkdir()
+        (stub / "sitecustomize.py").write_text(
+            "from audit.data import decode\n"
+            "def broken(*a, **k):\n"
+            "    return 1 + 'x'  # our bug\n"
+            "decode.decode_image_sized = broken\n")
+        repo = Path(__file__).resolve().parents[1]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(stub), str(repo)]), "RAY_ADDRESS": "",
+               "AUDIT_IN_PROCESS": "0"}  # a job this small runs in the driver unless told otherwise
+        r = subprocess.run([sys.executable, "-m", "audit", "run", str(spec), "--no-progress", "--no-scan"],
+                           capture_output=True, text=True, env=env, timeout=400, cwd=tmp_path)
+        at_fault = 'sitecustomize.py", line 3, in broken'
     assert r.returncode == 1, r.stderr[-3000:]
     assert "incomplete" in r.stdout and "FAILED    shards 0, 1" in r.stdout
-    # the remote traceback, once, down to the line at fault
+    # the traceback (the remote one on Ray), once, down to the line at fault
     assert r.stderr.count("a bug of shortcut-audit, not a fault in the data") == 1
-    assert 'audit/data/datasets.py", line' in r.stderr and 'sitecustomize.py", line 3, in broken' in r.stderr
+    assert 'audit/data/datasets.py", line' in r.stderr and at_fault in r.stderr
     assert "TypeError: unsupported operand type(s) for +: 'int' and 'str'" in r.stderr
     assert not list((tmp_path / "out" / "records").glob("part-*.parquet"))  # no error rows written
