@@ -46,7 +46,7 @@ def test_schema_lists_the_registry_test_values():
 
 def test_every_family_is_a_contract_value():
     assert {p.family for p in PROBES.values()} <= set(Family)
-    assert set(TEST_VALUES) == {"object", "background", "region", "transform", "transplant"}
+    assert set(TEST_VALUES) == {"object", "background", "region", "transform", "transplant", "placebo"}
 
 
 def scenes(n, seed=0):

@@ -73,6 +73,7 @@ class Config:
     # ---- causal tests: the rules
     cue_flip_min: float = 0.5  # a cue place flips at least this share of the class ...
     cue_specific_min: float = 0.3  # ... and this much more than it flips the other classes
+    placebo_margin: float = 0.1  # ... and more than its placebo's rate (its box at random places) plus this
     max_cue_area: float = 0.4  # without masks, larger places also hide objects: not a cue
     hot_cue_max_area: float = 0.2  # without masks, the hot area of a group whose peaks sit at one place, at most
     #                                this large, may be a cue (a pasted mark stays put; objects move)

@@ -253,16 +253,33 @@ def transforms_count(causal: CausalResult, others: dict, cfg: Config = DEFAULT, 
                    and (flat_ok or not t.spec.background_only)]
 
 
-def place_flip_score(flip: float, others: float, cfg: Config = DEFAULT) -> float:
-    """0.5 x min(flip / cue_flip_min, (flip - others) / cue_specific_min), clipped to 0..1.
+def place_flip_score(flip: float, others: float, cfg: Config = DEFAULT, placebo: float = math.nan) -> float:
+    """0.5 x min(flip / need, (flip - others) / cue_specific_min), clipped to 0..1, where ``need`` is
+    ``cue_flip_min`` or, where it is higher, the ``placebo`` rate measured on the class's own images
+    (the place's box at random places) plus ``placebo_margin``.
 
-    0.5 exactly when the place flips ``cue_flip_min`` of the class and
-    ``cue_specific_min`` more than it flips the other classes; 1 at twice both.
+    0.5 exactly when the place flips ``cue_flip_min`` of the class and ``cue_specific_min`` more than
+    it flips the other classes; 1 at twice both.  A place at or under its placebo scores under 0.5.
     """
     if not finite(flip):
         return 0.0
+    need = max(cfg.cue_flip_min, placebo + cfg.placebo_margin) if finite(placebo) else cfg.cue_flip_min
     spec = flip - (others if finite(others) else 0.0)
-    return clip01(0.5 * min(flip / cfg.cue_flip_min, spec / cfg.cue_specific_min))
+    score = clip01(0.5 * min(flip / need, spec / cfg.cue_specific_min))
+    if finite(placebo) and not flip > placebo + cfg.placebo_margin:  # not clear of it: under 0.5
+        score = min(score, math.nextafter(0.5, 0.0))
+    return score
+
+
+def placebo_end(t: PlaceFlip, causal: CausalResult, mode: int = 0) -> float:
+    """The rate of the place's placebo (its box at random places of the same images): under ``mode`` -1
+    the upper end of its 95% interval (a flag must clear that), else the observed rate (a measured
+    threshold: a place that flips no more than boxes of its size elsewhere is no cue, however few the
+    images); NaN when it did not run (a place that did not go on)."""
+    p = causal.placebo(t.place) if t.spec.is_place else None
+    if p is None or not finite(p.flip_rate):
+        return math.nan
+    return p.high if mode < 0 and finite(p.high) else p.flip_rate
 
 
 class OthersRates(dict):
@@ -330,7 +347,8 @@ def causal_cue(causal: CausalResult | None, others: dict | None = None, cfg: Con
     same = cfg.replace(cue_flip_min=cfg.identity_flip_min, cue_specific_min=cfg.identity_specific_min)
     rule = {id(t): t.spec.rule(cfg) or (same if t.spec.keeps_identity else whole if t.spec.whole_image else cfg)
             for t in tests}
-    cands = [(place_flip_score(toward(t, mode), others_rate(t, others, mode), rule[id(t)]), t)
+    cands = [(place_flip_score(toward(t, mode), others_rate(t, others, mode), rule[id(t)],
+                               placebo_end(t, causal, mode)), t)
              for t in tests if place_eligible(t, causal, cfg, density, fixed_hot)]
     refuted = [c for c in cands if c[0] >= 0.5 and transplant_refutes(c[1], cfg)]
     cands = [c for c in cands if not transplant_refutes(c[1], cfg)]
@@ -569,6 +587,9 @@ def causal_text(res: Verdict, cfg: Config = DEFAULT) -> str:
         s = f"{t.spec.words(t)} changes {changes(t)}"
         if finite(res.cue_others):
             s += f" ({pct(res.cue_others)} for the other classes)"
+        pb = c.placebo(t.place) if c is not None and t.spec.is_place else None
+        if pb is not None and finite(pb.flip_rate):
+            s += f", against {changes(pb)} when a box of its size is occluded at random places"
         if finite(t.transplant):
             s += f", and pasted into {t.transplant_n} images of other classes it turns {pct(t.transplant)} into this class"
         parts.append(s)

@@ -34,6 +34,7 @@ from audit.scan.probes.edits import spare_masks
 from audit.scan.probes.identity import identity_probes
 from audit.scan.probes.object import HotAreaRemoval, ObjectRemoval
 from audit.scan.probes.place import PlaceOcclusion
+from audit.scan.probes.placebo import PlaceboOcclusion
 from audit.scan.probes.places import spot_named
 from audit.scan.probes.transform import BackgroundTexture, FlatBackground, ImageColour
 from audit.scan.probes.transplant import BackgroundTransplant
@@ -50,6 +51,7 @@ PROBES: dict[str, Probe] = {p.name: p for p in (
     *identity_probes(),  # greyscale, channel rotation, texture of object/background/image, a shift
     ColourTransplant(),
     PlaceOcclusion(),
+    PlaceboOcclusion(),
     BackgroundTransplant(),
 )}
 

@@ -28,6 +28,7 @@ class Family(Enum):
     REGION = "region"  # one place of the bank is filled
     TRANSFORM = "transform"  # an attribute changes, the object's identity stays
     TRANSPLANT = "transplant"  # a class's pixels pasted into other classes' images
+    PLACEBO = "placebo"  # a place's box at random places of the class's own images: the place's baseline
 
 
 class Where(Enum):
@@ -126,6 +127,10 @@ class CausalResult:
     @property
     def transforms(self) -> list:
         return [t for t in self.tests if t.spec.is_transform]
+
+    def placebo(self, place: str) -> PlaceFlip | None:
+        """The placebo of the place called ``place`` (its box at random places), or None when not run."""
+        return next((t for t in self.tests if t.spec.is_placebo and t.place == place and t.n), None)
 
 
 @dataclass
@@ -233,6 +238,8 @@ class Probe:
     def rule(self, cfg: Config) -> Config | None:
         """Its own thresholds (``cue_flip_min``, ``cue_specific_min``) where the verdict's are not its own."""
         return None
+    is_placebo = False  # a place's box at random places: the rate a place must clear
+    screened = True  # runs on the screening images first (False: only after, on the whole sample)
 
     def trials(self, s: Sample, cfg: Config) -> list[Trial]:
         """The trials of this probe on a sample (none when it does not apply)."""

@@ -78,9 +78,11 @@ def causal_tests(predict_fn, s: Sample, cfg: Config = DEFAULT, probes=None, chun
     n = s.n
     first = np.arange(n) < (cfg.screen if 0 < cfg.screen < n else n)
     run = _Runner(predict_fn, s, chunk)
-    run.stage(trials, [t.sel & first for t in trials])  # stage 1: every trial on the first images
-    rest = [t.sel & ~first if g else np.zeros(n, bool) for t, g in zip(trials, go_on(trials, cfg))]
-    run.stage(trials, rest)  # stage 2: the promising trials on the rest
+    none = np.zeros(n, bool)
+    run.stage(trials, [t.sel & first if t.probe.screened else none for t in trials])  # stage 1: the first images
+    # stage 2: the promising trials on the rest (a placebo, never screened, on the whole sample)
+    rest = [(t.sel & ~first if t.probe.screened else t.sel) if g else none for t, g in zip(trials, go_on(trials, cfg))]
+    run.stage(trials, rest)
     for p in probes:  # stage 3: the follow-ups (do the flipping places carry the class?)
         trials += p.follow_up(predict_fn, trials, s, cfg, chunk)
     out = CausalResult(n=n, masked=s.masks is not None, absence=s.masks is not None and not s.has_object.any())
