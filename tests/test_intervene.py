@@ -273,6 +273,7 @@ def test_intervener_reads_job_model_and_dataset(tmp_path, head):
     r = causal_tests(iv.predict, Sample(images, [SKY_PLACE], m))
     assert r.rate_at("region:sky") == 1.0 and r.object_rate() == 0.0 and r.object().n == 8
     assert r.placebo("region:sky") is None  # 8 images can make no verdict: no placebo is spent on them
+    assert r.placebo("region:sky") is None  # 8 images can make no verdict: no placebo is spent on them
     # the check above, base, object, background, sky; 3 whole-image identity edits (greyscale, hue, shift)
     assert iv.forwards == 8 * 5 + 8 * 3
     with pytest.raises(AuditError, match="job.json"):

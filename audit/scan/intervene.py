@@ -14,6 +14,7 @@ import numpy as np
 from audit.data import fs, io
 from audit.data.datasets import load_images
 from audit.data.jobspec import load_job_model, read_job_record
+from audit.engine.explainer import bucket_for
 from audit.engine.heads import Head
 from audit.engine.models import input_size_of, model_input
 from audit.errors import AuditError
@@ -32,7 +33,7 @@ class Intervener:
     The model is loaded lazily, once, on first use.
     """
 
-    def __init__(self, out_dir, *, fill: str = "mean", batch_size: int = BATCH):
+    def __init__(self, out_dir, *, fill: str = "mean", batch_size: int | None = None):
         self.out = str(out_dir) if fs.is_uri(str(out_dir)) else Path(out_dir)
         record = read_job_record(self.out)
         if record is None or record.spec is None:
@@ -40,7 +41,8 @@ class Intervener:
         self.record = record
         self.spec = record.spec
         self.fill = fill
-        self.batch_size = batch_size
+        # the job's own batch (chosen for this model and machine), else BATCH
+        self.batch_size = int(batch_size or getattr(record.spec.resources, "batch_size", 0) or BATCH)
         self._model = None
         self._head = None
         self._size = None
@@ -87,7 +89,10 @@ class Intervener:
 
 class CompiledPredict:
     """A model's predictions through one compiled graph, traced once for any batch size (an eager
-    Keras call costs several times a compiled one on small models)."""
+    Keras call costs several times a compiled one on small models).  A short batch is padded to the
+    next power of two (:func:`audit.engine.explainer.bucket_for`, as the job's Explainer does): a
+    backend sets a convolution up anew for every batch shape it meets, and the stages of the causal
+    tests end in batches of every size."""
 
     def __init__(self, model, head, batch: int = BATCH):
         import tensorflow as tf
@@ -103,6 +108,9 @@ class CompiledPredict:
         for s in range(0, len(x), self.batch):
             part = np.asarray(x[s:s + self.batch], np.float32)
             k = len(part)
+            size = bucket_for(k, self.batch)
+            if size > k:
+                part = np.concatenate([part, np.zeros((size - k, *part.shape[1:]), np.float32)])
             y = self._fn(part)
             y = [np.asarray(t)[:k] for t in y] if isinstance(y, (list, tuple)) else \
                 ({n: np.asarray(t)[:k] for n, t in y.items()} if isinstance(y, dict) else np.asarray(y)[:k])

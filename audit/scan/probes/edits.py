@@ -35,14 +35,12 @@ def occlude(images: np.ndarray, masks: np.ndarray, fill: str = "mean") -> np.nda
         raise AuditError(f"unknown occlusion fill {fill!r}; expected one of {', '.join(FILLS)}")
     imgs = np.asarray(images)
     m = np.asarray(masks, bool)
+    if fill == "mean" and len(imgs):  # every image at once: each one's own mean colour where its mask is
+        colour = np.round(imgs.reshape(len(imgs), -1, imgs.shape[-1]).mean(axis=1)).astype(imgs.dtype)
+        return np.where(m[..., None], colour[:, None, None, :], imgs)
     out = imgs.copy()
     for i in range(len(imgs)):
-        if not m[i].any():
-            continue
-        if fill == "mean":
-            colour = imgs[i].reshape(-1, imgs.shape[-1]).mean(axis=0)
-            out[i][m[i]] = np.round(colour).astype(imgs.dtype)
-        else:
+        if m[i].any():
             sigma = max(imgs.shape[1], imgs.shape[2]) / 8.0
             blurred = cv2.GaussianBlur(imgs[i], (0, 0), sigma).reshape(imgs[i].shape)
             out[i][m[i]] = blurred[m[i]]

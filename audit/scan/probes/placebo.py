@@ -8,8 +8,8 @@ each image gets the place's box (a border band: a square of as many pixels) at a
 that does not overlap the place (or overlaps it least), with the same fill (and the object spared,
 with masks).  Its flip rate, with its 95% interval, is a threshold
 measured per dataset and per class: a place is a cue only when its own rate clears the placebo's
-(:func:`audit.scan.verdict.place_flip_score`).  It runs only with a place that went on after the
-screening, on the whole sample.
+(:func:`audit.scan.verdict.place_flip_score`).  It runs on the whole sample, only after its place
+went on past the screening and may still reach ``cue_flip_min``.
 """
 
 from __future__ import annotations
@@ -76,9 +76,10 @@ class PlaceboOcclusion(Probe):
         return occlude(s.images[rows], t.mask[rows], t.fill)
 
     def go_on(self, t: Trial, trials: list, cfg: Config) -> bool:
-        """Only with its place: when the place goes on after the screening."""
+        """Only where it may matter, after its place ran on the sample: the place was tested on at least
+        ``min_tested`` images and its rate may reach ``cue_flip_min`` (its interval's upper end)."""
         place = next((x for x in trials if x.probe.is_place and x.place == t.place), None)
-        return place is not None and place.probe.go_on(place, trials, cfg)
+        return place is not None and len(place.flips) >= cfg.min_tested and place.bounds()[1] >= cfg.cue_flip_min
 
     def words(self, t) -> str:
         return f"occluding a box the size of {t.place} at random places"

@@ -80,9 +80,11 @@ def causal_tests(predict_fn, s: Sample, cfg: Config = DEFAULT, probes=None, chun
     run = _Runner(predict_fn, s, chunk)
     none = np.zeros(n, bool)
     run.stage(trials, [t.sel & first if t.probe.screened else none for t in trials])  # stage 1: the first images
-    # stage 2: the promising trials on the rest (a placebo, never screened, on the whole sample)
-    rest = [(t.sel & ~first if t.probe.screened else t.sel) if g else none for t, g in zip(trials, go_on(trials, cfg))]
-    run.stage(trials, rest)
+    screened = [t.probe.screened for t in trials]
+    rest = [t.sel & ~first if g and k else none for t, g, k in zip(trials, go_on(trials, cfg), screened)]
+    run.stage(trials, rest)  # stage 2: the promising trials on the rest
+    # stage 2b: the trials never screened (the placebos) where their rule holds now, on the whole sample
+    run.stage(trials, [t.sel if not k and t.probe.go_on(t, trials, cfg) else none for t, k in zip(trials, screened)])
     for p in probes:  # stage 3: the follow-ups (do the flipping places carry the class?)
         trials += p.follow_up(predict_fn, trials, s, cfg, chunk)
     out = CausalResult(n=n, masked=s.masks is not None, absence=s.masks is not None and not s.has_object.any())
