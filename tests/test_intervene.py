@@ -276,6 +276,8 @@ def test_intervener_reads_job_model_and_dataset(tmp_path, head):
     assert r.placebo("region:sky") is None  # 8 images can make no verdict: no placebo is spent on them
     # the check above, base, object, background, sky; 3 whole-image identity edits (greyscale, hue, shift)
     assert iv.forwards == 8 * 5 + 8 * 3
+    # the check above, base, object, background, sky; 3 whole-image identity edits (greyscale, hue, shift)
+    assert iv.forwards == 8 * 5 + 8 * 3
     with pytest.raises(AuditError, match="job.json"):
         Intervener(tmp_path)
 
