@@ -20,8 +20,10 @@ import numpy as np
 
 from audit.scan.config import Config
 from audit.scan.probes import PROBES, CausalResult, Sample, causal_tests, extra_forwards
+from audit.scan.probes.colour import ColourTransplant, colour_transplant
 from audit.scan.probes.edits import Levels, remove_objects, spare_masks
 from audit.scan.probes.places import place_bank
+from audit.scan.probes.run import CHUNK
 from audit.scan.probes.transplant import Recipients
 from audit.scan.read import sample_ids
 from audit.scan.robust import fixed_place_score
@@ -271,7 +273,8 @@ def run_tests(intervener, results, view, cfg: Config, use_masks: bool) -> Causal
             break
         out.results[(plan.class_id, plan.cluster)] = res
     out.forwards = intervener.forwards - start
-    grow = _Grow(intervener, results, pool, size, view.regions, masked, cfg, out, start)
+    grow = _Grow(intervener, results, pool, size, view.regions, masked, cfg, out, start,
+                 {(p.class_id, p.cluster): p for p in plans})
     for plan in [p for p in plans if (p.class_id, p.cluster) in out.results]:
         grow.until_decided(plan)
     out.forwards = intervener.forwards - start
@@ -282,7 +285,10 @@ def run_tests(intervener, results, view, cfg: Config, use_masks: bool) -> Causal
 class _Grow:
     """Sequential testing: a group whose verdict is undecided (a rate whose 95% interval straddles its
     threshold) is tested on more of its images, doubling its sample up to ``cfg.sequential_max`` while
-    the budget lasts."""
+    the budget lasts.  An identity-keeping edit is judged against the other class it flips most, at
+    the end of that class's interval: where that class ran the edit on fewer images (the screening's 8
+    leave 0 of 8 at 0-32%), its sample grows first, to this class's size; more images of this class
+    alone could never decide it."""
 
     intervener: object
     results: list
@@ -293,15 +299,19 @@ class _Grow:
     cfg: Config
     out: CausalTests
     start: int
+    plans: dict = field(default_factory=dict)  # {(class_id, cluster): TestPlan}, grown samples included
 
     def until_decided(self, plan: TestPlan) -> None:
         key = (plan.class_id, plan.cluster)
         while True:
             res = self.out.results[key]
             v = self._verdict(plan, res)
-            if v is None or v.undecided is None or v.undecided.spec.sufficiency or not v.undecided.spec.grows \
-                    or len(plan.ids) >= min(self.cfg.sequential_max, len(plan.pool)):
-                return  # decided, or more images of the group cannot decide (a transplant's recipients)
+            if v is None or v.undecided is None or v.undecided.spec.sufficiency:
+                return  # decided
+            if self._grow_placebo(plan.class_id, v.undecided) or self._grow_colour(plan, v.undecided):
+                continue
+            if not v.undecided.spec.grows or len(plan.ids) >= min(self.cfg.sequential_max, len(plan.pool)):
+                return  # more images of the group cannot decide (a transplant's recipients), or no more
             more = [i for i in sample_ids(list(plan.pool), 2 * len(plan.ids)) if i not in set(plan.ids)]
             keep = {(t.probe, t.place) for t in res.tests if t.n >= self.cfg.min_tested or t is v.undecided}
             cost = len(more) * (1 + len(keep))
@@ -313,6 +323,62 @@ class _Grow:
             self.out.results[key] = merge(res, extra)
             self.out.extended += 1
             plan = replace(plan, ids=tuple(sorted(set(plan.ids) | set(more))))
+            self.plans[key] = plan
+
+    def _grow_placebo(self, class_id: int, t) -> bool:
+        """Test the identity-keeping edit ``t`` on more images of the other class it flips most, where
+        that class ran it on fewer images than ``t``; False when there is nothing to grow or no budget."""
+        if not (t.spec.keeps_identity and t.spec.grows):
+            return False
+        others = [(k, o) for k, r in self.out.results.items() if k[0] != class_id and k[1] is None
+                  for o in r.tests if o.place == t.place and o.probe == t.probe and o.n]
+        if not others:
+            return False
+        key, top = max(others, key=lambda x: x[1].flip_rate)
+        other = self.plans.get(key)
+        if other is None or top.n >= t.n:
+            return False
+        taken = set(other.ids)
+        more = [i for i in other.pool if i not in taken][:t.n - top.n]
+        edits = sum(o.probe == t.probe for o in self.out.results[key].tests)  # the probe runs all of its edits
+        if not more or self.intervener.forwards - self.start + len(more) * (1 + edits) > self.out.budget:
+            return False
+        extra = self._run(replace(other, ids=tuple(sorted(more))), {(t.probe, t.place)})
+        if extra is None:
+            return False
+        self.out.results[key] = merge(self.out.results[key], extra)
+        self.out.extended += 1
+        self.plans[key] = replace(other, ids=tuple(sorted(taken | set(more))))
+        return True
+
+    def _grow_colour(self, plan: TestPlan, t) -> bool:
+        """The colour transplant ``t`` undecided: give the group's colours to the rest of the pool's
+        images of other classes (``cfg.donors`` across classes; ``cfg.recipients`` had them first)."""
+        if t.probe != ColourTransplant.name or self.pool.recipients is None:
+            return False
+        rec = self.pool.recipients.for_class(plan.class_id, self.cfg.replace(recipients=self.cfg.donors))
+        if rec is None or len(rec.images) < t.n + self.cfg.min_recipients:
+            return False
+        rest = Recipients(rec.images[t.n:], rec.base[t.n:])
+        if self.intervener.forwards - self.start + 2 * len(rest.images) > self.out.budget:
+            return False
+        loaded = self.intervener.call(self.intervener.load, plan.ids)
+        if loaded is None:
+            return False
+        tr = self.intervener.call(colour_transplant, self.intervener.predict, loaded[0], rest, plan.class_id,
+                                  CHUNK)
+        if tr is None:
+            return False
+        key = (plan.class_id, plan.cluster)
+        res = self.out.results[key]
+        same = [x for x in res.tests if (x.probe, x.place) == (t.probe, t.place)]
+        if not same:
+            return False
+        n, k = same[0].n + tr.n, same[0].k + int(round(tr.rate * tr.n))
+        grown = replace(same[0], n=n, k=k, flip_rate=k / n, transplant=k / n, transplant_n=n)
+        self.out.results[key] = replace(res, tests=[grown if x is same[0] else x for x in res.tests])
+        self.out.extended += 1
+        return True
 
     def _verdict(self, plan: TestPlan, res: CausalResult):
         r = next((r for r in self.results if r.class_id == plan.class_id), None)

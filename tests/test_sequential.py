@@ -1,0 +1,114 @@
+"""Sequential testing: an identity-keeping edit undecided because of its placebo grows the placebo's sample."""
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from audit.scan import causal
+from audit.scan.causal import CausalTests, _Grow
+from audit.scan.config import DEFAULT
+from audit.scan.probes import CausalResult, PlaceFlip
+from audit.scan.verdict import others_rate, placebo_rates
+
+
+def flip(probe: str, k: int, n: int, place: str = "object:greyscale") -> PlaceFlip:
+    return PlaceFlip("transform", place, None, "greyscale", n, k / n, probe=probe, k=k)
+
+
+@dataclass
+class FakeIntervener:
+    forwards: int = 0
+
+
+def grow_with(results: dict, budget: int = 10_000, flips_per_image: float = 0.0):
+    """A _Grow whose extra runs flip ``flips_per_image`` of the images they test (rounded down)."""
+    out = CausalTests(results=dict(results), budget=budget)
+    plans = {k: causal.TestPlan(k[0], None, tuple(f"{k[0]}/{i}" for i in range(32)),
+                         pool=tuple(f"{k[0]}/{i}" for i in range(200))) for k in results}
+    iv = FakeIntervener()
+    g = _Grow(iv, [], None, (16, 16), {}, True, DEFAULT, out, 0, plans)
+    calls = []
+
+    def run(plan, keep):
+        calls.append((plan.class_id, len(plan.ids), keep))
+        iv.forwards += len(plan.ids) * 2
+        n = len(plan.ids)
+        return CausalResult(n=n, tests=[flip(p, int(n * flips_per_image), n, place) for p, place in keep])
+
+    g._run = run
+    return g, calls
+
+
+def test_the_placebo_class_grows_to_the_undecided_class_size():
+    own = flip("object-greyscale", 78, 80)
+    g, calls = grow_with({(0, None): CausalResult(80, [own]), (1, None): CausalResult(32, [flip("object-greyscale", 1, 8)]),
+                          (2, None): CausalResult(32, [flip("object-greyscale", 0, 8)])})
+    before = others_rate(own, placebo_rates([g.out.results[(1, None)], g.out.results[(2, None)]]), -1)
+    assert before > 0.45  # 1 of 8 reaches 47% at its upper end: 0.91 - 0.47 < identity_specific_min
+    assert g._grow_placebo(0, own)
+    assert calls == [(1, 72, {("object-greyscale", "object:greyscale")})]  # the class it flips most, to 80
+    grown = g.out.results[(1, None)].tests[0]
+    assert (grown.n, grown.k) == (80, 1) and g.out.extended == 1
+    assert len(g.plans[(1, None)].ids) == 32 + 72 and {f"1/{i}" for i in range(32)} <= set(g.plans[(1, None)].ids)
+    after = others_rate(own, placebo_rates([g.out.results[(1, None)], g.out.results[(2, None)]]), -1)
+    assert after < 0.1 and own.low - after >= DEFAULT.identity_specific_min  # now decided
+    assert not g._grow_placebo(0, own)  # class 1 holds as many images now; class 2 flips less
+    assert len(calls) == 1
+
+
+def test_nothing_grows_for_other_tests_without_budget_or_when_the_placebo_is_as_large():
+    place = flip("place", 30, 32, "corner:top_left")
+    g, calls = grow_with({(0, None): CausalResult(32, [place]),
+                          (1, None): CausalResult(32, [flip("place", 0, 8, "corner:top_left")])})
+    assert not g._grow_placebo(0, place)  # a place is judged against the others' median, not a placebo
+    own = flip("object-hue", 60, 64, "object:hue")
+    g, calls = grow_with({(0, None): CausalResult(64, [own]), (1, None): CausalResult(32, [flip("object-hue", 0, 8, "object:hue")])},
+                         budget=50)
+    assert not g._grow_placebo(0, own) and calls == []  # 56 images x 2 forward passes > 50
+    g, calls = grow_with({(0, None): CausalResult(32, [flip("object-hue", 20, 32, "object:hue")]),
+                          (1, None): CausalResult(32, [flip("object-hue", 3, 32, "object:hue")])})
+    assert not g._grow_placebo(0, g.out.results[(0, None)].tests[0]) and calls == []
+
+
+def redness(images) -> np.ndarray:
+    """Class 0 when the red channel's mean is over 128, else 1 (a model that decides by colour alone)."""
+    x = np.asarray(images, np.float64)
+    return np.where(x[..., 0].mean(axis=(1, 2)) > 128, 0, 1)
+
+
+class ColourIntervener(FakeIntervener):
+    def __init__(self, donors):
+        super().__init__()
+        self.donors = donors
+
+    def call(self, fn, *a):
+        return fn(*a)
+
+    def load(self, ids):
+        return self.donors[:len(ids)], None
+
+    def predict(self, images):
+        self.forwards += len(images)
+        return redness(images)
+
+
+def test_an_undecided_colour_transplant_takes_the_rest_of_the_pool():
+    rng = np.random.default_rng(0)
+    red = np.zeros((32, 8, 8, 3), np.uint8)
+    red[..., 0] = rng.integers(170, 230, (32, 8, 8))
+    others = rng.integers(40, 110, (48, 8, 8, 3)).astype(np.uint8)  # dull images the model calls 1
+    assert (redness(others) == 1).all() and (redness(red) == 0).all()
+    t = PlaceFlip("transplant", "image:colour-transplant", None, "colour-transfer", 16, 10 / 16, 1.0, 10 / 16, 16,
+                  probe="colour-transplant", k=10, to_class=0)
+    iv = ColourIntervener(red)
+    out = CausalTests(results={(0, None): CausalResult(32, [t])}, budget=10_000)
+    pool = causal.Pool(recipients=causal.Recipients(others, redness(others)))
+    plan = causal.TestPlan(0, None, tuple(f"0/{i}" for i in range(32)))
+    g = _Grow(iv, [], pool, (8, 8), {}, False, DEFAULT, out, 0, {(0, None): plan})
+    assert g._grow_colour(plan, t)
+    grown = out.results[(0, None)].tests[0]
+    # the 32 recipients after the first 16 all turn red (their control, each other's colours, none): +32
+    assert (grown.n, grown.k, grown.transplant_n) == (48, 42, 48) and grown.flip_rate == 42 / 48
+    assert iv.forwards == 2 * 32 and out.extended == 1
+    assert not g._grow_colour(plan, grown)  # no recipients left
+    assert not g._grow_placebo(0, grown)  # a transplant's placebo does not grow with the class's images
