@@ -564,6 +564,27 @@ def test_default_class_depends_on_the_flagged_class_cue_and_gets_no_invented_cue
     assert default_class(square, 2, [("circle", circle)]) == ()  # circles without their band are not class 2
 
 
+def test_a_colour_transplant_onto_a_flagged_class_cue_carriers_is_no_cue_of_its_own():
+    """Binary, a frame on every disc: the square's colours given to discs take the frame's colours away, and
+    the model says square; an edit of the square's own images (its object's hue) is a cue of its own."""
+    from dataclasses import replace
+
+    from audit.scan.verdict import default_class
+
+    disc = assess(features(make_rows("healthy", 40, masks=False)),
+                  causal=causal({**QUIET, "edge:bottom": 0.95}, obj=0.1, masked=False,
+                                transplant={"edge:bottom": 0.9}, n=64), others={"edge:bottom": 0.0})
+    disc.cue_flip = replace(disc.cue_flip, to_class=0)
+    square = assess(features(make_rows("diffuse", 40, masks=False)),
+                    causal=causal(QUIET, obj=0.0, masked=False, colour=0.97, flat=0.1, n=64),
+                    others={"image:colour": 0.0})
+    given = PlaceFlip("transplant", "image:colour-transplant", None, "colour-transfer", 29, 24 / 29, 1.0, 24 / 29,
+                      29, probe="colour-transplant", k=24, to_class=0)
+    hue = PlaceFlip("transform", "object:hue", None, "permute", 64, 0.95, 0.1, probe="object-hue", k=61)
+    assert default_class(replace(square, cue_flip=given), 0, [("disc", disc)]) == ("disc",)
+    assert default_class(replace(square, cue_flip=hue), 0, [("disc", disc)]) == ()
+    assert default_class(replace(square, cue_flip=given), 0, []) == ()  # nothing flagged: its own colours
+
 def _hue(k, n):
     """A CausalResult whose only test is the object's hue rotation flipping ``k`` of ``n``."""
     t = PlaceFlip("transform", "object:hue", None, "permute", n, k / n, 0.1, probe="object-hue", where=Where.OBJECT, k=k)

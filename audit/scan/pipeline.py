@@ -230,8 +230,16 @@ def _default_classes(results: list[ClassResult], cfg: Config) -> None:
     """Give every default class (:func:`audit.scan.verdict.default_class`) its one treatment."""
     flagged = [(r.name, r.final) for r in results if r.final.suspected]
     for r in results:
-        of = default_class(r.final, r.class_id, [x for x in flagged if x[0] != r.name], cfg)
-        if of and r.final is r.own:
+        others = [x for x in flagged if x[0] != r.name]
+        of = default_class(r.final, r.class_id, others, cfg)
+        if not of:
+            continue
+        if r.final is not r.own:  # a suspect cluster's verdict: each such cluster gets the treatment first
+            for c in r.clusters:
+                if c.verdict is not None and c.verdict.suspected and default_class(c.verdict, r.class_id, others, cfg):
+                    c.verdict = as_default(c.verdict, of, c.features, cfg)
+            r.final = class_verdict(r.own, r.clusters, r.n_maps)
+        if r.final is r.own:
             r.own = r.final = as_default(r.own, of, r.features, cfg)
 
 

@@ -492,18 +492,22 @@ def default_class(v: Verdict, class_id: int, flagged: list, cfg: Config = DEFAUL
     of them into this class (``to_class`` of F's cue test), removing this class's own object (its mask,
     or its own hot area) changes at most ``object_flip_max`` of its predictions even at the interval's
     lower end (the model does not look at the object), and it has no cue of its own that is a place or
-    its background, nor an identity-keeping edit (those are cues of its own).
+    its background, nor an identity-keeping edit (those are cues of its own), except an edit of other
+    classes' images (``edits_others``: the colour transplant), which takes F's cue away from F's images.
     ``flagged``: ``(name, Verdict)`` of the other flagged classes.
     """
     c = v.causal
     o = c.object() if c is not None else None
     if o is None or not (finite(o.low) and o.low <= cfg.object_flip_max):
         return ()
-    if v.suspected and (v.cue_kind == "background" or (v.cue_flip is not None and (
-            not v.cue_flip.spec.is_transform or v.cue_flip.spec.keeps_identity))):
-        return ()  # a cue of its own
     of = [(name, f) for name, f in flagged if f.cue_flip is not None and f.cue_flip.to_class == class_id
           and f.cue_kind == "place"]
+    own = v.suspected and (v.cue_kind == "background" or (v.cue_flip is not None and (
+        not v.cue_flip.spec.is_transform or v.cue_flip.spec.keeps_identity)))
+    # a cue of its own, unless it was found by giving this class's colours to images that carry the
+    # flagged classes' cues: those lose their cues' colours, and the model then says this class
+    if own and not (of and v.cue_flip is not None and v.cue_flip.spec.edits_others):
+        return ()
     return tuple(name for name, _ in sorted(of, key=lambda x: -x[1].suspicion))
 
 

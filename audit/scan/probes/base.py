@@ -233,6 +233,7 @@ class Probe:
     sufficiency = False  # its rate is a transplant's (other classes' images turned into the class)
     follows_others = False  # screening: goes on when any background test or transform goes on
     grows = True  # sequential testing may grow its sample (not a rate on other classes' recipients)
+    edits_others = False  # gives this class's attribute to other classes' images, taking theirs (their cues) away
     removed_by = ""  # the registry name of the probe whose edit takes its cue away ("": its own)
 
     def rule(self, cfg: Config) -> Config | None:

@@ -65,6 +65,7 @@ class ColourTransplant(Probe):
     keeps_identity = True
     whole_image = True
     grows = False  # its rate is on the recipients: more images of the class do not change it
+    edits_others = True  # the recipients lose their own colours: a frame's or a tint's, another class's cue
     removed_by = "colour"  # the whole image's grey-world colours and typical levels take such a cue away
 
     def follow_up(self, predict_fn, trials: list, s: Sample, cfg: Config, chunk: int) -> list[Trial]:
