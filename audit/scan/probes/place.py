@@ -15,18 +15,24 @@ from audit.scan.probes.edits import occlude
 from audit.scan.probes.transplant import transplant_places
 
 
+def occlusion_trials(probe: Probe, s: Sample, cfg: Config, masks_of) -> list[Trial]:
+    """One trial of ``probe`` per place of the sample: the pixels ``masks_of(place)`` ((n, H, W) bool)
+    filled with ``cfg.fill``, the object's pixels spared where masks are known."""
+    out = []
+    for p in s.places:
+        m = masks_of(p)
+        m = m & ~s.masks if s.masks is not None else m
+        out.append(Trial(probe, p.name, p.box, cfg.fill, m.reshape(s.n, -1).any(axis=1), m, p.area, p.where))
+    return out
+
+
 class PlaceOcclusion(Probe):
     name = "place"
     family = Family.REGION
     is_place = True
 
     def trials(self, s: Sample, cfg: Config) -> list[Trial]:
-        out = []
-        for p in s.places:
-            m = np.broadcast_to(p.mask, (s.n, *p.mask.shape))
-            m = m & ~s.masks if s.masks is not None else m
-            out.append(Trial(self, p.name, p.box, cfg.fill, m.reshape(s.n, -1).any(axis=1), m, p.area, p.where))
-        return out
+        return occlusion_trials(self, s, cfg, lambda p: np.broadcast_to(p.mask, (s.n, *p.mask.shape)))
 
     def edit(self, t: Trial, s: Sample, rows: np.ndarray) -> np.ndarray:
         return occlude(s.images[rows], t.mask[rows], t.fill)

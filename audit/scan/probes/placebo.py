@@ -21,6 +21,7 @@ import numpy as np
 from audit.scan.config import Config
 from audit.scan.probes.base import Family, Probe, Sample, Trial
 from audit.scan.probes.edits import occlude
+from audit.scan.probes.place import occlusion_trials
 
 
 def box_shape(place_mask: np.ndarray) -> tuple[int, int]:
@@ -65,12 +66,7 @@ class PlaceboOcclusion(Probe):
     screened = False  # runs with its place on the whole sample, never on the screening images alone
 
     def trials(self, s: Sample, cfg: Config) -> list[Trial]:
-        out = []
-        for p in s.places:
-            m = random_boxes(p.mask, s.n, zlib.crc32(p.name.encode()))
-            m = m & ~s.masks if s.masks is not None else m
-            out.append(Trial(self, p.name, p.box, cfg.fill, m.reshape(s.n, -1).any(axis=1), m, p.area, p.where))
-        return out
+        return occlusion_trials(self, s, cfg, lambda p: random_boxes(p.mask, s.n, zlib.crc32(p.name.encode())))
 
     def edit(self, t: Trial, s: Sample, rows: np.ndarray) -> np.ndarray:
         return occlude(s.images[rows], t.mask[rows], t.fill)
