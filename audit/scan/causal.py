@@ -20,7 +20,7 @@ import numpy as np
 
 from audit.scan.config import Config
 from audit.scan.probes import PROBES, CausalResult, Sample, causal_tests, extra_forwards
-from audit.scan.probes.colour import ColourTransplant, colour_transplant
+from audit.scan.probes.colour import colour_transplant
 from audit.scan.probes.edits import Levels, remove_objects, spare_masks
 from audit.scan.probes.places import place_bank
 from audit.scan.probes.run import CHUNK
@@ -354,7 +354,7 @@ class _Grow:
     def _grow_colour(self, plan: TestPlan, t) -> bool:
         """The colour transplant ``t`` undecided: give the group's colours to the rest of the pool's
         images of other classes (``cfg.donors`` across classes; ``cfg.recipients`` had them first)."""
-        if t.probe != ColourTransplant.name or self.pool.recipients is None:
+        if not t.spec.edits_others or self.pool.recipients is None:
             return False
         rec = self.pool.recipients.for_class(plan.class_id, self.cfg.replace(recipients=self.cfg.donors))
         if rec is None or len(rec.images) < t.n + self.cfg.min_recipients:
