@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/causal.py                     # 10,000 images, 4 classes, 3 rounds: about 2 minutes
     .venv/bin/python bench/causal.py --images 2000       # quicker
+    .venv/bin/python bench/causal.py --arch mobilenetv2 --size 96   # a real-size model (about 2 minutes a round)
 
 The job's model time is the Explainer (Grad-CAM and Grad-CAM++, one compiled
 forward+backward pass per batch of 32, as ``audit run`` computes it) over
@@ -130,6 +131,10 @@ def main(argv=None) -> int:
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--batch", type=int, default=32, help="images per model call, the job's and the tests' alike")
     p.add_argument("--seed", type=int, default=0, help="the network's random weights")
+    p.add_argument("--arch", choices=("zoo", "mobilenetv2"), default="zoo",
+                   help="zoo: the zoo's tiny network; mobilenetv2: keras.applications.MobileNetV2 (weights=None), "
+                   "a model whose forward pass costs what a real audit's does")
+    p.add_argument("--size", type=int, default=64, help="image side in pixels")
     args = p.parse_args(argv)
     import keras
 
@@ -138,9 +143,11 @@ def main(argv=None) -> int:
     from audit.zoo.train import build_model
 
     keras.utils.set_random_seed(args.seed)  # random weights decide which places flip: the same model every run
-    model = build_model(args.classes)
-    x, masks = images_and_masks(args.images)
-    x[64:64 + DEFAULT.sample, 52:, 52:] = 255  # class 0's sample carries the tag
+    model = build_model(args.classes, side=args.size) if args.arch == "zoo" else keras.applications.MobileNetV2(
+        weights=None, input_shape=(args.size, args.size, 3), classes=args.classes)
+    x, masks = images_and_masks(args.images, size=args.size)
+    corner = int(0.81 * args.size)
+    x[64:64 + DEFAULT.sample, corner:, corner:] = 255  # class 0's sample carries the tag
     # the edits added last (identity-keeping edits, placebo occlusions): their share of the cost
     older = [p for p in PROBES.values() if not (p.keeps_identity or getattr(p, "is_placebo", False))]
     ratios, older_ratios = [], []
@@ -157,7 +164,7 @@ def main(argv=None) -> int:
               f"{fw / args.images:.3f} per image): ratio {ratios[-1][0]:.3f} CPU, {ratios[-1][1]:.3f} wall; "
               f"without the identity edits and placebos {old.cpu:5.1f} s CPU ({fw_old} forward passes): ratio "
               f"{older_ratios[-1][0]:.3f} CPU, {older_ratios[-1][1]:.3f} wall", flush=True)
-    print(f"images {args.images}, classes {args.classes} (tested {tested}), sample {DEFAULT.sample}, batch "
+    print(f"{args.arch} at {args.size} px; images {args.images}, classes {args.classes} (tested {tested}), sample {DEFAULT.sample}, batch "
           f"{args.batch}, budget {max(DEFAULT.budget_floor, int(DEFAULT.budget * args.images))} forward passes; "
           f"load average {min(load):.1f}-{max(load):.1f} on {os.cpu_count()} CPUs")
     med = lambda rs, k: float(np.median([r[k] for r in rs]))  # noqa: E731
