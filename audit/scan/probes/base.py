@@ -235,12 +235,12 @@ class Probe:
     grows = True  # sequential testing may grow its sample (not a rate on other classes' recipients)
     edits_others = False  # gives this class's attribute to other classes' images, taking theirs (their cues) away
     removed_by = ""  # the registry name of the probe whose edit takes its cue away ("": its own)
+    is_placebo = False  # a place's box at random places: the rate a place must clear
+    screened = True  # runs on the screening images first (False: only after, on the whole sample)
 
     def rule(self, cfg: Config) -> Config | None:
         """Its own thresholds (``cue_flip_min``, ``cue_specific_min``) where the verdict's are not its own."""
         return None
-    is_placebo = False  # a place's box at random places: the rate a place must clear
-    screened = True  # runs on the screening images first (False: only after, on the whole sample)
 
     def trials(self, s: Sample, cfg: Config) -> list[Trial]:
         """The trials of this probe on a sample (none when it does not apply)."""

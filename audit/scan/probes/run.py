@@ -79,8 +79,8 @@ def causal_tests(predict_fn, s: Sample, cfg: Config = DEFAULT, probes=None, chun
     first = np.arange(n) < (cfg.screen if 0 < cfg.screen < n else n)
     run = _Runner(predict_fn, s, chunk)
     none = np.zeros(n, bool)
-    run.stage(trials, [t.sel & first if t.probe.screened else none for t in trials])  # stage 1: the first images
     screened = [t.probe.screened for t in trials]
+    run.stage(trials, [t.sel & first if k else none for t, k in zip(trials, screened)])  # stage 1: the first images
     rest = [t.sel & ~first if g and k else none for t, g, k in zip(trials, go_on(trials, cfg), screened)]
     run.stage(trials, rest)  # stage 2: the promising trials on the rest
     # stage 2b: the trials never screened (the placebos) where their rule holds now, on the whole sample
