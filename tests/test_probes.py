@@ -10,7 +10,7 @@ import pytest
 
 from audit.errors import AuditError
 from audit.scan.config import DEFAULT, Config
-from audit.scan.interval import pct_interval, side, wilson
+from audit.scan.interval import difference, pct_interval, side, wilson
 from audit.scan.probes import PROBES, TEST_VALUES, Family, Sample, causal_tests, remove_cue
 from audit.scan.probes.edits import occlude, replace_background, spare_masks, transform
 from audit.scan.probes.places import place_bank
@@ -111,6 +111,21 @@ def test_wilson_known_values(k, n, low, high):
     h = z / (1 + z * z / n) * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
     assert lo == pytest.approx(max(0.0, c - h), abs=1e-12) and hi == pytest.approx(min(1.0, c + h), abs=1e-12)
     assert (lo, hi) == (pytest.approx(low, abs=1e-4), pytest.approx(high, abs=1e-4))
+
+
+@pytest.mark.parametrize("k1, n1, k2, n2, low, high", [  # Newcombe (1998), Table II, method 10
+    (56, 70, 48, 80, 0.0524, 0.3339),
+    (9, 10, 3, 10, 0.1705, 0.8090),
+    (6, 7, 2, 7, 0.0582, 0.8062),
+    (5, 56, 0, 29, -0.0381, 0.1926),
+    (0, 10, 0, 20, -0.1611, 0.2775),
+])
+def test_difference_interval_is_newcombes(k1, n1, k2, n2, low, high):
+    lo, hi = difference(k1, n1, k2, n2)
+    assert (lo, hi) == (pytest.approx(low, abs=1e-4), pytest.approx(high, abs=1e-4))
+    w1, w2 = wilson(k1, n1), wilson(k2, n2)
+    assert lo >= w1[0] - w2[1] - 1e-12  # never wider than the far ends subtracted (equal where one side is 0)
+    assert all(math.isnan(v) for v in difference(1, 0, 1, 2))
 
 
 def test_wilson_edges_and_side():

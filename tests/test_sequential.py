@@ -1,5 +1,6 @@
 """Sequential testing: an identity-keeping edit undecided because of its placebo grows the placebo's sample."""
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -105,10 +106,80 @@ def test_an_undecided_colour_transplant_takes_the_rest_of_the_pool():
     pool = causal.Pool(recipients=causal.Recipients(others, redness(others)))
     plan = causal.TestPlan(0, None, tuple(f"0/{i}" for i in range(32)))
     g = _Grow(iv, [], pool, (8, 8), {}, False, DEFAULT, out, 0, {(0, None): plan})
-    assert g._grow_colour(plan, t)
+    assert g._grow_transplant(plan, t)
     grown = out.results[(0, None)].tests[0]
     # the 32 recipients after the first 16 all turn red (their control, each other's colours, none): +32
     assert (grown.n, grown.k, grown.transplant_n) == (48, 42, 48) and grown.flip_rate == 42 / 48
     assert iv.forwards == 2 * 32 and out.extended == 1
-    assert not g._grow_colour(plan, grown)  # no recipients left
+    assert not g._grow_transplant(plan, grown)  # no recipients left
     assert not g._grow_placebo(0, grown)  # a transplant's placebo does not grow with the class's images
+
+
+def test_the_other_class_colour_transplant_grows_to_the_judged_class_recipients():
+    """A colour transplant is judged against the other class's own colour transplant: where that one
+    had 16 recipients against this one's 52, it takes 36 more of the pool's (its interval narrows)."""
+    rng = np.random.default_rng(1)
+    dull = rng.integers(40, 110, (32, 8, 8, 3)).astype(np.uint8)  # class 1's sample
+    red = np.zeros((60, 8, 8, 3), np.uint8)
+    red[..., 0] = rng.integers(170, 230, (60, 8, 8))  # the pool's images of class 0
+    own = PlaceFlip("transplant", "image:colour-transplant", None, "colour-transfer", 52, 27 / 52, 1.0, 27 / 52, 52,
+                    probe="colour-transplant", k=27, to_class=0)
+    other = replace_flip(own, n=16, k=1)
+    iv = ColourIntervener(dull)
+    out = CausalTests(results={(0, None): CausalResult(32, [own]), (1, None): CausalResult(32, [other])}, budget=10_000)
+    pool = causal.Pool(recipients=causal.Recipients(np.concatenate([red, dull]), redness(np.concatenate([red, dull]))))
+    plans = {(c, None): causal.TestPlan(c, None, tuple(f"{c}/{i}" for i in range(32))) for c in (0, 1)}
+    g = _Grow(iv, [], pool, (8, 8), {}, False, DEFAULT, out, 0, plans)
+    assert g._grow_placebo(0, own)
+    grown = out.results[(1, None)].tests[0]
+    # class 1's dull colours given to 36 more red images turn them all into class 1; the control none
+    assert (grown.n, grown.k, grown.transplant_n) == (52, 37, 52) and iv.forwards == 2 * 36
+    assert not g._grow_placebo(0, own)  # as many recipients as the judged class now
+
+
+def replace_flip(t: PlaceFlip, n: int, k: int) -> PlaceFlip:
+    from dataclasses import replace
+
+    return replace(t, n=n, k=k, flip_rate=k / n, transplant=k / n, transplant_n=n)
+
+
+@dataclass
+class Maps:
+    class_id: int
+    grids: np.ndarray
+    map_ids: list
+
+
+def border_redness(images) -> np.ndarray:
+    """Class 0 when the 3-pixel border's red mean is over 128, else 1 (a model that reads the background)."""
+    x = np.asarray(images, np.float64)[..., 0]
+    ring = np.ones(x.shape[1:], bool)
+    ring[3:-3, 3:-3] = False
+    return np.where(x[:, ring].mean(axis=1) > 128, 0, 1)
+
+
+def test_an_undecided_background_transplant_takes_the_rest_of_the_pool():
+    rng = np.random.default_rng(2)
+    sample = np.full((32, 16, 16, 3), 90, np.uint8)
+    sample[..., 0] = 210  # class 0: red backgrounds ...
+    sample[:, 5:11, 5:11] = 60  # ... around a grey object in the middle
+    rec = rng.integers(40, 110, (48, 16, 16, 3)).astype(np.uint8)  # other classes' dull images: class 1
+    hot = np.zeros((48, 16, 16), bool)
+    hot[:, 4:12, 4:12] = True
+    grids = np.zeros((32, 8, 8), np.float32)
+    grids[:, 3:5, 3:5] = 1.0  # each sample image's map: hot in the middle
+    ids = tuple(f"0/{i}" for i in range(32))
+    t = PlaceFlip("transplant", "background", None, "pasted", 16, 6 / 16, math.nan, 6 / 16, 16,
+                  probe="background-transplant", k=6)
+    iv = ColourIntervener(sample)
+    iv.predict = lambda images: (setattr(iv, "forwards", iv.forwards + len(images)), border_redness(images))[1]
+    out = CausalTests(results={(0, None): CausalResult(32, [t])}, budget=10_000)
+    pool = causal.Pool(recipients=causal.Recipients(rec, border_redness(rec), hot=hot))
+    plan = causal.TestPlan(0, None, ids)
+    g = _Grow(iv, [Maps(0, grids, list(ids))], pool, (16, 16), {}, False, DEFAULT, out, 0, {(0, None): plan})
+    assert (border_redness(rec) == 1).all() and (border_redness(sample) == 0).all()
+    assert g._grow_transplant(plan, t)
+    grown = out.results[(0, None)].tests[0]
+    # the 32 recipients after the first 16 get the red background around their hot areas: all turn (+32)
+    assert (grown.n, grown.k) == (48, 38) and grown.flip_rate == 38 / 48 and iv.forwards == 2 * 32
+    assert not g._grow_transplant(plan, grown)  # no recipients left

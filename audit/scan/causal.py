@@ -20,7 +20,6 @@ import numpy as np
 
 from audit.scan.config import Config
 from audit.scan.probes import PROBES, CausalResult, Sample, causal_tests, extra_forwards
-from audit.scan.probes.colour import colour_transplant
 from audit.scan.probes.edits import Levels, remove_objects, spare_masks
 from audit.scan.probes.places import place_bank
 from audit.scan.probes.run import CHUNK
@@ -308,7 +307,7 @@ class _Grow:
             v = self._verdict(plan, res)
             if v is None or v.undecided is None or v.undecided.spec.sufficiency:
                 return  # decided
-            if self._grow_placebo(plan.class_id, v.undecided) or self._grow_colour(plan, v.undecided):
+            if self._grow_placebo(plan.class_id, v.undecided) or self._grow_transplant(plan, v.undecided):
                 continue
             if not v.undecided.spec.grows or len(plan.ids) >= min(self.cfg.sequential_max, len(plan.pool)):
                 return  # more images of the group cannot decide (a transplant's recipients), or no more
@@ -326,9 +325,10 @@ class _Grow:
             self.plans[key] = plan
 
     def _grow_placebo(self, class_id: int, t) -> bool:
-        """Test the identity-keeping edit ``t`` on more images of the other class it flips most, where
-        that class ran it on fewer images than ``t``; False when there is nothing to grow or no budget."""
-        if not (t.spec.keeps_identity and t.spec.grows):
+        """Test the identity-keeping edit ``t`` on more images of the other class it flips most (a
+        transplant: on more of that class's recipients), where that class ran it on fewer images than
+        ``t``; False when there is nothing to grow or no budget."""
+        if not t.spec.keeps_identity or not (t.spec.grows or t.spec.more_recipients):
             return False
         others = [(k, o) for k, r in self.out.results.items() if k[0] != class_id and k[1] is None
                   for o in r.tests if o.place == t.place and o.probe == t.probe and o.n]
@@ -338,6 +338,8 @@ class _Grow:
         other = self.plans.get(key)
         if other is None or top.n >= t.n:
             return False
+        if not t.spec.grows:
+            return self._grow_transplant(other, top, t.n - top.n)
         taken = set(other.ids)
         more = [i for i in other.pool if i not in taken][:t.n - top.n]
         edits = sum(o.probe == t.probe for o in self.out.results[key].tests)  # the probe runs all of its edits
@@ -351,22 +353,21 @@ class _Grow:
         self.plans[key] = replace(other, ids=tuple(sorted(taken | set(more))))
         return True
 
-    def _grow_colour(self, plan: TestPlan, t) -> bool:
-        """The colour transplant ``t`` undecided: give the group's colours to the rest of the pool's
-        images of other classes (``cfg.donors`` across classes; ``cfg.recipients`` had them first)."""
-        if not t.spec.edits_others or self.pool.recipients is None:
+    def _grow_transplant(self, plan: TestPlan, t, want: int | None = None) -> bool:
+        """The transplant ``t`` (a probe with ``more_recipients``: the colour or the background
+        transplant) given to the next ``want`` (default: all the rest) of the pool's images of other
+        classes (``cfg.donors`` across classes; ``cfg.recipients`` had it first), its counts added."""
+        if not t.spec.more_recipients or self.pool.recipients is None:
             return False
         rec = self.pool.recipients.for_class(plan.class_id, self.cfg.replace(recipients=self.cfg.donors))
         if rec is None or len(rec.images) < t.n + self.cfg.min_recipients:
             return False
-        rest = Recipients(rec.images[t.n:], rec.base[t.n:])
+        rest = rec.rows(t.n, None if want is None else t.n + max(want, self.cfg.min_recipients))
         if self.intervener.forwards - self.start + 2 * len(rest.images) > self.out.budget:
             return False
-        loaded = self.intervener.call(self.intervener.load, plan.ids)
-        if loaded is None:
-            return False
-        tr = self.intervener.call(colour_transplant, self.intervener.predict, loaded[0], rest, plan.class_id,
-                                  CHUNK)
+        s = _sample(self.intervener, self.results, plan, self.pool, self.size, self.regions, self.masked, self.cfg)
+        tr = None if s is None else self.intervener.call(t.spec.transplant_into, self.intervener.predict, s, rest,
+                                                         CHUNK)
         if tr is None:
             return False
         key = (plan.class_id, plan.cluster)

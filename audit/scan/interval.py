@@ -2,7 +2,9 @@
 
 Pure functions (no NumPy needed): :func:`wilson` is the Wilson score
 interval of a binomial proportion (Wilson 1927; Brown, Cai and DasGupta
-2001 recommend it over the normal approximation for small ``n``), and
+2001 recommend it over the normal approximation for small ``n``),
+:func:`difference` the interval of the difference of two such rates
+(Newcombe 1998, his method 10: each rate's Wilson interval, combined), and
 :func:`side` says where an interval lies against a threshold.
 """
 
@@ -37,6 +39,32 @@ def wilson(k: int, n: int, z: float = Z95) -> tuple[float, float]:
     half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
     d = 1 + z2 / n
     return max(0.0, (centre - half) / d), min(1.0, (centre + half) / d)
+
+
+def difference(k1: int, n1: int, k2: int, n2: int, z: float = Z95) -> tuple[float, float]:
+    """The 95% interval of ``k1/n1 - k2/n2`` (Newcombe's hybrid score interval), NaN when either ``n`` is 0.
+
+    Subtracting one interval's far end from the other's near end would add the two half-widths (a
+    far wider interval than the difference has); Newcombe combines them in quadrature, each side with
+    its own Wilson interval, and keeps the interval's coverage close to 95% on small samples.
+
+    Args:
+        k1, n1: successes and trials of the first rate.
+        k2, n2: of the second.
+        z: the normal quantile (default: two-sided 95%).
+
+    Returns:
+        ``(low, high)`` within -1..1.
+    """
+    if n1 <= 0 or n2 <= 0:
+        return math.nan, math.nan
+    p1, p2 = k1 / n1, k2 / n2
+    l1, u1 = wilson(k1, n1, z)
+    l2, u2 = wilson(k2, n2, z)
+    d = p1 - p2
+    low = d - math.sqrt((p1 - l1) ** 2 + (u2 - p2) ** 2)
+    high = d + math.sqrt((u1 - p1) ** 2 + (p2 - l2) ** 2)
+    return max(-1.0, low), min(1.0, high)
 
 
 def side(low: float, high: float, threshold: float) -> int:

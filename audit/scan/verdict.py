@@ -25,7 +25,7 @@ from statistics import median
 
 from audit.scan.config import BORDER_AREA, DEFAULT, Config
 from audit.scan.features import GroupFeatures, Place
-from audit.scan.interval import side
+from audit.scan.interval import difference, side
 from audit.scan.probes import CausalResult, PlaceFlip, Where
 from audit.scan.probes.background import OtherBackground
 from audit.scan.robust import fixed_place_score
@@ -253,10 +253,12 @@ def transforms_count(causal: CausalResult, others: dict, cfg: Config = DEFAULT, 
                    and (flat_ok or not t.spec.background_only)]
 
 
-def place_flip_score(flip: float, others: float, cfg: Config = DEFAULT, placebo: float = math.nan) -> float:
+def place_flip_score(flip: float, others: float, cfg: Config = DEFAULT, placebo: float = math.nan,
+                     gap: float = math.nan) -> float:
     """0.5 x min(flip / need, (flip - others) / cue_specific_min), clipped to 0..1, where ``need`` is
     ``cue_flip_min`` or, where it is higher, the ``placebo`` rate measured on the class's own images
-    (the place's box at random places) plus ``placebo_margin``.
+    (the place's box at random places) plus ``placebo_margin``; ``gap``, where given, stands for
+    ``flip - others`` (an end of the difference's own interval: :func:`gap_end`).
 
     0.5 exactly when the place flips ``cue_flip_min`` of the class and ``cue_specific_min`` more than
     it flips the other classes; 1 at twice both.  A place at or under its placebo scores under 0.5.
@@ -264,7 +266,7 @@ def place_flip_score(flip: float, others: float, cfg: Config = DEFAULT, placebo:
     if not finite(flip):
         return 0.0
     need = max(cfg.cue_flip_min, placebo + cfg.placebo_margin) if finite(placebo) else cfg.cue_flip_min
-    spec = flip - (others if finite(others) else 0.0)
+    spec = gap if finite(gap) else flip - (others if finite(others) else 0.0)
     score = clip01(0.5 * min(flip / need, spec / cfg.cue_specific_min))
     if finite(placebo) and not flip > placebo + cfg.placebo_margin:  # not clear of it: under 0.5
         score = min(score, math.nextafter(0.5, 0.0))
@@ -284,11 +286,13 @@ def placebo_end(t: PlaceFlip, causal: CausalResult, mode: int = 0) -> float:
 
 class OthersRates(dict):
     """{place: the other classes' flip rate of the place}; ``bounds`` {place: (low, high)}: the 95% interval
-    of that rate where it is one class's (the identity-keeping edits)."""
+    of that rate where it is one class's (the identity-keeping edits), ``counts`` {place: (k, n)} its
+    flips and images."""
 
-    def __init__(self, rates: dict, bounds: dict | None = None):
+    def __init__(self, rates: dict, bounds: dict | None = None, counts: dict | None = None):
         super().__init__(rates)
         self.bounds = bounds or {}
+        self.counts = counts or {}
 
 
 def placebo_rates(results: list) -> OthersRates:
@@ -301,14 +305,26 @@ def placebo_rates(results: list) -> OthersRates:
         for t in res.places + res.transforms:  # keyed by place: the same edit on other classes
             if finite(t.flip_rate):
                 rates.setdefault(t.place, []).append(t)
-    out, bounds = {}, {}
+    out, bounds, counts = {}, {}, {}
     for p, ts in rates.items():
         if ts[0].spec.keeps_identity:
             top = max(ts, key=lambda t: t.flip_rate)
-            out[p], bounds[p] = float(top.flip_rate), (top.low, top.high)
+            out[p], bounds[p], counts[p] = float(top.flip_rate), (top.low, top.high), (top.k, top.n)
         else:
             out[p] = float(median([t.flip_rate for t in ts]))
-    return OthersRates(out, bounds)
+    return OthersRates(out, bounds, counts)
+
+
+def gap_end(t: PlaceFlip, others: dict, mode: int) -> float:
+    """How much more an identity-keeping edit flips this class than the other class it flips most, at
+    the end of the difference's 95% interval (:func:`audit.scan.interval.difference`) least favourable to a
+    flag under ``mode`` -1, the most favourable under +1; NaN under mode 0, for other tests or without counts
+    (then the rates' own ends are subtracted)."""
+    k2, n2 = getattr(others, "counts", {}).get(t.place, (0, 0))
+    if mode == 0 or not t.spec.keeps_identity or not (t.n and n2):
+        return math.nan
+    low, high = difference(t.k, t.n, k2, n2)
+    return low if mode < 0 else high
 
 
 def others_rate(t: PlaceFlip, others: dict, mode: int = 0) -> float:
@@ -348,7 +364,7 @@ def causal_cue(causal: CausalResult | None, others: dict | None = None, cfg: Con
     rule = {id(t): t.spec.rule(cfg) or (same if t.spec.keeps_identity else whole if t.spec.whole_image else cfg)
             for t in tests}
     cands = [(place_flip_score(toward(t, mode), others_rate(t, others, mode), rule[id(t)],
-                               placebo_end(t, causal, mode)), t)
+                               placebo_end(t, causal, mode), gap_end(t, others, mode)), t)
              for t in tests if place_eligible(t, causal, cfg, density, fixed_hot)]
     refuted = [c for c in cands if c[0] >= 0.5 and transplant_refutes(c[1], cfg)]
     cands = [c for c in cands if not transplant_refutes(c[1], cfg)]

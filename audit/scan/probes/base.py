@@ -237,6 +237,7 @@ class Probe:
     removed_by = ""  # the registry name of the probe whose edit takes its cue away ("": its own)
     is_placebo = False  # a place's box at random places: the rate a place must clear
     screened = True  # runs on the screening images first (False: only after, on the whole sample)
+    more_recipients = False  # sequential testing may give its transplant more recipients (transplant_into)
 
     def rule(self, cfg: Config) -> Config | None:
         """Its own thresholds (``cue_flip_min``, ``cue_specific_min``) where the verdict's are not its own."""
@@ -261,6 +262,11 @@ class Probe:
     def follow_up(self, predict_fn, trials: list, s: Sample, cfg: Config, chunk: int) -> list[Trial]:
         """A stage after the screening and the rest (the transplants); new trials or []."""
         return []
+
+    def transplant_into(self, predict_fn, s: Sample, recipients, chunk: int):
+        """Its transplant from the sample ``s`` into ``recipients`` (a ``Transplant``), for the probes with
+        ``more_recipients``; None where there is none."""
+        return None
 
     def result(self, t: Trial, s: Sample, cfg: Config) -> PlaceFlip:
         """The trial's row."""

@@ -67,11 +67,15 @@ class ColourTransplant(Probe):
     grows = False  # its rate is on the recipients: more images of the class do not change it
     edits_others = True  # the recipients lose their own colours: a frame's or a tint's, another class's cue
     removed_by = "colour"  # the whole image's grey-world colours and typical levels take such a cue away
+    more_recipients = True
+
+    def transplant_into(self, predict_fn, s: Sample, recipients, chunk: int) -> Transplant | None:
+        if recipients is None or s.target is None:
+            return None
+        return colour_transplant(predict_fn, s.images, recipients, int(s.target), chunk)
 
     def follow_up(self, predict_fn, trials: list, s: Sample, cfg: Config, chunk: int) -> list[Trial]:
-        if s.recipients is None or s.target is None:
-            return []
-        tr = colour_transplant(predict_fn, s.images, s.recipients, int(s.target), chunk)
+        tr = self.transplant_into(predict_fn, s, s.recipients, chunk)
         if tr is None:
             return []
         return [Trial(self, self.place, None, "colour-transfer", np.zeros(s.n, bool), transplant=tr,

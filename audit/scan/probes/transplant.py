@@ -63,6 +63,12 @@ class Recipients:
         return Recipients(self.images[rows], base[rows], None if self.keep is None else self.keep[rows],
                           None if self.hot is None else self.hot[rows])
 
+    def rows(self, start: int, stop: int | None = None) -> Recipients:
+        """The recipients ``start:stop`` (sequential testing takes the next ones)."""
+        cut = slice(start, stop)
+        return Recipients(self.images[cut], np.asarray(self.base)[cut], None if self.keep is None else self.keep[cut],
+                          None if self.hot is None else self.hot[cut])
+
     def spots(self, masks: np.ndarray, avoid: np.ndarray | None = None) -> np.ndarray:
         """(K, H, W) each recipient's pixels to paste: ``masks`` (N, H, W) taken in turn, less ``avoid``
         (default: the kept pixels)."""
@@ -169,13 +175,20 @@ class BackgroundTransplant(Probe):
     family = Family.TRANSPLANT
     where = Where.BACKGROUND
     sufficiency = True
+    grows = False  # its rate is on the recipients: more images of the class do not change it
+    more_recipients = True
+
+    def transplant_into(self, predict_fn, s: Sample, recipients, chunk: int) -> Transplant | None:
+        if s.masks is not None or s.spare is None or s.target is None:
+            return None
+        return transplant_background(predict_fn, s.images, s.spare, recipients, int(s.target), chunk)
 
     def follow_up(self, predict_fn, trials: list, s: Sample, cfg: Config, chunk: int) -> list[Trial]:
         obj = next((t for t in trials if t.probe.removes_object), None)
-        if s.masks is not None or s.spare is None or s.recipients is None or s.target is None or obj is None \
-                or len(obj.flips) < cfg.min_rate_n or obj.clearly_above(cfg.background_object_max):
+        if s.recipients is None or obj is None or len(obj.flips) < cfg.min_rate_n \
+                or obj.clearly_above(cfg.background_object_max):
             return []
-        tr = transplant_background(predict_fn, s.images, s.spare, s.recipients, int(s.target), chunk)
+        tr = self.transplant_into(predict_fn, s, s.recipients, chunk)
         if tr is None:
             return []
         return [Trial(self, "background", None, "pasted", np.zeros(s.n, bool), transplant=tr, where=self.where)]
