@@ -305,7 +305,7 @@ class _Grow:
         while True:
             res = self.out.results[key]
             v = self._verdict(plan, res)
-            if v is None or v.undecided is None or v.undecided.spec.sufficiency:
+            if v is None or v.undecided is None:
                 return  # decided
             if self._grow_placebo(plan.class_id, v.undecided) or self._grow_transplant(plan, v.undecided):
                 continue
@@ -356,15 +356,15 @@ class _Grow:
     def _grow_transplant(self, plan: TestPlan, t, want: int | None = None) -> bool:
         """The transplant ``t`` (a probe with ``more_recipients``: the colour or the background
         transplant) given to the next ``want`` (default: all the rest) of the pool's images of other
-        classes (``cfg.donors`` across classes; ``cfg.recipients`` had it first), its counts added."""
+        classes (``cfg.donors`` across classes; ``cfg.recipients`` had it first), its counts added.  It
+        runs even when the budget is spent: the pool bounds its cost (two forward passes a recipient)."""
         if not t.spec.more_recipients or self.pool.recipients is None:
             return False
         rec = self.pool.recipients.for_class(plan.class_id, self.cfg.replace(recipients=self.cfg.donors))
         if rec is None or len(rec.images) < t.n + self.cfg.min_recipients:
             return False
+        # no budget check: the pool bounds it (at most 2 x cfg.donors forward passes a test, a few seconds)
         rest = rec.rows(t.n, None if want is None else t.n + max(want, self.cfg.min_recipients))
-        if self.intervener.forwards - self.start + 2 * len(rest.images) > self.out.budget:
-            return False
         s = _sample(self.intervener, self.results, plan, self.pool, self.size, self.regions, self.masked, self.cfg)
         tr = None if s is None else self.intervener.call(t.spec.transplant_into, self.intervener.predict, s, rest,
                                                          CHUNK)
