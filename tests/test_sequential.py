@@ -108,10 +108,13 @@ def test_an_undecided_colour_transplant_takes_the_rest_of_the_pool():
     g = _Grow(iv, [], pool, (8, 8), {}, False, DEFAULT, out, 0, {(0, None): plan})
     assert g._grow_transplant(plan, t)
     grown = out.results[(0, None)].tests[0]
-    # the 32 recipients after the first 16 all turn red (their control, each other's colours, none): +32
-    assert (grown.n, grown.k, grown.transplant_n) == (48, 42, 48) and grown.flip_rate == 42 / 48
-    assert iv.forwards == 2 * 32 and out.extended == 1
-    assert not g._grow_transplant(plan, grown)  # no recipients left
+    # its recipients double: the 16 after the first 16 all turn red (their control, each other's colours, none)
+    assert (grown.n, grown.k, grown.transplant_n) == (32, 26, 32) and grown.flip_rate == 26 / 32
+    assert iv.forwards == 2 * 16 and out.extended == 1
+    assert g._grow_transplant(plan, grown)  # the pool's last 16
+    grown = out.results[(0, None)].tests[0]
+    assert (grown.n, grown.k) == (48, 42) and iv.forwards == 2 * 32
+    assert not g._grow_transplant(plan, grown)  # no recipients left (and none past the pool)
     assert not g._grow_placebo(0, grown)  # a transplant's placebo does not grow with the class's images
 
 
@@ -178,8 +181,35 @@ def test_an_undecided_background_transplant_takes_the_rest_of_the_pool():
     plan = causal.TestPlan(0, None, ids)
     g = _Grow(iv, [Maps(0, grids, list(ids))], pool, (16, 16), {}, False, DEFAULT, out, 0, {(0, None): plan})
     assert (border_redness(rec) == 1).all() and (border_redness(sample) == 0).all()
-    assert g._grow_transplant(plan, t)
+    assert g._grow_transplant(plan, t, want=32)
     grown = out.results[(0, None)].tests[0]
     # the 32 recipients after the first 16 get the red background around their hot areas: all turn (+32)
     assert (grown.n, grown.k) == (48, 38) and grown.flip_rate == 38 / 48 and iv.forwards == 2 * 32
     assert not g._grow_transplant(plan, grown)  # no recipients left
+
+
+def test_a_transplant_grows_past_the_pool_up_to_sequential_max_loading_the_rest_once():
+    rng = np.random.default_rng(3)
+    red = np.zeros((32, 8, 8, 3), np.uint8)
+    red[..., 0] = rng.integers(170, 230, (32, 8, 8))
+    pool_imgs = rng.integers(40, 110, (24, 8, 8, 3)).astype(np.uint8)
+    past = rng.integers(40, 110, (200, 8, 8, 3)).astype(np.uint8)
+    loads = []
+
+    def more():
+        loads.append(1)
+        return causal.Recipients(past, redness(past))
+
+    t = PlaceFlip("transplant", "image:colour-transplant", None, "colour-transfer", 16, 9 / 16, 1.0, 9 / 16, 16,
+                  probe="colour-transplant", k=9, to_class=0)
+    iv = ColourIntervener(red)
+    out = CausalTests(results={(0, None): CausalResult(32, [t])}, budget=0)  # the budget is spent
+    pool = causal.Pool(recipients=causal.Recipients(pool_imgs, redness(pool_imgs)))
+    plan = causal.TestPlan(0, None, tuple(f"0/{i}" for i in range(32)))
+    g = _Grow(iv, [], pool, (8, 8), {}, False, DEFAULT, out, 0, {(0, None): plan}, more)
+    sizes = []
+    while g._grow_transplant(plan, out.results[(0, None)].tests[0]):
+        sizes.append(out.results[(0, None)].tests[0].n)
+    assert sizes == [32, 64, 128] and loads == [1]  # doubling; the images past the pool loaded once
+    last = out.results[(0, None)].tests[0]
+    assert last.k == 9 + 112 and iv.forwards == 2 * 112  # every new recipient turned red; its control none

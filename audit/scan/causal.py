@@ -160,18 +160,33 @@ def _pool(intervener, view, use_masks: bool, cfg: Config, results=()) -> Pool:
     if not ids:
         return Pool()
     target = dict(zip(ok["image_id"], ok["target"]))
-    images, masks = intervener.load(ids)
-    pool = Pool(target=np.array([target[i] for i in ids]), levels=Levels.of(images))
-    masked = use_masks and masks is not None and masks.any()
-    base = np.asarray(intervener.predict(images))
-    if not masked:
-        pool.recipients = Recipients(images, base, hot=_spare(images.shape[1:3], cfg, grids=maps_of(results, ids)))
+    pool = Pool(target=np.array([target[i] for i in ids]))
+    pool.recipients, images, masks = _load_recipients(intervener, ids, use_masks, cfg, results)
+    pool.levels = Levels.of(images)
+    if pool.recipients.keep is None:
         return pool
-    pool.recipients = Recipients(images, base, keep=_spare(images.shape[1:3], cfg, masks))
     has = masks.reshape(len(masks), -1).any(axis=1)
     pool.density = masks[has].mean(axis=0) if has.any() else None
     pool.backgrounds = remove_objects(images, masks)
     return pool
+
+
+def _load_recipients(intervener, ids: list, use_masks: bool, cfg: Config, results=()) -> tuple:
+    """(the :class:`Recipients` of ``ids``: the images, the model's predictions, with masks their objects
+    grown (``keep``), else their own heatmaps' hot areas (``hot``); the images; the masks)."""
+    images, masks = intervener.load(ids)
+    base = np.asarray(intervener.predict(images))
+    if use_masks and masks is not None and masks.any():
+        return Recipients(images, base, keep=_spare(images.shape[1:3], cfg, masks)), images, masks
+    return Recipients(images, base, hot=_spare(images.shape[1:3], cfg, grids=maps_of(results, ids))), images, masks
+
+
+def _more_recipients(intervener, view, use_masks: bool, cfg: Config, results=()) -> Recipients | None:
+    """The images after the pool's in its deterministic order (``cfg.sequential_max`` more), as recipients
+    for a transplant that sequential testing grows past the pool; None when there are none."""
+    ok = view.df[view.df["status"] == "ok"].drop_duplicates("image_id")["image_id"].tolist()
+    ids = sorted(sample_ids(ok, cfg.donors + cfg.sequential_max) - sample_ids(ok, cfg.donors))
+    return _load_recipients(intervener, ids, use_masks, cfg, results)[0] if ids else None
 
 
 def _spare(size, cfg: Config, masks=None, grids=None):
@@ -273,7 +288,8 @@ def run_tests(intervener, results, view, cfg: Config, use_masks: bool) -> Causal
         out.results[(plan.class_id, plan.cluster)] = res
     out.forwards = intervener.forwards - start
     grow = _Grow(intervener, results, pool, size, view.regions, masked, cfg, out, start,
-                 {(p.class_id, p.cluster): p for p in plans})
+                 {(p.class_id, p.cluster): p for p in plans},
+                 lambda: intervener.call(_more_recipients, intervener, view, use_masks, cfg, results))
     for plan in [p for p in plans if (p.class_id, p.cluster) in out.results]:
         grow.until_decided(plan)
     out.forwards = intervener.forwards - start
@@ -299,6 +315,8 @@ class _Grow:
     out: CausalTests
     start: int
     plans: dict = field(default_factory=dict)  # {(class_id, cluster): TestPlan}, grown samples included
+    more: object = None  # () -> Recipients | None: images past the pool, loaded on first need
+    _extra: object = None  # what ``more`` gave (False: nothing)
 
     def until_decided(self, plan: TestPlan) -> None:
         key = (plan.class_id, plan.cluster)
@@ -355,16 +373,18 @@ class _Grow:
 
     def _grow_transplant(self, plan: TestPlan, t, want: int | None = None) -> bool:
         """The transplant ``t`` (a probe with ``more_recipients``: the colour or the background
-        transplant) given to the next ``want`` (default: all the rest) of the pool's images of other
-        classes (``cfg.donors`` across classes; ``cfg.recipients`` had it first), its counts added.  It
-        runs even when the budget is spent: the pool bounds its cost (two forward passes a recipient)."""
+        transplant) given to the next ``want`` (default: as many as it had, so its recipients double)
+        images of other classes (the pool's, ``cfg.donors`` across classes, then the images past it, up
+        to ``cfg.sequential_max``), its counts added.  It runs even when the budget is spent:
+        ``sequential_max`` bounds its cost (two forward passes a recipient)."""
         if not t.spec.more_recipients or self.pool.recipients is None:
             return False
-        rec = self.pool.recipients.for_class(plan.class_id, self.cfg.replace(recipients=self.cfg.donors))
+        want = t.n if want is None else max(want, self.cfg.min_recipients)
+        rec = self._recipients(plan.class_id, t.n + want)
         if rec is None or len(rec.images) < t.n + self.cfg.min_recipients:
             return False
-        # no budget check: the pool bounds it (at most 2 x cfg.donors forward passes a test, a few seconds)
-        rest = rec.rows(t.n, None if want is None else t.n + max(want, self.cfg.min_recipients))
+        # no budget check: sequential_max bounds it (at most 2 x 128 forward passes a test, a few seconds)
+        rest = rec.rows(t.n, t.n + want)
         s = _sample(self.intervener, self.results, plan, self.pool, self.size, self.regions, self.masked, self.cfg)
         tr = None if s is None else self.intervener.call(t.spec.transplant_into, self.intervener.predict, s, rest,
                                                          CHUNK)
@@ -380,6 +400,17 @@ class _Grow:
         self.out.results[key] = replace(res, tests=[grown if x is same[0] else x for x in res.tests])
         self.out.extended += 1
         return True
+
+    def _recipients(self, class_id: int, n: int) -> Recipients | None:
+        """Up to ``n`` (at most ``cfg.sequential_max``) images of other classes: the pool's, then the
+        images past it (loaded once, when the pool has too few)."""
+        cfg = self.cfg.replace(recipients=min(n, self.cfg.sequential_max))
+        rec = self.pool.recipients.for_class(class_id, cfg)
+        if (rec is not None and len(rec.images) >= cfg.recipients) or self.more is None:
+            return rec
+        if self._extra is None:
+            self._extra = self.more() or False
+        return self.pool.recipients.join(self._extra).for_class(class_id, cfg) if self._extra else rec
 
     def _verdict(self, plan: TestPlan, res: CausalResult):
         r = next((r for r in self.results if r.class_id == plan.class_id), None)

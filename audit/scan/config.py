@@ -51,6 +51,7 @@ class Config:
     min_sample: int = 16  # smallest per-class sample when the cost budget is short
     sequential_max: int = 128  # an undecided group (a rate's 95% interval straddles its threshold) is tested
     #                            on more images, its sample doubling up to this many, while the budget lasts
+    #                            (a transplant: its recipients, past the pool's, up to this many)
     fill: str = "mean"  # fill of the place tests: mean | blur
     budget: float = 0.1  # extra forward passes per audited image at most ...
     budget_floor: int = 2048  # ... but always this many (small jobs)

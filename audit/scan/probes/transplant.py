@@ -63,6 +63,15 @@ class Recipients:
         return Recipients(self.images[rows], base[rows], None if self.keep is None else self.keep[rows],
                           None if self.hot is None else self.hot[rows])
 
+    def join(self, more: Recipients) -> Recipients:
+        """These recipients, then ``more``."""
+        def cat(a, b):
+            return None if a is None or b is None else np.concatenate([a, b])
+
+        return Recipients(np.concatenate([self.images, more.images]),
+                          np.concatenate([np.asarray(self.base), np.asarray(more.base)]),
+                          cat(self.keep, more.keep), cat(self.hot, more.hot))
+
     def rows(self, start: int, stop: int | None = None) -> Recipients:
         """The recipients ``start:stop`` (sequential testing takes the next ones)."""
         cut = slice(start, stop)
