@@ -218,7 +218,7 @@ def test_colour_transplant_is_judged_by_its_own_rule_and_removed_by_the_colour_t
 def test_a_colour_transplant_flags_by_its_own_rule_against_the_placebo(k, placebo, flagged):
     """12 of 16 against the placebo's 1 of 16: the difference's own interval (Newcombe) is 36-88%, clear of
     colour_transplant_specific 0.3 (the rates' far ends subtracted, 51% - 28%, were not); 12 against 3 of 16:
-    22-80%, not clear; 8 of 16: 28-72%, not clear of colour_transplant_min 0.5."""
+    22-80%, not clear; 8 of 16: 28-72%, not clear of colour_transplant_min 0.35."""
     from audit.scan.probes import CausalResult, PlaceFlip, Where
 
     def row(turned):
