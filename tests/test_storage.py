@@ -231,6 +231,60 @@ def test_load_records_from_a_bucket_in_pandas_duckdb_polars(s3, data, tmp_path):
     assert sorted(pdf["image_id"].to_list()) == sorted(df.image_id)
 
 
+@pytest.mark.slow
+def test_scan_and_report_on_a_bucket_output(s3, data, tmp_path, capsys):
+    """audit scan writes summary/ into the bucket (with causal tests reading model and images from
+    it); audit report writes report.html into the bucket, or locally with --out.
+
+    Before the module's Ray starts (``ray_s3``, below): its 12-image job runs in the driver, as
+    ``audit run`` runs it (the same records as on Ray, tests/test_inprocess.py): no actor to start."""
+    import pyarrow.parquet as pq
+
+    import audit
+    from audit.cli import main
+    from audit.runner.job import run_job
+
+    s3.bucket("scanned")
+    out = "s3://scanned/job"
+    s = run_job(_bucket_spec(data, out), progress=False, base_dir=data["dir"])
+    assert s["status"] == "ok"
+    assert main(["scan", out, "--quiet"]) == 0
+    keys = s3.keys("scanned", "job/summary/")
+    assert keys == ["job/summary/classes.parquet", "job/summary/clusters.parquet", "job/summary/interventions.parquet",
+                    "job/summary/scan.json"]
+    classes = pq.read_table(fs.open_input(f"{out}/summary/classes.parquet")).to_pandas()
+    assert sorted(classes.class_name) == ["cat", "dog"] and classes.n.sum() == 12
+    # the causal tests read the model and the images from the bucket (12 images are too few to run them)
+    from audit.scan.intervene import Intervener
+
+    iv = Intervener(out)
+    ids = ["cat/img_001.png", "dog/img_004.png"]
+    images, masks = iv.load(ids)
+    for k, i in enumerate(ids):
+        local = datasets.Item(image_id=i, path="p", file=os.path.join(data["local"]["folder"], i),
+                              mask_file=os.path.join(data["local"]["masks"], i))
+        img, mask, _ = datasets.load_item(local, (16, 16), 10**8)
+        np.testing.assert_array_equal(images[k], img)
+        np.testing.assert_array_equal(masks[k], mask)
+    df = audit.load(out, filters=[("method", "=", "gradcam")])
+    pred = dict(zip(df.image_id, df.pred))
+    assert list(iv.predict(images)) == [pred[i] for i in ids]
+    from audit.data import query  # the report's pictures: originals read from the bucket
+
+    row = df[df.image_id == "dog/img_004.png"].iloc[0]
+    assert row.path == data["remote"]["folder"] + "/dog/img_004.png"
+    import cv2
+
+    want = cv2.cvtColor(cv2.imread(os.path.join(data["local"]["folder"], "dog/img_004.png")), cv2.COLOR_BGR2RGB)
+    np.testing.assert_array_equal(query.original_image(row), want)
+    assert audit.overlay(row).shape == (16, 16, 3)
+    assert main(["report", out]) == 0
+    html = fs.read_bytes(f"{out}/report.html").decode()
+    assert "<html" in html.lower() and "data:image/jpeg;base64" in html
+    assert main(["report", out, "--out", str(tmp_path / "rep")]) == 0
+    assert (tmp_path / "rep" / "report.html").read_text().count("data:image/jpeg;base64") >= 1
+
+
 @pytest.fixture(scope="module")
 def ray_s3(s3):
     """A local Ray started after the server: its workers inherit the AWS_* variables (no runtime_env)."""
@@ -359,57 +413,6 @@ def test_actor_killed_mid_upload_then_resumed_exactly_once(s3, data, tmp_path):
     # the killed run stays in the history, marked abandoned by the run that took its stale lock over
     assert [r["status"] for r in runs] == ["abandoned", "ok"] and runs[1]["resume"]
     assert [r["generation"] for r in runs] == [1, 2] and runs[0]["taken_over_by"] == 2
-
-
-@pytest.mark.slow
-def test_scan_and_report_on_a_bucket_output(s3, ray_s3, data, tmp_path, capsys):
-    """audit scan writes summary/ into the bucket (with causal tests reading model and images from
-    it); audit report writes report.html into the bucket, or locally with --out."""
-    import pyarrow.parquet as pq
-
-    import audit
-    from audit.cli import main
-    from audit.runner.job import run_job
-
-    s3.bucket("scanned")
-    out = "s3://scanned/job"
-    s = run_job(_bucket_spec(data, out), progress=False, base_dir=data["dir"])
-    assert s["status"] == "ok"
-    assert main(["scan", out, "--quiet"]) == 0
-    keys = s3.keys("scanned", "job/summary/")
-    assert keys == ["job/summary/classes.parquet", "job/summary/clusters.parquet", "job/summary/interventions.parquet",
-                    "job/summary/scan.json"]
-    classes = pq.read_table(fs.open_input(f"{out}/summary/classes.parquet")).to_pandas()
-    assert sorted(classes.class_name) == ["cat", "dog"] and classes.n.sum() == 12
-    # the causal tests read the model and the images from the bucket (12 images are too few to run them)
-    from audit.scan.intervene import Intervener
-
-    iv = Intervener(out)
-    ids = ["cat/img_001.png", "dog/img_004.png"]
-    images, masks = iv.load(ids)
-    for k, i in enumerate(ids):
-        local = datasets.Item(image_id=i, path="p", file=os.path.join(data["local"]["folder"], i),
-                              mask_file=os.path.join(data["local"]["masks"], i))
-        img, mask, _ = datasets.load_item(local, (16, 16), 10**8)
-        np.testing.assert_array_equal(images[k], img)
-        np.testing.assert_array_equal(masks[k], mask)
-    df = audit.load(out, filters=[("method", "=", "gradcam")])
-    pred = dict(zip(df.image_id, df.pred))
-    assert list(iv.predict(images)) == [pred[i] for i in ids]
-    from audit.data import query  # the report's pictures: originals read from the bucket
-
-    row = df[df.image_id == "dog/img_004.png"].iloc[0]
-    assert row.path == data["remote"]["folder"] + "/dog/img_004.png"
-    import cv2
-
-    want = cv2.cvtColor(cv2.imread(os.path.join(data["local"]["folder"], "dog/img_004.png")), cv2.COLOR_BGR2RGB)
-    np.testing.assert_array_equal(query.original_image(row), want)
-    assert audit.overlay(row).shape == (16, 16, 3)
-    assert main(["report", out]) == 0
-    html = fs.read_bytes(f"{out}/report.html").decode()
-    assert "<html" in html.lower() and "data:image/jpeg;base64" in html
-    assert main(["report", out, "--out", str(tmp_path / "rep")]) == 0
-    assert (tmp_path / "rep" / "report.html").read_text().count("data:image/jpeg;base64") >= 1
 
 
 def test_prefetcher_keeps_a_bounded_window_of_objects_in_flight(s3, data):
