@@ -2,7 +2,7 @@
 
 A local S3-compatible server (moto, :mod:`helpers_s3`) and a Ray cluster of
 a head (no CPUs: the driver only) and two 1-CPU worker nodes on this
-machine (``ray.cluster_utils.Cluster``, as in tests/test_cluster.py).  Each
+machine (``ray.cluster_utils.Cluster``, as in tests/test_faults.py).  Each
 node has a Ray temp directory of its own (sessions, logs, spilled objects)
 and its own empty working directory, which its actors inherit; the files the
 bucket was filled from are deleted before the job starts, so no node can
