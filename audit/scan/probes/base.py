@@ -89,6 +89,7 @@ class CausalResult:
     tests: list = field(default_factory=list)  # [PlaceFlip]
     masked: bool = False  # object masks were used (object and background tests, objects spared)
     absence: bool = False  # masks were used but no image of the sample has an object
+    forwards: dict = field(default_factory=dict)  # {what: forward passes}: the cost, by probe and base
 
     def first(self, role: str) -> PlaceFlip | None:
         """The first test whose probe has the property ``role`` (e.g. ``removes_object``)."""
@@ -254,6 +255,11 @@ class Probe:
     def go_on(self, t: Trial, trials: list, cfg: Config) -> bool:
         """After the screening: test the rest of the sample?"""
         return t.promising(cfg)
+
+    def settled(self, t: Trial, cfg: Config) -> bool:
+        """An unscreened trial (``screened`` False), run on the screening images: do those settle it
+        (the rest of the sample could not change what it decides)?"""
+        return False
 
     def planned(self, masked: bool, n_places: int) -> int:
         """Edited images per screened image, for planning the cost."""

@@ -12,10 +12,13 @@ class's colours, so a class the model says whenever colours look unusual (a
 default class) does not pass for a colour cue.  The rate is the share turned
 into the class beyond the control; it is judged against the other classes'
 own colour transplants (the largest, at its interval's end least favourable
-to a flag) with ``colour_transplant_min`` and ``colour_transplant_specific``.
+to a flag) with ``colour_transplant_min`` and ``colour_transplant_specific``.  Where the class's
+colours turn none of the recipients the control is not run: the rate is 0 whatever it shows.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
@@ -43,10 +46,11 @@ def colour_transplant(predict_fn, images: np.ndarray, recipients, target: int, c
         return None
     rec = np.asarray(recipients.images)
     donors = np.stack([images[j % len(images)] for j in range(len(rec))])
-    given = colour_transfer(rec, donors)
-    control = colour_transfer(rec, np.roll(rec, -1, axis=0))
-    got, ctl = predict_chunks(predict_fn, [given, control], chunk)
+    got, = predict_chunks(predict_fn, [colour_transfer(rec, donors)], chunk)
     p = float(turned_into(recipients.base, got, target).mean())
+    if p == 0.0:  # none turned: the rate is 0 whatever the control turns (it is not predicted)
+        return Transplant(0.0, len(rec), p, math.nan)
+    ctl, = predict_chunks(predict_fn, [colour_transfer(rec, np.roll(rec, -1, axis=0))], chunk)
     c = float(turned_into(recipients.base, ctl, target).mean())
     return Transplant(max(0.0, p - c), len(rec), p, c)
 

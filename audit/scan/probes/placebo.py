@@ -8,8 +8,9 @@ each image gets the place's box (a border band: a square of as many pixels) at a
 that does not overlap the place (or overlaps it least), with the same fill (and the object spared,
 with masks).  Its flip rate, with its 95% interval, is a threshold
 measured per dataset and per class: a place is a cue only when its own rate clears the placebo's
-(:func:`audit.scan.verdict.place_flip_score`).  It runs on the whole sample, only after its place
-went on past the screening and may still reach ``cue_flip_min``.
+(:func:`audit.scan.verdict.place_flip_score`).  It runs only after its place went on past the
+screening and may still reach ``cue_flip_min``: on the screening images first, and on the rest of the
+sample unless those settle it (:meth:`PlaceboOcclusion.settled`).
 """
 
 from __future__ import annotations
@@ -76,6 +77,13 @@ class PlaceboOcclusion(Probe):
         ``min_tested`` images and its rate may reach ``cue_flip_min`` (its interval's upper end)."""
         place = next((x for x in trials if x.probe.is_place and x.place == t.place), None)
         return place is not None and len(place.flips) >= cfg.min_tested and place.bounds()[1] >= cfg.cue_flip_min
+
+    def settled(self, t: Trial, cfg: Config) -> bool:
+        """The screening images settle the placebo when even its interval's upper end plus
+        ``placebo_margin`` stays at or under ``cue_flip_min`` (none of 8 flipped: at most 32%): then it
+        can raise no place's threshold (:func:`audit.scan.verdict.place_flip_score`) whatever the rest
+        would show; any flip and it runs on the whole sample."""
+        return len(t.flips) >= cfg.min_rate_n and t.bounds()[1] + cfg.placebo_margin <= cfg.cue_flip_min
 
     def words(self, t) -> str:
         return f"occluding a box the size of {t.place} at random places"
