@@ -26,6 +26,7 @@ import argparse
 import os
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,9 +70,26 @@ def job_model_time(model, x: np.ndarray, batch: int = 32) -> Took:
     return Took(time.perf_counter() - t0, time.process_time() - c0)
 
 
-def causal_time(model, x, masks, n_classes: int, cfg, probes=None, batch: int = 32) -> tuple[Took, int, int]:
+@dataclass
+class Cost:
+    """Where the causal tests' time goes: forward passes by probe (``base``: the unedited images, ``pool``:
+    the transplants' recipients), the CPU seconds spent predicting, and the images padded to a batch shape."""
+
+    took: Took
+    forwards: Counter
+    classes: int
+    predict_cpu: float = 0.0
+    padded: int = 0
+
+    @property
+    def total(self) -> int:
+        return sum(self.forwards.values())
+
+
+def causal_time(model, x, masks, n_classes: int, cfg, probes=None, batch: int = 32) -> Cost:
     """Time and extra forward passes of the causal tests of a job of ``len(x)`` images (``probes``: the
     registry's probes to run, default all; ``batch``: images per model call, the job's batch)."""
+    from audit.engine.explainer import bucket_for
     from audit.engine.heads import Head
     from audit.scan.intervene import CompiledPredict
     from audit.scan.probes import Sample, causal_tests, extra_forwards
@@ -80,35 +98,41 @@ def causal_time(model, x, masks, n_classes: int, cfg, probes=None, batch: int = 
     from audit.scan.probes.transplant import Recipients
 
     compiled = CompiledPredict(model, Head.of(model), batch)
-    forwards = [0]
+    cost = Cost(Took(0, 0), Counter(), 0)
 
     def predict(imgs):  # as Intervener.predict (preprocess "none")
-        forwards[0] += len(imgs)
-        return compiled(imgs)
+        c0 = time.process_time()
+        out = compiled(imgs)
+        cost.predict_cpu += time.process_time() - c0
+        cost.padded += bucket_for(len(imgs) % batch, batch) - len(imgs) % batch if len(imgs) % batch else 0
+        return out
 
     predict(x[:32])  # warm-up (the scan loads the model once)
-    forwards[0] = 0
+    cost.predict_cpu, cost.padded = 0.0, 0
     size = x.shape[1:3]
     bank = place_bank(size, {}, (0.3, 0.3, 0.7, 0.7), cfg)
     budget = max(cfg.budget_floor, int(cfg.budget * len(x)))
     per_class = extra_forwards(cfg.sample, len(bank), True, cfg)
     sample = cfg.sample if per_class * n_classes <= budget else cfg.min_sample
-    classes = min(n_classes, budget // extra_forwards(sample, len(bank), True, cfg))
+    cost.classes = min(n_classes, budget // extra_forwards(sample, len(bank), True, cfg))
     # a shortcut class: the object's pixels get a tag in a corner that flips every prediction
     tagged = _tagged_predict(predict, size)
     t0, c0 = time.perf_counter(), time.process_time()
     pool = np.arange(64)
     backgrounds = remove_objects(x[pool], masks[pool])
     base = predict(x[pool])  # the transplant's recipients, predicted once (as the scan's pool)
+    cost.forwards["pool"] += len(pool)
     keep = spare_masks(size, masks[pool])
-    for c in range(classes):
+    for c in range(cost.classes):
         idx = np.arange(c * sample, (c + 1) * sample) + 64
         fn = tagged if c == 0 else predict
         recipients = Recipients(x[pool], (base + 1) % 4 if c == 0 else base, keep).for_class(c, cfg)
-        causal_tests(fn, Sample(x[idx], bank, masks[idx], backgrounds=backgrounds,
-                                background_classes=pool % n_classes, spare=spare_masks(size, masks[idx]),
-                                recipients=recipients, target=c), cfg, probes)
-    return Took(time.perf_counter() - t0, time.process_time() - c0), forwards[0], classes
+        res = causal_tests(fn, Sample(x[idx], bank, masks[idx], backgrounds=backgrounds,
+                                      background_classes=pool % n_classes, spare=spare_masks(size, masks[idx]),
+                                      recipients=recipients, target=c), cfg, probes)
+        cost.forwards.update(res.forwards)
+    cost.took = Took(time.perf_counter() - t0, time.process_time() - c0)
+    return cost
 
 
 def _tagged_predict(predict, size):
@@ -122,6 +146,38 @@ def _tagged_predict(predict, size):
         return np.where(tag, 0, (p + 1) % 4)
 
     return fn
+
+
+FAMILIES = (  # the breakdown's lines: (words, keys of CausalResult.forwards)
+    ("unedited images (the sample's and the pool's)", ("base", "pool")),
+    ("object and background (masks)", ("object", "own-hot-area", "background-neutral", "background-swap")),
+    ("background texture, flat background, image colour", ("texture", "flat", "colour")),
+    ("identity-keeping edits", ("object-greyscale", "background-greyscale", "image-greyscale", "object-hue",
+                                "image-hue", "object-smooth", "background-smooth", "image-shift")),
+    ("colour transplant", ("colour-transplant/follow-up",)),
+    ("place occlusions", ("place",)),
+    ("placebos", ("placebo",)),
+    ("place transplants", ("place/follow-up",)),
+    ("background transplant (no masks)", ("background-transplant/follow-up",)),
+)
+
+
+def breakdown(cost: Cost, job: Took, images: int) -> str:
+    """Where the causal tests' forward passes and CPU time go, against the job's time per image."""
+    lines = [f"forward passes by test ({cost.total} in all):"]
+    named = set()
+    for words, keys in FAMILIES:
+        n = sum(cost.forwards.get(k, 0) for k in keys)
+        named.update(keys)
+        lines.append(f"  {words:52s} {n:5d}  ({n / max(cost.total, 1):5.1%})")
+    rest = sum(v for k, v in cost.forwards.items() if k not in named)
+    if rest:
+        lines.append(f"  {'other':52s} {rest:5d}")
+    per_fw = 1000 * cost.predict_cpu / max(cost.total, 1)
+    lines.append(f"CPU: predicting {cost.predict_cpu:.1f} s ({per_fw:.2f} ms a forward pass; the job "
+                 f"{1000 * job.cpu / images:.2f} ms an image, forward and backward), edits and the rest "
+                 f"{cost.took.cpu - cost.predict_cpu:.1f} s; {cost.padded} images of padding to batch shapes")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
@@ -154,23 +210,25 @@ def main(argv=None) -> int:
     load = [os.getloadavg()[0]]
     for r in range(args.repeat):  # job and tests alternate: a change of machine load hits both
         job = job_model_time(model, x, args.batch)
-        full, fw, tested = causal_time(model, x, masks, args.classes, DEFAULT, batch=args.batch)
-        old, fw_old, _ = causal_time(model, x, masks, args.classes, DEFAULT, older, args.batch)
-        ratios.append((full.cpu / job.cpu, full.wall / job.wall))
-        older_ratios.append((old.cpu / job.cpu, old.wall / job.wall))
+        full = causal_time(model, x, masks, args.classes, DEFAULT, batch=args.batch)
+        old = causal_time(model, x, masks, args.classes, DEFAULT, older, args.batch)
+        ratios.append((full.took.cpu / job.cpu, full.took.wall / job.wall))
+        older_ratios.append((old.took.cpu / job.cpu, old.took.wall / job.wall))
         load.append(os.getloadavg()[0])
         print(f"round {r + 1}: job model time (Explainer, gradcam + gradcam++) {job.cpu:6.1f} s CPU, {job.wall:6.1f} s "
-              f"wall; causal tests {full.cpu:5.1f} s CPU, {full.wall:5.1f} s wall ({fw} forward passes, "
-              f"{fw / args.images:.3f} per image): ratio {ratios[-1][0]:.3f} CPU, {ratios[-1][1]:.3f} wall; "
-              f"without the identity edits and placebos {old.cpu:5.1f} s CPU ({fw_old} forward passes): ratio "
-              f"{older_ratios[-1][0]:.3f} CPU, {older_ratios[-1][1]:.3f} wall", flush=True)
-    print(f"{args.arch} at {args.size} px; images {args.images}, classes {args.classes} (tested {tested}), sample {DEFAULT.sample}, batch "
-          f"{args.batch}, budget {max(DEFAULT.budget_floor, int(DEFAULT.budget * args.images))} forward passes; "
-          f"load average {min(load):.1f}-{max(load):.1f} on {os.cpu_count()} CPUs")
+              f"wall; causal tests {full.took.cpu:5.1f} s CPU, {full.took.wall:5.1f} s wall ({full.total} forward "
+              f"passes, {full.total / args.images:.3f} per image): ratio {ratios[-1][0]:.3f} CPU, {ratios[-1][1]:.3f} "
+              f"wall; without the identity edits and placebos {old.took.cpu:5.1f} s CPU ({old.total} forward passes): "
+              f"ratio {older_ratios[-1][0]:.3f} CPU, {older_ratios[-1][1]:.3f} wall", flush=True)
+    print(f"{args.arch} at {args.size} px; images {args.images}, classes {args.classes} (tested {full.classes}), sample "
+          f"{DEFAULT.sample}, batch {args.batch}, budget {max(DEFAULT.budget_floor, int(DEFAULT.budget * args.images))} "
+          f"forward passes; load average {min(load):.1f}-{max(load):.1f} on {os.cpu_count()} CPUs")
+    print(breakdown(full, job, args.images))
     med = lambda rs, k: float(np.median([r[k] for r in rs]))  # noqa: E731
     print(f"ratio causal / job model time (median of {len(ratios)}): {med(ratios, 0):.3f} CPU, "
           f"{med(ratios, 1):.3f} wall (target <= 0.10); without the identity edits and placebos "
-          f"{med(older_ratios, 0):.3f} CPU, {med(older_ratios, 1):.3f} wall ({fw - fw_old} forward passes less)")
+          f"{med(older_ratios, 0):.3f} CPU, {med(older_ratios, 1):.3f} wall ({full.total - old.total} forward "
+          "passes less)")
     return 0
 
 

@@ -53,7 +53,7 @@ def test_a_place_that_any_same_size_box_flips_is_no_cue():
     s = Sample(dark_scenes(32), place_bank((S, S)))
     res = causal_tests(filled_model, s, DEFAULT)
     corner = res.at("corner:top_left")  # every place flips all; the smallest go on past the screening
-    assert corner.flip_rate == 1.0 and corner.n == 32
+    assert corner.flip_rate == 1.0 and corner.n == DEFAULT.min_tested == 16  # all of 16 flipped: settled
     placebo = res.placebo("corner:top_left")
     assert placebo is not None and placebo.flip_rate == 1.0 and placebo.n == 32
     assert place_flip_score(1.0, 0.0) == 1.0  # judged against the other classes alone it would be a cue

@@ -38,26 +38,12 @@ class _Runner:
         return fn
 
     def stage(self, trials: list, selections: list) -> None:
-        """Predict the unmodified images that are needed and not known, then every trial's edits."""
+        """Predict the unmodified images that are needed and not known, and every trial's edits (in the
+        same calls: a stage's images fill the batches together)."""
         need = np.logical_or.reduce(selections) & ~self.known if selections else np.zeros(0, bool)
-        if need.any():
-            pred = np.asarray(self.counted(BASE)(self.s.images[need]))
-            if self.base is None:
-                self.base = np.zeros((self.s.n, *pred.shape[1:]), pred.dtype)
-            self.base[need] = pred
-            self.known |= need
         jobs = [(t, np.nonzero(sel)[0]) for t, sel in zip(trials, selections) if sel.any()]
         if not jobs:
             return
-        cls = self.s.classes
-        for (t, rows), pred in zip(jobs, self._predict_edits(jobs)):
-            f = flipped(self.base[rows], pred, None if cls is None else cls[rows])
-            t.flips.update(zip(rows.tolist(), f.tolist()))
-            if np.asarray(pred).ndim == 1:
-                t.to.update((int(r), int(p)) for r, p, x in zip(rows, pred, f) if x)
-
-    def _predict_edits(self, jobs: list) -> list:
-        """Each job's predictions on its edited images; an image its edit left unchanged keeps its base."""
         edited, changed = [], []
         for t, rows in jobs:
             e = t.probe.edit(t, self.s, rows)
@@ -65,13 +51,21 @@ class _Runner:
             edited.append(e[c])
             changed.append(c)
             self.spent[t.probe.name] += int(c.sum())
-        preds = predict_chunks(self.predict_fn, edited, self.chunk)
-        out = []
-        for (_, rows), c, p in zip(jobs, changed, preds):
-            full = self.base[rows].copy()
-            full[c] = p
-            out.append(full)
-        return out
+        self.spent[BASE] += int(need.sum())
+        base, *preds = predict_chunks(self.predict_fn, [self.s.images[need], *edited], self.chunk)
+        if need.any():
+            if self.base is None:
+                self.base = np.zeros((self.s.n, *np.shape(base)[1:]), np.asarray(base).dtype)
+            self.base[need] = base
+            self.known |= need
+        cls = self.s.classes
+        for (t, rows), c, p in zip(jobs, changed, preds):
+            pred = self.base[rows].copy()  # an image its edit left unchanged keeps its prediction
+            pred[c] = p
+            f = flipped(self.base[rows], pred, None if cls is None else cls[rows])
+            t.flips.update(zip(rows.tolist(), f.tolist()))
+            if pred.ndim == 1:
+                t.to.update((int(r), int(q)) for r, q, x in zip(rows, pred, f) if x)
 
 
 def go_on(trials: list, cfg: Config) -> list[bool]:
@@ -90,7 +84,8 @@ def causal_tests(predict_fn, s: Sample, cfg: Config = DEFAULT, probes=None, chun
     (one that flips none of the first ``cfg.screen_early`` stops there);
     only a trial that may still matter goes on to the rest (a place that flips
     nothing on 8 images is no cue, and most places of most classes flip
-    nothing), then the placebos of the places that went on (on the screening
+    nothing): to ``cfg.min_tested`` images, and to the whole sample unless
+    all of those flipped or none did (:func:`_settled`), then the placebos of the places that went on (on the screening
     images, then on the rest where those do not settle them), then the
     follow-ups (the transplants).  A healthy class then costs about
     ``screen x tests`` forward passes instead of ``sample x tests``.
@@ -113,7 +108,7 @@ def causal_tests(predict_fn, s: Sample, cfg: Config = DEFAULT, probes=None, chun
     _screen(run, trials, cfg)
     _placebos(run, trials, cfg)
     for p in probes:  # the follow-ups (do the flipping places carry the class?)
-        trials += p.follow_up(run.counted(p.name), trials, s, cfg, chunk)
+        trials += p.follow_up(run.counted(f"{p.name}/follow-up"), trials, s, cfg, chunk)
     out = CausalResult(n=s.n, masked=s.masks is not None, absence=s.masks is not None and not s.has_object.any())
     out.tests = [t.probe.result(t, s, cfg) for t in trials]
     out.forwards = dict(run.spent)
@@ -136,7 +131,18 @@ def _screen(run: _Runner, trials: list, cfg: Config) -> None:
     go = [k and (len(t.flips) < cfg.screen_early or any(t.flips.values())) for t, k in zip(trials, screened)]
     run.stage(trials, [t.sel & first & ~early if g else none for t, g in zip(trials, go)])
     rest = [t.sel & ~_tested(t, n) if g and k else none for t, g, k in zip(trials, go_on(trials, cfg), screened)]
-    run.stage(trials, rest)
+    upto = _first(n, cfg.min_tested if cfg.screen else 0)
+    run.stage(trials, [r & upto for r in rest])
+    run.stage(trials, [r & ~upto if r.any() and not _settled(t, cfg) else none for t, r in zip(trials, rest)])
+
+
+def _settled(t, cfg: Config) -> bool:
+    """A trial past the screening whose first ``cfg.min_tested`` images (the fewest a verdict takes) all
+    flipped, or none did: the rest of the sample would only narrow an interval already clear of every
+    rule's threshold.  Not an identity-keeping edit: its rule (``identity_flip_min`` 0.8 at the
+    interval's lower end, ``identity_specific_min`` above the other classes') needs the whole sample."""
+    f = list(t.flips.values())
+    return len(f) >= cfg.min_tested and not t.probe.keeps_identity and (all(f) or not any(f))
 
 
 def _tested(t, n: int) -> np.ndarray:

@@ -1,0 +1,80 @@
+"""What the causal tests cost: early stops of the screening, settled trials, edits that change nothing."""
+
+import numpy as np
+
+from audit.scan.config import DEFAULT
+from audit.scan.probes import Sample, causal_tests
+from audit.scan.probes.edits import spare_masks
+from audit.scan.probes.places import place_bank
+from audit.scan.probes.transplant import Recipients
+
+S = 16
+
+
+def noisy(n, seed=0):
+    return np.random.default_rng(seed).integers(60, 200, (n, S, S, 3), dtype=np.uint8)
+
+
+def constant(images):
+    return np.zeros(len(images), int)
+
+
+def corner_model(images):
+    """Class 1 while the top-left corner is bright (a tag), else 0."""
+    return (images[:, :3, :3].mean(axis=(1, 2, 3)) > 220).astype(int)
+
+
+def test_a_test_that_flips_none_of_the_first_five_stops_there():
+    bank = place_bank((S, S))
+    res = causal_tests(constant, Sample(noisy(32), bank), DEFAULT)
+    places = [t for t in res.tests if t.spec.is_place]
+    assert len(places) == len(bank) and all(t.n == DEFAULT.screen_early == 5 and t.k == 0 for t in places)
+    assert res.forwards["place"] == 5 * len(bank) and res.forwards["base"] == 5
+    assert "placebo" not in res.forwards  # no place went on: no placebo
+
+
+def test_a_place_that_flips_all_of_its_first_sixteen_is_settled_there():
+    imgs = noisy(32)
+    imgs[:, :3, :3] = 255
+    res = causal_tests(corner_model, Sample(imgs, place_bank((S, S))), DEFAULT)
+    corner = res.at("corner:top_left")
+    assert corner.flip_rate == 1.0 and corner.n == DEFAULT.min_tested == 16
+    assert res.placebo("corner:top_left").n == DEFAULT.screen  # none of 8 flipped: settled on them
+    # a place that flipped some but not all of 16 (none here): the whole sample; one that flipped none stops at 5
+    assert res.at("corner:bottom_right").n == 5
+
+
+def test_an_edit_that_changes_nothing_is_not_predicted():
+    grey = np.repeat(noisy(32)[..., :1], 3, axis=-1)  # grey images: turning them grey changes nothing
+    masks = np.zeros((32, S, S), bool)
+    masks[:, 4:12, 4:12] = True
+    calls = []
+
+    def model(images):
+        calls.append(len(images))
+        return constant(images)
+
+    s = Sample(grey, [], masks, spare=spare_masks((S, S), masks))
+    res = causal_tests(model, s, DEFAULT)
+    for place in ("image:greyscale", "object:greyscale", "background:greyscale"):
+        t = res.at(place)
+        assert t.n == 5 and t.flip_rate == 0.0  # reported on its images, as if predicted
+    assert all(res.forwards.get(k, 0) == 0 for k in ("image-greyscale", "object-greyscale", "background-greyscale"))
+    assert sum(calls) == sum(res.forwards.values())  # every forward pass counted once
+
+
+def test_the_colour_transplant_control_runs_only_where_colours_turned_some():
+    imgs = noisy(32)
+    pool = Recipients(noisy(16, seed=1), np.zeros(16, int))
+    res = causal_tests(constant, Sample(imgs, [], recipients=pool, target=1), DEFAULT)
+    t = res.at("image:colour-transplant")
+    assert t.n == 16 and t.flip_rate == 0.0 and res.forwards["colour-transplant/follow-up"] == 16
+
+    def colourful(images):  # class 1 when the image is reddish: the class's colours carry it
+        return (images[..., 0].mean(axis=(1, 2)) > images[..., 2].mean(axis=(1, 2)) + 30).astype(int)
+
+    red = imgs.copy()
+    red[..., 0] = 250
+    res = causal_tests(colourful, Sample(red, [], recipients=pool, target=1), DEFAULT)
+    t = res.at("image:colour-transplant")
+    assert t.flip_rate == 1.0 and res.forwards["colour-transplant/follow-up"] == 32  # given, then the control
