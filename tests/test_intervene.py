@@ -78,8 +78,9 @@ def test_shortcut_model_flips_on_the_sky_not_on_the_object():
     imgs, masks = scenes(20, "blue")
     r = causal_tests(sky_model, Sample(imgs, [SKY_PLACE], masks))
     # occluding the sky with the image mean (red-ish) removes the blue: every prediction flips
-    assert r.rate_at("region:sky") == 1.0 and r.at("region:sky").n == 20
-    assert r.object_rate() == 0.0 and r.object().n == 20 and r.object().fill == "inpaint"
+    # all of the first 16 (min_tested) flipped, or none did: settled there, the other 4 not predicted
+    assert r.rate_at("region:sky") == 1.0 and r.at("region:sky").n == DEFAULT.min_tested == 16
+    assert r.object_rate() == 0.0 and r.object().n == 16 and r.object().fill == "inpaint"
     assert r.masked and not r.absence
 
 
@@ -139,10 +140,11 @@ def test_all_variants_are_predicted_in_chunks():
     bank = place_bank((H, W))
     r = causal_tests(counting, Sample(imgs, bank, masks), chunk=64)
     tested = sum(t.n for t in r.tests)
-    assert calls[0] == 8  # the base predictions
-    # stage 1 (object, background, places on the first images) and stage 2 (promising places, the rest)
-    assert sum(calls[1:]) == tested and max(calls[1:]) <= 64 and len(calls) - 1 <= math.ceil(tested / 64) + 1
-    assert extra_forwards(8, len(bank), True) >= 8 + tested
+    total = sum(r.forwards.values())
+    assert r.forwards["base"] == 8  # the base predictions, in the stages' calls
+    # the screening's first 5 images, its other 3 (for the tests that flipped one), the rest: one partial call each
+    assert sum(calls) == total <= 8 + tested and max(calls) <= 64 and len(calls) <= math.ceil(total / 64) + 3
+    assert extra_forwards(8, len(bank), True) >= total
     names = [p.name for p in bank]
     assert {"border:4%", "border:20%", "edge:top", "corner:bottom_left"} <= set(names)
 
@@ -157,10 +159,10 @@ def test_places_that_flip_nothing_on_the_screen_stop_there():
         return sky_model(x)
 
     r = causal_tests(counting, Sample(imgs, [SKY_PLACE, *bank], masks))
-    assert r.at("region:sky").n == 32  # flips: tested on the whole sample
+    assert r.at("region:sky").n == 16  # flips all of 16 (min_tested): settled there
     quiet = [t for t in r.places if t.place != "region:sky" and t.flip_rate == 0.0]
-    assert quiet and all(t.n <= 8 for t in quiet)  # flip nothing on the first 8: not tested further
-    assert sum(calls) == 32 + sum(t.n for t in r.tests)
+    assert quiet and all(t.n == 5 for t in quiet)  # flip none of the first 5: not tested further
+    assert sum(calls) == sum(r.forwards.values()) <= 32 + sum(t.n for t in r.tests)
 
 
 # ----------------------------------------------------------------------------
@@ -275,9 +277,11 @@ def test_intervener_reads_job_model_and_dataset(tmp_path, head):
     assert r.placebo("region:sky") is None  # 8 images can make no verdict: no placebo is spent on them
     assert r.placebo("region:sky") is None  # 8 images can make no verdict: no placebo is spent on them
     # the check above, base, object, background, sky; 3 whole-image identity edits (greyscale, hue, shift)
-    assert iv.forwards == 8 * 5 + 8 * 3
+    # that flip none of the first 5 images (screen_early) and stop there
+    assert iv.forwards == 8 * 5 + 5 * 3 == 8 + sum(r.forwards.values())
     # the check above, base, object, background, sky; 3 whole-image identity edits (greyscale, hue, shift)
-    assert iv.forwards == 8 * 5 + 8 * 3
+    # that flip none of the first 5 images (screen_early) and stop there
+    assert iv.forwards == 8 * 5 + 5 * 3 == 8 + sum(r.forwards.values())
     with pytest.raises(AuditError, match="job.json"):
         Intervener(tmp_path)
 

@@ -321,10 +321,13 @@ def predict_chunks(predict_fn, variants: list, chunk: int) -> list:
         return [np.zeros(0, int) for _ in variants]
     preds, buf, n_buf = [], [], 0
     for v in variants:
-        for s in range(0, len(v), chunk):
-            buf.append(v[s:s + chunk])
-            n_buf += len(buf[-1])
-            if n_buf >= chunk:
+        s = 0
+        while s < len(v):  # fill each call to exactly ``chunk`` images across the stacks
+            take = v[s:s + chunk - n_buf]
+            buf.append(take)
+            n_buf += len(take)
+            s += len(take)
+            if n_buf == chunk:
                 preds.append(np.asarray(predict_fn(np.concatenate(buf))))
                 buf, n_buf = [], 0
     if buf:
