@@ -78,3 +78,19 @@ def test_the_colour_transplant_control_runs_only_where_colours_turned_some():
     res = causal_tests(colourful, Sample(red, [], recipients=pool, target=1), DEFAULT)
     t = res.at("image:colour-transplant")
     assert t.flip_rate == 1.0 and res.forwards["colour-transplant/follow-up"] == 32  # given, then the control
+
+
+def test_the_elementwise_edits_on_a_stack_equal_the_image_by_image_ones():
+    from audit.scan.probes.edits import ELEMENTWISE, _attribute, attribute, each_image
+
+    rng = np.random.default_rng(3)
+    for channels in (1, 3):
+        imgs = rng.integers(0, 256, (6, 20, 24, channels), dtype=np.uint8)
+        m = rng.random((6, 20, 24)) < 0.4
+        m[2] = False  # an image with nothing to edit stays as it was
+        for kind in ELEMENTWISE:
+            one = each_image(imgs, m, lambda img, mm, k=kind: _attribute(img, mm, k, 2.0, 1 / 16))
+            np.testing.assert_array_equal(attribute(imgs, m, kind), one, err_msg=kind)
+        shifted = attribute(imgs, np.ones((6, 20, 24), bool), "shift")  # by 2 px (1/16 of 24), edges repeated
+        np.testing.assert_array_equal(shifted[:, 2:, 2:], imgs[:, :-2, :-2])
+        np.testing.assert_array_equal(shifted[:, 0, 0], imgs[:, 0, 0])

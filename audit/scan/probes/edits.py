@@ -249,7 +249,27 @@ def attribute(images: np.ndarray, edit: np.ndarray, kind: str, sigma: float = Co
     if kind not in ATTRIBUTE_KINDS:
         raise AuditError(f"unknown attribute edit {kind!r}; expected one of {', '.join(ATTRIBUTE_KINDS)}")
     side = max(np.shape(images)[1], np.shape(images)[2])
+    if kind in ELEMENTWISE:  # the same arithmetic on the whole stack at once (no loop over the images)
+        imgs, m = np.asarray(images), np.asarray(edit, bool)
+        new = np.clip(np.rint(_elementwise(imgs.astype(np.float32), kind, shift)), 0, 255).astype(imgs.dtype)
+        return np.where(m[..., None], new, imgs)
     return each_image(images, edit, lambda img, m: _attribute(img, m, kind, sigma * side, shift))
+
+
+ELEMENTWISE = ("greyscale", "permute", "darken", "shift")  # attribute edits that need no per-image statistic
+
+
+def _elementwise(x: np.ndarray, kind: str, shift: float) -> np.ndarray:
+    """:func:`attribute`'s ``kind`` on a float32 stack (N, H, W, C), pixel by pixel as :func:`_attribute`
+    does it on one image (the shift's edges repeated)."""
+    if kind == "greyscale":
+        return np.repeat(luminance(x)[..., None], x.shape[-1], axis=-1)
+    if kind == "permute":
+        return x[..., [1, 2, 0]] if x.shape[-1] >= 3 else x
+    if kind == "darken":
+        return x * 0.6
+    d = max(1, int(round(shift * max(x.shape[1:3]))))
+    return np.pad(x, ((0, 0), (d, 0), (d, 0), (0, 0)), mode="edge")[:, :x.shape[1], :x.shape[2]]
 
 
 def _attribute(img: np.ndarray, m: np.ndarray, kind: str, sigma_px: float, shift: float) -> np.ndarray:
