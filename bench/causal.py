@@ -15,7 +15,8 @@ sample plan within the budget (:func:`audit.scan.causal.plan_tests` rules:
 :func:`audit.scan.probes.causal_tests` with masks (object, background, the
 two background transforms, the identity-keeping edits and the place bank, screened, the placebo of
 each place that may be a cue, and the transplant of the places that flipped a class into the pool's
-other-class images), edits and predictions included, in batches of ``--batch`` as the job's; one class
+other-class images), edits and predictions included, in batches of ``--batch`` as the job's (the unedited
+sample images' predictions are the job's, as the scan reuses them once the pool's agree); one class
 carries a corner tag that decides it, so its flipping places go past the screening and are transplanted as
 a shortcut's are.  Image decoding is left out of both sides.  Target: the tests add at most 10% at 10,000 images.
 """
@@ -117,19 +118,23 @@ def causal_time(model, x, masks, n_classes: int, cfg, probes=None, batch: int = 
     cost.classes = min(n_classes, budget // extra_forwards(sample, len(bank), True, cfg))
     # a shortcut class: the object's pixels get a tag in a corner that flips every prediction
     tagged = _tagged_predict(predict, size)
+    idx = [np.arange(c * sample, (c + 1) * sample) + 64 for c in range(cost.classes)]
+    # what the job recorded (the records' pred): the scan takes the unedited images' predictions from
+    # there once its own predictions of the pool agree with them (audit.scan.causal.job_predictions)
+    recorded = [(tagged if c == 0 else predict)(x[i]) for c, i in enumerate(idx)]
+    cost.predict_cpu, cost.padded = 0.0, 0
     t0, c0 = time.perf_counter(), time.process_time()
     pool = np.arange(64)
     backgrounds = remove_objects(x[pool], masks[pool])
-    base = predict(x[pool])  # the transplant's recipients, predicted once (as the scan's pool)
+    base = predict(x[pool])  # the transplant's recipients, predicted once (as the scan's pool; also the check)
     cost.forwards["pool"] += len(pool)
     keep = spare_masks(size, masks[pool])
     for c in range(cost.classes):
-        idx = np.arange(c * sample, (c + 1) * sample) + 64
-        fn = tagged if c == 0 else predict
+        fn, i = (tagged if c == 0 else predict), idx[c]
         recipients = Recipients(x[pool], (base + 1) % 4 if c == 0 else base, keep).for_class(c, cfg)
-        res = causal_tests(fn, Sample(x[idx], bank, masks[idx], backgrounds=backgrounds,
-                                      background_classes=pool % n_classes, spare=spare_masks(size, masks[idx]),
-                                      recipients=recipients, target=c), cfg, probes)
+        res = causal_tests(fn, Sample(x[i], bank, masks[i], backgrounds=backgrounds,
+                                      background_classes=pool % n_classes, spare=spare_masks(size, masks[i]),
+                                      recipients=recipients, target=c, base_pred=recorded[c]), cfg, probes)
         cost.forwards.update(res.forwards)
     cost.took = Took(time.perf_counter() - t0, time.process_time() - c0)
     return cost

@@ -94,3 +94,28 @@ def test_the_elementwise_edits_on_a_stack_equal_the_image_by_image_ones():
         shifted = attribute(imgs, np.ones((6, 20, 24), bool), "shift")  # by 2 px (1/16 of 24), edges repeated
         np.testing.assert_array_equal(shifted[:, 2:, 2:], imgs[:, :-2, :-2])
         np.testing.assert_array_equal(shifted[:, 0, 0], imgs[:, 0, 0])
+
+
+def test_the_job_s_predictions_stand_for_the_unedited_images_only_where_the_pool_agrees():
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    from audit.scan.causal import Pool, _known, job_predictions
+    from audit.scan.read import sample_ids
+
+    ids = [f"img{i}" for i in range(100)]
+    df = pd.DataFrame({"image_id": ids, "status": "ok", "pred": [i % 3 for i in range(100)]})
+    view = SimpleNamespace(df=df)
+    pool_ids = sorted(sample_ids(ids, DEFAULT.donors))  # the pool as the scan draws it
+    base = np.array([int(i[3:]) % 3 for i in pool_ids])
+    pool = Pool(recipients=Recipients(np.zeros((len(base), 2, 2, 3), np.uint8), base))
+    preds = job_predictions(view, pool, DEFAULT)
+    assert preds is not None and preds["img7"] == 1
+    pool.job_preds = preds
+    np.testing.assert_array_equal(_known(pool, ["img4", "img5"]), [1, 2])
+    assert _known(pool, ["img4", "nowhere"]) is None  # one unknown id: all predicted
+    base[3] = (base[3] + 1) % 3  # the scan's own prediction of one pool image differs: none is trusted
+    assert job_predictions(view, pool, DEFAULT) is None
+    multi = Pool(recipients=Recipients(np.zeros((len(base), 2, 2, 3), np.uint8), np.zeros((len(base), 3), bool)))
+    assert job_predictions(view, multi, DEFAULT) is None  # multi-label: not reused

@@ -148,6 +148,7 @@ class Pool:
     density: np.ndarray | None = None  # object density per pixel (masks only)
     levels: Levels | None = None  # the dataset's typical image
     recipients: Recipients | None = None  # the images as they are, with the model's predictions
+    job_preds: dict | None = None  # {image id: the job's prediction}, where the pool's own agree with them
 
 
 def _pool(intervener, view, use_masks: bool, cfg: Config, results=()) -> Pool:
@@ -260,7 +261,29 @@ def _sample(intervener, results, plan: TestPlan, pool: Pool, size, regions, mask
                   classes=np.full(len(images), plan.class_id), backgrounds=bg, background_classes=bg_cls,
                   spare=spare, levels=pool.levels,
                   recipients=pool.recipients.for_class(plan.class_id, cfg) if pool.recipients else None,
-                  target=plan.class_id, cfg=cfg)
+                  target=plan.class_id, cfg=cfg, base_pred=_known(pool, plan.ids))
+
+
+def job_predictions(view, pool: Pool, cfg: Config) -> dict | None:
+    """{image id: the prediction the job recorded} (single-label heads), when the scan's own predictions
+    of the pool's images agree with the job's on every one (same model, same decoding: the unedited
+    images need not be predicted again); None where one differs (a job run in mixed precision or on
+    another device may break a near tie the other way) or the head is multi-label."""
+    if pool.recipients is None or np.ndim(pool.recipients.base) != 1 or "pred" not in view.df:
+        return None
+    ok = view.df[view.df["status"] == "ok"].drop_duplicates("image_id")
+    ids = sorted(sample_ids(ok["image_id"].tolist(), cfg.donors))  # the pool's images, as _pool drew them
+    preds = dict(zip(ok["image_id"], ok["pred"]))
+    if len(ids) != len(pool.recipients.base) or any(preds.get(i) != p for i, p in zip(ids, pool.recipients.base)):
+        return None
+    return preds
+
+
+def _known(pool: Pool, ids) -> np.ndarray | None:
+    """The job's predictions of ``ids`` (see :func:`job_predictions`), or None."""
+    if not pool.job_preds or any(i not in pool.job_preds for i in ids):
+        return None
+    return np.array([int(pool.job_preds[i]) for i in ids])
 
 
 def run_tests(intervener, results, view, cfg: Config, use_masks: bool) -> CausalTests:
@@ -277,6 +300,7 @@ def run_tests(intervener, results, view, cfg: Config, use_masks: bool) -> Causal
     out.planned = len(plans) + out.skipped
     start = intervener.forwards
     pool = intervener.call(_pool, intervener, view, use_masks, cfg, results) or Pool()
+    pool.job_preds = job_predictions(view, pool, cfg)
     out.density = _density_ratios(pool.density, place_bank(size, view.regions, cfg=cfg))
     out.budget = budget_of(n_images, sum(w.priority >= cfg.cluster_attention_min for w in _wanted(results, cfg)),
                            n_places, masked, cfg)
