@@ -119,3 +119,16 @@ def test_the_job_s_predictions_stand_for_the_unedited_images_only_where_the_pool
     assert job_predictions(view, pool, DEFAULT) is None
     multi = Pool(recipients=Recipients(np.zeros((len(base), 2, 2, 3), np.uint8), np.zeros((len(base), 3), bool)))
     assert job_predictions(view, multi, DEFAULT) is None  # multi-label: not reused
+
+
+def test_flips_to_several_classes_are_not_settled_at_sixteen():
+    imgs = noisy(32)
+    imgs[:, :3, :3] = 255
+
+    def two_ways(images):  # the tag gone: class 1 for the even rows of the sample, 2 for the odd ones
+        tag = images[:, :3, :3].mean(axis=(1, 2, 3)) > 220
+        return np.where(tag, 0, 1 + (images[:, 5, 5, 0] % 2))
+
+    res = causal_tests(two_ways, Sample(imgs, place_bank((S, S))), DEFAULT)
+    corner = res.at("corner:top_left")
+    assert corner.flip_rate == 1.0 and corner.n == 32  # every image flipped, to two classes: the whole sample

@@ -138,11 +138,13 @@ def _screen(run: _Runner, trials: list, cfg: Config) -> None:
 
 def _settled(t, cfg: Config) -> bool:
     """A trial past the screening whose first ``cfg.min_tested`` images (the fewest a verdict takes) all
-    flipped, or none did: the rest of the sample would only narrow an interval already clear of every
-    rule's threshold.  Not an identity-keeping edit: its rule (``identity_flip_min`` 0.8 at the
+    flipped, to one class, or none did: the rest of the sample would only narrow an interval already
+    clear of every rule's threshold.  Flips to several classes go on (the class they go to most names a
+    default class).  Not an identity-keeping edit: its rule (``identity_flip_min`` 0.8 at the
     interval's lower end, ``identity_specific_min`` above the other classes') needs the whole sample."""
     f = list(t.flips.values())
-    return len(f) >= cfg.min_tested and not t.probe.keeps_identity and (all(f) or not any(f))
+    one = len(set(t.to.values())) <= 1
+    return len(f) >= cfg.min_tested and not t.probe.keeps_identity and ((all(f) and one) or not any(f))
 
 
 def _tested(t, n: int) -> np.ndarray:
