@@ -66,9 +66,10 @@ def test_automatic_layer_is_spatial_and_as_documented(arch):
     keras.backend.clear_session()
     keras.utils.set_random_seed(0)
     model = getattr(keras.applications, arch)(weights=None, input_shape=(size, size, 3), classes=3)
-    call, _ = graph.auto_layer(graph.trace(model))
+    call, why = graph.auto_layer(graph.trace(model))
     h, w = call.shape[1:3]
     assert (call.path, f"{h}x{w}") == (expected, hw)
+    assert "every" in why  # the reason given names the rule (every path passes through it)
     assert len(call.shape) == 4 and h * w > 1
 
     x = np.random.default_rng(0).uniform(-1, 1, (2, size, size, 3)).astype(np.float32)
