@@ -116,7 +116,9 @@ def test_demo_writes_the_contract_tables(demo):
     rows = df[(df["class_name"] == "no_tank") & (df["place"] == "region:sky") & df["cluster"].isna()]
     sky, placebo = rows[rows["test"] == "region"].iloc[0], rows[rows["test"] == "placebo"].iloc[0]
     assert sky["flip_rate"] > 0.5 and sky["fill"] == "mean" and sky["n"] >= 16
-    assert placebo["n"] == sky["n"] and placebo["flip_rate"] < sky["flip_rate"] - 0.3
+    # the placebo runs on the 8 screening images, and on the rest of the sample only when one of them flipped
+    assert placebo["n"] >= 8 and (placebo["n"] == 8) == (placebo["n_flipped"] == 0)
+    assert placebo["flip_rate"] < sky["flip_rate"] - 0.3
     assert (df.loc[df["test"] == "object", "fill"] == "inpaint").all()
     assert {"border:4%", "corner:top_left", "edge:bottom"} <= set(df["place"])
 
