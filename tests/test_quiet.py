@@ -55,16 +55,33 @@ def test_tensorflow_import_is_quiet_unless_verbose(tmp_path):
     assert "absl::InitializeLog" in loud.stderr or "cuda" in loud.stderr.lower(), loud.stderr
 
 
+# `python -m audit ARGS` that also says, last on stdout, whether TensorFlow or Keras got imported
+WATCHED = ("import sys\nfrom audit.cli import main\ntry:\n    rc = main(sys.argv[1:])\nfinally:\n"
+           "    print('imported:', [m for m in ('tensorflow', 'keras') if m in sys.modules])\nraise SystemExit(rc)\n")
+
+
+def assert_one_error_without_tf(*args, cwd, words=()):
+    res = subprocess.run([sys.executable, "-c", WATCHED, *map(str, args)], cwd=cwd, capture_output=True,
+                         text=True, timeout=600, env=_env())
+    assert_one_error(res, *words)
+    assert res.stdout.splitlines()[-1] == "imported: []", (args, res.stdout[-500:])
+
+
 def test_mistakes_before_tensorflow_are_one_line(tmp_path):
-    """Usage and file mistakes that need no model: one line, exit 2."""
-    assert_one_error(audit("run", tmp_path / "missing.yaml", cwd=tmp_path), "missing.yaml")
-    assert_one_error(audit("scan", tmp_path / "nothing", cwd=tmp_path), "nothing")
-    assert_one_error(audit("report", tmp_path / "nothing", cwd=tmp_path), "nothing")
-    assert_one_error(audit("submit", tmp_path / "missing.yaml", "--address", "http://127.0.0.1:1", cwd=tmp_path))
-    assert_one_error(audit("explain", tmp_path / "m.keras", "--out", tmp_path / "o", cwd=tmp_path), "IMAGE")
+    """Usage and file mistakes that need no model: one line, exit 2, and TensorFlow never imported."""
+    assert_one_error_without_tf("run", tmp_path / "missing.yaml", cwd=tmp_path, words=["missing.yaml"])
+    assert_one_error_without_tf("scan", tmp_path / "nothing", cwd=tmp_path, words=["nothing"])
+    assert_one_error_without_tf("scan", tmp_path, "--causal-budget", "-1", cwd=tmp_path, words=["--causal-budget"])
+    assert_one_error_without_tf("report", tmp_path / "nothing", cwd=tmp_path, words=["nothing"])
+    assert_one_error_without_tf("compare", tmp_path / "nothing", tmp_path, cwd=tmp_path, words=["nothing"])
+    assert_one_error_without_tf("export", tmp_path / "nothing", "--to", tmp_path / "x", cwd=tmp_path,
+                                words=["nothing"])
+    assert_one_error_without_tf("submit", tmp_path / "missing.yaml", "--address", "http://127.0.0.1:1", cwd=tmp_path)
+    assert_one_error_without_tf("explain", tmp_path / "m.keras", "--out", tmp_path / "o", cwd=tmp_path,
+                                words=["IMAGE"])
     (tmp_path / "file").write_text("x")
-    assert_one_error(audit("demo", "--out", tmp_path / "file", cwd=tmp_path), "file")
-    assert_one_error(audit("nonsense", cwd=tmp_path), "nonsense")
+    assert_one_error_without_tf("demo", "--out", tmp_path / "file", cwd=tmp_path, words=["file"])
+    assert_one_error_without_tf("nonsense", cwd=tmp_path, words=["nonsense"])
 
 
 @pytest.fixture(scope="module")

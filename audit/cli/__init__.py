@@ -17,10 +17,9 @@ from audit import __version__
 from audit.errors import AuditError, os_error_line
 
 COMMANDS = ("run", "submit", "scan", "report", "layers", "explain", "demo", "export", "compare")
-# Commands that import TensorFlow up front.  `run`, `layers` and `explain` import it only after
-# what needs no model was checked (a typo, a PNG given as the model, an unknown layer of a .keras or
-# .h5 file cost no TF import); every import of it is quiet (audit.quiet.install).
-NEEDS_TF = ("demo",)
+# No command imports TensorFlow up front: each imports it only after what needs no model was
+# checked (a typo, a missing folder, a PNG given as the model, an unknown layer of a .keras or .h5
+# file cost no TF import); every import of it is quiet (audit.quiet.install).
 
 
 class _Parser(argparse.ArgumentParser):
@@ -74,10 +73,6 @@ def main(argv=None) -> int:
         parser.print_help()
         return 2
     try:
-        if args.command in NEEDS_TF:
-            from audit.quiet import import_tensorflow
-
-            import_tensorflow()
         return int(args.func(args) or 0)
     except AuditError as e:
         print(f"audit: error: {e}", file=sys.stderr)

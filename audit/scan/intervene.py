@@ -14,7 +14,6 @@ import numpy as np
 from audit.data import fs, io
 from audit.data.datasets import load_images
 from audit.data.jobspec import load_job_model, read_job_record
-from audit.engine.explainer import bucket_for
 from audit.engine.heads import Head
 from audit.engine.models import input_size_of, model_input
 from audit.errors import AuditError
@@ -104,6 +103,8 @@ class CompiledPredict:
                                input_signature=[tf.TensorSpec(shape, tf.float32)])
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
+        from audit.engine.explainer import bucket_for  # deferred: it imports Keras (a model is loaded by now)
+
         out = []
         for s in range(0, len(x), self.batch):
             part = np.asarray(x[s:s + self.batch], np.float32)
