@@ -233,35 +233,3 @@ def test_suspects_are_planned_first_and_never_cut_off_by_the_budget():
     assert (plans[0].class_id, plans[0].cluster) == (7, 1) and len(plans[0].ids) == cfg.sample
     assert skipped > 0  # the unsuspected classes did not all fit ...
     assert all(p.cluster is None for p in plans[1:])  # ... the suspect was never among those left out
-
-
-def any_corner_model(images):
-    """Class 1 when a bright 3-pixel tag sits in any 4 x 4 corner of a 16-pixel image."""
-    x = np.asarray(images, np.float64).mean(axis=3)
-    tags = [x[:, :4, :4], x[:, :4, -4:], x[:, -4:, :4], x[:, -4:, -4:]]
-    return np.any([t.mean(axis=(1, 2)) > 165 for t in tags], axis=0).astype(int)
-
-
-def test_a_tag_in_a_different_corner_of_each_image_is_found_by_the_four_corners_at_once():
-    from audit.scan.verdict import causal_cue
-
-    rng = np.random.default_rng(5)
-    imgs, masks = scenes(32)
-    imgs[:, :3, :3] = rng.integers(60, 200, (32, 3, 3, 3))  # no tag where scenes() put one
-    for i in range(32):  # a tag one pixel in from the edges, in one corner of each image, corners in turn
-        y, x = [(1, 1), (1, 12), (12, 1), (12, 12)][i % 4]
-        imgs[i, y:y + 3, x:x + 3] = 250
-    assert any_corner_model(imgs).all()
-    bank = place_bank((S, S))
-    corners = bank[[p.name for p in bank].index("corners")]
-    ref = np.zeros((S, S), bool)
-    ref[:4, :4] = ref[:4, -4:] = ref[-4:, :4] = ref[-4:, -4:] = True  # a quarter of each side: 4 px of 16
-    np.testing.assert_array_equal(corners.mask, ref)
-    assert corners.area == pytest.approx(0.25)
-    res = causal_tests(any_corner_model, Sample(imgs, bank, masks, classes=np.ones(32, int)), DEFAULT.replace(screen=0))
-    assert res.at("corners").flip_rate == 1.0
-    assert all(res.at(f"corner:{c}").flip_rate == pytest.approx(0.25) for c in
-               ("top_left", "top_right", "bottom_left", "bottom_right"))  # each holds the tag in a quarter
-    found = causal_cue(res, {}, DEFAULT, mode=-1)
-    assert found.score >= 0.5 and found.flip.place == "corners"
-    assert any_corner_model(remove_cue(imgs, "corners", masks=masks)).sum() == 0

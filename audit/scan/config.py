@@ -70,7 +70,6 @@ class Config:
     border_widths: tuple = (0.04, 0.1, 0.2)  # border bands of the place bank, fraction of each side
     edge_width: float = 0.2  # each edge band of the bank
     corner_side: float = 1 / 3  # each corner box of the bank
-    corners_side: float = 1 / 4  # the four corners at once (a mark in a different corner per image), each this side
     texture_sigma: float = 1 / 16  # the texture transform's Gaussian blur, fraction of the side (4 px at 64)
     spare_hot: float = 0.5  # without masks, the object is taken to be where its own map holds >= this of its
     spare_max: float = 0.15  # ... maximum, in at most this share of the map's cells (the strongest), grown by one

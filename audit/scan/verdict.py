@@ -349,8 +349,7 @@ def causal_cue(causal: CausalResult | None, others: dict | None = None, cfg: Con
     of the fixed bank (the most specific explanation: a corner rather than an
     edge containing it; an edge rather than a border band, which also covers
     that edge: a sky along the top flips the thin band too, a frame flips no
-    single edge), else the smallest of the border bands and the four corners
-    at once (a mark in a different corner of each image), else the hot area, else a
+    single edge), else the thinnest border band, else the hot area, else a
     background transform (texture, colour, then the flat background);
     without one, the highest score (for the evidence).
     ``others``: {place: median flip rate of the same place on the other classes}; ``mode``: which end
@@ -376,17 +375,10 @@ def causal_cue(causal: CausalResult | None, others: dict | None = None, cfg: Con
     # a named region first (the user's hypothesis), then the smallest place of the fixed bank, then
     # the hot area (it follows the attention, the bank names the place), then a background transform
     best = min(strong, key=lambda c: (c[1].where is not Where.REGION, c[1].spec.is_transform, c[1].spec.control,
-                                      c[1].where is Where.HOT, _spread(c[1]), c[1].area, -c[0])) \
+                                      c[1].where is Where.HOT, c[1].where is Where.BORDER, c[1].area, -c[0])) \
         if strong else max(cands, key=lambda c: c[0])
     s, t = best
     return CueFinding(s, t, others_rate(t, others), strongest_refuted)
-
-
-def _spread(t: PlaceFlip) -> bool:
-    """A place spread around the image (a border band, the four corners at once), named only after every
-    single box (a tag in one corner flips that corner and the four corners alike); among them the
-    smallest wins (a thin frame: its band; a tag in a different corner of each image: the corners)."""
-    return t.where in (Where.BORDER, Where.CORNERS)
 
 
 def background_score(causal: CausalResult | None, cfg: Config = DEFAULT, mode: int = 0) -> float:

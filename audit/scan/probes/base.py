@@ -40,7 +40,6 @@ class Where(Enum):
     BORDER = "border"
     EDGE = "edge"
     CORNER = "corner"
-    CORNERS = "corners"  # the four corners at once (a mark in a different corner of each image)
     REGION = "region"  # a region named by the job
     HOT = "hot"  # the group's hot area
 

@@ -11,16 +11,6 @@ from audit.scan.config import DEFAULT, Config
 from audit.scan.probes.base import Where
 
 HOT_AREA = "hot area"  # the place name of a group's hot area (a contract value of the ``place`` column)
-CORNERS = "corners"  # the four corners at once (a contract value of the ``place`` column)
-
-
-def corners_mask(size, side: float) -> np.ndarray:
-    """(H, W) bool: a box of ``side`` (fraction of each side) in each of the four corners."""
-    h, w = size
-    bh, bw = max(1, round(side * h)), max(1, round(side * w))
-    m = np.zeros((h, w), bool)
-    m[:bh, :bw] = m[:bh, -bw:] = m[-bh:, :bw] = m[-bh:, -bw:] = True
-    return m
 
 
 @dataclass(frozen=True)
@@ -41,14 +31,11 @@ class Spot:
 def place_bank(size, regions: dict | None = None, hot_box=None, cfg: Config = DEFAULT) -> list[Spot]:
     """The fixed places tested for every class, at the model input ``size`` (H, W).
 
-    Border bands (``cfg.border_widths``), the four corners at once
-    (``cfg.corners_side``: a mark that sits in a different corner of each
-    image), each edge (``cfg.edge_width``), each corner (``cfg.corner_side``),
-    each named region, and the class's hot area (``hot_box``) when given.
+    Border bands (``cfg.border_widths``), each edge (``cfg.edge_width``),
+    each corner (``cfg.corner_side``), each named region, and the class's
+    hot area (``hot_box``) when given.
     """
     places = [Spot(f"border:{round(100 * w)}%", None, border_mask(size, w), Where.BORDER) for w in cfg.border_widths]
-    if cfg.corners_side > 0:
-        places.append(Spot(CORNERS, None, corners_mask(size, cfg.corners_side), Where.CORNERS))
     e, c = cfg.edge_width, cfg.corner_side
     boxes = {"edge:top": (0, 0, 1, e), "edge:bottom": (0, 1 - e, 1, 1), "edge:left": (0, 0, e, 1),
              "edge:right": (1 - e, 0, 1, 1),
