@@ -109,16 +109,17 @@ def test_the_job_s_predictions_stand_for_the_unedited_images_only_where_the_pool
     view = SimpleNamespace(df=df)
     pool_ids = sorted(sample_ids(ids, DEFAULT.donors))  # the pool as the scan draws it
     base = np.array([int(i[3:]) % 3 for i in pool_ids])
-    pool = Pool(recipients=Recipients(np.zeros((len(base), 2, 2, 3), np.uint8), base))
-    preds = job_predictions(view, pool, DEFAULT)
+    pool = Pool(recipients=Recipients(np.zeros((len(base), 2, 2, 3), np.uint8), base), ids=tuple(pool_ids))
+    preds = job_predictions(view, pool)
     assert preds is not None and preds["img7"] == 1
     pool.job_preds = preds
     np.testing.assert_array_equal(_known(pool, ["img4", "img5"]), [1, 2])
     assert _known(pool, ["img4", "nowhere"]) is None  # one unknown id: all predicted
     base[3] = (base[3] + 1) % 3  # the scan's own prediction of one pool image differs: none is trusted
-    assert job_predictions(view, pool, DEFAULT) is None
-    multi = Pool(recipients=Recipients(np.zeros((len(base), 2, 2, 3), np.uint8), np.zeros((len(base), 3), bool)))
-    assert job_predictions(view, multi, DEFAULT) is None  # multi-label: not reused
+    assert job_predictions(view, pool) is None
+    multi = Pool(recipients=Recipients(np.zeros((len(base), 2, 2, 3), np.uint8), np.zeros((len(base), 3), bool)),
+                 ids=tuple(pool_ids))
+    assert job_predictions(view, multi) is None  # multi-label: not reused
 
 
 def test_flips_to_several_classes_are_not_settled_at_sixteen():

@@ -149,6 +149,7 @@ class Pool:
     levels: Levels | None = None  # the dataset's typical image
     recipients: Recipients | None = None  # the images as they are, with the model's predictions
     job_preds: dict | None = None  # {image id: the job's prediction}, where the pool's own agree with them
+    ids: tuple = ()  # the pool's image ids, in the order of its arrays
 
 
 def _pool(intervener, view, use_masks: bool, cfg: Config, results=()) -> Pool:
@@ -161,7 +162,7 @@ def _pool(intervener, view, use_masks: bool, cfg: Config, results=()) -> Pool:
     if not ids:
         return Pool()
     target = dict(zip(ok["image_id"], ok["target"]))
-    pool = Pool(target=np.array([target[i] for i in ids]))
+    pool = Pool(target=np.array([target[i] for i in ids]), ids=tuple(ids))
     pool.recipients, images, masks = _load_recipients(intervener, ids, use_masks, cfg, results)
     pool.levels = Levels.of(images)
     if pool.recipients.keep is None:
@@ -182,11 +183,11 @@ def _load_recipients(intervener, ids: list, use_masks: bool, cfg: Config, result
     return Recipients(images, base, hot=_spare(images.shape[1:3], cfg, grids=maps_of(results, ids))), images, masks
 
 
-def _more_recipients(intervener, view, use_masks: bool, cfg: Config, results=()) -> Recipients | None:
+def _more_recipients(intervener, view, pool: Pool, use_masks: bool, cfg: Config, results=()) -> Recipients | None:
     """The images after the pool's in its deterministic order (``cfg.sequential_max`` more), as recipients
     for a transplant that sequential testing grows past the pool; None when there are none."""
     ok = view.df[view.df["status"] == "ok"].drop_duplicates("image_id")["image_id"].tolist()
-    ids = sorted(sample_ids(ok, cfg.donors + cfg.sequential_max) - sample_ids(ok, cfg.donors))
+    ids = sorted(sample_ids(ok, cfg.donors + cfg.sequential_max) - set(pool.ids))
     return _load_recipients(intervener, ids, use_masks, cfg, results)[0] if ids else None
 
 
@@ -264,7 +265,7 @@ def _sample(intervener, results, plan: TestPlan, pool: Pool, size, regions, mask
                   target=plan.class_id, cfg=cfg, base_pred=_known(pool, plan.ids))
 
 
-def job_predictions(view, pool: Pool, cfg: Config) -> dict | None:
+def job_predictions(view, pool: Pool) -> dict | None:
     """{image id: the prediction the job recorded} (single-label heads), when the scan's own predictions
     of the pool's images agree with the job's on every one (same model, same decoding: the unedited
     images need not be predicted again); None where one differs (a job run in mixed precision or on
@@ -272,9 +273,9 @@ def job_predictions(view, pool: Pool, cfg: Config) -> dict | None:
     if pool.recipients is None or np.ndim(pool.recipients.base) != 1 or "pred" not in view.df:
         return None
     ok = view.df[view.df["status"] == "ok"].drop_duplicates("image_id")
-    ids = sorted(sample_ids(ok["image_id"].tolist(), cfg.donors))  # the pool's images, as _pool drew them
     preds = dict(zip(ok["image_id"], ok["pred"]))
-    if len(ids) != len(pool.recipients.base) or any(preds.get(i) != p for i, p in zip(ids, pool.recipients.base)):
+    if len(pool.ids) != len(pool.recipients.base) or \
+            any(preds.get(i) != p for i, p in zip(pool.ids, pool.recipients.base)):
         return None
     return preds
 
@@ -300,7 +301,7 @@ def run_tests(intervener, results, view, cfg: Config, use_masks: bool) -> Causal
     out.planned = len(plans) + out.skipped
     start = intervener.forwards
     pool = intervener.call(_pool, intervener, view, use_masks, cfg, results) or Pool()
-    pool.job_preds = job_predictions(view, pool, cfg)
+    pool.job_preds = job_predictions(view, pool)
     out.density = _density_ratios(pool.density, place_bank(size, view.regions, cfg=cfg))
     out.budget = budget_of(n_images, sum(w.priority >= cfg.cluster_attention_min for w in _wanted(results, cfg)),
                            n_places, masked, cfg)
@@ -313,7 +314,7 @@ def run_tests(intervener, results, view, cfg: Config, use_masks: bool) -> Causal
     out.forwards = intervener.forwards - start
     grow = _Grow(intervener, results, pool, size, view.regions, masked, cfg, out, start,
                  {(p.class_id, p.cluster): p for p in plans},
-                 lambda: intervener.call(_more_recipients, intervener, view, use_masks, cfg, results))
+                 lambda: intervener.call(_more_recipients, intervener, view, pool, use_masks, cfg, results))
     for plan in [p for p in plans if (p.class_id, p.cluster) in out.results]:
         grow.until_decided(plan)
     out.forwards = intervener.forwards - start
@@ -341,6 +342,7 @@ class _Grow:
     plans: dict = field(default_factory=dict)  # {(class_id, cluster): TestPlan}, grown samples included
     more: object = None  # () -> Recipients | None: images past the pool, loaded on first need
     _extra: object = None  # what ``more`` gave (False: nothing)
+    _loaded: dict = field(default_factory=dict)  # {plan: Sample}: a transplant grown again reloads nothing
 
     def until_decided(self, plan: TestPlan) -> None:
         key = (plan.class_id, plan.cluster)
@@ -409,7 +411,10 @@ class _Grow:
             return False
         # no budget check: sequential_max bounds it (at most 2 x 128 forward passes a test, a few seconds)
         rest = rec.rows(t.n, t.n + want)
-        s = _sample(self.intervener, self.results, plan, self.pool, self.size, self.regions, self.masked, self.cfg)
+        if plan not in self._loaded:
+            self._loaded[plan] = _sample(self.intervener, self.results, plan, self.pool, self.size, self.regions,
+                                         self.masked, self.cfg)
+        s = self._loaded[plan]
         tr = None if s is None else self.intervener.call(t.spec.transplant_into, self.intervener.predict, s, rest,
                                                          CHUNK)
         if tr is None:

@@ -60,8 +60,7 @@ class Recipients:
         rows = np.nonzero(other)[0][:cfg.recipients]
         if len(rows) < cfg.min_recipients:
             return None
-        return Recipients(self.images[rows], base[rows], None if self.keep is None else self.keep[rows],
-                          None if self.hot is None else self.hot[rows])
+        return self._take(rows)
 
     def join(self, more: Recipients) -> Recipients:
         """These recipients, then ``more``."""
@@ -74,9 +73,11 @@ class Recipients:
 
     def rows(self, start: int, stop: int | None = None) -> Recipients:
         """The recipients ``start:stop`` (sequential testing takes the next ones)."""
-        cut = slice(start, stop)
-        return Recipients(self.images[cut], np.asarray(self.base)[cut], None if self.keep is None else self.keep[cut],
-                          None if self.hot is None else self.hot[cut])
+        return self._take(slice(start, stop))
+
+    def _take(self, idx) -> Recipients:
+        return Recipients(self.images[idx], np.asarray(self.base)[idx], None if self.keep is None else self.keep[idx],
+                          None if self.hot is None else self.hot[idx])
 
     def spots(self, masks: np.ndarray, avoid: np.ndarray | None = None) -> np.ndarray:
         """(K, H, W) each recipient's pixels to paste: ``masks`` (N, H, W) taken in turn, less ``avoid``
