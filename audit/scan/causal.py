@@ -258,7 +258,7 @@ def _sample(intervener, results, plan: TestPlan, pool: Pool, size, regions, mask
         masks = np.zeros(images.shape[:3], bool)
     bg, bg_cls = _backgrounds_for(pool, plan.class_id)
     spare = _spare(size, cfg, masks) if masked else _spare(size, cfg, grids=own_grids(results, plan))
-    return Sample(images, place_bank(size, regions, plan.hot_box, cfg), masks if masked else None,
+    return Sample(images, place_bank(size, regions, plan.hot_box, cfg, cells=not masked), masks if masked else None,
                   classes=np.full(len(images), plan.class_id), backgrounds=bg, background_classes=bg_cls,
                   spare=spare, levels=pool.levels,
                   recipients=pool.recipients.for_class(plan.class_id, cfg) if pool.recipients else None,
@@ -295,7 +295,7 @@ def run_tests(intervener, results, view, cfg: Config, use_masks: bool) -> Causal
         return out
     # decided by the data (records with an object mask or box), never by which spec keys a format has
     masked = bool(use_masks and view.masked)
-    n_places = len(place_bank(size, view.regions, cfg=cfg)) + 1
+    n_places = len(place_bank(size, view.regions, cfg=cfg, cells=not masked)) + 1
     n_images = int(view.df["image_id"].nunique()) if len(view.df) else 0
     plans, out.skipped = plan_tests(results, n_images, n_places, masked, cfg)
     out.planned = len(plans) + out.skipped

@@ -88,7 +88,8 @@ class Config:
     identity_shift: float = 1 / 16  # the shift edit moves the image by this share of its side (4 px at 64; an
     #                                 eighth flipped 47% of a healthy zoo class: objects near the edge were cut)
     colour_transplant_min: float = 0.35  # a class's colours given to other classes' images turn this share ...
-    colour_transplant_specific: float = 0.3  # ... and this much more than another class's colours do
+    colour_transplant_specific: float = 0.1  # ... and this much more than another class's colours do (at the
+    #                                          lower end of the difference's interval: the placebo's margin)
     object_flip_max: float = 0.25  # removing the object flips at most this share ...
     background_flip_min: float = 0.35  # ... while replacing the background flips at least this
     mention_flip: float = 0.2  # a place that flips less than this is not worth a mention in the evidence

@@ -95,7 +95,7 @@ def place_pixels(cue: Cue, size, regions=None) -> np.ndarray | None:
     if cue.kind != "place":
         return None
     hot = cue.box if cue.place == "hot area" else None
-    spot = next((s for s in place_bank(size, regions, hot) if s.name == cue.place), None)
+    spot = next((s for s in place_bank(size, regions, hot, cells=True) if s.name == cue.place), None)
     if spot is not None:
         return spot.mask
     if cue.box is None:

@@ -40,6 +40,7 @@ class Where(Enum):
     BORDER = "border"
     EDGE = "edge"
     CORNER = "corner"
+    CELL = "cell"  # a cell of the grid inside the image (without masks)
     REGION = "region"  # a region named by the job
     HOT = "hot"  # the group's hot area
 

@@ -16,7 +16,7 @@ HOT_AREA = "hot area"  # the place name of a group's hot area (a contract value 
 @dataclass(frozen=True)
 class Spot:
     """A place to occlude: its name (``border:4%``, ``edge:top``, ``corner:top_left``,
-    ``region:<name>``, ``hot area``), box (x0, y0, x1, y1 fractions; None for a band), pixels and kind."""
+    ``cell:centre``, ``region:<name>``, ``hot area``), box (x0, y0, x1, y1 fractions; None for a band), pixels and kind."""
 
     name: str
     box: tuple | None
@@ -28,12 +28,15 @@ class Spot:
         return float(self.mask.mean())
 
 
-def place_bank(size, regions: dict | None = None, hot_box=None, cfg: Config = DEFAULT) -> list[Spot]:
+def place_bank(size, regions: dict | None = None, hot_box=None, cfg: Config = DEFAULT,
+               cells: bool = False) -> list[Spot]:
     """The fixed places tested for every class, at the model input ``size`` (H, W).
 
     Border bands (``cfg.border_widths``), each edge (``cfg.edge_width``),
-    each corner (``cfg.corner_side``), each named region, and the class's
-    hot area (``hot_box``) when given.
+    each corner (``cfg.corner_side``), with ``cells`` the five other cells of
+    the grid the corners belong to (the middle of each side and the centre:
+    a mark inside the image, away from every edge, is in one of them), each
+    named region, and the class's hot area (``hot_box``) when given.
     """
     places = [Spot(f"border:{round(100 * w)}%", None, border_mask(size, w), Where.BORDER) for w in cfg.border_widths]
     e, c = cfg.edge_width, cfg.corner_side
@@ -41,7 +44,11 @@ def place_bank(size, regions: dict | None = None, hot_box=None, cfg: Config = DE
              "edge:right": (1 - e, 0, 1, 1),
              "corner:top_left": (0, 0, c, c), "corner:top_right": (1 - c, 0, 1, c),
              "corner:bottom_left": (0, 1 - c, c, 1), "corner:bottom_right": (1 - c, 1 - c, 1, 1)}
-    kinds = {name: Where.EDGE if name.startswith("edge:") else Where.CORNER for name in boxes}
+    if cells:
+        boxes.update({"cell:top": (c, 0, 1 - c, c), "cell:left": (0, c, c, 1 - c), "cell:centre": (c, c, 1 - c, 1 - c),
+                      "cell:right": (1 - c, c, 1, 1 - c), "cell:bottom": (c, 1 - c, 1 - c, 1)})
+    kinds = {name: Where.EDGE if name.startswith("edge:") else Where.CELL if name.startswith("cell:")
+             else Where.CORNER for name in boxes}
     for r, b in (regions or {}).items():
         boxes[f"region:{r}"] = tuple(float(v) for v in b)
         kinds[f"region:{r}"] = Where.REGION
@@ -57,7 +64,7 @@ def place_bank(size, regions: dict | None = None, hot_box=None, cfg: Config = DE
 
 def spot_named(name: str, size, box=None, regions: dict | None = None, cfg: Config = DEFAULT) -> Spot | None:
     """The bank's place called ``name`` at ``size`` (the hot area from ``box``), or a box given; None if unknown."""
-    for s in place_bank(size, regions, box if name == HOT_AREA else None, cfg):
+    for s in place_bank(size, regions, box if name == HOT_AREA else None, cfg, cells=True):
         if s.name == name:
             return s
     if box is not None:
