@@ -102,12 +102,12 @@ def test_the_job_s_predictions_stand_for_the_unedited_images_only_where_the_pool
     import pandas as pd
 
     from audit.scan.causal import Pool, _known, job_predictions
-    from audit.scan.read import sample_ids
+    from audit.scan.read import hashed, sample_ids
 
     ids = [f"img{i}" for i in range(100)]
     df = pd.DataFrame({"image_id": ids, "status": "ok", "pred": [i % 3 for i in range(100)]})
     view = SimpleNamespace(df=df)
-    pool_ids = sorted(sample_ids(ids, DEFAULT.donors))  # the pool as the scan draws it
+    pool_ids = hashed(sample_ids(ids, DEFAULT.donors))  # the pool as the scan draws it
     base = np.array([int(i[3:]) % 3 for i in pool_ids])
     pool = Pool(recipients=Recipients(np.zeros((len(base), 2, 2, 3), np.uint8), base), ids=tuple(pool_ids))
     preds = job_predictions(view, pool)

@@ -24,7 +24,7 @@ from audit.scan.probes.edits import Levels, remove_objects, spare_masks
 from audit.scan.probes.places import place_bank
 from audit.scan.probes.run import CHUNK
 from audit.scan.probes.transplant import Recipients
-from audit.scan.read import sample_ids
+from audit.scan.read import hashed, sample_ids
 from audit.scan.robust import fixed_place_score
 from audit.scan.verdict import OthersRates, assess, placebo_rates
 
@@ -158,7 +158,8 @@ def _pool(intervener, view, use_masks: bool, cfg: Config, results=()) -> Pool:
     heatmaps' hot areas, are never pasted over)."""
     df = view.df
     ok = df[df["status"] == "ok"].drop_duplicates("image_id")
-    ids = sorted(sample_ids(ok["image_id"].tolist(), cfg.donors))
+    # mixed, not sorted: a transplant's first recipients must not all be one class's (a folder's ids sort by class)
+    ids = hashed(sample_ids(ok["image_id"].tolist(), cfg.donors))
     if not ids:
         return Pool()
     target = dict(zip(ok["image_id"], ok["target"]))
@@ -187,7 +188,7 @@ def _more_recipients(intervener, view, pool: Pool, use_masks: bool, cfg: Config,
     """The images after the pool's in its deterministic order (``cfg.sequential_max`` more), as recipients
     for a transplant that sequential testing grows past the pool; None when there are none."""
     ok = view.df[view.df["status"] == "ok"].drop_duplicates("image_id")["image_id"].tolist()
-    ids = sorted(sample_ids(ok, cfg.donors + cfg.sequential_max) - set(pool.ids))
+    ids = hashed(sample_ids(ok, cfg.donors + cfg.sequential_max) - set(pool.ids))
     return _load_recipients(intervener, ids, use_masks, cfg, results)[0] if ids else None
 
 

@@ -70,12 +70,18 @@ def choose_view(pairs, auto_layers=None, layer=None, method=None) -> tuple[str, 
     return layer, method
 
 
+def hashed(ids) -> list:
+    """``ids`` in a deterministic order that mixes them (by CRC32, then by name): unlike their sorted
+    order, which groups a folder dataset's ids by class, any first few are a sample of all."""
+    return sorted(ids, key=lambda s: (zlib.crc32(str(s).encode()), str(s)))
+
+
 def sample_ids(ids, k: int) -> set:
     """A deterministic sample of at most ``k`` ids (smallest CRC32)."""
     ids = list(ids)
     if len(ids) <= k:
         return set(ids)
-    return set(sorted(ids, key=lambda s: (zlib.crc32(str(s).encode()), str(s)))[:k])
+    return set(hashed(ids)[:k])
 
 
 def class_names(record: JobRecord | None, df) -> dict:
