@@ -357,7 +357,7 @@ class _Grow:
             if not v.undecided.spec.grows or len(plan.ids) >= min(self.cfg.sequential_max, len(plan.pool)):
                 return  # more images of the group cannot decide (a transplant's recipients), or no more
             more = [i for i in sample_ids(list(plan.pool), 2 * len(plan.ids)) if i not in set(plan.ids)]
-            keep = {(t.probe, t.place) for t in res.tests if t.n >= self.cfg.min_tested or t is v.undecided}
+            keep = _kept(v.undecided)
             cost = len(more) * (1 + len(keep))
             if not more or self.intervener.forwards - self.start + cost > self.out.budget:
                 return
@@ -461,6 +461,13 @@ class _Grow:
         s.recipients = None
         probes = [p for p in PROBES.values() if any(k[0] == p.name for k in keep)]
         return self.intervener.call(causal_tests, self.intervener.predict, s, self.cfg.replace(screen=0), probes)
+
+
+def _kept(t) -> set:
+    """The tests a grown sample runs: the undecided one (with its placebo, for a place) alone, since
+    the others' rates, each with its own count, were decided on the images they had."""
+    keep = {(t.probe, t.place)}
+    return keep | {("placebo", t.place)} if t.spec.is_place else keep
 
 
 def merge(res: CausalResult, extra: CausalResult) -> CausalResult:

@@ -387,19 +387,32 @@ def background_score(causal: CausalResult | None, cfg: Config = DEFAULT, mode: i
 
     Without masks ``object`` is each image's own hot area removed and ``background`` the background
     transplant (the class's backgrounds pasted around other classes' own hot areas turn them into the
-    class), against ``background_transplant_min``.  ``mode``: which end of each interval (:func:`toward`;
-    the object's rate from the other end).
+    class), against ``background_transplant_min``.  With masks, where that transplant ran (around the
+    other classes' objects), turning fewer than ``transplant_min`` of them refutes the background: the
+    class is what the model says when nothing else is there, and a background that carries a class
+    carries it around other objects too.  ``mode``: which end of each interval (:func:`toward`; the
+    object's rate from the other end).
     """
     if causal is None:
         return 0.0
     fo = toward(causal.object(), -mode)
     bgs = [toward(t, mode) for t in causal.tests if t.spec.replaces_background and finite(t.flip_rate)]
     fb, need = (min(bgs) if bgs else math.nan), cfg.background_flip_min
+    tb = causal.background_transplant()
     if not causal.masked:
-        fb, need = toward(causal.background_transplant(), mode), cfg.background_transplant_min
+        fb, need = toward(tb, mode), cfg.background_transplant_min
     if not (finite(fo) and finite(fb)):
         return 0.0
-    return clip01(0.5 * min((1.0 - fo) / (1.0 - cfg.object_flip_max), fb / need))
+    score = clip01(0.5 * min((1.0 - fo) / (1.0 - cfg.object_flip_max), fb / need))
+    if causal.masked and background_refuted(tb, cfg):
+        score = min(score, math.nextafter(0.5, 0.0))
+    return score
+
+
+def background_refuted(tb: PlaceFlip | None, cfg: Config = DEFAULT) -> bool:
+    """With masks: the class's backgrounds, pasted around ``min_recipients`` or more other classes' objects,
+    turned fewer than ``transplant_min`` of them into the class (as :func:`transplant_refutes` for a place)."""
+    return tb is not None and finite(tb.flip_rate) and tb.n >= cfg.min_recipients and tb.flip_rate < cfg.transplant_min
 
 
 def has_causal(causal: CausalResult | None) -> bool:
@@ -640,7 +653,8 @@ def _object_words(c: CausalResult, o: PlaceFlip) -> str:
                                                             for b in bgs)
     tb = c.background_transplant()
     if tb is not None and finite(tb.flip_rate):
-        s += (f", and its backgrounds pasted around the hot areas of {tb.n} images of other classes turn "
+        around = "objects" if c.masked else "hot areas"
+        s += (f", and its backgrounds pasted around the {around} of {tb.n} images of other classes turn "
               f"{pct(tb.flip_rate)}{_span(tb)} of them into this class")
     return s
 
@@ -675,6 +689,10 @@ def _conclusion(res: Verdict, att: Attention, cfg: Config) -> str:
             and other_bg[0] >= cfg.background_flip_min:
         return (" - removing the object changes nothing and only another class's background flips it:"
                 " the model says this class when the other classes' cues are absent")
+    if res.causal.masked and background_refuted(res.causal.background_transplant(), cfg):
+        return (" - replacing its background changes its predictions, but its backgrounds around other classes'"
+                " objects do not turn them into it: the model says this class when no other object is there,"
+                " its background carries no cue")
     if att.score >= 0.5:
         return " - the attention is suspicious, but no causal test supports a shortcut"
     return ""

@@ -119,7 +119,7 @@ class CausalResult:
         return min(rates) if rates else math.nan
 
     def background_transplant(self) -> PlaceFlip | None:
-        """Without masks: the class's backgrounds pasted around other classes' hot areas."""
+        """The class's backgrounds pasted around other classes' objects (masks) or hot areas (without)."""
         return self.first("sufficiency")
 
     @property

@@ -152,23 +152,25 @@ def transplant_places(predict_fn, trials: list, s: Sample, cfg: Config, chunk: i
 
 def transplant_background(predict_fn, images: np.ndarray, spare: np.ndarray, recipients: Recipients | None,
                           target: int, chunk: int) -> Transplant | None:
-    """Paste each sample image's background (outside its ``spare`` area) around the recipients' own
-    hot areas (``recipients.hot``); the control makes the same pixels one flat grey.
+    """Paste each sample image's background (outside its ``spare`` area) around the recipients' objects
+    (``recipients.keep``, with masks) or own hot areas (``recipients.hot``, without); the control makes
+    the same pixels one flat grey.
 
     Args:
         predict_fn: uint8 images -> predictions.
         images: the sample (N, H, W, C).
-        spare: (N, H, W) bool, each sample image's object as far as its heatmap tells.
-        recipients: images of other classes with their own hot areas (``hot``), or None.
+        spare: (N, H, W) bool, each sample image's object (its mask grown, or as far as its heatmap tells).
+        recipients: images of other classes with their objects or hot areas, or None.
         target: the sample's class id.
         chunk: images per ``predict_fn`` call.
 
     Returns:
         A :class:`Transplant`, or None without recipients or their kept areas.
     """
-    if recipients is None or recipients.hot is None or not len(images):
+    kept = None if recipients is None else recipients.hot if recipients.hot is not None else recipients.keep
+    if kept is None or not len(images):
         return None
-    where = recipients.spots(~np.asarray(spare, bool), avoid=recipients.hot)
+    where = recipients.spots(~np.asarray(spare, bool), avoid=kept)
     pasted = paste(recipients.images, images, where)
     flat = transform(recipients.images, where, "flat-grey")
     got, ctl = predict_chunks(predict_fn, [pasted, flat], chunk)
@@ -178,8 +180,14 @@ def transplant_background(predict_fn, images: np.ndarray, spare: np.ndarray, rec
 
 
 class BackgroundTransplant(Probe):
-    """Without masks: the class's backgrounds pasted around other classes' own hot areas, unless removing
-    the hot area flipped clearly more than ``cfg.background_object_max`` (its interval's lower end)."""
+    """The class's backgrounds pasted around other classes' objects (with masks) or own hot areas (without).
+
+    Without masks it runs unless removing the hot area flipped clearly more than
+    ``cfg.background_object_max`` (its interval's lower end); with masks only where the background
+    replacements may flag the class (each flipped at least ``background_flip_min`` of it), as the test
+    that tells a background that carries the class from a class the model says when nothing else is
+    there (an empty background around another class's object keeps that object's class).
+    """
 
     name = "background-transplant"
     family = Family.TRANSPLANT
@@ -189,14 +197,22 @@ class BackgroundTransplant(Probe):
     more_recipients = True
 
     def transplant_into(self, predict_fn, s: Sample, recipients, chunk: int) -> Transplant | None:
-        if s.masks is not None or s.spare is None or s.target is None:
+        if s.spare is None or s.target is None:
             return None
         return transplant_background(predict_fn, s.images, s.spare, recipients, int(s.target), chunk)
 
-    def follow_up(self, predict_fn, trials: list, s: Sample, cfg: Config, chunk: int) -> list[Trial]:
+    def due(self, trials: list, s: Sample, cfg: Config) -> bool:
+        """Is the transplant worth its forward passes on this sample (see the class)?"""
         obj = next((t for t in trials if t.probe.removes_object), None)
-        if s.recipients is None or obj is None or len(obj.flips) < cfg.min_rate_n \
-                or obj.clearly_above(cfg.background_object_max):
+        if s.recipients is None or obj is None or len(obj.flips) < cfg.min_rate_n:
+            return False
+        if s.masks is None:
+            return not obj.clearly_above(cfg.background_object_max)
+        bgs = [t for t in trials if t.probe.replaces_background and len(t.flips) >= cfg.min_rate_n]
+        return bool(bgs) and min(t.rate() for t in bgs) >= cfg.background_flip_min
+
+    def follow_up(self, predict_fn, trials: list, s: Sample, cfg: Config, chunk: int) -> list[Trial]:
+        if not self.due(trials, s, cfg):
             return []
         tr = self.transplant_into(predict_fn, s, s.recipients, chunk)
         if tr is None:
@@ -209,4 +225,4 @@ class BackgroundTransplant(Probe):
                          probe=self.name, where=t.where, k=int(round(tr.rate * tr.n)))
 
     def words(self, t) -> str:
-        return f"its backgrounds pasted around the hot areas of {t.n} images of other classes"
+        return f"its backgrounds pasted around the objects or hot areas of {t.n} images of other classes"
