@@ -3,6 +3,7 @@
     .venv/bin/python bench/causal.py                     # 10,000 images, 4 classes, 3 rounds: about 2 minutes
     .venv/bin/python bench/causal.py --images 2000       # quicker
     .venv/bin/python bench/causal.py --arch mobilenetv2 --size 96   # a real-size model (about 2 minutes a round)
+    .venv/bin/python bench/causal.py --arch mobilenetv2 --size 96 --no-masks   # a job without masks
 
 The job's model time is the Explainer (Grad-CAM and Grad-CAM++, one compiled
 forward+backward pass per batch of 32, as ``audit run`` computes it) over
@@ -87,9 +88,10 @@ class Cost:
         return sum(self.forwards.values())
 
 
-def causal_time(model, x, masks, n_classes: int, cfg, probes=None, batch: int = 32) -> Cost:
+def causal_time(model, x, masks, n_classes: int, cfg, probes=None, batch: int = 32, masked: bool = True) -> Cost:
     """Time and extra forward passes of the causal tests of a job of ``len(x)`` images (``probes``: the
-    registry's probes to run, default all; ``batch``: images per model call, the job's batch)."""
+    registry's probes to run, default all; ``batch``: images per model call, the job's batch; ``masked``
+    False: the tests of a job without masks, each object standing for its image's hot area)."""
     from audit.engine.explainer import bucket_for
     from audit.engine.heads import Head
     from audit.scan.intervene import CompiledPredict
@@ -111,11 +113,11 @@ def causal_time(model, x, masks, n_classes: int, cfg, probes=None, batch: int = 
     predict(x[:32])  # warm-up (the scan loads the model once)
     cost.predict_cpu, cost.padded = 0.0, 0
     size = x.shape[1:3]
-    bank = place_bank(size, {}, (0.3, 0.3, 0.7, 0.7), cfg)
+    bank = place_bank(size, {}, (0.3, 0.3, 0.7, 0.7), cfg, cells=not masked)
     budget = max(cfg.budget_floor, int(cfg.budget * len(x)))
-    per_class = extra_forwards(cfg.sample, len(bank), True, cfg)
+    per_class = extra_forwards(cfg.sample, len(bank), masked, cfg)
     sample = cfg.sample if per_class * n_classes <= budget else cfg.min_sample
-    cost.classes = min(n_classes, budget // extra_forwards(sample, len(bank), True, cfg))
+    cost.classes = min(n_classes, budget // extra_forwards(sample, len(bank), masked, cfg))
     # a shortcut class: the object's pixels get a tag in a corner that flips every prediction
     tagged = _tagged_predict(predict, size)
     idx = [np.arange(c * sample, (c + 1) * sample) + 64 for c in range(cost.classes)]
@@ -125,14 +127,15 @@ def causal_time(model, x, masks, n_classes: int, cfg, probes=None, batch: int = 
     cost.predict_cpu, cost.padded = 0.0, 0
     t0, c0 = time.perf_counter(), time.process_time()
     pool = np.arange(64)
-    backgrounds = remove_objects(x[pool], masks[pool])
+    backgrounds = remove_objects(x[pool], masks[pool]) if masked else None
     base = predict(x[pool])  # the transplant's recipients, predicted once (as the scan's pool; also the check)
     cost.forwards["pool"] += len(pool)
     keep = spare_masks(size, masks[pool])
     for c in range(cost.classes):
         fn, i = (tagged if c == 0 else predict), idx[c]
-        recipients = Recipients(x[pool], (base + 1) % 4 if c == 0 else base, keep).for_class(c, cfg)
-        res = causal_tests(fn, Sample(x[i], bank, masks[i], backgrounds=backgrounds,
+        given = (base + 1) % 4 if c == 0 else base
+        recipients = (Recipients(x[pool], given, keep) if masked else Recipients(x[pool], given, hot=keep)).for_class(c, cfg)
+        res = causal_tests(fn, Sample(x[i], bank, masks[i] if masked else None, backgrounds=backgrounds,
                                       background_classes=pool % n_classes, spare=spare_masks(size, masks[i]),
                                       recipients=recipients, target=c, base_pred=recorded[c]), cfg, probes)
         cost.forwards.update(res.forwards)
@@ -196,6 +199,8 @@ def main(argv=None) -> int:
                    help="zoo: the zoo's tiny network; mobilenetv2: keras.applications.MobileNetV2 (weights=None), "
                    "a model whose forward pass costs what a real audit's does")
     p.add_argument("--size", type=int, default=64, help="image side in pixels")
+    p.add_argument("--no-masks", action="store_true", help="the tests of a job without masks (the grid cells, "
+                   "each image's own hot area, the background transplant around it)")
     args = p.parse_args(argv)
     import keras
 
@@ -215,8 +220,8 @@ def main(argv=None) -> int:
     load = [os.getloadavg()[0]]
     for r in range(args.repeat):  # job and tests alternate: a change of machine load hits both
         job = job_model_time(model, x, args.batch)
-        full = causal_time(model, x, masks, args.classes, DEFAULT, batch=args.batch)
-        old = causal_time(model, x, masks, args.classes, DEFAULT, older, args.batch)
+        full = causal_time(model, x, masks, args.classes, DEFAULT, batch=args.batch, masked=not args.no_masks)
+        old = causal_time(model, x, masks, args.classes, DEFAULT, older, args.batch, not args.no_masks)
         ratios.append((full.took.cpu / job.cpu, full.took.wall / job.wall))
         older_ratios.append((old.took.cpu / job.cpu, old.took.wall / job.wall))
         load.append(os.getloadavg()[0])
@@ -225,7 +230,7 @@ def main(argv=None) -> int:
               f"passes, {full.total / args.images:.3f} per image): ratio {ratios[-1][0]:.3f} CPU, {ratios[-1][1]:.3f} "
               f"wall; without the identity edits and placebos {old.took.cpu:5.1f} s CPU ({old.total} forward passes): "
               f"ratio {older_ratios[-1][0]:.3f} CPU, {older_ratios[-1][1]:.3f} wall", flush=True)
-    print(f"{args.arch} at {args.size} px; images {args.images}, classes {args.classes} (tested {full.classes}), sample "
+    print(f"{args.arch} at {args.size} px{' without masks' if args.no_masks else ''}; images {args.images}, classes {args.classes} (tested {full.classes}), sample "
           f"{DEFAULT.sample}, batch {args.batch}, budget {max(DEFAULT.budget_floor, int(DEFAULT.budget * args.images))} "
           f"forward passes; load average {min(load):.1f}-{max(load):.1f} on {os.cpu_count()} CPUs")
     print(breakdown(full, job, args.images))

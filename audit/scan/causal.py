@@ -313,7 +313,8 @@ def run_tests(intervener, results, view, cfg: Config, use_masks: bool) -> Causal
             break
         out.results[(plan.class_id, plan.cluster)] = res
     out.forwards = intervener.forwards - start
-    grow = _Grow(intervener, results, pool, size, view.regions, masked, cfg, out, start,
+    # sequential testing spends from a budget of its own, as large: the planned tests may use all of theirs
+    grow = _Grow(intervener, results, pool, size, view.regions, masked, cfg, out, intervener.forwards,
                  {(p.class_id, p.cluster): p for p in plans},
                  lambda: intervener.call(_more_recipients, intervener, view, pool, use_masks, cfg, results))
     for plan in [p for p in plans if (p.class_id, p.cluster) in out.results]:
@@ -326,7 +327,7 @@ def run_tests(intervener, results, view, cfg: Config, use_masks: bool) -> Causal
 class _Grow:
     """Sequential testing: a group whose verdict is undecided (a rate whose 95% interval straddles its
     threshold) is tested on more of its images, doubling its sample up to ``cfg.sequential_max`` while
-    the budget lasts.  An identity-keeping edit is judged against the other class it flips most, at
+    its budget lasts (as large as the planned tests', counted from ``start``: the growth's own spending).  An identity-keeping edit is judged against the other class it flips most, at
     the end of that class's interval: where that class ran the edit on fewer images (the screening's 8
     leave 0 of 8 at 0-32%), its sample grows first, to this class's size; more images of this class
     alone could never decide it."""
