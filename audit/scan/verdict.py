@@ -349,7 +349,8 @@ def causal_cue(causal: CausalResult | None, others: dict | None = None, cfg: Con
     of the fixed bank (the most specific explanation: a corner rather than an
     edge containing it; an edge rather than a border band, which also covers
     that edge: a sky along the top flips the thin band too, a frame flips no
-    single edge), else the thinnest border band, else the hot area, else a
+    single edge), else a cell inside the image (a band along an edge also
+    flips the cell beside it), else the thinnest border band, else the hot area, else a
     background transform (texture, colour, then the flat background);
     without one, the highest score (for the evidence).
     ``others``: {place: median flip rate of the same place on the other classes}; ``mode``: which end
@@ -375,7 +376,8 @@ def causal_cue(causal: CausalResult | None, others: dict | None = None, cfg: Con
     # a named region first (the user's hypothesis), then the smallest place of the fixed bank, then
     # the hot area (it follows the attention, the bank names the place), then a background transform
     best = min(strong, key=lambda c: (c[1].where is not Where.REGION, c[1].spec.is_transform, c[1].spec.control,
-                                      c[1].where is Where.HOT, c[1].where is Where.BORDER, c[1].area, -c[0])) \
+                                      c[1].where is Where.HOT, c[1].where is Where.CELL, c[1].where is Where.BORDER,
+                                      c[1].area, -c[0])) \
         if strong else max(cands, key=lambda c: c[0])
     s, t = best
     return CueFinding(s, t, others_rate(t, others), strongest_refuted)

@@ -16,7 +16,7 @@ HOT_AREA = "hot area"  # the place name of a group's hot area (a contract value 
 @dataclass(frozen=True)
 class Spot:
     """A place to occlude: its name (``border:4%``, ``edge:top``, ``corner:top_left``,
-    ``cell:centre``, ``region:<name>``, ``hot area``), box (x0, y0, x1, y1 fractions; None for a band), pixels and kind."""
+    ``cell:left``, ``region:<name>``, ``hot area``), box (x0, y0, x1, y1 fractions; None for a band), pixels and kind."""
 
     name: str
     box: tuple | None
@@ -33,9 +33,10 @@ def place_bank(size, regions: dict | None = None, hot_box=None, cfg: Config = DE
     """The fixed places tested for every class, at the model input ``size`` (H, W).
 
     Border bands (``cfg.border_widths``), each edge (``cfg.edge_width``),
-    each corner (``cfg.corner_side``), with ``cells`` the five other cells of
-    the grid the corners belong to (the middle of each side and the centre:
-    a mark inside the image, away from every edge, is in one of them), each
+    each corner (``cfg.corner_side``), with ``cells`` the middle cell of each
+    side of the grid the corners belong to (a mark inside the image, off
+    every edge band, is in one of them; not the centre cell: without masks
+    that is where objects usually sit, and occluding it hides them), each
     named region, and the class's hot area (``hot_box``) when given.
     """
     places = [Spot(f"border:{round(100 * w)}%", None, border_mask(size, w), Where.BORDER) for w in cfg.border_widths]
@@ -45,8 +46,8 @@ def place_bank(size, regions: dict | None = None, hot_box=None, cfg: Config = DE
              "corner:top_left": (0, 0, c, c), "corner:top_right": (1 - c, 0, 1, c),
              "corner:bottom_left": (0, 1 - c, c, 1), "corner:bottom_right": (1 - c, 1 - c, 1, 1)}
     if cells:
-        boxes.update({"cell:top": (c, 0, 1 - c, c), "cell:left": (0, c, c, 1 - c), "cell:centre": (c, c, 1 - c, 1 - c),
-                      "cell:right": (1 - c, c, 1, 1 - c), "cell:bottom": (c, 1 - c, 1 - c, 1)})
+        boxes.update({"cell:top": (c, 0, 1 - c, c), "cell:left": (0, c, c, 1 - c), "cell:right": (1 - c, c, 1, 1 - c),
+                      "cell:bottom": (c, 1 - c, 1 - c, 1)})
     kinds = {name: Where.EDGE if name.startswith("edge:") else Where.CELL if name.startswith("cell:")
              else Where.CORNER for name in boxes}
     for r, b in (regions or {}).items():
