@@ -1,7 +1,7 @@
 """Sequential testing: an identity-keeping edit undecided because of its placebo grows the placebo's sample."""
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -213,3 +213,24 @@ def test_a_transplant_grows_past_the_pool_up_to_sequential_max_loading_the_rest_
     assert sizes == [32, 64, 128] and loads == [1]  # doubling; the images past the pool loaded once
     last = out.results[(0, None)].tests[0]
     assert last.k == 9 + 112 and iv.forwards == 2 * 112  # every new recipient turned red; its control none
+
+
+def test_a_grown_sample_runs_only_the_undecided_test_and_its_placebo():
+    from types import SimpleNamespace
+
+    place, other = flip("place", 16, 32, "edge:top"), flip("object-hue", 30, 32, "object:hue")
+    from audit.scan.read import sample_ids
+
+    g, calls = grow_with({(0, None): CausalResult(32, [place, other])}, budget=10_000, flips_per_image=0.5)
+    plan = g.plans[(0, None)]
+    plan = g.plans[(0, None)] = replace(plan, ids=tuple(sorted(sample_ids(plan.pool, 32))))  # as planned
+    g._verdict = lambda plan, res: SimpleNamespace(undecided=res.tests[0])  # the place stays undecided
+    g.until_decided(plan)
+    kept = {("place", "edge:top"), ("placebo", "edge:top")}
+    assert [(n, keep) for _, n, keep in calls] == [(32, kept), (64, kept)]  # 32 -> 64 -> 128 = sequential_max
+    grown, untouched = g.out.results[(0, None)].tests
+    assert (grown.n, grown.k) == (128, 16 + 16 + 32) and (untouched.n, untouched.k) == (32, 30)
+    g, calls = grow_with({(0, None): CausalResult(32, [place])}, budget=32 * 3 - 1, flips_per_image=0.5)
+    g._verdict = lambda plan, res: SimpleNamespace(undecided=res.tests[0])
+    g.until_decided(g.plans[(0, None)])
+    assert calls == []  # 32 more images x (1 + 2 tests) > the budget: insufficient_data stands
