@@ -68,3 +68,5 @@ def test_with_masks_it_runs_only_where_the_background_replacements_could_flag():
         bg = Trial(PROBES["background-neutral"], "background", None, "neutral", sel, flips={i: i < k for i in range(8)})
         assert probe.due([obj, bg], s, DEFAULT) is due
     assert not probe.due([obj], s, DEFAULT)  # no replacement ran
+    gone = Trial(PROBES["object"], "object", None, "inpaint", sel, flips={i: True for i in range(8)})
+    assert not probe.due([gone, bg], s, DEFAULT)  # removing the object flipped 8 of 8: no background verdict

@@ -154,7 +154,7 @@ def transplant_background(predict_fn, images: np.ndarray, spare: np.ndarray, rec
                           target: int, chunk: int) -> Transplant | None:
     """Paste each sample image's background (outside its ``spare`` area) around the recipients' objects
     (``recipients.keep``, with masks) or own hot areas (``recipients.hot``, without); the control makes
-    the same pixels one flat grey.
+    the same pixels one flat grey (not run where the pasted backgrounds turned none).
 
     Args:
         predict_fn: uint8 images -> predictions.
@@ -171,10 +171,11 @@ def transplant_background(predict_fn, images: np.ndarray, spare: np.ndarray, rec
     if kept is None or not len(images):
         return None
     where = recipients.spots(~np.asarray(spare, bool), avoid=kept)
-    pasted = paste(recipients.images, images, where)
-    flat = transform(recipients.images, where, "flat-grey")
-    got, ctl = predict_chunks(predict_fn, [pasted, flat], chunk)
+    got, = predict_chunks(predict_fn, [paste(recipients.images, images, where)], chunk)
     p = float(turned_into(recipients.base, got, target).mean())
+    if p == 0.0:  # none turned: the rate is 0 whatever the control turns (it is not predicted)
+        return Transplant(0.0, len(recipients.images), p, math.nan)
+    ctl, = predict_chunks(predict_fn, [transform(recipients.images, where, "flat-grey")], chunk)
     c = float(turned_into(recipients.base, ctl, target).mean())
     return Transplant(max(0.0, p - c), len(recipients.images), p, c)
 
@@ -184,7 +185,8 @@ class BackgroundTransplant(Probe):
 
     Without masks it runs unless removing the hot area flipped clearly more than
     ``cfg.background_object_max`` (its interval's lower end); with masks only where the background
-    replacements may flag the class (each flipped at least ``background_flip_min`` of it), as the test
+    verdict may hold (each background replacement flipped at least ``background_flip_min`` of the
+    class, removing the object not clearly more than ``object_flip_max``), as the test
     that tells a background that carries the class from a class the model says when nothing else is
     there (an empty background around another class's object keeps that object's class).
     """
@@ -209,7 +211,8 @@ class BackgroundTransplant(Probe):
         if s.masks is None:
             return not obj.clearly_above(cfg.background_object_max)
         bgs = [t for t in trials if t.probe.replaces_background and len(t.flips) >= cfg.min_rate_n]
-        return bool(bgs) and min(t.rate() for t in bgs) >= cfg.background_flip_min
+        return bool(bgs) and min(t.rate() for t in bgs) >= cfg.background_flip_min \
+            and not obj.clearly_above(cfg.object_flip_max)  # else the background verdict cannot hold
 
     def follow_up(self, predict_fn, trials: list, s: Sample, cfg: Config, chunk: int) -> list[Trial]:
         if not self.due(trials, s, cfg):
