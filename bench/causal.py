@@ -166,7 +166,7 @@ FAMILIES = (  # the breakdown's lines: (words, keys of CausalResult.forwards)
     ("place occlusions", ("place",)),
     ("placebos", ("placebo",)),
     ("place transplants", ("place/follow-up",)),
-    ("background transplant (no masks)", ("background-transplant/follow-up",)),
+    ("background transplant", ("background-transplant/follow-up",)),
 )
 
 
