@@ -94,6 +94,7 @@ def causal_time(model, x, masks, n_classes: int, cfg, probes=None, batch: int = 
     False: the tests of a job without masks, each object standing for its image's hot area)."""
     from audit.engine.explainer import bucket_for
     from audit.engine.heads import Head
+    from audit.scan.causal import base_predictions
     from audit.scan.intervene import CompiledPredict
     from audit.scan.probes import Sample, causal_tests, extra_forwards
     from audit.scan.probes.edits import remove_objects, spare_masks
@@ -122,14 +123,18 @@ def causal_time(model, x, masks, n_classes: int, cfg, probes=None, batch: int = 
     tagged = _tagged_predict(predict, size)
     idx = [np.arange(c * sample, (c + 1) * sample) + 64 for c in range(cost.classes)]
     # what the job recorded (the records' pred): the scan takes the unedited images' predictions from
-    # there once its own predictions of the pool agree with them (audit.scan.causal.job_predictions)
+    # there once its own predictions of the pool's first images agree with them (audit.scan.causal.base_predictions)
     recorded = [(tagged if c == 0 else predict)(x[i]) for c, i in enumerate(idx)]
+    pool = np.arange(64)
+    in_job = dict(enumerate(predict(x[pool]).tolist()))  # the job's records of the pool's images
     cost.predict_cpu, cost.padded = 0.0, 0
     t0, c0 = time.perf_counter(), time.process_time()
-    pool = np.arange(64)
     backgrounds = remove_objects(x[pool], masks[pool]) if masked else None
-    base = predict(x[pool])  # the transplant's recipients, predicted once (as the scan's pool; also the check)
-    cost.forwards["pool"] += len(pool)
+    # the transplant's recipients: the pool's first cfg.job_check predicted, the rest the job's where they agree
+    calls = []
+    base, _ = base_predictions(lambda im: calls.append(len(im)) or predict(im), x[pool], list(pool), in_job,
+                               cfg.job_check)
+    cost.forwards["pool"] += sum(calls)
     keep = spare_masks(size, masks[pool])
     for c in range(cost.classes):
         fn, i = (tagged if c == 0 else predict), idx[c]

@@ -96,30 +96,38 @@ def test_the_elementwise_edits_on_a_stack_equal_the_image_by_image_ones():
         np.testing.assert_array_equal(shifted[:, 0, 0], imgs[:, 0, 0])
 
 
-def test_the_job_s_predictions_stand_for_the_unedited_images_only_where_the_pool_agrees():
+def test_the_job_s_predictions_stand_for_the_unedited_images_only_where_the_pool_s_first_agree():
     from types import SimpleNamespace
 
     import pandas as pd
 
-    from audit.scan.causal import Pool, _known, job_predictions
-    from audit.scan.read import hashed, sample_ids
+    from audit.scan.causal import Pool, _known, base_predictions, job_predictions
 
-    ids = [f"img{i}" for i in range(100)]
-    df = pd.DataFrame({"image_id": ids, "status": "ok", "pred": [i % 3 for i in range(100)]})
-    view = SimpleNamespace(df=df)
-    pool_ids = hashed(sample_ids(ids, DEFAULT.donors))  # the pool as the scan draws it
-    base = np.array([int(i[3:]) % 3 for i in pool_ids])
-    pool = Pool(recipients=Recipients(np.zeros((len(base), 2, 2, 3), np.uint8), base), ids=tuple(pool_ids))
-    preds = job_predictions(view, pool)
-    assert preds is not None and preds["img7"] == 1
-    pool.job_preds = preds
+    ids = [f"img{i}" for i in range(64)]
+    view = SimpleNamespace(df=pd.DataFrame({"image_id": ids, "status": "ok", "pred": [i % 3 for i in range(64)]}))
+    recorded = job_predictions(view)
+    assert recorded["img7"] == 1 and job_predictions(SimpleNamespace(df=view.df.drop(columns="pred"))) is None
+    images = np.arange(64)[:, None]  # an "image" is its index; the model says index % 3, as the job did
+    calls = []
+
+    def model(x, shift=0):
+        calls.append(len(x))
+        return (x[:, 0] + shift * (x[:, 0] == 5)) % 3
+
+    base, agreed = base_predictions(model, images, ids, recorded, DEFAULT.job_check)
+    assert agreed and calls == [DEFAULT.job_check] == [16]  # the other 48 are the job's
+    np.testing.assert_array_equal(base, np.arange(64) % 3)
+    calls.clear()
+    base, agreed = base_predictions(lambda x: model(x, shift=1), images, ids, recorded, 16)
+    assert not agreed and calls == [16, 48] and base[5] == 0  # image 5 differs: every image predicted
+    calls.clear()
+    base, agreed = base_predictions(lambda x: np.zeros((len(x), 3), bool), images, ids, recorded, 16)
+    assert not agreed and base.shape == (64, 3)  # multi-label: never the job's
+    base, agreed = base_predictions(model, images, ids + ["new"], recorded, 16)
+    assert not agreed  # an image the job did not record: all predicted
+    pool = Pool(job_preds=recorded)
     np.testing.assert_array_equal(_known(pool, ["img4", "img5"]), [1, 2])
-    assert _known(pool, ["img4", "nowhere"]) is None  # one unknown id: all predicted
-    base[3] = (base[3] + 1) % 3  # the scan's own prediction of one pool image differs: none is trusted
-    assert job_predictions(view, pool) is None
-    multi = Pool(recipients=Recipients(np.zeros((len(base), 2, 2, 3), np.uint8), np.zeros((len(base), 3), bool)),
-                 ids=tuple(pool_ids))
-    assert job_predictions(view, multi) is None  # multi-label: not reused
+    assert _known(pool, ["img4", "nowhere"]) is None and _known(Pool(), ["img4"]) is None
 
 
 def test_flips_to_several_classes_are_not_settled_at_sixteen():

@@ -164,7 +164,9 @@ def _pool(intervener, view, use_masks: bool, cfg: Config, results=()) -> Pool:
         return Pool()
     target = dict(zip(ok["image_id"], ok["target"]))
     pool = Pool(target=np.array([target[i] for i in ids]), ids=tuple(ids))
-    pool.recipients, images, masks = _load_recipients(intervener, ids, use_masks, cfg, results)
+    recorded = job_predictions(view)
+    pool.recipients, images, masks, agreed = _load_recipients(intervener, ids, use_masks, cfg, results, recorded)
+    pool.job_preds = recorded if agreed else None
     pool.levels = Levels.of(images)
     if pool.recipients.keep is None:
         return pool
@@ -174,22 +176,48 @@ def _pool(intervener, view, use_masks: bool, cfg: Config, results=()) -> Pool:
     return pool
 
 
-def _load_recipients(intervener, ids: list, use_masks: bool, cfg: Config, results=()) -> tuple:
+def _load_recipients(intervener, ids: list, use_masks: bool, cfg: Config, results=(), recorded=None,
+                     check: int | None = None) -> tuple:
     """(the :class:`Recipients` of ``ids``: the images, the model's predictions, with masks their objects
-    grown (``keep``), else their own heatmaps' hot areas (``hot``); the images; the masks)."""
+    grown (``keep``), else their own heatmaps' hot areas (``hot``); the images; the masks; whether the
+    job's ``recorded`` predictions stood for them (:func:`base_predictions`, checked on ``check`` of them,
+    default ``cfg.job_check``))."""
     images, masks = intervener.load(ids)
-    base = np.asarray(intervener.predict(images))
+    base, agreed = base_predictions(intervener.predict, images, ids, recorded,
+                                    cfg.job_check if check is None else check)
     if use_masks and masks is not None and masks.any():
-        return Recipients(images, base, keep=_spare(images.shape[1:3], cfg, masks)), images, masks
-    return Recipients(images, base, hot=_spare(images.shape[1:3], cfg, grids=maps_of(results, ids))), images, masks
+        return Recipients(images, base, keep=_spare(images.shape[1:3], cfg, masks)), images, masks, agreed
+    hot = _spare(images.shape[1:3], cfg, grids=maps_of(results, ids))
+    return Recipients(images, base, hot=hot), images, masks, agreed
+
+
+def base_predictions(predict, images: np.ndarray, ids: list, recorded: dict | None, check: int) -> tuple:
+    """(the predictions of ``images``, whether the job's ``recorded`` ones stood for them).
+
+    The first ``check`` images are predicted; where their predictions are single-label and all equal
+    the job's (same model, same decoding), the rest take the job's.  Otherwise (a job run in mixed
+    precision or on another device may break a near tie the other way; a multi-label head; an image
+    the job did not record) every image is predicted.
+    """
+    if recorded is None or any(i not in recorded for i in ids):
+        return np.asarray(predict(images)), False
+    k = min(check, len(ids))
+    head = np.asarray(predict(images[:k])) if k else np.zeros(0, int)
+    if head.ndim != 1 or any(recorded[i] != p for i, p in zip(ids[:k], head)):
+        rest = np.asarray(predict(images[k:])) if k < len(ids) else head[:0]
+        return np.concatenate([head, rest]), False
+    return np.concatenate([head, np.array([int(recorded[i]) for i in ids[k:]], int)]).astype(int), True
 
 
 def _more_recipients(intervener, view, pool: Pool, use_masks: bool, cfg: Config, results=()) -> Recipients | None:
     """The images after the pool's in its deterministic order (``cfg.sequential_max`` more), as recipients
-    for a transplant that sequential testing grows past the pool; None when there are none."""
+    for a transplant that sequential testing grows past the pool (their predictions the job's, once the
+    pool's agreed); None when there are none."""
     ok = view.df[view.df["status"] == "ok"].drop_duplicates("image_id")["image_id"].tolist()
     ids = hashed(sample_ids(ok, cfg.donors + cfg.sequential_max) - set(pool.ids))
-    return _load_recipients(intervener, ids, use_masks, cfg, results)[0] if ids else None
+    if not ids:
+        return None
+    return _load_recipients(intervener, ids, use_masks, cfg, results, pool.job_preds, check=0)[0]
 
 
 def _spare(size, cfg: Config, masks=None, grids=None):
@@ -266,23 +294,17 @@ def _sample(intervener, results, plan: TestPlan, pool: Pool, size, regions, mask
                   target=plan.class_id, cfg=cfg, base_pred=_known(pool, plan.ids))
 
 
-def job_predictions(view, pool: Pool) -> dict | None:
-    """{image id: the prediction the job recorded} (single-label heads), when the scan's own predictions
-    of the pool's images agree with the job's on every one (same model, same decoding: the unedited
-    images need not be predicted again); None where one differs (a job run in mixed precision or on
-    another device may break a near tie the other way) or the head is multi-label."""
-    if pool.recipients is None or np.ndim(pool.recipients.base) != 1 or "pred" not in view.df:
+def job_predictions(view) -> dict | None:
+    """{image id: the prediction the job recorded}, or None without a ``pred`` column.  They stand for the
+    scan's own only once its predictions of the pool's first images agree (:func:`base_predictions`)."""
+    if "pred" not in view.df:
         return None
     ok = view.df[view.df["status"] == "ok"].drop_duplicates("image_id")
-    preds = dict(zip(ok["image_id"], ok["pred"]))
-    if len(pool.ids) != len(pool.recipients.base) or \
-            any(preds.get(i) != p for i, p in zip(pool.ids, pool.recipients.base)):
-        return None
-    return preds
+    return dict(zip(ok["image_id"], ok["pred"]))
 
 
 def _known(pool: Pool, ids) -> np.ndarray | None:
-    """The job's predictions of ``ids`` (see :func:`job_predictions`), or None."""
+    """The job's predictions of ``ids`` (where they stood for the pool's: :func:`base_predictions`), or None."""
     if not pool.job_preds or any(i not in pool.job_preds for i in ids):
         return None
     return np.array([int(pool.job_preds[i]) for i in ids])
@@ -302,7 +324,6 @@ def run_tests(intervener, results, view, cfg: Config, use_masks: bool) -> Causal
     out.planned = len(plans) + out.skipped
     start = intervener.forwards
     pool = intervener.call(_pool, intervener, view, use_masks, cfg, results) or Pool()
-    pool.job_preds = job_predictions(view, pool)
     out.density = _density_ratios(pool.density, place_bank(size, view.regions, cfg=cfg))
     out.budget = budget_of(n_images, sum(w.priority >= cfg.cluster_attention_min for w in _wanted(results, cfg)),
                            n_places, masked, cfg)

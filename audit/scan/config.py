@@ -56,6 +56,8 @@ class Config:
     budget: float = 0.1  # extra forward passes per audited image at most ...
     budget_floor: int = 2048  # ... but always this many (small jobs)
     donors: int = 64  # images in the pool of backgrounds, recipients and object positions, across classes
+    job_check: int = 16  # the pool's first images predicted and compared with the job's predictions: all
+    #                      equal, the job's stand for every other unedited image (the pool's rest, the samples')
     cluster_attention_min: float = 0.5  # clusters tested when their attention suspicion reaches this
     min_rate_n: int = 5  # fewer testable images: a test's rate is unknown (NaN)
     min_tested: int = 16  # a flip rate on fewer images is reported, never a verdict
