@@ -380,7 +380,7 @@ def _e2e(tmp_path, case: Case, masks: bool, shared_cache):
     from audit.zoo.train import ensure, job_spec
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    with shared_cache.lock(f"zoo-{case.name}") as cache:  # test_perimage.py trains the same frame and watermark
+    with shared_cache.lock(f"zoo-{case.name}") as cache:  # test_perimage.py trains the same frame
         built = ensure(case, root=cache, log=lambda *_: None)
     spec = tmp_path / f"spec-{masks}.yaml"
     spec.write_text(yaml.safe_dump(job_spec(case, built, masks, tmp_path / f"out-{masks}")))
@@ -400,8 +400,8 @@ def _said(s) -> dict:
 def test_small_zoo_case_end_to_end(tmp_path, name, masks, shared_cache):
     """A cue with masks (the border frame), a healthy model, a corner cue without masks, a one-logit head.
 
-    ``frame`` and ``watermark`` are the models test_perimage.py trains (the same 120 per class):
-    each is trained once per run for both modules (about 35 s of training each on 2 cores).
+    ``frame`` is the model test_perimage.py trains too (the same 120 per class):
+    it is trained once per run for both modules (about 35 s of training on 2 cores).
     """
     case = replace(CASES[name], n_per_class=120, n_heldout=30)
     built, s = _e2e(tmp_path, case, masks, shared_cache)
