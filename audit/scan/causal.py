@@ -348,7 +348,8 @@ def run_tests(intervener, results, view, cfg: Config, use_masks: bool) -> Causal
 class _Grow:
     """Sequential testing: a group whose verdict is undecided (a rate whose 95% interval straddles its
     threshold) is tested on more of its images, doubling its sample up to ``cfg.sequential_max`` while
-    its budget lasts (as large as the planned tests', counted from ``start``: the growth's own spending).  An identity-keeping edit is judged against the other class it flips most, at
+    its budget lasts (as large as the planned tests', counted from ``start``: the growth's own
+    spending).  An identity-keeping edit is judged against the other class it flips most, at
     the end of that class's interval: where that class ran the edit on fewer images (the screening's 8
     leave 0 of 8 at 0-32%), its sample grows first, to this class's size; more images of this class
     alone could never decide it."""

@@ -18,14 +18,12 @@ colours turn none of the recipients the control is not run: the rate is 0 whatev
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from audit.scan.config import Config
-from audit.scan.probes.base import Family, PlaceFlip, Probe, Sample, Trial, Where, predict_chunks
+from audit.scan.probes.base import Family, PlaceFlip, Probe, Sample, Trial, Where
 from audit.scan.probes.edits import colour_transfer
-from audit.scan.probes.transplant import Transplant, turned_into
+from audit.scan.probes.transplant import Transplant, beyond_control
 
 
 def colour_transplant(predict_fn, images: np.ndarray, recipients, target: int, chunk: int) -> Transplant | None:
@@ -46,13 +44,8 @@ def colour_transplant(predict_fn, images: np.ndarray, recipients, target: int, c
         return None
     rec = np.asarray(recipients.images)
     donors = np.stack([images[j % len(images)] for j in range(len(rec))])
-    got, = predict_chunks(predict_fn, [colour_transfer(rec, donors)], chunk)
-    p = float(turned_into(recipients.base, got, target).mean())
-    if p == 0.0:  # none turned: the rate is 0 whatever the control turns (it is not predicted)
-        return Transplant(0.0, len(rec), p, math.nan)
-    ctl, = predict_chunks(predict_fn, [colour_transfer(rec, np.roll(rec, -1, axis=0))], chunk)
-    c = float(turned_into(recipients.base, ctl, target).mean())
-    return Transplant(max(0.0, p - c), len(rec), p, c)
+    return beyond_control(predict_fn, recipients.base, colour_transfer(rec, donors),
+                          lambda: colour_transfer(rec, np.roll(rec, -1, axis=0)), target, chunk)
 
 
 class ColourTransplant(Probe):

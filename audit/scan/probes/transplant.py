@@ -107,6 +107,19 @@ def turned_into(base, new, target: int) -> np.ndarray:
     return new[:, t].astype(bool) & ~base[:, t].astype(bool)
 
 
+def beyond_control(predict_fn, base, edited: np.ndarray, control, target: int, chunk: int) -> Transplant:
+    """The share of recipients (their predictions ``base``) that ``edited`` turns into ``target``, less the
+    share its control turns (``control()``: the control images, made and predicted only where some turned;
+    none turned: the rate is 0 whatever the control would turn)."""
+    got, = predict_chunks(predict_fn, [edited], chunk)
+    p = float(turned_into(base, got, target).mean())
+    if p == 0.0:
+        return Transplant(0.0, len(edited), p, math.nan)
+    ctl, = predict_chunks(predict_fn, [control()], chunk)
+    c = float(turned_into(base, ctl, target).mean())
+    return Transplant(max(0.0, p - c), len(edited), p, c)
+
+
 def candidates(trials: list, cfg: Config) -> list:
     """The place trials worth a transplant: flipped at least ``cfg.transplant_from`` of a tested sample."""
     found = [t for t in trials if len(t.flips) >= cfg.min_rate_n and t.rate() >= cfg.transplant_from]
@@ -171,13 +184,8 @@ def transplant_background(predict_fn, images: np.ndarray, spare: np.ndarray, rec
     if kept is None or not len(images):
         return None
     where = recipients.spots(~np.asarray(spare, bool), avoid=kept)
-    got, = predict_chunks(predict_fn, [paste(recipients.images, images, where)], chunk)
-    p = float(turned_into(recipients.base, got, target).mean())
-    if p == 0.0:  # none turned: the rate is 0 whatever the control turns (it is not predicted)
-        return Transplant(0.0, len(recipients.images), p, math.nan)
-    ctl, = predict_chunks(predict_fn, [transform(recipients.images, where, "flat-grey")], chunk)
-    c = float(turned_into(recipients.base, ctl, target).mean())
-    return Transplant(max(0.0, p - c), len(recipients.images), p, c)
+    return beyond_control(predict_fn, recipients.base, paste(recipients.images, images, where),
+                          lambda: transform(recipients.images, where, "flat-grey"), target, chunk)
 
 
 class BackgroundTransplant(Probe):
