@@ -16,8 +16,10 @@ sample plan within the budget (:func:`audit.scan.causal.plan_tests` rules:
 :func:`audit.scan.probes.causal_tests` with masks (object, background, the
 two background transforms, the identity-keeping edits and the place bank, screened, the placebo of
 each place that may be a cue, and the transplant of the places that flipped a class into the pool's
-other-class images), edits and predictions included, in batches of ``--batch`` as the job's (the unedited
-sample images' predictions are the job's, as the scan reuses them once the pool's agree); one class
+other-class images, and the background transplant), edits and predictions included, in batches of
+``--batch`` as the job's (the pool's first 16 images are predicted; the other unedited images' predictions
+are the job's, as the scan reuses them once those agree); ``--no-masks``: the tests of a job without masks
+(the grid cells, each image's own hot area, the background transplant around it); one class
 carries a corner tag that decides it, so its flipping places go past the screening and are transplanted as
 a shortcut's are.  Image decoding is left out of both sides.  Target: the tests add at most 10% at 10,000 images.
 """
