@@ -604,3 +604,35 @@ def test_identity_placebo_is_the_other_class_it_flips_most():
     alone = placebo_rates([quiet])
     assert alone.bounds["object:hue"][1] == pytest.approx(wilson(4, 32)[1])
     assert causal_cue(_hue(32, 32), alone, DEFAULT, mode=-1).score >= 0.5
+
+
+def test_a_flagged_class_is_no_identity_placebo_of_the_next_round():
+    """A tinted class (flagged by its corner here) flips under greyscale too; a class that greyscale flips
+    far more than the healthy one is judged against the healthy one in the next round and flagged."""
+    from audit.scan.causal import CausalTests
+    from audit.scan.pipeline import judge
+    from audit.scan.table import ClassResult, interventions_table
+
+    def grey(k, n=32):
+        return PlaceFlip("transform", "object:greyscale", None, "greyscale", n, k / n, 0.1,
+                         probe="object-greyscale", where=Where.OBJECT, k=k)
+
+    def result(cid, tests):
+        return CausalResult(n=32, tests=tests, masked=True)
+
+    cue = causal({**QUIET, "corner:bottom_right": 0.95}, obj=0.1, bg=0.1)
+    tinted = result(0, cue.tests + [grey(32)])
+    colour = result(1, causal(QUIET, obj=0.1, bg=0.1).tests + [grey(31)])
+    healthy = result(2, causal(QUIET, obj=0.9, bg=0.1).tests + [grey(1)])
+    tests = CausalTests(results={(0, None): tinted, (1, None): colour, (2, None): healthy})
+    f = features(make_rows("healthy", 40, masks=True))
+    classes = [ClassResult(c, n, None, None, f, None, None, 40) for c, n in enumerate(("tinted", "colour", "healthy"))]
+    judge(classes, tests, DEFAULT)
+    assert [r.final.verdict for r in classes] == ["shortcut_suspected", "shortcut_suspected", "ok"]
+    assert classes[0].final.cue == "corner:bottom_right" and classes[1].final.cue == "colour of the object"
+    # judged against every other class alike (one round), the colour class stays unflagged
+    one = assess(f, DEFAULT, colour, tests.others(1, frozenset()), tests.density)
+    assert not one.suspected
+    table = interventions_table(classes, tests)  # the placebo each class was judged against
+    grey_rows = table[table.place == "object:greyscale"].set_index("class_id").flip_rate_others
+    assert grey_rows[1] == pytest.approx(1 / 32) and grey_rows[0] == pytest.approx(31 / 32)

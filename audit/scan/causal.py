@@ -26,7 +26,7 @@ from audit.scan.probes.run import CHUNK
 from audit.scan.probes.transplant import Recipients
 from audit.scan.read import hashed, sample_ids
 from audit.scan.robust import fixed_place_score
-from audit.scan.verdict import OthersRates, assess, placebo_rates
+from audit.scan.verdict import OthersRates, assess, identity_placebo, placebo_rates
 
 
 @dataclass(frozen=True)
@@ -51,13 +51,18 @@ class CausalTests:
     forwards: int = 0  # extra forward passes the tests cost
     budget: int = 0  # extra forward passes allowed
     extended: int = 0  # samples grown by sequential testing
+    flagged_before: dict = field(default_factory=dict)  # {class_id: classes flagged before its last round}
 
     def get(self, class_id: int, cluster: int | None = None) -> CausalResult | None:
         return self.results.get((class_id, cluster))
 
-    def others(self, class_id: int) -> OthersRates:
-        """The other classes' flip rates of each place on their own samples (:func:`placebo_rates`)."""
-        return placebo_rates([res for (c, cl), res in self.results.items() if c != class_id and cl is None])
+    def others(self, class_id: int, flagged: frozenset | None = None) -> OthersRates:
+        """The other classes' flip rates of each place on their own samples (:func:`placebo_rates`); the
+        ``flagged`` classes (decided by a cue of their own; default: those flagged before the class's last
+        round of verdicts) are no placebo of an identity-keeping edit."""
+        flagged = self.flagged_before.get(class_id, frozenset()) if flagged is None else flagged
+        rows = [(c, res) for (c, cl), res in self.results.items() if c != class_id and cl is None]
+        return placebo_rates([res for _, res in rows], [res for c, res in rows if c not in flagged])
 
 
 def _ok_ids(rows) -> list:
@@ -402,7 +407,8 @@ class _Grow:
                   for o in r.tests if o.place == t.place and o.probe == t.probe and o.n]
         if not others:
             return False
-        key, top = max(others, key=lambda x: x[1].flip_rate)
+        top = identity_placebo([o for _, o in others])
+        key = next(k for k, o in others if o is top)
         other = self.plans.get(key)
         if other is None or top.n >= t.n:
             return False

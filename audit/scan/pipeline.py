@@ -210,20 +210,36 @@ def minority_split(g: ClassGroup, f, cfg: Config, min_size: int) -> tuple[np.nda
 
 
 def judge(results: list[ClassResult], causal: CausalTests, cfg: Config) -> None:
-    """Final verdicts of every class and cluster from attention and causal evidence."""
-    untested_flags = not causal.results  # when some groups were tested, attention alone never flags
-    for r in results:
-        others = causal.others(r.class_id)
-        r.own = assess(r.features, cfg, causal.get(r.class_id), others, causal.density,
-                       attention_decides=untested_flags)
-        for c in r.clusters:
-            if len(r.clusters) == 1:
-                c.verdict = r.own
-            else:
-                c.verdict = assess(c.features, c.cfg or cfg, causal.get(r.class_id, c.cluster), others,
-                                   causal.density, attention_decides=untested_flags)
-        r.final = class_verdict(r.own, r.clusters, r.n_maps)
+    """Final verdicts of every class and cluster from attention and causal evidence.
+
+    Rounds: a class flagged in one round is no placebo of an identity-keeping edit in the next (a tinted
+    class that greyscale flips says nothing of what greyscale does to a healthy one); the classes still
+    unflagged are judged again until no new class is flagged.
+    """
+    flagged: frozenset = frozenset()
+    todo = list(results)
+    while todo:
+        for r in todo:
+            _judge_class(r, causal, cfg, flagged)
+        now = frozenset(r.class_id for r in results if r.final.suspected)
+        todo = [r for r in results if r.class_id not in now] if now - flagged else []
+        flagged = now
     _default_classes(results, cfg)
+
+
+def _judge_class(r: ClassResult, causal: CausalTests, cfg: Config, flagged: frozenset) -> None:
+    """The verdicts of one class and its clusters, the ``flagged`` classes no identity placebo."""
+    untested_flags = not causal.results  # when some groups were tested, attention alone never flags
+    causal.flagged_before[r.class_id] = flagged
+    others = causal.others(r.class_id)
+    r.own = assess(r.features, cfg, causal.get(r.class_id), others, causal.density, attention_decides=untested_flags)
+    for c in r.clusters:
+        if len(r.clusters) == 1:
+            c.verdict = r.own
+        else:
+            c.verdict = assess(c.features, c.cfg or cfg, causal.get(r.class_id, c.cluster), others,
+                               causal.density, attention_decides=untested_flags)
+    r.final = class_verdict(r.own, r.clusters, r.n_maps)
 
 
 def _default_classes(results: list[ClassResult], cfg: Config) -> None:

@@ -295,24 +295,37 @@ class OthersRates(dict):
         self.counts = counts or {}
 
 
-def placebo_rates(results: list) -> OthersRates:
-    """The other classes' rates of each place (their :class:`CausalResult` s): the median over them, but
-    for an identity-keeping edit the largest, with its interval: the placebo.  An edit that also breaks
-    another class (a colour a healthy object is told by, an edit that damages every image) is no cue
-    of this one, whatever the median of the rest says."""
+def _by_place(results: list) -> dict:
+    """{place: the tests of that place with a rate} over ``results`` (the same edit on other classes)."""
     rates: dict = {}
     for res in results:
-        for t in res.places + res.transforms:  # keyed by place: the same edit on other classes
+        for t in res.places + res.transforms:
             if finite(t.flip_rate):
                 rates.setdefault(t.place, []).append(t)
+    return rates
+
+
+def placebo_rates(results: list, placebos: list | None = None) -> OthersRates:
+    """The other classes' rates of each place (their :class:`CausalResult` s): the median over them, but
+    for an identity-keeping edit the largest over ``placebos`` (default: the same results), with its
+    interval: the placebo.  An edit that also breaks another class (a colour a healthy object is told
+    by, an edit that damages every image) is no cue of this one, whatever the median of the rest says;
+    a class flagged for a cue of its own (a tint, a coloured band: greyscale takes it away) says nothing
+    of what the edit does to a healthy class, so the caller leaves it out of ``placebos``."""
     out, bounds, counts = {}, {}, {}
-    for p, ts in rates.items():
-        if ts[0].spec.keeps_identity:
-            top = max(ts, key=lambda t: t.flip_rate)
-            out[p], bounds[p], counts[p] = float(top.flip_rate), (top.low, top.high), (top.k, top.n)
-        else:
+    for p, ts in _by_place(results).items():
+        if not ts[0].spec.keeps_identity:
             out[p] = float(median([t.flip_rate for t in ts]))
+    for p, ts in _by_place(results if placebos is None else placebos).items():
+        if ts[0].spec.keeps_identity:
+            top = identity_placebo(ts)
+            out[p], bounds[p], counts[p] = float(top.flip_rate), (top.low, top.high), (top.k, top.n)
     return OthersRates(out, bounds, counts)
+
+
+def identity_placebo(tests: list) -> PlaceFlip:
+    """The other class's test an identity-keeping edit is judged against: the one it flips most."""
+    return max(tests, key=lambda t: t.flip_rate)
 
 
 def gap_end(t: PlaceFlip, others: dict, mode: int) -> float:
