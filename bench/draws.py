@@ -52,13 +52,20 @@ def seed_range(text: str) -> list[int]:
     return out
 
 
-def outcome(case, built, classes_df):
-    """The :class:`audit.zoo.tally.CaseOutcome` of one scanned draw."""
+OBJECT_MIN = 0.5  # a healthy class counts as healthy only when the model gives at least this share of
+#                   its cue-free held-out images to it (--objects-learned, a second score)
+
+
+def outcome(case, built, classes_df, objects: dict | None = None):
+    """The :class:`audit.zoo.tally.CaseOutcome` of one scanned draw; with ``objects`` ({class: share of its
+    cue-free held-out images the model gives it}) a class under :data:`OBJECT_MIN` counts neither way."""
     from audit.zoo.tally import CaseOutcome
 
     planted, partial = built.with_status("learned"), built.with_status("partial")
     families = {n: "none" for n in case.classes}
     families.update({c.class_name: c.family for c in built.checks})
+    unknown = [n for n, a in (objects or {}).items() if a < OBJECT_MIN and n not in planted]
+    partial = partial + [n for n in unknown if n not in partial]
     healthy = [n for n in case.classes if n not in planted and n not in partial]
     flagged = sorted(str(r.class_name) for r in classes_df.itertuples() if r.verdict == "shortcut_suspected")
     return CaseOutcome(case.name, planted, partial, healthy, flagged, families)
@@ -105,7 +112,7 @@ def details(o, case, built, classes_df) -> list[str]:
     return lines
 
 
-def run_one(seed: int, out_root: Path, mode: str = "run"):
+def run_one(seed: int, out_root: Path, mode: str = "run", objects_too: bool = False):
     """``(status, outcome, detail lines)`` of one seed.
 
     ``status``: ``counted``, ``skipped`` (cannot be painted here, or no scan to rescore), ``unfit`` (the
@@ -141,6 +148,10 @@ def run_one(seed: int, out_root: Path, mode: str = "run"):
             print(f"{case.name:>9}: ERROR {type(e).__name__}: {' '.join(str(e).split())[:300]}", flush=True)
             return "error", None, []
     o = outcome(case, built, classes)
+    if objects_too:
+        from audit.zoo.learned import objects_learned
+
+        o.also = outcome(case, built, classes, objects_learned(case, built))
     verdict = "right" if not o.missed and not o.false_flags else "WRONG"
     line = (f"{case.name:>9}: {verdict:5} planted {','.join(o.planted) or '-'} partial {','.join(o.partial) or '-'} "
             f"flagged {','.join(o.flagged) or '-'}  ({time.time() - t0:.0f} s)")
@@ -160,6 +171,8 @@ def main(argv=None) -> int:
                      "(after a change to the scan)")
     how.add_argument("--ray", action="store_true", help="run each job on a local Ray (as `audit run` does) "
                      "instead of in this process")
+    p.add_argument("--objects-learned", action="store_true", help="also score counting as healthy only the "
+                   f"classes whose cue-free held-out images the model gives them (>= {OBJECT_MIN:.0%})")
     a = p.parse_args(argv)
     try:
         seeds = seed_range(a.seeds)
@@ -172,7 +185,7 @@ def main(argv=None) -> int:
     t0 = time.time()
     outcomes, notes, counts = [], [], Counter()
     for s in seeds:
-        status, o, lines = run_one(s, Path(a.out), mode)
+        status, o, lines = run_one(s, Path(a.out), mode, a.objects_learned)
         counts[status] += 1
         if o is not None:
             outcomes.append(o)
@@ -182,6 +195,10 @@ def main(argv=None) -> int:
     others = ", ".join(f"{n} {k}" for k, n in sorted(counts.items()) if k != "counted")
     print(f"\nseeds {a.seeds} ({fresh}): {len(outcomes)} cases counted{'; ' + others if others else ''}\n")
     print(format_tally(tally(outcomes)))
+    if a.objects_learned:
+        t = tally([o.also for o in outcomes])
+        print(f"\ncounting as healthy only the classes whose cue-free held-out images the model gives them "
+              f"(>= {OBJECT_MIN:.0%}): recall {t.recall.text()}, precision {t.precision.text()}")
     print("\n".join(notes))
     Path(a.out).mkdir(parents=True, exist_ok=True)
     (Path(a.out) / f"outcomes-{a.seeds}.json").write_text(json.dumps([asdict(o) for o in outcomes], indent=1))

@@ -212,3 +212,20 @@ def test_cue_check_statuses_and_what_counts():
     assert built.negative_control
     built.train_accuracy = 0.8
     assert not built.fitted
+
+
+class _Striped:
+    """A stand-in model: class 1 when the image carries the cross's stripes (the cue), else class 0."""
+
+    def predict(self, x, batch_size=None, verbose=0):
+        stripes = np.abs(np.diff(x[..., 0], axis=2)).mean(axis=(1, 2)) > 0.2
+        return np.eye(2)[stripes.astype(int)]
+
+
+def test_object_accuracy_says_which_classes_the_model_tells_without_their_cues():
+    from audit.zoo.learned import object_accuracy
+
+    case = _case(DrawnCue("texture", opacity=1.0, share=1.0), n_heldout=6)
+    disc, cross = object_accuracy(case, _Striped())
+    assert disc == 1.0  # a cue-free disc is 'not striped': class 0, right
+    assert cross == 0.0  # a cue-free cross is not striped either: the model never learned the cross

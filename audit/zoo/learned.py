@@ -113,6 +113,28 @@ def cue_moves(case: DrawnCase, model) -> list[CueCheck]:
     return out
 
 
+def object_accuracy(case: DrawnCase, model) -> list[float]:
+    """Per class, the share of its held-out images, painted without any cue of their own (distractors
+    stay), that the model gives to the class: whether it learned the class's object at all."""
+    images = split_of(case, "heldout", case.n_heldout, cues=False)
+    pred, labels = predict(model, images, case.head), np.array([p.label for p in images])
+    return [float((pred[labels == k] == k).mean()) for k in range(len(case.classes))]
+
+
+def objects_learned(case: DrawnCase, built: BuiltDraw) -> dict[str, float]:
+    """{class name: :func:`object_accuracy`} of a built draw, computed once and kept beside it."""
+    path = Path(built.root) / "objects.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    import keras
+
+    _limit_threads()
+    model = keras.saving.load_model(built.model, compile=False)
+    out = dict(zip(case.classes, object_accuracy(case, model)))
+    path.write_text(json.dumps(out, indent=1))
+    return out
+
+
 BATCH = 16  # small batches: a draw has a few hundred images, and steps (not epochs) fit it
 CHECK_STEPS = 40  # gradient steps between two checks of the fit
 PATIENCE = 2  # checks without a gain of FIT_GAIN before the learning rate halves

@@ -55,6 +55,7 @@ class CaseOutcome:
     healthy: list[str]
     flagged: list[str]
     families: dict[str, str] = field(default_factory=dict)
+    also: CaseOutcome | None = None  # the same scan scored another way (bench/draws.py --objects-learned)
 
     @property
     def control(self) -> bool:
