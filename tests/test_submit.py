@@ -109,6 +109,18 @@ def _actor_count(head, class_name):
     return sum(1 for a in actors if a.get("class_name") == class_name)
 
 
+@contextlib.contextmanager
+def _reaped(*procs):
+    """Subprocesses a failed assertion must not leave running: killed (by their ids) on the way out."""
+    try:
+        yield
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
 def _client_server_logs(head):
     """The tail of the head's Ray Client server logs, to explain a failed ``ray://`` run."""
     out = []
@@ -205,19 +217,16 @@ def test_submit_with_token_and_wait(head, tmp_path, monkeypatch, capsys):
 
     # no token / a wrong token: refused, in one line.  Fresh processes with a clean
     # environment and HOME: this process's Ray may have cached token mode and a local token.
+    # Started here and read after the submitted job below (they send nothing it could see).
     def cli(*extra, token=None):
         env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
         env["HOME"] = str(tmp_path)
         if token:
             env["RAY_AUTH_TOKEN"] = token
-        return subprocess.run([sys.executable, "-m", "audit", "submit", spec, "--address", head["address"], *extra],
-                              env=env, capture_output=True, text=True, timeout=120)
+        return subprocess.Popen([sys.executable, "-m", "audit", "submit", spec, "--address", head["address"], *extra],
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
-    r = cli()
-    assert r.returncode == 2 and "requires token authentication" in r.stderr, r.stderr[-1000:]
-    assert len(r.stderr.strip().splitlines()) == 1
-    r = cli(token="not-the-token")
-    assert r.returncode == 2 and "refused the authentication token" in r.stderr, r.stderr[-1000:]
+    refused = [(cli(), "requires token authentication"), (cli(token="not-the-token"), "refused the authentication token")]
 
     # a spec error is caught locally before anything is sent
     assert main(["submit", spec, "--address", head["address"], "--set", "dataset.shardsize=3"]) == 2
@@ -226,9 +235,14 @@ def test_submit_with_token_and_wait(head, tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
     tok = tmp_path / "token"
     tok.write_text(head["token"])
-    code = main(["submit", spec, "--address", head["address"], "--token-file", str(tok), "--wait",
-                 "--submission-id", "audit-test-1"])
-    cap = capsys.readouterr()
+    with _reaped(*(p for p, _ in refused)):
+        code = main(["submit", spec, "--address", head["address"], "--token-file", str(tok), "--wait",
+                     "--submission-id", "audit-test-1"])
+        cap = capsys.readouterr()
+        ends = [(p.communicate(timeout=120)[1], p.returncode, words) for p, words in refused]
+    for err, returncode, words in ends:
+        assert returncode == 2 and words in err, err[-1000:]
+        assert len(err.strip().splitlines()) == 1, err[-1000:]
     assert code == 0, cap.out[-2000:] + cap.err[-2000:]
     assert cap.out.splitlines()[0] == "audit-test-1"
     assert "job t (" in cap.out and "12 of 12 audited" in cap.out  # the job's own summary, from its logs
@@ -259,8 +273,12 @@ def test_run_joins_the_cluster_with_address(head, tmp_path):
     cmd = [sys.executable, "-m", "audit", "run", spec, "--no-progress"]
 
     def run(*extra, **kw):
-        return subprocess.run([*cmd, *extra], env={**env, **kw}, capture_output=True, text=True, timeout=240,
-                              cwd=tmp_path)
+        return subprocess.Popen([*cmd, *extra], env={**env, **kw}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, cwd=tmp_path)
+
+    def finished(p):
+        out, err = p.communicate(timeout=240)
+        return subprocess.CompletedProcess(p.args, p.returncode, out, err)
 
     # no token, a token without token mode (Ray then sends none), a wrong token: one line
     # each that says what to set (Ray's C++ retries are not shown), and no output written
@@ -276,25 +294,34 @@ def test_run_joins_the_cluster_with_address(head, tmp_path):
         assert len(err.strip().splitlines()) == 1, err[-2000:]
     assert not (tmp_path / "out").exists()
 
+    # at once (the head has a CPU for each run's actor): through the GCS address, through Ray
+    # Client (ray://) into a second output, and an address where nothing listens
     before = _actor_count(head, "AuditWorker")
-    r = run("--address", head["gcs"], RAY_AUTH_TOKEN=head["token"], RAY_AUTH_MODE="token")
+    gcs = run("--address", head["gcs"], RAY_AUTH_TOKEN=head["token"], RAY_AUTH_MODE="token")
+    client = run("--address", head["client"], "--set", f"output={tmp_path / 'out_client'}",
+                 RAY_AUTH_TOKEN=head["token"], RAY_AUTH_MODE="token")
+    nothing = run("--address", "127.0.0.1:1", "--set", f"output={tmp_path / 'out2'}", RAY_AUTH_TOKEN=head["token"])
+    with _reaped(gcs, client, nothing):
+        _joined(head, tmp_path, before, finished(gcs), finished(client), finished(nothing))
+
+
+def _joined(head, tmp_path, before, r, client, nothing):
+    """The three runs of test_run_joins_the_cluster_with_address, as they ended."""
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert "10 of 10 audited" in r.stdout
     job = json.loads((tmp_path / "out" / "job.json").read_text())
     assert job["status"] == "ok" and job["resources"]["actors"] == 1
-    # the actor ran on the head's cluster (its GCS lists it), not in a local Ray
-    assert _actor_count(head, "AuditWorker") == before + 1
 
-    # through Ray Client (ray://), into a second output
-    r = run("--address", head["client"], "--set", f"output={tmp_path / 'out_client'}",
-            RAY_AUTH_TOKEN=head["token"], RAY_AUTH_MODE="token")
+    r = client
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:] + _client_server_logs(head)
     assert "10 of 10 audited" in r.stdout
     assert len(list((tmp_path / "out_client" / "records").glob("part-*.parquet"))) == 2
+    assert json.loads((tmp_path / "out_client" / "job.json").read_text())["resources"]["actors"] == 1
+    # each run's one actor ran on the head's cluster (its GCS lists both), not in a local Ray
     assert _actor_count(head, "AuditWorker") == before + 2
 
     # nothing listens there: one line, no traceback
-    r = run("--address", "127.0.0.1:1", "--set", f"output={tmp_path / 'out2'}", RAY_AUTH_TOKEN=head["token"])
+    r = nothing
     assert r.returncode == 2 and r.stderr.strip().startswith("audit: ") and "127.0.0.1:1" in r.stderr
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr[-2000:]
 
