@@ -146,7 +146,7 @@ def test_node_lost_mid_job(cluster, tmp_path):
 def finished(cluster, ws):
     """An output the job ran to the end in, once per module: the tests below damage copies of it."""
     out = ws["dir"] / "out_finished"
-    assert _run(ws, out)["status"] == "ok"
+    assert _run(ws, out, "resources.actors=1")["status"] == "ok"  # the damage and resume are the tests
     return out
 
 
