@@ -64,18 +64,36 @@ def test_setup_mistake_leaves_no_output(ws):
     assert not (ws["dir"] / "out").exists()
 
 
+DEAD = "127.0.0.1:1"  # nothing listens on port 1
+
+
 @pytest.mark.slow
-def test_same_records_as_on_ray(ws, tmp_path, monkeypatch):
+def test_same_records_as_on_ray(ws, tmp_path, monkeypatch, capsys):
+    """The records of a job run in the driver equal those of the same job on a private Ray, which
+    ``audit run`` (through the CLI's ``main()`` here) starts without ``--address`` even when
+    ``RAY_ADDRESS`` names a cluster, saying so in one line, and shuts down at the job's end."""
     import numpy as np
+    import ray
 
     import audit
+    from audit.cli import main
     from audit.runner.job import run_job
 
     monkeypatch.setenv("AUDIT_IN_PROCESS", "1")
     run_job(ws["spec"], progress=False, base_dir=ws["dir"])
-    monkeypatch.setenv("AUDIT_IN_PROCESS", "0")
-    s = run_job(ws["spec"], overrides=[f"output={tmp_path / 'ray'}"], progress=False, base_dir=ws["dir"])
-    assert "in the driver" not in s["devices"]
+    assert not ray.is_initialized()
+    monkeypatch.setenv("AUDIT_IN_PROCESS", "0")  # a job this small would otherwise run in the driver
+    monkeypatch.setenv("RAY_ADDRESS", DEAD)
+    capsys.readouterr()
+    code = main(["run", ws["spec"], "--no-progress", "--no-scan", "--set", f"output={tmp_path / 'ray'}",
+                 "--set", "resources.actors=1"])
+    r = capsys.readouterr()
+    assert code == 0, r.err[-3000:]
+    assert not ray.is_initialized()  # the job's private Ray, shut down at its end
+    assert "10 of 10 audited" in r.out and "1 actor on CPU" in r.out  # on Ray, not in the driver
+    said = [ln for ln in r.err.splitlines() if "RAY_ADDRESS" in ln]
+    assert said == [f"audit: RAY_ADDRESS={DEAD} is ignored: without --address the job runs on a private "
+                    f"local Ray (use --address {DEAD} to run there)"]
     cols = ["image_id", "layer", "method", "pred", "score", "cam", "energy_border", "status"]
     a = audit.load(ws["dir"] / "out", columns=cols).sort_values(["image_id", "method"]).reset_index(drop=True)
     b = audit.load(tmp_path / "ray", columns=cols).sort_values(["image_id", "method"]).reset_index(drop=True)

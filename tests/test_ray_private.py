@@ -1,12 +1,11 @@
-"""The embedded Ray is private; a dead --address is one line within seconds.
+"""A dead --address is one line within seconds.
 
 The dead addresses run ``audit run`` in a subprocess, as a user would (the
-one line on the real stderr, nothing written).  The private Ray runs ``audit
-run`` through the CLI's ``main()`` here: no Ray is running in this process
-when a test starts (the module-scoped Rays of other modules end with their
-module), and ``RAY_ADDRESS`` is read from this process's environment when the
-job starts its Ray, so the same code decides, and a fresh process would prove
-nothing more; it saves a TensorFlow start.
+one line on the real stderr, nothing written).  That a job without
+``--address`` runs on a private Ray even when ``RAY_ADDRESS`` names a cluster
+(one line says so; the Ray is shut down at the job's end) is checked by the
+Ray run of tests/test_inprocess.py::test_same_records_as_on_ray, through the
+CLI's ``main()``: one private Ray and actor start for both.
 """
 
 from __future__ import annotations
@@ -40,28 +39,6 @@ def _audit(*args, **env):
     base["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[1]), base.get("PYTHONPATH", "")])
     return subprocess.run([sys.executable, "-m", "audit", *args], env={**base, **env},
                           capture_output=True, text=True, timeout=300)
-
-
-@pytest.mark.slow
-def test_run_without_address_ignores_ray_address(small_job, monkeypatch, capsys):
-    import ray
-
-    from audit.cli import main
-
-    tmp, spec = small_job
-    out = tmp / "out_env"
-    assert not ray.is_initialized()
-    monkeypatch.setenv("RAY_ADDRESS", DEAD)
-    monkeypatch.setenv("AUDIT_IN_PROCESS", "0")  # a job this small would otherwise run in the driver, without Ray
-    code = main(["run", spec, "--no-progress", "--no-scan", "--set", f"output={out}"])
-    r = capsys.readouterr()
-    assert code == 0, r.err[-3000:]
-    assert not ray.is_initialized()  # the job's private Ray, shut down at its end
-    assert "8 of 8 audited" in r.out and "actor on CPU" in r.out  # on Ray, not in the driver
-    said = [ln for ln in r.err.splitlines() if "RAY_ADDRESS" in ln]
-    assert said == [f"audit: RAY_ADDRESS={DEAD} is ignored: without --address the job runs on a private "
-                    f"local Ray (use --address {DEAD} to run there)"]
-    assert len(list((out / "records").glob("part-*.parquet"))) == 2
 
 
 @pytest.mark.parametrize("address, env, words", [
