@@ -617,13 +617,13 @@ def test_a_flagged_class_is_no_identity_placebo_of_the_next_round():
         return PlaceFlip("transform", "object:greyscale", None, "greyscale", n, k / n, 0.1,
                          probe="object-greyscale", where=Where.OBJECT, k=k)
 
-    def result(cid, tests):
+    def result(tests):
         return CausalResult(n=32, tests=tests, masked=True)
 
     cue = causal({**QUIET, "corner:bottom_right": 0.95}, obj=0.1, bg=0.1)
-    tinted = result(0, cue.tests + [grey(32)])
-    colour = result(1, causal(QUIET, obj=0.1, bg=0.1).tests + [grey(31)])
-    healthy = result(2, causal(QUIET, obj=0.9, bg=0.1).tests + [grey(1)])
+    tinted = result(cue.tests + [grey(32)])
+    colour = result(causal(QUIET, obj=0.1, bg=0.1).tests + [grey(31)])
+    healthy = result(causal(QUIET, obj=0.9, bg=0.1).tests + [grey(1)])
     tests = CausalTests(results={(0, None): tinted, (1, None): colour, (2, None): healthy})
     f = features(make_rows("healthy", 40, masks=True))
     classes = [ClassResult(c, n, None, None, f, None, None, 40) for c, n in enumerate(("tinted", "colour", "healthy"))]
