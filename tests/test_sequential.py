@@ -234,3 +234,31 @@ def test_a_grown_sample_runs_only_the_undecided_test_and_its_placebo():
     g._verdict = lambda plan, res: SimpleNamespace(undecided=res.tests[0])
     g.until_decided(g.plans[(0, None)])
     assert calls == []  # 32 more images x (1 + 2 tests) > the budget: insufficient_data stands
+
+
+def test_a_later_round_grows_the_placebo_its_verdict_uses():
+    """Greyscale flips class 0 by 27 of 32; class 1 (tinted) by 31 of 32, class 2 by 1 of 8.  Against
+    class 1 nothing is left to decide (not specific); once a round flags class 1, class 2 is the placebo,
+    whose 1 of 8 straddles the rule, so the next round grows class 2's sample before judging again."""
+    own = flip("image-greyscale", 27, 32, "image:greyscale")
+    g, calls = grow_with({(0, None): CausalResult(32, [own]),
+                          (1, None): CausalResult(32, [flip("image-greyscale", 31, 32, "image:greyscale")]),
+                          (2, None): CausalResult(32, [flip("image-greyscale", 1, 8, "image:greyscale")])})
+    need = DEFAULT.identity_specific_min
+
+    def verdict(plan, res):  # the identity rule alone: undecided while the gap's interval straddles it
+        t = res.tests[0]
+        o = g.out.others(plan.class_id)
+        lo, hi = t.low - others_rate(t, o, -1), t.high - others_rate(t, o, 1)
+        return type("V", (), {"undecided": t if lo < need <= hi else None})()
+
+    g._verdict = verdict
+    g.until_decided(g.plans[(0, None)])
+    assert calls == []  # judged against class 1: clearly not specific, decided
+    g.out.forwards = 0
+    g.again({0}, frozenset({1}))
+    assert g.out.flagged_before[0] == frozenset({1})
+    assert calls == [(2, 24, {("image-greyscale", "image:greyscale")})]  # class 2 grown to class 0's 32
+    assert (g.out.results[(2, None)].tests[0].n, g.out.results[(2, None)].tests[0].k) == (32, 1)
+    assert g.out.forwards == 48  # 24 images x (1 + 1 edit)
+    assert verdict(g.plans[(0, None)], g.out.results[(0, None)]).undecided is None  # decided now

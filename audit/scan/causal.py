@@ -52,9 +52,17 @@ class CausalTests:
     budget: int = 0  # extra forward passes allowed
     extended: int = 0  # samples grown by sequential testing
     flagged_before: dict = field(default_factory=dict)  # {class_id: classes flagged before its last round}
+    grow: object = field(default=None, repr=False)  # the sequential tester (:class:`_Grow`), for later rounds
 
     def get(self, class_id: int, cluster: int | None = None) -> CausalResult | None:
         return self.results.get((class_id, cluster))
+
+    def grow_again(self, class_ids, flagged: frozenset) -> None:
+        """Sequential testing once more for the groups of ``class_ids``, judged now with the ``flagged``
+        classes no identity placebo (a round of verdicts flagged them): a test that the old placebo
+        decided may straddle its threshold against the new one, and more images decide it."""
+        if self.grow is not None:
+            self.grow.again(class_ids, flagged)
 
     def others(self, class_id: int, flagged: frozenset | None = None) -> OthersRates:
         """The other classes' flip rates of each place on their own samples (:func:`placebo_rates`); the
@@ -346,6 +354,7 @@ def run_tests(intervener, results, view, cfg: Config, use_masks: bool) -> Causal
     for plan in [p for p in plans if (p.class_id, p.cluster) in out.results]:
         grow.until_decided(plan)
     out.forwards = intervener.forwards - start
+    out.grow = grow
     return out
 
 
@@ -397,14 +406,25 @@ class _Grow:
             plan = replace(plan, ids=tuple(sorted(set(plan.ids) | set(more))))
             self.plans[key] = plan
 
+    def again(self, class_ids, flagged: frozenset) -> None:
+        """:meth:`until_decided` for every tested group of ``class_ids``, the ``flagged`` classes no
+        identity placebo; what it costs is added to ``out.forwards`` (the growth budget is the same)."""
+        before = self.intervener.forwards
+        for key, plan in list(self.plans.items()):
+            if key[0] in class_ids and key in self.out.results:
+                self.out.flagged_before[key[0]] = flagged
+                self.until_decided(plan)
+        self.out.forwards += self.intervener.forwards - before
+
     def _grow_placebo(self, class_id: int, t) -> bool:
-        """Test the identity-keeping edit ``t`` on more images of the other class it flips most (a
-        transplant: on more of that class's recipients), where that class ran it on fewer images than
+        """Test the identity-keeping edit ``t`` on more images of the other class it flips most, among those
+        not flagged before (a transplant: on more of that class's recipients), where that class ran it on fewer images than
         ``t``; False when there is nothing to grow or no budget."""
         if not t.spec.keeps_identity or not (t.spec.grows or t.spec.more_recipients):
             return False
+        flagged = self.out.flagged_before.get(class_id, frozenset())  # no placebo (:meth:`CausalTests.others`)
         others = [(k, o) for k, r in self.out.results.items() if k[0] != class_id and k[1] is None
-                  for o in r.tests if o.place == t.place and o.probe == t.probe and o.n]
+                  and k[0] not in flagged for o in r.tests if o.place == t.place and o.probe == t.probe and o.n]
         if not others:
             return False
         top = identity_placebo([o for _, o in others])

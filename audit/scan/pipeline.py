@@ -214,7 +214,8 @@ def judge(results: list[ClassResult], causal: CausalTests, cfg: Config) -> None:
 
     Rounds: a class flagged in one round is no placebo of an identity-keeping edit in the next (a tinted
     class that greyscale flips says nothing of what greyscale does to a healthy one); the classes still
-    unflagged are judged again until no new class is flagged.
+    unflagged are judged again until no new class is flagged, after sequential testing has grown their
+    samples where a test straddles its threshold against the new placebos.
     """
     flagged: frozenset = frozenset()
     todo = list(results)
@@ -223,6 +224,8 @@ def judge(results: list[ClassResult], causal: CausalTests, cfg: Config) -> None:
             _judge_class(r, causal, cfg, flagged)
         now = frozenset(r.class_id for r in results if r.final.suspected)
         todo = [r for r in results if r.class_id not in now] if now - flagged else []
+        if todo:  # their tests may straddle their thresholds against the new placebos: more images
+            causal.grow_again({r.class_id for r in todo}, now)
         flagged = now
     _default_classes(results, cfg)
 
