@@ -224,6 +224,7 @@ def test_a_grown_sample_runs_only_the_undecided_test_and_its_placebo():
     g, calls = grow_with({(0, None): CausalResult(32, [place, other])}, budget=10_000, flips_per_image=0.5)
     plan = g.plans[(0, None)]
     plan = g.plans[(0, None)] = replace(plan, ids=tuple(sorted(sample_ids(plan.pool, 32))))  # as planned
+    g._first[(0, None)] = frozenset(plan.ids)
     g._verdict = lambda plan, res: SimpleNamespace(undecided=res.tests[0])  # the place stays undecided
     g.until_decided(plan)
     kept = {("place", "edge:top"), ("placebo", "edge:top")}
@@ -262,3 +263,24 @@ def test_a_later_round_grows_the_placebo_its_verdict_uses():
     assert (g.out.results[(2, None)].tests[0].n, g.out.results[(2, None)].tests[0].k) == (32, 1)
     assert g.out.forwards == 48  # 24 images x (1 + 1 edit)
     assert verdict(g.plans[(0, None)], g.out.results[(0, None)]).undecided is None  # decided now
+
+
+def test_a_test_grows_on_images_another_test_grew_by():
+    """The hot area straddles first and grows the sample to 64 images; then the shift straddles: it ran on
+    the first 32 only, so it runs on the 32 the hot area grew by, though the group holds 64 already."""
+    hot, shift = flip("place", 16, 32, "hot area"), flip("image-shift", 26, 32, "image:shift")
+    g, calls = grow_with({(0, None): CausalResult(32, [hot, shift])}, flips_per_image=0.8)
+    g.plans[(0, None)] = replace(g.plans[(0, None)], pool=g.plans[(0, None)].pool[:64])
+
+    def verdict(plan, res):
+        by = {t.place: t for t in res.tests}
+        t = by["hot area"] if by["hot area"].n < 64 else by["image:shift"] if by["image:shift"].n < 64 else None
+        return type("V", (), {"undecided": t})()
+
+    g._verdict = verdict
+    g.until_decided(g.plans[(0, None)])
+    assert [(c, n) for c, n, _ in calls] == [(0, 32), (0, 32)]
+    assert calls[1][2] == {("image-shift", "image:shift")}
+    tests = {t.place: t for t in g.out.results[(0, None)].tests}
+    assert tests["hot area"].n == 64 and tests["image:shift"].n == 64 and tests["image:shift"].k == 26 + 25
+    assert g._seen((0, None), tests["image:shift"]) == frozenset(g.plans[(0, None)].ids)

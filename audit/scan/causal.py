@@ -381,6 +381,16 @@ class _Grow:
     more: object = None  # () -> Recipients | None: images past the pool, loaded on first need
     _extra: object = None  # what ``more`` gave (False: nothing)
     _loaded: dict = field(default_factory=dict)  # {plan: Sample}: a transplant grown again reloads nothing
+    seen: dict = field(default_factory=dict)  # {(class_id, cluster, probe, place): ids a grown test ran on}
+    _first: dict = field(default_factory=dict)  # {(class_id, cluster): the planned sample's ids}
+
+    def __post_init__(self):
+        self._first = {k: frozenset(p.ids) for k, p in self.plans.items()}
+
+    def _seen(self, key: tuple, t) -> frozenset:
+        """The images of group ``key`` the test ``t`` ran on: the planned sample's, and those it grew by
+        (another test's growth leaves it where it was)."""
+        return self.seen.get((*key, t.probe, t.place), self._first.get(key, frozenset()))
 
     def until_decided(self, plan: TestPlan) -> None:
         key = (plan.class_id, plan.cluster)
@@ -391,9 +401,11 @@ class _Grow:
                 return  # decided
             if self._grow_placebo(plan.class_id, v.undecided) or self._grow_transplant(plan, v.undecided):
                 continue
-            if not v.undecided.spec.grows or len(plan.ids) >= min(self.cfg.sequential_max, len(plan.pool)):
+            seen = self._seen(key, v.undecided)
+            if not v.undecided.spec.grows or len(seen) >= min(self.cfg.sequential_max, len(plan.pool)):
                 return  # more images of the group cannot decide (a transplant's recipients), or no more
-            more = [i for i in sample_ids(list(plan.pool), 2 * len(plan.ids)) if i not in set(plan.ids)]
+            # the test's next images: those another test grew by are new to this one
+            more = [i for i in sample_ids(list(plan.pool), 2 * len(seen)) if i not in seen]
             keep = _kept(v.undecided)
             cost = len(more) * (1 + len(keep))
             if not more or self.intervener.forwards - self.start + cost > self.out.budget:
@@ -403,6 +415,8 @@ class _Grow:
                 return
             self.out.results[key] = merge(res, extra)
             self.out.extended += 1
+            for probe, place in keep:
+                self.seen[(*key, probe, place)] = seen | frozenset(more)
             plan = replace(plan, ids=tuple(sorted(set(plan.ids) | set(more))))
             self.plans[key] = plan
 
@@ -434,7 +448,7 @@ class _Grow:
             return False
         if not t.spec.grows:
             return self._grow_transplant(other, top, t.n - top.n)
-        taken = set(other.ids)
+        taken = self._seen(key, top)
         more = [i for i in other.pool if i not in taken][:t.n - top.n]
         edits = sum(o.probe == t.probe for o in self.out.results[key].tests)  # the probe runs all of its edits
         if not more or self.intervener.forwards - self.start + len(more) * (1 + edits) > self.out.budget:
@@ -444,7 +458,8 @@ class _Grow:
             return False
         self.out.results[key] = merge(self.out.results[key], extra)
         self.out.extended += 1
-        self.plans[key] = replace(other, ids=tuple(sorted(taken | set(more))))
+        self.seen[(*key, t.probe, t.place)] = taken | frozenset(more)
+        self.plans[key] = replace(other, ids=tuple(sorted(set(other.ids) | set(more))))
         return True
 
     def _grow_transplant(self, plan: TestPlan, t, want: int | None = None) -> bool:
