@@ -624,11 +624,14 @@ def test_a_flagged_class_is_no_identity_placebo_of_the_next_round():
     tinted = result(cue.tests + [grey(32)])
     colour = result(causal(QUIET, obj=0.1, bg=0.1).tests + [grey(31)])
     healthy = result(causal(QUIET, obj=0.9, bg=0.1).tests + [grey(1)])
-    tests = CausalTests(results={(0, None): tinted, (1, None): colour, (2, None): healthy})
+    grown = []  # before each later round, sequential testing for the classes still unflagged
+    grower = type("Grow", (), {"again": lambda self, ids, flagged: grown.append((set(ids), set(flagged)))})()
+    tests = CausalTests(results={(0, None): tinted, (1, None): colour, (2, None): healthy}, grow=grower)
     f = features(make_rows("healthy", 40, masks=True))
     classes = [ClassResult(c, n, None, None, f, None, None, 40) for c, n in enumerate(("tinted", "colour", "healthy"))]
     judge(classes, tests, DEFAULT)
     assert [r.final.verdict for r in classes] == ["shortcut_suspected", "shortcut_suspected", "ok"]
+    assert grown == [({1, 2}, {0}), ({2}, {0, 1})]
     assert classes[0].final.cue == "corner:bottom_right" and classes[1].final.cue == "colour of the object"
     # judged against every other class alike (one round), the colour class stays unflagged
     one = assess(f, DEFAULT, colour, tests.others(1, frozenset()), tests.density)
