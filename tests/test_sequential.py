@@ -231,10 +231,27 @@ def test_a_grown_sample_runs_only_the_undecided_test_and_its_placebo():
     assert [(n, keep) for _, n, keep in calls] == [(32, kept), (64, kept)]  # 32 -> 64 -> 128 = sequential_max
     grown, untouched = g.out.results[(0, None)].tests
     assert (grown.n, grown.k) == (128, 16 + 16 + 32) and (untouched.n, untouched.k) == (32, 30)
+    assert g.out.results[(0, None)].stopped == {("place", "edge:top"): "max"}  # 200 images, 128 at most
     g, calls = grow_with({(0, None): CausalResult(32, [place])}, budget=32 * 3 - 1, flips_per_image=0.5)
     g._verdict = lambda plan, res: SimpleNamespace(undecided=res.tests[0])
     g.until_decided(g.plans[(0, None)])
     assert calls == []  # 32 more images x (1 + 2 tests) > the budget: insufficient_data stands
+    assert g.out.results[(0, None)].stopped == {("place", "edge:top"): "budget"}
+
+
+def test_the_evidence_says_why_a_rate_stayed_undecided():
+    """Every image of the group tested, the budget spent, the limit reached: each its own sentence."""
+    from audit.scan.verdict import Verdict, _conclusion
+
+    t = flip("place", 16, 32, "edge:top")
+    for why, words in (("all", "every image of the group was tested"), ("budget", "raise --causal-budget"),
+                       ("max", f"limit of {DEFAULT.sequential_max} images"), ("", "more images decide it")):
+        res = Verdict(verdict="insufficient_data", causal=CausalResult(32, [t], stopped={("place", "edge:top"): why}))
+        res.undecided = t
+        text = _conclusion(res, None, DEFAULT)
+        assert "changes 50% of 32 predictions" in text and words in text, text
+    res.causal = CausalResult(32, [t], stopped={("place", "edge:top"): "all"})
+    assert "raise --causal-budget" not in _conclusion(res, None, DEFAULT)  # more budget would not help
 
 
 def test_a_later_round_grows_the_placebo_its_verdict_uses():
@@ -284,3 +301,4 @@ def test_a_test_grows_on_images_another_test_grew_by():
     tests = {t.place: t for t in g.out.results[(0, None)].tests}
     assert tests["hot area"].n == 64 and tests["image:shift"].n == 64 and tests["image:shift"].k == 26 + 25
     assert g._seen((0, None), tests["image:shift"]) == frozenset(g.plans[(0, None)].ids)
+    assert g.out.results[(0, None)].stopped == {}  # decided: no reason to give

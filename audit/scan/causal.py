@@ -402,13 +402,12 @@ class _Grow:
             if self._grow_placebo(plan.class_id, v.undecided) or self._grow_transplant(plan, v.undecided):
                 continue
             seen = self._seen(key, v.undecided)
-            if not v.undecided.spec.grows or len(seen) >= min(self.cfg.sequential_max, len(plan.pool)):
-                return  # more images of the group cannot decide (a transplant's recipients), or no more
             # the test's next images: those another test grew by are new to this one
             more = [i for i in sample_ids(list(plan.pool), 2 * len(seen)) if i not in seen]
             keep = _kept(v.undecided)
-            cost = len(more) * (1 + len(keep))
-            if not more or self.intervener.forwards - self.start + cost > self.out.budget:
+            why = self._why_not(v.undecided, seen, plan, len(more) * (1 + len(keep)))
+            if why:
+                self._stopped(key, v.undecided, why)
                 return
             extra = self._run(replace(plan, ids=tuple(sorted(more))), keep)
             if extra is None:
@@ -419,6 +418,20 @@ class _Grow:
                 self.seen[(*key, probe, place)] = seen | frozenset(more)
             plan = replace(plan, ids=tuple(sorted(set(plan.ids) | set(more))))
             self.plans[key] = plan
+
+    def _why_not(self, t, seen: frozenset, plan: TestPlan, cost: int) -> str:
+        """Why the undecided test ``t`` cannot run on more images of its group (:data:`audit.scan.verdict.STOPPED`), or ""."""
+        if not t.spec.grows:
+            return "recipients"  # a transplant: its recipients did not grow either
+        if len(seen) >= len(plan.pool):
+            return "all"
+        if len(seen) >= self.cfg.sequential_max:
+            return "max"
+        return "budget" if self.intervener.forwards - self.start + cost > self.out.budget else ""
+
+    def _stopped(self, key: tuple, t, why: str) -> None:
+        res = self.out.results[key]
+        self.out.results[key] = replace(res, stopped={**res.stopped, (t.probe, t.place): why})
 
     def again(self, class_ids, flagged: frozenset) -> None:
         """:meth:`until_decided` for every tested group of ``class_ids``, the ``flagged`` classes no

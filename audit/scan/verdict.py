@@ -674,6 +674,17 @@ def _object_words(c: CausalResult, o: PlaceFlip) -> str:
     return s
 
 
+# why sequential testing left a rate undecided (``CausalResult.stopped``), as the evidence says it
+STOPPED = {
+    "all": "every image of the group was tested, so more images of it cannot decide it",
+    "max": "sequential testing stopped at its limit of {max} images (sequential_max)",
+    "budget": "the cost budget was spent before more images could decide it: raise --causal-budget",
+    "recipients": "no more images of other classes were left to give it to (or sequential_max was reached)",
+    "": "more images decide it (sequential testing stops at sequential_max or when the cost budget is spent: "
+        "raise --causal-budget)",
+}
+
+
 def _conclusion(res: Verdict, att: Attention, cfg: Config) -> str:
     if res.default_of:
         names = " and ".join(f"'{n}'" for n in res.default_of)
@@ -684,9 +695,9 @@ def _conclusion(res: Verdict, att: Attention, cfg: Config) -> str:
                 " is not a verdict")
     if res.verdict == "insufficient_data" and res.undecided is not None:
         u = res.undecided
+        why = res.causal.stopped.get((u.probe, u.place), "") if res.causal is not None else ""
         return (f" - undecided: {u.spec.words(u)} changes {changes(u)}, an interval that straddles the "
-                f"threshold of its rule; more images decide it (sequential testing stops at sequential_max or "
-                f"when the cost budget is spent: raise --causal-budget)")
+                f"threshold of its rule; {STOPPED.get(why, STOPPED['']).format(max=cfg.sequential_max)}")
     if not has_causal(res.causal):
         return " - attention only, no causal test was run" if res.suspected else ""
     if res.suspected and res.cue_kind == "place" and res.cue_flip.spec.keeps_identity:

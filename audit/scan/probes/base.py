@@ -91,6 +91,7 @@ class CausalResult:
     masked: bool = False  # object masks were used (object and background tests, objects spared)
     absence: bool = False  # masks were used but no image of the sample has an object
     forwards: dict = field(default_factory=dict)  # {what: forward passes}: the cost, by probe and base
+    stopped: dict = field(default_factory=dict)  # {(probe, place): why sequential testing left it undecided}
 
     def first(self, role: str) -> PlaceFlip | None:
         """The first test whose probe has the property ``role`` (e.g. ``removes_object``)."""
