@@ -302,3 +302,32 @@ def test_a_test_grows_on_images_another_test_grew_by():
     assert tests["hot area"].n == 64 and tests["image:shift"].n == 64 and tests["image:shift"].k == 26 + 25
     assert g._seen((0, None), tests["image:shift"]) == frozenset(g.plans[(0, None)].ids)
     assert g.out.results[(0, None)].stopped == {}  # decided: no reason to give
+
+
+def test_when_the_undecided_test_has_every_image_another_straddling_test_grows():
+    """The hot area straddles and has seen all 64 images of the group; the shift, seen on 32, straddles
+    too: it grows on the other 32 rather than the group stopping with it at its first sample."""
+    hot, shift = flip("place", 40, 64, "hot area"), flip("image-shift", 26, 32, "image:shift")
+    g, calls = grow_with({(0, None): CausalResult(64, [hot, shift])}, flips_per_image=0.8)
+    g.plans[(0, None)] = replace(g.plans[(0, None)], pool=g.plans[(0, None)].pool[:64])
+    g.seen[(0, None, "place", "hot area")] = frozenset(g.plans[(0, None)].pool)
+    g._verdict = lambda plan, res: type("V", (), {"undecided": res.tests[0]})()  # the hot area, always
+    g._straddling = lambda plan, res: [t for t in res.tests if t.place == "image:shift" and t.n < 64]
+    g.until_decided(g.plans[(0, None)])
+    assert calls == [(0, 32, {("image-shift", "image:shift")})]
+    tests = {t.place: t for t in g.out.results[(0, None)].tests}
+    assert tests["image:shift"].n == 64 and tests["hot area"].n == 64
+    assert g.out.results[(0, None)].stopped == {("place", "hot area"): "all"}
+
+
+def test_straddling_names_the_tests_whose_rule_holds_only_at_the_favourable_ends():
+    from audit.scan.probes.base import Where
+    from audit.scan.verdict import straddling
+
+    def shift(k, n):
+        return replace(flip("image-shift", k, n, "image:shift"), where=Where.IMAGE)
+
+    others = placebo_rates([CausalResult(32, [shift(0, 32)])])
+    assert [t.place for t in straddling(CausalResult(80, [shift(65, 80)]), others)] == ["image:shift"]  # 71-88%
+    assert straddling(CausalResult(80, [shift(78, 80)]), others) == []  # 91-99%: clear, a flag
+    assert straddling(CausalResult(80, [shift(40, 80)]), others) == []  # 39-61%: clear, no flag

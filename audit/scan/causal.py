@@ -26,7 +26,7 @@ from audit.scan.probes.run import CHUNK
 from audit.scan.probes.transplant import Recipients
 from audit.scan.read import hashed, sample_ids
 from audit.scan.robust import fixed_place_score
-from audit.scan.verdict import OthersRates, assess, identity_placebo, placebo_rates
+from audit.scan.verdict import OthersRates, assess, identity_placebo, placebo_rates, straddling
 
 
 @dataclass(frozen=True)
@@ -401,13 +401,9 @@ class _Grow:
                 return  # decided
             if self._grow_placebo(plan.class_id, v.undecided) or self._grow_transplant(plan, v.undecided):
                 continue
-            seen = self._seen(key, v.undecided)
-            # the test's next images: those another test grew by are new to this one
-            more = [i for i in sample_ids(list(plan.pool), 2 * len(seen)) if i not in seen]
-            keep = _kept(v.undecided)
-            why = self._why_not(v.undecided, seen, plan, len(more) * (1 + len(keep)))
+            t, seen, more, keep, why = self._next(key, plan, res, v.undecided)
             if why:
-                self._stopped(key, v.undecided, why)
+                self._stopped(key, t, why)
                 return
             extra = self._run(replace(plan, ids=tuple(sorted(more))), keep)
             if extra is None:
@@ -418,6 +414,36 @@ class _Grow:
                 self.seen[(*key, probe, place)] = seen | frozenset(more)
             plan = replace(plan, ids=tuple(sorted(set(plan.ids) | set(more))))
             self.plans[key] = plan
+
+    def _next(self, key: tuple, plan: TestPlan, res: CausalResult, undecided) -> tuple:
+        """The test to grow: ``undecided``, or where every image of the group (or ``sequential_max``) has
+        tested it, another test that still straddles its rule; with the images it has seen, its next
+        images, the tests to run and why it cannot grow ("" when it can)."""
+        tests = [undecided] + [t for t in self._straddling(plan, res) if (t.probe, t.place) !=
+                               (undecided.probe, undecided.place)]
+        first = None
+        for t in tests:
+            seen = self._seen(key, t)
+            # the test's next images: those another test grew by are new to this one
+            more = [i for i in sample_ids(list(plan.pool), 2 * len(seen)) if i not in seen]
+            keep = _kept(t)
+            why = self._why_not(t, seen, plan, len(more) * (1 + len(keep)))
+            first = first or (t, seen, more, keep, why)
+            if why not in ("all", "max"):
+                return (t, seen, more, keep, why) if not why else first
+        return first
+
+    def _straddling(self, plan: TestPlan, res: CausalResult) -> list:
+        """The group's other tests still straddling their rules (:func:`audit.scan.verdict.straddling`)."""
+        r = next((r for r in self.results if r.class_id == plan.class_id), None)
+        if r is None:
+            return []
+        f = r.features if plan.cluster is None else \
+            next((c.features for c in r.clusters if c.cluster == plan.cluster), None)
+        if f is None:
+            return []
+        return straddling(res, self.out.others(plan.class_id), self.cfg, self.out.density,
+                          f.peak_place.share_low >= self.cfg.place_share_low)
 
     def _why_not(self, t, seen: frozenset, plan: TestPlan, cost: int) -> str:
         """Why the undecided test ``t`` cannot run on more images of its group (:data:`audit.scan.verdict.STOPPED`), or ""."""

@@ -372,14 +372,7 @@ def causal_cue(causal: CausalResult | None, others: dict | None = None, cfg: Con
     if causal is None:
         return CueFinding(0.0)
     others = others or {}
-    tests = causal.places + transforms_count(causal, others, cfg, mode)
-    whole = cfg.replace(cue_flip_min=cfg.image_flip_min)  # an edit of the object too needs more flips
-    same = cfg.replace(cue_flip_min=cfg.identity_flip_min, cue_specific_min=cfg.identity_specific_min)
-    rule = {id(t): t.spec.rule(cfg) or (same if t.spec.keeps_identity else whole if t.spec.whole_image else cfg)
-            for t in tests}
-    cands = [(place_flip_score(toward(t, mode), others_rate(t, others, mode), rule[id(t)],
-                               placebo_end(t, causal, mode), gap_end(t, others, mode)), t)
-             for t in tests if place_eligible(t, causal, cfg, density, fixed_hot)]
+    cands = _scored(causal, others, cfg, density, fixed_hot, mode)
     refuted = [c for c in cands if c[0] >= 0.5 and transplant_refutes(c[1], cfg)]
     cands = [c for c in cands if not transplant_refutes(c[1], cfg)]
     strongest_refuted = max(refuted, key=lambda c: c[0])[1] if refuted else None
@@ -394,6 +387,30 @@ def causal_cue(causal: CausalResult | None, others: dict | None = None, cfg: Con
         if strong else max(cands, key=lambda c: c[0])
     s, t = best
     return CueFinding(s, t, others_rate(t, others), strongest_refuted)
+
+
+def _scored(causal: CausalResult, others: dict, cfg: Config, density, fixed_hot: bool, mode: int) -> list:
+    """``(score, test)`` of every eligible place and counted transform at ``mode``'s interval ends."""
+    tests = causal.places + transforms_count(causal, others, cfg, mode)
+    whole = cfg.replace(cue_flip_min=cfg.image_flip_min)  # an edit of the object too needs more flips
+    same = cfg.replace(cue_flip_min=cfg.identity_flip_min, cue_specific_min=cfg.identity_specific_min)
+    rule = {id(t): t.spec.rule(cfg) or (same if t.spec.keeps_identity else whole if t.spec.whole_image else cfg)
+            for t in tests}
+    return [(place_flip_score(toward(t, mode), others_rate(t, others, mode), rule[id(t)],
+                              placebo_end(t, causal, mode), gap_end(t, others, mode)), t)
+            for t in tests if place_eligible(t, causal, cfg, density, fixed_hot)]
+
+
+def straddling(causal: CausalResult | None, others: dict | None, cfg: Config = DEFAULT, density: dict | None = None,
+               fixed_hot: bool = False) -> list:
+    """The places and transforms whose rule holds at their intervals' most favourable ends but not at the
+    least favourable ones (each could still flag the group: more images decide it), the strongest first."""
+    if causal is None:
+        return []
+    hi = {(t.probe, t.place): sc for sc, t in _scored(causal, others or {}, cfg, density, fixed_hot, 1)}
+    lo = _scored(causal, others or {}, cfg, density, fixed_hot, -1)
+    out = [(hi.get((t.probe, t.place), 0.0), t) for sc, t in lo if sc < cfg.threshold]
+    return [t for sc, t in sorted(out, key=lambda c: -c[0]) if sc >= cfg.threshold and not transplant_refutes(t, cfg)]
 
 
 def background_score(causal: CausalResult | None, cfg: Config = DEFAULT, mode: int = 0) -> float:
