@@ -435,18 +435,16 @@ class _Grow:
 
     def _straddling(self, plan: TestPlan, res: CausalResult) -> list:
         """The group's other tests still straddling their rules (:func:`audit.scan.verdict.straddling`)."""
-        r = next((r for r in self.results if r.class_id == plan.class_id), None)
-        if r is None:
+        g = self._group(plan)
+        if g is None:
             return []
-        f = r.features if plan.cluster is None else \
-            next((c.features for c in r.clusters if c.cluster == plan.cluster), None)
-        if f is None:
-            return []
-        return straddling(res, self.out.others(plan.class_id), self.cfg, self.out.density,
-                          f.peak_place.share_low >= self.cfg.place_share_low)
+        f, cfg = g
+        return straddling(res, self.out.others(plan.class_id), cfg, self.out.density,
+                          f.peak_place.share_low >= cfg.place_share_low)
 
     def _why_not(self, t, seen: frozenset, plan: TestPlan, cost: int) -> str:
-        """Why the undecided test ``t`` cannot run on more images of its group (:data:`audit.scan.verdict.STOPPED`), or ""."""
+        """Why the undecided test ``t`` cannot run on more images of its group, or "" (the reasons:
+        :data:`audit.scan.verdict.STOPPED`)."""
         if not t.spec.grows:
             return "recipients"  # a transplant: its recipients did not grow either
         if len(seen) >= len(plan.pool):
@@ -471,8 +469,8 @@ class _Grow:
 
     def _grow_placebo(self, class_id: int, t) -> bool:
         """Test the identity-keeping edit ``t`` on more images of the other class it flips most, among those
-        not flagged before (a transplant: on more of that class's recipients), where that class ran it on fewer images than
-        ``t``; False when there is nothing to grow or no budget."""
+        not flagged before (a transplant: on more of that class's recipients), where that class ran it on
+        fewer images than ``t``; False when there is nothing to grow or no budget."""
         if not t.spec.keeps_identity or not (t.spec.grows or t.spec.more_recipients):
             return False
         flagged = self.out.flagged_before.get(class_id, frozenset())  # no placebo (:meth:`CausalTests.others`)
@@ -545,15 +543,19 @@ class _Grow:
             self._extra = self.more() or False
         return self.pool.recipients.join(self._extra).for_class(class_id, cfg) if self._extra else rec
 
-    def _verdict(self, plan: TestPlan, res: CausalResult):
+    def _group(self, plan: TestPlan) -> tuple | None:
+        """The group's features and thresholds (a cluster may have its own), or None."""
         r = next((r for r in self.results if r.class_id == plan.class_id), None)
         if r is None:
             return None
         if plan.cluster is None:
-            return assess(r.features, self.cfg, res, self.out.others(plan.class_id), self.out.density)
+            return r.features, self.cfg
         c = next((c for c in r.clusters if c.cluster == plan.cluster), None)
-        return None if c is None else assess(c.features, c.cfg or self.cfg, res, self.out.others(plan.class_id),
-                                             self.out.density)
+        return None if c is None else (c.features, c.cfg or self.cfg)
+
+    def _verdict(self, plan: TestPlan, res: CausalResult):
+        g = self._group(plan)
+        return None if g is None else assess(g[0], g[1], res, self.out.others(plan.class_id), self.out.density)
 
     def _run(self, plan: TestPlan, keep: set) -> CausalResult | None:
         """The kept tests (no screening, no transplants) on the new images of ``plan``."""
