@@ -1,9 +1,9 @@
 """Fresh-draw benchmark: does the scan find shortcuts nobody wrote, and only them?
 
-    .venv/bin/python bench/draws.py --seeds 310-339       # the score that counts: fresh draws
-    .venv/bin/python bench/draws.py --seeds 0-1           # draws thresholds may be chosen on (0-99, 200-309)
-    .venv/bin/python bench/draws.py --seeds 310-339 --rescan    # the same records, the current scan
-    .venv/bin/python bench/draws.py --seeds 310-339 --rescore   # score the last run's scans again
+    .venv/bin/python bench/draws.py --seeds 340-369       # the score that counts: fresh draws
+    .venv/bin/python bench/draws.py --seeds 0-1           # draws thresholds may be chosen on (0-99, 200-339)
+    .venv/bin/python bench/draws.py --seeds 340-369 --rescan    # the same records, the current scan
+    .venv/bin/python bench/draws.py --seeds 340-369 --rescore   # score the last run's scans again
 
 For every seed: draw a case (:func:`audit.zoo.space.draw_case`: cue family,
 size, place, opacity, share, classes, distractors, network, head, side,
@@ -39,8 +39,8 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
 FRESH = 100  # seeds from here on are never used to choose a threshold ...
-DEVELOPMENT = range(200, 310)  # ... except these, read draw by draw on 2026-12-07 (docs/scan.md)
-SCORED = "310-339"  # the fresh draws the current score is given on
+DEVELOPMENT = range(200, 340)  # ... except these, read draw by draw on 2026-12-07 (docs/scan.md)
+SCORED = "340-369"  # the fresh draws the current score is given on
 
 
 def seed_range(text: str) -> list[int]:
@@ -163,7 +163,7 @@ def main(argv=None) -> int:
     from audit.zoo.tally import format_tally, tally
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--seeds", default=SCORED, help="seeds to draw, e.g. 310-339 or 0-1,7")
+    p.add_argument("--seeds", default=SCORED, help="seeds to draw, e.g. 340-369 or 0-1,7")
     p.add_argument("--out", default=str(ROOT / "results" / "draws"), help="where the job outputs go")
     how = p.add_mutually_exclusive_group()
     how.add_argument("--rescore", action="store_true", help="run nothing: score the scans already under --out")
@@ -191,7 +191,7 @@ def main(argv=None) -> int:
             outcomes.append(o)
             notes.extend(lines)
     fresh = "fresh draws" if min(seeds) >= FRESH and not set(seeds) & set(DEVELOPMENT) else \
-        "includes development seeds (0-99, 200-309: thresholds may be chosen on them)"
+        "includes development seeds (0-99, 200-339: thresholds may be chosen on them)"
     others = ", ".join(f"{n} {k}" for k, n in sorted(counts.items()) if k != "counted")
     print(f"\nseeds {a.seeds} ({fresh}): {len(outcomes)} cases counted{'; ' + others if others else ''}\n")
     print(format_tally(tally(outcomes)))

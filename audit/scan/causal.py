@@ -419,19 +419,24 @@ class _Grow:
         """The test to grow: ``undecided``, or where every image of the group (or ``sequential_max``) has
         tested it, another test that still straddles its rule; with the images it has seen, its next
         images, the tests to run and why it cannot grow ("" when it can)."""
-        tests = [undecided] + [t for t in self._straddling(plan, res) if (t.probe, t.place) !=
-                               (undecided.probe, undecided.place)]
-        first = None
-        for t in tests:
-            seen = self._seen(key, t)
-            # the test's next images: those another test grew by are new to this one
-            more = [i for i in sample_ids(list(plan.pool), 2 * len(seen)) if i not in seen]
-            keep = _kept(t)
-            why = self._why_not(t, seen, plan, len(more) * (1 + len(keep)))
-            first = first or (t, seen, more, keep, why)
-            if why not in ("all", "max"):
-                return (t, seen, more, keep, why) if not why else first
+        first = self._step(key, plan, undecided)
+        if first[-1] not in ("all", "max"):
+            return first
+        for t in self._straddling(plan, res):
+            if (t.probe, t.place) == (undecided.probe, undecided.place):
+                continue
+            step = self._step(key, plan, t)
+            if step[-1] not in ("all", "max"):
+                return step if not step[-1] else first
         return first
+
+    def _step(self, key: tuple, plan: TestPlan, t) -> tuple:
+        """``(t, images it has seen, its next images, the tests to run, why it cannot grow or "")``."""
+        seen = self._seen(key, t)
+        # the test's next images: those another test grew by are new to this one
+        more = [i for i in sample_ids(list(plan.pool), 2 * len(seen)) if i not in seen]
+        keep = _kept(t)
+        return t, seen, more, keep, self._why_not(t, seen, plan, len(more) * (1 + len(keep)))
 
     def _straddling(self, plan: TestPlan, res: CausalResult) -> list:
         """The group's other tests still straddling their rules (:func:`audit.scan.verdict.straddling`)."""
